@@ -1,0 +1,132 @@
+"""One settings object for every TensorDB process, read from ``TENSORDB_*`` environment variables.
+
+Values may also come from a TOML file named by ``TENSORDB_CONFIG`` (environment variables win).
+Nothing else in TensorDB hard-codes an address: the same code runs against the embedded local
+services, a production Kafka cluster and a MongoDB replica set by changing these settings only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from tensordb.errors import ConfigurationError
+
+_PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class Topic(str, Enum):
+    """The kinds of Kafka topic TensorDB uses; each maps to one record schema."""
+
+    INGEST = "ingest"
+    DATA_IMPORTED = "data-imported"
+    JOB_REQUESTS = "job-requests"
+    JOB_EVENTS = "job-events"
+    LOGS = "logs"
+    MODEL_EVENTS = "model-events"
+    DEAD_LETTERS = "dead-letters"
+
+
+class Settings(BaseSettings):
+    """Connection settings, names and limits shared by the SDK, processors, workers and CLI."""
+
+    model_config = SettingsConfigDict(env_prefix="TENSORDB_", extra="forbid", frozen=True)
+
+    project: str = Field("default", description="Project name; namespaces topics and documents.")
+
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, comma separated.")
+    kafka_options: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra librdkafka client options passed through unchanged (JSON object), "
+        "e.g. security.protocol, sasl.mechanism, sasl.username, ssl.ca.location.",
+    )
+    topic_prefix: str = Field("tensordb", description="Topics are named PREFIX.PROJECT.KIND.")
+    topic_partitions: int = Field(3, ge=1, le=1024, description="Partitions of every TensorDB topic.")
+    topic_replication: int = Field(1, ge=1, le=16, description="Replication factor of every topic.")
+
+    mongo_uri: str = Field("mongodb://127.0.0.1:27017/", description="MongoDB connection URI.")
+    mongo_database: str = Field("tensordb", description="MongoDB database holding every collection.")
+
+    inline_limit_bytes: int = Field(
+        256 * 1024,
+        ge=1024,
+        description="Arrays larger than this are stored in GridFS and published as a reference.",
+    )
+    max_message_bytes: int = Field(
+        1024 * 1024, ge=4096, description="Largest record the producer sends (the broker's limit)."
+    )
+
+    services_dir: Path = Field(Path(".tensordb"), description="Binaries, data and logs of local services.")
+    services_host: str = Field("127.0.0.1", description="Address the local services bind to.")
+
+    @field_validator("project")
+    @classmethod
+    def _check_project(cls, value: str) -> str:
+        if not _PROJECT_NAME.match(value):
+            raise ValueError(
+                "project names are 1-64 characters of letters, digits, '_' and '-', starting with a "
+                f"letter or digit; got {value!r}"
+            )
+        return value
+
+    @field_validator("mongo_database")
+    @classmethod
+    def _check_database(cls, value: str) -> str:
+        if not value or any(ch in value for ch in '/\\. "$') or len(value) > 63:
+            raise ValueError(f"MongoDB database names cannot be empty or contain /\\. \"$; got {value!r}")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        config_file = os.environ.get("TENSORDB_CONFIG")
+        if config_file:
+            if not Path(config_file).is_file():
+                raise ConfigurationError(
+                    f"TENSORDB_CONFIG names {config_file!r}, which is not a file: fix the path or unset it"
+                )
+            sources += (TomlConfigSettingsSource(settings_cls, toml_file=config_file),)
+        return sources
+
+    def topic(self, kind: Topic) -> str:
+        """The Kafka topic name for one kind of record in this project."""
+        return f"{self.topic_prefix}.{self.project}.{kind.value}"
+
+    def all_topics(self) -> dict[Topic, str]:
+        return {kind: self.topic(kind) for kind in Topic}
+
+    def kafka_config(self, **overrides: Any) -> dict[str, Any]:
+        """A librdkafka configuration: bootstrap servers, the pass-through options, then overrides."""
+        return {"bootstrap.servers": self.kafka_bootstrap, **self.kafka_options, **overrides}
+
+    def with_changes(self, **changes: Any) -> Settings:
+        """A copy with some fields replaced (settings are immutable)."""
+        return self.model_copy(update=changes)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment (and TENSORDB_CONFIG), with explicit overrides on top."""
+    try:
+        return Settings(**overrides)
+    except ConfigurationError:
+        raise
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise ConfigurationError(f"invalid TensorDB settings: {exc}") from exc
