@@ -7,6 +7,7 @@ services, a production Kafka cluster and a MongoDB replica set by changing these
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from enum import Enum
@@ -118,8 +119,15 @@ class Settings(BaseSettings):
         return {"bootstrap.servers": self.kafka_bootstrap, **self.kafka_options, **overrides}
 
     def with_changes(self, **changes: Any) -> Settings:
-        """A copy with some fields replaced (settings are immutable)."""
-        return self.model_copy(update=changes)
+        """A validated copy with some fields replaced (settings are immutable)."""
+        return Settings(**{**self.model_dump(), **changes})
+
+    def as_environment(self) -> dict[str, str]:
+        """These settings as ``TENSORDB_*`` variables, to hand to a child process or print."""
+        env = {}
+        for name, value in self.model_dump(mode="json").items():
+            env[f"TENSORDB_{name.upper()}"] = json.dumps(value) if isinstance(value, dict) else str(value)
+        return env
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -35,3 +35,11 @@ class DeliveryError(TensorDBError):
 
 class ServiceError(TensorDBError):
     """A local service could not be installed, started or stopped."""
+
+
+class RecordTooLargeError(TensorDBError, ValueError):
+    """A record exceeds the broker's message size; large arrays belong in GridFS (claim check)."""
+
+
+class IntegrityError(TensorDBError):
+    """Stored bytes do not match their recorded checksum."""

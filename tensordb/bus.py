@@ -1,0 +1,191 @@
+"""Kafka through confluent-kafka: topic creation, a validating asynchronous publisher, consumers.
+
+Publishing never waits on the network: ``publish`` validates, hands the record to librdkafka's
+queue and returns; delivery reports arrive through callbacks served by ``poll``/``flush``. The
+producer is idempotent, so retries inside librdkafka never duplicate a record.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from tensordb import records
+from tensordb.config import Settings, Topic
+from tensordb.errors import DecodeError, DeliveryError, RecordTooLargeError, TensorDBError, ValidationError
+
+DeliveryCallback = Callable[[KafkaError | None, Message], None]
+
+
+def create_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
+    """Create every TensorDB topic of the project that does not exist yet; returns those created.
+
+    Topics are always created explicitly: brokers that auto-create use their own partition count.
+    """
+    admin = AdminClient(settings.kafka_config())
+    existing = admin.list_topics(timeout=timeout).topics
+    wanted = [
+        NewTopic(name, num_partitions=settings.topic_partitions, replication_factor=settings.topic_replication)
+        for name in settings.all_topics().values()
+        if name not in existing
+    ]
+    if not wanted:
+        return []
+    created = []
+    for name, future in admin.create_topics(wanted, operation_timeout=timeout, request_timeout=timeout).items():
+        try:
+            future.result(timeout)
+            created.append(name)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise TensorDBError(f"could not create topic {name}: {exc.args[0].str()}") from exc
+    return created
+
+
+class Publisher:
+    """A validating, idempotent, asynchronous producer for TensorDB records.
+
+    Use as a context manager, or call :meth:`close`, so that buffered records are flushed.
+    Failed deliveries are collected and raised by :meth:`flush` as a :class:`DeliveryError`.
+    """
+
+    def __init__(self, settings: Settings, **client_options: Any) -> None:
+        self.settings = settings
+        self._producer = Producer(
+            settings.kafka_config(
+                **{
+                    "enable.idempotence": True,
+                    "linger.ms": 5,
+                    "compression.type": "lz4",
+                    "message.max.bytes": settings.max_message_bytes + 64 * 1024,
+                    "queue.buffering.max.messages": 1_000_000,
+                    **client_options,
+                }
+            )
+        )
+        self._failures: list[str] = []
+        self._failures_lock = threading.Lock()
+        self.delivered = 0
+
+    def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
+        if error is None:
+            self.delivered += 1
+            return
+        with self._failures_lock:
+            self._failures.append(f"{message.topic()}: {error.str()}")
+
+    def publish(
+        self,
+        topic: Topic,
+        record: dict[str, Any],
+        key: str | bytes | None = None,
+        on_delivery: DeliveryCallback | None = None,
+    ) -> None:
+        """Validate ``record`` against the topic's schema and queue it; returns immediately."""
+        value = records.encode(record, records.TOPIC_RECORDS[topic])
+        self.publish_bytes(self.settings.topic(topic), value, key, on_delivery)
+
+    def publish_bytes(
+        self,
+        topic_name: str,
+        value: bytes,
+        key: str | bytes | None = None,
+        on_delivery: DeliveryCallback | None = None,
+    ) -> None:
+        """Queue already-encoded bytes (used for dead letters and tests of bad input)."""
+        if len(value) > self.settings.max_message_bytes:
+            raise RecordTooLargeError(
+                f"a {len(value)}-byte record exceeds the {self.settings.max_message_bytes}-byte message limit "
+                "(TENSORDB_MAX_MESSAGE_BYTES): store large arrays in GridFS and publish a reference"
+            )
+        callback = on_delivery or self._on_delivery
+        while True:
+            try:
+                self._producer.produce(topic_name, value, key=key, on_delivery=callback)
+                break
+            except BufferError:  # local queue full: serve delivery reports to make room, then retry
+                self._producer.poll(0.05)
+        self._producer.poll(0)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every queued record is acknowledged; raise if any was not."""
+        remaining = self._producer.flush(timeout)
+        with self._failures_lock:
+            failures, self._failures = self._failures, []
+        if remaining:
+            failures.append(f"{remaining} records still unacknowledged after {timeout} s")
+        if failures:
+            raise DeliveryError(
+                f"{len(failures)} record(s) were not delivered; check the broker at "
+                f"{self.settings.kafka_bootstrap}: " + "; ".join(failures[:5])
+            )
+
+    def close(self, timeout: float = 30.0) -> None:
+        self.flush(timeout)
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def make_consumer(settings: Settings, group: str, topics: list[Topic], **client_options: Any) -> Consumer:
+    """A consumer-group member subscribed to ``topics``, committing offsets only when told to.
+
+    Offsets are committed after processing (at-least-once); TensorDB's writes are idempotent, so a
+    redelivery after a crash is harmless.
+    """
+    consumer = Consumer(
+        settings.kafka_config(
+            **{
+                "group.id": group,
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "session.timeout.ms": 6000,
+                "heartbeat.interval.ms": 1000,
+                **client_options,
+            }
+        )
+    )
+    consumer.subscribe([settings.topic(topic) for topic in topics])
+    return consumer
+
+
+@dataclass(frozen=True)
+class Received:
+    """One consumed message: its position, raw bytes, and either the valid record or the error."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    record: dict[str, Any] | None
+    error: TensorDBError | None
+
+
+def receive(consumer: Consumer, schema_id: str, timeout: float = 1.0, max_messages: int = 500) -> Iterator[Received]:
+    """Poll once and yield each message decoded and validated against ``schema_id``.
+
+    Invalid records are yielded with ``error`` set rather than raised, so the caller can divert
+    them to dead letters and keep going.
+    """
+    for message in consumer.consume(max_messages, timeout):
+        if message.error():
+            if message.error().code() == KafkaError._PARTITION_EOF:
+                continue
+            raise KafkaException(message.error())
+        record, error = None, None
+        try:
+            record = records.decode(message.value(), schema_id)
+        except (DecodeError, ValidationError) as exc:
+            error = exc
+        yield Received(
+            message.topic(), message.partition(), message.offset(), message.key(), message.value(), record, error
+        )

@@ -1,0 +1,45 @@
+"""The ``tensordb`` command line: one sub-command per long-running part or admin task.
+
+Each area registers its own sub-commands (``add_commands(subparsers)``) so this file stays an index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from tensordb.errors import TensorDBError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tensordb import commands
+    from tensordb.services import commands as service_commands
+
+    parser = argparse.ArgumentParser(
+        prog="tensordb",
+        description="TensorDB: Kafka + MongoDB infrastructure for continuous machine learning.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    service_commands.add_commands(subparsers)
+    commands.add_commands(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except TensorDBError as exc:
+        print(f"tensordb: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Session fixtures: the real Kafka-protocol broker and mongod, and an isolated project per test.
+
+Where the servers come from, in order:
+1. ``TENSORDB_KAFKA_BOOTSTRAP`` and ``TENSORDB_MONGO_URI`` when both are set (existing servers);
+2. testcontainers' Kafka and MongoDB when ``TENSORDB_TEST_BACKEND=containers``;
+3. otherwise Tansu and mongod started on free ports through ``tensordb services`` itself.
+Each test gets its own project (topics) and database, so tests never see each other's data.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka.admin import AdminClient
+from pymongo import MongoClient
+
+from tensordb.bus import create_topics
+from tensordb.config import Settings
+from tests.helpers import ProcessorsProcess, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _containers() -> Iterator[Settings]:
+    from testcontainers.kafka import KafkaContainer
+    from testcontainers.mongodb import MongoDbContainer
+
+    try:
+        import docker
+
+        docker.from_env().ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means no usable engine
+        pytest.exit(f"TENSORDB_TEST_BACKEND=containers but no Docker engine answers ({exc}): start Docker or unset it")
+    with KafkaContainer("confluentinc/cp-kafka:7.6.0") as kafka, MongoDbContainer("mongo:7.0") as mongo:
+        yield Settings(kafka_bootstrap=kafka.get_bootstrap_server(), mongo_uri=mongo.get_connection_url())
+
+
+def _local_services(run_dir: Path) -> Iterator[Settings]:
+    from tensordb.services import LocalServices
+
+    settings = Settings(
+        kafka_bootstrap=f"127.0.0.1:{free_port()}",
+        mongo_uri=f"mongodb://127.0.0.1:{free_port()}/?replicaSet=rs0",
+        services_dir=REPO / ".tensordb",
+        project="session",
+    )
+    services = LocalServices(settings, run_dir=run_dir)
+    services.install()
+    services.up()
+    try:
+        yield settings
+    finally:
+        services.down()
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Settings pointing at real servers, shared by the whole session."""
+    if os.environ.get("TENSORDB_KAFKA_BOOTSTRAP") and os.environ.get("TENSORDB_MONGO_URI"):
+        yield Settings()
+    elif os.environ.get("TENSORDB_TEST_BACKEND") == "containers":
+        yield from _containers()
+    else:
+        yield from _local_services(tmp_path_factory.mktemp("services"))
+
+
+@pytest.fixture
+def settings(servers: Settings) -> Iterator[Settings]:
+    """A fresh project (own topics) and database on the session's servers; removed afterwards."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    project_settings = servers.with_changes(project=name, mongo_database=f"tensordb_test_{name}")
+    create_topics(project_settings)
+    yield project_settings
+    MongoClient(project_settings.mongo_uri).drop_database(project_settings.mongo_database)
+    AdminClient(project_settings.kafka_config()).delete_topics(list(project_settings.all_topics().values()))
+
+
+@pytest.fixture
+def processors(settings: Settings, tmp_path: Path) -> Iterator[ProcessorsProcess]:
+    """The stream processors (``tensordb processors``) running for this test's project."""
+    process = ProcessorsProcess(settings, tmp_path / "processors.log")
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
