@@ -20,7 +20,8 @@ from pymongo import MongoClient
 
 from tensordb.bus import create_topics
 from tensordb.config import Settings
-from tests.helpers import ProcessorsProcess, free_port
+from streams.child import ProcessorsProcess
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,8 @@ from tensordb.config import Settings, Topic
 from tensordb.dead_letters import COLLECTION, DeadLetters, original_bytes
 from tensordb.errors import DecodeError
 from tensordb.store import Store
-from tests.helpers import ProcessorsProcess, wait_for
+from streams.child import ProcessorsProcess
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
