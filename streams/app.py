@@ -17,6 +17,7 @@ import faust
 from faust.types import EventT
 from pymongo import UpdateOne
 
+from streams.ingest import handle_samples
 from tensordb import records
 from tensordb.bus import Publisher, Received
 from tensordb.config import Settings, Topic
@@ -55,7 +56,7 @@ class ProcessorContext:
 
 def handlers() -> dict[Topic, Handler]:
     """The handler of each topic that has one; topics without one are validated only."""
-    return {}
+    return {Topic.INGEST: handle_samples}
 
 
 def guarded_topics() -> list[Topic]:

@@ -43,3 +43,7 @@ class RecordTooLargeError(TensorDBError, ValueError):
 
 class IntegrityError(TensorDBError):
     """Stored bytes do not match their recorded checksum."""
+
+
+class QueryError(TensorDBError, ValueError):
+    """A query, filter or cohort definition is malformed or uses a forbidden operator."""

@@ -6,13 +6,15 @@ Every blob carries its sha256, checked on read, so corruption is an error, never
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import gridfs
 import numpy as np
-from bson import ObjectId
+from bson import Binary, ObjectId
 from pymongo import ASCENDING, DESCENDING, IndexModel, MongoClient
 from pymongo.collection import Collection
+from pymongo.errors import BulkWriteError
 from pymongo.database import Database
 
 from tensordb.codecs import array_to_npy, npy_to_array, sha256_hex
@@ -21,6 +23,16 @@ from tensordb.errors import IntegrityError
 
 #: Indexes created at start-up, per collection. Each area adds the ones its queries need.
 INDEXES: dict[str, list[IndexModel]] = {
+    # GridFS's own indexes, created up front because TensorDB also writes chunks directly
+    "blobs.files": [IndexModel([("filename", ASCENDING), ("uploadDate", ASCENDING)])],
+    "blobs.chunks": [IndexModel([("files_id", ASCENDING), ("n", ASCENDING)], unique=True)],
+    # sample metadata: the common cohort queries ("last N", by dataset, by tag, by split) are index scans
+    "samples": [
+        IndexModel([("project", ASCENDING), ("imported_at", DESCENDING), ("_id", DESCENDING)]),
+        IndexModel([("project", ASCENDING), ("dataset", ASCENDING), ("imported_at", DESCENDING), ("_id", DESCENDING)]),
+        IndexModel([("project", ASCENDING), ("tags", ASCENDING), ("imported_at", DESCENDING)]),
+        IndexModel([("project", ASCENDING), ("split_key", ASCENDING)]),
+    ],
     "dead_letters": [
         IndexModel([("project", ASCENDING), ("at", DESCENDING)]),
         IndexModel([("project", ASCENDING), ("topic", ASCENDING), ("at", DESCENDING)]),
@@ -28,6 +40,10 @@ INDEXES: dict[str, list[IndexModel]] = {
 }
 
 BLOB_BUCKET = "blobs"
+#: Chunk size of blobs TensorDB writes: one chunk (one document) for all but the largest arrays,
+#: so reading a batch of samples costs one query instead of one per sample.
+CHUNK_BYTES = 4 * 1024 * 1024
+DUPLICATE_KEY = 11000
 
 
 class Store:
@@ -41,7 +57,7 @@ class Store:
             settings.mongo_uri, tz_aware=True, appname=f"tensordb-{settings.project}"
         )
         self.db: Database = self.client[settings.mongo_database]
-        self.blobs = gridfs.GridFSBucket(self.db, bucket_name=BLOB_BUCKET)
+        self.blobs = gridfs.GridFSBucket(self.db, bucket_name=BLOB_BUCKET, chunk_size_bytes=CHUNK_BYTES)
 
     def __getitem__(self, name: str) -> Collection:
         return self.db[name]
@@ -57,9 +73,6 @@ class Store:
             if name not in existing:
                 self.db.create_collection(name)
             self.db[name].create_indexes(indexes)
-        for name in (f"{BLOB_BUCKET}.files", f"{BLOB_BUCKET}.chunks"):
-            if name not in existing:
-                self.db.create_collection(name)
 
     def put_bytes(self, data: bytes, filename: str, **metadata: Any) -> tuple[ObjectId, str]:
         """Store bytes as a GridFS blob tagged with the project and sha256; returns (id, sha256)."""
@@ -90,6 +103,45 @@ class Store:
     def get_array(self, blob_id: ObjectId | str, sha256: str | None = None) -> np.ndarray:
         return npy_to_array(self.get_bytes(blob_id, sha256))
 
+    def write_blobs(self, blobs: list[tuple[ObjectId, str, bytes, dict[str, Any]]]) -> None:
+        """Write many small blobs in two round trips, as standard GridFS files readable by any tool.
+
+        Each blob is (id, filename, bytes, metadata). Ids are chosen by the caller (deterministic),
+        and a blob that already exists is left as it is, so writing the same batch twice (a
+        redelivery) stores each blob once.
+        """
+        if not blobs:
+            return
+        now = datetime.now(UTC)
+        chunks, files = [], []
+        for blob_id, filename, data, metadata in blobs:
+            view = memoryview(data)
+            for n, start in enumerate(range(0, max(len(data), 1), CHUNK_BYTES)):
+                chunks.append({"files_id": blob_id, "n": n, "data": Binary(bytes(view[start : start + CHUNK_BYTES]))})
+            files.append(
+                {
+                    "_id": blob_id,
+                    "length": len(data),
+                    "chunkSize": CHUNK_BYTES,
+                    "uploadDate": now,
+                    "filename": filename,
+                    "metadata": {"project": self.project, **metadata},
+                }
+            )
+        # chunks first: a files document is only visible once its bytes are all there
+        _insert_ignoring_duplicates(self.db[f"{BLOB_BUCKET}.chunks"], chunks)
+        _insert_ignoring_duplicates(self.db[f"{BLOB_BUCKET}.files"], files)
+
+    def read_blobs(self, blob_ids: list[ObjectId]) -> dict[ObjectId, bytes]:
+        """The bytes of many blobs in one query over their chunks (no per-file round trips)."""
+        parts: dict[ObjectId, list[bytes]] = {}
+        cursor = self.db[f"{BLOB_BUCKET}.chunks"].find(
+            {"files_id": {"$in": blob_ids}}, {"_id": 0, "files_id": 1, "data": 1}, sort=[("files_id", 1), ("n", 1)]
+        )
+        for chunk in cursor:
+            parts.setdefault(chunk["files_id"], []).append(chunk["data"])
+        return {blob_id: b"".join(pieces) if len(pieces) > 1 else pieces[0] for blob_id, pieces in parts.items()}
+
     def delete_blobs(self, blob_ids: list[ObjectId]) -> None:
         """Delete blobs by id; ids already gone are ignored so deletion can be retried safely."""
         for blob_id in blob_ids:
@@ -107,3 +159,13 @@ class Store:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _insert_ignoring_duplicates(collection: Collection, documents: list[dict[str, Any]]) -> None:
+    """Insert documents; those whose unique key already exists are skipped (idempotent writes)."""
+    try:
+        collection.insert_many(documents, ordered=False)
+    except BulkWriteError as exc:
+        other = [error for error in exc.details["writeErrors"] if error["code"] != DUPLICATE_KEY]
+        if other:
+            raise
