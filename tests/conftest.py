@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -89,3 +89,27 @@ def processors(settings: Settings, tmp_path: Path) -> Iterator[ProcessorsProcess
         yield process
     finally:
         process.stop()
+
+
+@pytest.fixture
+def ingest(settings: Settings) -> Iterator[Callable[[list[dict]], None]]:
+    """Persist sample records through the ingest processor's own code, in-process (no faust hop),
+    for tests about what is read back rather than about the stream transport."""
+    from streams.app import ProcessorContext, process_batch
+    from streams.ingest import handle_samples
+    from tensordb import records
+    from tensordb.bus import Received
+    from tensordb.config import Topic
+
+    context = ProcessorContext(settings)
+    offsets = iter(range(10**9))
+
+    def persist(batch: list[dict]) -> None:
+        received = [
+            Received(settings.topic(Topic.INGEST), 0, next(offsets), None, None, records.validate(r, "sample/1"), None)
+            for r in batch
+        ]
+        process_batch(context, received, handle_samples)
+
+    yield persist
+    context.close()

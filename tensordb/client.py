@@ -1,0 +1,101 @@
+"""``TensorDB``: the user-facing SDK for one project — publish samples, manage datasets, define
+cohorts and stream them.
+
+    with TensorDB(project="radiology") as db:
+        db.publish_sample(image, dataset="scans", labels={"tumour": 1}, tags=["grade-3"])
+        recent = db.cohort({"labels.tumour": 1}, limit=1000, x="x", y="tumour")
+        model.fit(recent.to_tf_dataset(batch_size=64), epochs=3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from tensordb import cohorts
+from tensordb.bus import Publisher
+from tensordb.cohorts import Cohort
+from tensordb.config import Settings, Topic, load_settings
+from tensordb.datasets import Datasets
+from tensordb.samples import ArrayLike, build_sample, publish_samples
+from tensordb.store import Store
+
+
+class TensorDB:
+    """One project's connection to Kafka and MongoDB. Close it (or use ``with``) to flush."""
+
+    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+        self.settings = settings.with_changes(**overrides) if settings else load_settings(**overrides)
+        self.store = Store(self.settings)
+        self.store.ensure_indexes()
+        self._publisher: Publisher | None = None
+        self.datasets = Datasets(self.store)
+
+    @property
+    def publisher(self) -> Publisher:
+        if self._publisher is None:  # created on first use: reading data needs no Kafka connection
+            self._publisher = Publisher(self.settings)
+        return self._publisher
+
+    # -- publishing samples ---------------------------------------------------------------------
+    def publish_sample(self, arrays: ArrayLike, *, dataset: str, **fields: Any) -> str:
+        """Queue one sample for ingestion and return its id without waiting for the broker.
+
+        ``fields``: ``labels``, ``metadata``, ``tags``, ``version``, ``sample_id``, ``source``.
+        Call :meth:`flush` (or close) to wait until every queued sample is acknowledged.
+        """
+        record = build_sample(self.store, arrays, dataset=dataset, **fields)
+        self.publisher.publish(Topic.INGEST, record, key=record["sample_id"])
+        return record["sample_id"]
+
+    def publish_samples(self, samples: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Publish many samples (dicts with ``arrays``, ``dataset`` and optional fields) and flush."""
+        return publish_samples(self.publisher, self.store, samples)
+
+    def flush(self, timeout: float = 60.0) -> None:
+        if self._publisher is not None:
+            self._publisher.flush(timeout)
+
+    # -- cohorts --------------------------------------------------------------------------------
+    def cohort(self, filter: Mapping[str, Any] | None = None, **options: Any) -> Cohort:
+        """A cohort over this project's samples: ``filter`` plus ``sort``, ``limit``, ``x``, ``y``."""
+        return Cohort(self.store, filter=dict(filter or {}), **options)
+
+    def save_cohort(self, name: str, cohort: Cohort, description: str = "") -> Cohort:
+        return cohorts.save_cohort(cohort, name, description)
+
+    def find_cohort(self, name: str) -> Cohort:
+        return cohorts.load_cohort(self.store, name)
+
+    def list_cohorts(self) -> list[dict[str, Any]]:
+        return cohorts.list_cohorts(self.store)
+
+    def delete_cohort(self, name: str) -> bool:
+        return cohorts.delete_cohort(self.store, name)
+
+    # -- whole datasets (TensorLayer's API) --------------------------------------------------------
+    def save_dataset(self, dataset: Any, dataset_name: str, **meta: Any) -> dict[str, Any]:
+        return self.datasets.save(dataset, dataset_name, **meta)
+
+    def find_dataset(self, dataset_name: str, **filters: Any) -> Any:
+        return self.datasets.find(dataset_name, **filters)
+
+    def find_all_datasets(self, dataset_name: str, **filters: Any) -> list[Any]:
+        return self.datasets.find_all(dataset_name, **filters)
+
+    def delete_datasets(self, dataset_name: str | None = None, **filters: Any) -> int:
+        return self.datasets.delete(dataset_name, **filters)
+
+    delete_dataset = delete_datasets
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self.store.close()
+
+    def __enter__(self) -> TensorDB:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

