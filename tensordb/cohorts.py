@@ -136,7 +136,8 @@ class Cohort:
     def count(self) -> int:
         if self.split is not None and self.limit is not None:
             return sum(1 for _ in self.documents({"_id": 1}))
-        return self.store[SAMPLES].count_documents(self.query(), limit=self.limit or 0)
+        limit = {"limit": self.limit} if self.limit else {}
+        return self.store[SAMPLES].count_documents(self.query(), **limit)
 
     # -- derived cohorts ------------------------------------------------------------------------
     def pinned(self, as_of: datetime | None = None) -> Cohort:

@@ -24,7 +24,10 @@ from tensordb.errors import IntegrityError
 #: Indexes created at start-up, per collection. Each area adds the ones its queries need.
 INDEXES: dict[str, list[IndexModel]] = {
     # GridFS's own indexes, created up front because TensorDB also writes chunks directly
-    "blobs.files": [IndexModel([("filename", ASCENDING), ("uploadDate", ASCENDING)])],
+    "blobs.files": [
+        IndexModel([("filename", ASCENDING), ("uploadDate", ASCENDING)]),
+        IndexModel([("metadata.project", ASCENDING), ("metadata.kind", ASCENDING)]),  # orphan sweeps
+    ],
     "blobs.chunks": [IndexModel([("files_id", ASCENDING), ("n", ASCENDING)], unique=True)],
     # sample metadata: the common cohort queries ("last N", by dataset, by tag, by split) are index scans
     "samples": [
@@ -36,6 +39,11 @@ INDEXES: dict[str, list[IndexModel]] = {
     "dead_letters": [
         IndexModel([("project", ASCENDING), ("at", DESCENDING)]),
         IndexModel([("project", ASCENDING), ("topic", ASCENDING), ("at", DESCENDING)]),
+    ],
+    # whole datasets (tensordb.datasets): the newest of a name, and a name's given version
+    "datasets": [
+        IndexModel([("project", ASCENDING), ("name", ASCENDING), ("time", DESCENDING), ("_id", DESCENDING)]),
+        IndexModel([("project", ASCENDING), ("name", ASCENDING), ("version", ASCENDING)]),
     ],
 }
 
