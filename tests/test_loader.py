@@ -1,0 +1,115 @@
+"""The lazy streaming loader against the real mongod/GridFS: complete, ordered or shuffled,
+resumable, memory-bounded, and consumable by Keras."""
+
+from __future__ import annotations
+
+import base64
+import gc
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from tensordb.client import TensorDB
+from tensordb.config import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def images(start: int, count: int, shape: tuple[int, ...] = (8, 8)) -> list[dict]:
+    records = []
+    for i in range(start, start + count):
+        image = np.full(shape, i % 251, np.uint8)
+        records.append({
+            "schema": "sample/1", "sample_id": f"img{i:06d}", "dataset": "images",
+            "arrays": {"x": {"dtype": "uint8", "shape": list(shape), "data": base64.b64encode(image.tobytes()).decode()}},
+            "labels": {"y": i},
+        })
+    return records
+
+
+def test_stream_yields_every_sample_once_in_cohort_order_with_its_bytes(settings: Settings, ingest) -> None:
+    ingest(images(0, 250))
+    with TensorDB(settings) as db:
+        batches = list(db.cohort({"dataset": "images"}, sort=[("_id", 1)]).stream(batch_size=64))
+    assert [len(x) for x, _ in batches] == [64, 64, 64, 58]
+    labels = np.concatenate([y for _, y in batches])
+    assert labels.tolist() == list(range(250))
+    x = np.concatenate([x for x, _ in batches])
+    assert x.shape == (250, 8, 8) and x.dtype == np.uint8
+    assert all((x[i] == i % 251).all() for i in range(250))
+
+
+def test_shuffle_is_a_seeded_permutation(settings: Settings, ingest) -> None:
+    ingest(images(0, 200))
+    with TensorDB(settings) as db:
+        cohort = db.cohort({"dataset": "images"})
+
+        def order(seed: int) -> list[int]:
+            return np.concatenate([y for _, y in cohort.stream(32, shuffle_buffer=50, seed=seed)]).tolist()
+
+        first, again, other = order(1), order(1), order(2)
+    assert sorted(first) == list(range(200)) and first == again and first != other
+    assert first != sorted(first, reverse=True)  # not the cohort order (newest first)
+
+
+def test_a_restarted_reader_resumes_from_its_position(settings: Settings, ingest) -> None:
+    ingest(images(0, 100))
+    with TensorDB(settings) as db:
+        cohort = db.cohort({"dataset": "images"}).pinned()
+        full = np.concatenate([y for _, y in cohort.stream(16, shuffle_buffer=30, seed=7)]).tolist()
+        stream = cohort.stream(16, shuffle_buffer=30, seed=7)
+        seen = []
+        for _, y in stream:
+            seen.extend(y.tolist())
+            if len(seen) >= 48:
+                break
+        position = stream.position
+        ingest(images(100, 20))  # arrivals after the pin are not members of the pinned cohort
+        resumed = np.concatenate([y for _, y in cohort.stream(16, shuffle_buffer=30, seed=7, start=position)]).tolist()
+    assert position == 48
+    assert seen + resumed == full
+
+
+def test_streaming_a_cohort_larger_than_the_memory_bound_stays_within_it(settings: Settings, ingest) -> None:
+    shape = (64, 64, 4)  # 16 KiB per sample
+    sample_bytes = int(np.prod(shape))
+    for start in range(0, 1600, 200):  # 1600 samples = 25 MiB of pixels
+        ingest(images(start, 200, shape))
+    batch_size, prefetch = 32, 2
+    bound = 4 * batch_size * (prefetch + 2) * sample_bytes  # a few batches in flight, with headroom
+    cohort_bytes = 1600 * sample_bytes
+    assert cohort_bytes > 10 * bound / 4  # the cohort is several times the bound
+    with TensorDB(settings) as db:
+        stream = db.cohort({"dataset": "images"}).stream(batch_size, prefetch=prefetch)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            total = 0
+            for x, _ in stream:
+                total += x.nbytes
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert total == cohort_bytes
+    assert peak < bound, f"peak {peak / 2**20:.1f} MiB exceeds the bound {bound / 2**20:.1f} MiB"
+
+
+def test_keras_trains_an_epoch_from_to_tf_dataset(settings: Settings, ingest) -> None:
+    import keras
+    import tensorflow as tf
+
+    records = images(0, 256)
+    for record in records:
+        record["labels"]["y"] = int(record["labels"]["y"] % 2)
+    ingest(records)
+    with TensorDB(settings) as db:
+        dataset = db.cohort({"dataset": "images"}).to_tf_dataset(batch_size=32, shuffle_buffer=64)
+        assert dataset.element_spec == (
+            tf.TensorSpec((None, 8, 8), tf.uint8),
+            tf.TensorSpec((None,), tf.int64),
+        )
+        model = keras.Sequential([keras.Input((8, 8)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(), keras.layers.Dense(2, activation="softmax")])
+        model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+        history = model.fit(dataset, epochs=1, verbose=0)
+    assert len(history.history["loss"]) == 1 and np.isfinite(history.history["loss"][0])
