@@ -22,13 +22,19 @@ from tensordb.errors import DecodeError, DeliveryError, RecordTooLargeError, Ten
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
 
 
-def create_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
+def create_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
     """Create every TensorDB topic of the project that does not exist yet; returns those created.
 
     Topics are always created explicitly: brokers that auto-create use their own partition count.
     """
     admin = AdminClient(settings.kafka_config())
-    existing = admin.list_topics(timeout=timeout).topics
+    try:
+        existing = admin.list_topics(timeout=timeout).topics
+    except KafkaException as exc:
+        raise TensorDBError(
+            f"cannot reach Kafka at {settings.kafka_bootstrap} ({exc.args[0].str()}): start the local services "
+            "with `tensordb services up`, or set TENSORDB_KAFKA_BOOTSTRAP to your brokers"
+        ) from exc
     wanted = [
         NewTopic(name, num_partitions=settings.topic_partitions, replication_factor=settings.topic_replication)
         for name in settings.all_topics().values()

@@ -1,7 +1,7 @@
 """``tensordb demo``: the main job on the running services, narrated.
 
-Starts the stream processors, publishes a few sample records (one of them broken), and shows what
-the processors did with each: processed, or set aside as a dead letter with the reason.
+Starts the stream processors, publishes a few sample records (one of them broken), shows what was
+persisted and what was set aside as a dead letter with the reason, and streams a cohort.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import time
 import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +20,10 @@ from rich.table import Table
 
 from streams.child import ProcessorsProcess
 from tensordb.bus import Publisher, create_topics
+from tensordb.client import TensorDB
 from tensordb.config import Settings, Topic
 from tensordb.dead_letters import COLLECTION as DEAD_LETTERS
-from tensordb.store import Store
+from tensordb.samples import SAMPLES
 
 console = Console()
 
@@ -37,42 +40,54 @@ def _sample(digit: int) -> dict:
     }
 
 
+def _wait(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}; see the processors' log")
+        time.sleep(0.2)
+
+
 def run_demo(settings: Settings) -> int:
     create_topics(settings)
     ingest = settings.topic(Topic.INGEST)
     console.rule("[bold]TensorDB demo")
     console.print(f"Kafka {settings.kafka_bootstrap} · MongoDB {settings.mongo_uri} · project {settings.project!r}")
-    with Store(settings) as store, ProcessorsProcess(settings, Path(settings.services_dir) / "run" / "logs" / "demo-processors.log") as processors:
-        console.print(f"[green]✓[/] stream processors running (log: {processors.log_path})")
-        before = store[DEAD_LETTERS].count_documents({"topic": ingest})
+    log_path = Path(settings.services_dir) / "run" / "logs" / "demo-processors.log"
+    started = datetime.now(UTC)
+    with TensorDB(settings) as db, ProcessorsProcess(settings, log_path):
+        console.print(f"[green]✓[/] stream processors running (log: {log_path})")
+        samples = [_sample(digit) for digit in (3, 1, 4, 1)]
         with Publisher(settings) as publisher:
-            for digit in (3, 1, 4):
-                publisher.publish(Topic.INGEST, _sample(digit), key="demo")
-            broken = orjson.dumps({**_sample(5), "dataset": None})  # any client could send this
+            for record in samples[:2]:
+                publisher.publish(Topic.INGEST, record, key="demo")
+            broken = orjson.dumps({**_sample(5), "dataset": None})  # any Kafka client could send this
             publisher.publish_bytes(ingest, broken, key="demo")
-            publisher.publish(Topic.INGEST, _sample(9), key="demo")
-        console.print(f"[green]✓[/] published 5 records to {ingest} (one with \"dataset\": null)")
+            for record in samples[2:]:
+                publisher.publish(Topic.INGEST, record, key="demo")
+        console.print(f"[green]✓[/] published 5 records to {ingest}, the third with \"dataset\": null")
 
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            progress = list(store["processor_progress"].find({"topic": ingest}))
-            if sum(p["valid"] + p["invalid"] for p in progress) >= 5:
-                break
-            time.sleep(0.2)
-
-        table = Table(title="What the processors did")
-        for column in ("topic partition", "last offset", "processed", "dead letters"):
+        ids = [record["sample_id"] for record in samples]
+        _wait(lambda: db.store[SAMPLES].count_documents({"_id": {"$in": ids}}) == len(ids), "the samples")
+        table = Table(title="Persisted: one metadata document per sample (collection samples), bytes in GridFS")
+        for column in ("sample id", "dataset", "label", "array", "sha256", "imported at"):
             table.add_column(column)
-        for entry in progress:
-            table.add_row(f"{entry['topic']}[{entry['partition']}]", str(entry["last_offset"]), str(entry["valid"]), str(entry["invalid"]))
+        for doc in db.store[SAMPLES].find({"_id": {"$in": ids}}).sort("origin.offset", 1):
+            array = doc["arrays"]["image"]
+            table.add_row(doc["_id"], doc["dataset"], str(doc["labels"]["digit"]), f"{array['dtype']}{array['shape']}",
+                          array["sha256"][:12] + "…", doc["imported_at"].strftime("%H:%M:%S.%f")[:-3])
         console.print(table)
 
-        letters = Table(title="Dead letters (collection dead_letters)")
+        letters = Table(title="Set aside: dead letters (topic and collection dead_letters)")
         for column in ("topic/partition/offset", "error", "reason"):
             letters.add_column(column, overflow="fold")
-        for letter in store[DEAD_LETTERS].find({"topic": ingest}).sort("at", -1).limit(5):
-            letters.add_row(f"{letter['partition']}/{letter['offset']}", letter["error_type"], letter["reason"])
+        new_letters = list(db.store[DEAD_LETTERS].find({"topic": ingest, "at": {"$gte": started}}))
+        for letter in new_letters:
+            letters.add_row(f"{letter['topic']}/{letter['partition']}/{letter['offset']}", letter["error_type"], letter["reason"])
         console.print(letters)
-        new_letters = store[DEAD_LETTERS].count_documents({"topic": ingest}) - before
-    console.print(f"[green]✓[/] {new_letters} new dead letter(s); the services keep running: `tensordb services down` stops them")
-    return 0 if new_letters == 1 else 1
+
+        recent = db.cohort({"dataset": "demo-digits"}, limit=3, x="image", y="digit")
+        x, y = next(iter(recent.stream(batch_size=3)))
+        console.print(f"[green]✓[/] cohort \"last 3 imported\" streams a batch x{list(x.shape)} {x.dtype}, y={y.tolist()}")
+    console.print("The services keep running; `tensordb services status` shows them, `tensordb services down` stops them.")
+    return 0 if len(new_letters) == 1 else 1
