@@ -36,6 +36,12 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("project", ASCENDING), ("tags", ASCENDING), ("imported_at", DESCENDING)]),
         IndexModel([("project", ASCENDING), ("split_key", ASCENDING)]),
     ],
+    # the job queue: claims take the most urgent pending job; the reaper scans expired leases
+    "jobs": [
+        IndexModel([("project", ASCENDING), ("status", ASCENDING), ("priority", DESCENDING), ("submitted_at", ASCENDING)]),
+        IndexModel([("project", ASCENDING), ("status", ASCENDING), ("lease_until", ASCENDING)]),
+        IndexModel([("project", ASCENDING), ("name", ASCENDING), ("submitted_at", DESCENDING)]),
+    ],
     "dead_letters": [
         IndexModel([("project", ASCENDING), ("at", DESCENDING)]),
         IndexModel([("project", ASCENDING), ("topic", ASCENDING), ("at", DESCENDING)]),

@@ -1,0 +1,320 @@
+"""Jobs: the ``jobs`` collection is the queue and the source of truth; Kafka rings the doorbell.
+
+``submit`` records a job as *pending* and publishes a ``job-request``. A worker that hears a
+request claims the most urgent pending job atomically (``find_one_and_update``) with a lease, and
+keeps the lease alive with heartbeats. A job whose lease expires (its worker died) is re-queued by
+the reaper and resumes from its last saved epoch. Lifecycle::
+
+    pending ──claim──► running ──► finished
+       ▲                 │  └────► failed      (attempts exhausted, or not retryable)
+       └── retry/reap ───┘  └────► cancelled   (cancel requested)
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import traceback as traceback_module
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING, ReturnDocument
+
+from tensordb import records
+from tensordb.bus import Publisher
+from tensordb.config import Topic
+from tensordb.errors import QueryError, TensorDBError
+from tensordb.store import Store
+
+JOBS = "jobs"
+PENDING, RUNNING, FINISHED, FAILED, CANCELLED = "pending", "running", "finished", "failed", "cancelled"
+UNFINISHED = (PENDING, RUNNING)
+KINDS = ("train", "evaluate", "task")
+
+
+class JobError(TensorDBError):
+    """A job cannot be submitted, found or changed as asked."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Jobs:
+    """The job queue of one project: submission, claims with leases, progress and outcomes."""
+
+    def __init__(self, store: Store, publisher: Publisher) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.collection = store[JOBS]
+
+    # -- submitting and watching -----------------------------------------------------------------
+    def submit(
+        self,
+        kind: str = "train",
+        *,
+        name: str | None = None,
+        model: Mapping[str, Any] | None = None,
+        data: Mapping[str, Any] | None = None,
+        hyperparameters: Mapping[str, Any] | None = None,
+        epochs: int = 1,
+        save_keys: Iterable[str] = (),
+        priority: int = 0,
+        max_attempts: int = 3,
+        script: str | None = None,
+        policy: str | None = None,
+        description: str = "",
+        job_id: str | None = None,
+    ) -> str:
+        """Record a job as pending and announce it on the job-request topic; returns its id."""
+        if kind not in KINDS:
+            raise JobError(f"job kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if kind == "task" and not script:
+            raise JobError("a task job needs script=<path of a Python file on the worker>")
+        job_id = job_id or f"job-{uuid.uuid4().hex[:16]}"
+        request = {
+            "schema": "job-request/1",
+            "job_id": job_id,
+            "kind": kind,
+            "name": name or kind,
+            "model": dict(model or {}),
+            "data": dict(data or {}),
+            "hyperparameters": dict(hyperparameters or {}),
+            "epochs": epochs,
+            "save_keys": list(save_keys),
+            "priority": priority,
+            "max_attempts": max_attempts,
+            "submitted_at": _now().isoformat(),
+        }
+        if script:
+            request["script"] = script
+        if policy:
+            request["policy"] = policy
+        records.validate(request, "job-request/1")  # refuse bad jobs before anything is stored
+        now = _now()
+        self.collection.insert_one(
+            {
+                "_id": job_id,
+                "project": self.store.project,
+                "kind": kind,
+                "name": request["name"],
+                "description": description,
+                "policy": policy,
+                "spec": {key: request[key] for key in ("model", "data", "hyperparameters", "epochs", "save_keys")}
+                | ({"script": script} if script else {}),
+                "priority": priority,
+                "max_attempts": max_attempts,
+                "status": PENDING,
+                "attempts": 0,
+                "worker": None,
+                "host": None,
+                "lease_until": None,
+                "cancel_requested": False,
+                "progress": {},
+                "checkpoint": None,
+                "result": None,
+                "error": None,
+                "submitted_at": now,
+                "started_at": None,
+                "finished_at": None,
+                "history": [],
+            }
+        )
+        self.publisher.publish(Topic.JOB_REQUESTS, request, key=job_id)
+        self.event(job_id, "submitted", attempt=0)
+        self.publisher.flush()
+        return job_id
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        job = self.collection.find_one({"_id": job_id, "project": self.store.project})
+        if job is None:
+            raise JobError(f"no job {job_id!r} in project {self.store.project!r}")
+        return job
+
+    def list(self, status: str | Iterable[str] | None = None, name: str | None = None, **filters: Any) -> list[dict]:
+        """Jobs newest first, filtered by status (one or several), name and equality filters."""
+        query: dict[str, Any] = {"project": self.store.project}
+        if status is not None:
+            query["status"] = status if isinstance(status, str) else {"$in": list(status)}
+        if name is not None:
+            query["name"] = name
+        for key, value in filters.items():
+            if key.startswith("$") or (isinstance(value, Mapping) and any(str(k).startswith("$") for k in value)):
+                raise QueryError(f"job filters are equality filters on fields; {key!r}={value!r} is not")
+            query[key] = value
+        return list(self.collection.find(query).sort("submitted_at", DESCENDING))
+
+    def unfinished(self, name: str | None = None) -> bool:
+        """Whether any job (of ``name``) is pending or running (TensorLayer's check_unfinished_task)."""
+        query: dict[str, Any] = {"project": self.store.project, "status": {"$in": list(UNFINISHED)}}
+        if name is not None:
+            query["name"] = name
+        return self.collection.count_documents(query, limit=1) > 0
+
+    def wait(self, job_ids: Iterable[str], timeout: float = 600.0, interval: float = 0.2) -> list[dict]:
+        """Block until every job has ended; returns their documents. Raises JobError on timeout."""
+        ids = list(job_ids)
+        deadline = time.monotonic() + timeout
+        while True:
+            jobs = list(self.collection.find({"_id": {"$in": ids}, "project": self.store.project}))
+            if len(jobs) == len(ids) and all(job["status"] not in UNFINISHED for job in jobs):
+                return sorted(jobs, key=lambda job: ids.index(job["_id"]))
+            if time.monotonic() > deadline:
+                waiting = [job["_id"] for job in jobs if job["status"] in UNFINISHED]
+                raise JobError(f"jobs still unfinished after {timeout} s: {waiting}; are workers running?")
+            time.sleep(interval)
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a pending job at once; ask a running one to stop (its worker stops at the next step)."""
+        job = self.collection.find_one_and_update(
+            {"_id": job_id, "project": self.store.project, "status": PENDING},
+            {"$set": {"status": CANCELLED, "cancel_requested": True, "finished_at": _now()}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if job is None:
+            job = self.collection.find_one_and_update(
+                {"_id": job_id, "project": self.store.project, "status": RUNNING},
+                {"$set": {"cancel_requested": True}},
+                return_document=ReturnDocument.AFTER,
+            )
+        if job is None:
+            return self.get(job_id)  # already ended: nothing to cancel
+        self.event(job_id, "cancelled" if job["status"] == CANCELLED else "cancel-requested", attempt=job["attempts"])
+        self.publisher.flush()
+        return job
+
+    def delete(self, name: str | None = None, **filters: Any) -> int:
+        """Delete ended jobs (running ones are left alone: cancel them first)."""
+        query = {"project": self.store.project, "status": {"$nin": list(UNFINISHED)}}
+        if name is not None:
+            query["name"] = name
+        query.update(filters)
+        return self.collection.delete_many(query).deleted_count
+
+    # -- the worker's side ---------------------------------------------------------------------
+    def claim(self, worker: str, lease_seconds: float, job_id: str | None = None) -> dict[str, Any] | None:
+        """Atomically take the most urgent pending job (or ``job_id``) with a lease; None if none."""
+        query: dict[str, Any] = {"project": self.store.project, "status": PENDING, "cancel_requested": False}
+        if job_id is not None:
+            query["_id"] = job_id
+        now = _now()
+        job = self.collection.find_one_and_update(
+            query,
+            {
+                "$set": {
+                    "status": RUNNING,
+                    "worker": worker,
+                    "host": socket.gethostname(),
+                    "lease_until": now + timedelta(seconds=lease_seconds),
+                    "started_at": now,
+                    "error": None,
+                },
+                "$inc": {"attempts": 1},
+            },
+            sort=[("priority", DESCENDING), ("submitted_at", ASCENDING)],
+            return_document=ReturnDocument.AFTER,
+        )
+        if job is not None:
+            self.event(job["_id"], "claimed", attempt=job["attempts"], worker=worker)
+        return job
+
+    def heartbeat(self, job_id: str, worker: str, lease_seconds: float) -> dict[str, Any] | None:
+        """Extend the lease; returns the job (check ``cancel_requested``), or None if the lease was lost."""
+        return self.collection.find_one_and_update(
+            {"_id": job_id, "status": RUNNING, "worker": worker},
+            {"$set": {"lease_until": _now() + timedelta(seconds=lease_seconds)}},
+            projection={"cancel_requested": 1, "attempts": 1},
+            return_document=ReturnDocument.AFTER,
+        )
+
+    def record_progress(self, job_id: str, worker: str, **progress: Any) -> None:
+        self.collection.update_one(
+            {"_id": job_id, "worker": worker, "status": RUNNING},
+            {"$set": {f"progress.{key}": value for key, value in progress.items()}},
+        )
+
+    def record_checkpoint(self, job_id: str, worker: str, epoch: int, model_version: int) -> None:
+        """The last epoch whose parameters are saved: a re-run resumes after it."""
+        self.collection.update_one(
+            {"_id": job_id, "worker": worker, "status": RUNNING},
+            {"$set": {"checkpoint": {"epoch": epoch, "model_version": model_version, "at": _now()}}},
+        )
+
+    def finish(self, job_id: str, worker: str, result: Mapping[str, Any] | None = None) -> bool:
+        return self._end(job_id, worker, FINISHED, {"result": dict(result or {})})
+
+    def cancelled(self, job_id: str, worker: str) -> bool:
+        return self._end(job_id, worker, CANCELLED, {})
+
+    def fail(self, job_id: str, worker: str, error: BaseException | str, retryable: bool = True) -> str:
+        """Record a failure; re-queue the job if attempts remain. Returns the new status."""
+        message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        trace = "" if isinstance(error, str) else "".join(traceback_module.format_exception(error))
+        failure = {"error": {"message": message, "traceback": trace, "at": _now(), "worker": worker}}
+        job = self.collection.find_one({"_id": job_id, "worker": worker, "status": RUNNING}, {"attempts": 1, "max_attempts": 1})
+        if job is None:
+            return "lost"
+        if retryable and job["attempts"] < job["max_attempts"]:
+            return PENDING if self._requeue({"_id": job_id, "worker": worker, "status": RUNNING}, failure, "retrying") else "lost"
+        return FAILED if self._end(job_id, worker, FAILED, failure) else "lost"
+
+    def requeue_expired(self) -> list[str]:
+        """The reaper: jobs whose lease expired (their worker died) go back to pending, or fail
+        when out of attempts. Safe to run in every worker at once."""
+        requeued = []
+        while True:
+            expired = {"project": self.store.project, "status": RUNNING, "lease_until": {"$lt": _now()}}
+            job = self.collection.find_one(expired, {"attempts": 1, "max_attempts": 1, "worker": 1})
+            if job is None:
+                return requeued
+            failure = {"error": {"message": f"lease expired: worker {job['worker']} stopped heartbeating", "traceback": "", "at": _now(), "worker": job["worker"]}}
+            guard = {**expired, "_id": job["_id"], "worker": job["worker"]}
+            if job["attempts"] < job["max_attempts"]:
+                if self._requeue(guard, failure, "requeued"):
+                    requeued.append(job["_id"])
+            else:
+                ended = self.collection.find_one_and_update(guard, {"$set": {"status": FAILED, "finished_at": _now(), "lease_until": None, **failure}})
+                if ended is not None:
+                    self.event(job["_id"], "failed", attempt=job["attempts"], detail={"reason": failure["error"]["message"]})
+
+    # -- internals ---------------------------------------------------------------------------
+    def _requeue(self, guard: dict[str, Any], failure: dict[str, Any], event: str) -> bool:
+        job = self.collection.find_one_and_update(
+            guard,
+            {"$set": {"status": PENDING, "worker": None, "lease_until": None, **failure}, "$push": {"history": failure["error"]}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if job is None:
+            return False
+        request = {
+            "schema": "job-request/1", "job_id": job["_id"], "kind": job["kind"], "name": job["name"],
+            "priority": job["priority"], "max_attempts": job["max_attempts"], "submitted_at": _now().isoformat(),
+        }  # fmt: skip
+        self.publisher.publish(Topic.JOB_REQUESTS, request, key=job["_id"])
+        self.event(job["_id"], event, attempt=job["attempts"], detail={"reason": failure["error"]["message"]})
+        self.publisher.flush()
+        return True
+
+    def _end(self, job_id: str, worker: str, status: str, fields: dict[str, Any]) -> bool:
+        job = self.collection.find_one_and_update(
+            {"_id": job_id, "worker": worker, "status": RUNNING},
+            {"$set": {"status": status, "finished_at": _now(), "lease_until": None, **fields}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if job is None:
+            return False
+        detail = {"error": fields["error"]["message"]} if "error" in fields else {}
+        self.event(job_id, status, attempt=job["attempts"], worker=worker, detail=detail)
+        self.publisher.flush()
+        return True
+
+    def event(self, job_id: str, event: str, attempt: int, worker: str | None = None, detail: dict | None = None) -> None:
+        """Publish a job event for dashboards (non-blocking)."""
+        record: dict[str, Any] = {"schema": "job-event/1", "job_id": job_id, "event": event, "attempt": attempt, "at": _now().isoformat()}
+        if worker:
+            record["worker"] = worker
+        if detail:
+            record["detail"] = detail
+        self.publisher.publish(Topic.JOB_EVENTS, record, key=job_id)
