@@ -25,7 +25,6 @@ from tensordb.dead_letters import DeadLetters
 from tensordb.errors import DecodeError, ValidationError
 from tensordb.store import Store
 
-
 #: A processor of valid records: gets the context and a batch, raises on failure.
 Handler = Callable[["ProcessorContext", list[Received]], None]
 

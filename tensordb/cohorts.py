@@ -177,6 +177,15 @@ class Cohort:
         return to_tf_dataset(self, batch_size, **options)
 
     # -- saving -------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """What defines the members, as JSON-friendly data (recorded as a model's lineage)."""
+        return {
+            "name": self.name,
+            **self.spec(),
+            "as_of": self.as_of.isoformat() if self.as_of else None,
+            "split": [self.split.low, self.split.high, self.split.inside] if self.split else None,
+        }
+
     def spec(self) -> dict[str, Any]:
         """What is saved: the query as JSON text (MongoDB 4.0 cannot store ``$`` keys), sort, limit."""
         return {
@@ -219,6 +228,19 @@ def load_cohort(store: Store, name: str) -> Cohort:
         y=document["y"],
         name=name,
     )
+
+
+def cohort_from_spec(store: Store, spec: Mapping[str, Any]) -> Cohort:
+    """A cohort from a job's ``data`` spec: ``{"cohort": name}`` (a saved cohort) or an inline
+    query ``{"filter": {...}, "sort": [[field, -1]], "limit": N, "x": "image", "y": "label"}``."""
+    if "cohort" in spec:
+        return load_cohort(store, spec["cohort"])
+    if "filter" not in spec:
+        raise QueryError("a data spec names a saved cohort ({'cohort': NAME}) or gives a query ({'filter': {...}})")
+    options = {key: spec[key] for key in ("limit", "x", "y") if key in spec}
+    if "sort" in spec:
+        options["sort"] = tuple(tuple(entry) for entry in spec["sort"])
+    return Cohort(store, filter=dict(spec["filter"]), **options)
 
 
 def list_cohorts(store: Store) -> list[dict[str, Any]]:

@@ -24,6 +24,16 @@ def _processors(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from workers.trainer import run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(load_settings(), lease_seconds=args.lease)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tensordb.demo import run_demo
 
@@ -39,6 +49,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     processors = subparsers.add_parser("processors", help="run the stream processors (faust) in the foreground")
     processors.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])
     processors.set_defaults(handler=_processors)
+
+    worker = subparsers.add_parser("worker", help="run a trainer worker: claims and runs jobs until stopped")
+    worker.add_argument("--lease", type=float, default=30.0, help="seconds a job stays claimed without a heartbeat")
+    worker.set_defaults(handler=_worker)
 
     demo = subparsers.add_parser("demo", help="run the demo against the running services")
     demo.set_defaults(handler=_demo)

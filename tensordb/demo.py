@@ -18,8 +18,8 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from streams.child import ProcessorsProcess
 from tensordb.bus import Publisher, create_topics
+from tensordb.child import processors_process
 from tensordb.client import TensorDB
 from tensordb.config import Settings, Topic
 from tensordb.dead_letters import COLLECTION as DEAD_LETTERS
@@ -55,7 +55,7 @@ def run_demo(settings: Settings) -> int:
     console.print(f"Kafka {settings.kafka_bootstrap} · MongoDB {settings.mongo_uri} · project {settings.project!r}")
     log_path = Path(settings.services_dir) / "run" / "logs" / "demo-processors.log"
     started = datetime.now(UTC)
-    with TensorDB(settings) as db, ProcessorsProcess(settings, log_path):
+    with TensorDB(settings) as db, processors_process(settings, log_path):
         console.print(f"[green]✓[/] stream processors running (log: {log_path})")
         samples = [_sample(digit) for digit in (3, 1, 4, 1)]
         with Publisher(settings) as publisher:

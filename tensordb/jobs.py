@@ -260,6 +260,11 @@ class Jobs:
             return PENDING if self._requeue({"_id": job_id, "worker": worker, "status": RUNNING}, failure, "retrying") else "lost"
         return FAILED if self._end(job_id, worker, FAILED, failure) else "lost"
 
+    def release(self, job_id: str, worker: str) -> bool:
+        """Hand a running job back to the queue without spending an attempt (worker shutdown)."""
+        failure = {"error": {"message": f"worker {worker} shut down; the job was handed back", "traceback": "", "at": _now(), "worker": worker}}
+        return self._requeue({"_id": job_id, "worker": worker, "status": RUNNING}, failure, "requeued", refund_attempt=True)
+
     def requeue_expired(self) -> list[str]:
         """The reaper: jobs whose lease expired (their worker died) go back to pending, or fail
         when out of attempts. Safe to run in every worker at once."""
@@ -280,12 +285,14 @@ class Jobs:
                     self.event(job["_id"], "failed", attempt=job["attempts"], detail={"reason": failure["error"]["message"]})
 
     # -- internals ---------------------------------------------------------------------------
-    def _requeue(self, guard: dict[str, Any], failure: dict[str, Any], event: str) -> bool:
-        job = self.collection.find_one_and_update(
-            guard,
-            {"$set": {"status": PENDING, "worker": None, "lease_until": None, **failure}, "$push": {"history": failure["error"]}},
-            return_document=ReturnDocument.AFTER,
-        )
+    def _requeue(self, guard: dict[str, Any], failure: dict[str, Any], event: str, refund_attempt: bool = False) -> bool:
+        update: dict[str, Any] = {
+            "$set": {"status": PENDING, "worker": None, "lease_until": None, **failure},
+            "$push": {"history": failure["error"]},
+        }
+        if refund_attempt:
+            update["$inc"] = {"attempts": -1}
+        job = self.collection.find_one_and_update(guard, update, return_document=ReturnDocument.AFTER)
         if job is None:
             return False
         request = {

@@ -14,8 +14,8 @@ import numpy as np
 from bson import Binary, ObjectId
 from pymongo import ASCENDING, DESCENDING, IndexModel, MongoClient
 from pymongo.collection import Collection
-from pymongo.errors import BulkWriteError
 from pymongo.database import Database
+from pymongo.errors import BulkWriteError
 
 from tensordb.codecs import array_to_npy, npy_to_array, sha256_hex
 from tensordb.config import Settings

@@ -19,8 +19,8 @@ from confluent_kafka.admin import AdminClient
 from pymongo import MongoClient
 
 from tensordb.bus import create_topics
+from tensordb.child import ChildProcess, processors_process
 from tensordb.config import Settings
-from streams.child import ProcessorsProcess
 from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,9 +81,9 @@ def settings(servers: Settings) -> Iterator[Settings]:
 
 
 @pytest.fixture
-def processors(settings: Settings, tmp_path: Path) -> Iterator[ProcessorsProcess]:
+def processors(settings: Settings, tmp_path: Path) -> Iterator[ChildProcess]:
     """The stream processors (``tensordb processors``) running for this test's project."""
-    process = ProcessorsProcess(settings, tmp_path / "processors.log")
+    process = processors_process(settings, tmp_path / "processors.log")
     process.start()
     try:
         yield process

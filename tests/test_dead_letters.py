@@ -10,11 +10,11 @@ import orjson
 import pytest
 
 from tensordb.bus import Publisher, Received, make_consumer, receive
+from tensordb.child import ChildProcess
 from tensordb.config import Settings, Topic
 from tensordb.dead_letters import COLLECTION, DeadLetters, original_bytes
 from tensordb.errors import DecodeError
 from tensordb.store import Store
-from streams.child import ProcessorsProcess
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -30,7 +30,7 @@ MISSING_FIELD = orjson.dumps({k: v for k, v in VALID.items() if k != "dataset"})
 
 
 def test_bad_records_become_dead_letters_and_a_valid_one_after_them_is_processed(
-    settings: Settings, processors: ProcessorsProcess
+    settings: Settings, processors: ChildProcess
 ) -> None:
     topic = settings.topic(Topic.INGEST)
     with Publisher(settings) as publisher:
@@ -69,7 +69,7 @@ def test_bad_records_become_dead_letters_and_a_valid_one_after_them_is_processed
     assert all(r.error is None and r.record["topic"] == topic for r in seen)
 
 
-def test_every_topic_is_guarded_not_only_ingest(settings: Settings, processors: ProcessorsProcess) -> None:
+def test_every_topic_is_guarded_not_only_ingest(settings: Settings, processors: ChildProcess) -> None:
     guarded = [kind for kind in Topic if kind is not Topic.DEAD_LETTERS]
     with Publisher(settings) as publisher:
         for kind in guarded:

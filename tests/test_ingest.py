@@ -14,8 +14,8 @@ import numpy as np
 import orjson
 import pytest
 
-from streams.child import ProcessorsProcess
 from tensordb.bus import Publisher, make_consumer, receive
+from tensordb.child import ChildProcess
 from tensordb.client import TensorDB
 from tensordb.config import Settings, Topic
 from tensordb.dead_letters import COLLECTION as DEAD_LETTERS
@@ -30,7 +30,7 @@ def _stored(db: TensorDB, sample_id: str) -> dict | None:
 
 
 def test_published_sample_is_queryable_with_metadata_and_identical_bytes(
-    settings: Settings, processors: ProcessorsProcess
+    settings: Settings, processors: ChildProcess
 ) -> None:
     image = np.random.default_rng(1).integers(0, 255, (28, 28), dtype=np.uint8)
     with TensorDB(settings) as db:
@@ -55,7 +55,7 @@ def test_published_sample_is_queryable_with_metadata_and_identical_bytes(
         assert y.tolist() == [1]
 
 
-def test_a_record_delivered_twice_is_stored_once_with_one_blob(settings: Settings, processors: ProcessorsProcess) -> None:
+def test_a_record_delivered_twice_is_stored_once_with_one_blob(settings: Settings, processors: ChildProcess) -> None:
     record = {
         "schema": "sample/1", "sample_id": "twice", "dataset": "d",
         "arrays": {"x": {"dtype": "float32", "shape": [3], "data": base64.b64encode(np.ones(3, np.float32).tobytes()).decode()}},
@@ -84,7 +84,7 @@ def test_a_record_delivered_twice_is_stored_once_with_one_blob(settings: Setting
 
 
 def test_five_megabyte_array_goes_through_the_claim_check_and_comes_back_identical(
-    settings: Settings, processors: ProcessorsProcess
+    settings: Settings, processors: ChildProcess
 ) -> None:
     big = np.random.default_rng(2).standard_normal(5 * 1024 * 1024 // 8)  # 5 MB of float64
     with TensorDB(settings) as db:
@@ -100,7 +100,7 @@ def test_five_megabyte_array_goes_through_the_claim_check_and_comes_back_identic
 
 
 def test_inconsistent_arrays_and_broken_references_become_dead_letters(
-    settings: Settings, processors: ProcessorsProcess
+    settings: Settings, processors: ChildProcess
 ) -> None:
     good = {"schema": "sample/1", "dataset": "d", "arrays": {"x": {"dtype": "uint8", "values": [[1, 2], [3, 4]]}}}
     wrong_size = {**good, "sample_id": "wrong-size", "arrays": {"x": {"dtype": "uint16", "shape": [3], "data": "AAAA"}}}
@@ -130,7 +130,7 @@ def _kcat_environment(tmp_path: Path) -> dict[str, str]:
 
 
 def test_a_sample_published_with_kcat_is_persisted(
-    settings: Settings, processors: ProcessorsProcess, tmp_path: Path
+    settings: Settings, processors: ChildProcess, tmp_path: Path
 ) -> None:
     assert shutil.which("kcat"), "kcat is missing: `make test` installs it (Debian package kcat)"
     record = {

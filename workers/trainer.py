@@ -1,0 +1,183 @@
+"""The trainer worker (``tensordb worker``): a consumer-group member that runs one job at a time.
+
+Job requests on Kafka are doorbells; the ``jobs`` collection decides which job runs (atomic claim,
+most urgent first), so a lost or duplicated request never loses or repeats a job. While a job runs,
+the consumer stays in its group with its partitions paused, a heartbeat thread renews the lease
+and watches for cancellation, and a reaper thread re-queues jobs of workers that died.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from tensordb.models import ModelRegistry
+
+from tensordb.bus import Publisher, make_consumer, receive
+from tensordb.config import Settings, Topic
+from tensordb.jobs import Jobs
+from tensordb.runlog import RunLogger
+from tensordb.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class JobCancelled(Exception):
+    """Raised inside a job runner when the job was cancelled or its lease was lost."""
+
+
+@dataclass
+class JobContext:
+    """What a job runner gets: the job, the shared services and the stop signal."""
+
+    job: dict[str, Any]
+    worker: str
+    settings: Settings
+    store: Store
+    jobs: Jobs
+    registry: ModelRegistry
+    logger: RunLogger
+    stop: threading.Event = field(default_factory=threading.Event)
+    stop_reason: str | None = None  # "cancelled", "lease lost" or "shutdown"
+
+    @property
+    def job_id(self) -> str:
+        return self.job["_id"]
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.stop.set()
+
+    def check_stop(self) -> None:
+        """Runners call this between steps: raises JobCancelled once a stop was requested."""
+        if self.stop.is_set():
+            raise JobCancelled(self.stop_reason or "stopped")
+
+
+#: A job runner: does the work of one job kind and returns the job's result.
+Runner = Callable[[JobContext], dict[str, Any]]
+
+
+def runners() -> dict[str, Runner]:
+    from workers.evaluation import run_evaluation
+    from workers.tasks import run_task
+    from workers.training import run_training
+
+    return {"train": run_training, "evaluate": run_evaluation, "task": run_task}
+
+
+class Worker:
+    """Runs jobs of one project until :meth:`stop` is called (or SIGTERM/SIGINT via the CLI)."""
+
+    def __init__(self, settings: Settings, worker_id: str | None = None, lease_seconds: float = 30.0, idle_scan_seconds: float = 2.0) -> None:
+        self.settings = settings
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.lease_seconds = lease_seconds
+        self.idle_scan_seconds = idle_scan_seconds
+        self.store = Store(settings)
+        self.store.ensure_indexes()
+        self.publisher = Publisher(settings)
+        self.jobs = Jobs(self.store, self.publisher)
+        self.registry = ModelRegistry(self.store, self.publisher)
+        self.runners = runners()
+        self._stopping = threading.Event()
+        self._current: JobContext | None = None
+
+    def stop(self) -> None:
+        """Stop after handing the running job (if any) back to the queue."""
+        self._stopping.set()
+        if self._current is not None:
+            self._current.request_stop("shutdown")
+
+    def run(self) -> None:
+        """The main loop: wait for a doorbell (or scan now and then), claim, run, repeat."""
+        consumer = make_consumer(self.settings, f"{self.settings.topic_prefix}-{self.settings.project}-workers", [Topic.JOB_REQUESTS])
+        reaper = threading.Thread(target=self._reap_forever, name="tensordb-reaper", daemon=True)
+        reaper.start()
+        log.info("worker %s ready", self.worker_id)
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="tensordb-job") as executor:
+                while not self._stopping.is_set():
+                    rang = any(True for _ in receive(consumer, "job-request/1", timeout=self.idle_scan_seconds))
+                    if rang:
+                        consumer.commit(asynchronous=True)  # requests are doorbells; the jobs collection is the queue
+                    job = self.jobs.claim(self.worker_id, self.lease_seconds)
+                    if job is None:
+                        continue
+                    consumer.pause(consumer.assignment())
+                    running = executor.submit(self._run_job, job)
+                    while not running.done():  # keep the group membership alive while busy
+                        consumer.poll(0.2)
+                    consumer.resume(consumer.assignment())
+                    running.result()
+        finally:
+            self._stopping.set()
+            consumer.close()
+            reaper.join(timeout=5)
+            self.registry.close()
+            self.publisher.close()
+            self.store.close()
+
+    def _run_job(self, job: dict[str, Any]) -> None:
+        logger = RunLogger(self.publisher, run_id=job["_id"], job_id=job["_id"])
+        context = JobContext(job, self.worker_id, self.settings, self.store, self.jobs, self.registry, logger)
+        self._current = context
+        heartbeat = threading.Thread(target=self._heartbeat, args=(context,), name="tensordb-heartbeat", daemon=True)
+        heartbeat.start()
+        log.info("running %s job %s (attempt %s)", job["kind"], job["_id"], job["attempts"])
+        try:
+            self.jobs.event(job["_id"], "started", attempt=job["attempts"], worker=self.worker_id)
+            result = self.runners[job["kind"]](context)
+            logger.close()
+            self.registry.wait()
+            self.jobs.finish(job["_id"], self.worker_id, result)
+        except JobCancelled:
+            logger.close()
+            self.registry.wait()
+            if context.stop_reason == "cancelled":
+                self.jobs.cancelled(job["_id"], self.worker_id)
+            elif context.stop_reason == "shutdown":
+                self.jobs.release(job["_id"], self.worker_id)
+        except Exception as exc:  # noqa: BLE001 - any failure of user code marks the job, never the worker
+            log.exception("job %s failed", job["_id"])
+            logger.close()
+            self.jobs.fail(job["_id"], self.worker_id, exc)
+        finally:
+            self._current = None
+            context.stop.set()
+            heartbeat.join(timeout=5)
+
+    def _heartbeat(self, context: JobContext) -> None:
+        while not context.stop.wait(self.lease_seconds / 3):
+            job = self.jobs.heartbeat(context.job_id, self.worker_id, self.lease_seconds)
+            if job is None:
+                context.request_stop("lease lost")
+            elif job["cancel_requested"]:
+                context.request_stop("cancelled")
+
+    def _reap_forever(self) -> None:
+        while not self._stopping.wait(max(self.lease_seconds / 2, 0.5)):
+            try:
+                for job_id in self.jobs.requeue_expired():
+                    log.warning("re-queued job %s: its worker stopped heartbeating", job_id)
+            except Exception:  # noqa: BLE001 - the reaper must outlive a transient database error
+                log.exception("reaper pass failed")
+
+
+def run(settings: Settings, lease_seconds: float = 30.0) -> None:
+    """``tensordb worker``: run until SIGINT/SIGTERM."""
+    import signal
+
+    worker = Worker(settings, lease_seconds=lease_seconds)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: worker.stop())
+    worker.run()
+

@@ -1,0 +1,134 @@
+"""Train jobs: build the model, stream the cohort, log every step, save a version every epoch.
+
+A re-run of a job (after a crash or a lost lease) resumes after its last saved epoch: the cohort is
+pinned at the first attempt and shuffled with a seed derived from the job, so each epoch reads the
+same samples in the same order and step numbers match; re-logged steps are stored once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import zlib
+from datetime import datetime
+from typing import Any
+
+import keras
+from tensordb.keras_callback import TensorDBCallback
+
+from tensordb.cohorts import Cohort, cohort_from_spec
+from tensordb.errors import TensorDBError
+from workers.trainer import JobContext
+
+ENTRY_POINT = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class JobSpecError(TensorDBError, ValueError):
+    """A job's model or data specification cannot be used; the message says what to change."""
+
+
+def build_model(spec: dict[str, Any], hyperparameters: dict[str, Any], registry: Any) -> keras.Model:
+    """A compiled Keras model from a job's ``model`` spec.
+
+    ``architecture`` (Keras JSON) with ``compile`` options; ``entry_point`` "package.module:function"
+    importable on the worker, called with the hyper-parameters; or ``name``/``version`` of a
+    registered model to continue from. Never unpickles, never executes stored code.
+    """
+    if "entry_point" in spec:
+        if not ENTRY_POINT.match(spec["entry_point"]):
+            raise JobSpecError(f"entry_point must look like package.module:function, got {spec['entry_point']!r}")
+        module_name, function_name = spec["entry_point"].split(":")
+        try:
+            builder = getattr(importlib.import_module(module_name), function_name)
+        except (ImportError, AttributeError) as exc:
+            raise JobSpecError(f"cannot import {spec['entry_point']} on this worker: {exc}") from exc
+        model = builder(**hyperparameters)
+    elif "architecture" in spec:
+        model = keras.models.model_from_json(json.dumps(spec["architecture"]))
+    elif "name" in spec:
+        model = registry.find(name=spec["name"], version=spec.get("version"))
+        if model is None:
+            raise JobSpecError(f"no registered model {spec['name']!r} version {spec.get('version', 'latest')}")
+    else:
+        raise JobSpecError("a train job's model needs 'architecture', 'entry_point' or 'name'")
+    if not model.compiled or "compile" in spec:
+        options = spec.get("compile") or {"optimizer": "adam", "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]}
+        model.compile(**options)
+    return model
+
+
+def _pinned_cohorts(context: JobContext) -> tuple[Cohort, Cohort | None]:
+    """Train (and validation) cohorts frozen at the job's first attempt, for reproducible re-runs."""
+    job = context.job
+    as_of = job["progress"].get("cohort_as_of")
+    if as_of is None:
+        as_of = datetime.now().astimezone()
+        context.jobs.record_progress(context.job_id, context.worker, cohort_as_of=as_of)
+    data = job["spec"]["data"]
+    train = cohort_from_spec(context.store, data).pinned(as_of)
+    validation = None
+    if "validation" in data:
+        validation = cohort_from_spec(context.store, data["validation"]).pinned(as_of)
+    elif "validation_fraction" in data:
+        train, validation = train.train_validation(data["validation_fraction"])
+    return train, validation
+
+
+def run_training(context: JobContext) -> dict[str, Any]:
+    """The ``train`` job runner (see the module docstring)."""
+    job, spec = context.job, context.job["spec"]
+    hyperparameters = dict(spec.get("hyperparameters", {}))
+    batch_size = int(hyperparameters.pop("batch_size", 32))
+    shuffle_buffer = int(hyperparameters.pop("shuffle_buffer", 1024))
+    model_builder_params = {k: v for k, v in hyperparameters.items() if k not in ("learning_rate",)}
+    model = build_model(spec["model"], model_builder_params, context.registry)
+    if "learning_rate" in hyperparameters:
+        model.optimizer.learning_rate = float(hyperparameters["learning_rate"])
+
+    initial_epoch = 0
+    checkpoint = job.get("checkpoint")
+    if checkpoint:  # resume: the parameters of the last saved epoch
+        saved = context.registry.find(name=job["name"], version=checkpoint["model_version"])
+        model.set_weights(saved.get_weights())
+        initial_epoch = checkpoint["epoch"] + 1
+
+    train, validation = _pinned_cohorts(context)
+    seed = zlib.crc32(context.job_id.encode())
+    train_data = train.to_tf_dataset(batch_size, shuffle_buffer=shuffle_buffer, seed=seed)
+    validation_data = validation.to_tf_dataset(batch_size) if validation is not None else None
+    steps_per_epoch = -(-train.count() // batch_size)
+    lineage = {"job": context.job_id, "cohort": train.describe(), "attempt": job["attempts"]}
+
+    def save_epoch(model: keras.Model, epoch: int, logs: dict[str, float]) -> None:
+        future = context.registry.save_async(model, job["name"], epoch=epoch, job_id=context.job_id, lineage={**lineage, "epoch": epoch}, **logs)
+
+        def remember(done: Any) -> None:
+            if done.exception() is None:
+                context.logger.flush()  # every step up to this epoch is durable before the checkpoint counts
+                context.jobs.record_checkpoint(context.job_id, context.worker, epoch, done.result()["version"])
+
+        future.add_done_callback(remember)
+        context.jobs.record_progress(context.job_id, context.worker, epoch=epoch, metrics=logs)
+        context.jobs.event(context.job_id, "epoch", attempt=job["attempts"], worker=context.worker, detail={"epoch": epoch, **logs})
+
+    callback = TensorDBCallback(context.logger, on_epoch_saved=save_epoch, initial_step=initial_epoch * steps_per_epoch)
+    history = model.fit(
+        train_data, validation_data=validation_data, epochs=spec["epochs"], initial_epoch=initial_epoch,
+        callbacks=[callback, StopOnRequest(context)], verbose=0,
+    )
+    context.check_stop()
+    final = {key: float(values[-1]) for key, values in history.history.items() if values}
+    return {"epochs": spec["epochs"], "resumed_from_epoch": initial_epoch or None, "metrics": final}
+
+
+class StopOnRequest(keras.callbacks.Callback):
+    """Ends ``fit`` at the next batch once the job is cancelled, released or has lost its lease."""
+
+    def __init__(self, context: JobContext) -> None:
+        super().__init__()
+        self.context = context
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.context.stop.is_set():
+            self.model.stop_training = True
