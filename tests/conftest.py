@@ -19,7 +19,7 @@ from confluent_kafka.admin import AdminClient
 from pymongo import MongoClient
 
 from tensordb.bus import create_topics
-from tensordb.child import ChildProcess, processors_process
+from tensordb.child import ChildProcess, processors_process, worker_process
 from tensordb.config import Settings
 from tests.helpers import free_port
 
@@ -113,3 +113,19 @@ def ingest(settings: Settings) -> Iterator[Callable[[list[dict]], None]]:
 
     yield persist
     context.close()
+
+
+@pytest.fixture
+def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., ChildProcess]]:
+    """Start trainer workers (``tensordb worker``) for this test's project; all stopped afterwards."""
+    started: list[ChildProcess] = []
+
+    def start(lease_seconds: float = 30.0) -> ChildProcess:
+        worker = worker_process(settings, tmp_path / f"worker-{len(started)}.log", lease_seconds)
+        started.append(worker)
+        worker.start()
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
