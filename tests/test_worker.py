@@ -115,4 +115,4 @@ def test_a_killed_worker_s_job_is_requeued_and_resumes_from_its_last_epoch(
         expected = epochs * steps_per_epoch
         wait_for(lambda: store["logs"].count_documents({"run_id": job_id, "phase": "train"}) >= expected, timeout=60, what="all steps")
         steps = [doc["step"] for doc in store["logs"].find({"run_id": job_id, "phase": "train"}, {"step": 1})]
-    assert sorted(steps) == list(range(expected))
+    assert sorted(steps) == list(range(1, expected + 1))

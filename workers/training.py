@@ -112,7 +112,8 @@ def run_training(context: JobContext) -> dict[str, Any]:
         context.jobs.record_progress(context.job_id, context.worker, epoch=epoch, metrics=logs)
         context.jobs.event(context.job_id, "epoch", attempt=job["attempts"], worker=context.worker, detail={"epoch": epoch, **logs})
 
-    callback = TensorDBCallback(context.logger, on_epoch_saved=save_epoch, initial_step=initial_epoch * steps_per_epoch)
+    callback = TensorDBCallback(context.logger, on_epoch_saved=save_epoch)
+    callback.global_step = initial_epoch * steps_per_epoch  # a resumed run numbers its steps as the first did
     history = model.fit(
         train_data, validation_data=validation_data, epochs=spec["epochs"], initial_epoch=initial_epoch,
         callbacks=[callback, StopOnRequest(context)], verbose=0,
