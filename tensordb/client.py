@@ -1,5 +1,5 @@
-"""``TensorDB``: the user-facing SDK for one project — publish samples, manage datasets, define
-cohorts and stream them.
+"""``TensorDB``: the user-facing SDK for one project — publish samples, manage datasets, define and
+stream cohorts, log runs, register models and submit jobs.
 
     with TensorDB(project="radiology") as db:
         db.publish_sample(image, dataset="scans", labels={"tumour": 1}, tags=["grade-3"])
@@ -17,6 +17,9 @@ from tensordb.bus import Publisher
 from tensordb.cohorts import Cohort
 from tensordb.config import Settings, Topic, load_settings
 from tensordb.datasets import Datasets
+from tensordb.jobs import Jobs
+from tensordb.models import ModelRegistry
+from tensordb.runlog import RunLogger, delete_logs, read_logs
 from tensordb.samples import ArrayLike, build_sample, publish_samples
 from tensordb.store import Store
 
@@ -29,6 +32,7 @@ class TensorDB:
         self.store = Store(self.settings)
         self.store.ensure_indexes()
         self._publisher: Publisher | None = None
+        self._models: ModelRegistry | None = None
         self.datasets = Datasets(self.store)
 
     @property
@@ -36,6 +40,16 @@ class TensorDB:
         if self._publisher is None:  # created on first use: reading data needs no Kafka connection
             self._publisher = Publisher(self.settings)
         return self._publisher
+
+    @property
+    def models(self) -> ModelRegistry:
+        if self._models is None:
+            self._models = ModelRegistry(self.store, self.publisher)
+        return self._models
+
+    @property
+    def jobs(self) -> Jobs:
+        return Jobs(self.store, self.publisher)
 
     # -- publishing samples ---------------------------------------------------------------------
     def publish_sample(self, arrays: ArrayLike, *, dataset: str, **fields: Any) -> str:
@@ -88,8 +102,48 @@ class TensorDB:
 
     delete_dataset = delete_datasets
 
+    # -- runs: non-blocking logging ---------------------------------------------------------------
+    def logger(self, run_id: str, job_id: str | None = None, **tags: Any) -> RunLogger:
+        """A logger whose ``log(step=..., **metrics)`` returns without waiting on the network."""
+        return RunLogger(self.publisher, run_id, job_id=job_id, tags=tags or None)
+
+    def read_logs(self, run_id: str | None = None, **filters: Any) -> Any:
+        """Persisted log records as a pandas DataFrame (see :func:`tensordb.runlog.read_logs`)."""
+        return read_logs(self.store, run_id, **filters)
+
+    def delete_logs(self, run_id: str | None = None, **filters: Any) -> int:
+        return delete_logs(self.store, run_id, **filters)
+
+    # -- models -------------------------------------------------------------------------------------
+    def save_model(self, model: Any, name: str = "model", **metrics_and_tags: Any) -> dict[str, Any]:
+        """Register ``model`` as the next version of ``name`` (architecture JSON + .npz parameters)."""
+        return self.models.save(model, name, **metrics_and_tags)
+
+    def find_model(self, sort: list[tuple[str, int]] | None = None, **filters: Any) -> Any:
+        """The best (by ``sort``) or newest matching model, ready to predict; None if none matches."""
+        return self.models.find(sort, **filters)
+
+    def delete_model(self, **filters: Any) -> int:
+        return self.models.delete(**filters)
+
+    # -- jobs ---------------------------------------------------------------------------------------
+    def submit_job(self, kind: str = "train", **spec: Any) -> str:
+        """Queue a train/evaluate/task job for the workers; see :meth:`tensordb.jobs.Jobs.submit`."""
+        return self.jobs.submit(kind, **spec)
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return self.jobs.cancel(job_id)
+
+    def wait_for_jobs(self, job_ids: Iterable[str], timeout: float = 600.0) -> list[dict[str, Any]]:
+        return self.jobs.wait(job_ids, timeout)
+
+    def list_jobs(self, status: str | Iterable[str] | None = None, name: str | None = None, **filters: Any) -> list[dict]:
+        return self.jobs.list(status, name, **filters)
+
     def close(self) -> None:
         try:
+            if self._models is not None:
+                self._models.close()
             self.flush()
         finally:
             self.store.close()

@@ -31,6 +31,7 @@ from tensordb.store import Store
 JOBS = "jobs"
 PENDING, RUNNING, FINISHED, FAILED, CANCELLED = "pending", "running", "finished", "failed", "cancelled"
 UNFINISHED = (PENDING, RUNNING)
+CLAIM_ORDER = [("priority", DESCENDING), ("submitted_at", ASCENDING)]
 KINDS = ("train", "evaluate", "task")
 
 
@@ -194,11 +195,18 @@ class Jobs:
         return self.collection.delete_many(query).deleted_count
 
     # -- the worker's side ---------------------------------------------------------------------
-    def claim(self, worker: str, lease_seconds: float, job_id: str | None = None) -> dict[str, Any] | None:
-        """Atomically take the most urgent pending job (or ``job_id``) with a lease; None if none."""
+    def claim(
+        self, worker: str, lease_seconds: float, name: str | None = None, sort: list[tuple[str, int]] | None = None
+    ) -> dict[str, Any] | None:
+        """Atomically take the most urgent pending job (of ``name``) with a lease; None if none.
+
+        ``sort`` overrides the order (priority, then oldest first); TensorLayer's ``time`` field
+        is accepted as the submission time.
+        """
         query: dict[str, Any] = {"project": self.store.project, "status": PENDING, "cancel_requested": False}
-        if job_id is not None:
-            query["_id"] = job_id
+        if name is not None:
+            query["name"] = name
+        order = [("submitted_at" if key == "time" else key, direction) for key, direction in sort or CLAIM_ORDER]
         now = _now()
         job = self.collection.find_one_and_update(
             query,
@@ -213,7 +221,7 @@ class Jobs:
                 },
                 "$inc": {"attempts": 1},
             },
-            sort=[("priority", DESCENDING), ("submitted_at", ASCENDING)],
+            sort=order,
             return_document=ReturnDocument.AFTER,
         )
         if job is not None:

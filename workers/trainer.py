@@ -18,11 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from tensordb.models import ModelRegistry
-
 from tensordb.bus import Publisher, make_consumer, receive
 from tensordb.config import Settings, Topic
 from tensordb.jobs import Jobs
+from tensordb.models import ModelRegistry
 from tensordb.runlog import RunLogger
 from tensordb.store import Store
 
@@ -91,6 +90,19 @@ class Worker:
         self._stopping = threading.Event()
         self._current: JobContext | None = None
 
+    def run_one(self, name: str | None = None, sort: list[tuple[str, int]] | None = None) -> bool:
+        """Claim one pending job (of ``name``) and run it here; returns whether one ran."""
+        job = self.jobs.claim(self.worker_id, self.lease_seconds, name=name, sort=sort)
+        if job is None:
+            return False
+        self._run_job(job)
+        return True
+
+    def close(self) -> None:
+        self.registry.close()
+        self.publisher.close()
+        self.store.close()
+
     def stop(self) -> None:
         """Stop after handing the running job (if any) back to the queue."""
         self._stopping.set()
@@ -122,9 +134,7 @@ class Worker:
             self._stopping.set()
             consumer.close()
             reaper.join(timeout=5)
-            self.registry.close()
-            self.publisher.close()
-            self.store.close()
+            self.close()
 
     def _run_job(self, job: dict[str, Any]) -> None:
         logger = RunLogger(self.publisher, run_id=job["_id"], job_id=job["_id"])

@@ -1,0 +1,27 @@
+"""A task runner: pull tasks from the database and run them (start one per machine or GPU)."""
+
+import argparse
+import os
+import time
+
+from tensordb.hub import TensorHub
+
+
+def main(forever: bool) -> int:
+    db = TensorHub(project_name=os.environ.get("TENSORDB_PROJECT", "tensorlayer-example"))
+    ran = 0
+    idle_since = time.monotonic()
+    while forever or time.monotonic() - idle_since < 10:
+        if db.run_top_task(task_name="digits-mlp", sort=[("time", -1)]):
+            ran += 1
+            idle_since = time.monotonic()
+        else:
+            time.sleep(0.5)
+    db.close()
+    return ran
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--forever", action="store_true", help="keep waiting for tasks")
+    print(f"ran {main(parser.parse_args().forever)} task(s)")

@@ -1,0 +1,35 @@
+"""The ported TensorLayer database example runs end to end: dispatch, a runner, the best model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tensordb.config import Settings
+
+pytestmark = pytest.mark.integration
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tensorlayer_db"
+
+
+def test_tensorlayer_example_dispatches_runs_and_loads_the_best_model(settings: Settings, processors, tmp_path) -> None:
+    env = {**os.environ, **settings.as_environment()}
+    with open(tmp_path / "dispatch.log", "w") as dispatch_log, open(tmp_path / "runner.log", "w") as runner_log:
+        dispatcher = subprocess.Popen([sys.executable, str(EXAMPLE / "dispatch_tasks.py")], env=env, stdout=dispatch_log, stderr=subprocess.STDOUT)
+        runner = subprocess.Popen([sys.executable, str(EXAMPLE / "run_tasks.py")], env=env, stdout=runner_log, stderr=subprocess.STDOUT)
+        try:
+            assert dispatcher.wait(timeout=400) == 0, (tmp_path / "dispatch.log").read_text()
+            assert runner.wait(timeout=60) == 0, (tmp_path / "runner.log").read_text()
+        finally:
+            for process in (dispatcher, runner):
+                if process.poll() is None:
+                    process.kill()
+    output = (tmp_path / "dispatch.log").read_text()
+    assert output.count(": finished, test_accuracy=") == 3, output
+    assert "best model: n_units=" in output
+    reloaded = float(output.rsplit("reloaded best model scores ", 1)[1].split()[0])
+    assert reloaded > 0.85, output
+    assert "ran 3 task(s)" in (tmp_path / "runner.log").read_text()
