@@ -1,0 +1,738 @@
+#!/usr/bin/env python
+"""Loader and ingest benchmark: TensorDB against local disk and against direct MongoDB inserts.
+
+Every ratio is measured in one run, on one machine, against servers this script starts, so both
+sides of a ratio see the same CPU, load and caches (the passes of the two sides are interleaved):
+
+1. streaming a cohort (``Cohort.stream``) vs ``np.load`` of one ``.npy`` file per sample, for
+   28×28 and 256×256×3 uint8 images (goals: ≥ 1.0× and ≥ 0.7× the local throughput);
+2. ingest, publish → persisted through Kafka and the stream processors, vs direct pymongo inserts
+   of the same documents and blobs (goal: TensorDB within 2× of the direct inserts).
+
+Next to each figure it prints the CPU each process used, in cores: that is what shows the limit
+on a small machine (a process at ~1.0 core is CPU-bound; none near 1.0 means time spent waiting).
+
+    .venv/bin/python bench/loader_and_ingest.py [--samples N] [--quick] [--profile]
+
+See bench/README.md for what each row means.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, Python puts bench/ first on sys.path, where a sibling benchmark named like a
+# standard module (bench/logging.py) would shadow it: import from the repository root instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import argparse  # noqa: E402
+import base64  # noqa: E402
+import cProfile  # noqa: E402
+import inspect  # noqa: E402
+import io  # noqa: E402
+import os  # noqa: E402
+import pstats  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from datetime import UTC, datetime  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+from confluent_kafka.admin import AdminClient  # noqa: E402
+from pymongo import MongoClient  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from streams.app import ProcessorContext, process_batch  # noqa: E402
+from streams.ingest import _prepare, handle_samples  # noqa: E402
+from tensordb import records  # noqa: E402
+from tensordb.bus import Received, create_topics  # noqa: E402
+from tensordb.child import ChildProcess, processors_process  # noqa: E402
+from tensordb.client import TensorDB  # noqa: E402
+from tensordb.cohorts import Cohort  # noqa: E402
+from tensordb.config import Settings, Topic  # noqa: E402
+from tensordb.loader import CohortStream  # noqa: E402
+from tensordb.samples import SAMPLES  # noqa: E402
+from tensordb.store import BLOB_BUCKET, Store  # noqa: E402
+
+REPO = _HERE.parent
+ISSUE_SAMPLES = 6000
+INGEST_CHUNK = 500  # records per process_batch / insert_many call
+TIMED_PASSES = 3
+POLL_SECONDS = 0.05
+SMALL, LARGE = (28, 28), (256, 256, 3)
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 180)  # logs: no wrapping at 80
+
+Pids = dict[str, int | None]
+
+
+# -- measuring --------------------------------------------------------------------------------------
+
+
+MACHINE = "machine"  # busy CPU seconds of the whole machine, to show what other processes took
+
+
+def machine_busy_seconds() -> float | None:
+    """Busy CPU seconds of all cores since boot (``/proc/stat``: everything but idle and iowait)."""
+    try:
+        ticks = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(pids: Pids) -> dict[str, float | None]:
+    """CPU seconds (user + system, all threads) of this process, of the named processes and of
+    the whole machine.
+
+    Why: on a 2-core machine a throughput figure means little without knowing which process was
+    saturated, or whether something else was running. Processes are read from /proc; where
+    unreadable (remote servers) they are left out.
+    """
+    snapshot: dict[str, float | None] = {"bench": time.process_time(), MACHINE: machine_busy_seconds()}
+    for name, pid in pids.items():
+        snapshot[name] = None
+        if pid:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                snapshot[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, IndexError):
+                pass
+    return snapshot
+
+
+def describe_cores(cores: dict[str, float]) -> str:
+    """e.g. 'bench 1.00 + mongod 0.45 cores: bench CPU-bound'; names other processes' share when
+    it is large enough to have disturbed the figure."""
+    cores = dict(cores)
+    machine = cores.pop(MACHINE, None)
+    if not cores:
+        return "CPU not measured"
+    shares = " + ".join(f"{name} {used:.2f}" for name, used in cores.items() if used >= 0.005)
+    busiest, top = max(cores.items(), key=lambda item: item[1])
+    if (machine or sum(cores.values())) >= 0.85 * (os.cpu_count() or 1):
+        verdict = f"all {os.cpu_count()} cores busy"
+    elif top >= 0.85:
+        verdict = f"{busiest} CPU-bound"
+    else:
+        verdict = "waiting (no process at a full core)"
+    others = (machine or 0.0) - sum(cores.values())
+    disturbed = f"; (others {others:.2f} cores: figure disturbed)" if others >= 0.25 else ""
+    return f"{shares} cores: {verdict}{disturbed}"
+
+
+@dataclass
+class Timing:
+    """Pass times and CPU use of one side of a comparison, accumulated over its passes."""
+
+    pids: Pids
+    seconds: list[float] = field(default_factory=list)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    produced: int = 0
+
+    def run(self, work: Callable[[], int]) -> None:
+        """Time one call of ``work`` (which returns how many samples it produced)."""
+        before = cpu_snapshot(self.pids)
+        start = time.perf_counter()
+        self.produced = work()
+        self.seconds.append(time.perf_counter() - start)
+        after = cpu_snapshot(self.pids)
+        for name, used in after.items():
+            if used is not None and before[name] is not None:
+                self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + used - before[name]
+
+    @property
+    def rate(self) -> float:
+        """Samples/s of the median pass."""
+        return self.produced / statistics.median(self.seconds)
+
+    @property
+    def best(self) -> float:
+        return self.produced / min(self.seconds)
+
+    def describe(self) -> str:
+        wall = sum(self.seconds)
+        return describe_cores({name: used / wall for name, used in self.cpu_seconds.items()})
+
+
+def interleaved(ours: Timing, our_work: Callable[[], int], theirs: Timing, their_work: Callable[[], int]) -> None:
+    """Alternate the two sides' passes, so drift in machine load hits both alike."""
+    for _ in range(TIMED_PASSES):
+        theirs.run(their_work)
+        ours.run(our_work)
+
+
+@dataclass
+class Row:
+    """One line of the results table: a TensorDB rate against a baseline rate."""
+
+    measure: str
+    tensordb: float  # samples/s
+    baseline: float  # samples/s
+    baseline_label: str
+    ratio: float
+    ratio_label: str  # how the ratio is formed
+    goal: str
+    met: bool | None  # None: an informational row without a goal
+    limit: str
+    samples: int
+
+
+# -- servers and projects ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Servers:
+    settings: Settings
+    pids: Pids  # the server processes whose CPU is reported (empty for servers elsewhere)
+    origin: str
+
+
+@contextmanager
+def servers() -> Iterator[Servers]:
+    """Existing servers named by TENSORDB_KAFKA_BOOTSTRAP and TENSORDB_MONGO_URI, else our own
+    Tansu and mongod on free ports with a throwaway run directory, stopped and removed at the end."""
+    if os.environ.get("TENSORDB_KAFKA_BOOTSTRAP") and os.environ.get("TENSORDB_MONGO_URI"):
+        settings = Settings()
+        yield Servers(settings, {}, f"existing servers {settings.kafka_bootstrap} / {settings.mongo_uri}")
+        return
+    from tensordb.services import LocalServices
+
+    run_dir = Path(tempfile.mkdtemp(prefix="tensordb-bench-services-"))
+    settings = Settings(
+        kafka_bootstrap=f"127.0.0.1:{free_port()}",
+        mongo_uri=f"mongodb://127.0.0.1:{free_port()}/?replicaSet=rs0",
+        services_dir=REPO / ".tensordb",
+        project=f"bench-{uuid.uuid4().hex[:8]}",
+    )
+    services = LocalServices(settings, run_dir=run_dir)
+    try:
+        services.install()
+        services.up()
+        pids = {"mongod": services.mongod.process.pid(), "tansu": services.tansu.process.pid()}
+        yield Servers(settings, pids, f"own Tansu {settings.kafka_bootstrap} + mongod {settings.mongo_uri}")
+    finally:
+        services.down()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@contextmanager
+def project(base: Settings, tag: str) -> Iterator[Settings]:
+    """A fresh project (own topics) and database, removed afterwards, so runs never mix data."""
+    name = f"bench-{tag}-{uuid.uuid4().hex[:8]}"
+    settings = base.with_changes(project=name, mongo_database=f"tensordb_{name.replace('-', '_')}")
+    create_topics(settings)
+    try:
+        yield settings
+    finally:
+        with MongoClient(settings.mongo_uri) as client:
+            client.drop_database(settings.mongo_database)
+        AdminClient(settings.kafka_config()).delete_topics(list(settings.all_topics().values()))
+
+
+# -- sample data ------------------------------------------------------------------------------------
+
+
+def random_images(seed: int, count: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Uniform random pixels: incompressible, so neither side gains from compression."""
+    return np.random.default_rng(seed).integers(0, 256, (count, *shape), dtype=np.uint8)
+
+
+def label_of(index: int) -> int:
+    return index % 10
+
+
+def sample_records(dataset: str, start: int, images: np.ndarray) -> list[dict[str, Any]]:
+    """``sample/1`` records with inline base64 arrays, as the SDK publishes images of these sizes."""
+    return [
+        {
+            "schema": "sample/1",
+            "sample_id": f"{dataset}-{start + i:06d}",
+            "dataset": dataset,
+            "arrays": {"x": {"dtype": "uint8", "shape": list(image.shape), "data": base64.b64encode(image.tobytes()).decode()}},
+            "labels": {"y": label_of(start + i)},
+        }
+        for i, image in enumerate(images)
+    ]
+
+
+def as_received(settings: Settings, start: int, batch: list[dict[str, Any]]) -> list[Received]:
+    """Validated records, as the processor receives them from the ingest topic."""
+    topic = settings.topic(Topic.INGEST)
+    return [Received(topic, 0, start + i, None, None, records.validate(r, "sample/1"), None) for i, r in enumerate(batch)]
+
+
+# -- 1. streaming vs local disk ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoaderSetting:
+    batch_size: int
+    prefetch: int
+    fetch_threads: int
+
+    def label(self) -> str:
+        return f"batch {self.batch_size}, prefetch {self.prefetch}, threads {self.fetch_threads}"
+
+
+def default_setting(batch_size: int = 64) -> LoaderSetting:
+    """The loader's own defaults for prefetch and fetch_threads (read from the code, not copied)."""
+    parameters = inspect.signature(CohortStream.__init__).parameters
+    return LoaderSetting(batch_size, parameters["prefetch"].default, parameters["fetch_threads"].default)
+
+
+def loader_settings(quick: bool) -> list[LoaderSetting]:
+    defaults = default_setting()
+    if quick:
+        return [defaults, LoaderSetting(64, 4, 4)]
+    return [defaults, LoaderSetting(64, 4, 2), LoaderSetting(64, 4, 4), LoaderSetting(64, 8, 4), LoaderSetting(256, 4, 2)]
+
+
+def load_dataset(settings: Settings, dataset: str, count: int, shape: tuple[int, ...], npy_dir: Path) -> float:
+    """Persist ``count`` samples through the ingest handler (in-process, as the tests' ``ingest``
+    fixture does) and save the same images as one ``.npy`` file each. Setup, not a result; returns
+    the seconds spent in ``process_batch``."""
+    context = ProcessorContext(settings)
+    in_handler = 0.0
+    try:
+        for start in range(0, count, INGEST_CHUNK):
+            images = random_images(start, min(INGEST_CHUNK, count - start), shape)
+            received = as_received(settings, start, sample_records(dataset, start, images))
+            began = time.perf_counter()
+            process_batch(context, received, handle_samples)
+            in_handler += time.perf_counter() - began
+            for i, image in enumerate(images):
+                np.save(npy_dir / f"{start + i:06d}.npy", image)
+    finally:
+        context.close()
+    return in_handler
+
+
+def local_pass(paths: list[Path], labels: np.ndarray, batch_size: int) -> int:
+    """The baseline: what a training loop reading local files does for the same (x, y) batches."""
+    produced = 0
+    for start in range(0, len(paths), batch_size):
+        x = np.stack([np.load(path) for path in paths[start : start + batch_size]])
+        _y = np.asarray(labels[start : start + batch_size])
+        produced += len(x)
+    return produced
+
+
+def stream_pass(cohort: Cohort, setting: LoaderSetting) -> int:
+    produced = 0
+    for x, _y in cohort.stream(setting.batch_size, prefetch=setting.prefetch, fetch_threads=setting.fetch_threads):
+        produced += len(x)
+    return produced
+
+
+def metadata_pass(cohort: Cohort) -> int:
+    """Only the metadata cursor the loader reads (no bytes), to show its share of a full pass."""
+    return sum(1 for _ in cohort.documents({"arrays.x": 1, "labels.y": 1}))
+
+
+def wiredtiger_cache(store: Store) -> dict[str, float]:
+    cache = store.client.admin.command("serverStatus")["wiredTiger"]["cache"]
+    return {
+        "max": cache["maximum bytes configured"],
+        "used": cache["bytes currently in the cache"],
+        "pages_read": cache["pages read into cache"],
+    }
+
+
+def check_cache(store: Store) -> None:
+    """Say whether the database fits in WiredTiger's cache (mongod's default: 50% of RAM - 1 GB);
+    if it did not, the TensorDB side would read from disk while the local side reads page cache."""
+    cache, stats = wiredtiger_cache(store), store.db.command("dbstats")
+    fits = stats["dataSize"] < 0.8 * cache["max"]
+    console.print(
+        f"  WiredTiger cache {cache['max'] / 2**30:.1f} GiB configured, {cache['used'] / 2**30:.2f} GiB in use; "
+        f"database {stats['dataSize'] / 2**30:.2f} GiB → " + ("fits in the cache" if fits else "[red]does NOT fit[/]")
+    )
+
+
+@dataclass
+class StreamCase:
+    """One sample shape's data, on both sides, ready to time."""
+
+    label: str
+    count: int
+    goal: float
+    cohort: Cohort
+    paths: list[Path]
+    labels: np.ndarray
+    pids: Pids
+
+
+def bench_stream(
+    base: Settings,
+    pids: Pids,
+    label: str,
+    shape: tuple[int, ...],
+    count: int,
+    settings_to_try: list[LoaderSetting],
+    profile: bool,
+) -> list[Row]:
+    """Rows for one sample shape: the loader's defaults and the best setting tried, against local .npy."""
+    goal = 1.0 if shape == SMALL else 0.7
+    npy_dir = Path(tempfile.mkdtemp(prefix="tensordb-bench-npy-"))
+    try:
+        with project(base, "stream") as settings:
+            console.print(f"\n[bold]stream {label}[/]: loading {count} samples through the ingest handler and to {npy_dir} …")
+            began = time.perf_counter()
+            handler_seconds = load_dataset(settings, "images", count, shape, npy_dir)
+            console.print(f"  setup {time.perf_counter() - began:.1f} s (process_batch {count / handler_seconds:,.0f} samples/s)")
+            with Store(settings) as store:
+                check_cache(store)
+                labels = np.array([label_of(i) for i in range(count)])
+                case = StreamCase(
+                    label,
+                    count,
+                    goal,
+                    Cohort(store, filter={"dataset": "images"}),
+                    sorted(npy_dir.glob("*.npy")),
+                    labels,
+                    {"mongod": pids.get("mongod")},
+                )
+                return compare_stream(case, store, settings_to_try, profile)
+    finally:
+        shutil.rmtree(npy_dir, ignore_errors=True)
+
+
+def compare_stream(case: StreamCase, store: Store, settings_to_try: list[LoaderSetting], profile: bool) -> list[Row]:
+    """Warm both sides once, then time each loader setting interleaved with the local baseline."""
+    assert local_pass(case.paths, case.labels, 64) == case.count, "the local baseline read the wrong number of files"
+    assert stream_pass(case.cohort, default_setting()) == case.count, "the cohort does not hold every sample"
+    started, pages_before = time.perf_counter(), wiredtiger_cache(store)["pages_read"]
+    metadata = Timing({})
+    metadata.run(lambda: metadata_pass(case.cohort))
+    results: dict[LoaderSetting, tuple[Timing, Timing]] = {}
+    for setting in settings_to_try:
+        ours, local = Timing(case.pids), Timing({})
+        interleaved(
+            ours,
+            lambda s=setting: stream_pass(case.cohort, s),
+            local,
+            lambda s=setting: local_pass(case.paths, case.labels, s.batch_size),
+        )
+        results[setting] = ours, local
+        console.print(
+            f"  {setting.label():36} {ours.rate:>8,.0f}/s (best {ours.best:,.0f}) vs local {local.rate:,.0f}/s "
+            f"= {ours.rate / local.rate:.2f}×; TensorDB {ours.describe()}; local {local.describe()}"
+        )
+    pages_read = wiredtiger_cache(store)["pages_read"] - pages_before
+    default_pass = statistics.median(results[default_setting()][0].seconds)
+    console.print(
+        f"  metadata cursor alone {metadata.seconds[0]:.2f} s = {metadata.seconds[0] / default_pass:.0%} of a default pass; "
+        f"pages read into the WiredTiger cache while timing: {pages_read:.0f} (0: all from cache); "
+        f"timing took {time.perf_counter() - started:.0f} s"
+    )
+    if profile:
+        profile_pass(case.cohort, default_setting())
+    return stream_rows(case, results)
+
+
+def stream_rows(case: StreamCase, results: dict[LoaderSetting, tuple[Timing, Timing]]) -> list[Row]:
+    def row(name: str, setting: LoaderSetting) -> Row:
+        ours, local = results[setting]
+        ratio = ours.rate / local.rate
+        return Row(
+            f"stream {case.label}, {name} ({setting.label()})",
+            ours.rate,
+            local.rate,
+            "np.load .npy (page cache)",
+            ratio,
+            "TensorDB / local",
+            f"≥ {case.goal:.1f}×",
+            ratio >= case.goal,
+            f"TensorDB: {ours.describe()}; local: {local.describe()}",
+            case.count,
+        )
+
+    defaults = default_setting()
+    best = max(results, key=lambda s: results[s][0].rate / results[s][1].rate)
+    return [row("defaults", defaults)] + ([row("best tried", best)] if best != defaults else [])
+
+
+def profile_pass(cohort: Cohort, setting: LoaderSetting) -> None:
+    """cProfile of one pass. cProfile sees only its own thread, so the fetches run in this thread
+    (the loader's ``_fetch`` on each batch of metadata): same work, no overlap."""
+    stream = cohort.stream(setting.batch_size, prefetch=setting.prefetch, fetch_threads=setting.fetch_threads)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    produced = sum(len(stream._fetch(metadata)[0]) for metadata in stream._batches_of_metadata())
+    profiler.disable()
+    output = io.StringIO()
+    stats = pstats.Stats(profiler, stream=output)
+    stats.sort_stats("cumulative").print_stats(r"tensordb/", 8)
+    stats.sort_stats("tottime").print_stats(10)
+    console.print(f"  cProfile of one single-threaded pass ({produced} samples):")
+    console.print("\n".join(line for line in output.getvalue().splitlines() if line.strip()), markup=False)
+
+
+# -- 2. ingest: publish → persisted vs direct inserts -----------------------------------------------
+
+
+def wait_for_count(collection: Any, query: dict[str, Any], wanted: int, timeout: float, process: ChildProcess) -> float:
+    """Poll every 50 ms until ``wanted`` documents match; returns when (perf_counter) the first appeared."""
+    deadline, first_seen = time.monotonic() + timeout, None
+    while (found := collection.count_documents(query)) < wanted:
+        if found and first_seen is None:
+            first_seen = time.perf_counter()
+        if process.process is not None and process.process.poll() is not None:
+            raise RuntimeError(f"the processors exited; see {process.log_path}:\n{process.log()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {found} of {wanted} samples persisted after {timeout:.0f} s; see {process.log_path}")
+        time.sleep(POLL_SECONDS)
+    return first_seen or time.perf_counter()
+
+
+@dataclass
+class EndToEnd:
+    timing: Timing
+    published: float  # seconds until publish_samples returned (every record acknowledged by the broker)
+    first: float  # seconds until the first sample was persisted: the fixed latency of the hop
+
+    def steady(self) -> str:
+        """Samples/s after the first one was persisted (n/a when all appeared within one poll)."""
+        after_first = self.timing.seconds[0] - self.first
+        return f"{(self.timing.produced - 1) / after_first:,.0f}/s" if after_first > 2 * POLL_SECONDS else "n/a"
+
+
+def publish_to_persisted(base: Settings, pids: Pids, images: np.ndarray, log_dir: Path) -> EndToEnd:
+    """Samples/s from the first publish until the samples collection holds them all, through the
+    real path: SDK → Kafka → faust processors (a child process) → MongoDB."""
+    with project(base, "ingest") as settings:
+        processors = processors_process(settings, log_dir / f"processors-{settings.project}.log")
+        processors.start()
+        try:
+            with TensorDB(settings) as db:
+                samples = db.store[SAMPLES]
+                # warm-up: the consumer group has joined and every connection is open before timing
+                db.publish_samples([{"arrays": image, "dataset": "warmup", "labels": {"y": 0}} for image in images[:20]])
+                wait_for_count(samples, {"dataset": "warmup"}, 20, 120, processors)
+                to_publish = [
+                    {"arrays": image, "dataset": "timed", "labels": {"y": label_of(i)}, "sample_id": f"timed-{i:06d}"}
+                    for i, image in enumerate(images)
+                ]
+                marks: dict[str, float] = {}
+
+                def publish_and_wait() -> int:
+                    began = time.perf_counter()
+                    db.publish_samples(to_publish)
+                    marks["published"] = time.perf_counter() - began
+                    first = wait_for_count(samples, {"dataset": "timed"}, len(images), max(120, len(images) / 20), processors)
+                    marks["first"] = first - began
+                    return len(images)
+
+                timing = Timing({**pids, "processors": processors.process.pid if processors.process else None})
+                timing.run(publish_and_wait)
+        finally:
+            processors.stop()
+    return EndToEnd(timing, marks["published"], marks["first"])
+
+
+def direct_inserts(base: Settings, pids: Pids, images: np.ndarray, with_blobs: bool) -> Timing:
+    """The baseline: pymongo ``insert_many`` of the documents the ingest processor writes, 500 at
+    a time, plus (``with_blobs``) the same GridFS chunk and file documents via ``Store.write_blobs``,
+    into fresh collections with the same indexes. Documents are built before the clock starts."""
+    with project(base, "direct") as settings, Store(settings) as store:
+        store.ensure_indexes()
+        now = datetime.now(UTC)
+        prepared = [_prepare(r, settings.project, now) for r in as_received(settings, 0, sample_records("timed", 0, images))]
+
+        def insert_all() -> int:
+            for start in range(0, len(prepared), INGEST_CHUNK):
+                chunk = prepared[start : start + INGEST_CHUNK]
+                if with_blobs:
+                    store.write_blobs([blob for _, blobs in chunk for blob in blobs])
+                store[SAMPLES].insert_many([document for document, _ in chunk], ordered=False)
+            return len(prepared)
+
+        timing = Timing({"mongod": pids.get("mongod")})
+        timing.run(insert_all)
+        assert store[SAMPLES].count_documents({}) == len(images)
+        assert store[f"{BLOB_BUCKET}.chunks"].count_documents({}) == (len(images) if with_blobs else 0)
+    return timing
+
+
+def in_process_handler(base: Settings, pids: Pids, images: np.ndarray) -> Timing:
+    """The ingest handler without the Kafka/faust hop: ``process_batch`` on decoded records, 500 at
+    a time. It separates the cost of the hop from the cost of the handler's writes."""
+    with project(base, "handler") as settings:
+        context = ProcessorContext(settings)
+        try:
+            batches = [
+                as_received(settings, start, sample_records("timed", start, images[start : start + INGEST_CHUNK]))
+                for start in range(0, len(images), INGEST_CHUNK)
+            ]
+            warmup = as_received(settings, 10**6, sample_records("warmup", 0, images[:20]))
+            process_batch(context, warmup, handle_samples)  # opens the Kafka producer's connections
+
+            def handle_all() -> int:
+                for batch in batches:
+                    process_batch(context, batch, handle_samples)
+                return len(images)
+
+            timing = Timing({"mongod": pids.get("mongod"), "tansu": pids.get("tansu")})
+            timing.run(handle_all)
+        finally:
+            context.close()
+    return timing
+
+
+def bench_ingest(base: Settings, pids: Pids, count: int, log_dir: Path) -> list[Row]:
+    images = random_images(7, count, SMALL)
+    console.print(f"\n[bold]ingest 28×28[/]: {count} samples; starting the processors …")
+    end_to_end = publish_to_persisted(base, pids, images, log_dir)
+    ours = end_to_end.timing
+    console.print(
+        f"  publish → persisted                {ours.rate:>7,.0f}/s in {ours.seconds[0]:.2f} s: publish_samples returned after "
+        f"{end_to_end.published:.2f} s, first sample persisted after {end_to_end.first:.2f} s, "
+        f"then {end_to_end.steady()}; {ours.describe()}"
+    )
+    full = direct_inserts(base, pids, images, with_blobs=True)
+    console.print(f"  direct insert_many + write_blobs   {full.rate:>7,.0f}/s; {full.describe()}")
+    meta = direct_inserts(base, pids, images, with_blobs=False)
+    console.print(f"  direct insert_many, metadata only  {meta.rate:>7,.0f}/s; {meta.describe()}")
+    handler = in_process_handler(base, pids, images)
+    console.print(f"  process_batch in-process (no hop)  {handler.rate:>7,.0f}/s; {handler.describe()}")
+    micros = {name: 1e6 / timing.rate for name, timing in (("ours", ours), ("full", full), ("handler", handler))}
+    console.print(
+        f"  per sample: direct writes {micros['full']:.0f} µs; ingest handler {micros['handler']:.0f} µs "
+        f"(+{micros['handler'] - micros['full']:.0f}: upserts, sha256, progress, data-imported event); end to end "
+        f"{micros['ours']:.0f} µs (+{micros['ours'] - micros['handler']:.0f}: publish, Kafka, faust, first-fetch wait)"
+    )
+    limit = (
+        f"{ours.describe()}; 1st sample persisted after {end_to_end.first:.2f} s, then {end_to_end.steady()}; "
+        f"handler alone {handler.rate:,.0f}/s"
+    )
+    return [
+        Row(
+            "ingest 28×28, publish → persisted",
+            ours.rate,
+            full.rate,
+            "insert_many docs + write_blobs",
+            full.rate / ours.rate,
+            "direct / TensorDB",
+            "≤ 2.0×",
+            full.rate / ours.rate <= 2.0,
+            limit,
+            count,
+        ),
+        Row(
+            "ingest 28×28, vs metadata-only inserts",
+            ours.rate,
+            meta.rate,
+            "insert_many docs, no blobs",
+            meta.rate / ours.rate,
+            "direct / TensorDB",
+            "(info)",
+            None,
+            f"direct side: {meta.describe()}",
+            count,
+        ),
+    ]
+
+
+# -- output -----------------------------------------------------------------------------------------
+
+
+def print_table(rows: list[Row]) -> None:
+    table = Table(title="TensorDB vs baselines (same run, same machine)", show_lines=True)
+    for name, justify in (
+        ("measure", "left"),
+        ("TensorDB\nsamples/s", "right"),
+        ("baseline\nsamples/s", "right"),
+        ("ratio", "right"),
+        ("goal", "center"),
+        ("met", "center"),
+        ("limited by", "left"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for row in rows:
+        met = "-" if row.met is None else ("[green]yes[/]" if row.met else "[red]NO[/]")
+        table.add_row(
+            f"{row.measure}\n[dim]n={row.samples}; baseline: {row.baseline_label}[/]",
+            f"{row.tensordb:,.0f}",
+            f"{row.baseline:,.0f}",
+            f"{row.ratio:.2f}×\n[dim]{row.ratio_label}[/]",
+            row.goal,
+            met,
+            row.limit,
+        )
+    console.print(table)
+
+
+def print_summary(rows: list[Row]) -> None:
+    """One plain line per row, for logs where the table's box drawing is awkward to read."""
+    for row in rows:
+        met = "n/a" if row.met is None else ("met" if row.met else "MISSED")
+        print(
+            f"RESULT {row.measure} | n={row.samples} | tensordb {row.tensordb:,.0f}/s | baseline ({row.baseline_label}) "
+            f"{row.baseline:,.0f}/s | ratio {row.ratio:.2f}x ({row.ratio_label}) | goal {row.goal} {met} | {row.limit}"
+        )
+    disturbed = sum("disturbed" in row.limit for row in rows)
+    if disturbed:
+        print(f"WARNING: other processes took CPU during {disturbed} of {len(rows)} rows: rerun on a quiet machine to trust them")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, help=f"samples per measurement (default {ISSUE_SAMPLES}, 600 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer loader settings: a smoke run")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of one loader pass per shape")
+    parser.add_argument("--skip", choices=["stream", "ingest"], action="append", default=[], help="leave a part out")
+    args = parser.parse_args(argv)
+    args.samples = args.samples or (600 if args.quick else ISSUE_SAMPLES)
+    if args.samples < 64:
+        parser.error("--samples must be at least 64 (one batch)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    began = time.perf_counter()
+    reduced = f" (reduced from the issue's {ISSUE_SAMPLES})" if args.samples < ISSUE_SAMPLES else ""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    console.print(
+        f"TensorDB loader/ingest benchmark: {args.samples} samples per measurement{reduced}; {os.cpu_count()} CPUs, "
+        f"{memory:.0f} GiB RAM, load average {os.getloadavg()[0]:.2f} at start; "
+        f"medians of {TIMED_PASSES} interleaved timed passes after one warm pass per side"
+    )
+    rows: list[Row] = []
+    log_dir = Path(tempfile.mkdtemp(prefix="tensordb-bench-logs-"))
+    with servers() as found:
+        console.print(f"servers: {found.origin}")
+        if "stream" not in args.skip:
+            for label, shape in (("28×28", SMALL), ("256×256×3", LARGE)):
+                rows += bench_stream(
+                    found.settings, found.pids, label, shape, args.samples, loader_settings(args.quick), args.profile
+                )
+        if "ingest" not in args.skip:
+            rows += bench_ingest(found.settings, found.pids, args.samples, log_dir)
+    shutil.rmtree(log_dir, ignore_errors=True)  # kept when a step fails: the processors' log is there
+    console.print()
+    print_table(rows)
+    print_summary(rows)
+    print(f"wall time {time.perf_counter() - began:.0f} s; load average {os.getloadavg()[0]:.2f} at the end")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
