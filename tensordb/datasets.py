@@ -10,24 +10,26 @@ Writes are ordered so that no document ever points at missing blobs: a save uplo
 then inserts the document; a delete removes documents and then their blobs. A process dying between
 the two steps of a delete leaves orphan blobs, which :meth:`Datasets.sweep_orphans` (run by every
 :meth:`Datasets.delete`) removes; one dying in the middle of a save leaves blobs marked pending,
-removed by a sweep once they are older than ``PENDING_GRACE``.
+removed by a sweep once they are older than ``PENDING_GRACE``. Counters, field checks and the blob
+lifecycle are shared with the model registry (:mod:`tensordb.versioning`).
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, TypeAlias
 
 import numpy as np
 from bson import ObjectId
-from pymongo import ReturnDocument
 from pymongo.collection import Collection
 
+from tensordb import versioning
 from tensordb.errors import QueryError
-from tensordb.store import BLOB_BUCKET, Store
+from tensordb.store import Store
+from tensordb.versioning import PENDING_GRACE
 
 COLLECTION = "datasets"
-COUNTERS = "counters"
+BLOB_KIND = "dataset"
 
 #: What can be saved: one array, or a tuple, list or dict (string keys) of arrays.
 Dataset: TypeAlias = np.ndarray | tuple[np.ndarray, ...] | list[np.ndarray] | dict[str, np.ndarray]
@@ -35,9 +37,6 @@ Version: TypeAlias = int | str
 
 #: Fields TensorDB sets itself; a keyword argument with one of these names would overwrite them.
 RESERVED = frozenset({"_id", "project", "name", "time", "arrays", "structure"})
-#: How long the blobs of a save in progress are spared by :meth:`Datasets.sweep_orphans`; blobs
-#: still pending after that belong to a save that crashed. Generous, so slow uploads are safe.
-PENDING_GRACE = timedelta(days=1)
 
 _NEWEST = [("time", -1), ("_id", -1)]  # _id breaks ties between saves within one millisecond
 _OLDEST = [("time", 1), ("_id", 1)]
@@ -75,7 +74,7 @@ class Datasets:
             arrays = []
             for key, array in items:
                 blob_id, digest, _ = self.store.put_array(
-                    array, f"dataset/{name}/{key}", kind="dataset", dataset=name, pending=True
+                    array, f"dataset/{name}/{key}", kind=BLOB_KIND, dataset=name, pending=True
                 )
                 blob_ids.append(blob_id)
                 entry = {
@@ -92,7 +91,7 @@ class Datasets:
                 "project": self.project,
                 "name": name,
                 "version": self._next_version(name, version),
-                "time": _now(),
+                "time": versioning.now(),
                 "structure": structure,
                 "arrays": arrays,
             }
@@ -103,7 +102,7 @@ class Datasets:
             self.store.delete_blobs(blob_ids)
             raise
         # the document now references the blobs, so they are no longer a save in progress
-        self.store[f"{BLOB_BUCKET}.files"].update_many({"_id": {"$in": blob_ids}}, {"$unset": {"metadata.pending": ""}})
+        versioning.mark_referenced(self.store, blob_ids)
         return document
 
     def find(
@@ -142,46 +141,20 @@ class Datasets:
     def sweep_orphans(self, grace: timedelta = PENDING_GRACE) -> int:
         """Delete this project's dataset blobs that no dataset document references; returns how many.
 
-        Blobs of a save in progress are marked pending and spared for ``grace``, so a sweep running
-        alongside a save never takes its blobs. Candidates are listed before references are read:
-        a blob that stopped being pending already had its document, so it is seen as referenced.
+        Blobs of a save in progress (marked pending) are spared for ``grace``; see
+        :func:`tensordb.versioning.sweep_orphans`.
         """
-        candidates = [
-            blob["_id"]
-            for blob in self.store[f"{BLOB_BUCKET}.files"].find(
-                {
-                    "metadata.project": self.project,
-                    "metadata.kind": "dataset",
-                    "$or": [{"metadata.pending": {"$exists": False}}, {"uploadDate": {"$lt": _now() - grace}}],
-                },
-                {"_id": 1},
-            )
-        ]
-        if not candidates:
-            return 0
-        referenced = set(
-            self.collection.distinct("arrays.blob", {"project": self.project, "arrays.blob": {"$in": candidates}})
-        )
-        orphans = [blob_id for blob_id in candidates if blob_id not in referenced]
-        self.store.delete_blobs(orphans)
-        return len(orphans)
+        return versioning.sweep_orphans(self.store, COLLECTION, BLOB_KIND, "arrays.blob", grace)
 
     def _next_version(self, name: str, version: Version | None) -> Version:
         """The caller's version, or the next integer for ``name`` from an atomic per-name counter.
 
         An explicit integer version raises the counter to it, so later automatic versions do not
-        repeat it.
+        repeat it; a string version leaves the counter alone.
         """
-        counter = {"_id": {"project": self.project, "dataset": name}}
-        if isinstance(version, int):
-            self.store[COUNTERS].update_one(counter, {"$max": {"last": version}}, upsert=True)
+        if isinstance(version, str):
             return version
-        if version is not None:
-            return version
-        updated = self.store[COUNTERS].find_one_and_update(
-            counter, {"$inc": {"last": 1}}, upsert=True, return_document=ReturnDocument.AFTER
-        )
-        return updated["last"]
+        return versioning.next_version(self.store, "dataset", name, at_least=version)
 
     def _query(self, name: str | None, filters: dict[str, Any], all_names: bool = False) -> dict[str, Any]:
         """The MongoDB query for this project; ``name=None`` means every name only where ``all_names``."""
@@ -217,40 +190,8 @@ def _flatten(dataset: Dataset) -> tuple[str, list[tuple[str, np.ndarray]]]:
 
 
 def _check_name(name: object) -> None:
-    if not isinstance(name, str) or not name or "\0" in name:
-        raise QueryError(f"dataset names are non-empty strings without NUL characters; got {name!r}")
+    versioning.check_name(name, "dataset")
 
 
 def _check_fields(fields: dict[str, Any], what: str) -> None:
-    """Refuse names that would not be a plain equality match on a metadata field, or that are reserved.
-
-    Values are checked too: ``description={"$ne": None}`` would otherwise turn an equality filter
-    into an operator query.
-    """
-    for key, value in fields.items():
-        if key in RESERVED:
-            raise QueryError(
-                f"{what}: {key!r} is set by TensorDB and cannot be used as a metadata field "
-                f"(reserved: {', '.join(sorted(RESERVED))}); rename it"
-            )
-        _check_keys({key: value}, what)
-
-
-def _check_keys(value: Any, what: str) -> None:
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str) or key.startswith("$") or "\0" in key:
-                raise QueryError(
-                    f"{what}: field name {key!r} is not allowed: names are strings that do not start with '$' "
-                    "or contain NUL; filters match equal values only, so pass plain values"
-                )
-            _check_keys(item, what)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _check_keys(item, what)
-
-
-def _now() -> datetime:
-    """The current UTC time at MongoDB's millisecond precision, so a returned document equals the stored one."""
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+    versioning.check_fields(fields, what, RESERVED)

@@ -51,6 +51,22 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("project", ASCENDING), ("name", ASCENDING), ("time", DESCENDING), ("_id", DESCENDING)]),
         IndexModel([("project", ASCENDING), ("name", ASCENDING), ("version", ASCENDING)]),
     ],
+    # model registry (tensordb.models): one document per version, a name's newest, a job's checkpoints
+    "models": [
+        IndexModel([("project", ASCENDING), ("name", ASCENDING), ("version", ASCENDING)], unique=True),
+        IndexModel([("project", ASCENDING), ("name", ASCENDING), ("time", DESCENDING)]),
+        IndexModel([("project", ASCENDING), ("job_id", ASCENDING)]),
+    ],
+    # one document per (model, alias), changed atomically by promotions
+    "model_aliases": [
+        IndexModel([("project", ASCENDING), ("name", ASCENDING), ("alias", ASCENDING)], unique=True),
+    ],
+    # step logs (tensordb.runlog): a run's steps in order, a job's runs, recent activity
+    "logs": [
+        IndexModel([("project", ASCENDING), ("run_id", ASCENDING), ("phase", ASCENDING), ("step", ASCENDING)]),
+        IndexModel([("project", ASCENDING), ("job_id", ASCENDING)]),
+        IndexModel([("project", ASCENDING), ("wall_time", ASCENDING)]),
+    ],
 }
 
 BLOB_BUCKET = "blobs"
@@ -143,8 +159,8 @@ class Store:
                 }
             )
         # chunks first: a files document is only visible once its bytes are all there
-        _insert_ignoring_duplicates(self.db[f"{BLOB_BUCKET}.chunks"], chunks)
-        _insert_ignoring_duplicates(self.db[f"{BLOB_BUCKET}.files"], files)
+        insert_ignoring_duplicates(self.db[f"{BLOB_BUCKET}.chunks"], chunks)
+        insert_ignoring_duplicates(self.db[f"{BLOB_BUCKET}.files"], files)
 
     def read_blobs(self, blob_ids: list[ObjectId]) -> dict[ObjectId, bytes]:
         """The bytes of many blobs in one query over their chunks (no per-file round trips)."""
@@ -175,7 +191,7 @@ class Store:
         self.close()
 
 
-def _insert_ignoring_duplicates(collection: Collection, documents: list[dict[str, Any]]) -> None:
+def insert_ignoring_duplicates(collection: Collection, documents: list[dict[str, Any]]) -> None:
     """Insert documents; those whose unique key already exists are skipped (idempotent writes)."""
     try:
         collection.insert_many(documents, ordered=False)

@@ -114,7 +114,7 @@ class Worker:
         consumer = make_consumer(self.settings, f"{self.settings.topic_prefix}-{self.settings.project}-workers", [Topic.JOB_REQUESTS])
         reaper = threading.Thread(target=self._reap_forever, name="tensordb-reaper", daemon=True)
         reaper.start()
-        log.info("worker %s ready", self.worker_id)
+        log.info("worker ready: %s", self.worker_id)
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="tensordb-job") as executor:
                 while not self._stopping.is_set():

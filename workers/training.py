@@ -15,10 +15,10 @@ from datetime import datetime
 from typing import Any
 
 import keras
-from tensordb.keras_callback import TensorDBCallback
 
 from tensordb.cohorts import Cohort, cohort_from_spec
 from tensordb.errors import TensorDBError
+from tensordb.keras_callback import TensorDBCallback
 from workers.trainer import JobContext
 
 ENTRY_POINT = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
