@@ -166,7 +166,7 @@ class Worker:
             heartbeat.join(timeout=5)
 
     def _heartbeat(self, context: JobContext) -> None:
-        while not context.stop.wait(self.lease_seconds / 3):
+        while not context.stop.wait(min(self.lease_seconds / 3, 1.0)):  # also how fast a cancel is seen
             job = self.jobs.heartbeat(context.job_id, self.worker_id, self.lease_seconds)
             if job is None:
                 context.request_stop("lease lost")
