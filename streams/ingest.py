@@ -13,12 +13,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bson import ObjectId
-from pymongo import UpdateOne
 
 from tensordb.bus import Received
 from tensordb.config import Topic
 from tensordb.samples import SAMPLES, SampleError, content_id, inline_bytes, split_key
-from tensordb.store import BLOB_BUCKET, Store
+from tensordb.store import BLOB_BUCKET, Store, insert_ignoring_duplicates
 
 
 def blob_id(sample_id: str, array_name: str) -> ObjectId:
@@ -104,11 +103,10 @@ def handle_samples(context: Any, batch: list[Received]) -> None:
     if not accepted:
         return
     store.write_blobs([blob for _, blobs in accepted for blob in blobs])
-    result = store[SAMPLES].bulk_write(
-        [UpdateOne({"_id": document["_id"]}, {"$setOnInsert": document}, upsert=True) for document, _ in accepted],
-        ordered=False,
-    )
-    new_ids = [accepted[index][0]["_id"] for index in sorted(result.upserted_ids)]
+    documents = [document for document, _ in accepted]
+    duplicates = insert_ignoring_duplicates(store[SAMPLES], documents)  # first delivery wins
+    new = [document for index, document in enumerate(documents) if index not in duplicates]
+    new_ids = [document["_id"] for document in new]
     if new_ids:
         positions = sorted(f"{r.topic}:{r.partition}:{r.offset}" for r in batch)
         context.publisher.publish(
@@ -117,7 +115,7 @@ def handle_samples(context: Any, batch: list[Received]) -> None:
                 "schema": "data-imported/1",
                 "batch_id": "import-" + hashlib.sha256("\n".join(positions).encode()).hexdigest()[:32],
                 "sample_ids": new_ids,
-                "datasets": sorted({accepted[index][0]["dataset"] for index in result.upserted_ids}),
+                "datasets": sorted({document["dataset"] for document in new}),
                 "imported_at": now.isoformat(),
             },
         )
