@@ -41,7 +41,15 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("project", ASCENDING), ("status", ASCENDING), ("priority", DESCENDING), ("submitted_at", ASCENDING)]),
         IndexModel([("project", ASCENDING), ("status", ASCENDING), ("lease_until", ASCENDING)]),
         IndexModel([("project", ASCENDING), ("name", ASCENDING), ("submitted_at", DESCENDING)]),
+        IndexModel([("project", ASCENDING), ("policy", ASCENDING), ("status", ASCENDING)]),  # the retrain trigger
     ],
+    # the continuous-learning loop: policies, the scores of versions, and the miner's decisions
+    "policies": [IndexModel([("project", ASCENDING), ("name", ASCENDING)])],
+    "evaluations": [
+        IndexModel([("project", ASCENDING), ("policy", ASCENDING), ("at", DESCENDING)]),
+        IndexModel([("project", ASCENDING), ("model", ASCENDING), ("version", ASCENDING)]),
+    ],
+    "decisions": [IndexModel([("project", ASCENDING), ("policy", ASCENDING), ("at", DESCENDING)])],
     "dead_letters": [
         IndexModel([("project", ASCENDING), ("at", DESCENDING)]),
         IndexModel([("project", ASCENDING), ("topic", ASCENDING), ("at", DESCENDING)]),

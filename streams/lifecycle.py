@@ -1,0 +1,34 @@
+"""The model lifecycle: a finished train job of a policy gets evaluated; a finished evaluation
+gets a decision (promote or keep production). Driven by ``job-events``, idempotent on redelivery."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pymongo.errors import DuplicateKeyError
+
+from tensordb import mining
+from tensordb.bus import Received
+from tensordb.jobs import FINISHED, Jobs
+from tensordb.policies import Policies, PolicyError
+
+
+def handle_job_events(context: Any, batch: list[Received]) -> None:
+    finished = [received.record["job_id"] for received in batch if received.record["event"] == FINISHED]
+    if not finished:
+        return
+    jobs = Jobs(context.store, context.publisher)
+    registry = context.registry
+    policies = Policies(context.store)
+    for job in jobs.collection.find({"_id": {"$in": finished}, "policy": {"$ne": None}}):
+        try:
+            policy = policies.get(job["policy"])
+        except PolicyError:
+            continue  # the policy was deleted since: nothing to do for its jobs
+        if job["kind"] == "train":
+            try:
+                mining.request_evaluation(jobs, registry, policy, job)
+            except DuplicateKeyError:
+                pass  # already requested for this job (a redelivered event)
+        elif job["kind"] == "evaluate":
+            mining.decide(context.store, registry, policies, job)

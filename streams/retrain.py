@@ -1,0 +1,73 @@
+"""The retrain trigger: ``data-imported`` events become train jobs, one per threshold crossing.
+
+For each active policy with an ``every_samples`` trigger, the new samples of an import batch that
+match the policy's training cohort are counted once per batch (a redelivered event is ignored).
+When the count reaches the threshold the counter is consumed atomically and one train job is
+submitted; while a job of the policy is still pending, new arrivals are absorbed into it (it reads
+its cohort when it starts) instead of queueing another. Time-based triggers run on a timer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tensordb.bus import Received
+from tensordb.cohorts import cohort_from_spec
+from tensordb.jobs import PENDING, RUNNING, Jobs
+from tensordb.policies import Policies, Policy
+from tensordb.samples import SAMPLES
+
+
+def submit_training(jobs: Jobs, policy: Policy, reason: str) -> str:
+    """The train job of one trigger of ``policy``; its versions are registered under the policy name."""
+    return jobs.submit(
+        "train",
+        name=policy.name,
+        model=policy.model,
+        data={**policy.training, "validation": policy.validation},
+        hyperparameters=policy.hyperparameters,
+        epochs=policy.epochs,
+        policy=policy.name,
+        description=reason,
+    )
+
+
+def maybe_trigger(jobs: Jobs, policies: Policies, policy: Policy, threshold: int | None, reason: str) -> str | None:
+    """Submit a train job if the policy has no pending job and room for one; returns its id."""
+    if jobs.collection.count_documents({"project": jobs.store.project, "policy": policy.name, "status": PENDING}, limit=1):
+        policies.absorb(policy.name)  # the pending job will read these samples when it starts
+        return None
+    running = jobs.collection.count_documents({"project": jobs.store.project, "policy": policy.name, "kind": "train", "status": RUNNING})
+    if running >= policy.max_concurrent_jobs:
+        return None  # the counter stays; the next import re-checks
+    if not policies.take_trigger(policy.name, threshold):
+        return None  # another processor took this crossing
+    return submit_training(jobs, policy, reason)
+
+
+def handle_imports(context: Any, batch: list[Received]) -> None:
+    """Count each import batch towards every active sample-triggered policy."""
+    policies = Policies(context.store)
+    jobs = Jobs(context.store, context.publisher)
+    active = [Policies.policy(document) for document in policies.list(include_paused=False)]
+    counted = [policy for policy in active if "every_samples" in policy.trigger]
+    for received in batch:
+        event = received.record
+        for policy in counted:
+            training = cohort_from_spec(context.store, policy.training)
+            matching = context.store[SAMPLES].count_documents({"$and": [training.query(), {"_id": {"$in": event["sample_ids"]}}]})
+            total = policies.count_new_samples(policy.name, event["batch_id"], matching)
+            threshold = int(policy.trigger["every_samples"])
+            if total is not None and total >= threshold:
+                maybe_trigger(jobs, policies, policy, threshold, f"{total} new samples (threshold {threshold})")
+
+
+def run_timed_triggers(context: Any) -> None:
+    """Start a round for every active time-triggered policy whose period has passed."""
+    policies = Policies(context.store)
+    jobs = Jobs(context.store, context.publisher)
+    for document in policies.list(include_paused=False):
+        policy = Policies.policy(document)
+        seconds = policy.trigger.get("every_seconds")
+        if seconds and policies.take_timed_trigger(policy.name, seconds):
+            submit_training(jobs, policy, f"every {seconds} s")

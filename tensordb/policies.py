@@ -1,0 +1,177 @@
+"""Training policies: what to retrain, on which data, when, and when a candidate may replace production.
+
+A policy names a model spec, a training cohort and a validation cohort, a trigger (every N new
+matching samples, every T seconds, or manual), an objective (metric and direction) and a promotion
+rule (better than production by a margin). Policies live in the ``policies`` collection; the retrain
+trigger (streams/retrain.py) and the miner (tensordb/mining.py) act on them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pymongo import ReturnDocument
+
+from tensordb.cohorts import cohort_from_spec
+from tensordb.errors import TensorDBError
+from tensordb.store import Store
+
+POLICIES = "policies"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class PolicyError(TensorDBError, ValueError):
+    """A policy is malformed, missing, or cannot be changed as asked."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One continuous-training policy (see the module docstring).
+
+    ``trigger``: ``{"every_samples": N}``, ``{"every_seconds": T}`` or ``{"manual": True}``.
+    ``objective``: ``{"metric": "accuracy", "direction": "max"}``.
+    ``promotion``: ``{"margin": 0.0}`` — promote when the candidate beats production by more.
+    The model registry name of the policy's versions is the policy name.
+    """
+
+    name: str
+    model: dict[str, Any]
+    training: dict[str, Any]
+    validation: dict[str, Any]
+    trigger: dict[str, Any] = field(default_factory=lambda: {"every_samples": 1000})
+    objective: dict[str, Any] = field(default_factory=lambda: {"metric": "accuracy", "direction": "max"})
+    promotion: dict[str, Any] = field(default_factory=lambda: {"margin": 0.0})
+    epochs: int = 5
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    max_concurrent_jobs: int = 1
+    paused: bool = False
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise PolicyError(f"policy names are 1-64 letters, digits, '_', '.' or '-'; got {self.name!r}")
+        kinds = [key for key in ("every_samples", "every_seconds", "manual") if key in self.trigger]
+        if len(kinds) != 1 or len(self.trigger) != 1:
+            raise PolicyError("trigger is one of {'every_samples': N}, {'every_seconds': T} or {'manual': True}")
+        if kinds[0] != "manual" and not (isinstance(self.trigger[kinds[0]], int | float) and self.trigger[kinds[0]] > 0):
+            raise PolicyError(f"trigger {kinds[0]} must be a positive number, got {self.trigger[kinds[0]]!r}")
+        if self.objective.get("direction") not in ("max", "min") or not isinstance(self.objective.get("metric"), str):
+            raise PolicyError("objective is {'metric': NAME, 'direction': 'max' | 'min'}")
+        if not isinstance(self.promotion.get("margin", 0.0), int | float) or self.promotion.get("margin", 0.0) < 0:
+            raise PolicyError("promotion margin must be a number >= 0")
+        if self.epochs < 1 or self.max_concurrent_jobs < 1:
+            raise PolicyError("epochs and max_concurrent_jobs must be >= 1")
+        if not any(key in self.model for key in ("architecture", "entry_point", "name")):
+            raise PolicyError("model needs 'architecture' (Keras JSON), 'entry_point' or 'name'")
+
+    def better(self, candidate: float, production: float | None) -> bool:
+        """Whether ``candidate`` beats ``production`` by more than the margin in the objective's direction."""
+        if production is None:
+            return True
+        margin = float(self.promotion.get("margin", 0.0))
+        if self.objective["direction"] == "max":
+            return candidate > production + margin
+        return candidate < production - margin
+
+
+def _document(policy: Policy, store: Store) -> dict[str, Any]:
+    return {**asdict(policy), "project": store.project}
+
+
+class Policies:
+    """The project's policies, plus the trigger's counters (new samples since the last job)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.collection = store[POLICIES]
+
+    def _id(self, name: str) -> str:
+        return f"{self.store.project}:{name}"
+
+    def register(self, policy: Policy) -> Policy:
+        """Create or replace a policy (its counters are kept when it already exists)."""
+        cohort_from_spec(self.store, policy.training)  # refuse a bad query now, not at the first trigger
+        cohort_from_spec(self.store, policy.validation)
+        now = datetime.now(UTC)
+        self.collection.update_one(
+            {"_id": self._id(policy.name)},
+            {
+                "$set": {**_document(policy, self.store), "updated_at": now},
+                "$setOnInsert": {"created_at": now, "new_samples": 0, "seen_batches": [], "last_triggered_at": None, "triggers": 0},
+            },
+            upsert=True,
+        )
+        return policy
+
+    def get(self, name: str) -> Policy:
+        return self.policy(self.document(name))
+
+    @staticmethod
+    def policy(document: Mapping[str, Any]) -> Policy:
+        """The :class:`Policy` stored in ``document``."""
+        return Policy(**{key: document[key] for key in Policy.__dataclass_fields__ if key in document})
+
+    def document(self, name: str) -> dict[str, Any]:
+        document = self.collection.find_one({"_id": self._id(name)})
+        if document is None:
+            raise PolicyError(f"no policy {name!r} in project {self.store.project!r}; register it first")
+        return document
+
+    def list(self, include_paused: bool = True) -> list[dict[str, Any]]:
+        query: dict[str, Any] = {"project": self.store.project}
+        if not include_paused:
+            query["paused"] = False
+        return list(self.collection.find(query, {"seen_batches": 0}).sort("name", 1))
+
+    def change(self, name: str, **changes: Any) -> Policy:
+        """Change some fields (validated as a whole policy)."""
+        updated = Policy(**{**asdict(self.get(name)), **changes})
+        return self.register(updated)
+
+    def pause(self, name: str) -> Policy:
+        return self.change(name, paused=True)
+
+    def resume(self, name: str) -> Policy:
+        return self.change(name, paused=False)
+
+    def delete(self, name: str) -> bool:
+        return self.collection.delete_one({"_id": self._id(name)}).deleted_count == 1
+
+    # -- the trigger's counters ---------------------------------------------------------------
+    def count_new_samples(self, name: str, batch_id: str, matching: int) -> int | None:
+        """Add ``matching`` new samples from import batch ``batch_id``, once per batch; returns the
+        new total, or None if this batch was already counted (a redelivered event)."""
+        document = self.collection.find_one_and_update(
+            {"_id": self._id(name), "seen_batches": {"$ne": batch_id}},
+            {"$inc": {"new_samples": matching}, "$push": {"seen_batches": {"$each": [batch_id], "$slice": -1000}}},
+            projection={"new_samples": 1},
+            return_document=ReturnDocument.AFTER,
+        )
+        return None if document is None else document["new_samples"]
+
+    def take_trigger(self, name: str, threshold: int | None) -> bool:
+        """Atomically consume the counter if it reached ``threshold`` (None: unconditionally)."""
+        query: dict[str, Any] = {"_id": self._id(name)}
+        if threshold is not None:
+            query["new_samples"] = {"$gte": threshold}
+        return (
+            self.collection.update_one(
+                query, {"$set": {"new_samples": 0, "last_triggered_at": datetime.now(UTC)}, "$inc": {"triggers": 1}}
+            ).modified_count
+            == 1
+        )
+
+    def take_timed_trigger(self, name: str, every_seconds: float) -> bool:
+        """Atomically start a time-triggered round if the last one is ``every_seconds`` old."""
+        now = datetime.now(UTC)
+        due = {"$or": [{"last_triggered_at": None}, {"last_triggered_at": {"$lte": now - timedelta(seconds=every_seconds)}}]}
+        update = {"$set": {"new_samples": 0, "last_triggered_at": now}, "$inc": {"triggers": 1}}
+        return self.collection.update_one({"_id": self._id(name), **due}, update).modified_count == 1
+
+    def absorb(self, name: str) -> None:
+        """New samples are covered by a job still pending (it reads its cohort when it starts)."""
+        self.collection.update_one({"_id": self._id(name)}, {"$set": {"new_samples": 0}})
+
