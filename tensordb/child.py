@@ -86,3 +86,8 @@ def processors_process(settings: Settings, log_path: Path) -> ChildProcess:
 def worker_process(settings: Settings, log_path: Path, lease_seconds: float = 30.0) -> ChildProcess:
     """``tensordb worker``: a trainer worker."""
     return ChildProcess(["worker", "--lease", str(lease_seconds)], "worker ready", settings, log_path)
+
+
+def server_process(settings: Settings, log_path: Path, policy: str, port: int) -> ChildProcess:
+    """``tensordb serve``: the model server of ``policy`` on 127.0.0.1:``port``."""
+    return ChildProcess(["serve", "--policy", policy, "--port", str(port)], "Uvicorn running on", settings, log_path)

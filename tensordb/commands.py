@@ -34,6 +34,48 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from workers.serve import run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(load_settings(), args.policy, args.host, args.port)
+    return 0
+
+
+def _policy(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from tensordb.policies import Policies, Policy
+    from tensordb.store import Store
+
+    with Store(load_settings()) as store:
+        policies = Policies(store)
+        if args.action == "register":
+            policy = policies.register(Policy(**json.loads(Path(args.file).read_text())))
+            print(f"registered policy {policy.name!r}")
+        elif args.action == "list":
+            table = Table("name", "trigger", "objective", "margin", "new samples", "triggers", "paused")
+            for document in policies.list():
+                table.add_row(document["name"], json.dumps(document["trigger"]), json.dumps(document["objective"]),
+                              str(document["promotion"].get("margin", 0)), str(document["new_samples"]), str(document["triggers"]),
+                              "yes" if document["paused"] else "no")  # fmt: skip
+            Console().print(table)
+        elif args.action == "show":
+            print(json.dumps(policies.document(args.name), indent=2, default=str))
+        elif args.action in ("pause", "resume"):
+            getattr(policies, args.action)(args.name)
+            print(f"policy {args.name!r} {args.action}d")
+        elif args.action == "delete":
+            print(f"policy {args.name!r} {'deleted' if policies.delete(args.name) else 'did not exist'}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tensordb.demo import run_demo
 
@@ -53,6 +95,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     worker = subparsers.add_parser("worker", help="run a trainer worker: claims and runs jobs until stopped")
     worker.add_argument("--lease", type=float, default=30.0, help="seconds a job stays claimed without a heartbeat")
     worker.set_defaults(handler=_worker)
+
+    serve = subparsers.add_parser("serve", help="serve a policy's production model over HTTP")
+    serve.add_argument("--policy", required=True, help="policy (model) name whose production version to serve")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(handler=_serve)
+
+    policy = subparsers.add_parser("policy", help="manage continuous-training policies")
+    actions = policy.add_subparsers(dest="action", required=True, metavar="ACTION")
+    register = actions.add_parser("register", help="create or replace a policy from a JSON file")
+    register.add_argument("file")
+    actions.add_parser("list", help="list the project's policies")
+    for action in ("show", "pause", "resume", "delete"):
+        actions.add_parser(action, help=f"{action} a policy").add_argument("name")
+    policy.set_defaults(handler=_policy)
 
     demo = subparsers.add_parser("demo", help="run the demo against the running services")
     demo.set_defaults(handler=_demo)
