@@ -3,10 +3,10 @@
 import keras
 
 
-def small_classifier(units: int = 16, input_shape: tuple = (8, 8), classes: int = 2, **_: object) -> keras.Model:
+def small_classifier(units: int = 16, input_shape: tuple = (8, 8), classes: int = 2, scale: float = 1 / 255, **_: object) -> keras.Model:
     model = keras.Sequential([
         keras.Input(tuple(input_shape)),
-        keras.layers.Rescaling(1 / 255),
+        keras.layers.Rescaling(scale),
         keras.layers.Flatten(),
         keras.layers.Dense(units, activation="relu"),
         keras.layers.Dense(classes, activation="softmax"),
