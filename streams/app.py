@@ -18,11 +18,15 @@ from faust.types import EventT
 from pymongo import UpdateOne
 
 from streams.ingest import handle_samples
+from streams.lifecycle import handle_job_events
+from streams.logs import handle_logs
+from streams.retrain import handle_imports, run_timed_triggers
 from tensordb import records
 from tensordb.bus import Publisher, Received
 from tensordb.config import Settings, Topic
 from tensordb.dead_letters import DeadLetters
 from tensordb.errors import DecodeError, ValidationError
+from tensordb.models import ModelRegistry
 from tensordb.store import Store
 
 #: A processor of valid records: gets the context and a batch, raises on failure.
@@ -31,31 +35,40 @@ Handler = Callable[["ProcessorContext", list[Received]], None]
 BATCH_SIZE = 2000
 BATCH_WITHIN_SECONDS = 0.2
 PROGRESS = "processor_progress"
+TIMER_SECONDS = 5.0
 
 
 @dataclass
 class ProcessorContext:
-    """What every handler needs: settings, the store, a publisher and the dead-letter path."""
+    """What every handler needs: settings, the store, a publisher, the dead-letter path, the registry."""
 
     settings: Settings
     store: Store = field(init=False)
     publisher: Publisher = field(init=False)
     dead_letters: DeadLetters = field(init=False)
+    registry: ModelRegistry = field(init=False)
 
     def __post_init__(self) -> None:
         self.store = Store(self.settings)
         self.store.ensure_indexes()
         self.publisher = Publisher(self.settings)
         self.dead_letters = DeadLetters(self.store, self.publisher, processor="streams")
+        self.registry = ModelRegistry(self.store, self.publisher)
 
     def close(self) -> None:
+        self.registry.close()
         self.publisher.close()
         self.store.close()
 
 
 def handlers() -> dict[Topic, Handler]:
     """The handler of each topic that has one; topics without one are validated only."""
-    return {Topic.INGEST: handle_samples}
+    return {
+        Topic.INGEST: handle_samples,
+        Topic.LOGS: handle_logs,
+        Topic.DATA_IMPORTED: handle_imports,
+        Topic.JOB_EVENTS: handle_job_events,
+    }
 
 
 def guarded_topics() -> list[Topic]:
@@ -146,6 +159,10 @@ def create_app(settings: Settings) -> faust.App:
     for topic in guarded_topics():
         channel = app.topic(settings.topic(topic), value_serializer="raw", key_serializer="raw")
         app.agent(channel, name=f"{topic.value}-processor")(_make_agent(context, topic_handlers.get(topic)))
+
+    @app.timer(interval=TIMER_SECONDS)
+    async def _timed_triggers() -> None:
+        await asyncio.to_thread(run_timed_triggers, context)
 
     @app.on_before_shutdown.connect
     async def _close_context(sender: faust.App, **kwargs: object) -> None:

@@ -1,0 +1,456 @@
+"""Step logging from training loops that never waits on the network, and reading the logs back.
+
+``RunLogger.log`` does only cheap checks on the caller's thread (metric names against the
+``log/1`` schema's pattern, values are real numbers, the phase is known) and appends a tuple to a
+buffer: a few microseconds, against ~1.5 ms for the synchronous database write per step that the
+TensorDB paper measured. A daemon thread drains the buffer every ``interval`` seconds (sooner once
+``batch`` records wait), builds ``log/1`` records and hands them to the shared, asynchronous
+:class:`~tensordb.bus.Publisher` keyed by run, so a run's records stay ordered in one partition.
+The log sink (``streams/logs.py``) persists them to the ``logs`` collection in bulk.
+
+A record is identified by (project, run, phase, step): logging a step twice, or a redelivery,
+stores it once (the first write wins). Nothing is lost: ``flush``/``close`` drain the buffer and
+wait for the broker's acknowledgement, and every logger still open is flushed at interpreter exit.
+
+:func:`read_logs` returns a run's (or a job's, or any filter's) records as a pandas DataFrame with
+one column per metric, built column-wise from a projected query; :func:`delete_logs` removes them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import logging
+import re
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+
+from tensordb import records
+from tensordb.config import Topic
+from tensordb.errors import QueryError, RecordTooLargeError, TensorDBError, ValidationError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from tensordb.bus import Publisher
+    from tensordb.store import Store
+
+LOGS = "logs"
+SCHEMA = "log/1"
+PHASES = ("train", "validation", "test")
+_PHASES = frozenset(PHASES)
+#: The ``propertyNames`` pattern of ``metrics`` in schemas/log.v1.json.
+METRIC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_./-]{0,127}$")
+#: Columns every DataFrame from :func:`read_logs` has, before the metric columns.
+BASE_COLUMNS = ("run_id", "job_id", "phase", "step", "epoch", "wall_time")
+_SEPARATOR = "\x1f"  # ASCII unit separator: cannot occur in a run id by accident
+
+_log = logging.getLogger(__name__)
+_open_loggers: weakref.WeakSet[RunLogger] = weakref.WeakSet()
+
+
+def log_id(project: str, run_id: str, phase: str, step: int) -> str:
+    """The ``_id`` of a stored log record: one document per (project, run, phase, step).
+
+    The project is part of it because several projects may share one database and run ids are
+    chosen by users (TensorLayer-era scripts use names such as ``"mnist"``).
+    """
+    return f"{project}{_SEPARATOR}{run_id}{_SEPARATOR}{phase}{_SEPARATOR}{step}"
+
+
+def _invalid(field: str, rule: str, detail: str) -> ValidationError:
+    return ValidationError(SCHEMA, field, rule, detail)
+
+
+def _as_number(name: str, value: Any) -> float | None:
+    """A metric value as a float (None for NaN/inf, which JSON cannot carry), or a clear error."""
+    if isinstance(value, (str, bytes)):
+        raise _invalid(f"metrics.{name}", "type", f"metric {name!r} must be a real number, got the string {value!r}")
+    if isinstance(value, np.ndarray) and value.ndim != 0:
+        raise _invalid(
+            f"metrics.{name}", "type",
+            f"metric {name!r} is an array of shape {value.shape}: log one number per metric",
+        )
+    try:
+        number = float(value)  # int, bool, NumPy scalars, 0-d arrays, scalar tensors
+    except (TypeError, ValueError) as exc:
+        raise _invalid(
+            f"metrics.{name}", "type", f"metric {name!r} must be a real number, got {type(value).__name__}: {exc}"
+        ) from exc
+    return number if number - number == 0.0 else None
+
+
+def _check_name(name: str) -> None:
+    if not METRIC_NAME.match(name):
+        raise _invalid(
+            f"metrics.{name}", "propertyNames",
+            f"metric name {name!r} must match {METRIC_NAME.pattern} (a letter or '_', then letters, "
+            "digits, '_', '.', '/' or '-', at most 128 characters)",
+        )
+
+
+def _check_count(field: str, value: Any) -> int:
+    """A step or epoch: a non-negative integer (Python or NumPy)."""
+    if isinstance(value, bool):
+        raise _invalid(field, "type", f"{field} must be an integer, got a bool")
+    try:
+        number = int(value) if type(value) is int else value.__index__()
+    except AttributeError:
+        raise _invalid(field, "type", f"{field} must be an integer, got {type(value).__name__} {value!r}") from None
+    if number < 0:
+        raise _invalid(field, "minimum", f"{field} must be >= 0, got {number}")
+    return number
+
+
+class RunLogger:
+    """Non-blocking logger of one run's training, validation and test metrics.
+
+    ``publisher`` is a shared :class:`~tensordb.bus.Publisher` (thread-safe); the logger never
+    closes it. ``log`` is safe to call from several threads. Use as a context manager or call
+    :meth:`close`. ``step=None`` means the step after the highest one logged so far in that phase.
+
+    If the broker is unreachable records wait in memory; beyond ``max_buffered`` of them ``log``
+    blocks until the background thread catches up (back-pressure instead of unbounded memory).
+    """
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        run_id: str,
+        job_id: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        *,
+        interval: float = 0.02,
+        batch: int = 5000,
+        max_buffered: int = 1_000_000,
+    ) -> None:
+        if not isinstance(run_id, str) or not 1 <= len(run_id) <= 256:
+            raise _invalid("run_id", "type", f"run_id must be a string of 1-256 characters, got {run_id!r}")
+        if job_id is not None and not isinstance(job_id, str):
+            raise _invalid("job_id", "type", f"job_id must be a string, got {type(job_id).__name__}")
+        if tags is not None and not isinstance(tags, Mapping):
+            raise _invalid("tags", "type", f"tags must be a mapping, got {type(tags).__name__}")
+        # run id, job id and tags go into every record: check them once, here
+        records.encode({"schema": SCHEMA, "run_id": run_id, **({"job_id": job_id} if job_id is not None else {}),
+                        "phase": "train", "step": 0, "metrics": {}, "wall_time": 0.0,
+                        **({"tags": dict(tags)} if tags else {})}, SCHEMA)
+        self.publisher = publisher
+        self._topic = publisher.settings.topic(Topic.LOGS)
+        self.run_id = run_id
+        self.job_id = job_id
+        # a JSON copy: NumPy values become numbers, and later changes to the caller's dict do not leak in
+        self.tags = orjson.loads(orjson.dumps(dict(tags), option=orjson.OPT_SERIALIZE_NUMPY)) if tags else None
+        self._interval = interval
+        self._batch = batch
+        self._max_buffered = max_buffered
+        self._known_names: set[str] = set()
+        self._next_step = {phase: 0 for phase in PHASES}  # step=None means "the next one"
+        self._step_lock = threading.Lock()
+        self._buffer: deque[tuple[str, int, int | None, float, dict[str, Any]]] = deque()
+        self._drain_lock = threading.Lock()  # one drainer at a time keeps a run's records in order
+        self._errors: list[BaseException] = []
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"tensordb-runlog-{run_id}", daemon=True)
+        self._thread.start()
+        _open_loggers.add(self)
+
+    # -- the caller's side: cheap checks and an append -------------------------------------------
+
+    def log(self, step: int | None = None, *, phase: str = "train", epoch: int | None = None, **metrics: Any) -> None:
+        """Record ``metrics`` of ``step`` (the next step of this phase when None); returns at once.
+
+        Values are real numbers (int, float, NumPy scalars, 0-d arrays); NaN and infinity are
+        stored as null. Bad input raises :class:`~tensordb.errors.ValidationError` here, not later.
+        """
+        if self._closed:
+            raise TensorDBError(f"RunLogger for run {self.run_id!r} is closed; create a new one")
+        if phase not in _PHASES:
+            raise _invalid("phase", "enum", f"phase must be one of {', '.join(PHASES)}; got {phase!r}")
+        if not metrics:
+            raise _invalid("metrics", "minProperties", "log() needs at least one metric, e.g. log(loss=0.3)")
+        if not self._known_names.issuperset(metrics):
+            for name in metrics:
+                _check_name(name)
+            self._known_names.update(metrics)
+        for value in metrics.values():
+            if type(value) is not float or value - value != 0.0:  # noqa: PLR0124 - NaN/inf test
+                metrics = {name: _as_number(name, value) for name, value in metrics.items()}
+                break
+        next_step = self._next_step
+        if step is None:
+            with self._step_lock:  # two threads never get the same automatic step
+                step = next_step[phase]
+                next_step[phase] = step + 1
+        else:
+            if type(step) is not int or step < 0:
+                step = _check_count("step", step)
+            if step >= next_step[phase]:
+                next_step[phase] = step + 1
+        if epoch is not None and (type(epoch) is not int or epoch < 0):
+            epoch = _check_count("epoch", epoch)
+        buffer = self._buffer
+        buffer.append((phase, step, epoch, time.time(), metrics))
+        if len(buffer) >= self._batch:
+            if not self._wake.is_set():
+                self._wake.set()
+            if len(buffer) >= self._max_buffered:
+                self._drain()  # back-pressure: the caller publishes (and waits) itself
+
+    # -- the background side: records, validation, produce ---------------------------------------
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            try:
+                self._drain()
+            except BaseException as exc:  # noqa: BLE001 - kept and raised by flush(), never lost
+                self._errors.append(exc)
+
+    def _drain(self) -> None:
+        """Publish everything buffered so far, in order (callable from any thread).
+
+        Records are valid ``log/1`` by construction: run id, job id and tags were validated
+        against the schema in ``__init__``, every other field was checked by ``log``. So they are
+        encoded and queued without a second schema pass, which halves the cost per record here
+        (~2.6 against ~5.4 µs); the log sink validates every record it receives in any case.
+        """
+        with self._drain_lock:
+            buffer, publish, dumps = self._buffer, self.publisher.publish_bytes, orjson.dumps
+            topic, key = self._topic, self.run_id
+            base: dict[str, Any] = {"schema": SCHEMA, "run_id": self.run_id}
+            if self.job_id is not None:
+                base["job_id"] = self.job_id
+            if self.tags:
+                base["tags"] = self.tags
+            while buffer:
+                phase, step, epoch, wall_time, metrics = buffer.popleft()
+                record = {**base, "phase": phase, "step": step, "metrics": metrics, "wall_time": wall_time}
+                if epoch is not None:
+                    record["epoch"] = epoch
+                try:
+                    publish(topic, dumps(record), key)
+                except (RecordTooLargeError, TypeError) as exc:  # e.g. a step beyond 64 bits: raised by flush()
+                    self._errors.append(exc)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Return once everything logged so far is acknowledged by the broker.
+
+        Raises :class:`~tensordb.errors.DeliveryError` if the broker did not acknowledge every
+        record within ``timeout`` seconds, or the error a record failed with in the background.
+        """
+        self._drain()
+        self.publisher.flush(timeout)
+        if self._errors:
+            errors, self._errors = self._errors, []
+            raise errors[0]
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Flush and stop the background thread (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout)
+        _open_loggers.discard(self)
+        self.flush(timeout)
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RunLogger(run_id={self.run_id!r}, job_id={self.job_id!r}, buffered={len(self._buffer)})"
+
+
+@atexit.register
+def _flush_open_loggers() -> None:
+    """A process that exits without close() still delivers what it logged (if the broker answers)."""
+    for logger in list(_open_loggers):
+        try:
+            logger.close(timeout=10.0)
+        except Exception as exc:  # noqa: BLE001 - at exit, say what was lost and go on
+            _log.error("could not flush the logs of run %r at exit: %s", logger.run_id, exc)
+
+
+# -- reading back and deleting ---------------------------------------------------------------------
+
+
+def _matching(values: Any, what: str) -> Any:
+    """A value, or any of a list/tuple/set of values ($in)."""
+    if isinstance(values, (list, tuple, set, frozenset)):
+        return {"$in": list(values)}
+    if isinstance(values, Mapping):
+        raise QueryError(f"{what} must be a value or a list of values, not a query document")
+    return values
+
+
+def _steps_filter(steps: Any) -> Any:
+    """An int, a ``range`` or ``slice`` (half-open), ``(start, stop)`` bounds (None: open) or a list."""
+    if isinstance(steps, range) and steps.step != 1:
+        steps = list(steps)
+    if isinstance(steps, slice) and steps.step not in (None, 1):
+        raise QueryError("a slice of steps cannot have a stride; pass a range or a list of steps")
+    if isinstance(steps, (range, slice)):
+        steps = (steps.start, steps.stop)
+    if isinstance(steps, tuple) and len(steps) == 2:
+        start, stop = steps
+        bounds = {**({"$gte": start} if start is not None else {}), **({"$lt": stop} if stop is not None else {})}
+        return bounds or {"$exists": True}
+    if isinstance(steps, (int, np.integer)) and not isinstance(steps, bool):
+        return int(steps)
+    if isinstance(steps, Iterable) and not isinstance(steps, (str, bytes, Mapping)):
+        return {"$in": [int(step) for step in steps]}
+    raise QueryError(f"steps must be an int, a range, a slice, (start, stop) or a list of steps; got {steps!r}")
+
+
+def logs_filter(
+    project: str,
+    run_id: str | Iterable[str] | None = None,
+    job_id: str | Iterable[str] | None = None,
+    phase: str | Iterable[str] | None = None,
+    steps: Any = None,
+    metrics: Mapping[str, Any] | None = None,
+    **tag_filters: Any,
+) -> dict[str, Any]:
+    """The MongoDB filter over the ``logs`` collection that read_logs and delete_logs use."""
+    query: dict[str, Any] = {"project": project}
+    if run_id is not None:
+        query["run_id"] = _matching(run_id, "run_id")
+    if job_id is not None:
+        query["job_id"] = _matching(job_id, "job_id")
+    if phase is not None:
+        wanted = [phase] if isinstance(phase, str) else list(phase)
+        unknown = [p for p in wanted if p not in _PHASES]
+        if unknown:
+            raise QueryError(f"unknown phase {unknown[0]!r}: phases are {', '.join(PHASES)}")
+        query["phase"] = _matching(phase, "phase")
+    if steps is not None:
+        query["step"] = _steps_filter(steps)
+    for prefix, filters in (("metrics", metrics or {}), ("tags", tag_filters)):
+        for name, value in filters.items():
+            if not name or name.startswith("$") or "." in name and prefix == "tags":
+                raise QueryError(f"cannot filter on {prefix} name {name!r}")
+            if isinstance(value, Mapping) and any(str(key).startswith("$") for key in value):
+                raise QueryError(f"{prefix}.{name}: pass plain values, not query operators")
+            query[f"{prefix}.{name}"] = _matching(value, f"{prefix}.{name}")
+    return query
+
+
+def read_logs(
+    store: Store,
+    run_id: str | Iterable[str] | None = None,
+    job_id: str | Iterable[str] | None = None,
+    phase: str | Iterable[str] | None = None,
+    steps: Any = None,
+    *,
+    metrics: Mapping[str, Any] | None = None,
+    as_numpy: bool = False,
+    **tag_filters: Any,
+) -> pd.DataFrame | dict[str, np.ndarray]:
+    """The stored log records matching the filters, one row per (run, phase, step).
+
+    Columns: run_id, job_id, phase, step, epoch, wall_time, then one float column per metric
+    (NaN where a record lacks it), rows sorted by run, phase and step. Filters: ``run_id``,
+    ``job_id`` and ``phase`` take a value or a list; ``steps`` an int, ``range``, ``slice``,
+    ``(start, stop)`` or list; ``metrics={"name": value}`` exact metric values; any other keyword
+    matches a tag. ``as_numpy=True`` returns the same columns as a dict of NumPy arrays.
+    """
+    query = logs_filter(store.project, run_id, job_id, phase, steps, metrics, **tag_filters)
+    projection = {"_id": 0, "run_id": 1, "job_id": 1, "phase": 1, "step": 1, "epoch": 1, "wall_time": 1, "metrics": 1}
+    runs: list[str] = []
+    jobs: list[str | None] = []
+    phases: list[str] = []
+    step_list: list[int] = []
+    epochs: list[float] = []
+    times: list[float] = []
+    metric_columns: dict[str, list[float | None]] = {}
+    nan = float("nan")
+    row = 0
+    collecting = gc.isenabled()
+    gc.disable()  # decoding builds ~10 objects per record: without this, GC re-scans them (~30% of the time)
+    try:
+        add_run, add_job, add_phase, add_step = runs.append, jobs.append, phases.append, step_list.append
+        add_epoch, add_time = epochs.append, times.append
+        for document in store[LOGS].find(query, projection, batch_size=50_000):
+            add_run(document["run_id"])
+            add_job(document.get("job_id"))
+            add_phase(document["phase"])
+            add_step(document["step"])
+            epoch = document.get("epoch")
+            add_epoch(nan if epoch is None else epoch)
+            add_time(document["wall_time"])
+            metrics = document["metrics"]
+            for name, value in metrics.items():
+                column = metric_columns.get(name)
+                if column is None:
+                    column = metric_columns[name] = [nan] * row
+                column.append(value)
+            row += 1
+            if len(metrics) != len(metric_columns):  # this record lacks some metrics: pad them
+                for column in metric_columns.values():
+                    if len(column) < row:
+                        column.append(nan)
+    finally:
+        if collecting:
+            gc.enable()
+    step_array = np.array(step_list, dtype=np.int64)
+    run_array = np.array(runs, dtype=object)
+    phase_array = np.array(phases, dtype=object)
+    order = np.lexsort((step_array, phase_array, run_array)) if row else np.arange(0)
+    columns: dict[str, np.ndarray] = {
+        "run_id": run_array[order],
+        "job_id": np.array(jobs, dtype=object)[order],
+        "phase": phase_array[order],
+        "step": step_array[order],
+        "epoch": _epochs(epochs)[order],
+        "wall_time": np.array(times, dtype=np.float64)[order],
+    }
+    for name in sorted(metric_columns):
+        if name in columns:  # a metric named like a column: keep both
+            columns[f"metrics.{name}"] = np.array(metric_columns[name], dtype=np.float64)[order]
+        else:
+            columns[name] = np.array(metric_columns[name], dtype=np.float64)[order]
+    if as_numpy:
+        return columns
+    import pandas as pd
+
+    return pd.DataFrame(columns, copy=False)
+
+
+def _epochs(epochs: list[float]) -> np.ndarray:
+    """Epochs as int64 when every record has one, else float64 with NaN for the missing."""
+    array = np.array(epochs, dtype=np.float64)
+    if array.size and not np.isnan(array).any():
+        return array.astype(np.int64)
+    return array
+
+
+def delete_logs(
+    store: Store,
+    run_id: str | Iterable[str] | None = None,
+    phase: str | Iterable[str] | None = None,
+    *,
+    job_id: str | Iterable[str] | None = None,
+    steps: Any = None,
+    metrics: Mapping[str, Any] | None = None,
+    **tag_filters: Any,
+) -> int:
+    """Delete the project's log records matching the filters (as :func:`read_logs`); returns how many.
+
+    With no filter at all every log record of the project is deleted (TensorLayer's
+    ``delete_training_log()`` semantics). Records of a run still being logged may arrive after
+    the deletion; stop or flush the run's logger first.
+    """
+    query = logs_filter(store.project, run_id, job_id, phase, steps, metrics, **tag_filters)
+    return store[LOGS].delete_many(query).deleted_count
