@@ -9,13 +9,17 @@ so MongoDB writes never block the event loop and the same code runs outside faus
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import faust
+from confluent_kafka import KafkaException
 from faust.types import EventT
 from pymongo import UpdateOne
+from pymongo.errors import ConnectionFailure
 
 from streams.ingest import handle_samples
 from streams.lifecycle import handle_job_events
@@ -25,9 +29,11 @@ from tensordb import records
 from tensordb.bus import Publisher, Received
 from tensordb.config import Settings, Topic
 from tensordb.dead_letters import DeadLetters
-from tensordb.errors import DecodeError, ValidationError
+from tensordb.errors import DecodeError, DeliveryError, ValidationError
 from tensordb.models import ModelRegistry
 from tensordb.store import Store
+
+log = logging.getLogger(__name__)
 
 #: A processor of valid records: gets the context and a batch, raises on failure.
 Handler = Callable[["ProcessorContext", list[Received]], None]
@@ -35,6 +41,8 @@ Handler = Callable[["ProcessorContext", list[Received]], None]
 BATCH_SIZE = 2000
 BATCH_WITHIN_SECONDS = 0.2
 PROGRESS = "processor_progress"
+#: Failures worth waiting out (the database or broker is unreachable), as opposed to bad records.
+TRANSIENT = (ConnectionFailure, KafkaException, DeliveryError)
 TIMER_SECONDS = 5.0
 
 
@@ -125,9 +133,35 @@ def process_batch(context: ProcessorContext, batch: list[Received], handler: Han
         else:
             context.dead_letters.divert(received, received.error)
     if valid and handler is not None:
-        handler(context, valid)
+        _handle(context, valid, handler)
     context.publisher.flush()
     record_progress(context.store, batch)
+
+
+def _handle(context: ProcessorContext, valid: list[Received], handler: Handler) -> None:
+    """Run the handler; wait out outages of MongoDB or Kafka; isolate records it cannot process.
+
+    Handlers are idempotent, so a batch that failed can be retried, and then retried record by
+    record: only the records that fail on their own become dead letters, with the error.
+    """
+    delay = 0.5
+    while True:
+        try:
+            handler(context, valid)
+            return
+        except TRANSIENT as exc:
+            log.warning("%s while processing %d records; retrying in %.1f s", exc, len(valid), delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+        except Exception:  # noqa: BLE001 - isolate the culprit below
+            break
+    for received in valid:
+        try:
+            handler(context, [received])
+        except TRANSIENT:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a record that cannot be processed is set aside, never lost
+            context.dead_letters.divert(received, exc)
 
 
 def _make_agent(context: ProcessorContext, handler: Handler | None) -> Callable:

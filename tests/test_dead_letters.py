@@ -89,3 +89,26 @@ def test_a_redelivered_bad_record_is_stored_once(settings: Settings) -> None:
         dead_letters.flush()
         assert store[COLLECTION].count_documents({}) == 1
         assert original_bytes(store[COLLECTION].find_one()) == GARBAGE
+
+
+def test_a_record_the_handler_cannot_process_is_set_aside_and_the_rest_are_processed(settings: Settings) -> None:
+    from streams.app import ProcessorContext, process_batch
+
+    processed: list[int] = []
+
+    def handler(context: ProcessorContext, batch: list[Received]) -> None:
+        if any(received.record["poison"] for received in batch):
+            raise KeyError("no such model")
+        processed.extend(received.offset for received in batch)
+
+    topic = settings.topic(Topic.INGEST)
+    batch = [Received(topic, 0, offset, None, b"{}", {"poison": offset == 2}, None) for offset in range(5)]
+    context = ProcessorContext(settings)
+    try:
+        process_batch(context, batch, handler)
+        letters = list(context.store[COLLECTION].find())
+    finally:
+        context.close()
+    assert processed == [0, 1, 3, 4]
+    assert [(letter["offset"], letter["error_type"]) for letter in letters] == [(2, "KeyError")]
+    assert "no such model" in letters[0]["reason"]
