@@ -23,7 +23,7 @@ from pymongo.errors import ConnectionFailure
 
 from streams.ingest import handle_samples
 from streams.lifecycle import handle_job_events
-from streams.logs import handle_logs
+from streams.logs import LogSink, tune_gc_for_batches
 from streams.retrain import handle_imports, run_timed_triggers
 from tensordb import records
 from tensordb.bus import Publisher, Received
@@ -71,17 +71,13 @@ class ProcessorContext:
 
 def handlers() -> dict[Topic, Handler]:
     """The handler of each topic that has one; topics without one are validated only."""
-    return {
-        Topic.INGEST: handle_samples,
-        Topic.LOGS: handle_logs,
-        Topic.DATA_IMPORTED: handle_imports,
-        Topic.JOB_EVENTS: handle_job_events,
-    }
+    return {Topic.INGEST: handle_samples, Topic.DATA_IMPORTED: handle_imports, Topic.JOB_EVENTS: handle_job_events}
 
 
 def guarded_topics() -> list[Topic]:
-    """Every topic whose records the processors check: all but the dead letters themselves."""
-    return [topic for topic in Topic if topic is not Topic.DEAD_LETTERS]
+    """Every topic a faust agent checks: all but the dead letters themselves and the logs, which
+    the batched :class:`~streams.logs.LogSink` consumes (and guards) at ten times faust's rate."""
+    return [topic for topic in Topic if topic not in (Topic.DEAD_LETTERS, Topic.LOGS)]
 
 
 def to_received(event: EventT) -> Received:
@@ -194,12 +190,19 @@ def create_app(settings: Settings) -> faust.App:
         channel = app.topic(settings.topic(topic), value_serializer="raw", key_serializer="raw")
         app.agent(channel, name=f"{topic.value}-processor")(_make_agent(context, topic_handlers.get(topic)))
 
+    log_sink = LogSink(settings)
+
+    @app.task
+    async def _run_log_sink() -> None:
+        await asyncio.to_thread(log_sink.run)
+
     @app.timer(interval=TIMER_SECONDS)
     async def _timed_triggers() -> None:
         await asyncio.to_thread(run_timed_triggers, context)
 
     @app.on_before_shutdown.connect
     async def _close_context(sender: faust.App, **kwargs: object) -> None:
+        log_sink.stop()
         context.close()
 
     return app
@@ -207,5 +210,6 @@ def create_app(settings: Settings) -> faust.App:
 
 def run(settings: Settings, loglevel: str = "info") -> None:
     """Run the processors in the foreground until interrupted (``tensordb processors``)."""
+    tune_gc_for_batches()
     app = create_app(settings)
     faust.Worker(app, loglevel=loglevel).execute_from_commandline()
