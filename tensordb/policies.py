@@ -100,7 +100,9 @@ class Policies:
             {"_id": self._id(policy.name)},
             {
                 "$set": {**_document(policy, self.store), "updated_at": now},
-                "$setOnInsert": {"created_at": now, "new_samples": 0, "seen_batches": [], "last_triggered_at": None, "triggers": 0},
+                "$setOnInsert": {
+                    "created_at": now, "new_samples": 0, "samples_counted": 0, "seen_batches": [], "last_triggered_at": None, "triggers": 0,
+                },  # fmt: skip
             },
             upsert=True,
         )
@@ -146,7 +148,10 @@ class Policies:
         new total, or None if this batch was already counted (a redelivered event)."""
         document = self.collection.find_one_and_update(
             {"_id": self._id(name), "seen_batches": {"$ne": batch_id}},
-            {"$inc": {"new_samples": matching}, "$push": {"seen_batches": {"$each": [batch_id], "$slice": -1000}}},
+            {
+                "$inc": {"new_samples": matching, "samples_counted": matching},
+                "$push": {"seen_batches": {"$each": [batch_id], "$slice": -1000}},
+            },
             projection={"new_samples": 1},
             return_document=ReturnDocument.AFTER,
         )
