@@ -25,6 +25,7 @@ demo: services-install
 	$(BIN)/tensordb demo
 
 test: services-install system-packages
+	$(BIN)/ruff check tensordb streams workers schemas tests bench examples
 	$(BIN)/python -m pytest -q -ra
 
 services-down: $(STAMP)

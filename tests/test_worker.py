@@ -4,7 +4,6 @@ recovery with resume, failures, cancellation."""
 from __future__ import annotations
 
 import base64
-import time
 from pathlib import Path
 
 import numpy as np
