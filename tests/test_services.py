@@ -209,3 +209,15 @@ def test_command_line_up_status_down(installed: None, tmp_path: Path, monkeypatc
     finally:
         assert run("down") == 0
     assert run("status") == 3
+
+
+def test_down_also_stops_the_tensordb_processes_started_in_the_background(services: LocalServices) -> None:
+    services.up()
+    app = services.start_app("worker", ["worker"])
+    assert services.start_app("worker", ["worker"]).process.pid() == app.process.pid()  # a second start is a no-op
+    statuses = _by_name(services.status())
+    assert statuses["worker"].running
+    pid = statuses["worker"].pid
+    stopped = _by_name(services.down())
+    assert stopped["worker"].changed and app.process.pid() is None
+    assert not Path(f"/proc/{pid}").exists() or b"tensordb.cli" not in Path(f"/proc/{pid}/cmdline").read_bytes()

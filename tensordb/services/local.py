@@ -18,6 +18,7 @@ from pymongo.uri_parser import parse_uri
 
 from tensordb.config import Settings
 from tensordb.errors import ConfigurationError, ServiceError
+from tensordb.services.apps import AppProcess, running_apps
 from tensordb.services.mongod import Mongod
 from tensordb.services.process import ServiceStatus, port_is_free
 from tensordb.services.s3rver import S3rver
@@ -89,18 +90,28 @@ class LocalServices:
             raise
         return [service.status(changed=service in started) for service in self._services() if service in wanted]
 
+    def start_app(self, name: str, arguments: list[str]) -> AppProcess:
+        """Start one of TensorDB's own commands in the background (no-op if it runs already)."""
+        app = AppProcess(name, arguments, self.settings, self.run_dir)
+        app.start()
+        return app
+
     def down(self) -> list[ServiceStatus]:
-        """Stop every service whose pid file names a live process of ours; Tansu first, it writes to s3rver."""
-        return [service.status(changed=service.stop()) for service in (self.tansu, self.s3rver, self.mongod)]
+        """Stop TensorDB's own commands, then every server whose pid file names a live process of
+        ours; Tansu before s3rver, which it writes to."""
+        apps = [ServiceStatus(app.name, False, None, "", changed=app.stop()) for app in running_apps(self.run_dir, self.settings)]
+        return apps + [service.status(changed=service.stop()) for service in (self.tansu, self.s3rver, self.mongod)]
 
     def status(self) -> list[ServiceStatus]:
-        return [service.status() for service in self._services()]
+        apps = [app.status() for app in running_apps(self.run_dir, self.settings)]
+        return [service.status() for service in self._services()] + [status for status in apps if status.running]
 
     def log_path(self, name: str) -> Path:
-        services = {service.process.name: service for service in self._services()}
-        if name not in services:
-            raise ServiceError(f"no service named {name!r}: choose one of {', '.join(services)}")
-        return services[name].process.log_path
+        paths = {service.process.name: service.process.log_path for service in self._services()}
+        paths.update({app.name: app.log_path for app in running_apps(self.run_dir, self.settings)})
+        if name not in paths:
+            raise ServiceError(f"no service named {name!r}: choose one of {', '.join(paths)}")
+        return paths[name]
 
     def _services(self) -> tuple[Tansu, Mongod, S3rver]:
         """All services, in the order they are listed to users."""

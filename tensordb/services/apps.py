@@ -1,0 +1,66 @@
+"""TensorDB's own long-running commands (processors, worker, model server, dashboard) in the background.
+
+They run like the servers: detached, remembered by a pid file under the run folder, logged to a
+file, so ``tensordb services status`` lists them and ``tensordb services down`` stops them too.
+``start`` returns once the command has printed its ready line, so callers never race the start-up.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from tensordb.config import Settings
+from tensordb.services.process import ManagedProcess, ServiceStatus
+
+#: The line each command logs when it is ready to work.
+READY_LINES = {
+    "processors": "[^Worker]: Ready",
+    "worker": "worker ready",
+    "serve": "Uvicorn running on",
+    "dashboard": "Uvicorn running on",
+}
+
+
+class AppProcess:
+    """``tensordb ARGUMENTS...`` for the project of ``settings``, as a managed background process."""
+
+    def __init__(self, name: str, arguments: list[str], settings: Settings, run_dir: Path) -> None:
+        self.name = name
+        self.arguments = arguments
+        self.settings = settings
+        self.process = ManagedProcess(name, Path(sys.executable), run_dir)
+
+    @property
+    def log_path(self) -> Path:
+        return self.process.log_path
+
+    def start(self, timeout: float = 90.0) -> int:
+        """Start the command unless it runs already; wait for its ready line. Returns its pid."""
+        pid = self.process.pid()
+        if pid is not None:
+            return pid
+        ready_line = READY_LINES[self.arguments[0]]
+        start_of_run = self.log_path.stat().st_size if self.log_path.exists() else 0
+        pid = self.process.start(["-m", "tensordb.cli", *self.arguments], env=self.settings.as_environment())
+        self.process.wait_ready(lambda: ready_line in self._log_since(start_of_run), timeout)
+        return pid
+
+    def _log_since(self, offset: int) -> str:
+        with self.log_path.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> bool:
+        """SIGTERM (each command shuts down cleanly: the worker hands its job back), SIGKILL later."""
+        return self.process.stop(timeout)
+
+    def status(self) -> ServiceStatus:
+        return self.process.status(" ".join(self.arguments))
+
+
+def running_apps(run_dir: Path, settings: Settings) -> list[AppProcess]:
+    """The apps whose pid files are in ``run_dir`` (whether or not they still run)."""
+    servers = {"tansu", "mongod", "s3rver"}
+    names = sorted(path.stem for path in (run_dir / "pids").glob("*.pid") if path.stem not in servers)
+    return [AppProcess(name, [name], settings, run_dir) for name in names]
