@@ -110,7 +110,7 @@ def test_a_saved_model_comes_back_with_identical_weights_and_predictions(registr
     np.testing.assert_array_equal(loaded.predict(X, verbose=0), model.predict(X, verbose=0))
     assert loaded.tensordb_info == info == registry.find_info(name="classifier")
     assert "tensordb_info" not in [getattr(v, "path", "") for v in loaded.variables]
-    assert loaded.compiled and loaded.optimizer.name == "adam"
+    assert loaded.compiled and isinstance(loaded.optimizer, keras.optimizers.Adam)  # names get _1 suffixes per process
     loaded.evaluate(X, np.arange(16) % 3, verbose=0)  # restored compile config: ready for evaluation
 
     assert (info["name"], info["version"], info["epoch"], info["job_id"]) == ("classifier", 1, 4, "job-1")
