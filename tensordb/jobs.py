@@ -39,6 +39,14 @@ class JobError(TensorDBError):
     """A job cannot be submitted, found or changed as asked."""
 
 
+def _equality(filters: Mapping[str, Any]) -> dict[str, Any]:
+    """Filters that can only compare fields for equality: no operators, no server-side code."""
+    for key, value in filters.items():
+        if key.startswith("$") or (isinstance(value, Mapping) and any(str(k).startswith("$") for k in value)):
+            raise QueryError(f"job filters are equality filters on fields; {key!r}={value!r} is not")
+    return dict(filters)
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -141,10 +149,7 @@ class Jobs:
             query["status"] = status if isinstance(status, str) else {"$in": list(status)}
         if name is not None:
             query["name"] = name
-        for key, value in filters.items():
-            if key.startswith("$") or (isinstance(value, Mapping) and any(str(k).startswith("$") for k in value)):
-                raise QueryError(f"job filters are equality filters on fields; {key!r}={value!r} is not")
-            query[key] = value
+        query.update(_equality(filters))
         return list(self.collection.find(query).sort("submitted_at", DESCENDING))
 
     def unfinished(self, name: str | None = None) -> bool:
@@ -191,7 +196,7 @@ class Jobs:
         query = {"project": self.store.project, "status": {"$nin": list(UNFINISHED)}}
         if name is not None:
             query["name"] = name
-        query.update(filters)
+        query.update(_equality(filters))
         return self.collection.delete_many(query).deleted_count
 
     # -- the worker's side ---------------------------------------------------------------------
