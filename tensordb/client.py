@@ -12,16 +12,21 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from pymongo.errors import OperationFailure
+
 from tensordb import cohorts
 from tensordb.bus import Publisher
 from tensordb.cohorts import Cohort
 from tensordb.config import Settings, Topic, load_settings
 from tensordb.datasets import Datasets
+from tensordb.errors import ConfigurationError
 from tensordb.jobs import Jobs
 from tensordb.models import ModelRegistry
 from tensordb.runlog import RunLogger, delete_logs, read_logs
 from tensordb.samples import ArrayLike, build_sample, publish_samples
 from tensordb.store import Store
+
+AUTHENTICATION_FAILED = 18  # MongoDB's error code
 
 
 class TensorDB:
@@ -30,7 +35,15 @@ class TensorDB:
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
         self.settings = settings.with_changes(**overrides) if settings else load_settings(**overrides)
         self.store = Store(self.settings)
-        self.store.ensure_indexes()
+        try:
+            self.store.ensure_indexes()
+        except OperationFailure as exc:
+            self.store.close()
+            if exc.code == AUTHENTICATION_FAILED:
+                raise ConfigurationError(
+                    "MongoDB rejected the username or password: check them (and the authSource in the URI)"
+                ) from exc
+            raise
         self._publisher: Publisher | None = None
         self._models: ModelRegistry | None = None
         self.datasets = Datasets(self.store)

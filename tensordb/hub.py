@@ -119,7 +119,7 @@ class TensorHub(TensorDB):
 
     def _delete_logs(self, phase: str, kwargs: dict[str, Any]) -> int:
         for logger in self._loggers.values():
-            logger.flush()  # what this process logged is persisted before it is deleted
+            logger.wait_persisted(self.store)  # what this process logged is stored before it is deleted
         run_id = kwargs.pop("run_id", None)
         return self.delete_logs(run_id, phase=phase, metrics=kwargs or None)
 

@@ -251,6 +251,17 @@ class ModelRegistry:
         query = self._query(name, version, alias, filters)
         return None if query is None else self.collection.find_one(query, sort=sort or _NEWEST)
 
+    def find_infos(
+        self,
+        sort: list[tuple[str, int]] | None = None,
+        name: str | None = None,
+        alias: str | None = None,
+        **filters: Any,
+    ) -> list[dict[str, Any]]:
+        """The documents of every matching version, ordered by ``sort`` (newest first by default)."""
+        query = self._query(name, None, alias, filters)
+        return [] if query is None else list(self.collection.find(query, sort=sort or _NEWEST))
+
     def find(
         self,
         sort: list[tuple[str, int]] | None = None,

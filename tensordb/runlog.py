@@ -152,6 +152,7 @@ class RunLogger:
         self._max_buffered = max_buffered
         self._known_names: set[str] = set()
         self._next_step = {phase: 0 for phase in PHASES}  # step=None means "the next one"
+        self._confirmed = dict(self._next_step)  # steps known to be persisted (wait_persisted)
         self._step_lock = threading.Lock()
         self._buffer: deque[tuple[str, int, int | None, float, dict[str, Any]]] = deque()
         self._drain_lock = threading.Lock()  # one drainer at a time keeps a run's records in order
@@ -252,6 +253,22 @@ class RunLogger:
         if self._errors:
             errors, self._errors = self._errors, []
             raise errors[0]
+
+    def wait_persisted(self, store: Store, timeout: float = 30.0) -> None:
+        """Flush, then wait until the log sink has stored the last step logged in each phase
+        (records of one run are persisted in order). For code that reads its logs right back."""
+        self.flush(timeout)
+        logged = dict(self._next_step)
+        last = [log_id(store.project, self.run_id, phase, step - 1) for phase, step in logged.items() if step > self._confirmed[phase]]
+        deadline = time.monotonic() + timeout
+        while last and store[LOGS].count_documents({"_id": {"$in": last}}) < len(last):
+            if time.monotonic() > deadline:
+                raise TensorDBError(
+                    f"run {self.run_id!r}: logs were delivered but not persisted within {timeout} s; "
+                    "are the processors running (`tensordb processors`)?"
+                )
+            time.sleep(0.05)
+        self._confirmed = logged  # already-confirmed steps may be deleted later: never wait for them again
 
     def close(self, timeout: float = 30.0) -> None:
         """Flush and stop the background thread (idempotent)."""
