@@ -22,165 +22,40 @@ The paper's figures to beat: upload ~3 s and download ~2 s per epoch.
 
 from __future__ import annotations
 
-import sys
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-# run as a script, Python puts bench/ first on the path, where a module may shadow the standard
-# library (bench/logging.py would hide `logging`): look in the repository root instead
-if sys.path and Path(sys.path[0] or ".").resolve() == REPO / "bench":
-    sys.path[0] = str(REPO)
+import keras
+import numpy as np
+from harness import Pids, Timing, interleaved, make_console, project, servers
+from pymongo import MongoClient
+from rich.table import Table
 
-import argparse  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from confluent_kafka.admin import AdminClient  # noqa: E402
-from pymongo import MongoClient  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from tensordb.bus import Publisher, create_topics  # noqa: E402
-from tensordb.codecs import sha256_hex  # noqa: E402
-from tensordb.config import Settings  # noqa: E402
-from tensordb.models import ModelRegistry, npz_to_weights, weights_to_npz  # noqa: E402
-from tensordb.store import Store  # noqa: E402
+from tensordb.bus import Publisher
+from tensordb.codecs import sha256_hex
+from tensordb.config import Settings
+from tensordb.models import ModelRegistry, npz_to_weights, weights_to_npz
+from tensordb.store import Store
 
 PAPER_UPLOAD_S = 3.0
 PAPER_DOWNLOAD_S = 2.0
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+console = make_console(200)
 
 
-# -- measuring -----------------------------------------------------------------------------------------
-
-
-def _proc_cpu_seconds(pid: int | None) -> float | None:
-    """user+system CPU seconds of a process (all its threads), from /proc; None if unreadable."""
-    if not pid:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@dataclass
-class Timing:
-    seconds: list[float]
-    cores: dict[str, float]  # CPU cores used on average over all runs, per process
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
-
-    def spread(self, scale: float = 1.0, unit: str = "s", digits: int = 2) -> str:
-        """'0.55 s (0.51–0.70)': the median and the range over the runs."""
-        low, mid, high = (value * scale for value in (min(self.seconds), self.median, max(self.seconds)))
-        return f"{mid:.{digits}f} {unit} ({low:.{digits}f}–{high:.{digits}f})"
-
-    def cpu(self) -> str:
-        return " + ".join(f"{name} {cores:.2f}" for name, cores in self.cores.items()) + " cores"
-
-
-def timed(run: Callable[[], Any], repeat: int, mongod_pid: int | None, setup: Callable[[], Any] | None = None) -> Timing:
-    """Seconds of each of ``repeat`` runs, and the cores this process and mongod used meanwhile."""
-    return interleaved({"run": run}, repeat, mongod_pid, {"run": setup} if setup else None)["run"]
-
-
-def interleaved(
-    runs: dict[str, Callable[[], Any]],
-    repeat: int,
-    mongod_pid: int | None,
-    setups: dict[str, Callable[[], Any]] | None = None,
-) -> dict[str, Timing]:
-    """Like :func:`timed` for several runs taken in turn (a, b, a, b...), so that slow phases of
-    the server (WiredTiger checkpoints, eviction, a database growing by 100 MB per save) fall on
-    each of them alike. ``setups[name]`` runs untimed before each run of ``name``."""
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    bench_cpu = dict.fromkeys(runs, 0.0)
-    mongod_cpu = dict.fromkeys(runs, 0.0)
-    for _ in range(repeat):
-        for name, run in runs.items():
-            if setups and name in setups:
-                setups[name]()
-            cpu0, mongod0, wall0 = time.process_time(), _proc_cpu_seconds(mongod_pid), time.perf_counter()
-            run()
-            seconds[name].append(time.perf_counter() - wall0)
-            bench_cpu[name] += time.process_time() - cpu0
-            mongod1 = _proc_cpu_seconds(mongod_pid)
-            if mongod0 is not None and mongod1 is not None:
-                mongod_cpu[name] += mongod1 - mongod0
-    timings = {}
-    for name in runs:
-        total = sum(seconds[name])
-        cores = {"bench": bench_cpu[name] / total}
-        if mongod_pid:
-            cores["mongod"] = mongod_cpu[name] / total
-        timings[name] = Timing(seconds[name], cores)
-    return timings
-
-
-# -- servers -------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def servers() -> Iterator[tuple[Settings, int | None, str]]:
-    """Existing servers named by the environment, else our own Tansu and mongod on free ports,
-    stopped and removed at the end. Yields (settings, mongod pid or None, description)."""
-    if os.environ.get("TENSORDB_KAFKA_BOOTSTRAP") and os.environ.get("TENSORDB_MONGO_URI"):
-        settings = Settings()
-        yield settings, None, f"existing servers {settings.kafka_bootstrap} / {settings.mongo_uri}"
-        return
-    from tensordb.services import LocalServices
-
-    run_dir = Path(tempfile.mkdtemp(prefix="tensordb-bench-checkpoint-"))
-    settings = Settings(
-        kafka_bootstrap=f"127.0.0.1:{free_port()}",
-        mongo_uri=f"mongodb://127.0.0.1:{free_port()}/?replicaSet=rs0",
-        services_dir=REPO / ".tensordb",
-    )
-    services = LocalServices(settings, run_dir=run_dir)
-    try:
-        services.install()
-        services.up()
-        yield settings, services.mongod.process.pid(), f"own Tansu {settings.kafka_bootstrap} + mongod {settings.mongo_uri}"
-    finally:
-        services.down()
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-@contextmanager
-def project(base: Settings) -> Iterator[Settings]:
-    """A fresh project (own topics) and database, removed afterwards."""
-    name = f"bench-ckpt-{uuid.uuid4().hex[:8]}"
-    settings = base.with_changes(project=name, mongo_database=f"tensordb_{name.replace('-', '_')}")
-    create_topics(settings)
-    try:
-        yield settings
-    finally:
-        with MongoClient(settings.mongo_uri) as client:
-            client.drop_database(settings.mongo_database)
-        AdminClient(settings.kafka_config()).delete_topics(list(settings.all_topics().values()))
+def timed(run: Callable[[], Any], repeat: int, pids: Pids | None = None) -> Timing:
+    """Seconds of each of ``repeat`` runs, and the cores this process (and ``pids``) used meanwhile."""
+    return interleaved({"run": run}, repeat, pids)["run"]
 
 
 # -- the model -----------------------------------------------------------------------------------------
@@ -295,15 +170,15 @@ def run(settings: Settings, mongod_pid: int | None, millions: float, repeat: int
                 "local": lambda: fsync_savez(local, weights),
             },
             repeat,
-            mongod_pid,
+            {"mongod": mongod_pid},
         )
         whole_async, sync, durable, put, local_save = (
             saves[name] for name in ("async", "sync", "journaled", "put", "local")
         )
-        blocked = Timing(async_calls, {})
-        get_weights = timed(model.get_weights, repeat, None)
-        copies = timed(lambda: [w.copy() for w in weights], repeat, None)
-        to_json = timed(model.to_json, repeat, None)
+        blocked = Timing(seconds=async_calls)
+        get_weights = timed(model.get_weights, repeat)
+        copies = timed(lambda: [w.copy() for w in weights], repeat)
+        to_json = timed(model.to_json, repeat)
 
         idle_steps = step_seconds(model, batch, None, 20)
         busy_steps: list[float] = []
@@ -316,8 +191,8 @@ def run(settings: Settings, mongod_pid: int | None, millions: float, repeat: int
         lost = (sum(busy_steps) - len(busy_steps) * idle) / repeat
 
         # b. upload: the parts that need no server
-        serialise = timed(lambda: weights_to_npz(weights), repeat, None)
-        digest = timed(lambda: sha256_hex(npz), repeat, None)
+        serialise = timed(lambda: weights_to_npz(weights), repeat)
+        digest = timed(lambda: sha256_hex(npz), repeat)
 
         # c. download
         info = registry.find_info(name="big")
@@ -330,15 +205,15 @@ def run(settings: Settings, mongod_pid: int | None, millions: float, repeat: int
                 "cold": lambda: load_local(local, model),
             },
             repeat,
-            mongod_pid,
+            {"mongod": mongod_pid},
             setups={"cold": lambda: evict(local)},
         )
         find, params_only, fetch, local_warm, local_cold = (
             loads[name] for name in ("find", "params", "fetch", "warm", "cold")
         )
-        decode = timed(lambda: npz_to_weights(npz), repeat, None)
-        rebuild = timed(lambda: keras.models.model_from_json(info["architecture_json"]), repeat, None)
-        set_weights = timed(lambda: model.set_weights(weights), repeat, None)
+        decode = timed(lambda: npz_to_weights(npz), repeat)
+        rebuild = timed(lambda: keras.models.model_from_json(info["architecture_json"]), repeat)
+        set_weights = timed(lambda: model.set_weights(weights), repeat)
     finally:
         registry.close()
         journaled.close()
@@ -416,10 +291,10 @@ def main() -> None:
     args = parser.parse_args()
 
     began = time.perf_counter()
-    with servers() as (base, mongod_pid, origin):
-        console.print(f"servers: {origin}")
-        with project(base) as settings:
-            rows, notes = run(settings, mongod_pid, args.params_millions, args.repeat)
+    with servers("checkpoint") as found:
+        console.print(f"servers: {found.description}")
+        with project(found.settings, "ckpt") as settings:
+            rows, notes = run(settings, found.pids.get("mongod"), args.params_millions, args.repeat)
     table = Table(title=f"Epoch checkpoint of a {args.params_millions:g} M-parameter model (median of {args.repeat})")
     for column in ("measure", "TensorDB", "baseline", "ratio", "paper", "what limits it"):
         table.add_column(column, overflow="fold")

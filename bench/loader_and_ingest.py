@@ -19,157 +19,45 @@ See bench/README.md for what each row means.
 
 from __future__ import annotations
 
+import argparse
+import base64
+import cProfile
+import inspect
+import io
+import os
+import pstats
+import shutil
+import statistics
 import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-# Run as a script, Python puts bench/ first on sys.path, where a sibling benchmark named like a
-# standard module (bench/logging.py) would shadow it: import from the repository root instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+import numpy as np
+from harness import Pids, Timing, children_cwd, interleaved, make_console, project, servers
+from rich.table import Table
 
-import argparse  # noqa: E402
-import base64  # noqa: E402
-import cProfile  # noqa: E402
-import inspect  # noqa: E402
-import io  # noqa: E402
-import os  # noqa: E402
-import pstats  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from datetime import UTC, datetime  # noqa: E402
-from typing import Any  # noqa: E402
+from streams.app import ProcessorContext, process_batch
+from streams.ingest import _prepare, handle_samples
+from tensordb import records
+from tensordb.bus import Received
+from tensordb.child import ChildProcess, processors_process
+from tensordb.client import TensorDB
+from tensordb.cohorts import Cohort
+from tensordb.config import Settings, Topic
+from tensordb.loader import CohortStream
+from tensordb.samples import SAMPLES
+from tensordb.store import BLOB_BUCKET, Store
 
-import numpy as np  # noqa: E402
-from confluent_kafka.admin import AdminClient  # noqa: E402
-from pymongo import MongoClient  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from streams.app import ProcessorContext, process_batch  # noqa: E402
-from streams.ingest import _prepare, handle_samples  # noqa: E402
-from tensordb import records  # noqa: E402
-from tensordb.bus import Received, create_topics  # noqa: E402
-from tensordb.child import ChildProcess, processors_process  # noqa: E402
-from tensordb.client import TensorDB  # noqa: E402
-from tensordb.cohorts import Cohort  # noqa: E402
-from tensordb.config import Settings, Topic  # noqa: E402
-from tensordb.loader import CohortStream  # noqa: E402
-from tensordb.samples import SAMPLES  # noqa: E402
-from tensordb.store import BLOB_BUCKET, Store  # noqa: E402
-
-REPO = _HERE.parent
 ISSUE_SAMPLES = 6000
 INGEST_CHUNK = 500  # records per process_batch / insert_many call
 TIMED_PASSES = 3
 POLL_SECONDS = 0.05
 SMALL, LARGE = (28, 28), (256, 256, 3)
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 180)  # logs: no wrapping at 80
-
-Pids = dict[str, int | None]
-
-
-# -- measuring --------------------------------------------------------------------------------------
-
-
-MACHINE = "machine"  # busy CPU seconds of the whole machine, to show what other processes took
-
-
-def machine_busy_seconds() -> float | None:
-    """Busy CPU seconds of all cores since boot (``/proc/stat``: everything but idle and iowait)."""
-    try:
-        ticks = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_snapshot(pids: Pids) -> dict[str, float | None]:
-    """CPU seconds (user + system, all threads) of this process, of the named processes and of
-    the whole machine.
-
-    Why: on a 2-core machine a throughput figure means little without knowing which process was
-    saturated, or whether something else was running. Processes are read from /proc; where
-    unreadable (remote servers) they are left out.
-    """
-    snapshot: dict[str, float | None] = {"bench": time.process_time(), MACHINE: machine_busy_seconds()}
-    for name, pid in pids.items():
-        snapshot[name] = None
-        if pid:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                snapshot[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-            except (OSError, IndexError):
-                pass
-    return snapshot
-
-
-def describe_cores(cores: dict[str, float]) -> str:
-    """e.g. 'bench 1.00 + mongod 0.45 cores: bench CPU-bound'; names other processes' share when
-    it is large enough to have disturbed the figure."""
-    cores = dict(cores)
-    machine = cores.pop(MACHINE, None)
-    if not cores:
-        return "CPU not measured"
-    shares = " + ".join(f"{name} {used:.2f}" for name, used in cores.items() if used >= 0.005)
-    busiest, top = max(cores.items(), key=lambda item: item[1])
-    if (machine or sum(cores.values())) >= 0.85 * (os.cpu_count() or 1):
-        verdict = f"all {os.cpu_count()} cores busy"
-    elif top >= 0.85:
-        verdict = f"{busiest} CPU-bound"
-    else:
-        verdict = "waiting (no process at a full core)"
-    others = (machine or 0.0) - sum(cores.values())
-    disturbed = f"; (others {others:.2f} cores: figure disturbed)" if others >= 0.25 else ""
-    return f"{shares} cores: {verdict}{disturbed}"
-
-
-@dataclass
-class Timing:
-    """Pass times and CPU use of one side of a comparison, accumulated over its passes."""
-
-    pids: Pids
-    seconds: list[float] = field(default_factory=list)
-    cpu_seconds: dict[str, float] = field(default_factory=dict)
-    produced: int = 0
-
-    def run(self, work: Callable[[], int]) -> None:
-        """Time one call of ``work`` (which returns how many samples it produced)."""
-        before = cpu_snapshot(self.pids)
-        start = time.perf_counter()
-        self.produced = work()
-        self.seconds.append(time.perf_counter() - start)
-        after = cpu_snapshot(self.pids)
-        for name, used in after.items():
-            if used is not None and before[name] is not None:
-                self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + used - before[name]
-
-    @property
-    def rate(self) -> float:
-        """Samples/s of the median pass."""
-        return self.produced / statistics.median(self.seconds)
-
-    @property
-    def best(self) -> float:
-        return self.produced / min(self.seconds)
-
-    def describe(self) -> str:
-        wall = sum(self.seconds)
-        return describe_cores({name: used / wall for name, used in self.cpu_seconds.items()})
-
-
-def interleaved(ours: Timing, our_work: Callable[[], int], theirs: Timing, their_work: Callable[[], int]) -> None:
-    """Alternate the two sides' passes, so drift in machine load hits both alike."""
-    for _ in range(TIMED_PASSES):
-        theirs.run(their_work)
-        ours.run(our_work)
+console = make_console(180)
 
 
 @dataclass
@@ -186,64 +74,6 @@ class Row:
     met: bool | None  # None: an informational row without a goal
     limit: str
     samples: int
-
-
-# -- servers and projects ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Servers:
-    settings: Settings
-    pids: Pids  # the server processes whose CPU is reported (empty for servers elsewhere)
-    origin: str
-
-
-@contextmanager
-def servers() -> Iterator[Servers]:
-    """Existing servers named by TENSORDB_KAFKA_BOOTSTRAP and TENSORDB_MONGO_URI, else our own
-    Tansu and mongod on free ports with a throwaway run directory, stopped and removed at the end."""
-    if os.environ.get("TENSORDB_KAFKA_BOOTSTRAP") and os.environ.get("TENSORDB_MONGO_URI"):
-        settings = Settings()
-        yield Servers(settings, {}, f"existing servers {settings.kafka_bootstrap} / {settings.mongo_uri}")
-        return
-    from tensordb.services import LocalServices
-
-    run_dir = Path(tempfile.mkdtemp(prefix="tensordb-bench-services-"))
-    settings = Settings(
-        kafka_bootstrap=f"127.0.0.1:{free_port()}",
-        mongo_uri=f"mongodb://127.0.0.1:{free_port()}/?replicaSet=rs0",
-        services_dir=REPO / ".tensordb",
-        project=f"bench-{uuid.uuid4().hex[:8]}",
-    )
-    services = LocalServices(settings, run_dir=run_dir)
-    try:
-        services.install()
-        services.up()
-        pids = {"mongod": services.mongod.process.pid(), "tansu": services.tansu.process.pid()}
-        yield Servers(settings, pids, f"own Tansu {settings.kafka_bootstrap} + mongod {settings.mongo_uri}")
-    finally:
-        services.down()
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-@contextmanager
-def project(base: Settings, tag: str) -> Iterator[Settings]:
-    """A fresh project (own topics) and database, removed afterwards, so runs never mix data."""
-    name = f"bench-{tag}-{uuid.uuid4().hex[:8]}"
-    settings = base.with_changes(project=name, mongo_database=f"tensordb_{name.replace('-', '_')}")
-    create_topics(settings)
-    try:
-        yield settings
-    finally:
-        with MongoClient(settings.mongo_uri) as client:
-            client.drop_database(settings.mongo_database)
-        AdminClient(settings.kafka_config()).delete_topics(list(settings.all_topics().values()))
 
 
 # -- sample data ------------------------------------------------------------------------------------
@@ -424,11 +254,13 @@ def compare_stream(case: StreamCase, store: Store, settings_to_try: list[LoaderS
     results: dict[LoaderSetting, tuple[Timing, Timing]] = {}
     for setting in settings_to_try:
         ours, local = Timing(case.pids), Timing({})
-        interleaved(
-            ours,
-            lambda s=setting: stream_pass(case.cohort, s),
-            local,
-            lambda s=setting: local_pass(case.paths, case.labels, s.batch_size),
+        interleaved(  # the local side first in each round, as before
+            {
+                "local": lambda s=setting: local_pass(case.paths, case.labels, s.batch_size),
+                "ours": lambda s=setting: stream_pass(case.cohort, s),
+            },
+            TIMED_PASSES,
+            timings={"ours": ours, "local": local},
         )
         results[setting] = ours, local
         console.print(
@@ -717,8 +549,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows: list[Row] = []
     log_dir = Path(tempfile.mkdtemp(prefix="tensordb-bench-logs-"))
-    with servers() as found:
-        console.print(f"servers: {found.origin}")
+    with servers("services") as found, children_cwd(log_dir):
+        console.print(f"servers: {found.description}")
         if "stream" not in args.skip:
             for label, shape in (("28×28", SMALL), ("256×256×3", LARGE)):
                 rows += bench_stream(

@@ -16,159 +16,40 @@ c. reading logs back into a DataFrame (``read_logs``) for 10k and 100k records, 
 Next to the throughput it prints the CPU each process used (in cores): on a 2-core machine that
 shows which side limits the figure.
 
-    .venv/bin/python bench/logging.py [--calls N] [--records N] [--quick] [--stages]
+    .venv/bin/python bench/step_logging.py [--calls N] [--records N] [--quick] [--stages]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import signal
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
-# This file is named like the standard library's ``logging``: when run as a script its folder
-# comes first on sys.path and would shadow it for every module that logs. Take it off the path.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))  # the repository root, for `streams`, `tensordb`
+import numpy as np
+from harness import REPO, CpuMeter, children_cwd, make_console, project, servers
+from rich.table import Table
 
-import argparse  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from datetime import UTC, datetime  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from streams.logs import log_document
+from tensordb import records
+from tensordb.bus import Publisher
+from tensordb.child import ChildProcess, processors_process
+from tensordb.config import Settings
+from tensordb.runlog import LOGS, RunLogger, read_logs
+from tensordb.store import Store, insert_ignoring_duplicates
 
-import numpy as np  # noqa: E402
-from confluent_kafka.admin import AdminClient  # noqa: E402
-from pymongo import MongoClient  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from streams.logs import log_document  # noqa: E402
-from tensordb import records  # noqa: E402
-from tensordb.bus import Publisher, create_topics  # noqa: E402
-from tensordb.child import ChildProcess, processors_process  # noqa: E402
-from tensordb.config import Settings  # noqa: E402
-from tensordb.runlog import LOGS, RunLogger, read_logs  # noqa: E402
-from tensordb.store import Store, insert_ignoring_duplicates  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
 PAPER_STEP_MS = 1.5
 PAPER_READ_SECONDS = {10_000: 0.5, 100_000: 4.0}
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 180)
-
-
-# -- servers and projects --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Servers:
-    settings: Settings
-    pids: dict[str, int | None]
-    description: str
-
-
-@contextmanager
-def servers() -> Iterator[Servers]:
-    """Existing servers named by TENSORDB_KAFKA_BOOTSTRAP and TENSORDB_MONGO_URI, else our own
-    Tansu and mongod on free ports with a throwaway run directory, stopped and removed at the end."""
-    if os.environ.get("TENSORDB_KAFKA_BOOTSTRAP") and os.environ.get("TENSORDB_MONGO_URI"):
-        settings = Settings()
-        yield Servers(settings, {}, f"existing servers {settings.kafka_bootstrap} / {settings.mongo_uri}")
-        return
-    from tensordb.services import LocalServices
-
-    run_dir = Path(tempfile.mkdtemp(prefix="tensordb-bench-logging-"))
-    settings = Settings(
-        kafka_bootstrap=f"127.0.0.1:{free_port()}",
-        mongo_uri=f"mongodb://127.0.0.1:{free_port()}/?replicaSet=rs0",
-        services_dir=REPO / ".tensordb",
-        project=f"bench{uuid.uuid4().hex[:8]}",
-    )
-    services = LocalServices(settings, run_dir=run_dir)
-    try:
-        services.install()
-        services.up()
-        pids = {"mongod": services.mongod.process.pid(), "tansu": services.tansu.process.pid()}
-        yield Servers(settings, pids, f"own Tansu {settings.kafka_bootstrap} + mongod {settings.mongo_uri}")
-    finally:
-        services.down()
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-@contextmanager
-def project(base: Settings, tag: str) -> Iterator[Settings]:
-    """A fresh project (own topics) and database, removed afterwards, so runs never mix data."""
-    name = f"bench-{tag}-{uuid.uuid4().hex[:8]}"
-    settings = base.with_changes(project=name, mongo_database=f"tensordb_{name.replace('-', '_')}")
-    create_topics(settings)
-    try:
-        yield settings
-    finally:
-        with MongoClient(settings.mongo_uri) as client:
-            client.drop_database(settings.mongo_database)
-        AdminClient(settings.kafka_config()).delete_topics(list(settings.all_topics().values()))
-
-
-# -- measuring -------------------------------------------------------------------------------------
-
-
-def _proc_cpu_seconds(pid: int) -> float | None:
-    """user+system CPU seconds of a process (all its threads), from /proc; None if unreadable."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@dataclass
-class CpuMeter:
-    """Cores used by this process and by each server process over a timed section."""
-
-    pids: dict[str, int | None]
-    cores: dict[str, float] = field(default_factory=dict)
-
-    def __enter__(self) -> CpuMeter:
-        self._wall = time.perf_counter()
-        self._start = self._sample()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        wall = time.perf_counter() - self._wall
-        end = self._sample()
-        self.cores = {
-            name: (end[name] - self._start[name]) / wall
-            for name in end
-            if end[name] is not None and self._start.get(name) is not None
-        }
-
-    def _sample(self) -> dict[str, float | None]:
-        sample: dict[str, float | None] = {"bench": time.process_time()}
-        for name, pid in self.pids.items():
-            sample[name] = _proc_cpu_seconds(pid) if pid else None
-        return sample
-
-    def describe(self) -> str:
-        if not self.cores:
-            return "CPU not measured"
-        shares = " + ".join(f"{name} {cores:.2f}" for name, cores in self.cores.items() if cores >= 0.005)
-        total = sum(self.cores.values())
-        return f"cores: {shares} = {total:.2f} of {os.cpu_count()}"
+console = make_console(180)
 
 
 @dataclass
@@ -502,7 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     sections = set(args.only or ["a", "b", "c"])
     read_sizes = [10_000] if args.quick else [10_000, 100_000]
     rows: list[Row] = []
-    with servers() as found, tempfile.TemporaryDirectory(prefix="tensordb-bench-logs-") as log_dir:
+    with (
+        servers("logging") as found,
+        tempfile.TemporaryDirectory(prefix="tensordb-bench-logs-") as log_dir,
+        children_cwd(Path(log_dir)),
+    ):
         console.print(f"servers: {found.description}; load average before: {os.getloadavg()[0]:.2f}")
         if "a" in sections:
             rows += bench_call_cost(found.settings, args.calls, args.sync_calls)

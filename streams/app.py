@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import faust
 from confluent_kafka import KafkaException
@@ -171,6 +173,8 @@ def _make_agent(context: ProcessorContext, handler: Handler | None) -> Callable:
 
 def create_app(settings: Settings) -> faust.App:
     """A faust app for ``settings.project``: its id is the processors' consumer group."""
+    datadir = Path(tempfile.gettempdir()) / "tensordb-faust" / f"{settings.topic_prefix}-{settings.project}"
+    datadir.mkdir(parents=True, exist_ok=True)  # faust keeps table state there; TensorDB has no tables
     app = faust.App(
         f"{settings.topic_prefix}-{settings.project}-processors",
         broker=[f"kafka://{server.strip()}" for server in settings.kafka_bootstrap.split(",")],
@@ -183,6 +187,7 @@ def create_app(settings: Settings) -> faust.App:
         broker_heartbeat_interval=1.0,
         web_enabled=False,
         store="memory://",
+        datadir=datadir,
     )
     context = ProcessorContext(settings)
     topic_handlers = handlers()

@@ -177,12 +177,18 @@ class Received:
 
 
 def receive(consumer: Consumer, schema_id: str, timeout: float = 1.0, max_messages: int = 500) -> Iterator[Received]:
-    """Poll once and yield each message decoded and validated against ``schema_id``.
+    """Wait up to ``timeout`` for messages and yield each decoded and validated against ``schema_id``.
+
+    Returns as soon as the first message arrives, with whatever else is already fetched (up to
+    ``max_messages``), so a job request is acted on at once rather than at the end of a window.
 
     Invalid records are yielded with ``error`` set rather than raised, so the caller can divert
     them to dead letters and keep going.
     """
-    for message in consumer.consume(max_messages, timeout):
+    first = consumer.poll(timeout)  # returns as soon as one message arrives (consume() waits for all)
+    if first is None:
+        return
+    for message in [first, *consumer.consume(max_messages - 1, 0)] if max_messages > 1 else [first]:
         if message.error():
             if message.error().code() == KafkaError._PARTITION_EOF:
                 continue

@@ -1,0 +1,314 @@
+"""What every benchmark in bench/ shares: servers, throwaway projects, CPU accounting and timing.
+
+The benchmarks are scripts (``python bench/X.py``), so this is imported as a sibling module
+(``import harness``): Python puts the script's folder, bench/, first on ``sys.path``. Importing it
+moves bench/ behind the standard library and puts the repository root first, so a benchmark file
+named like a standard module can never shadow it, and ``streams``, ``tensordb``, ``workers`` and
+``tests`` import from this checkout.
+
+- :func:`servers`: the servers named by ``TENSORDB_KAFKA_BOOTSTRAP`` and ``TENSORDB_MONGO_URI``,
+  else our own Tansu and mongod on free ports (``tensordb.services.LocalServices``), removed after.
+- :func:`project`: a fresh project (own topics) and database per measurement, dropped after.
+- :func:`free_port`, :func:`wait_for`: the tests' own helpers (tests/helpers.py).
+- :func:`children_cwd`: run child processes (processors, workers) in a scratch folder, so faust's
+  ``<app id>-data`` folders do not land in the repository root.
+- :func:`cpu_snapshot`, :class:`CpuMeter`, :class:`Timing`, :func:`interleaved`: wall times, and
+  the CPU each process used meanwhile, which is what shows the limit on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path[:] = [str(REPO)] + [entry for entry in sys.path if Path(entry or ".").resolve() not in (BENCH, REPO)] + [str(BENCH)]
+
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Callable, Iterator, Mapping  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any, TypeVar  # noqa: E402
+
+from confluent_kafka.admin import AdminClient  # noqa: E402
+from pymongo import MongoClient  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from tensordb.bus import create_topics  # noqa: E402
+from tensordb.config import Settings  # noqa: E402
+from tests.helpers import free_port, wait_for  # noqa: E402 - the tests' own helpers, shared
+
+__all__ = [
+    "BENCH", "REPO", "MACHINE", "Pids", "Servers", "CpuMeter", "Timing",
+    "make_console", "free_port", "wait_for", "servers", "project", "children_cwd",
+    "process_cpu_seconds", "machine_busy_seconds", "cpu_snapshot", "cpu_used", "describe_cores", "interleaved",
+]  # fmt: skip
+
+#: CPU seconds per process, by name; None where a process is elsewhere or unknown.
+Pids = dict[str, int | None]
+T = TypeVar("T")
+
+MACHINE = "machine"  # busy CPU seconds of the whole machine, to show what other processes took
+BENCH_PROCESS = "bench"  # this Python process, all its threads
+
+
+def make_console(width: int = 180) -> Console:
+    """A console that does not wrap at 80 columns when the output goes to a log file."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else width)
+
+
+# -- servers and projects ---------------------------------------------------------------------------
+
+
+@dataclass
+class Servers:
+    settings: Settings
+    pids: Pids  # the server processes whose CPU is reported (empty for servers elsewhere)
+    description: str
+
+
+@contextmanager
+def servers(name: str = "services") -> Iterator[Servers]:
+    """Existing servers named by TENSORDB_KAFKA_BOOTSTRAP and TENSORDB_MONGO_URI, else our own
+    Tansu and mongod on free ports with a throwaway run directory (``tensordb-bench-NAME-*``),
+    stopped and removed at the end."""
+    if os.environ.get("TENSORDB_KAFKA_BOOTSTRAP") and os.environ.get("TENSORDB_MONGO_URI"):
+        settings = Settings()
+        yield Servers(settings, {}, f"existing servers {settings.kafka_bootstrap} / {settings.mongo_uri}")
+        return
+    from tensordb.services import LocalServices
+
+    run_dir = Path(tempfile.mkdtemp(prefix=f"tensordb-bench-{name}-"))
+    settings = Settings(
+        kafka_bootstrap=f"127.0.0.1:{free_port()}",
+        mongo_uri=f"mongodb://127.0.0.1:{free_port()}/?replicaSet=rs0",
+        services_dir=REPO / ".tensordb",
+        project=f"bench-{uuid.uuid4().hex[:8]}",
+    )
+    services = LocalServices(settings, run_dir=run_dir)
+    try:
+        services.install()
+        services.up()
+        pids = {"mongod": services.mongod.process.pid(), "tansu": services.tansu.process.pid()}
+        yield Servers(settings, pids, f"own Tansu {settings.kafka_bootstrap} + mongod {settings.mongo_uri}")
+    finally:
+        services.down()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@contextmanager
+def project(base: Settings, tag: str) -> Iterator[Settings]:
+    """A fresh project (own topics) and database, removed afterwards, so runs never mix data."""
+    name = f"bench-{tag}-{uuid.uuid4().hex[:8]}"
+    settings = base.with_changes(project=name, mongo_database=f"tensordb_{name.replace('-', '_')}")
+    create_topics(settings)
+    try:
+        yield settings
+    finally:
+        with MongoClient(settings.mongo_uri) as client:
+            client.drop_database(settings.mongo_database)
+        AdminClient(settings.kafka_config()).delete_topics(list(settings.all_topics().values()))
+
+
+@contextmanager
+def children_cwd(folder: Path) -> Iterator[Path]:
+    """Work in ``folder`` while child processes start, with the repository root on PYTHONPATH.
+
+    Why: ``tensordb processors`` (faust) keeps a ``<app id>-data`` folder in its working
+    directory and never removes it, and ``tensordb.child`` starts children in ours; and a child
+    run with ``-m`` imports entry points such as ``tests.training_models`` from its working
+    directory, which PYTHONPATH replaces.
+    """
+    before, path_before = os.getcwd(), os.environ.get("PYTHONPATH")
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *([path_before] if path_before else [])])
+    os.chdir(folder)
+    try:
+        yield folder
+    finally:
+        os.chdir(before)
+        if path_before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = path_before
+
+
+# -- CPU accounting ---------------------------------------------------------------------------------
+
+
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """user+system CPU seconds of a process (all its threads), from /proc; None if unreadable."""
+    if not pid:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float | None:
+    """Busy CPU seconds of all cores since boot (``/proc/stat``: everything but idle and iowait)."""
+    try:
+        ticks = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(pids: Mapping[str, int | None]) -> dict[str, float | None]:
+    """CPU seconds (user + system, all threads) of this process, of the named processes and of
+    the whole machine.
+
+    Why: on a 2-core machine a throughput figure means little without knowing which process was
+    saturated, or whether something else was running. Processes are read from /proc; where
+    unreadable (remote servers) they are left out.
+    """
+    snapshot: dict[str, float | None] = {BENCH_PROCESS: time.process_time(), MACHINE: machine_busy_seconds()}
+    for name, pid in pids.items():
+        snapshot[name] = process_cpu_seconds(pid)
+    return snapshot
+
+
+def cpu_used(before: Mapping[str, float | None], after: Mapping[str, float | None]) -> dict[str, float]:
+    """CPU seconds used between two snapshots, for the processes readable at both."""
+    return {name: used - before[name] for name, used in after.items() if used is not None and before.get(name) is not None}
+
+
+def describe_cores(cores: dict[str, float]) -> str:
+    """e.g. 'bench 1.00 + mongod 0.45 cores: bench CPU-bound'; names other processes' share when
+    it is large enough to have disturbed the figure."""
+    cores = dict(cores)
+    machine = cores.pop(MACHINE, None)
+    if not cores:
+        return "CPU not measured"
+    shares = " + ".join(f"{name} {used:.2f}" for name, used in cores.items() if used >= 0.005)
+    busiest, top = max(cores.items(), key=lambda item: item[1])
+    if (machine or sum(cores.values())) >= 0.85 * (os.cpu_count() or 1):
+        verdict = f"all {os.cpu_count()} cores busy"
+    elif top >= 0.85:
+        verdict = f"{busiest} CPU-bound"
+    else:
+        verdict = "waiting (no process at a full core)"
+    others = (machine or 0.0) - sum(cores.values())
+    disturbed = f"; (others {others:.2f} cores: figure disturbed)" if others >= 0.25 else ""
+    return f"{shares} cores: {verdict}{disturbed}"
+
+
+@dataclass
+class CpuMeter:
+    """Cores used by this process and by each named process over a ``with`` block."""
+
+    pids: Pids
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    wall: float = 0.0
+
+    def __enter__(self) -> CpuMeter:
+        self._start = cpu_snapshot(self.pids)
+        self._began = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.wall = time.perf_counter() - self._began
+        self.cpu_seconds = cpu_used(self._start, cpu_snapshot(self.pids))
+
+    @property
+    def cores(self) -> dict[str, float]:
+        """Cores per process (the machine left out)."""
+        return {name: used / self.wall for name, used in self.cpu_seconds.items() if name != MACHINE}
+
+    def describe(self) -> str:
+        """e.g. 'cores: bench 0.98 + log-sink 0.61 = 1.59 of 2'."""
+        cores = self.cores
+        if not cores:
+            return "CPU not measured"
+        shares = " + ".join(f"{name} {used:.2f}" for name, used in cores.items() if used >= 0.005)
+        return f"cores: {shares} = {sum(cores.values()):.2f} of {os.cpu_count()}"
+
+
+# -- timing ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    """Wall times of the runs of one measured thing, and the CPU used during them, per process.
+
+    ``run(work)`` times one call; when ``work`` returns an int (how many items it produced),
+    :attr:`rate` and :attr:`best` are items per second.
+    """
+
+    pids: Pids = field(default_factory=dict)
+    seconds: list[float] = field(default_factory=list)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    produced: int = 0
+
+    def run(self, work: Callable[[], T]) -> T:
+        """Time one call of ``work``; returns what it returned."""
+        before = cpu_snapshot(self.pids)
+        start = time.perf_counter()
+        result = work()
+        self.seconds.append(time.perf_counter() - start)
+        for name, used in cpu_used(before, cpu_snapshot(self.pids)).items():
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + used
+        if isinstance(result, int) and not isinstance(result, bool):
+            self.produced = result
+        return result
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def rate(self) -> float:
+        """Items/s of the median run."""
+        return self.produced / self.median
+
+    @property
+    def best(self) -> float:
+        return self.produced / min(self.seconds)
+
+    def spread(self, scale: float = 1.0, unit: str = "s", digits: int = 2) -> str:
+        """'0.55 s (0.51–0.70)': the median and the range over the runs."""
+        low, mid, high = (value * scale for value in (min(self.seconds), self.median, max(self.seconds)))
+        return f"{mid:.{digits}f} {unit} ({low:.{digits}f}–{high:.{digits}f})"
+
+    @property
+    def cores(self) -> dict[str, float]:
+        """Cores used on average over all runs, per process (the machine included)."""
+        wall = sum(self.seconds)
+        return {name: used / wall for name, used in self.cpu_seconds.items()}
+
+    def cpu(self) -> str:
+        """e.g. 'bench 0.97 + mongod 0.41 cores' (the machine left out)."""
+        return " + ".join(f"{name} {used:.2f}" for name, used in self.cores.items() if name != MACHINE) + " cores"
+
+    def describe(self) -> str:
+        """The cores per process with a verdict (see :func:`describe_cores`)."""
+        return describe_cores(self.cores)
+
+
+def interleaved(
+    runs: Mapping[str, Callable[[], Any]],
+    repeat: int,
+    pids: Pids | None = None,
+    setups: Mapping[str, Callable[[], Any]] | None = None,
+    timings: Mapping[str, Timing] | None = None,
+) -> dict[str, Timing]:
+    """Time ``repeat`` runs of each of ``runs``, taken in turn (a, b, a, b, ...), so that drift in
+    machine load and slow phases of a server (WiredTiger checkpoints, eviction, a database that
+    grows) fall on each of them alike. ``setups[name]`` runs untimed before each run of ``name``;
+    ``timings[name]`` accumulates into an existing :class:`Timing` (with its own processes),
+    otherwise each gets a new one watching ``pids``."""
+    result = {name: (timings or {}).get(name) or Timing(dict(pids or {})) for name in runs}
+    for _ in range(repeat):
+        for name, work in runs.items():
+            if setups and name in setups:
+                setups[name]()
+            result[name].run(work)
+    return result
