@@ -302,11 +302,9 @@ def dispatch_rows(done: dict[str, list[dict[str, Any]]], events: Watcher, meter:
         Row(
             "dispatch: submitted → claimed (started_at − submitted_at); 1 idle `tensordb worker`",
             claim, polled, baseline, f"p50 ≤ {ms(GOAL_SECONDS)}", claim.p50 <= GOAL_SECONDS,
-            dominant="the worker's 2 s consume window: the doorbell is acted on when it ends",
-            notes="Worker.run waits for a job request with receive(consumer, timeout=2 s), i.e. Consumer.consume(500, 2.0); "
-            "librdkafka's batch consume returns only when 500 messages have arrived or the timeout expired, so a request "
-            "is acted on when the current 2 s window ends and the doorbell works like a 2 s poll: expected uniform over "
-            f"0–2 s, mean ~1 s; measured mean {ms(claim.mean)}, {slow} of {len(claim.values)} over 1 s. The claim itself "
+            dominant="the broker hop of the job request (librdkafka's fetch wait against Tansu)",
+            notes="Worker.run waits for a job request with receive(), which returns on the first message (poll), then "
+            f"claims; measured mean {ms(claim.mean)}, {slow} of {len(claim.values)} over 1 s. The claim itself "
             f"(find_one_and_update) and submit() ({ms(calls.p50)} p50: insert, publish, broker ack) take milliseconds. "
             f"CPU while timing: {meter.describe()}",
         ),  # fmt: skip
@@ -325,8 +323,7 @@ def dispatch_rows(done: dict[str, list[dict[str, Any]]], events: Watcher, meter:
             doorbell, polled, baseline,
             dominant="the broker hop of the job request (librdkafka fetch wait against Tansu)",
             notes="a thread here runs the worker's loop (doorbell consumer in the workers' group, then Jobs.claim) with "
-            "consumer.poll(2 s) in place of consume(500, 2 s): the latency the Kafka doorbell allows; the fix belongs in "
-            "tensordb.bus.receive or workers/trainer.py",
+            "a bare consumer.poll(2 s) and fetch.wait.max.ms 10: the latency the Kafka doorbell allows",
         ),  # fmt: skip
     ]
 
@@ -594,21 +591,20 @@ def loop_rows(results: list[Round], load: Stats, meter: CpuMeter, poller: Predic
         ),
         Row(
             f"loop (a): data published → retrain job started ({len(results)} rounds)", to_started,
-            dominant="the faust hops + the worker's 2 s consume window",
+            dominant="the faust hops + the worker's doorbell",
             notes=f"the hops above, then submitted → started {ms(doorbell.p50)} p50 (max {ms(doorbell.max)}): "
             "the worker's doorbell, as in dispatch",
         ),
         Row("  part: published → wave persisted (ingest hop)", ingest_hop, dominant="faust fetch wait + batching"),
         Row("  part: persisted → job submitted (data-imported hop)", trigger_hop, dominant="faust fetch wait + batching"),
-        Row("  part: submitted → started (worker doorbell)", doorbell, dominant="the worker's 2 s consume window"),
+        Row("  part: submitted → started (worker doorbell)", doorbell, dominant="the job request's broker hop"),
     ]
     if served:
         rows.append(Row(
             f"loop (b): promotion → first prediction by the new version ({len(served.values)} swaps)", served,
-            dominant="the server's follower: 0.5 s consume window, then the model load",
+            dominant="the model-event hop, then the model load",
             notes=f"the 'promoted' model event reaches an eager consumer {ms(seen.p50)} p50 after the alias document's time; "
-            "the server's follower waits on receive(consumer, timeout=0.5 s) = consume(500, 0.5), which returns only "
-            "when its 0.5 s window ends, then loads the version (registry.find: query, GridFS read, sha256, "
+            "the server's follower wakes on the event (receive returns on the first message), then loads the version (registry.find: query, GridFS read, sha256, "
             "model_from_json, set_weights, compile) and warms it up with one predict "
             f"({ms(load.p50)} p50 when done in this process, warm), then swaps: the server's loaded_at is {ms(loaded.p50)} "
             f"p50 after the promotion, and the first answer by the new version {ms(after_load.p50)} p50 after loaded_at "
