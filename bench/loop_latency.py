@@ -187,9 +187,8 @@ class Runner(threading.Thread):
     the worker only in how it learns that a job is waiting.
 
     ``doorbell=None``: TensorLayer's runner, ``while True: claim a pending job, else sleep(1)``.
-    Otherwise the worker's own loop with one change: it waits for the job-request doorbell with
-    ``Consumer.poll`` (which returns at the first message) instead of ``receive`` →
-    ``Consumer.consume(500, 2 s)`` (which returns when its window ends): what the worker would do.
+    Otherwise the worker's own loop on a bare ``Consumer.poll`` with a 10 ms fetch wait: the
+    lower bound the Kafka doorbell allows.
     """
 
     def __init__(self, jobs: Jobs, doorbell: Settings | None = None, period: float = POLL_PERIOD) -> None:
