@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test services-install services-down system-packages constraints clean
+.PHONY: demo test services-install services-down system-packages dashboard chromium constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,12 +20,31 @@ services-install: $(STAMP)
 system-packages:
 	@command -v kcat >/dev/null || sh .ci/apt-install kcat
 
-demo: services-install
+# The dashboard's front end: uPlot from npm (package-lock.json), our ES modules copied next to it
+# into dashboard/static (git-ignored), which `tensordb dashboard` serves. Rebuilt when a source changes.
+WEB := dashboard/web
+$(WEB)/node_modules/.package-lock.json: $(WEB)/package.json $(WEB)/package-lock.json
+	@command -v npm >/dev/null || { echo "npm is missing: install Node.js and npm (Debian: sh .ci/apt-install nodejs npm)" >&2; exit 1; }
+	cd $(WEB) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+dashboard/static/.built: $(WEB)/node_modules/.package-lock.json $(WEB)/build.mjs $(wildcard $(WEB)/src/*)
+	cd $(WEB) && npm run --silent build
+	touch $@
+
+dashboard: dashboard/static/.built
+
+# Debian's Chromium, which the dashboard's browser tests drive through Playwright (no browser download).
+chromium:
+	@test -x /usr/bin/chromium || sh .ci/apt-install chromium
+
+demo: services-install dashboard
 	$(BIN)/tensordb services up
 	$(BIN)/tensordb demo
+	TENSORDB_PROJECT=demo TENSORDB_MONGO_DATABASE=tensordb_demo $(BIN)/python -m dashboard.background
 
-test: services-install system-packages
-	$(BIN)/ruff check tensordb streams workers schemas tests bench examples
+test: services-install system-packages dashboard chromium
+	$(BIN)/ruff check tensordb streams workers schemas tests bench examples dashboard
 	$(BIN)/python -m pytest -q -ra
 
 services-down: $(STAMP)
@@ -36,4 +55,4 @@ constraints: $(STAMP)
 	 $(BIN)/python -m pip freeze --exclude-editable | grep -v -E "^(pip|setuptools|wheel)==" | sort -f) > constraints.txt
 
 clean: services-down
-	rm -rf $(VENV) .tensordb
+	rm -rf $(VENV) .tensordb dashboard/static $(WEB)/node_modules

@@ -44,6 +44,16 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    import logging
+
+    from dashboard.app import run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(load_settings(), args.host, args.port, args.token)
+    return 0
+
+
 def _policy(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -101,6 +111,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(handler=_serve)
+
+    dashboard = subparsers.add_parser("dashboard", help="serve the live dashboard: runs, curves, models, data")
+    dashboard.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs --token)")
+    dashboard.add_argument("--port", type=int, default=8050)
+    dashboard.add_argument("--token", default=None, help="token every request must carry (default: $TENSORDB_DASHBOARD_TOKEN)")
+    dashboard.set_defaults(handler=_dashboard)
 
     policy = subparsers.add_parser("policy", help="manage continuous-training policies")
     actions = policy.add_subparsers(dest="action", required=True, metavar="ACTION")

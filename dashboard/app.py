@@ -1,0 +1,415 @@
+"""The dashboard's web app (``tensordb dashboard``): JSON and Server-Sent Events over FastAPI, and
+the front end built from ``dashboard/web`` into ``dashboard/static`` (uPlot, from npm; no CDN).
+
+Routes (all read-only):
+
+- ``/``: the single-page front end; ``/static/...`` its assets;
+- ``/api/status``: project, addresses, the live consumer's counters;
+- ``/api/runs``: every run with its points per phase, joined with its job (status, policy,
+  worker, attempts, progress);
+- ``/api/run?id=RUN[&lo=&hi=]``: a run's job and its curves, one chart per metric with one
+  series per phase: every point up to ``FULL_POINTS`` per phase, else the min/max overview; a
+  step range (``lo``/``hi``, a zoom) is read at full resolution;
+- ``/api/job?id=RUN``: the job of a run (or null);
+- ``/api/compare?run=A&run=B&metric=&phase=&x=step|time|relative[&lo=&hi=]``: one metric of
+  several runs on one axis (overview envelopes, or raw points when zoomed in);
+- ``/api/live?run=A[&run=B]`` (or ``?all=1``): Server-Sent Events with each run's new points, first
+  the points MongoDB may not have yet, then ``ready``, then live (see :mod:`dashboard.live`);
+- ``/api/models``, ``/api/data``, ``/api/dead-letters``.
+
+Bound to 127.0.0.1 by default. Bound to any other address it needs a token, which every request
+then carries (``Authorization: Bearer``, ``X-TensorDB-Token``, ``?token=``, or the cookie set when a
+page is opened with ``?token=``); without one it refuses to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from http.cookies import SimpleCookie
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from dashboard import queries
+from dashboard.live import RESET, LiveHub
+from tensordb.bus import create_topics
+from tensordb.config import Settings
+from tensordb.errors import ConfigurationError
+from tensordb.runlog import PHASES
+from tensordb.store import Store
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+TOKEN_ENV = "TENSORDB_DASHBOARD_TOKEN"
+KEEPALIVE_SECONDS = 15.0
+#: A zoomed range is read raw when the overview has fewer buckets than this in it.
+ZOOM_BUCKETS = queries.OVERVIEW_POINTS // 4
+#: ...and at most this many raw points per run (beyond, the overview is used).
+ZOOM_MAX_RAW = 200_000
+#: Overviews of this many most recent runs are built when the dashboard starts.
+WARM_RUNS = 200
+SECURITY_HEADERS = [
+    (b"content-security-policy", b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                                 b"connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]  # fmt: skip
+
+
+# -- JSON --------------------------------------------------------------------------------------------
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)  # ObjectId, Decimal128, anything else BSON may hold
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
+
+
+# -- access: loopback by default, a token otherwise -------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_binding(host: str, token: str | None) -> None:
+    """Refuse to expose the dashboard beyond this machine without a token."""
+    if not is_loopback(host) and not token:
+        raise ConfigurationError(
+            f"binding the dashboard to {host} exposes it to the network: pass --token TOKEN (or set {TOKEN_ENV}), "
+            f"e.g. --token {secrets.token_urlsafe(16)}"
+        )
+
+
+class Guard:
+    """ASGI middleware: the token check (when a token is set) and security headers on every response."""
+
+    def __init__(self, app: Any, token: str | None, cookie: str) -> None:
+        self.app = app
+        self.token = token.encode() if token else None
+        self.cookie = cookie
+        #: the cookie holds a digest of the token (any characters, and never the token itself)
+        self.cookie_value = hashlib.sha256(self.token).hexdigest().encode() if self.token else None
+
+    def _allowed(self, scope: dict[str, Any]) -> tuple[bool, bool]:
+        """Whether the request carries the token, and whether it came in the query string."""
+        headers = dict(scope.get("headers") or [])
+        authorization = headers.get(b"authorization", b"")
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        if b"x-tensordb-token" in headers:
+            return hmac.compare_digest(headers[b"x-tensordb-token"], self.token), False
+        if authorization[:7].lower() == b"bearer ":
+            return hmac.compare_digest(authorization[7:].strip(), self.token), False
+        if query.get("token"):
+            return hmac.compare_digest(query["token"][0].encode(), self.token), True
+        if b"cookie" in headers:
+            morsel = SimpleCookie(headers[b"cookie"].decode("latin-1")).get(self.cookie)
+            if morsel is not None:
+                return hmac.compare_digest(morsel.value.encode(), self.cookie_value), False
+        return False, False
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        set_cookie = False
+        if self.token is not None:
+            allowed, in_query = self._allowed(scope)
+            if not allowed:
+                response = PlainTextResponse(
+                    "this dashboard needs its token: open the address `tensordb dashboard` printed (…/?token=…), "
+                    "or send the header 'Authorization: Bearer TOKEN'\n",
+                    status_code=401,
+                )
+                await response(scope, receive, self._with_headers(send, False))
+                return
+            set_cookie = in_query
+        await self.app(scope, receive, self._with_headers(send, set_cookie))
+
+    def _with_headers(self, send: Any, set_cookie: bool) -> Any:
+        async def wrapped(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or []) + SECURITY_HEADERS
+                if set_cookie and self.cookie_value is not None:
+                    headers.append((b"set-cookie", b"%s=%s; Path=/; HttpOnly; SameSite=Strict" % (self.cookie.encode(), self.cookie_value)))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return wrapped
+
+
+# -- the app -------------------------------------------------------------------------------------------
+
+
+class Dashboard:
+    """What the routes share: settings, the store, the live hub, the caches."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store(settings)
+        self.hub = LiveHub(settings)
+        self.cache = queries.OverviewCache(self.store)
+        self.cache.buffered = self.hub.buffered
+        self.hub.listeners.append(self.cache.on_points)
+        self.runs = queries.RunIndex(self.store)
+        self.rates = queries.ProgressRates()
+        self.fan_out = ThreadPoolExecutor(8, thread_name_prefix="tensordb-dashboard-compare")
+        self.started_at = time.time()
+
+    def start(self) -> None:
+        # both idempotent (and no-ops where the processors ran): the dashboard also works on a
+        # project nothing else touched yet, and its reads rely on the logs index
+        create_topics(self.settings)
+        self.store.ensure_indexes()
+        self.hub.start()
+        threading.Thread(target=self._warm, name="tensordb-dashboard-warm", daemon=True).start()
+
+    def _warm(self) -> None:
+        """Build the overviews of the most recent runs in the background (sampled first, then
+        exact), so the first comparison is served from memory."""
+        try:
+            runs = self.runs.runs()
+            self.cache.prefetch((run["run_id"], phase) for run in runs[:WARM_RUNS] for phase in run["phases"])
+        except Exception:  # noqa: BLE001 - only a head start; pages build what they need anyway
+            log.exception("could not warm the overview cache")
+
+    def close(self) -> None:
+        self.hub.stop()
+        self.cache.close()
+        self.runs.close()
+        self.fan_out.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
+
+    # -- one run's charts ----------------------------------------------------------------------------
+
+    def run_series(self, run_id: str, lo: int | None, hi: int | None) -> dict[str, Any]:
+        store = self.store
+        phases = sorted(store["logs"].distinct("phase", {"project": store.project, "run_id": run_id}), key=PHASES.index)
+        zoomed = lo is not None or hi is not None
+        per_metric: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        info: dict[str, Any] = {}
+        full = True
+        for phase in phases:
+            count = queries.count_points(store, run_id, phase, lo, hi)
+            view = None
+            if count <= queries.FULL_POINTS or (zoomed and count <= ZOOM_MAX_RAW):
+                columns = queries.read_columns(store, run_id, phase, lo, hi)
+                full = full and count <= queries.FULL_POINTS
+                for name, values in columns.metrics.items():
+                    per_metric.setdefault(name, {})[phase] = (columns.steps, values)
+                last_step = int(columns.steps[-1]) if len(columns) else None
+            else:
+                full = False
+                view = self.cache.get(run_id, phase, lo, hi)
+                for name, (steps, _, values) in (view.metrics if view else {}).items():
+                    per_metric.setdefault(name, {})[phase] = (steps, values)
+                last_step = view.last_step if view else None
+            info[phase] = {
+                "count": count, "full": view is None and count <= queries.FULL_POINTS, "last_step": last_step,
+                "exact": view.exact if view else True,
+            }  # fmt: skip
+        limit = 4 * queries.FULL_POINTS if full else queries.OVERVIEW_POINTS
+        charts = {name: queries.align({phase: series[phase] for phase in phases if phase in series}, limit) for name, series in sorted(per_metric.items())}
+        return {
+            "run_id": run_id, "phases": info, "full": full, "lo": lo, "hi": hi, "charts": charts, "full_points": queries.FULL_POINTS,
+            "job": queries.job_of(store, run_id),
+        }  # fmt: skip
+
+    # -- several runs on one chart ---------------------------------------------------------------------
+
+    def compare(self, runs: list[str], phase: str, metric: str, x: str, lo: float | None, hi: float | None, points: int) -> dict[str, Any]:
+        zoomed = lo is not None or hi is not None
+
+        def one(run_id: str) -> tuple[str, np.ndarray, np.ndarray, bool, bool]:
+            view = self.cache.get(run_id, phase)
+            if view is None or metric not in view.metrics:
+                return run_id, np.zeros(0), np.zeros(0), True, False
+            steps, walls, values = view.metrics[metric]
+            origin = float(walls.min()) if len(walls) else 0.0
+            xs = steps if x == "step" else walls if x == "time" else walls - origin
+            if not zoomed:
+                return run_id, xs, values, view.exact, False
+            keep = (xs >= (lo if lo is not None else -np.inf)) & (xs <= (hi if hi is not None else np.inf))
+            # the steps this range covers, widened by a bucket on each side (for time axes too)
+            covered = steps[keep]
+            if len(covered):
+                first, last = int(covered.min()) - view.width, int(covered.max()) + view.width
+            elif x == "step":
+                first, last = int(lo if lo is not None else 0), int(hi if hi is not None else view.last_step)
+            else:
+                return run_id, xs[keep], values[keep], view.exact, False
+            if (last - first) / view.width < ZOOM_BUCKETS and queries.count_points(self.store, run_id, phase, first, last) <= ZOOM_MAX_RAW:
+                columns = queries.read_columns(self.store, run_id, phase, max(first, 0), last)
+                raw = columns.metrics.get(metric, np.full(len(columns), np.nan))
+                raw_x = columns.steps.astype(np.float64) if x == "step" else columns.walls if x == "time" else columns.walls - origin
+                inside = (raw_x >= (lo if lo is not None else -np.inf)) & (raw_x <= (hi if hi is not None else np.inf))
+                return run_id, raw_x[inside], raw[inside], True, True
+            return run_id, xs[keep], values[keep], view.exact, False
+
+        results = list(self.fan_out.map(one, runs))
+        aligned = queries.align({run_id: (xs, ys) for run_id, xs, ys, _, _ in results}, points)
+        return {
+            **aligned, "metric": metric, "phase": phase, "axis": x, "exact": all(r[3] for r in results),
+            "raw": [r[0] for r in results if r[4]], "empty": [r[0] for r in results if not len(r[1])],
+        }  # fmt: skip
+
+
+def create_app(settings: Settings, token: str | None = None, port: int = 0) -> Guard:
+    """The ASGI app: FastAPI routes behind the :class:`Guard` (``.app`` is the FastAPI app)."""
+    dashboard = Dashboard(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Iterator[None]:
+        await asyncio.to_thread(dashboard.start)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(dashboard.close)
+
+    app = FastAPI(title=f"TensorDB dashboard: {settings.project}", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.dashboard = dashboard
+
+    @app.get("/", include_in_schema=False)
+    def index() -> Response:
+        page = STATIC / "index.html"
+        if not page.is_file():
+            return PlainTextResponse(
+                "the dashboard's front end is not built: run `make dashboard` (npm ci and the build in dashboard/web)\n", status_code=503
+            )
+        return FileResponse(page, headers={"Cache-Control": "no-store"})
+
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/api/status")
+    def status() -> JSON:
+        return JSON({
+            "project": settings.project, "kafka": settings.kafka_bootstrap, "database": settings.mongo_database,
+            "live": dashboard.hub.status(), "overview_builds": dashboard.cache.builds, "started_at": dashboard.started_at,
+            "now": time.time(), "full_points": queries.FULL_POINTS, "overview_points": queries.OVERVIEW_POINTS,
+        })  # fmt: skip
+
+    @app.get("/api/runs")
+    def runs() -> JSON:
+        return JSON({"runs": dashboard.runs.runs(), "now": time.time()})
+
+    @app.get("/api/run")
+    def run(id: str = Query(..., min_length=1, max_length=256), lo: int | None = None, hi: int | None = None) -> JSON:
+        if lo is not None and hi is not None and hi < lo:
+            raise HTTPException(422, "hi must be >= lo")
+        return JSON(dashboard.run_series(id, lo, hi))
+
+    @app.get("/api/job")
+    def job(id: str = Query(..., min_length=1, max_length=256)) -> JSON:
+        return JSON(queries.job_of(dashboard.store, id))
+
+    @app.get("/api/compare")
+    def compare(
+        run: list[str] = Query(..., min_length=1, max_length=500),
+        metric: str = Query(..., min_length=1, max_length=128),
+        phase: str = "train",
+        x: str = "step",
+        lo: float | None = None,
+        hi: float | None = None,
+        points: int = Query(queries.OVERVIEW_POINTS, ge=10, le=10_000),
+    ) -> JSON:
+        if phase not in PHASES:
+            raise HTTPException(422, f"phase must be one of {', '.join(PHASES)}")
+        if x not in ("step", "time", "relative"):
+            raise HTTPException(422, "x must be step, time or relative")
+        return JSON(dashboard.compare(list(dict.fromkeys(run)), phase, metric, x, lo, hi, points))
+
+    @app.get("/api/models")
+    def models() -> JSON:
+        return JSON({"models": queries.models(dashboard.store)})
+
+    @app.get("/api/data")
+    def data() -> JSON:
+        return JSON(queries.data(dashboard.store, dashboard.rates))
+
+    @app.get("/api/dead-letters")
+    def dead_letters(limit: int = Query(200, ge=1, le=1000)) -> JSON:
+        return JSON(queries.dead_letters(dashboard.store, limit))
+
+    @app.get("/api/live")
+    async def live(request: Request, run: list[str] = Query([], max_length=500), all: bool = False) -> StreamingResponse:
+        if not run and not all:
+            raise HTTPException(422, "name the runs to follow (?run=A&run=B) or ask for all=1")
+        subscription, replay = dashboard.hub.subscribe(None if all else set(run), asyncio.get_running_loop())
+
+        async def events() -> Any:
+            try:
+                yield b"retry: 1000\n\n"
+                if replay:
+                    yield b"event: points\ndata: " + dumps(replay) + b"\n\n"
+                yield b"event: ready\ndata: " + dumps({"at": time.time()}) + b"\n\n"
+                while True:
+                    items = await subscription.next(KEEPALIVE_SECONDS)
+                    if items == RESET:
+                        yield b"event: reset\ndata: {}\n\n"
+                        return
+                    if items is None:
+                        if subscription.closed:
+                            return
+                        yield b": keep-alive\n\n"
+                        continue
+                    yield b"event: points\ndata: " + dumps(items) + b"\n\n"
+            finally:
+                dashboard.hub.unsubscribe(subscription)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    return Guard(app, token, cookie=f"tensordb_dashboard_{port}")
+
+
+def run(settings: Settings, host: str = "127.0.0.1", port: int = 8050, token: str | None = None) -> None:
+    """``tensordb dashboard``: serve the dashboard of ``settings.project`` until interrupted."""
+    import uvicorn
+
+    token = token or os.environ.get(TOKEN_ENV) or None
+    check_binding(host, token)
+    if not (STATIC / "index.html").is_file():
+        log.warning("the front end is not built (%s is missing): run `make dashboard`", STATIC / "index.html")
+    shown = f"[{host}]" if ":" in host else host
+    address = f"http://{shown}:{port}/" + (f"?token={quote(token, safe='')}" if token else "")
+    log.info("dashboard of project %r at %s", settings.project, address)
+    print(f"dashboard of project {settings.project!r}: {address}", flush=True)
+    uvicorn.run(create_app(settings, token, port), host=host, port=port, log_level="info", timeout_graceful_shutdown=2)

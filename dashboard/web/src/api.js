@@ -1,0 +1,77 @@
+// The dashboard's API: JSON reads and the live stream (Server-Sent Events).
+// The token, when the dashboard has one, travels as a cookie the server set when the page was
+// opened with ?token=...: nothing here handles it.
+
+/** the body of a JSON answer as text (to compare with the previous one before parsing it) */
+export async function getText(path, params = {}) {
+  const query = new URLSearchParams();
+  for (const [key, value] of Object.entries(params)) {
+    if (value === undefined || value === null || value === "") continue;
+    for (const item of Array.isArray(value) ? value : [value]) query.append(key, item);
+  }
+  const url = query.toString() ? `${path}?${query}` : path;
+  const response = await fetch(url, { headers: { Accept: "application/json" } });
+  const text = await response.text();
+  if (!response.ok) throw new Error(`${response.status} ${text.slice(0, 300)}`);
+  return text;
+}
+
+export async function getJSON(path, params = {}) {
+  return JSON.parse(await getText(path, params));
+}
+
+const listeners = new Set();
+export function onLiveState(listener) {
+  listeners.add(listener);
+  return () => listeners.delete(listener);
+}
+function announce(state) {
+  for (const listener of listeners) listener(state);
+}
+
+/**
+ * Follows runs live. For every connection (the first and each reconnection): `onOpen()` first,
+ * then `onPoints(items)` with the points the server consumed that MongoDB may not have yet, then
+ * `onReady()` once the server has registered the subscription: read the history then, and merge
+ * it with every point received since `onOpen` (by step). `onPoints(items)` gets
+ * [{run, points: [[phase, step, wall_time, metrics], ...]}, ...].
+ */
+export class LiveRuns {
+  constructor(runs, { all = false, onOpen = () => {}, onReady, onPoints }) {
+    this.params = new URLSearchParams();
+    for (const run of runs) this.params.append("run", run);
+    if (all) this.params.set("all", "1");
+    this.onOpen = onOpen;
+    this.onReady = onReady;
+    this.onPoints = onPoints;
+    this.closed = false;
+    this.open();
+  }
+
+  open() {
+    this.source = new EventSource(`/api/live?${this.params}`);
+    this.source.addEventListener("open", () => this.onOpen());
+    this.source.addEventListener("points", (event) => this.onPoints(JSON.parse(event.data)));
+    this.source.addEventListener("ready", () => {
+      announce("live");
+      this.onReady();
+    });
+    this.source.addEventListener("reset", () => {  // we fell behind: start over
+      this.source.close();
+      if (!this.closed) setTimeout(() => this.open(), 200);
+    });
+    this.source.onerror = () => announce(this.closed ? "idle" : "reconnecting");
+  }
+
+  /** a fresh subscription (replayed points, then ready) */
+  restart() {
+    this.source.close();
+    if (!this.closed) this.open();
+  }
+
+  close() {
+    this.closed = true;
+    this.source.close();
+    announce("idle");
+  }
+}

@@ -1,0 +1,269 @@
+"""The dashboard in a real browser: Debian's headless Chromium (/usr/bin/chromium) driven by
+Playwright (its Python package; no browser is downloaded), against the real broker, mongod, stream
+processors, a trainer worker and ``tensordb dashboard``. Screenshots land in test-output/dashboard/.
+
+What is checked: points appear on a chart while a run logs, without reloading the page; a page
+opened in the middle of a run shows the whole curve (every step once: no gap, no duplicate at the
+seam between MongoDB's history and the live stream); a run named like HTML renders as text; a real
+training job's status and curves update live.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from confluent_kafka.admin import AdminClient
+from pymongo import MongoClient
+
+from dashboard.app import STATIC
+from tensordb.bus import Publisher, create_topics
+from tensordb.child import dashboard_process, processors_process, worker_process
+from tensordb.config import Settings, Topic
+from tensordb.jobs import Jobs
+from tensordb.runlog import LOGS, RunLogger
+from tensordb.samples import SAMPLES
+from tensordb.store import Store
+from tests.helpers import free_port, wait_for
+from tests.test_dashboard import Dashboard
+from tests.test_worker import _images
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = Path(os.environ.get("TENSORDB_CHROMIUM", "/usr/bin/chromium"))
+SCREENSHOTS = REPO / "test-output" / "dashboard"
+#: Chromium on a machine with no screen and a closed network (see the env notes of this project)
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+MARKUP_NAME = "<img src=x onerror=alert(1)>"
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    dashboard: Dashboard
+    folder: Path
+
+
+@pytest.fixture(scope="module")
+def stack(servers: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One project with its processors and a dashboard for the whole module (each test uses its
+    own runs): starting them once keeps the browser tests well under a minute."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    settings = servers.with_changes(project=name, mongo_database=f"tensordb_test_{name}")
+    create_topics(settings)
+    folder = tmp_path_factory.mktemp("dashboard-browser")
+    processors = processors_process(settings, folder / "processors.log")
+    port = free_port()
+    dashboard = dashboard_process(settings, folder / "dashboard.log", port)
+    try:
+        processors.start()
+        dashboard.start()
+        yield Stack(settings, Dashboard(dashboard, port), folder)
+    finally:
+        dashboard.stop()
+        processors.stop()
+        MongoClient(settings.mongo_uri).drop_database(settings.mongo_database)
+        AdminClient(settings.kafka_config()).delete_topics(list(settings.all_topics().values()))
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (sh .ci/apt-install chromium)")
+    if not (STATIC / "index.html").is_file():
+        pytest.fail(f"the dashboard's front end is not built ({STATIC} is missing): run `make dashboard`")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@dataclass
+class Tab:
+    """A browser page, and what it reported: dialogs (alert...), uncaught errors, console errors."""
+
+    page: Any
+    dialogs: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def points(self, metric: str) -> int:
+        value = self.page.evaluate("(m) => document.querySelector(`.chart[data-metric='${m}']`)?.dataset.points", metric)
+        return int(value or 0)
+
+    def wait_points(self, metric: str, count: int, timeout: float = 30.0) -> None:
+        self.page.wait_for_function(
+            "([m, n]) => document.querySelector(`.chart[data-metric='${m}']`)?.dataset.points === String(n)",
+            arg=[metric, count], timeout=timeout * 1000,
+        )  # fmt: skip
+
+    def screenshot(self, name: str) -> Path:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        path = SCREENSHOTS / f"{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+@pytest.fixture
+def tab(browser: Any) -> Iterator[Tab]:
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    tab = Tab(page)
+
+    def on_dialog(dialog: Any) -> None:
+        tab.dialogs.append(f"{dialog.type}: {dialog.message}")
+        dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    page.on("pageerror", lambda error: tab.errors.append(str(error)))
+    page.on("console", lambda message: tab.errors.append(message.text) if message.type == "error" else None)
+    try:
+        yield tab
+    finally:
+        context.close()
+
+
+def run_url(dashboard: Any, run_id: str) -> str:
+    return f"{dashboard.url}/#/run/{quote(run_id, safe='')}"
+
+
+def loss(step: int) -> float:
+    return 1.0 / (1.0 + step / 100.0)
+
+
+def test_points_appear_on_the_chart_while_the_run_logs_without_reloading(stack, tab) -> None:
+    settings, dashboard = stack.settings, stack.dashboard
+    page = tab.page
+    page.goto(run_url(dashboard, "live-run"))
+    page.wait_for_selector("#live-state.live")
+    page.evaluate("window.__sameDocument = true")
+    seen = []
+    with Publisher(settings) as publisher, RunLogger(publisher, "live-run", tags={"model": "mlp"}) as logger:
+        for chunk in range(3):
+            for step in range(chunk * 100, chunk * 100 + 100):
+                logger.log(step, loss=loss(step), accuracy=step / 300)
+                time.sleep(0.002)
+            tab.wait_points("loss", (chunk + 1) * 100)
+            seen.append(tab.points("loss"))
+    assert seen == [100, 200, 300]  # the chart grew with the run
+    assert page.evaluate("window.__sameDocument") is True
+    assert page.evaluate("performance.getEntriesByType('navigation').length") == 1  # never reloaded
+    assert page.evaluate("window.tensordbCharts['run:loss'].steps()") == list(range(300))
+    assert page.evaluate("window.tensordbCharts['run:loss'].values('train')") == [loss(step) for step in range(300)]
+    tab.wait_points("accuracy", 300)
+    tab.screenshot("live-run")
+    assert not tab.errors and not tab.dialogs
+
+
+def test_a_page_opened_in_the_middle_of_a_run_shows_the_whole_curve(stack, browser, tab) -> None:
+    settings, dashboard = stack.settings, stack.dashboard
+    total, run_id = 4000, "late-run"
+
+    def train() -> None:
+        with Publisher(settings) as publisher, RunLogger(publisher, run_id) as logger:
+            for step in range(total):
+                logger.log(step, loss=loss(step))
+                time.sleep(0.001)
+
+    trainer = threading.Thread(target=train)
+    trainer.start()
+    try:
+        with Store(settings) as store:
+            wait_for(lambda: store[LOGS].count_documents({"run_id": run_id}) >= 1000, timeout=30, what="1000 steps persisted")
+        tab.page.goto(run_url(dashboard, run_id))  # history from MongoDB + the rest live
+    finally:
+        trainer.join()
+    tab.wait_points("loss", total)
+    steps = tab.page.evaluate("window.tensordbCharts['run:loss'].steps()")
+    assert steps == list(range(total))  # every step, once: no gap and no duplicate at the seam
+    assert tab.page.evaluate("window.tensordbCharts['run:loss'].values('train')") == [loss(step) for step in range(total)]
+    tab.screenshot("late-run")
+
+    later = Tab(browser.new_page())  # and after the run, from MongoDB alone
+    try:
+        later.page.goto(run_url(dashboard, run_id))
+        later.wait_points("loss", total)
+        assert later.page.evaluate("window.tensordbCharts['run:loss'].steps()") == list(range(total))
+    finally:
+        later.page.close()
+    assert not tab.errors and not tab.dialogs
+
+
+def test_a_run_named_like_markup_renders_as_text(stack, tab) -> None:
+    settings, dashboard = stack.settings, stack.dashboard
+    with Publisher(settings) as publisher, RunLogger(publisher, MARKUP_NAME, tags={"note": "<script>alert(2)</script>", "html": "<b>x</b>"}) as logger:
+        for step in range(20):
+            logger.log(step, loss=loss(step))
+    page = tab.page
+    page.goto(f"{dashboard.url}/#/runs")
+    link = page.locator("a.run-link", has_text="onerror")
+    link.wait_for(timeout=30_000)
+    assert link.text_content() == MARKUP_NAME
+    assert page.locator("td", has_text="note=<script>alert(2)</script>").count() == 1
+    tab.screenshot("markup-runs")
+
+    link.click()
+    page.wait_for_selector("h1.run-title")
+    tab.wait_points("loss", 20)
+    assert page.locator("h1.run-title").text_content() == MARKUP_NAME
+    page.goto(f"{dashboard.url}/#/compare?run={quote(MARKUP_NAME, safe='')}&metric=loss")
+    page.wait_for_function("() => document.querySelector('#main .chart')?.dataset.points === '20'", timeout=30_000)
+    assert MARKUP_NAME in page.locator(".u-legend").text_content()  # uPlot's legend, as text too
+    assert MARKUP_NAME in page.locator(".run-list").text_content()
+    tab.screenshot("markup-compare")
+    for selector in ("img", "b", "script:not([src])"):
+        assert page.locator(selector).count() == 0, selector  # nothing the names contain became an element
+    assert not tab.dialogs and not tab.errors
+
+
+def test_a_training_job_s_status_and_curves_update_live(stack, tab) -> None:
+    settings, dashboard = stack.settings, stack.dashboard
+    worker = worker_process(settings, stack.folder / "worker.log")
+    with Store(settings) as store, Publisher(settings) as publisher:
+        for record in _images(320):  # through the ingest topic and the processors
+            publisher.publish(Topic.INGEST, record, key=record["sample_id"])
+        publisher.flush()
+        wait_for(lambda: store[SAMPLES].count_documents({"dataset": "train"}) == 320, what="320 samples ingested")
+        job_id = Jobs(store, publisher).submit(
+            "train", name="dashboard-training", epochs=8,
+            model={"entry_point": "tests.training_models:small_classifier"},
+            data={"filter": {"dataset": "train"}}, hyperparameters={"batch_size": 8, "units": 8},
+        )  # fmt: skip
+        page = tab.page
+        page.goto(run_url(dashboard, job_id))
+        page.wait_for_selector(".job .badge.pending")
+        worker.start()
+        try:
+            seen, statuses = {0}, []
+            deadline = time.monotonic() + 120
+            while not page.locator(".job .badge.finished").count():  # watch the curve grow while the job trains
+                seen.add(tab.points("loss"))
+                statuses.append(page.locator(".job .badge").first.text_content())
+                assert time.monotonic() < deadline, f"the job did not finish within 120 s ({statuses[-1]})"
+                time.sleep(0.05)
+        finally:
+            worker.stop()
+        steps = 8 * (320 // 8)
+        wait_for(lambda: store[LOGS].count_documents({"run_id": job_id, "phase": "train"}) == steps, what="every step persisted")
+    tab.wait_points("loss", steps)
+    assert len(seen - {0, steps}) >= 2, f"the chart should have grown in several steps while training, saw {sorted(seen)}"
+    assert statuses[0] == "pending" and page.evaluate("performance.getEntriesByType('navigation').length") == 1
+    assert page.locator(".chart[data-metric='val_loss'], .chart[data-metric='accuracy']").count() >= 1
+    assert "epoch 8/8" in page.locator(".job").text_content()
+    tab.screenshot("training-job")
+    assert not tab.errors and not tab.dialogs
