@@ -23,18 +23,11 @@ b. Overview, 100 runs × 100,000 points (10 million log documents, written as th
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parent.parent
-# run as a script, Python puts bench/ first on the path: look in the repository root instead
-if sys.path and Path(sys.path[0] or ".").resolve() == REPO / "bench":
-    sys.path[0] = str(REPO)
-
 import argparse  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402, I001
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -42,19 +35,19 @@ import uuid  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 from urllib.parse import quote  # noqa: E402
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import orjson  # noqa: E402
-from confluent_kafka.admin import AdminClient  # noqa: E402
-from pymongo import MongoClient  # noqa: E402
+from harness import REPO, project, servers  # before the tensordb imports: puts the repository root on sys.path
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from streams.logs import log_document  # noqa: E402
-from tensordb.bus import Publisher, create_topics  # noqa: E402
+from tensordb.bus import Publisher  # noqa: E402
 from tensordb.child import ChildProcess, dashboard_process, processors_process  # noqa: E402
 from tensordb.config import Settings  # noqa: E402
 from tensordb.runlog import LOGS, RunLogger  # noqa: E402
@@ -69,42 +62,6 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 # -- servers, project, processes ----------------------------------------------------------------------
-
-
-@contextmanager
-def servers() -> Iterator[Settings]:
-    if os.environ.get("TENSORDB_KAFKA_BOOTSTRAP") and os.environ.get("TENSORDB_MONGO_URI"):
-        yield Settings()
-        return
-    from tensordb.services import LocalServices
-
-    run_dir = Path(tempfile.mkdtemp(prefix="tensordb-bench-dashboard-"))
-    settings = Settings(
-        kafka_bootstrap=f"127.0.0.1:{free_port()}",
-        mongo_uri=f"mongodb://127.0.0.1:{free_port()}/?replicaSet=rs0",
-        services_dir=REPO / ".tensordb",
-    )
-    services = LocalServices(settings, run_dir=run_dir)
-    try:
-        services.install()
-        services.up()
-        yield settings
-    finally:
-        services.down()
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-@contextmanager
-def project(base: Settings, tag: str) -> Iterator[Settings]:
-    name = f"bench-{tag}-{uuid.uuid4().hex[:8]}"
-    settings = base.with_changes(project=name, mongo_database=f"tensordb_{name.replace('-', '_')}")
-    create_topics(settings)
-    try:
-        yield settings
-    finally:
-        with MongoClient(settings.mongo_uri) as client:
-            client.drop_database(settings.mongo_database)
-        AdminClient(settings.kafka_config()).delete_topics(list(settings.all_topics().values()))
 
 
 @contextmanager
@@ -360,7 +317,8 @@ def main() -> int:
     cwd = os.getcwd()
     os.chdir(folder)  # faust writes its <app id>-data folder in the working directory
     try:
-        with servers() as base, chromium() as browser:
+        with servers("dashboard") as own, chromium() as browser:
+            base = own.settings
             console.rule("[bold]a. log() → point drawn in the browser")
             results = []
             with project(base, "latency") as settings:
