@@ -254,8 +254,11 @@ def test_runs_jobs_models_and_data_as_the_pages_show_them(settings, start_dashbo
             Received(settings.topic(Topic.INGEST), 0, 30, None, b'{"dataset": null}', None, None), ValueError("dataset must be a string")
         )
 
-    runs = {run["run_id"]: run for run in dashboard.get("/api/runs")["runs"]}
-    run = runs[job_id]
+    def listed_runs() -> dict[str, dict] | None:  # the runs list is cached for a second, shared by browsers
+        runs = {run["run_id"]: run for run in dashboard.get("/api/runs")["runs"]}
+        return runs if job_id in runs else None
+
+    run = wait_for(listed_runs, timeout=10, what="the run in /api/runs")[job_id]
     assert run["job"]["status"] == "pending" and run["job"]["policy"] == "digits" and run["job"]["attempts"] == 0
     assert run["points"] == 10 and run["phases"]["train"]["last_step"] == 9 and run["metrics"] == ["loss"]
     assert dashboard.get("/api/job", id=job_id)["name"] == "digits-mlp"
