@@ -41,7 +41,6 @@ chromium:
 demo: services-install dashboard
 	$(BIN)/tensordb services up
 	$(BIN)/tensordb demo
-	TENSORDB_PROJECT=demo TENSORDB_MONGO_DATABASE=tensordb_demo $(BIN)/python -m dashboard.background
 
 test: services-install system-packages dashboard chromium
 	$(BIN)/ruff check tensordb streams workers schemas tests bench examples dashboard

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from dashboard.background import start_dashboard
 from tensordb.bus import create_topics
 from tensordb.client import TensorDB
 from tensordb.config import Settings, Topic
@@ -132,6 +133,8 @@ def run_demo(base_settings: Settings) -> int:
     timeline.say("stream processors running (ingest, log sink, retrain trigger, evaluation → promotion)")
     services.start_app("worker", ["worker"])
     timeline.say("trainer worker running")
+    dashboard = start_dashboard(settings)
+    timeline.say(f"dashboard at {dashboard} — open it to watch the runs train live")
 
     x, y = load_digits(return_X_y=True)
     first, second = range(0, WAVE_SIZES[0]), range(WAVE_SIZES[0], sum(WAVE_SIZES))
@@ -181,7 +184,7 @@ def run_demo(base_settings: Settings) -> int:
         for letter in letters:
             timeline.say(f"dead letter at {letter['topic']}[{letter['partition']}]@{letter['offset']}: {letter['reason']}")
         complete = len(letters) == 1 and len(_decisions(db)) == 2
-    _print_next_steps(settings, base)
+    _print_next_steps(settings, base, dashboard)
     return 0 if complete else 1
 
 
@@ -215,10 +218,11 @@ def _print_summary(db: TensorDB, rounds: list[dict[str, Any]], shown: list[int],
     console.print(served)
 
 
-def _print_next_steps(settings: Settings, base: str) -> None:
+def _print_next_steps(settings: Settings, base: str, dashboard: str) -> None:
     env = f"TENSORDB_PROJECT={settings.project} TENSORDB_MONGO_DATABASE={settings.mongo_database}"
     console.print(
         "\n[bold]Everything keeps running.[/] Explore:\n"
+        f"  {dashboard:<56} # the dashboard: runs, curves, models, data\n"
         f"  .venv/bin/tensordb services status                      # servers and TensorDB processes\n"
         f"  curl -s {base}/model                         # the version in production\n"
         f"  {env} .venv/bin/tensordb policy list\n"
