@@ -21,6 +21,7 @@ from pymongo import MongoClient
 from tensordb.bus import create_topics
 from tensordb.child import ChildProcess, processors_process, worker_process
 from tensordb.config import Settings
+from tensordb.store import Store
 from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,6 +79,14 @@ def settings(servers: Settings) -> Iterator[Settings]:
     yield project_settings
     MongoClient(project_settings.mongo_uri).drop_database(project_settings.mongo_database)
     AdminClient(project_settings.kafka_config()).delete_topics(list(project_settings.all_topics().values()))
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[Store]:
+    """This test's project database, with every collection and index created."""
+    with Store(settings) as store:
+        store.ensure_indexes()
+        yield store
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ that leave no blob behind, even after a delete that died half-way."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -26,13 +25,6 @@ MNIST_LIKE = (
     RNG.standard_normal((3, 5)).astype(np.float32),
     np.array([True, False, True]),
 )
-
-
-@pytest.fixture
-def store(settings: Settings) -> Iterator[Store]:
-    with Store(settings) as store:
-        store.ensure_indexes()
-        yield store
 
 
 @pytest.fixture

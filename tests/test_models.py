@@ -39,13 +39,6 @@ X = np.random.default_rng(3).standard_normal((16, 8)).astype(np.float32)
 
 
 @pytest.fixture
-def store(settings: Settings) -> Iterator[Store]:
-    with Store(settings) as store:
-        store.ensure_indexes()
-        yield store
-
-
-@pytest.fixture
 def registry(store: Store) -> Iterator[ModelRegistry]:
     with ModelRegistry(store) as registry:
         yield registry
