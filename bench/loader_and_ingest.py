@@ -40,8 +40,8 @@ import numpy as np
 from harness import Pids, Timing, children_cwd, interleaved, make_console, project, servers
 from rich.table import Table
 
-from streams.app import ProcessorContext, process_batch
 from streams.ingest import _prepare, handle_samples
+from streams.processing import ProcessorContext, process_batch
 from tensordb import records
 from tensordb.bus import Received
 from tensordb.child import ChildProcess, processors_process
@@ -386,7 +386,7 @@ def direct_inserts(base: Settings, pids: Pids, images: np.ndarray, with_blobs: b
     with project(base, "direct") as settings, Store(settings) as store:
         store.ensure_indexes()
         now = datetime.now(UTC)
-        prepared = [_prepare(r, settings.project, now) for r in as_received(settings, 0, sample_records("timed", 0, images))]
+        prepared = [_prepare(r, store, now) for r in as_received(settings, 0, sample_records("timed", 0, images))]
 
         def insert_all() -> int:
             for start in range(0, len(prepared), INGEST_CHUNK):

@@ -54,8 +54,8 @@ RESET = "reset"
 
 
 def sink_group(settings: Settings) -> str:
-    """The consumer group of the log sink (``streams.logs.LogSink.group``)."""
-    return f"{settings.topic_prefix}-{settings.project}-log-sink"
+    """The consumer group of the log sink (the ``log-sink`` processor kind)."""
+    return settings.processor_group("log-sink")
 
 
 def parse(value: bytes | None) -> tuple[str, Point] | None:

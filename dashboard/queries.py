@@ -694,8 +694,8 @@ def dead_letters(store: Store, limit: int = 200) -> dict[str, Any]:
     project = store.project
     letters = []
     for document in store[DEAD_LETTERS].find({"project": project}, {"project": 0, "key_b64": 0}, sort=[("at", DESCENDING)], limit=limit):
-        original = base64.b64decode(document.pop("original_b64", "") or "")
-        document["original_bytes"] = len(original)
+        original = base64.b64decode(document.pop("original_b64", "") or "")  # empty when kept in GridFS
+        document["original_bytes"] = document.get("original_size", len(original))
         document["original_preview"] = original[:400].decode("utf-8", errors="replace")
         document["id"] = document.pop("_id")
         letters.append(document)

@@ -1,8 +1,9 @@
 """The retrain trigger: ``data-imported`` events become train jobs, one per threshold crossing.
 
 For each active policy with an ``every_samples`` trigger, the new samples of an import batch that
-match the policy's training cohort are counted once per batch (a redelivered event is ignored).
-When the count reaches the threshold the counter is consumed atomically and one train job is
+match the policy's training cohort are counted, each sample once however often it is announced.
+When the count reaches the threshold, the threshold is consumed atomically (the overshoot counts
+towards the next one) and one train job is
 submitted; while a job of the policy is still pending, new arrivals are absorbed into it (it reads
 its cohort when it starts) instead of queueing another. Time-based triggers run on a timer.
 """
@@ -55,7 +56,8 @@ def handle_imports(context: Any, batch: list[Received]) -> None:
         event = received.record
         for policy in counted:
             training = cohort_from_spec(context.store, policy.training)
-            matching = context.store[SAMPLES].count_documents({"$and": [training.query(), {"_id": {"$in": event["sample_ids"]}}]})
+            query = {"$and": [training.query(), {"_id": {"$in": event["sample_ids"]}}]}
+            matching = [document["_id"] for document in context.store[SAMPLES].find(query, {"_id": 1})]
             total = policies.count_new_samples(policy.name, event["batch_id"], matching)
             threshold = int(policy.trigger["every_samples"])
             if total is not None and total >= threshold:

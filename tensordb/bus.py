@@ -8,6 +8,7 @@ producer is idempotent, so retries inside librdkafka never duplicate a record.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,14 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from tensordb import records
 from tensordb.config import Settings, Topic
-from tensordb.errors import DecodeError, DeliveryError, RecordTooLargeError, TensorDBError, ValidationError
+from tensordb.errors import (
+    DecodeError,
+    DeliveryError,
+    FatalClientError,
+    RecordTooLargeError,
+    TensorDBError,
+    ValidationError,
+)
 
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
 
@@ -58,25 +66,52 @@ class Publisher:
 
     Use as a context manager, or call :meth:`close`, so that buffered records are flushed.
     Failed deliveries are collected and raised by :meth:`flush` as a :class:`DeliveryError`.
+    A fatal producer error (the idempotent producer's unrecoverable states) is raised as
+    :class:`FatalClientError` by every later call until :meth:`recreate` replaces the client.
     """
 
-    def __init__(self, settings: Settings, **client_options: Any) -> None:
+    def __init__(self, settings: Settings, queue_timeout: float = 30.0, **client_options: Any) -> None:
         self.settings = settings
-        self._producer = Producer(
-            settings.kafka_config(
+        self.queue_timeout = queue_timeout
+        self._options = client_options
+        self._failures: list[str] = []
+        self._failures_lock = threading.Lock()
+        self._fatal: KafkaError | None = None
+        self.delivered = 0
+        self._producer = self._new_producer()
+
+    def _new_producer(self) -> Producer:
+        return Producer(
+            self.settings.kafka_config(
                 **{
                     "enable.idempotence": True,
                     "linger.ms": 5,
                     "compression.type": "lz4",
-                    "message.max.bytes": settings.max_message_bytes + 64 * 1024,
+                    "message.max.bytes": self.settings.max_message_bytes + 64 * 1024,
                     "queue.buffering.max.messages": 1_000_000,
-                    **client_options,
+                    "error_cb": self._on_error,
+                    **self._options,
                 }
             )
         )
-        self._failures: list[str] = []
-        self._failures_lock = threading.Lock()
-        self.delivered = 0
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            self._fatal = error
+
+    def _check_fatal(self) -> None:
+        if self._fatal is not None:
+            raise FatalClientError(
+                f"the Kafka producer failed fatally ({self._fatal.str()}); records queued since were not "
+                "delivered: recreate the publisher (processors do so by themselves) and publish them again"
+            )
+
+    def recreate(self) -> None:
+        """Replace a producer that failed fatally; records it had not delivered must be published again."""
+        self._producer = self._new_producer()
+        self._fatal = None
+        with self._failures_lock:
+            self._failures = []
 
     def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
         if error is None:
@@ -110,17 +145,26 @@ class Publisher:
                 "(TENSORDB_MAX_MESSAGE_BYTES): store large arrays in GridFS and publish a reference"
             )
         callback = on_delivery or self._on_delivery
+        deadline = time.monotonic() + self.queue_timeout
         while True:
+            self._check_fatal()
             try:
                 self._producer.produce(topic_name, value, key=key, on_delivery=callback)
                 break
             except BufferError:  # local queue full: serve delivery reports to make room, then retry
+                if time.monotonic() > deadline:
+                    raise DeliveryError(
+                        f"the producer's queue stayed full for {self.queue_timeout} s: the broker at "
+                        f"{self.settings.kafka_bootstrap} does not acknowledge; check that it runs"
+                    ) from None
                 self._producer.poll(0.05)
         self._producer.poll(0)
 
     def flush(self, timeout: float = 30.0) -> None:
-        """Wait until every queued record is acknowledged; raise if any was not."""
+        """Wait up to ``timeout`` until every queued record is acknowledged; raise if any was not."""
+        self._check_fatal()
         remaining = self._producer.flush(timeout)
+        self._check_fatal()
         with self._failures_lock:
             failures, self._failures = self._failures, []
         if remaining:
@@ -132,6 +176,7 @@ class Publisher:
             )
 
     def close(self, timeout: float = 30.0) -> None:
+        """Flush (raising what :meth:`flush` raises, within ``timeout``)."""
         self.flush(timeout)
 
     def __enter__(self) -> Publisher:
@@ -174,6 +219,8 @@ class Received:
     value: bytes | None
     record: dict[str, Any] | None
     error: TensorDBError | None
+    #: the broker's timestamp (ms): with the position, it tells a redelivery from a new record
+    timestamp: int = 0
 
 
 def receive(consumer: Consumer, schema_id: str, timeout: float = 1.0, max_messages: int = 500) -> Iterator[Received]:
@@ -192,6 +239,8 @@ def receive(consumer: Consumer, schema_id: str, timeout: float = 1.0, max_messag
         if message.error():
             if message.error().code() == KafkaError._PARTITION_EOF:
                 continue
+            if message.error().fatal():
+                raise FatalClientError(f"the Kafka consumer failed fatally ({message.error().str()}): recreate it")
             raise KafkaException(message.error())
         record, error = None, None
         try:
@@ -199,5 +248,12 @@ def receive(consumer: Consumer, schema_id: str, timeout: float = 1.0, max_messag
         except (DecodeError, ValidationError) as exc:
             error = exc
         yield Received(
-            message.topic(), message.partition(), message.offset(), message.key(), message.value(), record, error
+            message.topic(),
+            message.partition(),
+            message.offset(),
+            message.key(),
+            message.value(),
+            record,
+            error,
+            message.timestamp()[1],
         )

@@ -79,8 +79,8 @@ class ChildProcess:
 
 
 def processors_process(settings: Settings, log_path: Path) -> ChildProcess:
-    """``tensordb processors``: the faust stream processors."""
-    return ChildProcess(["processors"], "[^Worker]: Ready", settings, log_path)
+    """``tensordb processors``: the stream processors."""
+    return ChildProcess(["processors"], "processors ready", settings, log_path)
 
 
 def worker_process(settings: Settings, log_path: Path, lease_seconds: float = 30.0) -> ChildProcess:

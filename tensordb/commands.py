@@ -98,7 +98,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     create = topic_commands.add_parser("create", help="create every TensorDB topic that is missing")
     create.set_defaults(handler=_topics_create)
 
-    processors = subparsers.add_parser("processors", help="run the stream processors (faust) in the foreground")
+    processors = subparsers.add_parser("processors", help="run the stream processors in the foreground")
     processors.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])
     processors.set_defaults(handler=_processors)
 

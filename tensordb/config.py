@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         1024 * 1024, ge=4096, description="Largest record the producer sends (the broker's limit)."
     )
+    max_sample_bytes: int = Field(
+        2 * 1024**3,
+        ge=1,
+        description="Largest sample (all its arrays together) ingest accepts; larger shapes are dead-lettered.",
+    )
 
     services_dir: Path = Field(Path(".tensordb"), description="Binaries, data and logs of local services.")
     services_host: str = Field("127.0.0.1", description="Address the local services bind to.")
@@ -110,6 +115,11 @@ class Settings(BaseSettings):
     def topic(self, kind: Topic) -> str:
         """The Kafka topic name for one kind of record in this project."""
         return f"{self.topic_prefix}.{self.project}.{kind.value}"
+
+    def processor_group(self, kind: str) -> str:
+        """The consumer group of one processor kind of this project (``ingest``, ``log-sink``...):
+        every instance of the kind joins it, so instances share the topic's partitions."""
+        return f"{self.topic_prefix}-{self.project}-{kind}"
 
     def all_topics(self) -> dict[Topic, str]:
         return {kind: self.topic(kind) for kind in Topic}

@@ -33,6 +33,10 @@ class DeliveryError(TensorDBError):
     """The broker did not acknowledge one or more produced records."""
 
 
+class FatalClientError(DeliveryError):
+    """A Kafka client reached a state it cannot leave (e.g. the idempotent producer's fatal errors)."""
+
+
 class ServiceError(TensorDBError):
     """A local service could not be installed, started or stopped."""
 
@@ -41,9 +45,49 @@ class RecordTooLargeError(TensorDBError, ValueError):
     """A record exceeds the broker's message size; large arrays belong in GridFS (claim check)."""
 
 
+class StorageError(TensorDBError):
+    """MongoDB refused to store a document (its content breaks one of MongoDB's rules)."""
+
+
 class IntegrityError(TensorDBError):
     """Stored bytes do not match their recorded checksum."""
 
 
 class QueryError(TensorDBError, ValueError):
     """A query, filter or cohort definition is malformed or uses a forbidden operator."""
+
+
+#: What to do about the refusals MongoDB answers for a document, by its error code.
+_MONGO_REFUSALS = {
+    2: "a value MongoDB cannot store: check metadata and labels",
+    15: "values nest too deeply: flatten metadata and labels (MongoDB stores at most 100 levels)",
+    52: "a field name starts with '$': rename the metadata or label keys",
+    57: "a field name contains '.': rename the metadata or label keys",
+    10334: "the document exceeds MongoDB's 16 MB limit: keep large values in arrays, which go to GridFS",
+    17419: "the document exceeds MongoDB's 16 MB limit: keep large values in arrays, which go to GridFS",
+}
+
+
+def mongo_refusal(code: int | None, message: str) -> str:
+    """A reason, in TensorDB's terms, for a document MongoDB refused with ``code`` and ``message``."""
+    advice = _MONGO_REFUSALS.get(code or 0, "check the record's metadata and labels against MongoDB's document rules")
+    return f"MongoDB refused to store the record ({message}, code {code}): {advice}"
+
+
+def describe_error(error: BaseException) -> str:
+    """``error`` as a dead letter's reason: what went wrong in TensorDB's terms and what to do.
+
+    TensorDB's own errors say so already; MongoDB's refusals of a document are translated; any
+    other exception is a processing failure that names its type, never a bare traceback line.
+    """
+    if isinstance(error, TensorDBError):
+        return str(error)
+    details = getattr(error, "details", None)
+    if isinstance(details, dict) and "errmsg" in details:  # a pymongo OperationFailure
+        return mongo_refusal(details.get("code"), str(details["errmsg"]))
+    if type(error).__name__ == "DocumentTooLarge":
+        return mongo_refusal(10334, str(error))
+    return (
+        f"the record could not be processed ({type(error).__name__}: {error}); if the record is valid this is "
+        "a TensorDB bug: report it with this dead letter's id"
+    )

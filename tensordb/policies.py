@@ -18,9 +18,11 @@ from pymongo import ReturnDocument
 
 from tensordb.cohorts import cohort_from_spec
 from tensordb.errors import TensorDBError
-from tensordb.store import Store
+from tensordb.store import Store, insert_ignoring_duplicates
 
 POLICIES = "policies"
+#: One marker per (policy, sample) counted, naming the import batch that counted it first.
+COUNTED = "policy_counted_samples"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -143,13 +145,34 @@ class Policies:
         return self.collection.delete_one({"_id": self._id(name)}).deleted_count == 1
 
     # -- the trigger's counters ---------------------------------------------------------------
-    def count_new_samples(self, name: str, batch_id: str, matching: int) -> int | None:
-        """Add ``matching`` new samples from import batch ``batch_id``, once per batch; returns the
-        new total, or None if this batch was already counted (a redelivered event)."""
+    def count_new_samples(self, name: str, batch_id: str, sample_ids: list[str]) -> int | None:
+        """Count the samples of import batch ``batch_id`` that match the policy, each once ever.
+
+        Exact under redelivery and crashes: a marker per (policy, sample) records which batch
+        counted the sample first, and the counter grows by that batch's markers once per batch.
+        Returns the new count, or None if this batch was already counted.
+
+        Parameters
+        ----------
+        name:
+            The policy.
+        batch_id:
+            The ``data-imported`` event's batch id.
+        sample_ids:
+            The batch's samples that match the policy's training cohort.
+        """
+        project = self.store.project
+        markers = [
+            {"_id": f"{project}:{name}:{sample_id}", "project": project, "policy": name, "batch_id": batch_id}
+            for sample_id in sample_ids
+        ]
+        if markers:
+            insert_ignoring_duplicates(self.store[COUNTED], markers)  # a sample counted before keeps its batch
+        first_counted = self.store[COUNTED].count_documents({"project": project, "policy": name, "batch_id": batch_id})
         document = self.collection.find_one_and_update(
             {"_id": self._id(name), "seen_batches": {"$ne": batch_id}},
             {
-                "$inc": {"new_samples": matching, "samples_counted": matching},
+                "$inc": {"new_samples": first_counted, "samples_counted": first_counted},
                 "$push": {"seen_batches": {"$each": [batch_id], "$slice": -1000}},
             },
             projection={"new_samples": 1},
@@ -158,16 +181,16 @@ class Policies:
         return None if document is None else document["new_samples"]
 
     def take_trigger(self, name: str, threshold: int | None) -> bool:
-        """Atomically consume the counter if it reached ``threshold`` (None: unconditionally)."""
+        """Atomically consume ``threshold`` samples of the counter if it holds that many (None: all).
+
+        The samples past the threshold stay counted towards the next trigger.
+        """
         query: dict[str, Any] = {"_id": self._id(name)}
+        consume: dict[str, Any] = {"$set": {"new_samples": 0, "last_triggered_at": datetime.now(UTC)}, "$inc": {"triggers": 1}}
         if threshold is not None:
             query["new_samples"] = {"$gte": threshold}
-        return (
-            self.collection.update_one(
-                query, {"$set": {"new_samples": 0, "last_triggered_at": datetime.now(UTC)}, "$inc": {"triggers": 1}}
-            ).modified_count
-            == 1
-        )
+            consume = {"$set": {"last_triggered_at": datetime.now(UTC)}, "$inc": {"triggers": 1, "new_samples": -threshold}}
+        return self.collection.update_one(query, consume).modified_count == 1
 
     def take_timed_trigger(self, name: str, every_seconds: float) -> bool:
         """Atomically start a time-triggered round if the last one is ``every_seconds`` old."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -123,23 +124,82 @@ def split_key(sample_id: str) -> int:
     return int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "big") % SPLIT_KEY_RANGE
 
 
-def inline_bytes(name: str, spec: Mapping[str, Any]) -> tuple[bytes, list[int]]:
-    """The raw bytes and shape of an inline array spec, checked against its dtype and shape."""
+#: Deepest nesting of metadata and label values stored (MongoDB refuses documents past 100 levels).
+MAX_NESTING = 32
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def array_nbytes(name: str, dtype_name: str, shape: list[int], max_bytes: int) -> int:
+    """The size in bytes of an array of ``shape``, refusing shapes past ``max_bytes`` (no overflow:
+    Python integers, so a shape like ``[2**32, 2**32]`` is refused, never wrapped round to a small size)."""
+    nbytes = math.prod(shape) * np.dtype(dtype_name).itemsize
+    if nbytes > max_bytes:
+        raise SampleError(
+            f"array {name!r}: shape {shape} of {dtype_name} is {nbytes} bytes, over the {max_bytes}-byte sample limit "
+            "(TENSORDB_MAX_SAMPLE_BYTES): fix the shape, or raise the limit if samples really are this large"
+        )
+    return nbytes
+
+
+def check_storable(field: str, value: Any, depth: int = 0) -> None:
+    """Refuse metadata or label values MongoDB cannot store, naming the field and what to do.
+
+    Parameters
+    ----------
+    field:
+        The value's path in the record, for the message (e.g. ``metadata.scanner``).
+    value:
+        A JSON value from the record.
+    """
+    if depth > MAX_NESTING:
+        raise SampleError(f"{field}: values nest more than {MAX_NESTING} levels: flatten them")
+    if isinstance(value, bool | float | str) or value is None:
+        return
+    if isinstance(value, int):
+        if not INT64[0] <= value <= INT64[1]:
+            raise SampleError(f"{field}: the integer {value} does not fit 64 bits: send it as a string or a float")
+        return
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            check_storable(f"{field}[{index}]", item, depth + 1)
+        return
+    for key, item in value.items():
+        if key.startswith("$") or "." in key or "\0" in key:
+            raise SampleError(f"{field}: the key {key[:64]!r} has '$' at its start, a '.' or a NUL: rename it")
+        check_storable(f"{field}.{key}", item, depth + 1)
+
+
+def inline_bytes(name: str, spec: Mapping[str, Any], max_bytes: int = 2**63) -> tuple[bytes, list[int]]:
+    """The raw bytes and shape of an inline array spec, checked against its dtype and shape.
+
+    Parameters
+    ----------
+    name, spec:
+        The array's name and its spec from a ``sample/1`` record (``data`` or ``values``).
+    max_bytes:
+        The largest array accepted (the settings' ``max_sample_bytes``).
+    """
     dtype = np.dtype(spec["dtype"]).newbyteorder("<")
     if "data" in spec:
+        shape = list(spec["shape"])
+        expected = array_nbytes(name, dtype.name, shape, max_bytes)
         try:
             data = base64.b64decode(spec["data"], validate=True)
         except ValueError as exc:
             raise SampleError(f"array {name!r}: 'data' is not valid base64 ({exc})") from exc
-        shape = list(spec["shape"])
     else:
+        if "shape" in spec:
+            array_nbytes(name, dtype.name, list(spec["shape"]), max_bytes)
         try:
             values = np.asarray(spec["values"], dtype=dtype)
-        except (ValueError, TypeError) as exc:
-            raise SampleError(f"array {name!r}: 'values' do not form a regular {dtype.name} array ({exc})") from exc
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise SampleError(
+                f"array {name!r}: 'values' do not form a regular {dtype.name} array ({exc}): "
+                f"send equal-length lists of numbers that fit {dtype.name}"
+            ) from exc
         shape = list(spec.get("shape", values.shape))
         data = values.tobytes()
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        expected = array_nbytes(name, dtype.name, shape, max_bytes)
     if len(data) != expected:
         raise SampleError(
             f"array {name!r}: {len(data)} bytes do not fit shape {list(shape)} of {dtype.name} "

@@ -15,11 +15,11 @@ from bson import Binary, ObjectId
 from pymongo import ASCENDING, DESCENDING, IndexModel, MongoClient
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, CollectionInvalid, OperationFailure, WriteConcernError
 
 from tensordb.codecs import array_to_npy, npy_to_array, sha256_hex
 from tensordb.config import Settings
-from tensordb.errors import IntegrityError
+from tensordb.errors import IntegrityError, StorageError, mongo_refusal
 
 #: Indexes created at start-up, per collection. Each area adds the ones its queries need.
 INDEXES: dict[str, list[IndexModel]] = {
@@ -45,6 +45,7 @@ INDEXES: dict[str, list[IndexModel]] = {
     ],
     # the continuous-learning loop: policies, the scores of versions, and the miner's decisions
     "policies": [IndexModel([("project", ASCENDING), ("name", ASCENDING)])],
+    "policy_counted_samples": [IndexModel([("project", ASCENDING), ("policy", ASCENDING), ("batch_id", ASCENDING)])],
     "evaluations": [
         IndexModel([("project", ASCENDING), ("policy", ASCENDING), ("at", DESCENDING)]),
         IndexModel([("project", ASCENDING), ("model", ASCENDING), ("version", ASCENDING)]),
@@ -82,17 +83,39 @@ BLOB_BUCKET = "blobs"
 #: so reading a batch of samples costs one query instead of one per sample.
 CHUNK_BYTES = 4 * 1024 * 1024
 DUPLICATE_KEY = 11000
+NAMESPACE_EXISTS = 48
 
 
 class Store:
-    """A project's view of the MongoDB database: collections, indexes and the GridFS blob bucket."""
+    """A project's view of the MongoDB database: collections, indexes and the GridFS blob bucket.
 
-    def __init__(self, settings: Settings, client: MongoClient | None = None) -> None:
+    Every write is acknowledged only once it survives a mongod crash: journaled, and on a replica
+    set by a majority (``w="majority", j=True``), so nothing TensorDB acknowledges or commits
+    offsets for can be forgotten by a restarted server.
+    """
+
+    def __init__(self, settings: Settings, client: MongoClient | None = None, server_wait_ms: int = 30_000) -> None:
+        """
+        Parameters
+        ----------
+        settings:
+            Where the database is (``mongo_uri``, ``mongo_database``) and the project.
+        client:
+            An existing client to share (not closed by :meth:`close`); one is created otherwise.
+        server_wait_ms:
+            How long a call waits for a reachable server before raising (pymongo's server
+            selection timeout): processors use a few seconds so they notice a stop request.
+        """
         self.settings = settings
         self.project = settings.project
         self._owns_client = client is None
         self.client: MongoClient = client or MongoClient(
-            settings.mongo_uri, tz_aware=True, appname=f"tensordb-{settings.project}"
+            settings.mongo_uri,
+            tz_aware=True,
+            appname=f"tensordb-{settings.project}",
+            w="majority",
+            journal=True,
+            serverSelectionTimeoutMS=server_wait_ms,
         )
         self.db: Database = self.client[settings.mongo_database]
         self.blobs = gridfs.GridFSBucket(self.db, bucket_name=BLOB_BUCKET, chunk_size_bytes=CHUNK_BYTES)
@@ -104,12 +127,19 @@ class Store:
         """Create every collection and index TensorDB needs (idempotent; cheap when they exist).
 
         Collections are created explicitly because MongoDB 4.0 cannot create them inside a
-        transaction.
+        transaction. Safe when several processes start at once: a collection another one created
+        meanwhile is taken as it is.
         """
         existing = set(self.db.list_collection_names())
         for name, indexes in INDEXES.items():
             if name not in existing:
-                self.db.create_collection(name)
+                try:
+                    self.db.create_collection(name)
+                except CollectionInvalid:
+                    pass  # created by another process since list_collection_names
+                except OperationFailure as exc:
+                    if exc.code != NAMESPACE_EXISTS:
+                        raise
             self.db[name].create_indexes(indexes)
 
     def put_bytes(self, data: bytes, filename: str, **metadata: Any) -> tuple[ObjectId, str]:
@@ -198,16 +228,34 @@ class Store:
         self.close()
 
 
-def insert_ignoring_duplicates(collection: Collection, documents: list[dict[str, Any]]) -> set[int]:
-    """Insert documents; those whose unique key already exists are skipped (idempotent writes).
+def insert_new(collection: Collection, documents: list[dict[str, Any]]) -> tuple[set[int], dict[int, str]]:
+    """Insert documents, each on its own: returns the positions of duplicates and of refusals.
 
-    Returns the positions of the skipped duplicates. Plain inserts are ~3x faster than upserts.
+    A document whose unique key exists already is a duplicate (skipped: idempotent writes); one
+    MongoDB refuses (too deep, bad field name...) is returned with the reason, in TensorDB's terms,
+    and the others are stored all the same. Plain inserts are ~3x faster than upserts.
     """
+    if not documents:
+        return set(), {}
     try:
         collection.insert_many(documents, ordered=False)
     except BulkWriteError as exc:
-        errors = exc.details["writeErrors"]
-        if any(error["code"] != DUPLICATE_KEY for error in errors):
-            raise
-        return {error["index"] for error in errors}
-    return set()
+        if exc.details.get("writeConcernErrors"):
+            raise WriteConcernError(str(exc.details["writeConcernErrors"][0].get("errmsg"))) from exc
+        duplicates, refused = set(), {}
+        for error in exc.details["writeErrors"]:
+            if error["code"] == DUPLICATE_KEY:
+                duplicates.add(error["index"])
+            else:
+                refused[error["index"]] = mongo_refusal(error["code"], error.get("errmsg", ""))
+        return duplicates, refused
+    return set(), {}
+
+
+def insert_ignoring_duplicates(collection: Collection, documents: list[dict[str, Any]]) -> set[int]:
+    """Insert documents whose unique key is new (see :func:`insert_new`); returns the duplicates'
+    positions, and raises :class:`~tensordb.errors.StorageError` if MongoDB refused any."""
+    duplicates, refused = insert_new(collection, documents)
+    if refused:
+        raise StorageError(next(iter(refused.values())))
+    return duplicates

@@ -104,8 +104,8 @@ def processors(settings: Settings, tmp_path: Path) -> Iterator[ChildProcess]:
 def ingest(settings: Settings) -> Iterator[Callable[[list[dict]], None]]:
     """Persist sample records through the ingest processor's own code, in-process (no faust hop),
     for tests about what is read back rather than about the stream transport."""
-    from streams.app import ProcessorContext, process_batch
     from streams.ingest import handle_samples
+    from streams.processing import ProcessorContext, process_batch
     from tensordb import records
     from tensordb.bus import Received
     from tensordb.config import Topic

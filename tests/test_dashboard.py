@@ -249,9 +249,10 @@ def test_runs_jobs_models_and_data_as_the_pages_show_them(settings, start_dashbo
                  "arrays": {"x": {"dtype": "int16", "shape": [2], "values": [i, -i]}}} for i in range(30)])  # fmt: skip
         save_cohort(Cohort(store, filter={"labels.y": 1}, limit=10), "positives", description="<b>not bold</b>")
         from tensordb.bus import Received
+        from tensordb.samples import SampleError
 
         DeadLetters(store, publisher, "streams").divert(
-            Received(settings.topic(Topic.INGEST), 0, 30, None, b'{"dataset": null}', None, None), ValueError("dataset must be a string")
+            Received(settings.topic(Topic.INGEST), 0, 30, None, b'{"dataset": null}', None, None), SampleError("dataset must be a string")
         )
 
     def listed_runs() -> dict[str, dict] | None:  # the runs list is cached for a second, shared by browsers

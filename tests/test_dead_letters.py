@@ -92,7 +92,7 @@ def test_a_redelivered_bad_record_is_stored_once(settings: Settings) -> None:
 
 
 def test_a_record_the_handler_cannot_process_is_set_aside_and_the_rest_are_processed(settings: Settings) -> None:
-    from streams.app import ProcessorContext, process_batch
+    from streams.processing import ProcessorContext, process_batch
 
     processed: list[int] = []
 

@@ -262,11 +262,12 @@ def test_keras_fit_with_the_callback_logs_every_batch_and_each_epochs_validation
 def test_the_batched_log_sink_stores_each_record_once_dead_letters_bad_ones_and_resumes_after_a_restart(
     settings: Settings,
 ) -> None:
-    from streams.logs import LogSink
+    from streams.consumer import TopicProcessor
+    from streams.logs import log_sink
     from tensordb.dead_letters import COLLECTION as DEAD_LETTERS
 
-    def start() -> tuple[LogSink, threading.Thread]:
-        sink = LogSink(settings, batch_size=3000)
+    def start() -> tuple[TopicProcessor, threading.Thread]:
+        sink = log_sink(settings, batch_size=3000)
         ready = threading.Event()
         thread = threading.Thread(target=sink.run, kwargs={"on_ready": ready.set}, daemon=True)
         thread.start()

@@ -15,7 +15,7 @@ from tensordb.services.process import ManagedProcess, ServiceStatus
 
 #: The line each command logs when it is ready to work.
 READY_LINES = {
-    "processors": "[^Worker]: Ready",
+    "processors": "processors ready",
     "worker": "worker ready",
     "serve": "Uvicorn running on",
     "dashboard": "Uvicorn running on",

@@ -1,0 +1,182 @@
+"""One processor kind on one topic: a batched librdkafka consumer that commits only what is durable.
+
+Every instance of a kind (``tensordb processors`` started several times, for one project or several
+sharing a database) joins the kind's consumer group, ``PREFIX-PROJECT-KIND``, so instances share
+the topic's partitions and take over those of an instance that dies.
+
+Two threads per processor: the reader polls batches of up to ``batch_size`` records (returning as
+soon as one arrives), validates them and commits the offsets of batches already persisted; the
+writer persists each batch with :func:`~streams.processing.process_batch`, which returns only when
+every record is stored or dead-lettered durably. Offsets are committed after that, never before,
+so a crash or a stop in the middle of a batch leaves it to be read again (at-least-once; every
+handler is idempotent). A consumer that fails fatally is replaced; a broker outage is waited out.
+
+Why not faust's agents: ``Stream.take_events`` acknowledges a taken batch in a ``finally`` block
+even when processing raised, so a batch that failed during an outage was committed at shutdown
+and lost; its aiokafka consumer waits a fixed 1.5 s on an empty fetch (0.35-0.8 s a hop against
+Tansu); and a broker unreachable at start-up stops the whole app instead of being waited out.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from streams.processing import Handler, ProcessorContext, Stopping, process_batch
+from tensordb import records
+from tensordb.bus import Received, make_consumer, receive
+from tensordb.config import Settings, Topic
+from tensordb.errors import FatalClientError
+
+log = logging.getLogger(__name__)
+
+
+class TopicProcessor:
+    """Consumes one topic for one processor kind (see the module docstring).
+
+    Parameters
+    ----------
+    settings:
+        The project, brokers and database.
+    kind:
+        The processor kind; names the consumer group (``Settings.processor_group``).
+    topic:
+        The topic consumed; its records are validated against the topic's schema.
+    handler:
+        Persists a batch of valid records (idempotently); None for topics that are only validated.
+    batch_size:
+        Most records handed to the handler at once.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        kind: str,
+        topic: Topic,
+        handler: Handler | None,
+        batch_size: int = 2000,
+        poll_timeout: float = 0.1,
+        **client_options: Any,
+    ) -> None:
+        self.settings = settings
+        self.kind = kind
+        self.topic = topic
+        self.handler = handler
+        self.batch_size = batch_size
+        self.poll_timeout = poll_timeout
+        self.group = settings.processor_group(kind)
+        self._client_options = client_options
+        self.context = ProcessorContext(settings, processor=kind)
+        self.consumer = self._new_consumer()
+        self.processed = 0  # records handled so far, stored or dead-lettered
+        self._stop = self.context.stopping
+        self._batches: queue.Queue[list[Received] | None] = queue.Queue(maxsize=2)
+        self._persisted_offsets: queue.Queue[dict[tuple[str, int], int]] = queue.Queue()
+
+    def _new_consumer(self) -> Consumer:
+        return make_consumer(self.settings, self.group, [self.topic], **self._client_options)
+
+    def run(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Consume until :meth:`stop`, then commit what was persisted and close.
+
+        ``on_ready`` is called once the consumer has joined its group and has partitions.
+        """
+        schema = records.TOPIC_RECORDS[self.topic]
+        writer = threading.Thread(target=self._write_batches, name=f"tensordb-{self.kind}-writer", daemon=True)
+        writer.start()
+        delay = 0.2
+        try:
+            while not self._stop.is_set():
+                try:
+                    batch = list(receive(self.consumer, schema, timeout=self.poll_timeout, max_messages=self.batch_size))
+                except FatalClientError as exc:
+                    log.error("%s processor: %s; replacing the consumer", self.kind, exc)
+                    self._close_consumer()
+                    self.consumer = self._new_consumer()
+                    continue
+                except KafkaException as exc:  # the broker is unreachable: wait it out
+                    self.context.status = f"waiting for Kafka: {exc}"
+                    log.warning("%s processor %s; retrying in %.1f s", self.kind, self.context.status, delay)
+                    self._stop.wait(delay)
+                    delay = min(delay * 2, 10.0)
+                    continue
+                delay = 0.2
+                if on_ready is not None and self.consumer.assignment():  # joined the group
+                    on_ready()
+                    on_ready = None
+                self._commit_persisted(asynchronous=True)
+                while batch and not self._stop.is_set():
+                    try:
+                        self._batches.put(batch, timeout=0.5)  # bounded: back-pressure from MongoDB
+                        break
+                    except queue.Full:
+                        self._commit_persisted(asynchronous=True)
+        finally:
+            try:
+                self._batches.put(None, timeout=15.0)  # the writer skips what is queued once stopping
+            except queue.Full:
+                log.error("%s processor: the writer did not stop; uncommitted batches will be read again", self.kind)
+            writer.join(timeout=15.0)
+            self._commit_persisted(asynchronous=False)
+            self._close_consumer()
+            self.context.close()
+
+    def stop(self) -> None:
+        """Ask the processor to stop: it finishes or abandons (uncommitted) the batch in hand."""
+        self._stop.set()
+
+    def _write_batches(self) -> None:
+        while (batch := self._batches.get()) is not None:
+            if self._stop.is_set():
+                continue  # not processed, not committed: read again after a restart
+            try:
+                process_batch(self.context, batch, self.handler)
+            except Stopping:
+                continue
+            except Exception:  # noqa: BLE001 - a bug must not kill the writer: the batch stays uncommitted
+                log.exception("%s processor could not process a batch; it will be read again", self.kind)
+                self._stop.wait(1.0)
+                continue
+            self.processed += len(batch)
+            last: dict[tuple[str, int], int] = {}
+            for received in batch:
+                key = (received.topic, received.partition)
+                last[key] = max(last.get(key, -1), received.offset)
+            self._persisted_offsets.put(last)
+
+    def _commit_persisted(self, asynchronous: bool) -> None:
+        """Commit the offsets of the batches the writer has persisted, from the consuming thread.
+
+        Only this thread uses the consumer: a synchronous commit from another thread while this
+        one polls was seen to wait for seconds (until polling stopped).
+        """
+        offsets: dict[tuple[str, int], int] = {}
+        while True:
+            try:
+                done = self._persisted_offsets.get_nowait()
+            except queue.Empty:
+                break
+            for key, offset in done.items():
+                offsets[key] = max(offsets.get(key, -1), offset)
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(
+                offsets=[TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in offsets.items()],
+                asynchronous=asynchronous,
+            )
+        except KafkaException as exc:  # e.g. the partition moved to another instance: it re-reads, idempotently
+            log.warning("%s processor could not commit offsets (%s); those records may be processed again", self.kind, exc)
+
+    def _close_consumer(self) -> None:
+        started = time.monotonic()
+        try:
+            self.consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("%s processor: closing the consumer failed after %.1f s: %s", self.kind, time.monotonic() - started, exc)

