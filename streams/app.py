@@ -71,9 +71,6 @@ class Processors:
             on_ready()
         while not self._stop.wait(TIMER_SECONDS):
             self._run_timers()
-        for processor in self.processors:
-            processor.stop()
-        self.timers.stopping.set()
         deadline = time.monotonic() + STOP_SECONDS
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -90,7 +87,11 @@ class Processors:
             log.exception("timed triggers failed; trying again in %.0f s", TIMER_SECONDS)
 
     def stop(self) -> None:
+        """Ask every processor to stop (safe from a signal handler): waits for an outage end now."""
         self._stop.set()
+        self.timers.stopping.set()
+        for processor in self.processors:
+            processor.stop()
 
 
 def run(settings: Settings, loglevel: str = "info") -> None:

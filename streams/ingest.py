@@ -48,7 +48,7 @@ def _prepare(received: Received, store: Store, now: datetime) -> tuple[dict[str,
                     f"array {name!r}: nbytes {spec['nbytes']} does not fit shape {spec['shape']} of {spec['dtype']}: "
                     "fix the reference's shape or nbytes"
                 )
-            entry.update(shape=spec["shape"], nbytes=spec["nbytes"], sha256=spec["sha256"], blob_id=ObjectId(spec["blob_id"]))
+            entry.update(shape=[int(size) for size in spec["shape"]], nbytes=spec["nbytes"], sha256=spec["sha256"], blob_id=ObjectId(spec["blob_id"]))
         else:
             data, shape = inline_bytes(name, spec, limit)
             digest = hashlib.sha256(data).hexdigest()

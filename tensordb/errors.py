@@ -87,6 +87,10 @@ def describe_error(error: BaseException) -> str:
         return mongo_refusal(details.get("code"), str(details["errmsg"]))
     if type(error).__name__ == "DocumentTooLarge":
         return mongo_refusal(10334, str(error))
+    if type(error).__name__ == "InvalidDocument":  # refused by the BSON encoder, before reaching MongoDB
+        return f"MongoDB cannot store the record ({str(error)[-300:]}): rename keys that hold a NUL byte, start with '$' or contain '.'"
+    if isinstance(error, OverflowError):
+        return f"the record holds an integer MongoDB cannot store ({error}): send integers past 64 bits as strings or floats"
     return (
         f"the record could not be processed ({type(error).__name__}: {error}); if the record is valid this is "
         "a TensorDB bug: report it with this dead letter's id"

@@ -181,7 +181,7 @@ def inline_bytes(name: str, spec: Mapping[str, Any], max_bytes: int = 2**63) -> 
     """
     dtype = np.dtype(spec["dtype"]).newbyteorder("<")
     if "data" in spec:
-        shape = list(spec["shape"])
+        shape = [int(size) for size in spec["shape"]]  # JSON may spell 2 as 2.0
         expected = array_nbytes(name, dtype.name, shape, max_bytes)
         try:
             data = base64.b64decode(spec["data"], validate=True)
@@ -197,7 +197,7 @@ def inline_bytes(name: str, spec: Mapping[str, Any], max_bytes: int = 2**63) -> 
                 f"array {name!r}: 'values' do not form a regular {dtype.name} array ({exc}): "
                 f"send equal-length lists of numbers that fit {dtype.name}"
             ) from exc
-        shape = list(spec.get("shape", values.shape))
+        shape = [int(size) for size in spec.get("shape", values.shape)]
         data = values.tobytes()
         expected = array_nbytes(name, dtype.name, shape, max_bytes)
     if len(data) != expected:
