@@ -33,18 +33,18 @@ from streams.lifecycle import handle_job_events
 from streams.logs import log_sink, tune_gc_for_batches
 from streams.processing import Handler, ProcessorContext, Stopping
 from streams.retrain import handle_imports, run_timed_triggers
-from tensordb.config import Settings, Topic
+from tensordb.config import PROCESSOR_TOPICS, Settings
 
 log = logging.getLogger(__name__)
 
-#: (kind, topic, handler, batch size) of every processor but the log sink.
-KINDS: list[tuple[str, Topic, Handler | None, int]] = [
-    ("ingest", Topic.INGEST, handle_samples, 2000),
-    ("retrain", Topic.DATA_IMPORTED, handle_imports, 500),
-    ("lifecycle", Topic.JOB_EVENTS, handle_job_events, 200),
-    ("job-requests", Topic.JOB_REQUESTS, None, 2000),
-    ("model-events", Topic.MODEL_EVENTS, None, 2000),
-]
+#: (handler, batch size) of every processor kind but the log sink; its topic is PROCESSOR_TOPICS[kind].
+HANDLERS: dict[str, tuple[Handler | None, int]] = {
+    "ingest": (handle_samples, 2000),
+    "retrain": (handle_imports, 500),
+    "lifecycle": (handle_job_events, 200),
+    "job-requests": (None, 2000),
+    "model-events": (None, 2000),
+}
 TIMER_SECONDS = 5.0
 READY_LINE = "processors ready"
 STOP_SECONDS = 20.0
@@ -55,7 +55,10 @@ class Processors:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.processors = [TopicProcessor(settings, *kind) for kind in KINDS] + [log_sink(settings)]
+        self.processors = [
+            TopicProcessor(settings, kind, PROCESSOR_TOPICS[kind], handler, batch_size)
+            for kind, (handler, batch_size) in HANDLERS.items()
+        ] + [log_sink(settings)]
         self.timers = ProcessorContext(settings, processor="timers")
         self._stop = threading.Event()
 

@@ -39,6 +39,17 @@ class Topic(str, Enum):
     DEAD_LETTERS = "dead-letters"
 
 
+#: The topic each kind of stream processor consumes, in its own consumer group (see streams/app.py).
+PROCESSOR_TOPICS: dict[str, Topic] = {
+    "ingest": Topic.INGEST,
+    "retrain": Topic.DATA_IMPORTED,
+    "lifecycle": Topic.JOB_EVENTS,
+    "log-sink": Topic.LOGS,
+    "job-requests": Topic.JOB_REQUESTS,
+    "model-events": Topic.MODEL_EVENTS,
+}
+
+
 class Settings(BaseSettings):
     """Connection settings, names and limits shared by the SDK, processors, workers and CLI."""
 

@@ -191,8 +191,9 @@ def inline_bytes(name: str, spec: Mapping[str, Any], max_bytes: int = 2**63) -> 
         if "shape" in spec:
             array_nbytes(name, dtype.name, list(spec["shape"]), max_bytes)
         try:
-            values = np.asarray(spec["values"], dtype=dtype)
-        except (ValueError, TypeError, OverflowError) as exc:
+            with np.errstate(over="raise", invalid="raise"):  # 1e300 as float16 is an error, not inf
+                values = np.asarray(spec["values"], dtype=dtype)
+        except (ValueError, TypeError, OverflowError, FloatingPointError) as exc:
             raise SampleError(
                 f"array {name!r}: 'values' do not form a regular {dtype.name} array ({exc}): "
                 f"send equal-length lists of numbers that fit {dtype.name}"

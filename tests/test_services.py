@@ -1,4 +1,4 @@
-"""``tensordb services``: real Tansu, mongod and s3rver processes on free ports.
+"""``tensordb services``: real Tansu and mongod processes on free ports.
 
 Binaries are shared (the repository's ``.tensordb``, installed once); each test keeps its state
 in its own temporary run directory and stops every process it started.
@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -100,14 +101,10 @@ def test_up_serves_kafka_and_mongodb_then_down_leaves_nothing_running(services: 
     again = _by_name(services.up())
     assert all(status.running and not status.changed for status in again.values())
     assert {name: status.pid for name, status in again.items()} == {name: s.pid for name, s in started.items()}
-    assert [(status.name, status.running) for status in services.status()] == [
-        ("tansu", True),
-        ("mongod", True),
-        ("s3rver", False),
-    ]
+    assert [(status.name, status.running) for status in services.status()] == [("tansu", True), ("mongod", True)]
 
     stopped = _by_name(services.down())
-    assert stopped["tansu"].changed and stopped["mongod"].changed and not stopped["s3rver"].changed
+    assert stopped["tansu"].changed and stopped["mongod"].changed
     for status in started.values():
         assert not Path(f"/proc/{status.pid}").exists(), f"{status.name} (pid {status.pid}) is still there"
     assert port_is_free(HOST, services.tansu.port) and port_is_free(HOST, services.mongod.port)
@@ -153,15 +150,38 @@ def test_a_pid_file_naming_another_program_is_never_trusted(tmp_path: Path) -> N
 
 
 @pytest.mark.integration
-def test_durable_mode_keeps_kafka_records_across_down_and_up(services: LocalServices) -> None:
-    statuses = _by_name(services.up(durable=True))
-    assert statuses["s3rver"].running and statuses["tansu"].detail.endswith("s3://tansu/")
+def test_the_memory_broker_forgets_what_it_held_when_it_stops(services: LocalServices) -> None:
+    """The guarantee `services up` states: acknowledged records live as long as the broker runs."""
+    services.up()
     bootstrap, topic = services.settings.kafka_bootstrap, services.settings.topic(Topic.LOGS)
-    _produce(bootstrap, topic, b"kept")
-
+    _produce(bootstrap, topic, b"held")
+    assert _first_record(bootstrap, topic) == b"held"
     services.down()
-    services.up(durable=True)
-    assert _first_record(bootstrap, topic) == b"kept"
+    services.up()
+    assert _first_record(bootstrap, topic) is None
+
+
+def test_a_leftover_of_the_removed_durable_mode_is_refused_plainly(installed: None, tmp_path: Path) -> None:
+    local = LocalServices(_settings(), run_dir=tmp_path)
+    (tmp_path / "s3rver" / "data").mkdir(parents=True)
+    with pytest.raises(ServiceError, match="--durable`, which was removed .* memory only"):
+        local.up()
+    assert not any(status.running for status in local.status())  # refused before starting anything
+
+
+@pytest.mark.integration
+def test_down_waits_until_the_processors_stored_every_record_the_broker_acknowledged(services: LocalServices) -> None:
+    from tensordb.client import TensorDB
+
+    services.up()
+    services.start_app("processors", ["processors"])
+    with TensorDB(services.settings) as db:
+        ids = db.publish_samples({"arrays": np.full(64, i % 256, np.uint8), "dataset": "d"} for i in range(3000))
+    services.down()  # right after the producer's acknowledgements: most are not stored yet
+    services.up()
+    with MongoClient(services.settings.mongo_uri) as client:
+        stored = client[services.settings.mongo_database]["samples"].count_documents({"project": services.settings.project})
+    assert stored == len(ids) == 3000
 
 
 @pytest.mark.integration
@@ -202,7 +222,9 @@ def test_command_line_up_status_down(installed: None, tmp_path: Path, monkeypatc
 
     try:
         assert run("up") == 0
-        assert f"export TENSORDB_KAFKA_BOOTSTRAP={settings.kafka_bootstrap}\n" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"export TENSORDB_KAFKA_BOOTSTRAP={settings.kafka_bootstrap}\n" in out
+        assert "Note: The local Kafka broker (Tansu) keeps records in memory" in " ".join(out.split())
         assert run("status") == 0
         assert run("logs", "tansu", "-n", "1") == 0
         assert "ready in" in capsys.readouterr().out

@@ -1,6 +1,6 @@
 """Local Kafka (Tansu) and MongoDB (mongod) without Docker: ``tensordb services install|up|down|status|logs``.
 
-``local.LocalServices`` orchestrates; one module per program (``tansu``, ``mongod``, ``s3rver``),
+``local.LocalServices`` orchestrates; one module per program (``tansu``, ``mongod``),
 each running through ``process.ManagedProcess``.
 """
 

