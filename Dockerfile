@@ -17,8 +17,7 @@ COPY schemas/ schemas/
 # slim image needs no compiler.
 RUN pip install --no-cache-dir -c constraints.txt .
 
-# Run unprivileged, from a home directory the processes may write to (faust keeps table state
-# under its working directory).
+# Run unprivileged, from a home directory the processes may write to.
 RUN useradd --create-home --uid 10001 tensordb
 USER tensordb
 WORKDIR /home/tensordb

@@ -102,7 +102,7 @@ def processors(settings: Settings, tmp_path: Path) -> Iterator[ChildProcess]:
 
 @pytest.fixture
 def ingest(settings: Settings) -> Iterator[Callable[[list[dict]], None]]:
-    """Persist sample records through the ingest processor's own code, in-process (no faust hop),
+    """Persist sample records through the ingest processor's own code, in-process (no Kafka hop),
     for tests about what is read back rather than about the stream transport."""
     from streams.ingest import handle_samples
     from streams.processing import ProcessorContext, process_batch
