@@ -133,22 +133,33 @@ class TopicProcessor:
 
     def _write_batches(self) -> None:
         while (batch := self._batches.get()) is not None:
-            if self._stop.is_set():
-                continue  # not processed, not committed: read again after a restart
-            try:
-                process_batch(self.context, batch, self.handler)
-            except Stopping:
-                continue
-            except Exception:  # noqa: BLE001 - a bug must not kill the writer: the batch stays uncommitted
-                log.exception("%s processor could not process a batch; it will be read again", self.kind)
-                self._stop.wait(1.0)
-                continue
+            if not self._persist(batch):
+                continue  # stopping: not committed, read again after a restart
             self.processed += len(batch)
             last: dict[tuple[str, int], int] = {}
             for received in batch:
                 key = (received.topic, received.partition)
                 last[key] = max(last.get(key, -1), received.offset)
             self._persisted_offsets.put(last)
+
+    def _persist(self, batch: list[Received]) -> bool:
+        """Process ``batch`` until it is done (True) or the processor stops (False).
+
+        A batch is never skipped: committing a later batch would commit past it. An unexpected
+        error (a bug) is logged and the batch tried again, so the processor stalls visibly
+        instead of losing records.
+        """
+        while not self._stop.is_set():
+            try:
+                process_batch(self.context, batch, self.handler)
+                return True
+            except Stopping:
+                return False
+            except Exception:
+                self.context.status = "failing: see the log"
+                log.exception("%s processor could not process a batch; trying it again in 5 s", self.kind)
+                self._stop.wait(5.0)
+        return False
 
     def _commit_persisted(self, asynchronous: bool) -> None:
         """Commit the offsets of the batches the writer has persisted, from the consuming thread.

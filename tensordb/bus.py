@@ -7,6 +7,7 @@ producer is idempotent, so retries inside librdkafka never duplicate a record.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from tensordb.errors import (
 )
 
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
+_log = logging.getLogger(__name__)
 
 
 def create_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
@@ -230,23 +232,27 @@ def receive(consumer: Consumer, schema_id: str, timeout: float = 1.0, max_messag
     ``max_messages``), so a job request is acted on at once rather than at the end of a window.
 
     Invalid records are yielded with ``error`` set rather than raised, so the caller can divert
-    them to dead letters and keep going.
+    them to dead letters and keep going. A fatal consumer error raises :class:`FatalClientError`
+    (recreate the consumer: it resumes from the committed offsets); other client errors are logged.
     """
-    first = consumer.poll(timeout)  # returns as soon as one message arrives (consume() waits for all)
+    first = consumer.poll(timeout)  # returns as soon as one message arrives (consume() waited for all)
     if first is None:
         return
     for message in [first, *consumer.consume(max_messages - 1, 0)] if max_messages > 1 else [first]:
-        if message.error():
-            if message.error().code() == KafkaError._PARTITION_EOF:
-                continue
-            if message.error().fatal():
-                raise FatalClientError(f"the Kafka consumer failed fatally ({message.error().str()}): recreate it")
-            raise KafkaException(message.error())
-        record, error = None, None
+        error = message.error()
+        if error:
+            if error.fatal():
+                raise FatalClientError(f"the Kafka consumer failed fatally ({error.str()}): recreate it")
+            # informational (end of partition, a broker connection lost and retried): the records
+            # around it are still yielded, never skipped
+            if error.code() != KafkaError._PARTITION_EOF:
+                _log.warning("Kafka consumer: %s", error.str())
+            continue
+        record, decode_error = None, None
         try:
             record = records.decode(message.value(), schema_id)
         except (DecodeError, ValidationError) as exc:
-            error = exc
+            decode_error = exc
         yield Received(
             message.topic(),
             message.partition(),
@@ -254,6 +260,6 @@ def receive(consumer: Consumer, schema_id: str, timeout: float = 1.0, max_messag
             message.key(),
             message.value(),
             record,
-            error,
+            decode_error,
             message.timestamp()[1],
         )

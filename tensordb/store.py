@@ -16,6 +16,7 @@ from pymongo import ASCENDING, DESCENDING, IndexModel, MongoClient
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, CollectionInvalid, OperationFailure, WriteConcernError
+from pymongo.uri_parser import parse_uri
 
 from tensordb.codecs import array_to_npy, npy_to_array, sha256_hex
 from tensordb.config import Settings
@@ -91,7 +92,9 @@ class Store:
 
     Every write is acknowledged only once it survives a mongod crash: journaled, and on a replica
     set by a majority (``w="majority", j=True``), so nothing TensorDB acknowledges or commits
-    offsets for can be forgotten by a restarted server.
+    offsets for can be forgotten by a restarted server. A ``w`` or ``journal`` option in
+    ``TENSORDB_MONGO_URI`` replaces this default (e.g. ``w=1&journal=false`` trades that
+    guarantee for speed; ``bench/faults.py`` measures the difference).
     """
 
     def __init__(self, settings: Settings, client: MongoClient | None = None, server_wait_ms: int = 30_000) -> None:
@@ -113,9 +116,8 @@ class Store:
             settings.mongo_uri,
             tz_aware=True,
             appname=f"tensordb-{settings.project}",
-            w="majority",
-            journal=True,
             serverSelectionTimeoutMS=server_wait_ms,
+            **durable_writes(settings.mongo_uri),
         )
         self.db: Database = self.client[settings.mongo_database]
         self.blobs = gridfs.GridFSBucket(self.db, bucket_name=BLOB_BUCKET, chunk_size_bytes=CHUNK_BYTES)
@@ -226,6 +228,14 @@ class Store:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def durable_writes(mongo_uri: str) -> dict[str, Any]:
+    """The write concern that survives a mongod crash, unless the URI chooses its own."""
+    options = parse_uri(mongo_uri)["options"] if mongo_uri.startswith("mongodb://") else {}
+    if "w" in options or "journal" in options:
+        return {}
+    return {"w": "majority", "journal": True}
 
 
 def insert_new(collection: Collection, documents: list[dict[str, Any]]) -> tuple[set[int], dict[int, str]]:

@@ -5,6 +5,7 @@ stored sample announced, policy counters exact, processors alive."""
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import os
 import signal
@@ -419,7 +420,8 @@ def test_schema_valid_records_from_the_schemas_are_stored_or_dead_lettered_with_
 
     def property_of(schema_id: str):  # type: ignore[no-untyped-def]
         record_type, version = schema_id.split("/")
-        schema = {key: value for key, value in load_schema(record_type, int(version)).items() if key != "$id"}  # local $refs only
+        # a deep copy: hypothesis-jsonschema rewrites the schema it is given, and load_schema's is shared
+        schema = {key: value for key, value in copy.deepcopy(load_schema(record_type, int(version))).items() if key != "$id"}
 
         @hypothesis_settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @given(from_schema(schema))
