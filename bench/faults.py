@@ -364,17 +364,14 @@ def broker_kill(lab: Lab, count: int) -> Row:
                 process.stop()
 
 
-def scenarios(lab: Lab, quick: bool) -> Iterator[Row]:
+def scenarios(lab: Lab, quick: bool) -> dict[str, Callable[[], Row]]:
+    """Each scenario by name, to run in this order."""
     n = 4000 if quick else 20_000
-    yield run_flow(lab, "no fault (durable writes)", n)
-    yield run_flow(lab, "no fault (w=1, no journal)", n, mongo_options="&w=1&journal=false", note="baseline of the durability cost")
-    yield run_flow(lab, "poison flood", n, bad_every=5, note="1 bad record per 5 good: garbage, mismatched, overflowing, deep, $/NUL keys, oversized")
+    rate = 400.0  # a steady stream for the outages, so that records arrive during them too
+    outage = 35 if quick else 60
 
     def kill_one(settings: Settings, processes: list[ChildProcess]) -> None:
         processes[0].kill()
-
-    yield run_flow(lab, "processor SIGKILL", n, fault=kill_one, instances=2, note="2 instances, one killed mid-stream")
-    yield log_sink_kill(lab, 20_000 if quick else 100_000)
 
     def mongod_down(seconds: float) -> Callable[[Settings, list[ChildProcess]], None]:
         def fault(settings: Settings, processes: list[ChildProcess]) -> None:
@@ -384,23 +381,35 @@ def scenarios(lab: Lab, quick: bool) -> Iterator[Row]:
 
         return fault
 
-    rate = 400.0  # a steady stream, so that records arrive during the outage too
-    yield run_flow(lab, "mongod SIGKILL, down 5 s", int(rate * 20), fault=mongod_down(5), fault_after=0.2, per_second=rate)
-    outage = 35 if quick else 60
-    yield run_flow(lab, f"mongod outage {outage} s", int(rate * (outage + 20)), fault=mongod_down(outage), fault_after=0.1, per_second=rate,
-                   note="longer than pymongo's 30 s server selection timeout")  # fmt: skip
-    yield broker_kill(lab, n)
+    return {
+        "no fault (durable writes)": lambda: run_flow(lab, "no fault (durable writes)", n),
+        "no fault (w=1, no journal)": lambda: run_flow(lab, "no fault (w=1, no journal)", n, mongo_options="&w=1&journal=false",
+                                                       note="baseline of the durability cost"),
+        "poison flood": lambda: run_flow(lab, "poison flood", n, bad_every=5,
+                                         note="1 bad record per 5 good: garbage, mismatched, overflowing, deep, $/NUL keys, oversized"),
+        "processor SIGKILL": lambda: run_flow(lab, "processor SIGKILL", n, fault=kill_one, instances=2, note="2 instances, one killed mid-stream"),
+        "log sink SIGKILL": lambda: log_sink_kill(lab, 20_000 if quick else 100_000),
+        "mongod SIGKILL, down 5 s": lambda: run_flow(lab, "mongod SIGKILL, down 5 s", int(rate * 20), fault=mongod_down(5), fault_after=0.2,
+                                                     per_second=rate),
+        f"mongod outage {outage} s": lambda: run_flow(lab, f"mongod outage {outage} s", int(rate * (outage + 20)), fault=mongod_down(outage),
+                                                      fault_after=0.1, per_second=rate, note="longer than pymongo's 30 s server selection timeout"),
+        "broker SIGKILL + restart": lambda: broker_kill(lab, n),
+    }  # fmt: skip
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="every scenario at a small scale (under 5 minutes)")
+    parser.add_argument("--only", metavar="TEXT", help="only the scenarios whose name contains TEXT")
     args = parser.parse_args()
     started = time.monotonic()
     lab = Lab()
     rows: list[Row] = []
     try:
-        for row in scenarios(lab, args.quick):
+        for name, scenario in scenarios(lab, args.quick).items():
+            if args.only and args.only not in name:
+                continue
+            row = scenario()
             console.print(f"{row.scenario}: acknowledged {row.acknowledged}, stored {row.stored}, dead-lettered {row.dead_lettered}, "
                           f"lost {row.lost}, duplicated {row.duplicated}, recovery {_seconds(row.recovery)}, {row.rate:,.0f} records/s")  # fmt: skip
             rows.append(row)

@@ -11,6 +11,11 @@ every record is stored or dead-lettered durably. Offsets are committed after tha
 so a crash or a stop in the middle of a batch leaves it to be read again (at-least-once; every
 handler is idempotent). A consumer that fails fatally is replaced; a broker outage is waited out.
 
+A topic that is recreated (a memory broker that restarted, or a topic deleted and created again)
+starts its offsets at 0 again, below the consumer's positions: the processor notices the topic's
+new id (checked every few seconds), reads the new topic from its start, and never commits offsets
+of the old one to it, so records published after the restart are not skipped.
+
 Why not faust's agents: ``Stream.take_events`` acknowledges a taken batch in a ``finally`` block
 even when processing raised, so a batch that failed during an outage was committed at shutdown
 and lost; its aiokafka consumer waits a fixed 1.5 s on an empty fetch (0.35-0.8 s a hop against
@@ -26,7 +31,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicCollection, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from streams.processing import Handler, ProcessorContext, Stopping, process_batch
 from tensordb import records
@@ -35,6 +41,8 @@ from tensordb.config import Settings, Topic
 from tensordb.errors import FatalClientError
 
 log = logging.getLogger(__name__)
+#: How often a processor checks whether its topic was recreated.
+TOPIC_CHECK_SECONDS = 3.0
 
 
 class TopicProcessor:
@@ -73,14 +81,57 @@ class TopicProcessor:
         self.group = settings.processor_group(kind)
         self._client_options = client_options
         self.context = ProcessorContext(settings, processor=kind)
-        self.consumer = self._new_consumer()
         self.processed = 0  # records handled so far, stored or dead-lettered
         self._stop = self.context.stopping
-        self._batches: queue.Queue[list[Received] | None] = queue.Queue(maxsize=2)
-        self._persisted_offsets: queue.Queue[dict[tuple[str, int], int]] = queue.Queue()
+        self._batches: queue.Queue[tuple[int, list[Received]] | None] = queue.Queue(maxsize=2)
+        self._persisted_offsets: queue.Queue[tuple[int, dict[tuple[str, int], int]]] = queue.Queue()
+        self._admin = AdminClient(settings.kafka_config())
+        self._topic_id = self._current_topic_id()
+        self._incarnation = 0  # how often the topic was found recreated; tags batches and their offsets
+        self._checked_at = time.monotonic()
+        self.consumer = self._new_consumer()
 
     def _new_consumer(self) -> Consumer:
         return make_consumer(self.settings, self.group, [self.topic], **self._client_options)
+
+    def _current_topic_id(self) -> str | None:
+        """The topic's id (new for each creation of a topic of that name), or None if unknown now."""
+        name = self.settings.topic(self.topic)
+        try:
+            return str(self._admin.describe_topics(TopicCollection([name]))[name].result(timeout=5).topic_id)
+        except Exception:  # noqa: BLE001 - broker down, topic missing, or a broker without topic ids
+            return None
+
+    def _check_topic(self) -> None:
+        """Replace the consumer if the topic was recreated (see the module docstring)."""
+        if time.monotonic() - self._checked_at < TOPIC_CHECK_SECONDS:
+            return
+        self._checked_at = time.monotonic()
+        topic_id = self._current_topic_id()
+        if topic_id is None:
+            return
+        if self._topic_id is not None and topic_id != self._topic_id:
+            log.warning("%s processor: topic %s was recreated (the broker restarted and forgot it?): reading it from its start",
+                        self.kind, self.settings.topic(self.topic))  # fmt: skip
+            self._incarnation += 1
+            if not self._rewind():
+                return  # the change is noticed, and the rewind tried, again at the next check
+        self._topic_id = topic_id
+
+    def _rewind(self) -> bool:
+        """Read the assigned partitions from offset 0 again, and commit 0 over any offset of the old
+        topic committed before the change was noticed. The group membership is kept: a new member
+        would wait for the coordinator to forget the old one."""
+        try:
+            assigned = self.consumer.assignment()
+            for partition in assigned:
+                self.consumer.seek(TopicPartition(partition.topic, partition.partition, OFFSET_BEGINNING))
+            if assigned:
+                self.consumer.commit(offsets=[TopicPartition(p.topic, p.partition, 0) for p in assigned], asynchronous=False)
+        except KafkaException as exc:  # not fetching yet, or the broker went away again
+            log.warning("%s processor: could not rewind the recreated topic yet (%s)", self.kind, exc)
+            return False
+        return True
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Consume until :meth:`stop`, then commit what was persisted and close.
@@ -111,9 +162,10 @@ class TopicProcessor:
                     on_ready()
                     on_ready = None
                 self._commit_persisted(asynchronous=True)
+                self._check_topic()
                 while batch and not self._stop.is_set():
                     try:
-                        self._batches.put(batch, timeout=0.5)  # bounded: back-pressure from MongoDB
+                        self._batches.put((self._incarnation, batch), timeout=0.5)  # bounded: back-pressure from MongoDB
                         break
                     except queue.Full:
                         self._commit_persisted(asynchronous=True)
@@ -132,7 +184,8 @@ class TopicProcessor:
         self._stop.set()
 
     def _write_batches(self) -> None:
-        while (batch := self._batches.get()) is not None:
+        while (item := self._batches.get()) is not None:
+            incarnation, batch = item
             if not self._persist(batch):
                 continue  # stopping: not committed, read again after a restart
             self.processed += len(batch)
@@ -140,7 +193,7 @@ class TopicProcessor:
             for received in batch:
                 key = (received.topic, received.partition)
                 last[key] = max(last.get(key, -1), received.offset)
-            self._persisted_offsets.put(last)
+            self._persisted_offsets.put((incarnation, last))
 
     def _persist(self, batch: list[Received]) -> bool:
         """Process ``batch`` until it is done (True) or the processor stops (False).
@@ -170,9 +223,11 @@ class TopicProcessor:
         offsets: dict[tuple[str, int], int] = {}
         while True:
             try:
-                done = self._persisted_offsets.get_nowait()
+                incarnation, done = self._persisted_offsets.get_nowait()
             except queue.Empty:
                 break
+            if incarnation != self._incarnation:
+                continue  # offsets of a topic since recreated: meaningless for the new one
             for key, offset in done.items():
                 offsets[key] = max(offsets.get(key, -1), offset)
         if not offsets:
@@ -185,9 +240,19 @@ class TopicProcessor:
         except KafkaException as exc:  # e.g. the partition moved to another instance: it re-reads, idempotently
             log.warning("%s processor could not commit offsets (%s); those records may be processed again", self.kind, exc)
 
-    def _close_consumer(self) -> None:
-        started = time.monotonic()
-        try:
-            self.consumer.close()
-        except (KafkaException, RuntimeError) as exc:
-            log.warning("%s processor: closing the consumer failed after %.1f s: %s", self.kind, time.monotonic() - started, exc)
+    def _close_consumer(self, wait: float = 5.0) -> None:
+        """Leave the group and close, waiting at most ``wait`` seconds: against a broker that
+        restarted, librdkafka's close can wait for a coordinator that no longer knows the group."""
+        consumer = self.consumer
+
+        def close() -> None:
+            try:
+                consumer.close()
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("%s processor: closing the consumer failed: %s", self.kind, exc)
+
+        closing = threading.Thread(target=close, name=f"tensordb-{self.kind}-close", daemon=True)
+        closing.start()
+        closing.join(wait)
+        if closing.is_alive():
+            log.warning("%s processor: the old consumer did not close within %.0f s; going on without it", self.kind, wait)

@@ -25,7 +25,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure, WriteConcernErro
 from tensordb.bus import Publisher, Received
 from tensordb.config import Settings
 from tensordb.dead_letters import DeadLetters
-from tensordb.errors import DeliveryError, FatalClientError
+from tensordb.errors import DeliveryError
 from tensordb.models import ModelRegistry
 from tensordb.store import Store
 
@@ -41,7 +41,8 @@ _TRANSIENT_CODES = {6, 7, 89, 91, 189, 9001, 10107, 11600, 11602, 13435, 13436}
 #: How long a processor's MongoDB calls wait for a server before counting as an outage, so that a
 #: stop request is noticed within seconds even in the middle of one.
 SERVER_WAIT_MS = 5000
-MAX_BACKOFF = 10.0
+MAX_BACKOFF = 5.0
+FLUSH_SECONDS = 8.0
 
 
 class Stopping(Exception):
@@ -77,14 +78,16 @@ class ProcessorContext:
     def __post_init__(self) -> None:
         self.store = Store(self.settings, server_wait_ms=SERVER_WAIT_MS)
         self.wait_out(self.store.ensure_indexes, "preparing MongoDB collections")
-        self.publisher = Publisher(self.settings)
+        # a flush that takes more than seconds means a broker that is down or forgot this producer
+        self.publisher = Publisher(self.settings, flush_timeout=FLUSH_SECONDS)
         self.dead_letters = DeadLetters(self.store, self.publisher, processor=self.processor)
         self.registry = ModelRegistry(self.store, self.publisher)
 
     def wait_out(self, call: Callable[[], T], what: str) -> T:
         """Run ``call`` until it succeeds, waiting out MongoDB/Kafka outages with bounded back-off.
 
-        A fatal producer is recreated before the next try; errors that are not outages are
+        A producer that failed (fatally, or whose records stay unacknowledged) is recreated before
+        the next try, and the retried call publishes again; errors that are not outages are
         raised to the caller. Raises :class:`Stopping` if the processor stops meanwhile.
         """
         delay, started = 0.2, time.monotonic()
@@ -96,7 +99,7 @@ class ProcessorContext:
             except Exception as exc:
                 if not is_transient(exc):
                     raise
-                if isinstance(exc, FatalClientError):
+                if isinstance(exc, DeliveryError):  # fatal, or stuck (a restarted broker): a fresh producer
                     self.publisher.recreate()
                 self.status = f"waiting since {time.monotonic() - started:.0f} s: {what}: {exc}"
                 log.warning("%s processor %s; retrying in %.1f s", self.processor, self.status, delay)
@@ -109,10 +112,11 @@ class ProcessorContext:
             return result
 
     def close(self) -> None:
-        self.registry.close()
+        """Flush (5 s at most: a stop must not wait on a broker that is down) and disconnect."""
         try:
             self.publisher.close(timeout=5.0)
-        except DeliveryError as exc:  # redelivered after a restart: offsets were not committed
+            self.registry.close()  # nothing left to flush by now
+        except DeliveryError as exc:  # their batches' offsets were not committed: read again after a restart
             log.warning("%s processor closed with undelivered records: %s", self.processor, exc)
         self.store.close()
 

@@ -72,9 +72,24 @@ class Publisher:
     :class:`FatalClientError` by every later call until :meth:`recreate` replaces the client.
     """
 
-    def __init__(self, settings: Settings, queue_timeout: float = 30.0, **client_options: Any) -> None:
+    def __init__(
+        self, settings: Settings, queue_timeout: float = 30.0, flush_timeout: float = 30.0, **client_options: Any
+    ) -> None:
+        """
+        Parameters
+        ----------
+        settings:
+            The brokers and the project (topic names, message size limit).
+        queue_timeout:
+            How long :meth:`publish` waits for room in a full local queue before raising.
+        flush_timeout:
+            How long :meth:`flush` waits by default for every record to be acknowledged.
+        client_options:
+            librdkafka producer options, over TensorDB's defaults.
+        """
         self.settings = settings
         self.queue_timeout = queue_timeout
+        self.flush_timeout = flush_timeout
         self._options = client_options
         self._failures: list[str] = []
         self._failures_lock = threading.Lock()
@@ -109,7 +124,15 @@ class Publisher:
             )
 
     def recreate(self) -> None:
-        """Replace a producer that failed fatally; records it had not delivered must be published again."""
+        """Replace the producer (after a fatal error, or one that cannot get its records
+        acknowledged, e.g. by a broker that restarted and forgot its producer id). Records it had
+        not delivered are dropped: the caller publishes them again."""
+        old = self._producer
+        try:
+            old.purge(in_queue=True, in_flight=True)
+            old.poll(0)
+        except (KafkaException, RuntimeError):
+            pass  # a fatal producer may refuse: it is dropped all the same
         self._producer = self._new_producer()
         self._fatal = None
         with self._failures_lock:
@@ -153,6 +176,12 @@ class Publisher:
             try:
                 self._producer.produce(topic_name, value, key=key, on_delivery=callback)
                 break
+            except KafkaException as exc:
+                error = exc.args[0]
+                if error.fatal() or error.code() == KafkaError._FATAL:  # raised here before error_cb has run
+                    self._fatal = error
+                    self._check_fatal()
+                raise
             except BufferError:  # local queue full: serve delivery reports to make room, then retry
                 if time.monotonic() > deadline:
                     raise DeliveryError(
@@ -162,8 +191,10 @@ class Publisher:
                 self._producer.poll(0.05)
         self._producer.poll(0)
 
-    def flush(self, timeout: float = 30.0) -> None:
-        """Wait up to ``timeout`` until every queued record is acknowledged; raise if any was not."""
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait up to ``timeout`` (default: ``flush_timeout``) until every queued record is
+        acknowledged; raise :class:`DeliveryError` if any was not."""
+        timeout = self.flush_timeout if timeout is None else timeout
         self._check_fatal()
         remaining = self._producer.flush(timeout)
         self._check_fatal()
@@ -177,7 +208,7 @@ class Publisher:
                 f"{self.settings.kafka_bootstrap}: " + "; ".join(failures[:5])
             )
 
-    def close(self, timeout: float = 30.0) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Flush (raising what :meth:`flush` raises, within ``timeout``)."""
         self.flush(timeout)
 

@@ -35,6 +35,7 @@ from tensordb.policies import Policies, Policy
 from tensordb.runlog import log_id
 from tensordb.samples import SAMPLES, SampleError, content_id
 from tensordb.services.mongod import Mongod
+from tensordb.services.tansu import Tansu
 from tensordb.store import Store
 from tests.helpers import free_port, wait_for
 
@@ -433,3 +434,44 @@ def test_schema_valid_records_from_the_schemas_are_stored_or_dead_lettered_with_
     for schema_id in handlers:
         property_of(schema_id)()
     assert outcomes["stored"] > 0 and outcomes["dead-lettered"] > 0
+
+
+@pytest.fixture
+def own_broker(servers: Settings, tmp_path: Path) -> Iterator[tuple[Tansu, Settings]]:
+    """A Tansu of this test's own (the session's is shared), to kill and restart."""
+    tansu = Tansu(servers.services_dir.resolve() / "bin" / "tansu", tmp_path / "run", "127.0.0.1", free_port())
+    tansu.start()
+    name = f"broker{time.monotonic_ns() % 10**8}"
+    settings = servers.with_changes(project=name, kafka_bootstrap=tansu.address, mongo_database=f"tensordb_{name}")
+    create_topics(settings)
+    try:
+        yield tansu, settings
+    finally:
+        tansu.stop()
+        MongoClient(settings.mongo_uri).drop_database(settings.mongo_database)
+
+
+def test_records_published_after_a_memory_broker_restart_are_all_stored(own_broker: tuple[Tansu, Settings], tmp_path: Path) -> None:
+    """The restarted broker starts its offsets at 0 again, below the processors' positions: the
+    processors notice the recreated topics and read them from the start."""
+    tansu, settings = own_broker
+    processors = processors_process(settings, tmp_path / "processors.log")
+    processors.start()
+    try:
+        for thread in _publish_concurrently(settings, [f"a{i:04d}" for i in range(1500)]):
+            thread.join()
+        with Store(settings) as store:
+            wait_for(lambda: store[SAMPLES].count_documents({}) == 1500, what="the samples before the restart")
+            pid = tansu.process.pid()
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            tansu.process.wait_exit(timeout=10)
+            tansu.start()
+            create_topics(settings)
+            for thread in _publish_concurrently(settings, [f"b{i:04d}" for i in range(1500)]):
+                thread.join()
+            wait_for(lambda: store[SAMPLES].count_documents({}) == 3000, timeout=60, what="every sample published after the restart")
+            wait_for(lambda: store[SAMPLES].count_documents({"announced": True}) == 3000, what="every sample announced")
+        assert processors.process is not None and processors.process.poll() is None
+    finally:
+        processors.stop()
