@@ -9,8 +9,8 @@ a record counts as acknowledged when the broker confirmed its delivery.
 - acknowledged = records the broker confirmed; stored = sample (or log) documents; dead-lettered =
   dead letters; lost = acknowledged valid records not stored + acknowledged bad records not
   dead-lettered; duplicated = blobs beyond one per sample + policy counts beyond the samples stored.
-- recovery = from the fault to the first second in which records are stored again at half the rate
-  seen before the fault (or, if the producers finished meanwhile, until everything is stored).
+- recovery = from the fault until the records stored (or dead-lettered) are again within one second
+  of the records acknowledged, after having fallen behind (0 if they never fell behind).
 - The two "no fault" rows measure the throughput cost of durable writes (journaled, majority) in
   this run: the same stream with ``w=1&journal=false`` in the MongoDB URI.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import json
 import os
 import shutil
@@ -78,9 +79,11 @@ class Flow:
     bad: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     started: float = 0.0
+    times: list[float] = field(default_factory=list)  # when each record was acknowledged
 
     def acknowledge(self, sample_id: str | None) -> None:
         with self.lock:
+            self.times.append(time.monotonic())
             if sample_id is None:
                 self.bad += 1
             else:
@@ -177,21 +180,21 @@ class Progress:
         self._stop.set()
         self._thread.join()
 
-    def recovery(self, fault_at: float, total: int) -> float | None:
-        """Seconds from ``fault_at`` until a 1-s window reaches half the rate before it (see above)."""
-        before = [(t, n) for t, n in self.points if t <= fault_at and n > 0]
-        after = [(t, n) for t, n in self.points if t > fault_at]
-        if len(before) < 2 or not after:
-            return None
-        rate = (before[-1][1] - before[0][1]) / max(before[-1][0] - before[0][0], 1e-6)
-        for index, (t, n) in enumerate(after):
-            later = next(((t2, n2) for t2, n2 in after[index:] if t2 >= t + 1.0), None)
-            if later is None:
-                break
-            if (later[1] - n) / (later[0] - t) >= rate / 2:
-                return t - fault_at
-        finished = next((t for t, n in after if n >= total), None)
-        return None if finished is None else finished - fault_at
+    def recovery(self, fault_at: float, inputs: list[float]) -> float | None:
+        """Seconds from ``fault_at`` until the records processed are again within one second of
+        the input (``inputs``: when each record was acknowledged), after having fallen behind it;
+        0.0 if they never fell behind; None if they never caught up."""
+        inputs = sorted(inputs)
+        fell_behind = False
+        for t, done in self.points:
+            if t <= fault_at:
+                continue
+            behind = done < bisect.bisect_right(inputs, t - 1.0)
+            if behind:
+                fell_behind = True
+            elif fell_behind or done >= len(inputs):
+                return t - fault_at if fell_behind else 0.0
+        return None
 
 
 class Lab:
@@ -297,25 +300,29 @@ def run_flow(lab: Lab, scenario: str, count: int, fault: Callable[[Settings, lis
                 producer.join()
             settle(settings, flow)
             progress.stop()
-            recovery = progress.recovery(fault_at, len(flow.valid) + flow.bad) if fault_at else None
+            recovery = progress.recovery(fault_at, flow.times) if fault_at else None
             return outcome(settings, flow, scenario, count + (count // bad_every if bad_every else 0), progress, recovery, note)
         finally:
             for process in processes:
                 process.stop()
 
 
-def log_sink_kill(lab: Lab, steps: int) -> Row:
-    """Loggers write ``steps`` records; the processors (and their log sink) are SIGKILLed midway and
-    a new instance takes over."""
+def log_sink_kill(lab: Lab, steps: int, per_second: float) -> Row:
+    """A logger writes ``steps`` records at ``per_second``; the processors (and their log sink) are
+    SIGKILLed a third of the way in and a new instance takes over."""
     with lab.project("logsink") as settings:
         first = lab.processors(settings, "first")
         second: ChildProcess | None = None
         try:
             progress = Progress(settings, "logs")
             started = time.monotonic()
+            logged: list[float] = []
             with Publisher(settings) as publisher, RunLogger(publisher, run_id="faults") as logger:
                 for step in range(steps):
                     logger.log(step, loss=1.0 / (step + 1))
+                    logged.append(time.monotonic())
+                    if step % 100 == 99:
+                        time.sleep(100 / per_second)
                     if step == steps // 3:
                         logger.flush()
                         fault_at = time.monotonic()
@@ -328,7 +335,7 @@ def log_sink_kill(lab: Lab, steps: int) -> Row:
                 letters = store["dead_letters"].count_documents({})
             progress.stop()
             elapsed = progress.points[-1][0] - started if progress.points else 0.0
-            return Row("log sink SIGKILL", steps, steps, stored, letters, steps - stored, 0, progress.recovery(fault_at, steps),
+            return Row("log sink SIGKILL", steps, steps, stored, letters, steps - stored, 0, progress.recovery(fault_at, logged),
                        stored / max(elapsed, 1e-6), "log records; duplicates impossible (one _id per run/phase/step)")  # fmt: skip
         finally:
             first.stop()
@@ -355,9 +362,10 @@ def broker_kill(lab: Lab, count: int) -> Row:
             for producer in publish(settings, second, count // 2, first=count // 2):
                 producer.join()
             flow.valid |= second.valid
+            flow.times += second.times
             settle(settings, flow)
             progress.stop()
-            return outcome(settings, flow, "broker SIGKILL + restart", count, progress, progress.recovery(fault_at, len(flow.valid)),
+            return outcome(settings, flow, "broker SIGKILL + restart", count, progress, progress.recovery(fault_at, flow.times),
                            "memory broker: records stored before the kill, then a new stream")  # fmt: skip
         finally:
             for process in processes:
@@ -387,8 +395,9 @@ def scenarios(lab: Lab, quick: bool) -> dict[str, Callable[[], Row]]:
                                                        note="baseline of the durability cost"),
         "poison flood": lambda: run_flow(lab, "poison flood", n, bad_every=5,
                                          note="1 bad record per 5 good: garbage, mismatched, overflowing, deep, $/NUL keys, oversized"),
-        "processor SIGKILL": lambda: run_flow(lab, "processor SIGKILL", n, fault=kill_one, instances=2, note="2 instances, one killed mid-stream"),
-        "log sink SIGKILL": lambda: log_sink_kill(lab, 20_000 if quick else 100_000),
+        "processor SIGKILL": lambda: run_flow(lab, "processor SIGKILL", int(rate * 20), fault=kill_one, fault_after=0.3, instances=2,
+                                              per_second=rate, note="2 instances, one killed mid-stream"),
+        "log sink SIGKILL": lambda: log_sink_kill(lab, 30_000 if quick else 100_000, per_second=2000),
         "mongod SIGKILL, down 5 s": lambda: run_flow(lab, "mongod SIGKILL, down 5 s", int(rate * 20), fault=mongod_down(5), fault_after=0.2,
                                                      per_second=rate),
         f"mongod outage {outage} s": lambda: run_flow(lab, f"mongod outage {outage} s", int(rate * (outage + 20)), fault=mongod_down(outage),
