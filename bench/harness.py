@@ -10,8 +10,8 @@ named like a standard module can never shadow it, and ``streams``, ``tensordb``,
   else our own Tansu and mongod on free ports (``tensordb.services.LocalServices``), removed after.
 - :func:`project`: a fresh project (own topics) and database per measurement, dropped after.
 - :func:`free_port`, :func:`wait_for`: the tests' own helpers (tests/helpers.py).
-- :func:`children_cwd`: run child processes (processors, workers) in a scratch folder, so faust's
-  ``<app id>-data`` folders do not land in the repository root.
+- :func:`children_cwd`: run child processes (processors, workers) in a scratch folder, with the
+  repository root on PYTHONPATH.
 - :func:`cpu_snapshot`, :class:`CpuMeter`, :class:`Timing`, :func:`interleaved`: wall times, and
   the CPU each process used meanwhile, which is what shows the limit on a 2-core machine.
 """
@@ -120,10 +120,9 @@ def project(base: Settings, tag: str) -> Iterator[Settings]:
 def children_cwd(folder: Path) -> Iterator[Path]:
     """Work in ``folder`` while child processes start, with the repository root on PYTHONPATH.
 
-    Why: ``tensordb processors`` (faust) keeps a ``<app id>-data`` folder in its working
-    directory and never removes it, and ``tensordb.child`` starts children in ours; and a child
-    run with ``-m`` imports entry points such as ``tests.training_models`` from its working
-    directory, which PYTHONPATH replaces.
+    Why: ``tensordb.child`` starts children in our working directory, where anything they write
+    would land in the repository; and a child run with ``-m`` imports entry points such as
+    ``tests.training_models`` from its working directory, which PYTHONPATH replaces.
     """
     before, path_before = os.getcwd(), os.environ.get("PYTHONPATH")
     folder.mkdir(parents=True, exist_ok=True)

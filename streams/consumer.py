@@ -103,7 +103,7 @@ class TopicProcessor:
             return None
 
     def _check_topic(self) -> None:
-        """Replace the consumer if the topic was recreated (see the module docstring)."""
+        """Rewind the consumer if the topic was recreated (see the module docstring)."""
         if time.monotonic() - self._checked_at < TOPIC_CHECK_SECONDS:
             return
         self._checked_at = time.monotonic()
@@ -144,6 +144,7 @@ class TopicProcessor:
         delay = 0.2
         try:
             while not self._stop.is_set():
+                self._check_topic()  # before reading: a batch is tagged with the topic it was read from
                 try:
                     batch = list(receive(self.consumer, schema, timeout=self.poll_timeout, max_messages=self.batch_size))
                 except FatalClientError as exc:
@@ -162,7 +163,6 @@ class TopicProcessor:
                     on_ready()
                     on_ready = None
                 self._commit_persisted(asynchronous=True)
-                self._check_topic()
                 while batch and not self._stop.is_set():
                     try:
                         self._batches.put((self._incarnation, batch), timeout=0.5)  # bounded: back-pressure from MongoDB
