@@ -242,4 +242,5 @@ def test_down_also_stops_the_tensordb_processes_started_in_the_background(servic
     pid = statuses["worker"].pid
     stopped = _by_name(services.down())
     assert stopped["worker"].changed and app.process.pid() is None
+    assert not list((services.run_dir / "pids").iterdir())  # no pid file, no project note left
     assert not Path(f"/proc/{pid}").exists() or b"tensordb.cli" not in Path(f"/proc/{pid}/cmdline").read_bytes()

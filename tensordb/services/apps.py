@@ -69,7 +69,9 @@ class AppProcess:
 
     def stop(self, timeout: float = 20.0) -> bool:
         """SIGTERM (each command shuts down cleanly: the worker hands its job back), SIGKILL later."""
-        return self.process.stop(timeout)
+        stopped = self.process.stop(timeout)
+        self.project_path.unlink(missing_ok=True)
+        return stopped
 
     def status(self) -> ServiceStatus:
         return self.process.status(" ".join(self.arguments))
