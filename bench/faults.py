@@ -14,7 +14,7 @@ a record counts as acknowledged when the broker confirmed its delivery.
 - The two "no fault" rows measure the throughput cost of durable writes (journaled, majority) in
   this run: the same stream with ``w=1&journal=false`` in the MongoDB URI.
 
-    .venv/bin/python bench/faults.py           # full scale (~10 minutes on 2 cores)
+    .venv/bin/python bench/faults.py           # full scale (~4 minutes on 2 cores)
     .venv/bin/python bench/faults.py --quick   # every scenario at a small scale, under 5 minutes
 
 Ends with one ``RESULT <scenario> | acknowledged=N stored=N dead_lettered=N lost=N duplicated=N |
