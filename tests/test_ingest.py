@@ -61,9 +61,10 @@ def test_a_record_delivered_twice_is_stored_once_with_one_blob(settings: Setting
         "arrays": {"x": {"dtype": "float32", "shape": [3], "data": base64.b64encode(np.ones(3, np.float32).tobytes()).decode()}},
     }
     with Publisher(settings) as publisher:
-        publisher.publish(Topic.INGEST, record)
-        publisher.publish(Topic.INGEST, record)  # a producer retry or a replayed partition looks like this
-        publisher.publish(Topic.INGEST, {**record, "sample_id": "after"})
+        # one key, one partition: "after" is processed only once both copies have been
+        publisher.publish(Topic.INGEST, record, key="one-partition")
+        publisher.publish(Topic.INGEST, record, key="one-partition")  # a producer retry or a replayed partition looks like this
+        publisher.publish(Topic.INGEST, {**record, "sample_id": "after"}, key="one-partition")
     with TensorDB(settings) as db:
         wait_for(lambda: _stored(db, "after"), what="the sample after the duplicate")
         assert db.store[SAMPLES].count_documents({"_id": "twice"}) == 1
