@@ -25,6 +25,20 @@ from pydantic_settings import (
 from tensordb.errors import ConfigurationError
 
 _PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+#: librdkafka options that hold secrets (sasl.password, ssl.key.password, sasl.oauthbearer.client.secret...).
+_SECRET_OPTION = re.compile(r"(password|secret|token|credentials?)$", re.IGNORECASE)
+_URI_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@/\s]*@")
+MASK = "***"
+
+
+def mask_uri(uri: str) -> str:
+    """``uri`` with the password of its user info replaced by ``***``, for printing and logging."""
+    return _URI_PASSWORD.sub(lambda match: f"{match['scheme']}{MASK}@", uri)
+
+
+def mask_options(options: dict[str, str]) -> dict[str, str]:
+    """Kafka client options with secret values replaced by ``***``, for printing and logging."""
+    return {key: MASK if _SECRET_OPTION.search(key) else value for key, value in options.items()}
 
 
 class Topic(str, Enum):
@@ -53,7 +67,8 @@ PROCESSOR_TOPICS: dict[str, Topic] = {
 class Settings(BaseSettings):
     """Connection settings, names and limits shared by the SDK, processors, workers and CLI."""
 
-    model_config = SettingsConfigDict(env_prefix="TENSORDB_", extra="forbid", frozen=True)
+    # hide_input_in_errors: a malformed value (e.g. TENSORDB_KAFKA_OPTIONS with a password) is never echoed
+    model_config = SettingsConfigDict(env_prefix="TENSORDB_", extra="forbid", frozen=True, hide_input_in_errors=True)
 
     project: str = Field("default", description="Project name; namespaces topics and documents.")
 
@@ -122,6 +137,15 @@ class Settings(BaseSettings):
                 )
             sources += (TomlConfigSettingsSource(settings_cls, toml_file=config_file),)
         return sources
+
+    def __repr_args__(self) -> Any:
+        """Fields as ``repr()`` shows them: the MongoDB password and Kafka secrets masked."""
+        for name, value in super().__repr_args__():
+            if name == "mongo_uri":
+                value = mask_uri(value)
+            elif name == "kafka_options":
+                value = mask_options(value)
+            yield name, value
 
     def topic(self, kind: Topic) -> str:
         """The Kafka topic name for one kind of record in this project."""

@@ -24,7 +24,7 @@ from rich.table import Table
 from dashboard.background import start_dashboard
 from tensordb.bus import create_topics
 from tensordb.client import TensorDB
-from tensordb.config import Settings, Topic
+from tensordb.config import Settings, Topic, mask_uri
 from tensordb.dead_letters import COLLECTION as DEAD_LETTERS
 from tensordb.mining import DECISIONS, PRODUCTION
 from tensordb.policies import Policies, Policy
@@ -127,7 +127,7 @@ def run_demo(base_settings: Settings) -> int:
     services = LocalServices(settings)
     timeline = Timeline()
     console.rule("[bold]TensorDB: the continuous-learning loop")
-    console.print(f"Kafka {settings.kafka_bootstrap} · MongoDB {settings.mongo_uri} · project {settings.project!r}")
+    console.print(f"Kafka {settings.kafka_bootstrap} · MongoDB {mask_uri(settings.mongo_uri)} · project {settings.project!r}")
     _fresh_start(settings, services)
     services.start_app("processors", ["processors"])
     timeline.say("stream processors running (ingest, log sink, retrain trigger, evaluation → promotion)")

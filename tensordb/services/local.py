@@ -16,7 +16,7 @@ from pathlib import Path
 from pymongo.errors import InvalidURI
 from pymongo.uri_parser import parse_uri
 
-from tensordb.config import Settings
+from tensordb.config import Settings, mask_uri
 from tensordb.errors import ConfigurationError, ServiceError
 from tensordb.services.apps import AppProcess, running_apps
 from tensordb.services.mongod import Mongod
@@ -203,5 +203,5 @@ def _mongo_address(uri: str) -> tuple[str, int]:
     try:
         host, port = parse_uri(uri)["nodelist"][0]
     except (InvalidURI, ValueError) as exc:
-        raise ConfigurationError(f"TENSORDB_MONGO_URI={uri!r} is not a MongoDB URI: {exc}") from exc
+        raise ConfigurationError(f"TENSORDB_MONGO_URI={mask_uri(uri)!r} is not a MongoDB URI: {mask_uri(str(exc))}") from exc
     return host, port or DEFAULT_MONGO_PORT
