@@ -88,6 +88,7 @@ class TopicProcessor:
         self._admin = AdminClient(settings.kafka_config())
         self._topic_id = self._current_topic_id()
         self._incarnation = 0  # how often the topic was found recreated; tags batches and their offsets
+        self._rewinding = False  # a recreated topic was noticed and its partitions are not rewound yet
         self._checked_at = time.monotonic()
         self.consumer = self._new_consumer()
 
@@ -111,11 +112,14 @@ class TopicProcessor:
         if topic_id is None:
             return
         if self._topic_id is not None and topic_id != self._topic_id:
-            log.warning("%s processor: topic %s was recreated (the broker restarted and forgot it?): reading it from its start",
-                        self.kind, self.settings.topic(self.topic))  # fmt: skip
+            if not self._rewinding:
+                log.warning("%s processor: topic %s was recreated (the broker restarted and forgot it?): reading it from its start",
+                            self.kind, self.settings.topic(self.topic))  # fmt: skip
+                self._rewinding = True
             self._incarnation += 1
             if not self._rewind():
                 return  # the change is noticed, and the rewind tried, again at the next check
+            self._rewinding = False
         self._topic_id = topic_id
 
     def _rewind(self) -> bool:
@@ -124,10 +128,11 @@ class TopicProcessor:
         would wait for the coordinator to forget the old one."""
         try:
             assigned = self.consumer.assignment()
+            if not assigned:
+                return False  # rejoining the group after the restart: rewind once partitions are assigned
             for partition in assigned:
                 self.consumer.seek(TopicPartition(partition.topic, partition.partition, OFFSET_BEGINNING))
-            if assigned:
-                self.consumer.commit(offsets=[TopicPartition(p.topic, p.partition, 0) for p in assigned], asynchronous=False)
+            self.consumer.commit(offsets=[TopicPartition(p.topic, p.partition, 0) for p in assigned], asynchronous=False)
         except KafkaException as exc:  # not fetching yet, or the broker went away again
             log.warning("%s processor: could not rewind the recreated topic yet (%s)", self.kind, exc)
             return False
