@@ -12,11 +12,12 @@ import os
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -27,6 +28,7 @@ from tensordb.errors import ConfigurationError
 _PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 #: librdkafka options that hold secrets (sasl.password, ssl.key.password, sasl.oauthbearer.client.secret...).
 _SECRET_OPTION = re.compile(r"(password|secret|token|credentials?)$", re.IGNORECASE)
+_MODULE_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _URI_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@/\s]*@")
 MASK = "***"
 
@@ -102,6 +104,58 @@ class Settings(BaseSettings):
     services_dir: Path = Field(Path(".tensordb"), description="Binaries, data and logs of local services.")
     services_host: str = Field("127.0.0.1", description="Address the local services bind to.")
 
+    # -- what code may run (see SECURITY.md) ------------------------------------------------------
+    trusted_modules: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Module prefixes (comma separated, e.g. 'mylab.models,mylab.prep') whose functions jobs, "
+        "policies and stored model versions may name as entry points or builders. Nothing else is imported.",
+    )
+    task_script_dirs: Annotated[tuple[Path, ...], NoDecode] = Field(
+        (),
+        description="Directories (comma separated) task scripts may run from, after resolving links; "
+        "a task job naming any other script is refused. Empty: task jobs are refused.",
+    )
+    task_secrets: bool = Field(
+        False, description="Hand task scripts the MongoDB password and the Kafka secret options (left out otherwise)."
+    )
+
+    # -- HTTP endpoints: the model server and the dashboard ----------------------------------------
+    dashboard_token: SecretStr | None = Field(
+        None, description="Token every dashboard request must carry; required when bound beyond loopback."
+    )
+    serve_token: SecretStr | None = Field(
+        None, description="Token every model-server request must carry; required when bound beyond loopback."
+    )
+    http_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("localhost", "127.0.0.1", "::1"),
+        description="Host header names the HTTP endpoints answer (comma separated; the bound address is "
+        "always allowed): a request naming any other host is refused, which stops DNS rebinding.",
+    )
+    http_max_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Largest request body the HTTP endpoints accept (413 otherwise)."
+    )
+    http_docs: bool = Field(False, description="Serve the model server's OpenAPI schema and /docs pages.")
+    http_forwarded_tls: bool = Field(
+        False,
+        description="The endpoints sit behind a TLS-terminating proxy that sets X-Forwarded-Proto: "
+        "trust it, so session cookies are marked Secure.",
+    )
+
+    @field_validator("trusted_modules", "task_script_dirs", "http_allowed_hosts", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("trusted_modules")
+    @classmethod
+    def _check_modules(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for prefix in value:
+            if not _MODULE_PATH.match(prefix):
+                raise ValueError(f"trusted_modules holds module paths such as 'mylab.models'; got {prefix!r}")
+        return value
+
     @field_validator("project")
     @classmethod
     def _check_project(cls, value: str) -> str:
@@ -170,8 +224,16 @@ class Settings(BaseSettings):
     def as_environment(self) -> dict[str, str]:
         """These settings as ``TENSORDB_*`` variables, to hand to a child process or print."""
         env = {}
-        for name, value in self.model_dump(mode="json").items():
-            env[f"TENSORDB_{name.upper()}"] = json.dumps(value) if isinstance(value, dict) else str(value)
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, dict):
+                value = json.dumps(value)
+            elif isinstance(value, tuple):
+                value = ",".join(str(part) for part in value)
+            env[f"TENSORDB_{name.upper()}"] = str(value)
         return env
 
 
