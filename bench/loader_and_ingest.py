@@ -399,7 +399,7 @@ def direct_inserts(base: Settings, pids: Pids, images: np.ndarray, with_blobs: b
         timing = Timing({"mongod": pids.get("mongod")})
         timing.run(insert_all)
         assert store[SAMPLES].count_documents({}) == len(images)
-        assert store[f"{BLOB_BUCKET}.chunks"].count_documents({}) == (len(images) if with_blobs else 0)
+        assert store.db[f"{BLOB_BUCKET}.chunks"].count_documents({}) == (len(images) if with_blobs else 0)
     return timing
 
 

@@ -1,5 +1,10 @@
 """The model lifecycle: a finished train job of a policy gets evaluated; a finished evaluation
-gets a decision (promote or keep production). Driven by ``job-events``, idempotent on redelivery."""
+gets a decision (promote or keep production). Driven by ``job-events``, idempotent on redelivery.
+
+An event only says which job to look at: what happens is decided by the job's document in this
+project (its status must be finished), so a forged or copied event cannot evaluate a running
+job's checkpoint or another project's job.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ def handle_job_events(context: Any, batch: list[Received]) -> None:
     jobs = Jobs(context.store, context.publisher)
     registry = context.registry
     policies = Policies(context.store)
-    for job in jobs.collection.find({"_id": {"$in": finished}, "policy": {"$ne": None}}):
+    for job in jobs.collection.find({"_id": {"$in": finished}, "status": FINISHED, "policy": {"$ne": None}}):
         try:
             policy = policies.get(job["policy"])
         except PolicyError:

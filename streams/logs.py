@@ -39,7 +39,7 @@ def log_document(project: str, record: dict[str, Any]) -> dict[str, Any]:
     """The stored form of one valid ``log/1`` record."""
     run_id, phase, step = record["run_id"], record["phase"], record["step"]
     return {
-        "_id": log_id(project, run_id, phase, step),
+        "_id": log_id(run_id, phase, step),
         "project": project,
         "run_id": run_id,
         "job_id": record.get("job_id"),

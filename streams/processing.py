@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from confluent_kafka import KafkaException
-from pymongo import UpdateOne
 from pymongo.errors import ConnectionFailure, OperationFailure, WriteConcernError
 
 from tensordb.bus import Publisher, Received
@@ -133,10 +132,10 @@ def record_progress(store: Store, batch: list[Received]) -> None:
         entry["valid" if received.error is None else "invalid"] += 1
         entry["offset"] = max(entry["offset"], received.offset)
     now = datetime.now(UTC)
-    store[PROGRESS].bulk_write(
+    store[PROGRESS].upsert_many(
         [
-            UpdateOne(
-                {"_id": f"{store.project}:{topic}:{partition}"},
+            (
+                {"_id": f"{topic}:{partition}"},
                 {
                     "$set": {
                         "project": store.project, "topic": topic, "partition": partition, "updated_at": now,
@@ -144,7 +143,6 @@ def record_progress(store: Store, batch: list[Received]) -> None:
                     },
                     "$inc": {"valid": entry["valid"], "invalid": entry["invalid"]},
                 },
-                upsert=True,
             )
             for (topic, partition), entry in totals.items()
         ]

@@ -204,7 +204,7 @@ def save_cohort(cohort: Cohort, name: str, description: str = "") -> Cohort:
     now = datetime.now(UTC)
     store = cohort.store
     store[COHORTS].update_one(
-        {"_id": f"{store.project}:{name}"},
+        {"_id": name},
         {
             "$set": {"project": store.project, "name": name, "description": description, "updated_at": now, **cohort.spec()},
             "$setOnInsert": {"created_at": now},
@@ -216,7 +216,7 @@ def save_cohort(cohort: Cohort, name: str, description: str = "") -> Cohort:
 
 def load_cohort(store: Store, name: str) -> Cohort:
     """The saved cohort ``name``, resolved fresh on every read."""
-    document = store[COHORTS].find_one({"_id": f"{store.project}:{name}"})
+    document = store[COHORTS].find_one({"_id": name})
     if document is None:
         raise QueryError(f"no cohort named {name!r} in project {store.project!r}; save it first with save_cohort")
     return Cohort(
@@ -248,4 +248,4 @@ def list_cohorts(store: Store) -> list[dict[str, Any]]:
 
 
 def delete_cohort(store: Store, name: str) -> bool:
-    return store[COHORTS].delete_one({"_id": f"{store.project}:{name}"}).deleted_count == 1
+    return store[COHORTS].delete_one({"_id": name}).deleted_count == 1

@@ -53,6 +53,10 @@ class IntegrityError(TensorDBError):
     """Stored bytes do not match their recorded checksum."""
 
 
+class ProjectScopeError(TensorDBError, ValueError):
+    """A filter, document or update tried to read or write outside its project."""
+
+
 class QueryError(TensorDBError, ValueError):
     """A query, filter or cohort definition is malformed or uses a forbidden operator."""
 

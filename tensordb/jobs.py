@@ -31,6 +31,7 @@ from tensordb.store import Store
 JOBS = "jobs"
 PENDING, RUNNING, FINISHED, FAILED, CANCELLED = "pending", "running", "finished", "failed", "cancelled"
 UNFINISHED = (PENDING, RUNNING)
+STATUSES = (PENDING, RUNNING, FINISHED, FAILED, CANCELLED)
 CLAIM_ORDER = [("priority", DESCENDING), ("submitted_at", ASCENDING)]
 KINDS = ("train", "evaluate", "task")
 
@@ -137,16 +138,20 @@ class Jobs:
         return job_id
 
     def get(self, job_id: str) -> dict[str, Any]:
-        job = self.collection.find_one({"_id": job_id, "project": self.store.project})
+        job = self.collection.find_one({"_id": job_id})
         if job is None:
             raise JobError(f"no job {job_id!r} in project {self.store.project!r}")
         return job
 
     def list(self, status: str | Iterable[str] | None = None, name: str | None = None, **filters: Any) -> list[dict]:
         """Jobs newest first, filtered by status (one or several), name and equality filters."""
-        query: dict[str, Any] = {"project": self.store.project}
+        query: dict[str, Any] = {}
         if status is not None:
-            query["status"] = status if isinstance(status, str) else {"$in": list(status)}
+            statuses = [status] if isinstance(status, str) else list(status) if isinstance(status, Iterable) else [status]
+            unknown = [value for value in statuses if value not in STATUSES]
+            if unknown:
+                raise QueryError(f"unknown job status {unknown[0]!r}: statuses are {', '.join(STATUSES)}")
+            query["status"] = {"$in": statuses}
         if name is not None:
             query["name"] = name
         query.update(_equality(filters))
@@ -154,7 +159,7 @@ class Jobs:
 
     def unfinished(self, name: str | None = None) -> bool:
         """Whether any job (of ``name``) is pending or running (TensorLayer's check_unfinished_task)."""
-        query: dict[str, Any] = {"project": self.store.project, "status": {"$in": list(UNFINISHED)}}
+        query: dict[str, Any] = {"status": {"$in": list(UNFINISHED)}}
         if name is not None:
             query["name"] = name
         return self.collection.count_documents(query, limit=1) > 0
@@ -164,7 +169,7 @@ class Jobs:
         ids = list(job_ids)
         deadline = time.monotonic() + timeout
         while True:
-            jobs = list(self.collection.find({"_id": {"$in": ids}, "project": self.store.project}))
+            jobs = list(self.collection.find({"_id": {"$in": ids}}))
             if len(jobs) == len(ids) and all(job["status"] not in UNFINISHED for job in jobs):
                 return sorted(jobs, key=lambda job: ids.index(job["_id"]))
             if time.monotonic() > deadline:
@@ -175,13 +180,13 @@ class Jobs:
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a pending job at once; ask a running one to stop (its worker stops at the next step)."""
         job = self.collection.find_one_and_update(
-            {"_id": job_id, "project": self.store.project, "status": PENDING},
+            {"_id": job_id, "status": PENDING},
             {"$set": {"status": CANCELLED, "cancel_requested": True, "finished_at": _now()}},
             return_document=ReturnDocument.AFTER,
         )
         if job is None:
             job = self.collection.find_one_and_update(
-                {"_id": job_id, "project": self.store.project, "status": RUNNING},
+                {"_id": job_id, "status": RUNNING},
                 {"$set": {"cancel_requested": True}},
                 return_document=ReturnDocument.AFTER,
             )
@@ -192,12 +197,13 @@ class Jobs:
         return job
 
     def delete(self, name: str | None = None, **filters: Any) -> int:
-        """Delete ended jobs (running ones are left alone: cancel them first)."""
-        query = {"project": self.store.project, "status": {"$nin": list(UNFINISHED)}}
-        if name is not None:
-            query["name"] = name
-        query.update(_equality(filters))
-        return self.collection.delete_many(query).deleted_count
+        """Delete ended jobs (running ones are left alone: cancel them first).
+
+        ``filters`` narrow the selection and can never widen it: a ``status`` filter of pending or
+        running jobs deletes nothing, and the project is always this store's.
+        """
+        query = _equality(filters) | ({"name": name} if name is not None else {})
+        return self.collection.delete_many({"$and": [query, {"status": {"$nin": list(UNFINISHED)}}]}).deleted_count
 
     # -- the worker's side ---------------------------------------------------------------------
     def claim(
@@ -208,7 +214,7 @@ class Jobs:
         ``sort`` overrides the order (priority, then oldest first); TensorLayer's ``time`` field
         is accepted as the submission time.
         """
-        query: dict[str, Any] = {"project": self.store.project, "status": PENDING, "cancel_requested": False}
+        query: dict[str, Any] = {"status": PENDING, "cancel_requested": False}
         if name is not None:
             query["name"] = name
         order = [("submitted_at" if key == "time" else key, direction) for key, direction in sort or CLAIM_ORDER]
@@ -283,7 +289,7 @@ class Jobs:
         when out of attempts. Safe to run in every worker at once."""
         requeued = []
         while True:
-            expired = {"project": self.store.project, "status": RUNNING, "lease_until": {"$lt": _now()}}
+            expired = {"status": RUNNING, "lease_until": {"$lt": _now()}}
             job = self.collection.find_one(expired, {"attempts": 1, "max_attempts": 1, "worker": 1})
             if job is None:
                 return requeued

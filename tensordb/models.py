@@ -46,7 +46,7 @@ from pymongo.errors import DuplicateKeyError
 from tensordb import versioning
 from tensordb.config import Topic
 from tensordb.errors import QueryError, TensorDBError
-from tensordb.store import INDEXES, Store
+from tensordb.store import Store
 from tensordb.versioning import PENDING_GRACE
 
 if TYPE_CHECKING:
@@ -132,8 +132,7 @@ class ModelRegistry:
         self.publisher = publisher
         self.collection: Collection = store[COLLECTION]
         self.aliases: Collection = store[ALIASES]
-        for name in (COLLECTION, ALIASES):  # the unique indexes are what make versions and aliases safe
-            store[name].create_indexes(INDEXES[name])
+        store.ensure_indexes(COLLECTION, ALIASES)  # the unique indexes are what make versions and aliases safe
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_pending)

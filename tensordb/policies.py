@@ -90,16 +90,13 @@ class Policies:
         self.store = store
         self.collection = store[POLICIES]
 
-    def _id(self, name: str) -> str:
-        return f"{self.store.project}:{name}"
-
     def register(self, policy: Policy) -> Policy:
         """Create or replace a policy (its counters are kept when it already exists)."""
         cohort_from_spec(self.store, policy.training)  # refuse a bad query now, not at the first trigger
         cohort_from_spec(self.store, policy.validation)
         now = datetime.now(UTC)
         self.collection.update_one(
-            {"_id": self._id(policy.name)},
+            {"_id": policy.name},
             {
                 "$set": {**_document(policy, self.store), "updated_at": now},
                 "$setOnInsert": {
@@ -119,7 +116,7 @@ class Policies:
         return Policy(**{key: document[key] for key in Policy.__dataclass_fields__ if key in document})
 
     def document(self, name: str) -> dict[str, Any]:
-        document = self.collection.find_one({"_id": self._id(name)})
+        document = self.collection.find_one({"_id": name})
         if document is None:
             raise PolicyError(f"no policy {name!r} in project {self.store.project!r}; register it first")
         return document
@@ -142,7 +139,7 @@ class Policies:
         return self.change(name, paused=False)
 
     def delete(self, name: str) -> bool:
-        return self.collection.delete_one({"_id": self._id(name)}).deleted_count == 1
+        return self.collection.delete_one({"_id": name}).deleted_count == 1
 
     # -- the trigger's counters ---------------------------------------------------------------
     def count_new_samples(self, name: str, batch_id: str, sample_ids: list[str]) -> int | None:
@@ -163,14 +160,14 @@ class Policies:
         """
         project = self.store.project
         markers = [
-            {"_id": f"{project}:{name}:{sample_id}", "project": project, "policy": name, "batch_id": batch_id}
+            {"_id": f"{name}:{sample_id}", "project": project, "policy": name, "batch_id": batch_id}
             for sample_id in sample_ids
         ]
         if markers:
             insert_ignoring_duplicates(self.store[COUNTED], markers)  # a sample counted before keeps its batch
         first_counted = self.store[COUNTED].count_documents({"project": project, "policy": name, "batch_id": batch_id})
         document = self.collection.find_one_and_update(
-            {"_id": self._id(name), "seen_batches": {"$ne": batch_id}},
+            {"_id": name, "seen_batches": {"$ne": batch_id}},
             {
                 "$inc": {"new_samples": first_counted, "samples_counted": first_counted},
                 "$push": {"seen_batches": {"$each": [batch_id], "$slice": -1000}},
@@ -185,7 +182,7 @@ class Policies:
 
         The samples past the threshold stay counted towards the next trigger.
         """
-        query: dict[str, Any] = {"_id": self._id(name)}
+        query: dict[str, Any] = {"_id": name}
         consume: dict[str, Any] = {"$set": {"new_samples": 0, "last_triggered_at": datetime.now(UTC)}, "$inc": {"triggers": 1}}
         if threshold is not None:
             query["new_samples"] = {"$gte": threshold}
@@ -197,9 +194,9 @@ class Policies:
         now = datetime.now(UTC)
         due = {"$or": [{"last_triggered_at": None}, {"last_triggered_at": {"$lte": now - timedelta(seconds=every_seconds)}}]}
         update = {"$set": {"new_samples": 0, "last_triggered_at": now}, "$inc": {"triggers": 1}}
-        return self.collection.update_one({"_id": self._id(name), **due}, update).modified_count == 1
+        return self.collection.update_one({"_id": name, **due}, update).modified_count == 1
 
     def absorb(self, name: str) -> None:
         """New samples are covered by a job still pending (it reads its cohort when it starts)."""
-        self.collection.update_one({"_id": self._id(name)}, {"$set": {"new_samples": 0}})
+        self.collection.update_one({"_id": name}, {"$set": {"new_samples": 0}})
 

@@ -56,13 +56,13 @@ _log = logging.getLogger(__name__)
 _open_loggers: weakref.WeakSet[RunLogger] = weakref.WeakSet()
 
 
-def log_id(project: str, run_id: str, phase: str, step: int) -> str:
-    """The ``_id`` of a stored log record: one document per (project, run, phase, step).
+def log_id(run_id: str, phase: str, step: int) -> str:
+    """The ``_id`` of a stored log record: one document per (run, phase, step) of a project.
 
-    The project is part of it because several projects may share one database and run ids are
-    chosen by users (TensorLayer-era scripts use names such as ``"mnist"``).
+    The store scopes it by project, since run ids are chosen by users (TensorLayer-era scripts use
+    names such as ``"mnist"``) and several projects may share one database.
     """
-    return f"{project}{_SEPARATOR}{run_id}{_SEPARATOR}{phase}{_SEPARATOR}{step}"
+    return f"{run_id}{_SEPARATOR}{phase}{_SEPARATOR}{step}"
 
 
 def _invalid(field: str, rule: str, detail: str) -> ValidationError:
@@ -259,7 +259,7 @@ class RunLogger:
         (records of one run are persisted in order). For code that reads its logs right back."""
         self.flush(timeout)
         logged = dict(self._next_step)
-        last = [log_id(store.project, self.run_id, phase, step - 1) for phase, step in logged.items() if step > self._confirmed[phase]]
+        last = [log_id(self.run_id, phase, step - 1) for phase, step in logged.items() if step > self._confirmed[phase]]
         deadline = time.monotonic() + timeout
         while last and store[LOGS].count_documents({"_id": {"$in": last}}) < len(last):
             if time.monotonic() > deadline:
@@ -332,7 +332,6 @@ def _steps_filter(steps: Any) -> Any:
 
 
 def logs_filter(
-    project: str,
     run_id: str | Iterable[str] | None = None,
     job_id: str | Iterable[str] | None = None,
     phase: str | Iterable[str] | None = None,
@@ -340,8 +339,9 @@ def logs_filter(
     metrics: Mapping[str, Any] | None = None,
     **tag_filters: Any,
 ) -> dict[str, Any]:
-    """The MongoDB filter over the ``logs`` collection that read_logs and delete_logs use."""
-    query: dict[str, Any] = {"project": project}
+    """The MongoDB filter over the ``logs`` collection that read_logs and delete_logs use
+    (the store restricts it to the project)."""
+    query: dict[str, Any] = {}
     if run_id is not None:
         query["run_id"] = _matching(run_id, "run_id")
     if job_id is not None:
@@ -383,7 +383,7 @@ def read_logs(
     ``(start, stop)`` or list; ``metrics={"name": value}`` exact metric values; any other keyword
     matches a tag. ``as_numpy=True`` returns the same columns as a dict of NumPy arrays.
     """
-    query = logs_filter(store.project, run_id, job_id, phase, steps, metrics, **tag_filters)
+    query = logs_filter(run_id, job_id, phase, steps, metrics, **tag_filters)
     projection = {"_id": 0, "run_id": 1, "job_id": 1, "phase": 1, "step": 1, "epoch": 1, "wall_time": 1, "metrics": 1}
     runs: list[str] = []
     jobs: list[str | None] = []
@@ -469,5 +469,5 @@ def delete_logs(
     ``delete_training_log()`` semantics). Records of a run still being logged may arrive after
     the deletion; stop or flush the run's logger first.
     """
-    query = logs_filter(store.project, run_id, job_id, phase, steps, metrics, **tag_filters)
+    query = logs_filter(run_id, job_id, phase, steps, metrics, **tag_filters)
     return store[LOGS].delete_many(query).deleted_count

@@ -20,7 +20,9 @@ from pymongo.uri_parser import parse_uri
 
 from tensordb.codecs import array_to_npy, npy_to_array, sha256_hex
 from tensordb.config import Settings
-from tensordb.errors import IntegrityError, StorageError, mongo_refusal
+from tensordb.errors import IntegrityError, ProjectScopeError, StorageError, mongo_refusal
+from tensordb.migrations import migrate
+from tensordb.project_scope import ProjectCollection
 
 #: Indexes created at start-up, per collection. Each area adds the ones its queries need.
 INDEXES: dict[str, list[IndexModel]] = {
@@ -122,18 +124,26 @@ class Store:
         self.db: Database = self.client[settings.mongo_database]
         self.blobs = gridfs.GridFSBucket(self.db, bucket_name=BLOB_BUCKET, chunk_size_bytes=CHUNK_BYTES)
 
-    def __getitem__(self, name: str) -> Collection:
-        return self.db[name]
+    def __getitem__(self, name: str) -> ProjectCollection:
+        """The collection ``name`` as this project sees it: the only way to its documents
+        (see :mod:`tensordb.project_scope`)."""
+        if name == f"{BLOB_BUCKET}.chunks":
+            raise ProjectScopeError("blob chunks carry no project: read and write blobs through the Store's blob methods")
+        return ProjectCollection(self.db[name], self.project, "metadata.project" if name == f"{BLOB_BUCKET}.files" else "project")
 
-    def ensure_indexes(self) -> None:
-        """Create every collection and index TensorDB needs (idempotent; cheap when they exist).
+    def ensure_indexes(self, *names: str) -> None:
+        """Create the collections ``names`` (default: all, after upgrading documents of earlier
+        versions: :mod:`tensordb.migrations`) and their indexes (idempotent; cheap when they exist).
 
         Collections are created explicitly because MongoDB 4.0 cannot create them inside a
         transaction. Safe when several processes start at once: a collection another one created
         meanwhile is taken as it is.
         """
         existing = set(self.db.list_collection_names())
-        for name, indexes in INDEXES.items():
+        if not names:
+            migrate(self.db)  # documents of earlier versions first, so nothing is written beside them
+        for name in names or INDEXES:
+            indexes = INDEXES[name]
             if name not in existing:
                 try:
                     self.db.create_collection(name)
@@ -155,6 +165,8 @@ class Store:
     def get_bytes(self, blob_id: ObjectId | str, sha256: str | None = None) -> bytes:
         """Read a blob, verifying it against ``sha256`` (or the digest stored with it)."""
         with self.blobs.open_download_stream(ObjectId(blob_id)) as stream:
+            if (stream.metadata or {}).get("project") != self.project:
+                raise gridfs.errors.NoFile(f"no blob {blob_id} in project {self.project!r}")
             expected = sha256 or (stream.metadata or {}).get("sha256")
             data = stream.read()
         if expected and sha256_hex(data) != expected:
@@ -203,7 +215,12 @@ class Store:
         insert_ignoring_duplicates(self.db[f"{BLOB_BUCKET}.files"], files)
 
     def read_blobs(self, blob_ids: list[ObjectId]) -> dict[ObjectId, bytes]:
-        """The bytes of many blobs in one query over their chunks (no per-file round trips)."""
+        """The bytes of many blobs in one query over their chunks (no per-file round trips).
+
+        Chunks carry no project: callers pass ids from this project's documents and check the bytes
+        against the sha256 recorded there (as the loader does), so no other project's bytes can
+        be returned as this project's.
+        """
         parts: dict[ObjectId, list[bytes]] = {}
         # no projection: mongod 4.0 would rebuild every projected chunk document (~13 % slower)
         cursor = self.db[f"{BLOB_BUCKET}.chunks"].find({"files_id": {"$in": blob_ids}}, sort=[("files_id", 1), ("n", 1)])

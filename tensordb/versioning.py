@@ -34,7 +34,7 @@ def next_version(store: Store, kind: str, name: str, at_least: int | None = None
     With ``at_least`` the counter is only raised to that value (an explicit version chosen by the
     caller), so later automatic versions never repeat it; ``at_least`` is returned.
     """
-    counter = {"_id": {"project": store.project, kind: name}}
+    counter = {"_id": f"{kind}:{name}"}
     if at_least is not None:
         store[COUNTERS].update_one(counter, {"$max": {"last": at_least}}, upsert=True)
         return at_least

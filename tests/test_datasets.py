@@ -35,7 +35,7 @@ def datasets(store: Store) -> Datasets:
 def blob_counts(store: Store) -> tuple[int, int]:
     """GridFS files of this project, and all chunks (each test has a database of its own)."""
     files = store[f"{BLOB_BUCKET}.files"].count_documents({"metadata.project": store.project})
-    return files, store[f"{BLOB_BUCKET}.chunks"].count_documents({})
+    return files, store.db[f"{BLOB_BUCKET}.chunks"].count_documents({})
 
 
 def assert_identical(loaded: np.ndarray, saved: np.ndarray) -> None:
@@ -219,14 +219,14 @@ def test_sweeping_spares_the_blobs_of_a_save_in_progress(datasets: Datasets, sto
 def test_a_corrupted_blob_is_an_error_not_silent(datasets: Datasets, store: Store) -> None:
     document = datasets.save(np.arange(8, dtype=np.int64), "mnist")
     blob_id = document["arrays"][0]["blob"]
-    chunk = store[f"{BLOB_BUCKET}.chunks"].find_one({"files_id": blob_id})
+    chunk = store.db[f"{BLOB_BUCKET}.chunks"].find_one({"files_id": blob_id})
     flipped = bytes(chunk["data"][:-1]) + bytes([chunk["data"][-1] ^ 1])
-    store[f"{BLOB_BUCKET}.chunks"].update_one({"_id": chunk["_id"]}, {"$set": {"data": flipped}})
+    store.db[f"{BLOB_BUCKET}.chunks"].update_one({"_id": chunk["_id"]}, {"$set": {"data": flipped}})
 
     with pytest.raises(IntegrityError, match="sha256"):
         datasets.find("mnist")
 
 
 def test_the_datasets_indexes_exist(store: Store) -> None:
-    keys = [list(index["key"]) for index in store[COLLECTION].list_indexes()]
+    keys = [list(index["key"]) for index in store.db[COLLECTION].list_indexes()]
     assert ["project", "name", "time", "_id"] in keys and ["project", "name", "version"] in keys

@@ -212,7 +212,7 @@ def test_policy_counters_carry_the_overshoot_and_count_each_sample_once(store: S
     assert policies.count_new_samples("p", "b2", ids[100:200]) is None  # a redelivered event
     # a crash after the markers were written but before the counter moved: the redelivery counts them once
     store["policy_counted_samples"].insert_many(
-        [{"_id": f"{store.project}:p:{i}", "project": store.project, "policy": "p", "batch_id": "b3"} for i in ids[200:250]]
+        [{"_id": f"p:{i}", "project": store.project, "policy": "p", "batch_id": "b3"} for i in ids[200:250]]
     )
     assert policies.count_new_samples("p", "b3", ids[200:250]) == 150
     assert policies.document("p")["samples_counted"] == 250
@@ -414,10 +414,9 @@ def test_records_generated_from_every_schema_are_processed_or_dead_lettered_with
     from hypothesis import settings as hypothesis_settings
     from hypothesis_jsonschema import from_schema
 
-    project = settings.project
     stored_id = {
         "sample/1": lambda record: (SAMPLES, record.get("sample_id") or content_id(record)),
-        "log/1": lambda record: ("logs", log_id(project, record["run_id"], record["phase"], record["step"])),
+        "log/1": lambda record: ("logs", log_id(record["run_id"], record["phase"], record["step"])),
     }
     handlers = {
         "sample/1": (Topic.INGEST, handle_samples),

@@ -69,7 +69,7 @@ def test_a_record_delivered_twice_is_stored_once_with_one_blob(settings: Setting
         wait_for(lambda: _stored(db, "after"), what="the sample after the duplicate")
         assert db.store[SAMPLES].count_documents({"_id": "twice"}) == 1
         assert db.store["blobs.files"].count_documents({"metadata.sample_id": "twice"}) == 1
-        assert db.store["blobs.chunks"].count_documents({}) == 2
+        assert db.store.db["blobs.chunks"].count_documents({}) == 2
     # the data-imported events name each new sample exactly once
     consumer = make_consumer(settings, "imported-reader", [Topic.DATA_IMPORTED])
     try:

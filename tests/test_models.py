@@ -63,7 +63,7 @@ def small_model(seed: int = 0, compiled: bool = True) -> keras.Model:
 def blob_counts(store: Store) -> tuple[int, int]:
     """GridFS files of this project, and all chunks (each test has a database of its own)."""
     files = store[f"{BLOB_BUCKET}.files"].count_documents({"metadata.project": store.project})
-    return files, store[f"{BLOB_BUCKET}.chunks"].count_documents({})
+    return files, store.db[f"{BLOB_BUCKET}.chunks"].count_documents({})
 
 
 def assert_same_weights(loaded: keras.Model, saved: keras.Model) -> None:
@@ -361,17 +361,17 @@ def test_operator_filters_and_reserved_fields_are_refused(registry: ModelRegistr
 
 def test_a_corrupted_parameter_blob_is_an_error_not_silent(registry: ModelRegistry, store: Store) -> None:
     info = registry.save(small_model(), "mnist")
-    chunk = store[f"{BLOB_BUCKET}.chunks"].find_one({"files_id": info["parameters"]["blob"]})
+    chunk = store.db[f"{BLOB_BUCKET}.chunks"].find_one({"files_id": info["parameters"]["blob"]})
     flipped = bytes(chunk["data"][:-1]) + bytes([chunk["data"][-1] ^ 1])
-    store[f"{BLOB_BUCKET}.chunks"].update_one({"_id": chunk["_id"]}, {"$set": {"data": flipped}})
+    store.db[f"{BLOB_BUCKET}.chunks"].update_one({"_id": chunk["_id"]}, {"$set": {"data": flipped}})
 
     with pytest.raises(IntegrityError, match="sha256"):
         registry.find(name="mnist")
 
 
 def test_the_model_indexes_exist(registry: ModelRegistry, store: Store) -> None:
-    indexes = {tuple(index["key"]): index.get("unique", False) for index in store[COLLECTION].list_indexes()}
+    indexes = {tuple(index["key"]): index.get("unique", False) for index in store.db[COLLECTION].list_indexes()}
     assert indexes[("project", "name", "version")] is True
     assert ("project", "name", "time") in indexes and ("project", "job_id") in indexes
-    aliases = {tuple(index["key"]): index.get("unique", False) for index in store[ALIASES].list_indexes()}
+    aliases = {tuple(index["key"]): index.get("unique", False) for index in store.db[ALIASES].list_indexes()}
     assert aliases[("project", "name", "alias")] is True

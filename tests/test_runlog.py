@@ -172,7 +172,7 @@ def test_ten_thousand_steps_are_stored_exactly_once_even_when_redelivered(
         publisher.flush()
         wait_for(lambda: store[LOGS].find_one({"run_id": "run-10k", "step": 10_000}), what="the step after the duplicates")
         assert _persisted(store, 10_001, run_id="run-10k") == 10_001
-        first = store[LOGS].find_one({"_id": log_id(settings.project, "run-10k", "train", 5000)})
+        first = store[LOGS].find_one({"_id": log_id("run-10k", "train", 5000)})
         assert first["metrics"] == {"loss": 1.0 / 5001, "accuracy": 0.5} and first["epoch"] == 5  # first write wins
         assert first["job_id"] == "job-10k" and first["project"] == settings.project
 
@@ -301,7 +301,7 @@ def test_the_batched_log_sink_stores_each_record_once_dead_letters_bad_ones_and_
             logger.log(10_001, loss=0.0)
             logger.flush()
             assert _persisted(store, 10_002) == 10_002
-            progress = store["processor_progress"].find_one({"_id": {"$regex": r"\.logs:"}})
+            progress = store["processor_progress"].find_one({"topic": settings.topic(Topic.LOGS)})
             assert progress["valid"] == 10_003 and progress["invalid"] == 1
             sink.stop()
             thread.join(30)
