@@ -15,7 +15,8 @@ job-requests  job-requests        validated only (workers consume the requests)
 model-events  model-events        validated only (model servers consume the events)
 ============  ==================  ==============================================================
 
-A timer starts time-triggered policies. SIGTERM or SIGINT stops every processor within seconds:
+A timer starts time-triggered policies and, hourly, removes sample blobs no sample references
+(:func:`streams.ingest.sweep_sample_blobs`). SIGTERM or SIGINT stops every processor within seconds:
 batches in hand finish (or, in an outage, stay uncommitted and are read again later).
 """
 
@@ -28,7 +29,7 @@ import time
 from collections.abc import Callable
 
 from streams.consumer import TopicProcessor
-from streams.ingest import handle_samples
+from streams.ingest import handle_samples, sweep_sample_blobs
 from streams.lifecycle import handle_job_events
 from streams.logs import log_sink, tune_gc_for_batches
 from streams.processing import Handler, ProcessorContext, Stopping
@@ -46,6 +47,7 @@ HANDLERS: dict[str, tuple[Handler | None, int]] = {
     "model-events": (None, 2000),
 }
 TIMER_SECONDS = 5.0
+SWEEP_SECONDS = 3600.0
 READY_LINE = "processors ready"
 STOP_SECONDS = 20.0
 
@@ -61,6 +63,7 @@ class Processors:
         ] + [log_sink(settings)]
         self.timers = ProcessorContext(settings, processor="timers")
         self._stop = threading.Event()
+        self._next_sweep = time.monotonic()
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Run until :meth:`stop`; then stop every processor and wait (bounded) for them."""
@@ -88,6 +91,15 @@ class Processors:
             pass
         except Exception:  # noqa: BLE001 - a bad policy must not stop the processors
             log.exception("timed triggers failed; trying again in %.0f s", TIMER_SECONDS)
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + SWEEP_SECONDS
+            try:
+                swept = sweep_sample_blobs(self.timers.store)
+            except Exception:  # noqa: BLE001 - an outage: the next sweep tries again
+                log.exception("sweeping orphaned sample blobs failed; trying again in %.0f s", SWEEP_SECONDS)
+            else:
+                if swept:
+                    log.info("removed %d orphaned sample blobs", swept)
 
     def stop(self) -> None:
         """Ask every processor to stop (safe from a signal handler): waits for an outage end now."""

@@ -1,9 +1,14 @@
 """The ingest processor: sample records become GridFS blobs plus one metadata document each.
 
 Idempotent by construction: a sample's id comes from the record (or its content), its blobs' ids
-from the sample id and array name, and documents are inserted only if absent, so a redelivered
-record changes nothing. A record MongoDB refuses is dead-lettered on its own and its blobs removed;
-the rest of the batch is stored.
+from the project, sample id and array name, and documents are inserted only if absent, so a
+redelivered record changes nothing. A sample id already stored with different content is
+dead-lettered with the reason (never dropped, never replaced). A record MongoDB refuses is
+dead-lettered on its own and its blobs removed; the rest of the batch is stored.
+
+A claim check (an array the SDK uploaded to GridFS beforehand) is accepted only if its blob was
+uploaded in this project for this sample id and matches the record's size, sha256, dtype and
+shape: a reference copied from another project's topic, or to another sample's bytes, is refused.
 
 Announced by what is stored: each batch publishes one ``data-imported`` event for its samples that
 are stored but not yet announced (``announced: false``), then marks them announced. A retry or a
@@ -14,9 +19,11 @@ attempt stored, and the retrain trigger counts each sample once however often it
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
+import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 from bson import ObjectId
 
 from tensordb.bus import Received
@@ -26,9 +33,22 @@ from tensordb.samples import SAMPLES, SampleError, array_nbytes, check_storable,
 from tensordb.store import BLOB_BUCKET, Store, insert_new
 
 
-def blob_id(sample_id: str, array_name: str) -> ObjectId:
-    """The deterministic GridFS id of an inline array, so a redelivery cannot write a second blob."""
-    return ObjectId(hashlib.sha256(f"{sample_id}\0{array_name}".encode()).digest()[:12])
+def blob_id(project: str, sample_id: str, array_name: str) -> ObjectId:
+    """The deterministic GridFS id of an inline array, so a redelivery cannot write a second blob
+    (and the same sample id in two projects names two blobs)."""
+    return ObjectId(hashlib.sha256(f"{project}\0{sample_id}\0{array_name}".encode()).digest()[:12])
+
+
+def fingerprint(document: dict[str, Any]) -> str:
+    """The sha256 of what a sample holds (arrays' digests, labels, metadata...), not of how or
+    when it was delivered: a redelivery has the same fingerprint, a reused id a different one."""
+    content = {key: document[key] for key in ("dataset", "version", "labels", "metadata", "tags")}
+    content["arrays"] = {name: [entry["dtype"], entry["shape"], entry["sha256"]] for name, entry in document["arrays"].items()}
+    try:
+        encoded = orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # integers beyond 64 bits, which orjson refuses
+        encoded = json.dumps(content, sort_keys=True, default=str).encode()
+    return hashlib.sha256(encoded).hexdigest()
 
 
 def _prepare(received: Received, store: Store, now: datetime) -> tuple[dict[str, Any], list[tuple]]:
@@ -48,11 +68,15 @@ def _prepare(received: Received, store: Store, now: datetime) -> tuple[dict[str,
                     f"array {name!r}: nbytes {spec['nbytes']} does not fit shape {spec['shape']} of {spec['dtype']}: "
                     "fix the reference's shape or nbytes"
                 )
+            if not record.get("sample_id"):
+                raise SampleError(
+                    f"array {name!r} is a claim check, so the record needs the sample_id its blob was uploaded for"
+                )
             entry.update(shape=[int(size) for size in spec["shape"]], nbytes=spec["nbytes"], sha256=spec["sha256"], blob_id=ObjectId(spec["blob_id"]))
         else:
             data, shape = inline_bytes(name, spec, limit)
             digest = hashlib.sha256(data).hexdigest()
-            entry.update(shape=shape, nbytes=len(data), sha256=digest, blob_id=blob_id(sample_id, name))
+            entry.update(shape=shape, nbytes=len(data), sha256=digest, blob_id=blob_id(store.project, sample_id, name))
             blobs.append((entry["blob_id"], f"{record['dataset']}/{sample_id}/{name}", data, {"kind": "sample-array", "sha256": digest, "sample_id": sample_id}))
         arrays[name] = entry
         total += entry["nbytes"]
@@ -77,30 +101,44 @@ def _prepare(received: Received, store: Store, now: datetime) -> tuple[dict[str,
         "origin": {"topic": received.topic, "partition": received.partition, "offset": received.offset},
         "announced": False,
     }
+    document["fingerprint"] = fingerprint(document)
     return document, blobs
 
 
-def _check_claims(store: Store, documents: list[dict[str, Any]]) -> dict[str, str]:
-    """Sample ids whose claim-check blob is missing or differs from its reference, with the reason."""
-    claimed = {
-        entry["blob_id"]: (document["_id"], name, entry)
-        for document in documents
+def _check_claims(store: Store, documents: list[dict[str, Any]]) -> dict[int, str]:
+    """The positions of documents whose claim-check blob is missing, another project's or
+    sample's, or differs from its reference, with the reason (blobs are read as this project
+    sees them)."""
+    claimed = [
+        (position, name, entry)
+        for position, document in enumerate(documents)
         for name, entry in document["arrays"].items()
         if entry["claim_check"]
-    }
+    ]
     if not claimed:
         return {}
-    found = {
-        file["_id"]: file
-        for file in store[f"{BLOB_BUCKET}.files"].find({"_id": {"$in": list(claimed)}}, {"length": 1, "metadata.sha256": 1})
-    }
+    blob_ids = list({entry["blob_id"] for _, _, entry in claimed})
+    found = {file["_id"]: file for file in store[f"{BLOB_BUCKET}.files"].find({"_id": {"$in": blob_ids}}, {"length": 1, "metadata": 1})}
     broken = {}
-    for blob, (sample_id, name, entry) in claimed.items():
+    for position, name, entry in claimed:
+        blob, sample_id = entry["blob_id"], documents[position]["_id"]
         file = found.get(blob)
         if file is None:
-            broken[sample_id] = f"array {name!r}: blob {blob} does not exist; upload it before publishing the reference"
-        elif file["length"] != entry["nbytes"] or file.get("metadata", {}).get("sha256") != entry["sha256"]:
-            broken[sample_id] = f"array {name!r}: blob {blob} does not match the record's nbytes/sha256"
+            broken[position] = (
+                f"array {name!r}: blob {blob} does not exist in project {store.project!r}; upload it in this project "
+                "(TensorDB.publish does) before publishing the reference"
+            )
+            continue
+        uploaded = file.get("metadata", {})
+        expected = {"sample_id": sample_id, "sha256": entry["sha256"], "dtype": entry["dtype"], "shape": entry["shape"]}
+        mismatched = [field for field, value in expected.items() if uploaded.get(field) != value]
+        if file["length"] != entry["nbytes"]:
+            mismatched.insert(0, "nbytes")
+        if mismatched:
+            broken[position] = (
+                f"array {name!r}: blob {blob} was uploaded with a different {', '.join(mismatched)} than the record "
+                "says; a claim check names the blob uploaded for that sample, with its exact size, digest, dtype and shape"
+            )
     return broken
 
 
@@ -116,27 +154,53 @@ def handle_samples(context: Any, batch: list[Received]) -> None:
             context.dead_letters.divert(received, exc)
     broken = _check_claims(store, [document for _, document, _ in prepared])
     accepted = []
-    for received, document, blobs in prepared:
-        if document["_id"] in broken:
-            context.dead_letters.divert(received, SampleError(broken[document["_id"]]))
+    for position, (received, document, blobs) in enumerate(prepared):
+        if position in broken:
+            context.dead_letters.divert(received, SampleError(broken[position]))
         else:
             accepted.append((received, document, blobs))
     if not accepted:
         return
     store.write_blobs([blob for _, _, blobs in accepted for blob in blobs])
-    _, refused = insert_new(store[SAMPLES], [document for _, document, _ in accepted])  # first delivery wins
+    duplicates, refused = insert_new(store[SAMPLES], [document for _, document, _ in accepted])  # first delivery wins
     for index, reason in refused.items():
         received, document, blobs = accepted[index]
         context.dead_letters.divert(received, StorageError(reason))
         store.delete_blobs([blob[0] for blob in blobs])  # only the inline arrays' blobs, written above
+    positions = sorted(duplicates)
+    for position, reason in _reused_ids(store, [accepted[index][1] for index in positions]).items():
+        context.dead_letters.divert(accepted[positions[position]][0], SampleError(reason))
     stored = [document["_id"] for index, (_, document, _) in enumerate(accepted) if index not in refused]
     announce(context, stored, now)
+
+
+def _reused_ids(store: Store, duplicates: list[dict[str, Any]]) -> dict[int, str]:
+    """Which of the documents whose id was already stored hold different content, with the reason.
+
+    A redelivery (same content) is what duplicates normally are, and changes nothing; an id reused
+    for other content is reported rather than dropped, and the stored sample is kept unchanged.
+    """
+    if not duplicates:
+        return {}
+    stored = {
+        document["_id"]: document.get("fingerprint")
+        for document in store[SAMPLES].find({"_id": {"$in": [document["_id"] for document in duplicates]}}, {"fingerprint": 1})
+    }
+    return {
+        index: (
+            f"sample id {document['_id']!r} is already stored in project {store.project!r} with different content "
+            "(arrays, labels, metadata, tags, dataset or version); the stored sample is kept: publish changed data "
+            "under a new sample_id, or delete the stored sample first"
+        )
+        for index, document in enumerate(duplicates)
+        if stored.get(document["_id"], document["fingerprint"]) not in (document["fingerprint"], None)
+    }
 
 
 def announce(context: Any, sample_ids: list[str], now: datetime) -> None:
     """Publish one ``data-imported`` event for those of ``sample_ids`` stored and not yet announced."""
     store: Store = context.store
-    pending = list(store[SAMPLES].find({"project": store.project, "_id": {"$in": sample_ids}, "announced": False}, {"dataset": 1}))
+    pending = list(store[SAMPLES].find({"_id": {"$in": sample_ids}, "announced": False}, {"dataset": 1}))
     if not pending:
         return
     ids = sorted(document["_id"] for document in pending)
@@ -152,3 +216,38 @@ def announce(context: Any, sample_ids: list[str], now: datetime) -> None:
     )
     context.publisher.flush()  # announced only once the event is acknowledged
     store[SAMPLES].update_many({"_id": {"$in": ids}}, {"$set": {"announced": True}})
+
+
+#: How old an unreferenced sample blob must be before :func:`sweep_sample_blobs` removes it: long
+#: enough for a claim check uploaded before an outage of the processors to be ingested after it.
+SAMPLE_BLOB_GRACE = timedelta(days=1)
+
+
+def sweep_sample_blobs(store: Store, grace: timedelta = SAMPLE_BLOB_GRACE) -> int:
+    """Delete this project's sample blobs that no stored sample references; returns how many.
+
+    They are claim-check uploads whose record was never published or was dead-lettered, and
+    blobs left by a record MongoDB refused while the processor crashed. Only blobs older than
+    ``grace`` are judged, so a record still on its way (or retried) keeps its blobs. Every sample
+    blob records the sample id it was written for (a claim check must match it), so references
+    are found by reading those samples by id: no extra index on the samples.
+    """
+    candidates: dict[str, list[ObjectId]] = {}
+    files = store[f"{BLOB_BUCKET}.files"].find(
+        {"metadata.kind": "sample-array", "metadata.sample_id": {"$exists": True}, "uploadDate": {"$lt": datetime.now(UTC) - grace}},
+        {"metadata.sample_id": 1},
+    )
+    for file in files:
+        candidates.setdefault(file.get("metadata", {}).get("sample_id"), []).append(file["_id"])
+    orphans = []
+    sample_ids = list(candidates)
+    for start in range(0, len(sample_ids), 1000):
+        chunk = sample_ids[start : start + 1000]
+        referenced = {
+            entry["blob_id"]
+            for document in store[SAMPLES].find({"_id": {"$in": chunk}}, {"arrays": 1})
+            for entry in document["arrays"].values()
+        }
+        orphans += [blob for sample_id in chunk for blob in candidates[sample_id] if blob not in referenced]
+    store.delete_blobs(orphans)
+    return len(orphans)

@@ -9,6 +9,7 @@ buffer's metadata. The position (samples yielded so far) lets a restarted job re
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tensordb.errors import QueryError, TensorDBError
+from tensordb.errors import IntegrityError, QueryError, TensorDBError
 from tensordb.samples import to_array
 
 if TYPE_CHECKING:
@@ -115,8 +116,12 @@ class CohortStream:
                     f"{first['dtype']}{first['shape']}: cohorts stream samples of one shape and dtype"
                 )
             data = blobs.get(spec["blob_id"])
-            if data is None or len(data) != spec["nbytes"]:
-                raise TensorDBError(f"the bytes of sample {document['_id']} are missing or truncated in GridFS")
+            if data is None or len(data) != spec["nbytes"] or hashlib.sha256(data).hexdigest() != spec["sha256"]:
+                raise IntegrityError(
+                    f"the bytes of array {x_name!r} of sample {document['_id']!r} are "
+                    + ("missing" if data is None else "not those stored (sha256 mismatch)")
+                    + " in GridFS: re-publish the sample, or restore the blobs collection from a backup"
+                )
             x[slot] = to_array(data, spec)
         if y_name is None:
             return x, None

@@ -68,6 +68,7 @@ def build_sample(
     to GridFS now and referenced; the smallest arrays are kept inline first.
     """
     named = {name: _little_endian(np.asarray(array)) for name, array in _named(arrays, "x").items()}
+    sample_id = sample_id or uuid.uuid4().hex
     specs: dict[str, dict[str, Any]] = {}
     inline_budget = store.settings.inline_limit_bytes
     for name, array in sorted(named.items(), key=lambda item: item[1].nbytes):
@@ -77,12 +78,15 @@ def build_sample(
             inline_budget -= len(data)
             spec["data"] = base64.b64encode(data).decode()
         else:
-            blob_id, digest = store.put_bytes(data, f"{dataset}/{name}", kind="sample-array", dataset=dataset)
+            blob_id, digest = store.put_bytes(
+                data, f"{dataset}/{sample_id}/{name}", kind="sample-array", dataset=dataset, sample_id=sample_id,
+                dtype=spec["dtype"], shape=spec["shape"],
+            )  # the claim check is bound to this upload: ingest compares all of these
             spec.update(blob_id=str(blob_id), sha256=digest, nbytes=len(data))
         specs[name] = spec
     record: dict[str, Any] = {
         "schema": "sample/1",
-        "sample_id": sample_id or uuid.uuid4().hex,
+        "sample_id": sample_id,
         "dataset": dataset,
         "arrays": {name: specs[name] for name in named},  # keep the caller's order
         "source": source,
