@@ -17,30 +17,24 @@ Routes (all read-only):
   the points MongoDB may not have yet, then ``ready``, then live (see :mod:`dashboard.live`);
 - ``/api/models``, ``/api/data``, ``/api/dead-letters``.
 
-Bound to 127.0.0.1 by default. Bound to any other address it needs a token, which every request
-then carries (``Authorization: Bearer``, ``X-TensorDB-Token``, ``?token=``, or the cookie set when a
-page is opened with ``?token=``); without one it refuses to start.
+Bound to 127.0.0.1 by default. Bound to any other address it needs a token (``--token`` or
+``TENSORDB_DASHBOARD_TOKEN``), which every request then carries (``Authorization: Bearer``,
+``X-TensorDB-Token``, or the session cookie set when a page is opened with ``?token=``); without one
+it refuses to start. Host names, body size and headers are checked by :mod:`tensordb.http_guard`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import ipaddress
 import logging
 import math
-import os
-import secrets
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote
 
 import numpy as np
 import orjson
@@ -52,14 +46,13 @@ from dashboard import queries
 from dashboard.live import RESET, LiveHub
 from tensordb.bus import create_topics
 from tensordb.config import Settings
-from tensordb.errors import ConfigurationError
+from tensordb.http_guard import Guard, check_binding, server
 from tensordb.runlog import PHASES
 from tensordb.store import Store
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
-TOKEN_ENV = "TENSORDB_DASHBOARD_TOKEN"
 KEEPALIVE_SECONDS = 15.0
 #: A zoomed range is read raw when the overview has fewer buckets than this in it.
 ZOOM_BUCKETS = queries.OVERVIEW_POINTS // 4
@@ -67,13 +60,6 @@ ZOOM_BUCKETS = queries.OVERVIEW_POINTS // 4
 ZOOM_MAX_RAW = 200_000
 #: Overviews of this many most recent runs are built when the dashboard starts.
 WARM_RUNS = 200
-SECURITY_HEADERS = [
-    (b"content-security-policy", b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                                 b"connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
-    (b"x-frame-options", b"DENY"),
-]  # fmt: skip
 
 
 # -- JSON --------------------------------------------------------------------------------------------
@@ -96,84 +82,6 @@ class JSON(Response):
 
     def render(self, content: Any) -> bytes:
         return dumps(content)
-
-
-# -- access: loopback by default, a token otherwise -------------------------------------------------
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def check_binding(host: str, token: str | None) -> None:
-    """Refuse to expose the dashboard beyond this machine without a token."""
-    if not is_loopback(host) and not token:
-        raise ConfigurationError(
-            f"binding the dashboard to {host} exposes it to the network: pass --token TOKEN (or set {TOKEN_ENV}), "
-            f"e.g. --token {secrets.token_urlsafe(16)}"
-        )
-
-
-class Guard:
-    """ASGI middleware: the token check (when a token is set) and security headers on every response."""
-
-    def __init__(self, app: Any, token: str | None, cookie: str) -> None:
-        self.app = app
-        self.token = token.encode() if token else None
-        self.cookie = cookie
-        #: the cookie holds a digest of the token (any characters, and never the token itself)
-        self.cookie_value = hashlib.sha256(self.token).hexdigest().encode() if self.token else None
-
-    def _allowed(self, scope: dict[str, Any]) -> tuple[bool, bool]:
-        """Whether the request carries the token, and whether it came in the query string."""
-        headers = dict(scope.get("headers") or [])
-        authorization = headers.get(b"authorization", b"")
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        if b"x-tensordb-token" in headers:
-            return hmac.compare_digest(headers[b"x-tensordb-token"], self.token), False
-        if authorization[:7].lower() == b"bearer ":
-            return hmac.compare_digest(authorization[7:].strip(), self.token), False
-        if query.get("token"):
-            return hmac.compare_digest(query["token"][0].encode(), self.token), True
-        if b"cookie" in headers:
-            morsel = SimpleCookie(headers[b"cookie"].decode("latin-1")).get(self.cookie)
-            if morsel is not None:
-                return hmac.compare_digest(morsel.value.encode(), self.cookie_value), False
-        return False, False
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        set_cookie = False
-        if self.token is not None:
-            allowed, in_query = self._allowed(scope)
-            if not allowed:
-                response = PlainTextResponse(
-                    "this dashboard needs its token: open the address `tensordb dashboard` printed (…/?token=…), "
-                    "or send the header 'Authorization: Bearer TOKEN'\n",
-                    status_code=401,
-                )
-                await response(scope, receive, self._with_headers(send, False))
-                return
-            set_cookie = in_query
-        await self.app(scope, receive, self._with_headers(send, set_cookie))
-
-    def _with_headers(self, send: Any, set_cookie: bool) -> Any:
-        async def wrapped(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers") or []) + SECURITY_HEADERS
-                if set_cookie and self.cookie_value is not None:
-                    headers.append((b"set-cookie", b"%s=%s; Path=/; HttpOnly; SameSite=Strict" % (self.cookie.encode(), self.cookie_value)))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        return wrapped
 
 
 # -- the app -------------------------------------------------------------------------------------------
@@ -292,8 +200,14 @@ class Dashboard:
         }  # fmt: skip
 
 
-def create_app(settings: Settings, token: str | None = None, port: int = 0) -> Guard:
-    """The ASGI app: FastAPI routes behind the :class:`Guard` (``.app`` is the FastAPI app)."""
+def create_app(settings: Settings, token: str | None = None, host: str = "127.0.0.1", port: int = 0) -> Guard:
+    """The ASGI app: FastAPI routes behind the :class:`~tensordb.http_guard.Guard` (``.app`` is the FastAPI app).
+
+    Parameters:
+        settings: the project to show, and the HTTP settings the guard applies.
+        token: the token every request must carry, or ``None`` (bound to loopback only).
+        host, port: the bound address (an allowed ``Host``; the port names the session cookie).
+    """
     dashboard = Dashboard(settings)
 
     @asynccontextmanager
@@ -304,7 +218,7 @@ def create_app(settings: Settings, token: str | None = None, port: int = 0) -> G
         finally:
             await asyncio.to_thread(dashboard.close)
 
-    app = FastAPI(title=f"TensorDB dashboard: {settings.project}", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title=f"TensorDB dashboard: {settings.project}", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.dashboard = dashboard
 
     @app.get("/", include_in_schema=False)
@@ -397,19 +311,27 @@ def create_app(settings: Settings, token: str | None = None, port: int = 0) -> G
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
-    return Guard(app, token, cookie=f"tensordb_dashboard_{port}")
+    hint = "open the address `tensordb dashboard` printed with ?token=TOKEN added, or send the header 'Authorization: Bearer TOKEN'"
+    return Guard(app, settings, token=token, host=host, cookie=f"tensordb_dashboard_{port}", hint=hint)
 
 
 def run(settings: Settings, host: str = "127.0.0.1", port: int = 8050, token: str | None = None) -> None:
-    """``tensordb dashboard``: serve the dashboard of ``settings.project`` until interrupted."""
-    import uvicorn
+    """``tensordb dashboard``: serve the dashboard of ``settings.project`` until interrupted.
 
-    token = token or os.environ.get(TOKEN_ENV) or None
-    check_binding(host, token)
+    Parameters:
+        settings: the project, and ``dashboard_token`` when ``token`` is not given.
+        host, port: the address to bind; beyond loopback a token is required.
+        token: the token every request must carry.
+    """
+    if token is None and settings.dashboard_token is not None:
+        token = settings.dashboard_token.get_secret_value()
+    check_binding(host, token, "tensordb dashboard", "TENSORDB_DASHBOARD_TOKEN")
     if not (STATIC / "index.html").is_file():
         log.warning("the front end is not built (%s is missing): run `make dashboard`", STATIC / "index.html")
     shown = f"[{host}]" if ":" in host else host
-    address = f"http://{shown}:{port}/" + (f"?token={quote(token, safe='')}" if token else "")
+    address = f"http://{shown}:{port}/"
     log.info("dashboard of project %r at %s", settings.project, address)
-    print(f"dashboard of project {settings.project!r}: {address}", flush=True)
-    uvicorn.run(create_app(settings, token, port), host=host, port=port, log_level="info", timeout_graceful_shutdown=2)
+    # never the token itself: this line lands in terminals and log files
+    signing_in = "  (open it once with ?token=TOKEN added, TOKEN being the one it was started with)" if token else ""
+    print(f"dashboard of project {settings.project!r}: {address}{signing_in}", flush=True)
+    server(create_app(settings, token, host, port), host, port, timeout_graceful_shutdown=2).run()

@@ -88,9 +88,14 @@ def worker_process(settings: Settings, log_path: Path, lease_seconds: float = 30
     return ChildProcess(["worker", "--lease", str(lease_seconds)], "worker ready", settings, log_path)
 
 
-def server_process(settings: Settings, log_path: Path, policy: str, port: int) -> ChildProcess:
-    """``tensordb serve``: the model server of ``policy`` on 127.0.0.1:``port``."""
-    return ChildProcess(["serve", "--policy", policy, "--port", str(port)], "Uvicorn running on", settings, log_path)
+def server_process(
+    settings: Settings, log_path: Path, policy: str, port: int, host: str = "127.0.0.1", token: str | None = None
+) -> ChildProcess:
+    """``tensordb serve``: the model server of ``policy`` on ``host``:``port``."""
+    return ChildProcess(
+        ["serve", "--policy", policy, "--host", host, "--port", str(port), *(["--token", token] if token else [])],
+        "Uvicorn running on", settings, log_path,
+    )  # fmt: skip
 
 
 def dashboard_process(

@@ -40,7 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
     from workers.serve import run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(load_settings(), args.policy, args.host, args.port)
+    run(load_settings(), args.policy, args.host, args.port, args.token)
     return 0
 
 
@@ -108,8 +108,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     serve = subparsers.add_parser("serve", help="serve a policy's production model over HTTP")
     serve.add_argument("--policy", required=True, help="policy (model) name whose production version to serve")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs --token)")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token", default=None, help="token every request must carry (default: $TENSORDB_SERVE_TOKEN)")
     serve.set_defaults(handler=_serve)
 
     dashboard = subparsers.add_parser("dashboard", help="serve the live dashboard: runs, curves, models, data")

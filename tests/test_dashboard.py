@@ -169,9 +169,10 @@ def test_a_token_is_required_on_every_request_when_bound_elsewhere(settings, sta
     assert plain.get("/api/runs", headers={"X-TensorDB-Token": "wrong"}).status_code == 401
     assert plain.get("/api/runs", headers={"Authorization": "Bearer s3cret token; with=odd chars"}).status_code == 200
     assert plain.get("/api/runs", params={"token": "s3cret token"}).status_code == 401
-    opened = plain.get("/", params={"token": "s3cret token; with=odd chars"})
-    assert opened.status_code == 200 and "HttpOnly" in opened.headers["set-cookie"] and "s3cret" not in opened.headers["set-cookie"]
-    assert "script-src 'self'" in opened.headers["content-security-policy"]
+    opened = plain.get("/", params={"token": "s3cret token; with=odd chars"}, follow_redirects=True)  # to the page without it
+    assert opened.status_code == 200 and opened.url == f"{dashboard.url}/" and "script-src 'self'" in opened.headers["content-security-policy"]
+    signed_in = opened.history[0].headers["set-cookie"]
+    assert "HttpOnly" in signed_in and "SameSite=Strict" in signed_in and "s3cret" not in signed_in
     assert plain.get("/static/app.js").status_code == 200  # the page's later requests carry the cookie
     plain.close()
 

@@ -267,3 +267,27 @@ def test_a_training_job_s_status_and_curves_update_live(stack, tab) -> None:
     assert "epoch 8/8" in page.locator(".job").text_content()
     tab.screenshot("training-job")
     assert not tab.errors and not tab.dialogs
+
+
+def test_a_link_with_the_token_signs_the_browser_in_and_lands_on_the_page_without_it(stack, tab) -> None:
+    """Beyond loopback a person opens the dashboard with ``?token=``: the redirect trades it for a
+    session cookie, and the page it lands on (without the token) loads its data and live points."""
+    token = "browser s3cret/token"
+    port = free_port()
+    process = dashboard_process(stack.settings, stack.folder / "dashboard-token.log", port, host="0.0.0.0", token=token)
+    process.start(timeout=60)
+    try:
+        with Publisher(stack.settings) as publisher, RunLogger(publisher, "signed-in-run") as logger:
+            for step in range(20):
+                logger.log(step, loss=loss(step))
+        url = f"http://127.0.0.1:{port}"
+        tab.page.goto(f"{url}/?token={quote(token, safe='')}#/run/signed-in-run")
+        assert tab.page.url == f"{url}/#/run/signed-in-run"
+        tab.wait_points("loss", 20)
+        cookies = tab.page.context.cookies()
+        assert [(c["httpOnly"], c["sameSite"], c["secure"]) for c in cookies] == [(True, "Strict", False)]
+        assert "s3cret" not in cookies[0]["value"]
+        assert not tab.errors and not tab.dialogs
+    finally:
+        process.stop()
+    assert "s3cret" not in process.log()

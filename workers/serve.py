@@ -4,6 +4,11 @@ It loads the version the ``production`` alias points to, follows ``model-events`
 alias every few seconds in case an event was missed), loads a newly promoted version in the
 background and swaps it in with one reference assignment. A request takes the current model once
 when it starts, so requests in flight finish on the version they started with: none is dropped.
+
+Bound to 127.0.0.1 by default; beyond it every request must carry a token (``--token`` or
+``TENSORDB_SERVE_TOKEN``). Host names, body size and headers are checked by
+:mod:`tensordb.http_guard`; a request's instances are checked against the model's input shape
+before any array is built.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pydantic import BaseModel, Field
 
 from tensordb.bus import Publisher, make_consumer, receive
 from tensordb.config import Settings, Topic
+from tensordb.http_guard import CSP, Guard, check_binding, server
 from tensordb.mining import PRODUCTION
 from tensordb.models import ModelRegistry
 from tensordb.store import Store
@@ -29,6 +35,10 @@ from tensordb.store import Store
 log = logging.getLogger(__name__)
 MAX_INSTANCES = 1024
 ALIAS_CHECK_SECONDS = 5.0
+#: With ``http_docs`` on, /docs loads Swagger UI from its CDN and starts it from an inline script.
+DOCS_CSP = CSP.replace("script-src 'self'", "script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net").replace(
+    "style-src 'self'", "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net"
+).replace("img-src 'self' data:", "img-src 'self' data: https://fastapi.tiangolo.com")
 
 
 @dataclass(frozen=True)
@@ -75,21 +85,50 @@ class ModelHolder:
         return True
 
 
+def _misfit(value: Any, expected: tuple[int | None, ...], path: str) -> str | None:
+    """How ``value`` (nested lists from JSON) departs from ``expected``, or ``None`` when it fits:
+    checked before numpy sees it, so no array is ever built from a wrong shape."""
+    if not expected:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return None
+        return f"{path} is {type(value).__name__}, not a number"
+    if not isinstance(value, list):
+        return f"{path} is {type(value).__name__}, not a list"
+    if expected[0] is not None and len(value) != expected[0]:
+        return f"{path} has {len(value)} items, not {expected[0]}"
+    return next((problem for index, item in enumerate(value) if (problem := _misfit(item, expected[1:], f"{path}[{index}]"))), None)
+
+
 def _as_input(instances: list[Any], model: Any) -> np.ndarray:
+    """The request's instances as one float32 batch, once their shape fits the model's input."""
+    expected = tuple(model.input_shape[1:])
+    for index, instance in enumerate(instances):
+        problem = _misfit(instance, expected, f"instances[{index}]")
+        if problem is not None:
+            raise HTTPException(422, f"each instance must have shape {list(expected)} (numbers in nested lists): {problem}")
     try:
         batch = np.asarray(instances, dtype="float32")
-    except (ValueError, TypeError) as exc:
-        raise HTTPException(422, f"instances must be numbers in nested lists of one shape: {exc}") from None
-    expected = tuple(model.input_shape[1:])
-    if batch.ndim != len(expected) + 1 or any(want is not None and got != want for got, want in zip(batch.shape[1:], expected, strict=True)):
-        raise HTTPException(422, f"each instance must have shape {list(expected)}; got {list(batch.shape[1:])}")
+    except OverflowError:
+        raise HTTPException(422, "instances hold a number too large for float32") from None
     if not np.isfinite(batch).all():
-        raise HTTPException(422, "instances contain NaN or infinity")
+        raise HTTPException(422, "instances contain NaN or infinity (or numbers too large for float32)")
     return batch
 
 
-def create_app(holder: ModelHolder) -> FastAPI:
-    app = FastAPI(title=f"TensorDB model server: {holder.name}", version="1")
+def create_app(holder: ModelHolder, settings: Settings, token: str | None = None, host: str = "127.0.0.1", port: int = 0) -> Guard:
+    """The model server's ASGI app: FastAPI routes behind the :class:`~tensordb.http_guard.Guard`.
+
+    Parameters:
+        holder: the served model.
+        settings: the HTTP settings (allowed hosts, body limit, docs, forwarded TLS).
+        token: the token every request must carry, or ``None`` (bound to loopback only).
+        host, port: the bound address (an allowed ``Host``; the port names the session cookie).
+    """
+    docs = settings.http_docs
+    app = FastAPI(
+        title=f"TensorDB model server: {holder.name}", version="1",
+        docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None,
+    )  # fmt: skip
 
     def serving() -> Serving:
         current = holder.current  # read once: a swap during this request does not affect it
@@ -121,7 +160,8 @@ def create_app(holder: ModelHolder) -> FastAPI:
             response["classes"] = outputs.argmax(axis=1).tolist()
         return response
 
-    return app
+    hint = "send the header 'Authorization: Bearer TOKEN' (the token `tensordb serve` was started with)"
+    return Guard(app, settings, token=token, host=host, cookie=f"tensordb_serve_{port}", hint=hint, csp=DOCS_CSP if docs else CSP)
 
 
 def follow_promotions(settings: Settings, holder: ModelHolder, stop: threading.Event) -> None:
@@ -144,10 +184,18 @@ def follow_promotions(settings: Settings, holder: ModelHolder, stop: threading.E
         consumer.close()
 
 
-def run(settings: Settings, model_name: str, host: str, port: int) -> None:
-    """``tensordb serve``: serve ``model_name``'s production version until interrupted."""
-    import uvicorn
+def run(settings: Settings, model_name: str, host: str, port: int, token: str | None = None) -> None:
+    """``tensordb serve``: serve ``model_name``'s production version until interrupted.
 
+    Parameters:
+        settings: where the models are, ``serve_token`` when ``token`` is not given, the HTTP settings.
+        model_name: the policy (model) whose production version is served.
+        host, port: the address to bind; beyond loopback a token is required.
+        token: the token every request must carry.
+    """
+    if token is None and settings.serve_token is not None:
+        token = settings.serve_token.get_secret_value()
+    check_binding(host, token, "tensordb serve", "TENSORDB_SERVE_TOKEN")
     store = Store(settings)
     publisher = Publisher(settings)
     holder = ModelHolder(ModelRegistry(store, publisher), model_name)
@@ -156,7 +204,7 @@ def run(settings: Settings, model_name: str, host: str, port: int) -> None:
     follower = threading.Thread(target=follow_promotions, args=(settings, holder, stop), name="tensordb-follow", daemon=True)
     follower.start()
     try:
-        uvicorn.run(create_app(holder), host=host, port=port, log_level="info")
+        server(create_app(holder, settings, token, host, port), host, port).run()
     finally:
         stop.set()
         follower.join(timeout=5)

@@ -1,0 +1,322 @@
+"""Hardened HTTP for TensorDB's endpoints (the model server and the dashboard): one ASGI middleware.
+
+Every request passes, in order:
+
+1. the ``Host`` check: only the names in ``http_allowed_hosts`` and the bound address are answered,
+   so a web page whose name was re-pointed at this machine (DNS rebinding) is refused (421);
+2. the token, when one is set (it must be whenever the endpoint is bound beyond loopback): from
+   ``Authorization: Bearer``, ``X-TensorDB-Token`` or the session cookie. A token in the URL
+   (``?token=``, the address a person opens) is traded by a 303 redirect for a cookie holding a
+   random session value, so the token leaves the address bar, the history and the logs;
+3. the body limit (``http_max_body_bytes``): a larger ``Content-Length`` is answered 413 before any
+   of the body is read; a body without one is counted as it streams in.
+
+Every response carries the security headers (CSP and friends). :func:`server` runs an app under
+uvicorn with the token masked in its access log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_plus
+
+from tensordb.config import MASK, Settings
+from tensordb.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import uvicorn
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+TOKEN_PARAM = "token"
+#: Sessions (one per ``?token=`` login) kept at once; the oldest is forgotten first.
+MAX_SESSIONS = 1024
+#: A session cookie is honoured this long after the login that created it.
+SESSION_SECONDS = 12 * 3600
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'"
+)
+SECURITY_HEADERS: Headers = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]
+
+
+# -- binding: loopback by default, a token otherwise ------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets) stays on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_binding(host: str, token: str | None, what: str, variable: str) -> None:
+    """Refuse to expose an endpoint beyond this machine without a token.
+
+    Parameters:
+        host: the address it is about to bind.
+        token: its token, if any.
+        what: the command, for the message (``tensordb serve``).
+        variable: the environment variable that may hold the token instead of ``--token``.
+    """
+    if not is_loopback(host) and not token:
+        raise ConfigurationError(
+            f"`{what}` bound to {host} would be open to the network: pass --token TOKEN (or set {variable}), "
+            f"e.g. --token {secrets.token_urlsafe(16)}"
+        )
+
+
+# -- the token in URLs: traded for a cookie, masked in logs ------------------------------------------
+
+
+def _is_token_param(part: str) -> bool:
+    return unquote_plus(part.partition("=")[0]) == TOKEN_PARAM
+
+
+def redact_token(target: str) -> str:
+    """``target`` (a path with its query) with the value of every ``token`` parameter masked."""
+    path, separator, query = target.partition("?")
+    if not separator:
+        return target
+    return f"{path}?" + "&".join(f"{TOKEN_PARAM}={MASK}" if _is_token_param(part) else part for part in query.split("&"))
+
+
+class _RedactTokenInAccessLog(logging.Filter):
+    """uvicorn's access log line is ``'%s - "%s %s HTTP/%s" %d'`` (client, method, target, ...)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            record.args = (*args[:2], redact_token(args[2]), *args[3:])
+        return True
+
+
+class Sessions:
+    """Random session values handed out for a token presented in a URL.
+
+    Only their digests are kept, looked up by digest, so neither the lookup's timing nor a memory
+    dump gives a usable value away. Bounded: beyond ``limit`` the oldest login is forgotten.
+    """
+
+    def __init__(self, limit: int = MAX_SESSIONS, lifetime: float = SESSION_SECONDS) -> None:
+        self.limit = limit
+        self.lifetime = lifetime
+        self._created: OrderedDict[bytes, float] = OrderedDict()
+
+    @staticmethod
+    def _digest(value: str) -> bytes:
+        return hashlib.sha256(value.encode("utf-8", "replace")).digest()
+
+    def new(self) -> str:
+        """A fresh session value (256 random bits), valid from now on."""
+        value = secrets.token_urlsafe(32)
+        self._created[self._digest(value)] = time.monotonic()
+        while len(self._created) > self.limit:
+            self._created.popitem(last=False)
+        return value
+
+    def valid(self, value: str) -> bool:
+        created = self._created.get(self._digest(value))
+        return created is not None and time.monotonic() - created < self.lifetime
+
+
+# -- the middleware --------------------------------------------------------------------------------
+
+
+def _host_name(value: str) -> str:
+    """A Host header or a configured name, as compared: lower case, no port, brackets or final dot."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    if value.count(":") == 1:  # name:port (a bare IPv6 address has several colons)
+        value = value.partition(":")[0]
+    return value.rstrip(".")
+
+
+class Guard:
+    """ASGI middleware in front of a TensorDB endpoint: Host check, token, body limit, security headers.
+
+    Parameters:
+        app: the ASGI app behind it (FastAPI's).
+        settings: ``http_allowed_hosts``, ``http_max_body_bytes`` and ``http_forwarded_tls`` are read.
+        token: the token every request must carry; ``None`` for none (loopback only, see
+            :func:`check_binding`).
+        host: the bound address, always an allowed ``Host``.
+        cookie: the session cookie's name (cookies ignore ports: name it after the port).
+        hint: what a request without the token is told, e.g. where the token comes from.
+        csp: the Content-Security-Policy of every response.
+    """
+
+    def __init__(
+        self, app: ASGIApp, settings: Settings, *, token: str | None, host: str, cookie: str, hint: str, csp: str = CSP
+    ) -> None:
+        self.app = app
+        self.token = token.encode() if token else None
+        self.allowed_hosts = frozenset(_host_name(name) for name in (*settings.http_allowed_hosts, host))
+        self.max_body = settings.http_max_body_bytes
+        self.forwarded_tls = settings.http_forwarded_tls
+        self.cookie = cookie
+        self.hint = hint
+        self.sessions = Sessions()
+        self.headers = [(b"content-security-policy", csp.encode()), *SECURITY_HEADERS]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":  # neither endpoint speaks WebSocket
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        headers: dict[bytes, bytes] = {}
+        for name, value in scope.get("headers") or ():
+            headers.setdefault(name, value)
+        host = headers.get(b"host")
+        if host is None:
+            await self.respond(send, 400, "a Host header is required\n")
+            return
+        if _host_name(host.decode("latin-1")) not in self.allowed_hosts:
+            await self.respond(
+                send, 421,
+                f"this server does not answer for the host {_host_name(host.decode('latin-1'))!r}: if you reach it by that name, "
+                "add it to TENSORDB_HTTP_ALLOWED_HOSTS (comma separated) and restart it\n",
+            )  # fmt: skip
+            return
+        if self.token is not None and not await self._authorized(self.token, scope, headers, send):
+            return
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_body:
+            await self.too_large(send)
+            return
+        exchange = _Exchange(self, receive, send)
+        await self.app(scope, exchange.receive, exchange.send)
+
+    # -- the token ---------------------------------------------------------------------------------
+
+    async def _authorized(self, token: bytes, scope: Scope, headers: dict[bytes, bytes], send: Send) -> bool:
+        """Whether the request carries ``token`` and may go on; when not, the answer (401, or the
+        login redirect) is sent."""
+        parts = scope.get("query_string", b"").decode("latin-1").split("&")
+        in_url = [unquote_plus(part.partition("=")[2]) for part in parts if _is_token_param(part)]
+        if in_url:
+            if scope["method"] not in ("GET", "HEAD"):
+                await self.respond(send, 400, "send the token in an 'Authorization: Bearer' header, not in the URL\n")
+            elif not hmac.compare_digest(in_url[-1].encode(), token):
+                await self.respond(send, 401, f"wrong token: {self.hint}\n")
+            else:
+                await self._login(scope, headers, [part for part in parts if part and not _is_token_param(part)], send)
+            return False
+        authorization = headers.get(b"authorization", b"")
+        if b"x-tensordb-token" in headers:
+            allowed = hmac.compare_digest(headers[b"x-tensordb-token"], token)
+        elif authorization[:7].lower() == b"bearer ":
+            allowed = hmac.compare_digest(authorization[7:].strip(), token)
+        else:
+            allowed = self._has_session(headers.get(b"cookie", b""))
+        if not allowed:
+            await self.respond(send, 401, f"this endpoint needs its token: {self.hint}\n")
+        return allowed
+
+    def _has_session(self, cookie_header: bytes) -> bool:
+        pairs = (pair.strip().partition("=") for pair in cookie_header.decode("latin-1").split(";"))
+        return any(name == self.cookie and self.sessions.valid(value) for name, _, value in pairs)
+
+    async def _login(self, scope: Scope, headers: dict[bytes, bytes], kept: list[str], send: Send) -> None:
+        """303 to the same address without the token, setting a fresh session cookie.
+
+        The location is relative to the page (``./LAST-SEGMENT?rest``): right behind a proxy that
+        mounts the endpoint under a prefix, and never read as another host or a scheme.
+        """
+        segment = scope.get("raw_path", scope["path"].encode()).rsplit(b"/", 1)[-1]
+        location = b"./" + segment + (b"?" + "&".join(kept).encode("latin-1") if kept else b"")
+        secure = scope.get("scheme") == "https" or (
+            self.forwarded_tls and headers.get(b"x-forwarded-proto", b"").split(b",")[0].strip().lower() == b"https"
+        )
+        cookie = f"{self.cookie}={self.sessions.new()}; Path=/; Max-Age={int(self.sessions.lifetime)}; HttpOnly; SameSite=Strict"
+        await self.respond(
+            send, 303, "signed in\n",
+            [(b"location", location), (b"set-cookie", (cookie + ("; Secure" if secure else "")).encode()), (b"cache-control", b"no-store")],
+        )  # fmt: skip
+
+    # -- answers ---------------------------------------------------------------------------------------
+
+    async def too_large(self, send: Send) -> None:
+        await self.respond(
+            send, 413, f"the request body is larger than the limit of {self.max_body} bytes (TENSORDB_HTTP_MAX_BODY_BYTES)\n"
+        )
+
+    async def respond(self, send: Send, status: int, text: str, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        """A plain-text answer of the guard's own; the connection is closed (an unread body may follow)."""
+        body = text.encode()
+        start = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": [*start, *headers, *self.headers]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _Exchange:
+    """One request seen by the app: its body counted as it streams in, the security headers added to
+    its response. Past the body limit the client gets 413 and the app a disconnect, and whatever the
+    app answers then is dropped."""
+
+    def __init__(self, guard: Guard, receive: Receive, send: Send) -> None:
+        self.guard = guard
+        self._receive = receive
+        self._send = send
+        self.received = 0
+        self.started = False
+        self.refused = False
+
+    async def receive(self) -> dict[str, Any]:
+        if self.refused:
+            return {"type": "http.disconnect"}
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self.guard.max_body:
+                self.refused = True
+                if not self.started:
+                    await self.guard.too_large(self._send)
+                return {"type": "http.disconnect"}
+        return message
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self.refused:
+            return
+        if message["type"] == "http.response.start":
+            self.started = True
+            message = {**message, "headers": [*message.get("headers", ()), *self.guard.headers]}
+        await self._send(message)
+
+
+def server(app: ASGIApp, host: str, port: int, **options: Any) -> uvicorn.Server:
+    """A uvicorn server for a guarded app: the token masked in the access log, no proxy headers
+    trusted by uvicorn (the guard reads ``X-Forwarded-Proto`` only when ``http_forwarded_tls``)."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", proxy_headers=False, server_header=False, **options)
+    access = logging.getLogger("uvicorn.access")  # configured (by Config) before the filter goes on
+    if not any(isinstance(existing, _RedactTokenInAccessLog) for existing in access.filters):
+        access.addFilter(_RedactTokenInAccessLog())
+    return uvicorn.Server(config)
