@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import cProfile
 import inspect
 import io
@@ -31,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,7 +44,7 @@ from rich.table import Table
 
 from streams.ingest import _prepare, handle_samples
 from streams.processing import ProcessorContext, process_batch
-from tensordb import records
+from tensordb import loader, records
 from tensordb.bus import Received
 from tensordb.child import ChildProcess, processors_process
 from tensordb.client import TensorDB
@@ -244,6 +246,38 @@ def bench_stream(
         shutil.rmtree(npy_dir, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def unverified_reads() -> Iterator[None]:
+    """The loader without its checksum of every blob: only to measure what the check costs."""
+    check = loader.content_matches
+    loader.content_matches = lambda data, spec: True
+    try:
+        yield
+    finally:
+        loader.content_matches = check
+
+
+def unverified_pass(cohort: Cohort, setting: LoaderSetting) -> int:
+    with unverified_reads():
+        return stream_pass(cohort, setting)
+
+
+def verification_row(case: StreamCase) -> Row:
+    """The loader with its checksum of every blob against itself without, interleaved (goal: ≤ 10 % slower)."""
+    verified, unverified = Timing(case.pids), Timing(case.pids)
+    interleaved(
+        {"unverified": lambda: unverified_pass(case.cohort, default_setting()), "verified": lambda: stream_pass(case.cohort, default_setting())},
+        TIMED_PASSES,
+        timings={"verified": verified, "unverified": unverified},
+    )
+    ratio = verified.rate / unverified.rate
+    console.print(f"  checksum (xxh3) of every blob: {verified.rate:,.0f}/s vs {unverified.rate:,.0f}/s unchecked = {ratio:.2f}×")
+    return Row(
+        f"stream {case.label}, checksum cost (defaults)", verified.rate, unverified.rate, "the loader without the check",
+        ratio, "checked / unchecked", "≥ 0.9×", ratio >= 0.9, f"checked: {verified.describe()}; unchecked: {unverified.describe()}", case.count,
+    )  # fmt: skip
+
+
 def compare_stream(case: StreamCase, store: Store, settings_to_try: list[LoaderSetting], profile: bool) -> list[Row]:
     """Warm both sides once, then time each loader setting interleaved with the local baseline."""
     assert local_pass(case.paths, case.labels, 64) == case.count, "the local baseline read the wrong number of files"
@@ -276,7 +310,7 @@ def compare_stream(case: StreamCase, store: Store, settings_to_try: list[LoaderS
     )
     if profile:
         profile_pass(case.cohort, default_setting())
-    return stream_rows(case, results)
+    return [*stream_rows(case, results), verification_row(case)]
 
 
 def stream_rows(case: StreamCase, results: dict[LoaderSetting, tuple[Timing, Timing]]) -> list[Row]:

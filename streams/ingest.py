@@ -27,6 +27,7 @@ import orjson
 from bson import ObjectId
 
 from tensordb.bus import Received
+from tensordb.codecs import xxh3_hex
 from tensordb.config import Topic
 from tensordb.errors import StorageError
 from tensordb.samples import SAMPLES, SampleError, array_nbytes, check_storable, content_id, inline_bytes, split_key
@@ -76,7 +77,7 @@ def _prepare(received: Received, store: Store, now: datetime) -> tuple[dict[str,
         else:
             data, shape = inline_bytes(name, spec, limit)
             digest = hashlib.sha256(data).hexdigest()
-            entry.update(shape=shape, nbytes=len(data), sha256=digest, blob_id=blob_id(store.project, sample_id, name))
+            entry.update(shape=shape, nbytes=len(data), sha256=digest, xxh3=xxh3_hex(data), blob_id=blob_id(store.project, sample_id, name))
             blobs.append((entry["blob_id"], f"{record['dataset']}/{sample_id}/{name}", data, {"kind": "sample-array", "sha256": digest, "sample_id": sample_id}))
         arrays[name] = entry
         total += entry["nbytes"]
@@ -139,6 +140,8 @@ def _check_claims(store: Store, documents: list[dict[str, Any]]) -> dict[int, st
                 f"array {name!r}: blob {blob} was uploaded with a different {', '.join(mismatched)} than the record "
                 "says; a claim check names the blob uploaded for that sample, with its exact size, digest, dtype and shape"
             )
+        elif "xxh3" in uploaded:  # recorded at upload by the SDK: reads check it instead of the slower sha256
+            entry["xxh3"] = uploaded["xxh3"]
     return broken
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tensordb.codecs import xxh3_hex
 from tensordb.errors import IntegrityError, QueryError, TensorDBError
 from tensordb.samples import to_array
 
@@ -26,6 +27,18 @@ if TYPE_CHECKING:
     from tensordb.cohorts import Cohort
 
 Batch = tuple[np.ndarray, np.ndarray | None]
+
+
+def content_matches(data: bytes, spec: dict[str, Any]) -> bool:
+    """Whether ``data`` is the bytes stored for an array: its xxh3 checksum (recorded when it was
+    written; samples stored by earlier versions have only their sha256, checked instead).
+
+    Every batch is checked, so corruption or a blob replaced under a reused id is an error, never
+    a silent change of the training data; ``bench/loader_and_ingest.py`` measures what it costs.
+    """
+    if "xxh3" in spec:
+        return xxh3_hex(data) == spec["xxh3"]
+    return hashlib.sha256(data).hexdigest() == spec["sha256"]
 
 
 class CohortStream:
@@ -116,10 +129,10 @@ class CohortStream:
                     f"{first['dtype']}{first['shape']}: cohorts stream samples of one shape and dtype"
                 )
             data = blobs.get(spec["blob_id"])
-            if data is None or len(data) != spec["nbytes"] or hashlib.sha256(data).hexdigest() != spec["sha256"]:
+            if data is None or len(data) != spec["nbytes"] or not content_matches(data, spec):
                 raise IntegrityError(
                     f"the bytes of array {x_name!r} of sample {document['_id']!r} are "
-                    + ("missing" if data is None else "not those stored (sha256 mismatch)")
+                    + ("missing" if data is None else "not those stored (checksum mismatch)")
                     + " in GridFS: re-publish the sample, or restore the blobs collection from a backup"
                 )
             x[slot] = to_array(data, spec)

@@ -20,6 +20,7 @@ import numpy as np
 import orjson
 
 from tensordb.bus import Publisher
+from tensordb.codecs import xxh3_hex
 from tensordb.config import Topic
 from tensordb.errors import TensorDBError
 from tensordb.store import Store
@@ -80,7 +81,7 @@ def build_sample(
         else:
             blob_id, digest = store.put_bytes(
                 data, f"{dataset}/{sample_id}/{name}", kind="sample-array", dataset=dataset, sample_id=sample_id,
-                dtype=spec["dtype"], shape=spec["shape"],
+                dtype=spec["dtype"], shape=spec["shape"], xxh3=xxh3_hex(data),
             )  # the claim check is bound to this upload: ingest compares all of these
             spec.update(blob_id=str(blob_id), sha256=digest, nbytes=len(data))
         specs[name] = spec

@@ -24,6 +24,7 @@ from tensordb import records
 from tensordb.bus import Publisher, Received, create_topics
 from tensordb.child import ChildProcess, processors_process
 from tensordb.client import TensorDB
+from tensordb.codecs import xxh3_hex
 from tensordb.config import Settings, Topic
 from tensordb.dead_letters import COLLECTION as DEAD_LETTERS
 from tensordb.errors import IntegrityError, ProjectScopeError
@@ -170,6 +171,7 @@ def test_a_claim_check_copied_from_another_project_or_sample_or_with_another_sha
     [document] = ingest_a.store[SAMPLES].find({})
     assert document["_id"] == "a-scan"
     assert ingest_a.store.get_bytes(document["arrays"]["x"]["blob_id"]) == pixels.tobytes()
+    assert document["arrays"]["x"]["xxh3"] == xxh3_hex(pixels.tobytes())  # recorded at upload, checked by reads
 
 
 def test_a_blob_of_another_project_cannot_be_read_by_id(settings: Settings, neighbour: Settings) -> None:
@@ -262,7 +264,7 @@ def test_a_corrupted_or_replaced_blob_is_an_integrity_error_naming_the_sample(in
     chunks = store.db[f"{BLOB_BUCKET}.chunks"]
     # a stale blob under the id: other bytes of the same length
     chunks.update_one({"files_id": victim["arrays"]["x"]["blob_id"]}, {"$set": {"data": np.array([7, 8, 9], np.int16).tobytes()}})
-    with pytest.raises(IntegrityError, match="sample 'victim'.*sha256 mismatch"):
+    with pytest.raises(IntegrityError, match="sample 'victim'.*checksum mismatch"):
         streamed(store)
     chunks.delete_many({"files_id": victim["arrays"]["x"]["blob_id"]})
     with pytest.raises(IntegrityError, match="sample 'victim'.*missing"):
