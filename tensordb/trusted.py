@@ -32,8 +32,11 @@ from tensordb.errors import TensorDBError, UntrustedCodeError
 
 #: TensorDB's own example builders, trusted without configuration (never the whole package).
 ALWAYS_TRUSTED = frozenset({"tensordb.demo:digits_mlp"})
-#: Variables a task script inherits from its worker; everything else in the worker's environment stays there.
-TASK_ENVIRONMENT = frozenset({"PATH", "HOME", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "KERAS_BACKEND", "CUDA_VISIBLE_DEVICES"})
+#: Variables a task script inherits from its worker (with ``LC_*``): where programs, libraries and the
+#: GPU are, none a secret. Everything else in the worker's environment stays there.
+TASK_ENVIRONMENT = frozenset(
+    {"PATH", "HOME", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "LD_LIBRARY_PATH", "KERAS_BACKEND", "CUDA_VISIBLE_DEVICES"}
+)
 #: ``package.module:function``: dotted identifiers, one colon, one identifier.
 _ENTRY_POINT = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 #: MongoDB URI options that hold secrets (tlsCertificateKeyFilePassword, AWS session tokens...).
