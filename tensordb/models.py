@@ -46,7 +46,7 @@ from pymongo.errors import DuplicateKeyError
 
 from tensordb import versioning
 from tensordb.config import Settings, Topic
-from tensordb.errors import QueryError, TensorDBError
+from tensordb.errors import QueryError, TensorDBError, UntrustedCodeError
 from tensordb.store import INDEXES, Store
 from tensordb.trusted import EntryPointError, bind_arguments, check_keras_config, load_entry_point
 from tensordb.versioning import PENDING_GRACE
@@ -659,11 +659,10 @@ def _compile(model: Any, info: dict[str, Any], settings: Settings) -> None:
         return
     try:
         config = json.loads(info["compile_json"])
-    except ValueError as exc:
-        raise ModelFormatError(f"the stored compile configuration of {info['name']} v{info['version']} is not JSON: {exc}") from exc
-    check_keras_config(config, settings, f"the compile configuration of {info['name']} v{info['version']}")
-    try:
+        check_keras_config(config, settings, f"the compile configuration of {info['name']} v{info['version']}")
         model.compile_from_config(config)
+    except UntrustedCodeError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the model still predicts; say why evaluate/fit need compile()
         warnings.warn(
             f"{info['name']} v{info['version']} was loaded uncompiled: its compile configuration could not be "

@@ -37,6 +37,7 @@ from tensordb.trusted import (
     uri_without_credentials,
 )
 from tests.conftest import TASK_SCRIPTS
+from tests.model_builders import two_tower
 from workers.trainer import Worker
 
 PASSWORD = "hunter2-s3cret"
@@ -251,10 +252,17 @@ def test_a_stored_model_rewritten_to_name_untrusted_code_is_refused_by_every_rea
 
 
 @pytest.mark.integration
-def test_a_stored_keras_architecture_naming_an_untrusted_registered_class_is_refused(settings: Settings) -> None:
+def test_stored_keras_configurations_naming_untrusted_classes_are_refused(settings: Settings) -> None:
     with TensorDB(settings) as db:
         db.models.save(keras.Sequential([keras.Input((4,)), RegisteredLayer()]), "registered")
         assert db.find_model(name="registered") is not None  # the test settings trust the tests package
+        compiled = two_tower(build=True)  # its builder returns it uncompiled: the stored compile configuration is used
+        compiled.compile("adam", "mse")
+        info = db.models.save(compiled, "compiled", builder="tests.model_builders:two_tower")
+        optimizer = {"module": "os", "class_name": "system", "config": {}, "registered_name": None}
+        db.models.collection.update_one({"_id": info["_id"]}, {"$set": {"compile_json": json.dumps({"optimizer": optimizer, "loss": "mse"})}})
+        with pytest.raises(UntrustedCodeError, match="compile configuration"):
+            db.find_model(name="compiled")
     with TensorDB(settings.with_changes(trusted_modules=())) as db:
         with pytest.raises(UntrustedCodeError, match="tests.security.test_trusted_code"):
             db.find_model(name="registered")
