@@ -771,12 +771,14 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="tensordb-bench-loop-"))
     with servers("loop") as found, children_cwd(log_dir):
         console.print(f"servers: {found.description}; child logs in {log_dir}")
+        # the code the benchmark's jobs name: the tests' model builder and the no-op task script
+        base = found.settings.with_changes(trusted_modules=("tests.training_models",), task_script_dirs=(BENCH,))
         if "dispatch" not in args.skip:
-            rows += bench_dispatch(found.settings, found.pids, args.jobs, log_dir, args.seed)
+            rows += bench_dispatch(base, found.pids, args.jobs, log_dir, args.seed)
         if "loop" not in args.skip:
-            rows += bench_loop(found.settings, found.pids, args.rounds, args.budget, log_dir)
+            rows += bench_loop(base, found.pids, args.rounds, args.budget, log_dir)
         if "hop" not in args.skip:
-            rows += bench_broker_hop(found.settings, args.hops, args.seed)
+            rows += bench_broker_hop(base, args.hops, args.seed)
     shutil.rmtree(log_dir, ignore_errors=True)  # kept when a step fails: the children's logs are there
     console.print()
     print_table(rows, found.description)

@@ -99,3 +99,9 @@ def describe_error(error: BaseException) -> str:
         f"the record could not be processed ({type(error).__name__}: {error}); if the record is valid this is "
         "a TensorDB bug: report it with this dead letter's id"
     )
+
+
+class UntrustedCodeError(TensorDBError):
+    """A job, policy or stored document names code outside what this process's operator trusts:
+    an entry point outside ``TENSORDB_TRUSTED_MODULES``, or a task script outside
+    ``TENSORDB_TASK_SCRIPT_DIRS``. Nothing was imported or run; the message says what to set."""

@@ -27,6 +27,7 @@ from tensordb.bus import Publisher
 from tensordb.config import Topic
 from tensordb.errors import QueryError, TensorDBError
 from tensordb.store import Store
+from tensordb.trusted import check_submitted_job
 
 JOBS = "jobs"
 PENDING, RUNNING, FINISHED, FAILED, CANCELLED = "pending", "running", "finished", "failed", "cancelled"
@@ -83,6 +84,7 @@ class Jobs:
             raise JobError(f"job kind must be one of {', '.join(KINDS)}, got {kind!r}")
         if kind == "task" and not script:
             raise JobError("a task job needs script=<path of a Python file on the worker>")
+        check_submitted_job(kind, model, script, self.store.settings)  # workers check again before running
         job_id = job_id or f"job-{uuid.uuid4().hex[:16]}"
         request = {
             "schema": "job-request/1",

@@ -6,7 +6,9 @@ document in the ``models`` collection plus one blob in GridFS:
 - the architecture as Keras JSON (``model.to_json()``, rebuilt by ``keras.models.model_from_json``,
   whose safe mode refuses Lambda layers), or, for models Keras cannot describe in JSON (subclassed
   models), a ``builder="package.module:function"`` entry point importable where the model is loaded,
-  with JSON ``builder_kwargs``. Nothing stored is ever unpickled or executed;
+  with JSON ``builder_kwargs``. Both are checked against the loading process's trusted modules
+  before anything is imported (:mod:`tensordb.trusted`): a stored document never chooses the code
+  that runs. Nothing stored is ever unpickled or executed;
 - the parameters as a ``.npz`` of ``model.get_weights()`` (``allow_pickle=False``), sha256-checked on
   read, in GridFS blobs tagged ``kind="model-parameters"``;
 - metrics and tags given as keyword arguments, kept as top-level fields as in TensorLayer (so
@@ -24,10 +26,9 @@ weights; serialising and uploading happen on one background thread, in order.
 
 from __future__ import annotations
 
-import importlib
+import functools
 import io
 import json
-import re
 import threading
 import warnings
 from collections.abc import Callable
@@ -44,9 +45,10 @@ from pymongo.collection import Collection
 from pymongo.errors import DuplicateKeyError
 
 from tensordb import versioning
-from tensordb.config import Topic
-from tensordb.errors import QueryError, TensorDBError
+from tensordb.config import Settings, Topic
+from tensordb.errors import QueryError, TensorDBError, UntrustedCodeError
 from tensordb.store import Store
+from tensordb.trusted import EntryPointError, bind_arguments, check_keras_config, load_entry_point
 from tensordb.versioning import PENDING_GRACE
 
 if TYPE_CHECKING:
@@ -69,8 +71,6 @@ RESERVED = frozenset(
 FILTER_RESERVED = frozenset({"project"})
 #: How many past promotions an alias document keeps in its ``history``.
 ALIAS_HISTORY = 100
-#: ``package.module:function``: dotted identifiers, one colon, one identifier.
-BUILDER = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
 _NEWEST = [("time", -1), ("_id", -1)]  # _id breaks ties between saves within one millisecond
 
@@ -282,14 +282,14 @@ class ModelRegistry:
     def load(self, info: dict[str, Any]) -> keras.Model:
         """Rebuild the model a document describes and set its stored parameters."""
         weights = self.weights(info)
-        model = _build(info)
+        model = _build(info, self.store.settings)
         try:
             model.set_weights(weights)
         except ValueError as exc:
             raise ModelFormatError(
                 f"the parameters of {info['name']} v{info['version']} do not fit its rebuilt architecture: {exc}"
             ) from exc
-        _compile(model, info)
+        _compile(model, info, self.store.settings)
         object.__setattr__(model, "tensordb_info", info)  # not a Keras-tracked attribute
         return model
 
@@ -446,7 +446,7 @@ class ModelRegistry:
             "lineage": _storable_lineage(_plain(lineage or {})),
             "metrics": {k: v for k, v in fields.items() if _is_metric(v)},
             "tags": {k: v for k, v in fields.items() if not _is_metric(v)},
-            **_architecture(model, builder, builder_kwargs),
+            **_architecture(model, builder, builder_kwargs, self.store.settings),
             "compile_json": _compile_json(model),
             "keras_version": keras.__version__,
         }
@@ -543,15 +543,18 @@ class ModelRegistry:
 # -- architecture ------------------------------------------------------------------------------------
 
 
-def _architecture(model: Any, builder: str | None, builder_kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    """The fields that let :func:`_build` rebuild ``model``: Keras JSON, or a builder entry point."""
+def _architecture(
+    model: Any, builder: str | None, builder_kwargs: dict[str, Any] | None, settings: Settings
+) -> dict[str, Any]:
+    """The fields that let :func:`_build` rebuild ``model``: Keras JSON, or a builder entry point
+    (refused now if this process would refuse to load it: untrusted, or ``builder_kwargs`` it does not take)."""
     if builder is not None:
-        _check_builder(builder)
         try:
             kwargs = json.loads(json.dumps(builder_kwargs or {}, allow_nan=False))
         except (TypeError, ValueError) as exc:
             raise ModelFormatError(f"builder_kwargs must be JSON (strings, numbers, lists, objects): {exc}") from exc
         versioning.check_keys(kwargs, "builder_kwargs")
+        _builder(builder, kwargs, settings, "cannot save the model")
         build_config = model.get_build_config() if getattr(model, "built", False) else None
         return {"builder": builder, "builder_kwargs": kwargs, "build_config": json.loads(json.dumps(build_config))}
     if builder_kwargs is not None:
@@ -593,33 +596,35 @@ def _private(weights: list[np.ndarray], backend: str) -> list[np.ndarray]:
     return [w.copy() for w in weights]
 
 
-def _check_builder(builder: object) -> None:
-    if not isinstance(builder, str) or not BUILDER.match(builder):
-        raise ModelFormatError(f"builder must look like 'package.module:function'; got {builder!r}")
+def _builder(builder: object, kwargs: dict[str, Any], settings: Settings, what: str) -> Callable[[], Any]:
+    """The builder entry point, checked against the trusted modules, imported and bound to ``kwargs``."""
+    try:
+        function = load_entry_point(builder, settings)
+        return functools.partial(function, **bind_arguments(function, str(builder), kwargs))
+    except EntryPointError as exc:
+        raise ModelFormatError(f"{what}: {exc}") from exc
 
 
-def _build(info: dict[str, Any]) -> Any:
-    """A fresh (unweighted) model from a stored architecture: Keras JSON, or the builder entry point."""
+def _build(info: dict[str, Any], settings: Settings) -> Any:
+    """A fresh (unweighted) model from a stored architecture: Keras JSON, or the builder entry point.
+
+    The document may have been written by anyone with access to MongoDB: what it names is checked
+    against ``settings`` before anything is imported (UntrustedCodeError otherwise).
+    """
     import keras
 
+    what = f"{info['name']} v{info['version']}"
     if info.get("architecture_json"):
+        try:
+            config = json.loads(info["architecture_json"])
+        except ValueError as exc:
+            raise ModelFormatError(f"the stored architecture of {what} is not JSON: {exc}") from exc
+        check_keras_config(config, settings, f"the architecture of {what}")
         try:
             return keras.models.model_from_json(info["architecture_json"])
         except Exception as exc:
-            raise ModelFormatError(
-                f"cannot rebuild {info['name']} v{info['version']} from its Keras JSON: {exc}"
-            ) from exc
-    builder = info.get("builder")
-    _check_builder(builder)
-    module_name, function_name = builder.split(":")
-    try:
-        function: Callable[..., Any] = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as exc:
-        raise ModelFormatError(
-            f"cannot import the builder {builder!r} of {info['name']} v{info['version']}: install the package "
-            f"that provides it where models are loaded ({exc})"
-        ) from exc
-    model = function(**(info.get("builder_kwargs") or {}))
+            raise ModelFormatError(f"cannot rebuild {what} from its Keras JSON: {exc}") from exc
+    model = _builder(info.get("builder"), info.get("builder_kwargs") or {}, settings, f"cannot rebuild {what}")()
     expected = info["parameters"].get("arrays", 0)
     build_config = info.get("build_config") or {}
     if len(model.weights) < expected and build_config.get("input_shape") is not None:
@@ -647,12 +652,16 @@ def _compile_json(model: Any) -> str | None:
         return None
 
 
-def _compile(model: Any, info: dict[str, Any]) -> None:
+def _compile(model: Any, info: dict[str, Any], settings: Settings) -> None:
     """Compile a loaded model as it was when saved (unless its builder already compiled it)."""
     if not info.get("compile_json") or getattr(model, "compiled", False):
         return
     try:
-        model.compile_from_config(json.loads(info["compile_json"]))
+        config = json.loads(info["compile_json"])
+        check_keras_config(config, settings, f"the compile configuration of {info['name']} v{info['version']}")
+        model.compile_from_config(config)
+    except UntrustedCodeError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the model still predicts; say why evaluate/fit need compile()
         warnings.warn(
             f"{info['name']} v{info['version']} was loaded uncompiled: its compile configuration could not be "

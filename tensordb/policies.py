@@ -19,6 +19,7 @@ from pymongo import ReturnDocument
 from tensordb.cohorts import cohort_from_spec
 from tensordb.errors import TensorDBError
 from tensordb.store import Store, insert_ignoring_duplicates
+from tensordb.trusted import check_model_spec
 
 POLICIES = "policies"
 #: One marker per (policy, sample) counted, naming the import batch that counted it first.
@@ -91,7 +92,11 @@ class Policies:
         self.collection = store[POLICIES]
 
     def register(self, policy: Policy) -> Policy:
-        """Create or replace a policy (its counters are kept when it already exists)."""
+        """Create or replace a policy (its counters are kept when it already exists).
+
+        Its model spec must name trusted code only (``TENSORDB_TRUSTED_MODULES``): the retrain trigger
+        submits it as jobs, and workers check it again before building."""
+        check_model_spec(policy.model, self.store.settings)
         cohort_from_spec(self.store, policy.training)  # refuse a bad query now, not at the first trigger
         cohort_from_spec(self.store, policy.validation)
         now = datetime.now(UTC)

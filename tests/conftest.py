@@ -25,6 +25,7 @@ from tensordb.store import Store
 from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
+TASK_SCRIPTS = REPO / "tests" / "task_scripts"
 
 
 def _containers() -> Iterator[Settings]:
@@ -72,9 +73,14 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
 
 @pytest.fixture
 def settings(servers: Settings) -> Iterator[Settings]:
-    """A fresh project (own topics) and database on the session's servers; removed afterwards."""
+    """A fresh project (own topics) and database on the session's servers; removed afterwards.
+
+    It trusts the tests' own code: builders in the ``tests`` package and scripts in tests/task_scripts
+    (child processes get the same settings through their environment)."""
     name = f"t{uuid.uuid4().hex[:10]}"
-    project_settings = servers.with_changes(project=name, mongo_database=f"tensordb_test_{name}")
+    project_settings = servers.with_changes(
+        project=name, mongo_database=f"tensordb_test_{name}", trusted_modules=("tests",), task_script_dirs=(TASK_SCRIPTS,)
+    )
     create_topics(project_settings)
     yield project_settings
     MongoClient(project_settings.mongo_uri).drop_database(project_settings.mongo_database)

@@ -234,9 +234,9 @@ def test_runs_jobs_models_and_data_as_the_pages_show_them(settings, start_dashbo
     dashboard = start_dashboard()
     now = datetime.now(UTC)
     with Store(settings) as store, Publisher(settings) as publisher:
-        job_id = Jobs(store, publisher).submit("train", name="digits-mlp", policy="digits", model={"entry_point": "m:f"}, data={"filter": {}})
+        job_id = Jobs(store, publisher).submit("train", name="digits-mlp", policy="digits", model={"entry_point": "tests.m:f"}, data={"filter": {}})
         insert_points(store, job_id, np.arange(10), np.linspace(1, 0.1, 10))
-        Policies(store).register(Policy(name="digits", model={"entry_point": "m:f"}, training={"filter": {"dataset": "d"}}, validation={"filter": {"dataset": "v"}}))
+        Policies(store).register(Policy(name="digits", model={"entry_point": "tests.m:f"}, training={"filter": {"dataset": "d"}}, validation={"filter": {"dataset": "v"}}))
         for version in (1, 2):
             store["models"].insert_one({"project": store.project, "name": "digits", "version": version, "time": now, "epoch": 3, "job_id": job_id,
                                         "metrics": {"accuracy": 0.8 + version / 100}, "tags": {}, "parameters": {"nbytes": 1234}})  # fmt: skip

@@ -1,6 +1,8 @@
 """Task jobs (TensorLayer's task distribution): run a script file on the worker in a subprocess.
 
-The hyper-parameters become the script's globals (TensorLayer's convention), and the values of the
+Only scripts inside the worker's ``task_script_dirs`` run (links resolved), with an environment
+holding what they need to connect back and no secrets (see :mod:`tensordb.trusted`). The
+hyper-parameters become the script's globals (TensorLayer's convention), and the values of the
 task's ``save_keys`` found in its globals afterwards become the job's result. A failing script marks
 the job failed with its output; it never hangs the queue, and cancellation kills it.
 """
@@ -16,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tensordb.trusted import resolve_task_script, task_environment
 from workers.trainer import JobCancelled, JobContext
 
 OUTPUT_TAIL = 4000
@@ -27,7 +30,7 @@ class TaskScriptError(RuntimeError):
 
 def run_task(context: JobContext) -> dict[str, Any]:
     spec = context.job["spec"]
-    script = Path(spec["script"]).expanduser()
+    script = resolve_task_script(spec["script"], context.settings)
     if not script.is_file():
         raise TaskScriptError(f"task script {script} does not exist on worker {context.worker}: install it there first")
     with tempfile.TemporaryDirectory(prefix="tensordb-task-") as scratch:
@@ -35,11 +38,11 @@ def run_task(context: JobContext) -> dict[str, Any]:
         parameters.write_text(json.dumps({"globals": spec.get("hyperparameters", {}), "save_keys": spec.get("save_keys", [])}))
         with open(output_file, "wb") as output:
             process = subprocess.Popen(
-                [sys.executable, "-m", "workers.task_runner", str(script.resolve()), str(parameters), str(result_file)],
-                cwd=script.resolve().parent,
+                [sys.executable, "-m", "workers.task_runner", str(script), str(parameters), str(result_file)],
+                cwd=script.parent,
                 stdout=output,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **context.settings.as_environment(), "TENSORDB_JOB_ID": context.job_id},
+                env=task_environment(context.settings, context.job_id, os.environ),
                 start_new_session=True,
             )
             while process.poll() is None:

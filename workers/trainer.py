@@ -20,6 +20,7 @@ from typing import Any
 
 from tensordb.bus import Publisher, make_consumer, receive
 from tensordb.config import Settings, Topic
+from tensordb.errors import UntrustedCodeError
 from tensordb.jobs import Jobs
 from tensordb.models import ModelRegistry
 from tensordb.runlog import RunLogger
@@ -159,7 +160,8 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - any failure of user code marks the job, never the worker
             log.exception("job %s failed", job["_id"])
             logger.close()
-            self.jobs.fail(job["_id"], self.worker_id, exc)
+            # refused code is refused on every retry: fail at once with the reason
+            self.jobs.fail(job["_id"], self.worker_id, exc, retryable=not isinstance(exc, UntrustedCodeError))
         finally:
             self._current = None
             context.stop.set()

@@ -7,9 +7,7 @@ same samples in the same order and step numbers match; re-logged steps are store
 
 from __future__ import annotations
 
-import importlib
 import json
-import re
 import zlib
 from datetime import datetime
 from typing import Any
@@ -19,9 +17,8 @@ import keras
 from tensordb.cohorts import Cohort, cohort_from_spec
 from tensordb.errors import TensorDBError
 from tensordb.keras_callback import TensorDBCallback
+from tensordb.trusted import call_entry_point, check_model_spec
 from workers.trainer import JobContext
-
-ENTRY_POINT = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class JobSpecError(TensorDBError, ValueError):
@@ -32,18 +29,15 @@ def build_model(spec: dict[str, Any], hyperparameters: dict[str, Any], registry:
     """A compiled Keras model from a job's ``model`` spec.
 
     ``architecture`` (Keras JSON) with ``compile`` options; ``entry_point`` "package.module:function"
-    importable on the worker, called with the hyper-parameters; or ``name``/``version`` of a
-    registered model to continue from. Never unpickles, never executes stored code.
+    in a module this worker trusts, called with the hyper-parameters its signature declares; or
+    ``name``/``version`` of a registered model to continue from. The spec is checked against this
+    worker's trusted modules before anything is imported: a job document may have been written by
+    anyone with access to MongoDB. Never unpickles, never executes stored code.
     """
+    settings = registry.store.settings
+    check_model_spec(spec, settings)
     if "entry_point" in spec:
-        if not ENTRY_POINT.match(spec["entry_point"]):
-            raise JobSpecError(f"entry_point must look like package.module:function, got {spec['entry_point']!r}")
-        module_name, function_name = spec["entry_point"].split(":")
-        try:
-            builder = getattr(importlib.import_module(module_name), function_name)
-        except (ImportError, AttributeError) as exc:
-            raise JobSpecError(f"cannot import {spec['entry_point']} on this worker: {exc}") from exc
-        model = builder(**hyperparameters)
+        model = call_entry_point(spec["entry_point"], hyperparameters, settings)
     elif "architecture" in spec:
         model = keras.models.model_from_json(json.dumps(spec["architecture"]))
     elif "name" in spec:

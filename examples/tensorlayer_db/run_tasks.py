@@ -3,12 +3,14 @@
 import argparse
 import os
 import time
+from pathlib import Path
 
 from tensordb.hub import TensorHub
 
 
 def main(forever: bool) -> int:
-    db = TensorHub(project_name=os.environ.get("TENSORDB_PROJECT", "tensorlayer-example"))
+    # a runner only runs scripts from directories its operator lists: here, this example's own
+    db = TensorHub(project_name=os.environ.get("TENSORDB_PROJECT", "tensorlayer-example"), task_script_dirs=(Path(__file__).parent,))
     ran = 0
     idle_since = time.monotonic()
     while forever or time.monotonic() - idle_since < 10:
