@@ -181,7 +181,7 @@ class Sink:
 
 def wait_for_count(store: Store, wanted: int, timeout: float, sink: Sink) -> float:
     """Poll until the logs collection holds ``wanted`` documents; returns the perf_counter time."""
-    collection = store[LOGS]
+    collection = store.db[LOGS]  # raw: an O(1) count of the whole collection
     deadline = time.monotonic() + timeout
     while True:
         count = collection.estimated_document_count()  # O(1): fine while only this run writes
