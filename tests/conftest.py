@@ -62,25 +62,25 @@ def _local_services(run_dir: Path) -> Iterator[Settings]:
 
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """Settings pointing at real servers, shared by the whole session."""
+    """Settings pointing at real servers, shared by the whole session.
+
+    They trust the tests' own code: builders in the ``tests`` package and scripts in
+    tests/task_scripts (child processes get the same settings through their environment)."""
     if os.environ.get("TENSORDB_KAFKA_BOOTSTRAP") and os.environ.get("TENSORDB_MONGO_URI"):
-        yield Settings()
+        found: Iterator[Settings] = iter([Settings()])
     elif os.environ.get("TENSORDB_TEST_BACKEND") == "containers":
-        yield from _containers()
+        found = _containers()
     else:
-        yield from _local_services(tmp_path_factory.mktemp("services"))
+        found = _local_services(tmp_path_factory.mktemp("services"))
+    for settings in found:  # one: the generator's clean-up runs when the session ends
+        yield settings.with_changes(trusted_modules=("tests",), task_script_dirs=(TASK_SCRIPTS,))
 
 
 @pytest.fixture
 def settings(servers: Settings) -> Iterator[Settings]:
-    """A fresh project (own topics) and database on the session's servers; removed afterwards.
-
-    It trusts the tests' own code: builders in the ``tests`` package and scripts in tests/task_scripts
-    (child processes get the same settings through their environment)."""
+    """A fresh project (own topics) and database on the session's servers; removed afterwards."""
     name = f"t{uuid.uuid4().hex[:10]}"
-    project_settings = servers.with_changes(
-        project=name, mongo_database=f"tensordb_test_{name}", trusted_modules=("tests",), task_script_dirs=(TASK_SCRIPTS,)
-    )
+    project_settings = servers.with_changes(project=name, mongo_database=f"tensordb_test_{name}")
     create_topics(project_settings)
     yield project_settings
     MongoClient(project_settings.mongo_uri).drop_database(project_settings.mongo_database)

@@ -67,7 +67,7 @@ class Ingest:
         return self.context.store
 
     def reasons(self) -> list[str]:
-        return [letter["reason"] for letter in self.store[DEAD_LETTERS].find({}, sort=[("at", 1)])]
+        return [letter["reason"] for letter in self.store[DEAD_LETTERS].find({}, sort=[("at", 1), ("offset", 1)])]
 
 
 @pytest.fixture
