@@ -22,6 +22,7 @@ batches in hand finish (or, in an outage, stay uncommitted and are read again la
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import signal
 import threading
@@ -114,6 +115,7 @@ def run(settings: Settings, loglevel: str = "info") -> None:
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s] [%(levelname)s] %(name)s: %(message)s")
     tune_gc_for_batches()
     processors = Processors(settings)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack: where a processor waits
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: processors.stop())
     processors.run(on_ready=lambda: log.info("%s: project %r, %d processor kinds", READY_LINE, settings.project, len(processors.processors)))

@@ -43,6 +43,9 @@ from tensordb.errors import FatalClientError
 log = logging.getLogger(__name__)
 #: How often a processor checks whether its topic was recreated.
 TOPIC_CHECK_SECONDS = 3.0
+#: How long a processor waits, after noticing a recreated topic, for its consumer to be given
+#: partitions again; then it replaces the consumer (a restarted broker may never re-admit the old member).
+REJOIN_SECONDS = 15.0
 
 
 class TopicProcessor:
@@ -88,7 +91,7 @@ class TopicProcessor:
         self._admin = AdminClient(settings.kafka_config())
         self._topic_id = self._current_topic_id()
         self._incarnation = 0  # how often the topic was found recreated; tags batches and their offsets
-        self._rewinding = False  # a recreated topic was noticed and its partitions are not rewound yet
+        self._rewinding_since: float | None = None  # when a recreated topic was noticed, until rewound
         self._checked_at = time.monotonic()
         self.consumer = self._new_consumer()
 
@@ -112,14 +115,20 @@ class TopicProcessor:
         if topic_id is None:
             return
         if self._topic_id is not None and topic_id != self._topic_id:
-            if not self._rewinding:
+            if self._rewinding_since is None:
                 log.warning("%s processor: topic %s was recreated (the broker restarted and forgot it?): reading it from its start",
                             self.kind, self.settings.topic(self.topic))  # fmt: skip
-                self._rewinding = True
+                self._rewinding_since = time.monotonic()
             self._incarnation += 1
             if not self._rewind():
+                if time.monotonic() - self._rewinding_since > REJOIN_SECONDS:
+                    log.warning("%s processor: no partitions assigned %.0f s after the topic was recreated; "
+                                "replacing the consumer", self.kind, REJOIN_SECONDS)  # fmt: skip
+                    self._close_consumer()
+                    self.consumer = self._new_consumer()
+                    self._rewinding_since = time.monotonic()
                 return  # the change is noticed, and the rewind tried, again at the next check
-            self._rewinding = False
+            self._rewinding_since = None
         self._topic_id = topic_id
 
     def _rewind(self) -> bool:
@@ -136,6 +145,7 @@ class TopicProcessor:
         except KafkaException as exc:  # not fetching yet, or the broker went away again
             log.warning("%s processor: could not rewind the recreated topic yet (%s)", self.kind, exc)
             return False
+        log.info("%s processor: rewound partitions %s of the recreated topic", self.kind, sorted(p.partition for p in assigned))
         return True
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
