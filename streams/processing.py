@@ -184,6 +184,8 @@ def _handle(context: ProcessorContext, valid: list[Received], handler: Handler) 
     except Exception as exc:
         if is_transient(exc):
             raise
+        log.warning("%s processor: a batch of %d records failed (%s: %s); processing them one by one",
+                    context.processor, len(valid), type(exc).__name__, exc)  # fmt: skip
     for received in valid:
         try:
             handler(context, [received])
