@@ -42,11 +42,11 @@ from harness import Pids, Timing, interleaved, make_console, project, servers
 from pymongo import MongoClient
 from rich.table import Table
 
-from tensordb.bus import Publisher
-from tensordb.codecs import sha256_hex
 from tensordb.config import Settings
-from tensordb.models import ModelRegistry, npz_to_weights, weights_to_npz
-from tensordb.store import Store
+from tensordb.infra.bus import Publisher
+from tensordb.infra.codecs import sha256_hex
+from tensordb.infra.store import Store
+from tensordb.models.registry import ModelRegistry, npz_to_weights, weights_to_npz
 
 PAPER_UPLOAD_S = 3.0
 PAPER_DOWNLOAD_S = 2.0

@@ -47,11 +47,11 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from streams.logs import log_document  # noqa: E402
-from tensordb.bus import Publisher  # noqa: E402
-from tensordb.child import ChildProcess, dashboard_process, processors_process  # noqa: E402
 from tensordb.config import Settings  # noqa: E402
-from tensordb.runlog import LOGS, RunLogger  # noqa: E402
-from tensordb.store import Store  # noqa: E402
+from tensordb.infra.bus import Publisher  # noqa: E402
+from tensordb.infra.store import Store  # noqa: E402
+from tensordb.runs.runlog import LOGS, RunLogger  # noqa: E402
+from tensordb.services.children import ChildProcess, dashboard_process, processors_process  # noqa: E402
 from tests.helpers import free_port, wait_for  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"

@@ -45,13 +45,13 @@ from pymongo import MongoClient
 from pymongo.database import Database
 from rich.table import Table
 
-from tensordb.bus import Publisher, create_topics
-from tensordb.child import ChildProcess, processors_process
 from tensordb.config import Settings, Topic
-from tensordb.policies import Policies, Policy
-from tensordb.runlog import RunLogger
+from tensordb.infra.bus import Publisher, create_topics
+from tensordb.infra.store import Store
+from tensordb.loop.policies import Policies, Policy
+from tensordb.runs.runlog import RunLogger
 from tensordb.services import LocalServices
-from tensordb.store import Store
+from tensordb.services.children import ChildProcess, processors_process
 
 PRODUCERS = 4
 console = make_console()

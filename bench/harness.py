@@ -40,8 +40,8 @@ from confluent_kafka.admin import AdminClient  # noqa: E402
 from pymongo import MongoClient  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from tensordb.bus import create_topics  # noqa: E402
 from tensordb.config import Settings  # noqa: E402
+from tensordb.infra.bus import create_topics  # noqa: E402
 from tests.helpers import free_port, wait_for  # noqa: E402 - the tests' own helpers, shared
 
 __all__ = [
@@ -120,7 +120,7 @@ def project(base: Settings, tag: str) -> Iterator[Settings]:
 def children_cwd(folder: Path) -> Iterator[Path]:
     """Work in ``folder`` while child processes start, with the repository root on PYTHONPATH.
 
-    Why: ``tensordb.child`` starts children in our working directory, where anything they write
+    Why: ``tensordb.services.children`` starts children in our working directory, where anything they write
     would land in the repository; and a child run with ``-m`` imports entry points such as
     ``tests.training_models`` from its working directory, which PYTHONPATH replaces.
     """

@@ -44,15 +44,16 @@ from rich.table import Table
 
 from streams.ingest import _prepare, handle_samples
 from streams.processing import ProcessorContext, process_batch
-from tensordb import loader, records
-from tensordb.bus import Received
-from tensordb.child import ChildProcess, processors_process
+from tensordb import records
 from tensordb.client import TensorDB
-from tensordb.cohorts import Cohort
 from tensordb.config import Settings, Topic
-from tensordb.loader import CohortStream
-from tensordb.samples import SAMPLES
-from tensordb.store import BLOB_BUCKET, Store
+from tensordb.data import loader
+from tensordb.data.cohorts import Cohort
+from tensordb.data.loader import CohortStream
+from tensordb.data.samples import SAMPLES
+from tensordb.infra.bus import Received
+from tensordb.infra.store import BLOB_BUCKET, Store
+from tensordb.services.children import ChildProcess, processors_process
 
 ISSUE_SAMPLES = 6000
 INGEST_CHUNK = 500  # records per process_batch / insert_many call

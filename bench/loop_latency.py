@@ -55,15 +55,15 @@ from rich.table import Table
 from sklearn.datasets import load_digits
 
 from tensordb import records
-from tensordb.bus import Publisher, make_consumer
-from tensordb.child import ChildProcess, processors_process, server_process, worker_process
 from tensordb.client import TensorDB
 from tensordb.config import Settings, Topic
-from tensordb.jobs import FINISHED, UNFINISHED, Jobs
-from tensordb.mining import DECISIONS, PRODUCTION
-from tensordb.policies import Policies, Policy
-from tensordb.samples import SAMPLES
-from tensordb.store import Store
+from tensordb.data.samples import SAMPLES
+from tensordb.infra.bus import Publisher, make_consumer
+from tensordb.infra.store import Store
+from tensordb.jobs.queue import FINISHED, UNFINISHED, Jobs
+from tensordb.loop.policies import Policies, Policy
+from tensordb.loop.promotion import DECISIONS, PRODUCTION
+from tensordb.services.children import ChildProcess, processors_process, server_process, worker_process
 
 console = make_console(200)
 
@@ -479,7 +479,7 @@ def describe_round(result: Round) -> str:
 def model_load_seconds(settings: Settings, versions: list[int]) -> Stats:
     """What the server does before a swap, here: ``registry.find`` of the version + one warm-up predict."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from tensordb.models import ModelRegistry
+    from tensordb.models.registry import ModelRegistry
 
     seconds = []
     with Store(settings) as store:

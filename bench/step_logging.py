@@ -41,11 +41,11 @@ from rich.table import Table
 
 from streams.logs import log_document
 from tensordb import records
-from tensordb.bus import Publisher
-from tensordb.child import ChildProcess, processors_process
 from tensordb.config import Settings
-from tensordb.runlog import LOGS, RunLogger, read_logs
-from tensordb.store import Store, insert_ignoring_duplicates
+from tensordb.infra.bus import Publisher
+from tensordb.infra.store import Store, insert_ignoring_duplicates
+from tensordb.runs.runlog import LOGS, RunLogger, read_logs
+from tensordb.services.children import ChildProcess, processors_process
 
 PAPER_STEP_MS = 1.5
 PAPER_READ_SECONDS = {10_000: 0.5, 100_000: 4.0}
@@ -317,7 +317,7 @@ def bench_read(base: Settings, sizes: list[int], passes: int) -> list[Row]:
 def bench_stages(base: Settings, count: int) -> list[Row]:
     """What each step of the sink costs per record, in this process, without Kafka or faust."""
     from streams.logs import handle_logs
-    from tensordb.bus import Received
+    from tensordb.infra.bus import Received
 
     with project(base, "stages") as settings, Store(settings) as store:
         store.ensure_indexes()

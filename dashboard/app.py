@@ -20,7 +20,7 @@ Routes (all read-only):
 Bound to 127.0.0.1 by default. Bound to any other address it needs a token (``--token`` or
 ``TENSORDB_DASHBOARD_TOKEN``), which every request then carries (``Authorization: Bearer``,
 ``X-TensorDB-Token``, or the session cookie set when a page is opened with ``?token=``); without one
-it refuses to start. Host names, body size and headers are checked by :mod:`tensordb.http_guard`.
+it refuses to start. Host names, body size and headers are checked by :mod:`tensordb.infra.http_guard`.
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ from fastapi.staticfiles import StaticFiles
 
 from dashboard import queries
 from dashboard.live import RESET, LiveHub
-from tensordb.bus import create_topics
 from tensordb.config import Settings
-from tensordb.http_guard import Guard, check_binding, server
-from tensordb.runlog import PHASES
-from tensordb.store import Store
+from tensordb.infra.bus import create_topics
+from tensordb.infra.http_guard import Guard, check_binding, server
+from tensordb.infra.store import Store
+from tensordb.runs.runlog import PHASES
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class Dashboard:
 
 
 def create_app(settings: Settings, token: str | None = None, host: str = "127.0.0.1", port: int = 0) -> Guard:
-    """The ASGI app: FastAPI routes behind the :class:`~tensordb.http_guard.Guard` (``.app`` is the FastAPI app).
+    """The ASGI app: FastAPI routes behind the :class:`~tensordb.infra.http_guard.Guard` (``.app`` is the FastAPI app).
 
     Parameters:
         settings: the project to show, and the HTTP settings the guard applies.

@@ -36,16 +36,16 @@ import numpy as np
 from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import ExecutionTimeout, PyMongoError
 
-from tensordb.cohorts import COHORTS, load_cohort
-from tensordb.dead_letters import COLLECTION as DEAD_LETTERS
-from tensordb.jobs import JOBS
-from tensordb.mining import DECISIONS
-from tensordb.models import ALIASES
-from tensordb.models import COLLECTION as MODELS
-from tensordb.policies import POLICIES
-from tensordb.runlog import LOGS, PHASES
-from tensordb.samples import SAMPLES
-from tensordb.store import Store
+from tensordb.data.cohorts import COHORTS, load_cohort
+from tensordb.data.samples import SAMPLES
+from tensordb.infra.dead_letters import COLLECTION as DEAD_LETTERS
+from tensordb.infra.store import Store
+from tensordb.jobs.queue import JOBS
+from tensordb.loop.policies import POLICIES
+from tensordb.loop.promotion import DECISIONS
+from tensordb.models.registry import ALIASES
+from tensordb.models.registry import COLLECTION as MODELS
+from tensordb.runs.runlog import LOGS, PHASES
 
 log = logging.getLogger(__name__)
 

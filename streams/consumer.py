@@ -36,9 +36,9 @@ from confluent_kafka.admin import AdminClient
 
 from streams.processing import Handler, ProcessorContext, Stopping, process_batch
 from tensordb import records
-from tensordb.bus import Received, make_consumer, receive
 from tensordb.config import Settings, Topic
 from tensordb.errors import FatalClientError
+from tensordb.infra.bus import Received, make_consumer, receive
 
 log = logging.getLogger(__name__)
 #: How often a processor checks whether its topic was recreated.

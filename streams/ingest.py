@@ -26,12 +26,12 @@ from typing import Any
 import orjson
 from bson import ObjectId
 
-from tensordb.bus import Received
-from tensordb.codecs import xxh3_hex
 from tensordb.config import Topic
+from tensordb.data.samples import SAMPLES, SampleError, array_nbytes, check_storable, content_id, inline_bytes, split_key
 from tensordb.errors import StorageError
-from tensordb.samples import SAMPLES, SampleError, array_nbytes, check_storable, content_id, inline_bytes, split_key
-from tensordb.store import BLOB_BUCKET, Store, insert_new
+from tensordb.infra.bus import Received
+from tensordb.infra.codecs import xxh3_hex
+from tensordb.infra.store import BLOB_BUCKET, Store, insert_new
 
 
 def blob_id(project: str, sample_id: str, array_name: str) -> ObjectId:

@@ -12,10 +12,10 @@ from typing import Any
 
 from pymongo.errors import DuplicateKeyError
 
-from tensordb import mining
-from tensordb.bus import Received
-from tensordb.jobs import FINISHED, Jobs
-from tensordb.policies import Policies, PolicyError
+from tensordb.infra.bus import Received
+from tensordb.jobs.queue import FINISHED, Jobs
+from tensordb.loop import promotion
+from tensordb.loop.policies import Policies, PolicyError
 
 
 def handle_job_events(context: Any, batch: list[Received]) -> None:
@@ -32,8 +32,8 @@ def handle_job_events(context: Any, batch: list[Received]) -> None:
             continue  # the policy was deleted since: nothing to do for its jobs
         if job["kind"] == "train":
             try:
-                mining.request_evaluation(jobs, registry, policy, job)
+                promotion.request_evaluation(jobs, registry, policy, job)
             except DuplicateKeyError:
                 pass  # already requested for this job (a redelivered event)
         elif job["kind"] == "evaluate":
-            mining.decide(context.store, registry, policies, job)
+            promotion.decide(context.store, registry, policies, job)

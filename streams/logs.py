@@ -21,11 +21,11 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 from streams.consumer import TopicProcessor
-from tensordb.bus import Received
 from tensordb.config import Settings, Topic
 from tensordb.errors import StorageError
-from tensordb.runlog import LOGS, log_id
-from tensordb.store import Store, insert_new
+from tensordb.infra.bus import Received
+from tensordb.infra.store import Store, insert_new
+from tensordb.runs.runlog import LOGS, log_id
 
 #: Large batches are inserted in chunks of this many documents by two threads, each chunk sent as
 #: soon as it is built: building documents overlaps with mongod updating its indexes, and mongod

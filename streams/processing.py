@@ -21,12 +21,12 @@ from typing import TypeVar
 from confluent_kafka import KafkaException
 from pymongo.errors import ConnectionFailure, OperationFailure, WriteConcernError
 
-from tensordb.bus import Publisher, Received
 from tensordb.config import Settings
-from tensordb.dead_letters import DeadLetters
 from tensordb.errors import DeliveryError
-from tensordb.models import ModelRegistry
-from tensordb.store import Store
+from tensordb.infra.bus import Publisher, Received
+from tensordb.infra.dead_letters import DeadLetters
+from tensordb.infra.store import Store
+from tensordb.models.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from tensordb.bus import Received
-from tensordb.cohorts import cohort_from_spec
-from tensordb.jobs import PENDING, RUNNING, Jobs
-from tensordb.policies import Policies, Policy
-from tensordb.samples import SAMPLES
+from tensordb.data.cohorts import cohort_from_spec
+from tensordb.data.samples import SAMPLES
+from tensordb.infra.bus import Received
+from tensordb.jobs.queue import PENDING, RUNNING, Jobs
+from tensordb.loop.policies import Policies, Policy
 
 
 def submit_training(jobs: Jobs, policy: Policy, reason: str) -> str:

@@ -14,17 +14,17 @@ from typing import Any
 
 from pymongo.errors import OperationFailure
 
-from tensordb import cohorts
-from tensordb.bus import Publisher
-from tensordb.cohorts import Cohort
 from tensordb.config import Settings, Topic, load_settings
-from tensordb.datasets import Datasets
+from tensordb.data import cohorts
+from tensordb.data.cohorts import Cohort
+from tensordb.data.datasets import Datasets
+from tensordb.data.samples import ArrayLike, build_sample, publish_samples
 from tensordb.errors import ConfigurationError
-from tensordb.jobs import Jobs
-from tensordb.models import ModelRegistry
-from tensordb.runlog import RunLogger, delete_logs, read_logs
-from tensordb.samples import ArrayLike, build_sample, publish_samples
-from tensordb.store import Store
+from tensordb.infra.bus import Publisher
+from tensordb.infra.store import Store
+from tensordb.jobs.queue import Jobs
+from tensordb.models.registry import ModelRegistry
+from tensordb.runs.runlog import RunLogger, delete_logs, read_logs
 
 AUTHENTICATION_FAILED = 18  # MongoDB's error code
 
@@ -121,7 +121,7 @@ class TensorDB:
         return RunLogger(self.publisher, run_id, job_id=job_id, tags=tags or None)
 
     def read_logs(self, run_id: str | None = None, **filters: Any) -> Any:
-        """Persisted log records as a pandas DataFrame (see :func:`tensordb.runlog.read_logs`)."""
+        """Persisted log records as a pandas DataFrame (see :func:`tensordb.runs.runlog.read_logs`)."""
         return read_logs(self.store, run_id, **filters)
 
     def delete_logs(self, run_id: str | None = None, **filters: Any) -> int:
@@ -141,7 +141,7 @@ class TensorDB:
 
     # -- jobs ---------------------------------------------------------------------------------------
     def submit_job(self, kind: str = "train", **spec: Any) -> str:
-        """Queue a train/evaluate/task job for the workers; see :meth:`tensordb.jobs.Jobs.submit`."""
+        """Queue a train/evaluate/task job for the workers; see :meth:`tensordb.jobs.queue.Jobs.submit`."""
         return self.jobs.submit(kind, **spec)
 
     def cancel_job(self, job_id: str) -> dict[str, Any]:

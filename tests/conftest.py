@@ -18,10 +18,10 @@ import pytest
 from confluent_kafka.admin import AdminClient
 from pymongo import MongoClient
 
-from tensordb.bus import create_topics
-from tensordb.child import ChildProcess, processors_process, worker_process
 from tensordb.config import Settings
-from tensordb.store import Store
+from tensordb.infra.bus import create_topics
+from tensordb.infra.store import Store
+from tensordb.services.children import ChildProcess, processors_process, worker_process
 from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,8 +113,8 @@ def ingest(settings: Settings) -> Iterator[Callable[[list[dict]], None]]:
     from streams.ingest import handle_samples
     from streams.processing import ProcessorContext, process_batch
     from tensordb import records
-    from tensordb.bus import Received
     from tensordb.config import Topic
+    from tensordb.infra.bus import Received
 
     context = ProcessorContext(settings)
     offsets = iter(range(10**9))

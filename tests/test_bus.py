@@ -7,9 +7,9 @@ import time
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from tensordb.bus import Publisher, create_topics, make_consumer, receive
 from tensordb.config import Settings, Topic
 from tensordb.errors import RecordTooLargeError, ValidationError
+from tensordb.infra.bus import Publisher, create_topics, make_consumer, receive
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from tensordb.client import TensorDB
-from tensordb.cohorts import validate_filter
 from tensordb.config import Settings
+from tensordb.data.cohorts import validate_filter
 from tensordb.errors import QueryError
 
 pytestmark = pytest.mark.integration

@@ -21,11 +21,11 @@ import pytest
 from dashboard.live import parse
 from dashboard.queries import OVERVIEW_POINTS, Columns, Envelope, align
 from streams.logs import log_document
-from tensordb.bus import Publisher
-from tensordb.child import ChildProcess, dashboard_process
 from tensordb.config import Settings, Topic
-from tensordb.runlog import LOGS, RunLogger
-from tensordb.store import Store
+from tensordb.infra.bus import Publisher
+from tensordb.infra.store import Store
+from tensordb.runs.runlog import LOGS, RunLogger
+from tensordb.services.children import ChildProcess, dashboard_process
 from tests.helpers import free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -223,12 +223,12 @@ def test_live_points_and_history_meet_without_gap_or_duplicate(settings, process
 
 @pytest_integration
 def test_runs_jobs_models_and_data_as_the_pages_show_them(settings, start_dashboard, ingest) -> None:
-    from tensordb.cohorts import Cohort, save_cohort
-    from tensordb.dead_letters import DeadLetters
-    from tensordb.jobs import Jobs
-    from tensordb.mining import DECISIONS
-    from tensordb.models import ModelRegistry
-    from tensordb.policies import Policies, Policy
+    from tensordb.data.cohorts import Cohort, save_cohort
+    from tensordb.infra.dead_letters import DeadLetters
+    from tensordb.jobs.queue import Jobs
+    from tensordb.loop.policies import Policies, Policy
+    from tensordb.loop.promotion import DECISIONS
+    from tensordb.models.registry import ModelRegistry
     from workers.evaluation import EVALUATIONS
 
     dashboard = start_dashboard()
@@ -249,8 +249,8 @@ def test_runs_jobs_models_and_data_as_the_pages_show_them(settings, start_dashbo
         ingest([{"schema": "sample/1", "dataset": "scans", "sample_id": f"s{i}", "labels": {"y": i % 2},
                  "arrays": {"x": {"dtype": "int16", "shape": [2], "values": [i, -i]}}} for i in range(30)])  # fmt: skip
         save_cohort(Cohort(store, filter={"labels.y": 1}, limit=10), "positives", description="<b>not bold</b>")
-        from tensordb.bus import Received
-        from tensordb.samples import SampleError
+        from tensordb.data.samples import SampleError
+        from tensordb.infra.bus import Received
 
         DeadLetters(store, publisher, "streams").divert(
             Received(settings.topic(Topic.INGEST), 0, 30, None, b'{"dataset": null}', None, None), SampleError("dataset must be a string")

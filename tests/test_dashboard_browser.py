@@ -25,13 +25,13 @@ from confluent_kafka.admin import AdminClient
 from pymongo import MongoClient
 
 from dashboard.app import STATIC
-from tensordb.bus import Publisher, create_topics
-from tensordb.child import dashboard_process, processors_process, worker_process
 from tensordb.config import Settings, Topic
-from tensordb.jobs import Jobs
-from tensordb.runlog import LOGS, RunLogger
-from tensordb.samples import SAMPLES
-from tensordb.store import Store
+from tensordb.data.samples import SAMPLES
+from tensordb.infra.bus import Publisher, create_topics
+from tensordb.infra.store import Store
+from tensordb.jobs.queue import Jobs
+from tensordb.runs.runlog import LOGS, RunLogger
+from tensordb.services.children import dashboard_process, processors_process, worker_process
 from tests.helpers import free_port, wait_for
 from tests.test_dashboard import Dashboard
 from tests.test_worker import _images

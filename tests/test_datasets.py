@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from bson.errors import InvalidDocument
 
-from tensordb.codecs import ArrayCodecError
 from tensordb.config import Settings
-from tensordb.datasets import COLLECTION, Datasets
+from tensordb.data.datasets import COLLECTION, Datasets
 from tensordb.errors import IntegrityError, QueryError
-from tensordb.store import BLOB_BUCKET, Store
+from tensordb.infra.codecs import ArrayCodecError
+from tensordb.infra.store import BLOB_BUCKET, Store
 
 pytestmark = pytest.mark.integration
 

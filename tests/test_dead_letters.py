@@ -9,12 +9,12 @@ import time
 import orjson
 import pytest
 
-from tensordb.bus import Publisher, Received, make_consumer, receive
-from tensordb.child import ChildProcess
 from tensordb.config import Settings, Topic
-from tensordb.dead_letters import COLLECTION, DeadLetters, original_bytes
 from tensordb.errors import DecodeError
-from tensordb.store import Store
+from tensordb.infra.bus import Publisher, Received, make_consumer, receive
+from tensordb.infra.dead_letters import COLLECTION, DeadLetters, original_bytes
+from tensordb.infra.store import Store
+from tensordb.services.children import ChildProcess
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration

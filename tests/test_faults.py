@@ -27,18 +27,18 @@ from streams.logs import handle_logs
 from streams.processing import ProcessorContext, process_batch
 from streams.retrain import handle_imports
 from tensordb import records
-from tensordb.bus import Publisher, Received, create_topics, make_consumer, receive
-from tensordb.child import ChildProcess, processors_process
 from tensordb.config import Settings, Topic
-from tensordb.dead_letters import COLLECTION as DEAD_LETTERS
-from tensordb.dead_letters import DeadLetters, original_bytes
+from tensordb.data.samples import SAMPLES, SampleError, content_id
 from tensordb.errors import DecodeError, FatalClientError, ValidationError
-from tensordb.policies import Policies, Policy
-from tensordb.runlog import LOGS, RunLogger, log_id
-from tensordb.samples import SAMPLES, SampleError, content_id
+from tensordb.infra.bus import Publisher, Received, create_topics, make_consumer, receive
+from tensordb.infra.dead_letters import COLLECTION as DEAD_LETTERS
+from tensordb.infra.dead_letters import DeadLetters, original_bytes
+from tensordb.infra.store import Store
+from tensordb.loop.policies import Policies, Policy
+from tensordb.runs.runlog import LOGS, RunLogger, log_id
+from tensordb.services.children import ChildProcess, processors_process
 from tensordb.services.mongod import Mongod
 from tensordb.services.tansu import Tansu
-from tensordb.store import Store
 from tests.helpers import free_port, wait_for
 
 pytestmark = pytest.mark.integration
@@ -129,7 +129,7 @@ def test_an_oversized_bad_log_record_does_not_stop_the_log_sink(settings: Settin
 def test_a_record_mongodb_refuses_is_dead_lettered_alone_and_the_rest_stored_and_announced_once(
     settings: Settings, context: ProcessorContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("tensordb.samples.MAX_NESTING", 1000)  # let the deep record reach MongoDB
+    monkeypatch.setattr("tensordb.data.samples.MAX_NESTING", 1000)  # let the deep record reach MongoDB
     batch = [sample(f"good-{i}") for i in range(5)] + [sample("deep", metadata=nested(185))]
     process_batch(context, received_batch(settings, batch), handle_samples)
     store = context.store

@@ -11,9 +11,9 @@ import pytest
 from pymongo import MongoClient
 from pymongo.uri_parser import parse_uri
 
+from tensordb.compat.tensorhub import TensorHub
 from tensordb.config import Settings
 from tensordb.errors import ConfigurationError
-from tensordb.hub import TensorHub
 
 pytestmark = pytest.mark.integration
 SCRIPTS = Path(__file__).parent / "task_scripts"

@@ -14,12 +14,12 @@ import numpy as np
 import orjson
 import pytest
 
-from tensordb.bus import Publisher, make_consumer, receive
-from tensordb.child import ChildProcess
 from tensordb.client import TensorDB
 from tensordb.config import Settings, Topic
-from tensordb.dead_letters import COLLECTION as DEAD_LETTERS
-from tensordb.samples import SAMPLES
+from tensordb.data.samples import SAMPLES
+from tensordb.infra.bus import Publisher, make_consumer, receive
+from tensordb.infra.dead_letters import COLLECTION as DEAD_LETTERS
+from tensordb.services.children import ChildProcess
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration

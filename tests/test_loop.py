@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from tensordb.child import server_process
 from tensordb.client import TensorDB
-from tensordb.jobs import Jobs
-from tensordb.mining import DECISIONS
-from tensordb.policies import Policies, Policy
+from tensordb.jobs.queue import Jobs
+from tensordb.loop.policies import Policies, Policy
+from tensordb.loop.promotion import DECISIONS
+from tensordb.services.children import server_process
 from tests.helpers import free_port, wait_for
 
 pytestmark = pytest.mark.integration

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 from pymongo import MongoClient
 
-from tensordb.cohorts import COHORTS
 from tensordb.config import Settings
-from tensordb.jobs import JOBS
-from tensordb.migrations import MIGRATIONS
-from tensordb.runlog import LOGS, log_id
-from tensordb.samples import SAMPLES
-from tensordb.store import Store
-from tensordb.versioning import COUNTERS, next_version
+from tensordb.data.cohorts import COHORTS
+from tensordb.data.samples import SAMPLES
+from tensordb.infra.migrations import MIGRATIONS
+from tensordb.infra.store import Store
+from tensordb.infra.versioning import COUNTERS, next_version
+from tensordb.jobs.queue import JOBS
+from tensordb.runs.runlog import LOGS, log_id
 
 pytestmark = pytest.mark.integration
 

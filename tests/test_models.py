@@ -15,10 +15,11 @@ import keras
 import numpy as np
 import pytest
 
-from tensordb.bus import Publisher, make_consumer, receive
 from tensordb.config import Settings, Topic
 from tensordb.errors import IntegrityError, QueryError
-from tensordb.models import (
+from tensordb.infra.bus import Publisher, make_consumer, receive
+from tensordb.infra.store import BLOB_BUCKET, Store
+from tensordb.models.registry import (
     ALIASES,
     BLOB_KIND,
     COLLECTION,
@@ -29,7 +30,6 @@ from tensordb.models import (
     npz_to_weights,
     weights_to_npz,
 )
-from tensordb.store import BLOB_BUCKET, Store
 from tests.helpers import wait_for
 from tests.model_builders import two_tower
 

@@ -13,12 +13,12 @@ import orjson
 import pytest
 
 from tensordb import records
-from tensordb.bus import Publisher
-from tensordb.child import ChildProcess
 from tensordb.config import Settings, Topic
 from tensordb.errors import DeliveryError, QueryError, ValidationError
-from tensordb.runlog import BASE_COLUMNS, LOGS, RunLogger, delete_logs, log_id, read_logs
-from tensordb.store import Store
+from tensordb.infra.bus import Publisher
+from tensordb.infra.store import Store
+from tensordb.runs.runlog import BASE_COLUMNS, LOGS, RunLogger, delete_logs, log_id, read_logs
+from tensordb.services.children import ChildProcess
 from tests.helpers import wait_for
 
 
@@ -123,7 +123,7 @@ def test_filters_refuse_query_operators() -> None:
 def test_keras_callback_every_n_batches_still_logs_each_epochs_end_once() -> None:
     import keras
 
-    from tensordb.keras_callback import TensorDBCallback
+    from tensordb.runs.keras_callback import TensorDBCallback
 
     rng = np.random.default_rng(1)
     x, y = rng.standard_normal((40, 3)).astype("float32"), rng.standard_normal((40, 1)).astype("float32")
@@ -230,7 +230,7 @@ def test_keras_fit_with_the_callback_logs_every_batch_and_each_epochs_validation
 ) -> None:
     import keras
 
-    from tensordb.keras_callback import TensorDBCallback
+    from tensordb.runs.keras_callback import TensorDBCallback
 
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((64, 4)).astype("float32"), rng.integers(0, 2, 64)
@@ -264,7 +264,7 @@ def test_the_batched_log_sink_stores_each_record_once_dead_letters_bad_ones_and_
 ) -> None:
     from streams.consumer import TopicProcessor
     from streams.logs import log_sink
-    from tensordb.dead_letters import COLLECTION as DEAD_LETTERS
+    from tensordb.infra.dead_letters import COLLECTION as DEAD_LETTERS
 
     def start() -> tuple[TopicProcessor, threading.Thread]:
         sink = log_sink(settings, batch_size=3000)

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tensordb.bus import Publisher
-from tensordb.jobs import CANCELLED, FAILED, FINISHED, RUNNING, Jobs
-from tensordb.store import Store
+from tensordb.infra.bus import Publisher
+from tensordb.infra.store import Store
+from tensordb.jobs.queue import CANCELLED, FAILED, FINISHED, RUNNING, Jobs
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration

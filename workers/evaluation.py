@@ -9,8 +9,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from tensordb.cohorts import cohort_from_spec
-from workers.trainer import JobContext
+from tensordb.data.cohorts import cohort_from_spec
+from workers.context import JobContext
 from workers.training import JobSpecError
 
 EVALUATIONS = "evaluations"

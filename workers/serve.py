@@ -7,7 +7,7 @@ when it starts, so requests in flight finish on the version they started with: n
 
 Bound to 127.0.0.1 by default; beyond it every request must carry a token (``--token`` or
 ``TENSORDB_SERVE_TOKEN``). Host names, body size and headers are checked by
-:mod:`tensordb.http_guard`; a request's instances are checked against the model's input shape
+:mod:`tensordb.infra.http_guard`; a request's instances are checked against the model's input shape
 before any array is built.
 """
 
@@ -25,12 +25,12 @@ import numpy as np
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
-from tensordb.bus import Publisher, make_consumer, receive
 from tensordb.config import Settings, Topic
-from tensordb.http_guard import CSP, Guard, check_binding, server
-from tensordb.mining import PRODUCTION
-from tensordb.models import ModelRegistry
-from tensordb.store import Store
+from tensordb.infra.bus import Publisher, make_consumer, receive
+from tensordb.infra.http_guard import CSP, Guard, check_binding, server
+from tensordb.infra.store import Store
+from tensordb.loop.promotion import PRODUCTION
+from tensordb.models.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 MAX_INSTANCES = 1024
@@ -116,7 +116,7 @@ def _as_input(instances: list[Any], model: Any) -> np.ndarray:
 
 
 def create_app(holder: ModelHolder, settings: Settings, token: str | None = None, host: str = "127.0.0.1", port: int = 0) -> Guard:
-    """The model server's ASGI app: FastAPI routes behind the :class:`~tensordb.http_guard.Guard`.
+    """The model server's ASGI app: FastAPI routes behind the :class:`~tensordb.infra.http_guard.Guard`.
 
     Parameters:
         holder: the served model.

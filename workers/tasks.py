@@ -1,7 +1,7 @@
 """Task jobs (TensorLayer's task distribution): run a script file on the worker in a subprocess.
 
 Only scripts inside the worker's ``task_script_dirs`` run (links resolved), with an environment
-holding what they need to connect back and no secrets (see :mod:`tensordb.trusted`). The
+holding what they need to connect back and no secrets (see :mod:`tensordb.infra.trusted`). The
 hyper-parameters become the script's globals (TensorLayer's convention), and the values of the
 task's ``save_keys`` found in its globals afterwards become the job's result. A failing script marks
 the job failed with its output; it never hangs the queue, and cancellation kills it.
@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tensordb.trusted import resolve_task_script, task_environment
-from workers.trainer import JobCancelled, JobContext
+from tensordb.infra.trusted import resolve_task_script, task_environment
+from workers.context import JobCancelled, JobContext
 
 OUTPUT_TAIL = 4000
 

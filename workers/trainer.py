@@ -13,64 +13,26 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
-from tensordb.bus import Publisher, make_consumer, receive
 from tensordb.config import Settings, Topic
 from tensordb.errors import UntrustedCodeError
-from tensordb.jobs import Jobs
-from tensordb.models import ModelRegistry
-from tensordb.runlog import RunLogger
-from tensordb.store import Store
+from tensordb.infra.bus import Publisher, make_consumer, receive
+from tensordb.infra.store import Store
+from tensordb.jobs.queue import Jobs
+from tensordb.models.registry import ModelRegistry
+from tensordb.runs.runlog import RunLogger
+from workers.context import JobCancelled, JobContext, Runner
+from workers.evaluation import run_evaluation
+from workers.tasks import run_task
+from workers.training import run_training
 
 log = logging.getLogger(__name__)
 
 
-class JobCancelled(Exception):
-    """Raised inside a job runner when the job was cancelled or its lease was lost."""
-
-
-@dataclass
-class JobContext:
-    """What a job runner gets: the job, the shared services and the stop signal."""
-
-    job: dict[str, Any]
-    worker: str
-    settings: Settings
-    store: Store
-    jobs: Jobs
-    registry: ModelRegistry
-    logger: RunLogger
-    stop: threading.Event = field(default_factory=threading.Event)
-    stop_reason: str | None = None  # "cancelled", "lease lost" or "shutdown"
-
-    @property
-    def job_id(self) -> str:
-        return self.job["_id"]
-
-    def request_stop(self, reason: str) -> None:
-        if self.stop_reason is None:
-            self.stop_reason = reason
-        self.stop.set()
-
-    def check_stop(self) -> None:
-        """Runners call this between steps: raises JobCancelled once a stop was requested."""
-        if self.stop.is_set():
-            raise JobCancelled(self.stop_reason or "stopped")
-
-
-#: A job runner: does the work of one job kind and returns the job's result.
-Runner = Callable[[JobContext], dict[str, Any]]
-
-
 def runners() -> dict[str, Runner]:
-    from workers.evaluation import run_evaluation
-    from workers.tasks import run_task
-    from workers.training import run_training
-
+    """The runner of each job kind."""
     return {"train": run_training, "evaluate": run_evaluation, "task": run_task}
 
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import keras
 
-from tensordb.cohorts import Cohort, cohort_from_spec
+from tensordb.data.cohorts import Cohort, cohort_from_spec
 from tensordb.errors import TensorDBError
-from tensordb.keras_callback import TensorDBCallback
-from tensordb.trusted import call_entry_point, check_model_spec
-from workers.trainer import JobContext
+from tensordb.infra.trusted import call_entry_point, check_model_spec
+from tensordb.runs.keras_callback import TensorDBCallback
+from workers.context import JobContext
 
 
 class JobSpecError(TensorDBError, ValueError):

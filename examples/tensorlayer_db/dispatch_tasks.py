@@ -6,7 +6,7 @@ from pathlib import Path
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from tensordb.hub import TensorHub
+from tensordb.compat.tensorhub import TensorHub
 
 TASK_NAME = "digits-mlp"
 

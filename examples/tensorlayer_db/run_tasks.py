@@ -5,7 +5,7 @@ import os
 import time
 from pathlib import Path
 
-from tensordb.hub import TensorHub
+from tensordb.compat.tensorhub import TensorHub
 
 
 def main(forever: bool) -> int:

@@ -4,7 +4,7 @@ import os
 
 import keras
 
-from tensordb.hub import TensorHub
+from tensordb.compat.tensorhub import TensorHub
 
 db = TensorHub(project_name=os.environ.get("TENSORDB_PROJECT", "tensorlayer-example"))  # MongoDB: localhost:27017 unless TENSORDB_MONGO_URI
 X_train, y_train, X_val, y_val, X_test, y_test = db.find_top_dataset("digits")

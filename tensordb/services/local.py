@@ -70,7 +70,7 @@ class LocalServices:
         """
         # Imported here, not at the top: install, status and down must keep working while the bus
         # (or a record schema it loads) is broken, or the services could not even be stopped.
-        from tensordb.bus import create_topics
+        from tensordb.infra.bus import create_topics
 
         self._refuse_external_servers()
         self._refuse_removed_durable_mode()
@@ -99,7 +99,7 @@ class LocalServices:
         """Stop TensorDB's own commands, then every server whose pid file names a live process of ours.
 
         The broker forgets its records when it stops, so the processors are first given up to
-        ``drain_timeout`` seconds to store every record it acknowledged (see :mod:`tensordb.drain`).
+        ``drain_timeout`` seconds to store every record it acknowledged (see :mod:`tensordb.services.drain`).
         """
         apps = running_apps(self.run_dir, self.settings)
         processors = [app for app in apps if app.name == "processors" and app.process.pid() is not None]
@@ -109,7 +109,7 @@ class LocalServices:
         return stopped + [service.status(changed=service.stop()) for service in (self.tansu, self.mongod)]
 
     def _drain(self, settings: Settings, timeout: float) -> None:
-        from tensordb.drain import DrainError, wait_until_processed
+        from tensordb.services.drain import DrainError, wait_until_processed
 
         try:
             wait_until_processed(settings, timeout)

@@ -18,13 +18,13 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from pymongo.errors import OperationFailure
 
-from tensordb.cohorts import Cohort
 from tensordb.config import Settings
+from tensordb.data.cohorts import Cohort
+from tensordb.data.samples import SAMPLES
 from tensordb.errors import TensorDBError
-from tensordb.jobs import JOBS, Jobs
-from tensordb.runlog import LOGS, delete_logs, read_logs
-from tensordb.samples import SAMPLES
-from tensordb.store import Store
+from tensordb.infra.store import Store
+from tensordb.jobs.queue import JOBS, Jobs
+from tensordb.runs.runlog import LOGS, delete_logs, read_logs
 
 pytestmark = pytest.mark.integration
 

@@ -26,9 +26,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tensordb.child import ChildProcess, dashboard_process, server_process
 from tensordb.config import Settings
-from tensordb.http_guard import redact_token, server
+from tensordb.infra.http_guard import redact_token, server
+from tensordb.services.children import ChildProcess, dashboard_process, server_process
 from tests.helpers import free_port
 from tests.test_dashboard import Dashboard
 from workers import serve

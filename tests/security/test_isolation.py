@@ -21,18 +21,18 @@ from streams.ingest import handle_samples, sweep_sample_blobs
 from streams.lifecycle import handle_job_events
 from streams.processing import ProcessorContext, process_batch
 from tensordb import records
-from tensordb.bus import Publisher, Received, create_topics
-from tensordb.child import ChildProcess, processors_process
 from tensordb.client import TensorDB
-from tensordb.codecs import xxh3_hex
+from tensordb.compat.tensorhub import TensorHub
 from tensordb.config import Settings, Topic
-from tensordb.dead_letters import COLLECTION as DEAD_LETTERS
+from tensordb.data.samples import SAMPLES, build_sample
 from tensordb.errors import IntegrityError, ProjectScopeError
-from tensordb.hub import TensorHub
-from tensordb.jobs import JOBS, RUNNING
-from tensordb.policies import Policies, Policy
-from tensordb.samples import SAMPLES, build_sample
-from tensordb.store import BLOB_BUCKET, Store
+from tensordb.infra.bus import Publisher, Received, create_topics
+from tensordb.infra.codecs import xxh3_hex
+from tensordb.infra.dead_letters import COLLECTION as DEAD_LETTERS
+from tensordb.infra.store import BLOB_BUCKET, Store
+from tensordb.jobs.queue import JOBS, RUNNING
+from tensordb.loop.policies import Policies, Policy
+from tensordb.services.children import ChildProcess, processors_process
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -96,7 +96,7 @@ def inline(sample_id: str | None, values: list[int], dataset: str = "scans") -> 
 
 
 def streamed(store: Store, filter: dict[str, Any] | None = None) -> list[list[int]]:
-    from tensordb.cohorts import Cohort
+    from tensordb.data.cohorts import Cohort
 
     return [row.tolist() for x, _ in Cohort(store, filter=filter or {}, x="x", y=None).stream(batch_size=64) for row in x]
 

@@ -15,17 +15,13 @@ from pathlib import Path
 import keras
 import pytest
 
-from tensordb.bus import Publisher
-from tensordb.child import worker_process
 from tensordb.client import TensorDB
+from tensordb.compat.tensorhub import TensorHub
 from tensordb.config import Settings
 from tensordb.errors import UntrustedCodeError
-from tensordb.hub import TensorHub
-from tensordb.jobs import FAILED, FINISHED, Jobs
-from tensordb.models import ModelFormatError
-from tensordb.policies import Policies, Policy
-from tensordb.store import Store
-from tensordb.trusted import (
+from tensordb.infra.bus import Publisher
+from tensordb.infra.store import Store
+from tensordb.infra.trusted import (
     EntryPointError,
     call_entry_point,
     check_entry_point,
@@ -36,6 +32,10 @@ from tensordb.trusted import (
     trusts,
     uri_without_credentials,
 )
+from tensordb.jobs.queue import FAILED, FINISHED, Jobs
+from tensordb.loop.policies import Policies, Policy
+from tensordb.models.registry import ModelFormatError
+from tensordb.services.children import worker_process
 from tests.conftest import TASK_SCRIPTS
 from tests.model_builders import two_tower
 from workers.trainer import Worker
@@ -67,7 +67,7 @@ def small_model() -> keras.Model:
         ("mylab", ("mylab.nets",), False),
         ("my", ("mylab",), False),
         ("os", (), False),
-        ("tensordb.demo", (), False),
+        ("tensordb.cli.demo", (), False),
     ],
 )
 def test_prefixes_match_whole_dotted_components(module: str, prefixes: tuple[str, ...], trusted: bool) -> None:
@@ -76,7 +76,7 @@ def test_prefixes_match_whole_dotted_components(module: str, prefixes: tuple[str
 
 def test_an_untrusted_entry_point_is_refused_with_the_setting_to_change() -> None:
     settings = Settings(trusted_modules=("mylab",))
-    for path in ("os:system", "subprocess:getoutput", "builtins:eval", "mylabs.models:build", "tensordb.demo:run_demo"):
+    for path in ("os:system", "subprocess:getoutput", "builtins:eval", "mylabs.models:build", "tensordb.cli.demo:run_demo"):
         with pytest.raises(UntrustedCodeError, match="TENSORDB_TRUSTED_MODULES=mylab,"):
             check_entry_point(path, settings)
     with pytest.raises(UntrustedCodeError, match="TENSORDB_TRUSTED_MODULES=os"):
@@ -85,7 +85,7 @@ def test_an_untrusted_entry_point_is_refused_with_the_setting_to_change() -> Non
         with pytest.raises(EntryPointError, match="package.module:function"):
             check_entry_point(path, settings)
     assert check_entry_point("mylab.nets.resnet:build", settings) == ("mylab.nets.resnet", "build")
-    assert call_entry_point("tensordb.demo:digits_mlp", {"units": 8}, Settings()).count_params() > 0  # the demo's, always trusted
+    assert call_entry_point("tensordb.models.examples:digits_mlp", {"units": 8}, Settings()).count_params() > 0  # the demo's, always trusted
 
 
 def test_a_trusted_module_does_not_make_what_it_imported_callable() -> None:

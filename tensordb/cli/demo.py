@@ -22,12 +22,12 @@ from rich.live import Live
 from rich.table import Table
 
 from dashboard.background import start_dashboard
-from tensordb.bus import create_topics
 from tensordb.client import TensorDB
 from tensordb.config import Settings, Topic, mask_uri
-from tensordb.dead_letters import COLLECTION as DEAD_LETTERS
-from tensordb.mining import DECISIONS, PRODUCTION
-from tensordb.policies import Policies, Policy
+from tensordb.infra.bus import create_topics
+from tensordb.infra.dead_letters import COLLECTION as DEAD_LETTERS
+from tensordb.loop.policies import Policies, Policy
+from tensordb.loop.promotion import DECISIONS, PRODUCTION
 from tensordb.services import LocalServices
 from tensordb.services.apps import running_apps
 from tensordb.services.process import free_port, port_is_free
@@ -36,21 +36,6 @@ POLICY = "digits"
 WAVE_SIZES = (500, 1000)  # training samples per wave; the rest of the 1797 digits validate
 SERVE_PORT = 8000
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
-
-
-def digits_mlp(units: int = 64, **_: Any) -> Any:
-    """The demo's model, named by the policy as the entry point ``tensordb.demo:digits_mlp``."""
-    import keras
-
-    model = keras.Sequential([
-        keras.Input((8, 8)),
-        keras.layers.Rescaling(1 / 16),
-        keras.layers.Flatten(),
-        keras.layers.Dense(units, activation="relu"),
-        keras.layers.Dense(10, activation="softmax"),
-    ])  # fmt: skip
-    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
-    return model
 
 
 class Timeline:
@@ -141,7 +126,7 @@ def run_demo(base_settings: Settings) -> int:
     validation = range(sum(WAVE_SIZES), len(x))
     with TensorDB(settings) as db:
         policy = Policies(db.store).register(Policy(
-            name=POLICY, model={"entry_point": "tensordb.demo:digits_mlp"},
+            name=POLICY, model={"entry_point": "tensordb.models.examples:digits_mlp"},
             training={"filter": {"dataset": "digits"}, "x": "image", "y": "digit"},
             validation={"filter": {"dataset": "digits-validation"}, "x": "image", "y": "digit"},
             trigger={"every_samples": 400}, objective={"metric": "accuracy", "direction": "max"},

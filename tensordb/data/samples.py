@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import orjson
 
-from tensordb.bus import Publisher
-from tensordb.codecs import xxh3_hex
 from tensordb.config import Topic
 from tensordb.errors import TensorDBError
-from tensordb.store import Store
+from tensordb.infra.bus import Publisher
+from tensordb.infra.codecs import xxh3_hex
+from tensordb.infra.store import Store
 
 ArrayLike = np.ndarray | Mapping[str, np.ndarray]
 SPLIT_KEY_RANGE = 1_000_000

@@ -16,10 +16,10 @@ from typing import Any
 
 from pymongo import ReturnDocument
 
-from tensordb.cohorts import cohort_from_spec
+from tensordb.data.cohorts import cohort_from_spec
 from tensordb.errors import TensorDBError
-from tensordb.store import Store, insert_ignoring_duplicates
-from tensordb.trusted import check_model_spec
+from tensordb.infra.store import Store, insert_ignoring_duplicates
+from tensordb.infra.trusted import check_model_spec
 
 POLICIES = "policies"
 #: One marker per (policy, sample) counted, naming the import batch that counted it first.

@@ -23,11 +23,11 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 
 from tensordb import records
-from tensordb.bus import Publisher
 from tensordb.config import Topic
 from tensordb.errors import QueryError, TensorDBError
-from tensordb.store import Store
-from tensordb.trusted import check_submitted_job
+from tensordb.infra.bus import Publisher
+from tensordb.infra.store import Store
+from tensordb.infra.trusted import check_submitted_job
 
 JOBS = "jobs"
 PENDING, RUNNING, FINISHED, FAILED, CANCELLED = "pending", "running", "finished", "failed", "cancelled"

@@ -11,22 +11,32 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from tensordb.codecs import xxh3_hex
+from tensordb.data.samples import to_array
 from tensordb.errors import IntegrityError, QueryError, TensorDBError
-from tensordb.samples import to_array
+from tensordb.infra.codecs import xxh3_hex
+from tensordb.infra.store import Store
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
-    from tensordb.cohorts import Cohort
-
 Batch = tuple[np.ndarray, np.ndarray | None]
+
+
+class SampleSource(Protocol):
+    """What the loader reads: a cohort (:class:`tensordb.data.cohorts.Cohort`), which builds its
+    streams from this module; the loader needs only its documents, store and array names."""
+
+    store: Store
+    x: str
+    y: str | None
+
+    def documents(self, projection: Mapping[str, Any] | None = None, batch_size: int = 1000) -> Iterator[dict]: ...
 
 
 def content_matches(data: bytes, spec: dict[str, Any]) -> bool:
@@ -51,7 +61,7 @@ class CohortStream:
 
     def __init__(
         self,
-        cohort: Cohort,
+        cohort: SampleSource,
         batch_size: int,
         *,
         shuffle_buffer: int = 0,
@@ -169,7 +179,7 @@ def _label_spec(value: Any) -> tuple[tuple[int, ...], np.dtype]:
     return array.shape, dtype
 
 
-def to_tf_dataset(cohort: Cohort, batch_size: int = 32, **options: Any) -> tf.data.Dataset:
+def to_tf_dataset(cohort: SampleSource, batch_size: int = 32, **options: Any) -> tf.data.Dataset:
     """The cohort as a ``tf.data.Dataset`` of ``(x, y)`` batches, with an exact ``element_spec``.
 
     Shapes and dtypes come from the first sample's metadata (no bytes read). Each pass over the
@@ -190,7 +200,7 @@ def to_tf_dataset(cohort: Cohort, batch_size: int = 32, **options: Any) -> tf.da
         signature = (x_spec, tf.TensorSpec((None, *y_shape), tf.as_dtype(y_dtype)))
 
     def batches() -> Iterator[Any]:
-        for x, y in cohort.stream(batch_size, **options):
+        for x, y in CohortStream(cohort, batch_size, **options):
             yield x if y is None else (x, y.astype(signature[1].dtype.as_numpy_dtype))
 
     return tf.data.Dataset.from_generator(batches, output_signature=signature)

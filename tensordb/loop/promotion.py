@@ -12,9 +12,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from tensordb.jobs import Jobs
-from tensordb.models import ModelRegistry
-from tensordb.policies import Policies, Policy
+from tensordb.jobs.queue import Jobs
+from tensordb.loop.policies import Policies, Policy
+from tensordb.models.registry import ModelRegistry
 
 DECISIONS = "decisions"
 PRODUCTION = "production"

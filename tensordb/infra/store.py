@@ -18,11 +18,11 @@ from pymongo.database import Database
 from pymongo.errors import BulkWriteError, CollectionInvalid, OperationFailure, WriteConcernError
 from pymongo.uri_parser import parse_uri
 
-from tensordb.codecs import array_to_npy, npy_to_array, sha256_hex
 from tensordb.config import Settings
 from tensordb.errors import IntegrityError, ProjectScopeError, StorageError, mongo_refusal
-from tensordb.migrations import migrate
-from tensordb.project_scope import ProjectCollection
+from tensordb.infra.codecs import array_to_npy, npy_to_array, sha256_hex
+from tensordb.infra.migrations import migrate
+from tensordb.infra.project_scope import ProjectCollection
 
 #: Indexes created at start-up, per collection. Each area adds the ones its queries need.
 INDEXES: dict[str, list[IndexModel]] = {
@@ -58,12 +58,12 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("project", ASCENDING), ("at", DESCENDING)]),
         IndexModel([("project", ASCENDING), ("topic", ASCENDING), ("at", DESCENDING)]),
     ],
-    # whole datasets (tensordb.datasets): the newest of a name, and a name's given version
+    # whole datasets (tensordb.data.datasets): the newest of a name, and a name's given version
     "datasets": [
         IndexModel([("project", ASCENDING), ("name", ASCENDING), ("time", DESCENDING), ("_id", DESCENDING)]),
         IndexModel([("project", ASCENDING), ("name", ASCENDING), ("version", ASCENDING)]),
     ],
-    # model registry (tensordb.models): one document per version, a name's newest, a job's checkpoints
+    # model registry (tensordb.models.registry): one document per version, a name's newest, a job's checkpoints
     "models": [
         IndexModel([("project", ASCENDING), ("name", ASCENDING), ("version", ASCENDING)], unique=True),
         IndexModel([("project", ASCENDING), ("name", ASCENDING), ("time", DESCENDING)]),
@@ -73,7 +73,7 @@ INDEXES: dict[str, list[IndexModel]] = {
     "model_aliases": [
         IndexModel([("project", ASCENDING), ("name", ASCENDING), ("alias", ASCENDING)], unique=True),
     ],
-    # step logs (tensordb.runlog): a run's steps in order, a job's runs, recent activity
+    # step logs (tensordb.runs.runlog): a run's steps in order, a job's runs, recent activity
     "logs": [
         IndexModel([("project", ASCENDING), ("run_id", ASCENDING), ("phase", ASCENDING), ("step", ASCENDING)]),
         IndexModel([("project", ASCENDING), ("job_id", ASCENDING)]),
@@ -126,14 +126,14 @@ class Store:
 
     def __getitem__(self, name: str) -> ProjectCollection:
         """The collection ``name`` as this project sees it: the only way to its documents
-        (see :mod:`tensordb.project_scope`)."""
+        (see :mod:`tensordb.infra.project_scope`)."""
         if name == f"{BLOB_BUCKET}.chunks":
             raise ProjectScopeError("blob chunks carry no project: read and write blobs through the Store's blob methods")
         return ProjectCollection(self.db[name], self.project, "metadata.project" if name == f"{BLOB_BUCKET}.files" else "project")
 
     def ensure_indexes(self, *names: str) -> None:
         """Create the collections ``names`` (default: all, after upgrading documents of earlier
-        versions: :mod:`tensordb.migrations`) and their indexes (idempotent; cheap when they exist).
+        versions: :mod:`tensordb.infra.migrations`) and their indexes (idempotent; cheap when they exist).
 
         Collections are created explicitly because MongoDB 4.0 cannot create them inside a
         transaction. Safe when several processes start at once: a collection another one created

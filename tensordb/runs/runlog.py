@@ -5,7 +5,7 @@
 buffer: a few microseconds, against ~1.5 ms for the synchronous database write per step that the
 TensorDB paper measured. A daemon thread drains the buffer every ``interval`` seconds (sooner once
 ``batch`` records wait), builds ``log/1`` records and hands them to the shared, asynchronous
-:class:`~tensordb.bus.Publisher` keyed by run, so a run's records stay ordered in one partition.
+:class:`~tensordb.infra.bus.Publisher` keyed by run, so a run's records stay ordered in one partition.
 The log sink (``streams/logs.py``) persists them to the ``logs`` collection in bulk.
 
 A record is identified by (project, run, phase, step): logging a step twice, or a redelivery,
@@ -39,8 +39,8 @@ from tensordb.errors import QueryError, RecordTooLargeError, TensorDBError, Vali
 if TYPE_CHECKING:
     import pandas as pd
 
-    from tensordb.bus import Publisher
-    from tensordb.store import Store
+    from tensordb.infra.bus import Publisher
+    from tensordb.infra.store import Store
 
 LOGS = "logs"
 SCHEMA = "log/1"
@@ -112,7 +112,7 @@ def _check_count(field: str, value: Any) -> int:
 class RunLogger:
     """Non-blocking logger of one run's training, validation and test metrics.
 
-    ``publisher`` is a shared :class:`~tensordb.bus.Publisher` (thread-safe); the logger never
+    ``publisher`` is a shared :class:`~tensordb.infra.bus.Publisher` (thread-safe); the logger never
     closes it. ``log`` is safe to call from several threads. Use as a context manager or call
     :meth:`close`. ``step=None`` means the step after the highest one logged so far in that phase.
 

@@ -8,7 +8,7 @@ from tensordb.config import load_settings
 
 
 def _topics_create(args: argparse.Namespace) -> int:
-    from tensordb.bus import create_topics
+    from tensordb.infra.bus import create_topics
 
     settings = load_settings()
     created = create_topics(settings)
@@ -61,8 +61,8 @@ def _policy(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from tensordb.policies import Policies, Policy
-    from tensordb.store import Store
+    from tensordb.infra.store import Store
+    from tensordb.loop.policies import Policies, Policy
 
     with Store(load_settings()) as store:
         policies = Policies(store)
@@ -87,7 +87,7 @@ def _policy(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from tensordb.demo import run_demo
+    from tensordb.cli.demo import run_demo
 
     return run_demo(load_settings())
 

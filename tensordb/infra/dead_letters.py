@@ -21,10 +21,10 @@ from typing import Any
 
 from bson import ObjectId
 
-from tensordb.bus import Publisher, Received
 from tensordb.config import Topic
 from tensordb.errors import describe_error
-from tensordb.store import Store, insert_ignoring_duplicates
+from tensordb.infra.bus import Publisher, Received
+from tensordb.infra.store import Store, insert_ignoring_duplicates
 
 COLLECTION = "dead_letters"
 #: Longest reason kept whole; longer ones (e.g. quoting a huge value) are cut, saying so.

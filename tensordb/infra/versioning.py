@@ -20,7 +20,7 @@ from bson import ObjectId
 from pymongo import ReturnDocument
 
 from tensordb.errors import QueryError
-from tensordb.store import BLOB_BUCKET, Store
+from tensordb.infra.store import BLOB_BUCKET, Store
 
 COUNTERS = "counters"
 #: How long the blobs of a save in progress are spared by :func:`sweep_orphans`; blobs still

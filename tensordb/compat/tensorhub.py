@@ -13,10 +13,11 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote_plus
 
-from tensordb.bus import create_topics
 from tensordb.client import TensorDB
 from tensordb.config import Settings
-from tensordb.runlog import RunLogger
+from tensordb.infra.bus import create_topics
+from tensordb.runs.runlog import RunLogger
+from workers.trainer import Worker
 
 #: Logs saved through TensorHub belong to this run unless a ``run_id=`` is given.
 DEFAULT_RUN = "tensorhub"
@@ -155,8 +156,6 @@ class TensorHub(TensorDB):
         """Claim and run one pending task in this process (TensorLayer's runner loop calls this);
         returns whether a task ran. Failures are recorded on the task, not raised."""
         if self._task_worker is None:
-            from workers.trainer import Worker
-
             self._task_worker = Worker(self.settings)
         return self._task_worker.run_one(name=task_name, sort=sort)
 

@@ -15,7 +15,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tensordb import commands
+    from tensordb.cli import commands
     from tensordb.services import commands as service_commands
 
     parser = argparse.ArgumentParser(
@@ -39,7 +39,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

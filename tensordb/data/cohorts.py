@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from tensordb.data.loader import CohortStream, to_tf_dataset
+from tensordb.data.samples import SAMPLES, SPLIT_KEY_RANGE
 from tensordb.errors import QueryError
-from tensordb.samples import SAMPLES, SPLIT_KEY_RANGE
-from tensordb.store import Store
+from tensordb.infra.store import Store
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
-    from tensordb.loader import CohortStream
 
 COHORTS = "cohorts"
 JAVASCRIPT_OPERATORS = {"$where", "$function", "$accumulator"}
@@ -165,15 +165,11 @@ class Cohort:
 
     # -- reading the data -------------------------------------------------------------------------
     def stream(self, batch_size: int = 32, **options: Any) -> CohortStream:
-        """Batches ``(x, y)`` of NumPy arrays, read lazily; see :class:`tensordb.loader.CohortStream`."""
-        from tensordb.loader import CohortStream
-
+        """Batches ``(x, y)`` of NumPy arrays, read lazily; see :class:`tensordb.data.loader.CohortStream`."""
         return CohortStream(self, batch_size, **options)
 
     def to_tf_dataset(self, batch_size: int = 32, **options: Any) -> tf.data.Dataset:
         """A ``tf.data.Dataset`` of ``(x, y)`` batches that ``model.fit`` consumes directly."""
-        from tensordb.loader import to_tf_dataset
-
         return to_tf_dataset(self, batch_size, **options)
 
     # -- saving -------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """One-time upgrades of documents written by earlier TensorDB versions, run at start-up.
 
-Ids became project-scoped (see :mod:`tensordb.project_scope`): documents stored before are
+Ids became project-scoped (see :mod:`tensordb.infra.project_scope`): documents stored before are
 renamed to their scoped ids, so an upgraded deployment keeps seeing its samples, jobs, logs and
 counters. Each migration runs once per database (a marker document records it), is idempotent,
 and is safe when several processes start together.

@@ -11,7 +11,7 @@ then inserts the document; a delete removes documents and then their blobs. A pr
 the two steps of a delete leaves orphan blobs, which :meth:`Datasets.sweep_orphans` (run by every
 :meth:`Datasets.delete`) removes; one dying in the middle of a save leaves blobs marked pending,
 removed by a sweep once they are older than ``PENDING_GRACE``. Counters, field checks and the blob
-lifecycle are shared with the model registry (:mod:`tensordb.versioning`).
+lifecycle are shared with the model registry (:mod:`tensordb.infra.versioning`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import numpy as np
 from bson import ObjectId
 from pymongo.collection import Collection
 
-from tensordb import versioning
 from tensordb.errors import QueryError
-from tensordb.store import Store
-from tensordb.versioning import PENDING_GRACE
+from tensordb.infra import versioning
+from tensordb.infra.store import Store
+from tensordb.infra.versioning import PENDING_GRACE
 
 COLLECTION = "datasets"
 BLOB_KIND = "dataset"
@@ -142,7 +142,7 @@ class Datasets:
         """Delete this project's dataset blobs that no dataset document references; returns how many.
 
         Blobs of a save in progress (marked pending) are spared for ``grace``; see
-        :func:`tensordb.versioning.sweep_orphans`.
+        :func:`tensordb.infra.versioning.sweep_orphans`.
         """
         return versioning.sweep_orphans(self.store, COLLECTION, BLOB_KIND, "arrays.blob", grace)
 

@@ -2,7 +2,7 @@
 
 Several projects share one database, and sample, job or cohort ids are chosen by users (or are
 predictable), so neither a caller's filter nor an id can be trusted to stay inside a project.
-:class:`ProjectCollection` is what :meth:`tensordb.store.Store.__getitem__` returns, and every
+:class:`ProjectCollection` is what :meth:`tensordb.infra.store.Store.__getitem__` returns, and every
 read, update and delete of TensorDB's documents goes through it:
 
 - every filter is ANDed with ``project = <this project>``; a filter, document or update that

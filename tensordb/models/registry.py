@@ -7,7 +7,7 @@ document in the ``models`` collection plus one blob in GridFS:
   whose safe mode refuses Lambda layers), or, for models Keras cannot describe in JSON (subclassed
   models), a ``builder="package.module:function"`` entry point importable where the model is loaded,
   with JSON ``builder_kwargs``. Both are checked against the loading process's trusted modules
-  before anything is imported (:mod:`tensordb.trusted`): a stored document never chooses the code
+  before anything is imported (:mod:`tensordb.infra.trusted`): a stored document never chooses the code
   that runs. Nothing stored is ever unpickled or executed;
 - the parameters as a ``.npz`` of ``model.get_weights()`` (``allow_pickle=False``), sha256-checked on
   read, in GridFS blobs tagged ``kind="model-parameters"``;
@@ -44,17 +44,17 @@ from pymongo import ReturnDocument
 from pymongo.collection import Collection
 from pymongo.errors import DuplicateKeyError
 
-from tensordb import versioning
 from tensordb.config import Settings, Topic
 from tensordb.errors import QueryError, TensorDBError, UntrustedCodeError
-from tensordb.store import Store
-from tensordb.trusted import EntryPointError, bind_arguments, check_keras_config, load_entry_point
-from tensordb.versioning import PENDING_GRACE
+from tensordb.infra import versioning
+from tensordb.infra.store import Store
+from tensordb.infra.trusted import EntryPointError, bind_arguments, check_keras_config, load_entry_point
+from tensordb.infra.versioning import PENDING_GRACE
 
 if TYPE_CHECKING:
     import keras
 
-    from tensordb.bus import Publisher
+    from tensordb.infra.bus import Publisher
 
 COLLECTION = "models"
 ALIASES = "model_aliases"
@@ -120,7 +120,7 @@ class _Snapshot:
 class ModelRegistry:
     """A project's model versions, aliases and model events; every query is restricted to ``store.project``.
 
-    ``publisher`` (a :class:`tensordb.bus.Publisher`) is optional: without it no model events are
+    ``publisher`` (a :class:`tensordb.infra.bus.Publisher`) is optional: without it no model events are
     published. ``max_pending`` bounds the snapshots ``save_async`` keeps in memory: if uploads fall
     that far behind, ``save_async`` waits for the oldest instead of growing without limit.
     The registry owns neither the store nor the publisher; :meth:`close` waits for pending uploads.

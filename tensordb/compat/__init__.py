@@ -1,0 +1,1 @@
+"""Compatibility: TensorLayer's ``TensorHub`` API on TensorDB."""

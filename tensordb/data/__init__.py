@@ -1,0 +1,1 @@
+"""Data: sample records, cohorts (queries over samples), the streaming loader, whole datasets."""

@@ -1,0 +1,1 @@
+"""Jobs: the project's job queue (submission, leased claims, progress, outcomes)."""
