@@ -51,8 +51,7 @@ from tensordb.config import Settings  # noqa: E402
 from tensordb.infra.bus import Publisher  # noqa: E402
 from tensordb.infra.store import Store  # noqa: E402
 from tensordb.runs.runlog import LOGS, RunLogger  # noqa: E402
-from tensordb.services.children import ChildProcess, dashboard_process, processors_process  # noqa: E402
-from tests.helpers import free_port, wait_for  # noqa: E402
+from tensordb.testing import ChildProcess, dashboard_process, free_port, processors_process, wait_for  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -51,7 +51,7 @@ from tensordb.infra.store import Store
 from tensordb.loop.policies import Policies, Policy
 from tensordb.runs.runlog import RunLogger
 from tensordb.services import LocalServices
-from tensordb.services.children import ChildProcess, processors_process
+from tensordb.testing import ChildProcess, processors_process
 
 PRODUCERS = 4
 console = make_console()

@@ -4,12 +4,14 @@ The benchmarks are scripts (``python bench/X.py``), so this is imported as a sib
 (``import harness``): Python puts the script's folder, bench/, first on ``sys.path``. Importing it
 moves bench/ behind the standard library and puts the repository root first, so a benchmark file
 named like a standard module can never shadow it, and ``streams``, ``tensordb``, ``workers`` and
-``tests`` import from this checkout.
+``dashboard`` import from this checkout. What it shares with the tests comes from the shipped test
+kit, :mod:`tensordb.testing` (never from tests/).
 
 - :func:`servers`: the servers named by ``TENSORDB_KAFKA_BOOTSTRAP`` and ``TENSORDB_MONGO_URI``,
-  else our own Tansu and mongod on free ports (``tensordb.services.LocalServices``), removed after.
-- :func:`project`: a fresh project (own topics) and database per measurement, dropped after.
-- :func:`free_port`, :func:`wait_for`: the tests' own helpers (tests/helpers.py).
+  else our own Tansu and mongod on free ports (``tensordb.testing.servers``), removed after.
+- :func:`project`: a fresh project (own topics) and database per measurement, dropped after
+  (``tensordb.testing.fresh_project``).
+- :func:`free_port`, :func:`wait_for`: the test kit's (``tensordb.testing``).
 - :func:`children_cwd`: run child processes (processors, workers) in a scratch folder, with the
   repository root on PYTHONPATH.
 - :func:`cpu_snapshot`, :class:`CpuMeter`, :class:`Timing`, :func:`interleaved`: wall times, and
@@ -30,19 +32,16 @@ import shutil  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import uuid  # noqa: E402
 from collections.abc import Callable, Iterator, Mapping  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any, TypeVar  # noqa: E402
 
-from confluent_kafka.admin import AdminClient  # noqa: E402
-from pymongo import MongoClient  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from tensordb.config import Settings  # noqa: E402
-from tensordb.infra.bus import create_topics  # noqa: E402
-from tests.helpers import free_port, wait_for  # noqa: E402 - the tests' own helpers, shared
+from tensordb.testing import Servers, free_port, fresh_project, wait_for  # noqa: E402 - the test kit, shared with tests/
+from tensordb.testing import servers as kit_servers  # noqa: E402
 
 __all__ = [
     "BENCH", "REPO", "MACHINE", "Pids", "Servers", "CpuMeter", "Timing",
@@ -66,63 +65,33 @@ def make_console(width: int = 180) -> Console:
 # -- servers and projects ---------------------------------------------------------------------------
 
 
-@dataclass
-class Servers:
-    settings: Settings
-    pids: Pids  # the server processes whose CPU is reported (empty for servers elsewhere)
-    description: str
-
-
 @contextmanager
 def servers(name: str = "services") -> Iterator[Servers]:
     """Existing servers named by TENSORDB_KAFKA_BOOTSTRAP and TENSORDB_MONGO_URI, else our own
     Tansu and mongod on free ports with a throwaway run directory (``tensordb-bench-NAME-*``),
     stopped and removed at the end."""
-    if os.environ.get("TENSORDB_KAFKA_BOOTSTRAP") and os.environ.get("TENSORDB_MONGO_URI"):
-        settings = Settings()
-        yield Servers(settings, {}, f"existing servers {settings.kafka_bootstrap} / {settings.mongo_uri}")
-        return
-    from tensordb.services import LocalServices
-
     run_dir = Path(tempfile.mkdtemp(prefix=f"tensordb-bench-{name}-"))
-    settings = Settings(
-        kafka_bootstrap=f"127.0.0.1:{free_port()}",
-        mongo_uri=f"mongodb://127.0.0.1:{free_port()}/?replicaSet=rs0",
-        services_dir=REPO / ".tensordb",
-        project=f"bench-{uuid.uuid4().hex[:8]}",
-    )
-    services = LocalServices(settings, run_dir=run_dir)
     try:
-        services.install()
-        services.up()
-        pids = {"mongod": services.mongod.process.pid(), "tansu": services.tansu.process.pid()}
-        yield Servers(settings, pids, f"own Tansu {settings.kafka_bootstrap} + mongod {settings.mongo_uri}")
+        with kit_servers(run_dir, services_dir=REPO / ".tensordb", project=f"bench-{name}") as found:
+            yield found
     finally:
-        services.down()
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @contextmanager
 def project(base: Settings, tag: str) -> Iterator[Settings]:
     """A fresh project (own topics) and database, removed afterwards, so runs never mix data."""
-    name = f"bench-{tag}-{uuid.uuid4().hex[:8]}"
-    settings = base.with_changes(project=name, mongo_database=f"tensordb_{name.replace('-', '_')}")
-    create_topics(settings)
-    try:
+    with fresh_project(base, prefix=f"bench-{tag}-") as settings:
         yield settings
-    finally:
-        with MongoClient(settings.mongo_uri) as client:
-            client.drop_database(settings.mongo_database)
-        AdminClient(settings.kafka_config()).delete_topics(list(settings.all_topics().values()))
 
 
 @contextmanager
 def children_cwd(folder: Path) -> Iterator[Path]:
     """Work in ``folder`` while child processes start, with the repository root on PYTHONPATH.
 
-    Why: ``tensordb.services.children`` starts children in our working directory, where anything they write
-    would land in the repository; and a child run with ``-m`` imports entry points such as
-    ``tests.training_models`` from its working directory, which PYTHONPATH replaces.
+    Why: ``tensordb.testing.children`` starts children in our working directory, where anything they write
+    would land in the repository; and a child run with ``-m`` imports ``tensordb``, ``streams`` and
+    ``workers`` from its working directory (else from the installed package), which PYTHONPATH replaces.
     """
     before, path_before = os.getcwd(), os.environ.get("PYTHONPATH")
     folder.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ from tensordb.data.loader import CohortStream
 from tensordb.data.samples import SAMPLES
 from tensordb.infra.bus import Received
 from tensordb.infra.store import BLOB_BUCKET, Store
-from tensordb.services.children import ChildProcess, processors_process
+from tensordb.testing import ChildProcess, processors_process
 
 ISSUE_SAMPLES = 6000
 INGEST_CHUNK = 500  # records per process_batch / insert_many call

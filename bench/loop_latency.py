@@ -63,7 +63,7 @@ from tensordb.infra.store import Store
 from tensordb.jobs.queue import FINISHED, UNFINISHED, Jobs
 from tensordb.loop.policies import Policies, Policy
 from tensordb.loop.promotion import DECISIONS, PRODUCTION
-from tensordb.services.children import ChildProcess, processors_process, server_process, worker_process
+from tensordb.testing import ChildProcess, processors_process, server_process, worker_process
 
 console = make_console(200)
 
@@ -518,7 +518,7 @@ def bench_loop(base: Settings, pids: Pids, rounds: int, budget: float, log_dir: 
             with TensorDB(settings) as db:
                 policies = Policies(db.store)
                 policies.register(Policy(
-                    name=POLICY, model={"entry_point": "tests.training_models:small_classifier"},
+                    name=POLICY, model={"entry_point": "tensordb.testing.models:small_classifier"},
                     training={"filter": {"dataset": "digits"}}, validation={"filter": {"dataset": "digits-validation"}},
                     trigger={"every_samples": WAVE}, objective={"metric": "accuracy", "direction": "max"},
                     promotion={"margin": 0.0}, epochs=EPOCHS[0], hyperparameters=HYPERPARAMETERS,
@@ -772,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     with servers("loop") as found, children_cwd(log_dir):
         console.print(f"servers: {found.description}; child logs in {log_dir}")
         # the code the benchmark's jobs name: the tests' model builder and the no-op task script
-        base = found.settings.with_changes(trusted_modules=("tests.training_models",), task_script_dirs=(BENCH,))
+        base = found.settings.with_changes(trusted_modules=("tensordb.testing.models",), task_script_dirs=(BENCH,))
         if "dispatch" not in args.skip:
             rows += bench_dispatch(base, found.pids, args.jobs, log_dir, args.seed)
         if "loop" not in args.skip:

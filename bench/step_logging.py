@@ -45,7 +45,7 @@ from tensordb.config import Settings
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store, insert_ignoring_duplicates
 from tensordb.runs.runlog import LOGS, RunLogger, read_logs
-from tensordb.services.children import ChildProcess, processors_process
+from tensordb.testing import ChildProcess, processors_process
 
 PAPER_STEP_MS = 1.5
 PAPER_READ_SECONDS = {10_000: 0.5, 100_000: 4.0}

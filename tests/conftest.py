@@ -1,31 +1,46 @@
-"""Session fixtures: the real Kafka-protocol broker and mongod, and an isolated project per test.
+"""Session fixtures: the real Kafka-protocol broker and mongod, and an isolated project per test;
+markers from the folder a test is in.
 
 Where the servers come from, in order:
 1. ``TENSORDB_KAFKA_BOOTSTRAP`` and ``TENSORDB_MONGO_URI`` when both are set (existing servers);
 2. testcontainers' Kafka and MongoDB when ``TENSORDB_TEST_BACKEND=containers``;
 3. otherwise Tansu and mongod started on free ports through ``tensordb services`` itself.
 Each test gets its own project (topics) and database, so tests never see each other's data.
+Only tests that request ``servers`` (directly or through ``settings``, ``store``...) start them.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka.admin import AdminClient
-from pymongo import MongoClient
 
 from tensordb.config import Settings
-from tensordb.infra.bus import create_topics
 from tensordb.infra.store import Store
-from tensordb.services.children import ChildProcess, processors_process, worker_process
-from tests.helpers import free_port
+from tensordb.testing import ChildProcess, fresh_project, processors_process, worker_process
+from tensordb.testing import servers as local_or_configured_servers
+from tests import REPO, TASK_SCRIPTS, TESTS
 
-REPO = Path(__file__).resolve().parent.parent
-TASK_SCRIPTS = REPO / "tests" / "task_scripts"
+#: Folders whose tests all get the marker of that name (``pytest -m unit``, or ``pytest tests/unit``).
+LAYER_FOLDERS = ("unit", "integration", "e2e")
+#: What the session's settings trust: the tests' own code (tests.security.reexports...) and the kit's builders.
+TRUSTED_MODULES = ("tests", "tensordb.testing.models")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test ``unit``, ``integration`` or ``e2e`` after its folder; elsewhere (tests/security)
+    ``integration`` when it needs the session's servers, ``unit`` when not. A unit test that requests
+    the servers is a collection error, so ``pytest -m unit`` never starts any."""
+    for item in items:
+        parts = item.path.resolve().relative_to(TESTS).parts
+        needs_servers = "servers" in getattr(item, "fixturenames", ())
+        kind = parts[0] if parts[0] in LAYER_FOLDERS else ("integration" if needs_servers else "unit")
+        if kind == "unit" and needs_servers:
+            raise pytest.UsageError(f"{item.nodeid} is a unit test but needs the servers: move it to tests/integration")
+        item.add_marker(getattr(pytest.mark, kind))
 
 
 def _containers() -> Iterator[Settings]:
@@ -43,48 +58,32 @@ def _containers() -> Iterator[Settings]:
 
 
 def _local_services(run_dir: Path) -> Iterator[Settings]:
-    from tensordb.services import LocalServices
-
-    settings = Settings(
-        kafka_bootstrap=f"127.0.0.1:{free_port()}",
-        mongo_uri=f"mongodb://127.0.0.1:{free_port()}/?replicaSet=rs0",
-        services_dir=REPO / ".tensordb",
-        project="session",
-    )
-    services = LocalServices(settings, run_dir=run_dir)
-    services.install()
-    services.up()
-    try:
-        yield settings
-    finally:
-        services.down()
+    with local_or_configured_servers(run_dir, services_dir=REPO / ".tensordb", project="session") as found:
+        yield found.settings
 
 
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """Settings pointing at real servers, shared by the whole session.
 
-    They trust the tests' own code: builders in the ``tests`` package and scripts in
-    tests/task_scripts (child processes get the same settings through their environment)."""
-    if os.environ.get("TENSORDB_KAFKA_BOOTSTRAP") and os.environ.get("TENSORDB_MONGO_URI"):
-        found: Iterator[Settings] = iter([Settings()])
-    elif os.environ.get("TENSORDB_TEST_BACKEND") == "containers":
+    They trust the tests' own code: the ``tests`` package, the kit's builders
+    (``tensordb.testing.models``) and scripts in tests/task_scripts (child processes get the same
+    settings through their environment)."""
+    if os.environ.get("TENSORDB_TEST_BACKEND") == "containers" and not (
+        os.environ.get("TENSORDB_KAFKA_BOOTSTRAP") and os.environ.get("TENSORDB_MONGO_URI")
+    ):
         found = _containers()
     else:
         found = _local_services(tmp_path_factory.mktemp("services"))
     for settings in found:  # one: the generator's clean-up runs when the session ends
-        yield settings.with_changes(trusted_modules=("tests",), task_script_dirs=(TASK_SCRIPTS,))
+        yield settings.with_changes(trusted_modules=TRUSTED_MODULES, task_script_dirs=(TASK_SCRIPTS,))
 
 
 @pytest.fixture
 def settings(servers: Settings) -> Iterator[Settings]:
     """A fresh project (own topics) and database on the session's servers; removed afterwards."""
-    name = f"t{uuid.uuid4().hex[:10]}"
-    project_settings = servers.with_changes(project=name, mongo_database=f"tensordb_test_{name}")
-    create_topics(project_settings)
-    yield project_settings
-    MongoClient(project_settings.mongo_uri).drop_database(project_settings.mongo_database)
-    AdminClient(project_settings.kafka_config()).delete_topics(list(project_settings.all_topics().values()))
+    with fresh_project(servers) as project_settings:
+        yield project_settings
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""TensorDB's long-running commands as child processes (processors, workers), for the demo and tests."""
+"""TensorDB's long-running commands as child processes (processors, workers, the model server, the
+dashboard), each for one project with its own log file, for tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from tensordb.config import Settings
 from tensordb.errors import ServiceError
@@ -105,3 +109,19 @@ def dashboard_process(
     return ChildProcess(
         ["dashboard", "--host", host, "--port", str(port), *(["--token", token] if token else [])], "Uvicorn running on", settings, log_path
     )
+
+
+class Dashboard:
+    """A running ``tensordb dashboard`` (a :class:`ChildProcess`) and an HTTP client for it."""
+
+    def __init__(self, process: ChildProcess, port: int, token: str | None = None) -> None:
+        self.process = process
+        self.url = f"http://127.0.0.1:{port}"
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def get(self, path: str, **params: Any) -> Any:
+        """GET ``path`` with query ``params``; the decoded JSON (raises on an HTTP error)."""
+        response = self.http.get(path, params=params)
+        response.raise_for_status()
+        return response.json()

@@ -1,19 +1,19 @@
-"""Small tools shared by the tests: free ports and polling."""
+"""Free ports and polling, for tests and benchmarks."""
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from tensordb.services import process
+
 T = TypeVar("T")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now on ``host`` (the kernel picks it)."""
+    return process.free_port(host)
 
 
 def wait_for(probe: Callable[[], T], timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> T:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,24 +20,26 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from confluent_kafka.admin import AdminClient
-from pymongo import MongoClient
 
 from dashboard.app import STATIC
 from tensordb.config import Settings, Topic
 from tensordb.data.samples import SAMPLES
-from tensordb.infra.bus import Publisher, create_topics
+from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store
 from tensordb.jobs.queue import Jobs
 from tensordb.runs.runlog import LOGS, RunLogger
-from tensordb.services.children import dashboard_process, processors_process, worker_process
-from tests.helpers import free_port, wait_for
-from tests.test_dashboard import Dashboard
-from tests.test_worker import _images
+from tensordb.testing import (
+    Dashboard,
+    dashboard_process,
+    free_port,
+    fresh_project,
+    image_samples,
+    processors_process,
+    wait_for,
+    worker_process,
+)
+from tests import REPO
 
-pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path(os.environ.get("TENSORDB_CHROMIUM", "/usr/bin/chromium"))
 SCREENSHOTS = REPO / "test-output" / "dashboard"
 #: Chromium on a machine with no screen and a closed network (see the env notes of this project)
@@ -60,22 +61,18 @@ class Stack:
 def stack(servers: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One project with its processors and a dashboard for the whole module (each test uses its
     own runs): starting them once keeps the browser tests well under a minute."""
-    name = f"t{uuid.uuid4().hex[:10]}"
-    settings = servers.with_changes(project=name, mongo_database=f"tensordb_test_{name}")
-    create_topics(settings)
     folder = tmp_path_factory.mktemp("dashboard-browser")
-    processors = processors_process(settings, folder / "processors.log")
-    port = free_port()
-    dashboard = dashboard_process(settings, folder / "dashboard.log", port)
-    try:
-        processors.start()
-        dashboard.start()
-        yield Stack(settings, Dashboard(dashboard, port), folder)
-    finally:
-        dashboard.stop()
-        processors.stop()
-        MongoClient(settings.mongo_uri).drop_database(settings.mongo_database)
-        AdminClient(settings.kafka_config()).delete_topics(list(settings.all_topics().values()))
+    with fresh_project(servers) as settings:
+        processors = processors_process(settings, folder / "processors.log")
+        port = free_port()
+        dashboard = dashboard_process(settings, folder / "dashboard.log", port)
+        try:
+            processors.start()
+            dashboard.start()
+            yield Stack(settings, Dashboard(dashboard, port), folder)
+        finally:
+            dashboard.stop()
+            processors.stop()
 
 
 @pytest.fixture(scope="module")
@@ -235,13 +232,13 @@ def test_a_training_job_s_status_and_curves_update_live(stack, tab) -> None:
     settings, dashboard = stack.settings, stack.dashboard
     worker = worker_process(settings, stack.folder / "worker.log")
     with Store(settings) as store, Publisher(settings) as publisher:
-        for record in _images(320):  # through the ingest topic and the processors
+        for record in image_samples(320):  # through the ingest topic and the processors
             publisher.publish(Topic.INGEST, record, key=record["sample_id"])
         publisher.flush()
         wait_for(lambda: store[SAMPLES].count_documents({"dataset": "train"}) == 320, what="320 samples ingested")
         job_id = Jobs(store, publisher).submit(
             "train", name="dashboard-training", epochs=8,
-            model={"entry_point": "tests.training_models:small_classifier"},
+            model={"entry_point": "tensordb.testing.models:small_classifier"},
             data={"filter": {"dataset": "train"}}, hyperparameters={"batch_size": 8, "units": 8},
         )  # fmt: skip
         page = tab.page

@@ -5,14 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
 
 from tensordb.config import Settings
+from tests import REPO
 
-pytestmark = pytest.mark.integration
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tensorlayer_db"
+EXAMPLE = REPO / "examples" / "tensorlayer_db"
 
 
 def test_tensorlayer_example_dispatches_runs_and_loads_the_best_model(settings: Settings, processors, tmp_path) -> None:

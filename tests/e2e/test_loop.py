@@ -8,17 +8,14 @@ import time
 
 import httpx
 import numpy as np
-import pytest
 from sklearn.datasets import load_digits
 
 from tensordb.client import TensorDB
 from tensordb.jobs.queue import Jobs
 from tensordb.loop.policies import Policies, Policy
 from tensordb.loop.promotion import DECISIONS
-from tensordb.services.children import server_process
-from tests.helpers import free_port, wait_for
+from tensordb.testing import free_port, server_process, wait_for
 
-pytestmark = pytest.mark.integration
 DIGITS_X, DIGITS_Y = load_digits(return_X_y=True)
 GOOD = {"units": 64, "classes": 10, "scale": 1 / 16, "learning_rate": 0.01}
 BAD = {"units": 2, "classes": 10, "scale": 1 / 16, "learning_rate": 1e-5}
@@ -43,7 +40,7 @@ def test_new_data_retrains_evaluates_promotes_and_the_server_swaps(settings, pro
     with TensorDB(settings) as db:
         jobs, policies = db.jobs, Policies(db.store)
         policies.register(Policy(
-            name="digits", model={"entry_point": "tests.training_models:small_classifier"},
+            name="digits", model={"entry_point": "tensordb.testing.models:small_classifier"},
             training={"filter": {"dataset": "digits"}}, validation={"filter": {"dataset": "digits-validation"}},
             trigger={"every_samples": 100}, objective={"metric": "accuracy", "direction": "max"},
             promotion={"margin": 0.0}, epochs=2, hyperparameters={**GOOD, "learning_rate": 0.001},

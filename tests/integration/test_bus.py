@@ -11,8 +11,6 @@ from tensordb.config import Settings, Topic
 from tensordb.errors import RecordTooLargeError, ValidationError
 from tensordb.infra.bus import Publisher, create_topics, make_consumer, receive
 
-pytestmark = pytest.mark.integration
-
 
 def _log(step: int) -> dict:
     return {"schema": "log/1", "run_id": "run-1", "phase": "train", "step": step, "metrics": {"loss": 1.0 / (step + 1)}, "wall_time": time.time()}

@@ -16,8 +16,6 @@ from tensordb.errors import IntegrityError, QueryError
 from tensordb.infra.codecs import ArrayCodecError
 from tensordb.infra.store import BLOB_BUCKET, Store
 
-pytestmark = pytest.mark.integration
-
 RNG = np.random.default_rng(7)
 MNIST_LIKE = (
     RNG.integers(0, 256, size=(6, 28, 28), dtype=np.uint8),  # images

@@ -7,17 +7,13 @@ import base64
 import time
 
 import orjson
-import pytest
 
 from tensordb.config import Settings, Topic
 from tensordb.errors import DecodeError
 from tensordb.infra.bus import Publisher, Received, make_consumer, receive
 from tensordb.infra.dead_letters import COLLECTION, DeadLetters, original_bytes
 from tensordb.infra.store import Store
-from tensordb.services.children import ChildProcess
-from tests.helpers import wait_for
-
-pytestmark = pytest.mark.integration
+from tensordb.testing import ChildProcess, wait_for
 
 VALID = {
     "schema": "sample/1",

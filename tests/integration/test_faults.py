@@ -36,12 +36,9 @@ from tensordb.infra.dead_letters import DeadLetters, original_bytes
 from tensordb.infra.store import Store
 from tensordb.loop.policies import Policies, Policy
 from tensordb.runs.runlog import LOGS, RunLogger, log_id
-from tensordb.services.children import ChildProcess, processors_process
 from tensordb.services.mongod import Mongod
 from tensordb.services.tansu import Tansu
-from tests.helpers import free_port, wait_for
-
-pytestmark = pytest.mark.integration
+from tensordb.testing import ChildProcess, free_port, processors_process, wait_for
 
 BUG = "TensorDB bug"  # the words of a reason that is a raw processing failure, not a clear error
 EXAMPLES = int(os.environ.get("TENSORDB_PROPERTY_EXAMPLES", "150"))  # records generated per schema

@@ -14,9 +14,7 @@ from pymongo.uri_parser import parse_uri
 from tensordb.compat.tensorhub import TensorHub
 from tensordb.config import Settings
 from tensordb.errors import ConfigurationError
-
-pytestmark = pytest.mark.integration
-SCRIPTS = Path(__file__).parent / "task_scripts"
+from tests import TASK_SCRIPTS
 
 
 def _address(settings: Settings) -> tuple[str, int]:
@@ -57,10 +55,10 @@ def test_datasets_models_and_logs_with_tensorlayer_names(settings: Settings, pro
 def test_tasks_are_created_checked_and_run_by_a_runner_loop(settings: Settings, tmp_path: Path) -> None:
     with _hub(settings) as db:
         for value in (1, 2):
-            db.create_task(task_name="double", script=str(SCRIPTS / "record_run.py"),
+            db.create_task(task_name="double", script=str(TASK_SCRIPTS / "record_run.py"),
                            hyper_parameters={"marker_file": str(tmp_path / "runs"), "value": value},
                            saved_result_keys=["doubled"], description=f"value {value}")  # fmt: skip
-        db.create_task(task_name="double", script=str(SCRIPTS / "fail.py"))
+        db.create_task(task_name="double", script=str(TASK_SCRIPTS / "fail.py"))
         assert db.check_unfinished_task(task_name="double")
         ran = 0
         while db.run_top_task(task_name="double", sort=[("time", 1)]):

@@ -12,17 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-import pytest
 
 from tensordb.client import TensorDB
 from tensordb.config import Settings, Topic
 from tensordb.data.samples import SAMPLES
 from tensordb.infra.bus import Publisher, make_consumer, receive
 from tensordb.infra.dead_letters import COLLECTION as DEAD_LETTERS
-from tensordb.services.children import ChildProcess
-from tests.helpers import wait_for
-
-pytestmark = pytest.mark.integration
+from tensordb.testing import ChildProcess, wait_for
 
 
 def _stored(db: TensorDB, sample_id: str) -> dict | None:

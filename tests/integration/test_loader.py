@@ -8,12 +8,9 @@ import gc
 import tracemalloc
 
 import numpy as np
-import pytest
 
 from tensordb.client import TensorDB
 from tensordb.config import Settings
-
-pytestmark = pytest.mark.integration
 
 
 def images(start: int, count: int, shape: tuple[int, ...] = (8, 8)) -> list[dict]:

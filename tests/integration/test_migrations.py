@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from pymongo import MongoClient
 
 from tensordb.config import Settings
@@ -13,8 +12,6 @@ from tensordb.infra.store import Store
 from tensordb.infra.versioning import COUNTERS, next_version
 from tensordb.jobs.queue import JOBS
 from tensordb.runs.runlog import LOGS, log_id
-
-pytestmark = pytest.mark.integration
 
 
 def test_documents_with_earlier_ids_are_renamed_once_and_found_by_their_ids(settings: Settings) -> None:

@@ -30,10 +30,8 @@ from tensordb.models.registry import (
     npz_to_weights,
     weights_to_npz,
 )
-from tests.helpers import wait_for
-from tests.model_builders import two_tower
-
-pytestmark = pytest.mark.integration
+from tensordb.testing import wait_for
+from tensordb.testing.models import two_tower
 
 X = np.random.default_rng(3).standard_normal((16, 8)).astype(np.float32)
 
@@ -227,13 +225,13 @@ def test_a_subclassed_model_round_trips_through_its_builder(registry: ModelRegis
     model = two_tower(units=5, build=True)
     with pytest.raises(ModelFormatError, match="builder="):
         registry.save(model, "tower")
-    for bad in ("os.system", "tests.model_builders:two_tower; rm", "a:b:c", "import os"):
+    for bad in ("os.system", "tensordb.testing.models:two_tower; rm", "a:b:c", "import os"):
         with pytest.raises(ModelFormatError, match="package.module:function"):
             registry.save(model, "tower", builder=bad)
     with pytest.raises(ModelFormatError, match="JSON"):
-        registry.save(model, "tower", builder="tests.model_builders:two_tower", builder_kwargs={"units": object()})
+        registry.save(model, "tower", builder="tensordb.testing.models:two_tower", builder_kwargs={"units": object()})
 
-    info = registry.save(model, "tower", builder="tests.model_builders:two_tower", builder_kwargs={"units": 5}, accuracy=0.5)
+    info = registry.save(model, "tower", builder="tensordb.testing.models:two_tower", builder_kwargs={"units": 5}, accuracy=0.5)
     assert "architecture_json" not in info and info["builder_kwargs"] == {"units": 5}
     loaded = registry.find(name="tower")  # the builder returns it unbuilt: built from the stored input shape
     assert type(loaded).__name__ == "TwoTower" and len(loaded.get_weights()) == info["parameters"]["arrays"] == 4

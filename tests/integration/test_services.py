@@ -24,8 +24,8 @@ from tensordb.errors import ServiceError
 from tensordb.services import LocalServices, ServiceStatus
 from tensordb.services.commands import add_commands
 from tensordb.services.process import free_port, port_is_free
+from tests import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SERVICES_DIR = Path(os.environ.get("TENSORDB_SERVICES_DIR", REPO / ".tensordb"))
 HOST = "127.0.0.1"
 
@@ -79,7 +79,6 @@ def _first_record(bootstrap: str, topic: str) -> bytes | None:
         consumer.close()
 
 
-@pytest.mark.integration
 def test_up_serves_kafka_and_mongodb_then_down_leaves_nothing_running(services: LocalServices) -> None:
     started = _by_name(services.up())
     assert {name: (status.running, status.changed) for name, status in started.items()} == {
@@ -111,7 +110,6 @@ def test_up_serves_kafka_and_mongodb_then_down_leaves_nothing_running(services: 
     assert not list((services.run_dir / "pids").iterdir())
 
 
-@pytest.mark.integration
 def test_a_busy_port_is_refused_with_one_line_that_says_what_to_do(services: LocalServices) -> None:
     port = services.tansu.port
     with socket.socket() as squatter:
@@ -149,7 +147,6 @@ def test_a_pid_file_naming_another_program_is_never_trusted(tmp_path: Path) -> N
     assert not pid_file.exists()
 
 
-@pytest.mark.integration
 def test_the_memory_broker_forgets_what_it_held_when_it_stops(services: LocalServices) -> None:
     """The guarantee `services up` states: acknowledged records live as long as the broker runs."""
     services.up()
@@ -169,7 +166,6 @@ def test_a_leftover_of_the_removed_durable_mode_is_refused_plainly(installed: No
     assert not any(status.running for status in local.status())  # refused before starting anything
 
 
-@pytest.mark.integration
 def test_down_waits_until_the_processors_stored_every_record_the_broker_acknowledged(services: LocalServices) -> None:
     from tensordb.client import TensorDB
 
@@ -184,7 +180,6 @@ def test_down_waits_until_the_processors_stored_every_record_the_broker_acknowle
     assert stored == len(ids) == 3000
 
 
-@pytest.mark.integration
 def test_mongodb_data_survives_a_change_of_port(services: LocalServices) -> None:
     services.up()
     with MongoClient(f"mongodb://{services.mongod.address}/?replicaSet=rs0") as client:
@@ -202,7 +197,6 @@ def test_mongodb_data_survives_a_change_of_port(services: LocalServices) -> None
         moved.down()
 
 
-@pytest.mark.integration
 def test_command_line_up_status_down(installed: None, tmp_path: Path, monkeypatch, capsys) -> None:
     # A services dir of its own (state), whose programs are the shared installed ones.
     services_dir = tmp_path / "services"

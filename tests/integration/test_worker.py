@@ -3,19 +3,13 @@ recovery with resume, failures, cancellation."""
 
 from __future__ import annotations
 
-import base64
-from pathlib import Path
-
-import numpy as np
 import pytest
 
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store
 from tensordb.jobs.queue import CANCELLED, FAILED, FINISHED, RUNNING, Jobs
-from tests.helpers import wait_for
-
-pytestmark = pytest.mark.integration
-SCRIPTS = Path(__file__).parent / "task_scripts"
+from tensordb.testing import image_samples, wait_for
+from tests import TASK_SCRIPTS
 
 
 @pytest.fixture
@@ -28,7 +22,7 @@ def test_two_workers_run_ten_jobs_each_exactly_once(settings, jobs, start_worker
     start_worker(), start_worker()
     marker = tmp_path / "runs.txt"
     ids = [
-        jobs.submit("task", name="count", script=str(SCRIPTS / "record_run.py"),
+        jobs.submit("task", name="count", script=str(TASK_SCRIPTS / "record_run.py"),
                     hyperparameters={"marker_file": str(marker), "value": i}, save_keys=["doubled"])
         for i in range(10)
     ]  # fmt: skip
@@ -42,8 +36,8 @@ def test_two_workers_run_ten_jobs_each_exactly_once(settings, jobs, start_worker
 
 def test_a_failing_script_is_marked_failed_and_the_next_job_still_runs(settings, jobs, start_worker, tmp_path) -> None:
     start_worker()
-    failing = jobs.submit("task", script=str(SCRIPTS / "fail.py"), max_attempts=1)
-    after = jobs.submit("task", script=str(SCRIPTS / "record_run.py"),
+    failing = jobs.submit("task", script=str(TASK_SCRIPTS / "fail.py"), max_attempts=1)
+    after = jobs.submit("task", script=str(TASK_SCRIPTS / "record_run.py"),
                         hyperparameters={"marker_file": str(tmp_path / "m"), "value": 1}, save_keys=["doubled"])  # fmt: skip
     failed, finished = jobs.wait([failing, after], timeout=60)
     assert failed["status"] == FAILED and "boom from the task script" in failed["error"]["message"]
@@ -53,49 +47,35 @@ def test_a_failing_script_is_marked_failed_and_the_next_job_still_runs(settings,
 
 def test_a_failed_job_is_retried_up_to_its_max_attempts(settings, jobs, start_worker) -> None:
     start_worker()
-    job = jobs.wait([jobs.submit("task", script=str(SCRIPTS / "fail.py"), max_attempts=2)], timeout=60)[0]
+    job = jobs.wait([jobs.submit("task", script=str(TASK_SCRIPTS / "fail.py"), max_attempts=2)], timeout=60)[0]
     assert job["status"] == FAILED and job["attempts"] == 2 and len(job["history"]) == 1
 
 
 def test_cancellation_stops_a_running_job(settings, jobs, start_worker) -> None:
     start_worker()
-    job_id = jobs.submit("task", script=str(SCRIPTS / "slow.py"), hyperparameters={"seconds": 300})
+    job_id = jobs.submit("task", script=str(TASK_SCRIPTS / "slow.py"), hyperparameters={"seconds": 300})
     wait_for(lambda: jobs.get(job_id)["status"] == RUNNING, what="the job to start")
     jobs.cancel(job_id)
     job = jobs.wait([job_id], timeout=30)[0]
     assert job["status"] == CANCELLED
-    pending = jobs.submit("task", script=str(SCRIPTS / "slow.py"), hyperparameters={"seconds": 300}, priority=-1)
-    blocker = jobs.submit("task", script=str(SCRIPTS / "slow.py"), hyperparameters={"seconds": 300}, priority=5)
+    pending = jobs.submit("task", script=str(TASK_SCRIPTS / "slow.py"), hyperparameters={"seconds": 300}, priority=-1)
+    blocker = jobs.submit("task", script=str(TASK_SCRIPTS / "slow.py"), hyperparameters={"seconds": 300}, priority=5)
     wait_for(lambda: jobs.get(blocker)["status"] == RUNNING, what="the urgent job to run first")
     assert jobs.cancel(pending)["status"] == CANCELLED  # a pending job is cancelled at once
     jobs.cancel(blocker)
     jobs.wait([blocker], timeout=30)
 
 
-def _images(count: int) -> list[dict]:
-    rng = np.random.default_rng(0)
-    records = []
-    for i in range(count):
-        label = i % 2
-        image = rng.integers(0, 128, (8, 8), dtype=np.uint8) + label * 100
-        records.append({
-            "schema": "sample/1", "sample_id": f"img{i:05d}", "dataset": "train",
-            "arrays": {"x": {"dtype": "uint8", "shape": [8, 8], "data": base64.b64encode(image.tobytes()).decode()}},
-            "labels": {"y": label},
-        })
-    return records
-
-
 def test_a_killed_worker_s_job_is_requeued_and_resumes_from_its_last_epoch(
     settings, jobs, ingest, processors, start_worker
 ) -> None:
-    ingest(_images(512))
+    ingest(image_samples(512))
     epochs, batch_size = 12, 32
     steps_per_epoch = 512 // batch_size
     victim = start_worker(lease_seconds=2)
     job_id = jobs.submit(
         "train", name="resumable", epochs=epochs,
-        model={"entry_point": "tests.training_models:small_classifier"},
+        model={"entry_point": "tensordb.testing.models:small_classifier"},
         data={"filter": {"dataset": "train"}}, hyperparameters={"batch_size": batch_size, "units": 8},
     )  # fmt: skip
     wait_for(lambda: (jobs.get(job_id).get("checkpoint") or {}).get("epoch", -1) >= 2, timeout=120, interval=0.02, what="two saved epochs")

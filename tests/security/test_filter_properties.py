@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -25,8 +24,6 @@ from tensordb.errors import TensorDBError
 from tensordb.infra.store import Store
 from tensordb.jobs.queue import JOBS, Jobs
 from tensordb.runs.runlog import LOGS, delete_logs, read_logs
-
-pytestmark = pytest.mark.integration
 
 EXAMPLES = int(os.environ.get("TENSORDB_PROPERTY_EXAMPLES", "150"))
 A, B = "alpha", "beta"

@@ -28,12 +28,10 @@ import pytest
 
 from tensordb.config import Settings
 from tensordb.infra.http_guard import redact_token, server
-from tensordb.services.children import ChildProcess, dashboard_process, server_process
-from tests.helpers import free_port
-from tests.test_dashboard import Dashboard
+from tensordb.testing import ChildProcess, Dashboard, dashboard_process, free_port, server_process
+from tests import REPO
 from workers import serve
 
-REPO = Path(__file__).resolve().parents[2]
 TOKEN = "s3cret-t0ken; with=odd chars&more"
 LIMIT = 64 * 1024
 
@@ -196,7 +194,6 @@ def test_with_a_token_every_model_server_request_needs_it(model_server) -> None:
     assert in_url.status_code == 400 and "Authorization" in in_url.text  # a POST is not redirected (its body would be lost)
 
 
-@pytest.mark.integration
 def test_tensordb_serve_beyond_loopback_takes_its_token_and_never_prints_it(settings, tmp_path) -> None:
     port = free_port()
     process = server_process(settings, tmp_path / "serve.log", "nothing-promoted", port, host="0.0.0.0", token=TOKEN)
@@ -325,7 +322,6 @@ def dashboard_with_token(settings: Settings, tmp_path: Path) -> Iterator[Dashboa
         process.stop()
 
 
-@pytest.mark.integration
 def test_the_dashboard_checks_hosts_trades_a_url_token_for_a_cookie_and_never_logs_it(dashboard_with_token) -> None:
     dashboard = dashboard_with_token
     assert dashboard.http.get("/api/status", headers={"Host": "evil.example"}).status_code == 421
@@ -342,7 +338,6 @@ def test_the_dashboard_checks_hosts_trades_a_url_token_for_a_cookie_and_never_lo
     assert "token=***" in log and "s3cret" not in log
 
 
-@pytest.mark.integration
 def test_a_too_large_request_to_the_dashboard_is_refused(settings, tmp_path) -> None:
     port = free_port()
     process = dashboard_process(settings, tmp_path / "dash.log", port)

@@ -32,10 +32,7 @@ from tensordb.infra.dead_letters import COLLECTION as DEAD_LETTERS
 from tensordb.infra.store import BLOB_BUCKET, Store
 from tensordb.jobs.queue import JOBS, RUNNING
 from tensordb.loop.policies import Policies, Policy
-from tensordb.services.children import ChildProcess, processors_process
-from tests.helpers import wait_for
-
-pytestmark = pytest.mark.integration
+from tensordb.testing import ChildProcess, processors_process, wait_for
 
 
 @pytest.fixture

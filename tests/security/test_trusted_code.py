@@ -35,9 +35,9 @@ from tensordb.infra.trusted import (
 from tensordb.jobs.queue import FAILED, FINISHED, Jobs
 from tensordb.loop.policies import Policies, Policy
 from tensordb.models.registry import ModelFormatError
-from tensordb.services.children import worker_process
-from tests.conftest import TASK_SCRIPTS
-from tests.model_builders import two_tower
+from tensordb.testing import worker_process
+from tensordb.testing.models import two_tower
+from tests import TASK_SCRIPTS
 from workers.trainer import Worker
 
 PASSWORD = "hunter2-s3cret"
@@ -89,19 +89,19 @@ def test_an_untrusted_entry_point_is_refused_with_the_setting_to_change() -> Non
 
 
 def test_a_trusted_module_does_not_make_what_it_imported_callable() -> None:
-    settings = Settings(trusted_modules=("tests",))
+    settings = Settings(trusted_modules=("tests", "tensordb.testing.models"))
     for name in ("system", "getoutput"):  # a builtin from os; a plain function defined in subprocess
         with pytest.raises(UntrustedCodeError, match="not a function defined in a trusted module"):
             load_entry_point(f"tests.security.reexports:{name}", settings)
     with pytest.raises(UntrustedCodeError):
-        load_entry_point("tests.model_builders:TwoTower", settings)  # a class, not a builder function
+        load_entry_point("tensordb.testing.models:TwoTower", settings)  # a class, not a builder function
 
 
 def test_arguments_a_builder_does_not_declare_are_refused(tmp_path: Path) -> None:
-    settings = Settings(trusted_modules=("tests",))
+    settings = Settings(trusted_modules=("tensordb.testing.models",))
     with pytest.raises(EntryPointError, match=r"takes no parameters \['command'\]"):
-        call_entry_point("tests.model_builders:two_tower", {"units": 3, "command": f"touch {tmp_path / 'marker'}"}, settings)
-    assert call_entry_point("tests.model_builders:two_tower", {"units": 3}, settings).hidden.units == 3
+        call_entry_point("tensordb.testing.models:two_tower", {"units": 3, "command": f"touch {tmp_path / 'marker'}"}, settings)
+    assert call_entry_point("tensordb.testing.models:two_tower", {"units": 3}, settings).hidden.units == 3
 
 
 def test_keras_configurations_name_only_keras_and_trusted_modules() -> None:
@@ -159,7 +159,6 @@ def test_a_task_environment_carries_no_secrets_unless_the_operator_says_so() -> 
 # -- against the real services -----------------------------------------------------------------------
 
 
-@pytest.mark.integration
 def test_untrusted_code_is_refused_at_submit(settings: Settings, tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     with TensorDB(settings) as db:
@@ -190,7 +189,6 @@ def jobs(worker_settings: Settings) -> Iterator[Jobs]:
         yield Jobs(store, publisher)
 
 
-@pytest.mark.integration
 def test_a_worker_refuses_jobs_written_past_the_sdk(worker_settings: Settings, jobs: Jobs, tmp_path: Path) -> None:
     """Jobs submitted harmless, then rewritten in MongoDB as an attacker with database access would."""
     allowed, outside, marker = tmp_path / "allowed", tmp_path / "outside", tmp_path / "marker"
@@ -206,11 +204,11 @@ def test_a_worker_refuses_jobs_written_past_the_sdk(worker_settings: Settings, j
 
     def builder_job(entry_point: str, hyperparameters: dict) -> str:
         changes = {"spec.model.entry_point": entry_point, "spec.hyperparameters": hyperparameters}
-        return forged("train", changes, model={"entry_point": "tests.training_models:small_classifier"}, data=TRAIN_DATA)
+        return forged("train", changes, model={"entry_point": "tensordb.testing.models:small_classifier"}, data=TRAIN_DATA)
 
     shell = builder_job("os:system", {"command": f"touch {marker}"})
     reexport = builder_job("tests.security.reexports:getoutput", {"cmd": f"touch {marker}"})
-    extra = builder_job("tests.model_builders:two_tower", {"command": f"touch {marker}"})
+    extra = builder_job("tensordb.testing.models:two_tower", {"command": f"touch {marker}"})
     elsewhere = forged("task", {"spec.script": str(outside / "evil.py")}, script=str(allowed / "ok.py"))
     escape = forged("task", {"spec.script": str(allowed / "escape.py")}, script=str(allowed / "ok.py"))
     fine = jobs.submit("task", script=str(allowed / "ok.py"), save_keys=["done"])
@@ -228,7 +226,6 @@ def test_a_worker_refuses_jobs_written_past_the_sdk(worker_settings: Settings, j
     assert not marker.exists()
 
 
-@pytest.mark.integration
 def test_a_stored_model_rewritten_to_name_untrusted_code_is_refused_by_every_reader(settings: Settings, tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     command = f"touch {marker}"
@@ -243,7 +240,7 @@ def test_a_stored_model_rewritten_to_name_untrusted_code_is_refused_by_every_rea
             hub.find_top_model(sort=[("accuracy", -1)], model_name="net")
         for builder, kwargs, error in (
             ("tests.security.reexports:getoutput", {"cmd": command}, UntrustedCodeError),
-            ("tests.model_builders:two_tower", {"command": command}, ModelFormatError),
+            ("tensordb.testing.models:two_tower", {"command": command}, ModelFormatError),
         ):
             hub.models.collection.update_one({"_id": info["_id"]}, {"$set": {"builder": builder, "builder_kwargs": kwargs}})
             with pytest.raises(error):
@@ -251,14 +248,13 @@ def test_a_stored_model_rewritten_to_name_untrusted_code_is_refused_by_every_rea
     assert not marker.exists()
 
 
-@pytest.mark.integration
 def test_stored_keras_configurations_naming_untrusted_classes_are_refused(settings: Settings) -> None:
     with TensorDB(settings) as db:
         db.models.save(keras.Sequential([keras.Input((4,)), RegisteredLayer()]), "registered")
         assert db.find_model(name="registered") is not None  # the test settings trust the tests package
         compiled = two_tower(build=True)  # its builder returns it uncompiled: the stored compile configuration is used
         compiled.compile("adam", "mse")
-        info = db.models.save(compiled, "compiled", builder="tests.model_builders:two_tower")
+        info = db.models.save(compiled, "compiled", builder="tensordb.testing.models:two_tower")
         optimizer = {"module": "os", "class_name": "system", "config": {}, "registered_name": None}
         db.models.collection.update_one({"_id": info["_id"]}, {"$set": {"compile_json": json.dumps({"optimizer": optimizer, "loss": "mse"})}})
         with pytest.raises(UntrustedCodeError, match="compile configuration"):
@@ -268,7 +264,6 @@ def test_stored_keras_configurations_naming_untrusted_classes_are_refused(settin
             db.find_model(name="registered")
 
 
-@pytest.mark.integration
 def test_a_task_script_gets_neither_the_database_password_nor_the_worker_s_environment(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,7 +11,6 @@ import os
 import re
 import shlex
 import tomllib
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -19,8 +18,8 @@ import pytest
 import yaml
 
 from tensordb.config import Settings
+from tests import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 COMPOSE: dict[str, Any] = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 DOCKERFILE = (REPO / "Dockerfile").read_text()

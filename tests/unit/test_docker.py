@@ -6,11 +6,11 @@ the CLI (what ``tensordb processors``, ``worker``, ``serve``, ``dashboard`` and 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import grimp
 
-REPO = Path(__file__).resolve().parent.parent
+from tests import REPO
+
 FIRST_PARTY = ("tensordb", "streams", "workers", "dashboard")
 
 

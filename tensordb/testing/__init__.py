@@ -1,0 +1,42 @@
+"""TensorDB's test kit, for TensorDB's own tests and benchmarks and for users testing their code
+against real servers.
+
+- :mod:`~tensordb.testing.servers`: ``servers`` (the configured servers, else our own Tansu and
+  mongod on free ports) and ``fresh_project`` (own topics and database, removed afterwards);
+- :mod:`~tensordb.testing.children`: ``tensordb processors``, ``worker``, ``serve`` and
+  ``dashboard`` as child processes that are ready when ``start`` returns; ``Dashboard``, a
+  running dashboard with an HTTP client;
+- :mod:`~tensordb.testing.helpers`: ``free_port``, ``wait_for``;
+- :mod:`~tensordb.testing.samples`: synthetic ``sample/1`` records;
+- :mod:`~tensordb.testing.models`: small Keras builders to name as entry points (imports Keras,
+  so not imported here; trust ``tensordb.testing.models`` to run them).
+
+It sits in the top layer with the CLI (``[tool.importlinter]``): nothing else in TensorDB imports it.
+"""
+
+from tensordb.testing.children import (
+    ChildProcess,
+    Dashboard,
+    dashboard_process,
+    processors_process,
+    server_process,
+    worker_process,
+)
+from tensordb.testing.helpers import free_port, wait_for
+from tensordb.testing.samples import image_samples
+from tensordb.testing.servers import Servers, fresh_project, servers
+
+__all__ = [
+    "ChildProcess",
+    "Dashboard",
+    "Servers",
+    "dashboard_process",
+    "processors_process",
+    "server_process",
+    "worker_process",
+    "free_port",
+    "wait_for",
+    "image_samples",
+    "fresh_project",
+    "servers",
+]
