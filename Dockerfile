@@ -20,7 +20,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
-# One line per top-level package (tests/test_docker.py checks the list against what the CLI imports).
+# One line per top-level package (tests/unit/test_docker.py checks the list against what the CLI imports).
 COPY tensordb/ tensordb/
 COPY streams/ streams/
 COPY workers/ workers/
