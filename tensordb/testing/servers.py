@@ -87,6 +87,7 @@ def fresh_project(base: Settings, prefix: str = "t") -> Iterator[Settings]:
     try:
         yield settings
     finally:
-        with MongoClient(settings.mongo_uri) as client:
+        client: MongoClient = MongoClient(settings.mongo_uri)
+        with client:
             client.drop_database(settings.mongo_database)
         AdminClient(settings.kafka_config()).delete_topics(list(settings.all_topics().values()))
