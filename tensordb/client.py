@@ -30,7 +30,19 @@ AUTHENTICATION_FAILED = 18  # MongoDB's error code
 
 
 class TensorDB:
-    """One project's connection to Kafka and MongoDB. Close it (or use ``with``) to flush."""
+    """One project's connection to Kafka and MongoDB. Close it (or use ``with``) to flush.
+
+    Parameters
+    ----------
+    settings : Settings, optional
+        Where the servers are and which project this is; default: the ``TENSORDB_*`` variables
+        (and ``TENSORDB_CONFIG``), see :class:`tensordb.config.Settings`.
+    **overrides
+        Settings to change, e.g. ``project="radiology"``, ``mongo_uri=...``.
+
+    Raises ``ConfigurationError`` when a setting is malformed or MongoDB rejects the credentials.
+    Kafka is connected on first use: reading data needs MongoDB only.
+    """
 
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
         self.settings = settings.with_changes(**overrides) if settings else load_settings(**overrides)
@@ -68,92 +80,194 @@ class TensorDB:
     def publish_sample(self, arrays: ArrayLike, *, dataset: str, **fields: Any) -> str:
         """Queue one sample for ingestion and return its id without waiting for the broker.
 
-        ``fields``: ``labels``, ``metadata``, ``tags``, ``version``, ``sample_id``, ``source``.
-        Call :meth:`flush` (or close) to wait until every queued sample is acknowledged.
+        Call :meth:`flush` (or close) to wait until every queued sample is acknowledged; the ingest
+        processor stores it (or dead-letters it with the reason).
+
+        Parameters
+        ----------
+        arrays : array or dict of str to array
+            The sample's arrays; one array is named ``x``. Arrays past ``TENSORDB_INLINE_LIMIT_BYTES``
+            go to GridFS first and the record carries a reference.
+        dataset : str
+            The dataset it belongs to.
+        **fields
+            ``labels`` (one value, named ``y``, or a dict), ``metadata`` (a dict to query on),
+            ``tags`` (strings), ``version``, ``sample_id`` (default: derived from the content, so a
+            re-send is stored once) and ``source``.
         """
         record = build_sample(self.store, arrays, dataset=dataset, **fields)
         self.publisher.publish(Topic.INGEST, record, key=record["sample_id"])
         return record["sample_id"]
 
     def publish_samples(self, samples: Iterable[Mapping[str, Any]]) -> list[str]:
-        """Publish many samples (dicts with ``arrays``, ``dataset`` and optional fields) and flush."""
+        """Publish many samples and wait until the broker acknowledged them all; returns their ids.
+
+        Parameters
+        ----------
+        samples : iterable of mappings
+            Each has ``arrays``, ``dataset`` and the optional fields of :meth:`publish_sample`.
+        """
         return publish_samples(self.publisher, self.store, samples)
 
     def flush(self, timeout: float = 60.0) -> None:
+        """Wait up to ``timeout`` seconds until the broker acknowledged everything published so far."""
         if self._publisher is not None:
             self._publisher.flush(timeout)
 
     # -- cohorts --------------------------------------------------------------------------------
     def cohort(self, filter: Mapping[str, Any] | None = None, **options: Any) -> Cohort:
-        """A cohort over this project's samples: ``filter`` plus ``sort``, ``limit``, ``x``, ``y``."""
+        """A cohort over this project's samples, resolved each time it is read ("the last 1000" moves).
+
+        Parameters
+        ----------
+        filter : mapping, optional
+            A MongoDB query on the samples, e.g. ``{"labels.tumour": {"$exists": True}}``; server-side
+            JavaScript and ``$expr`` are refused.
+        **options
+            ``sort`` (default newest first), ``limit``, ``x`` (the array to yield, default ``"x"``) and
+            ``y`` (the label, default ``"y"``; None for none).
+        """
         return Cohort(self.store, filter=dict(filter or {}), **options)
 
     def save_cohort(self, name: str, cohort: Cohort, description: str = "") -> Cohort:
+        """Save ``cohort``'s query (not its samples) under ``name``, for jobs and policies to name."""
         return cohorts.save_cohort(cohort, name, description)
 
     def find_cohort(self, name: str) -> Cohort:
+        """The cohort saved as ``name``."""
         return cohorts.load_cohort(self.store, name)
 
     def list_cohorts(self) -> list[dict[str, Any]]:
+        """The saved cohorts' documents."""
         return cohorts.list_cohorts(self.store)
 
     def delete_cohort(self, name: str) -> bool:
+        """Delete the cohort saved as ``name``; returns whether there was one."""
         return cohorts.delete_cohort(self.store, name)
 
     # -- whole datasets (TensorLayer's API) --------------------------------------------------------
     def save_dataset(self, dataset: Any, dataset_name: str, **meta: Any) -> dict[str, Any]:
+        """Save a whole dataset under a name; returns its document.
+
+        Parameters
+        ----------
+        dataset : array or tuple, list or dict of arrays
+            E.g. ``(X_train, y_train, X_test, y_test)``; it comes back in the same structure.
+        dataset_name : str
+            Its name; several saves of one name are all kept, the newest found first.
+        **meta
+            Fields to filter and sort on, e.g. ``description=``; ``version=`` (default 1, 2, 3...).
+        """
         return self.datasets.save(dataset, dataset_name, **meta)
 
     def find_dataset(self, dataset_name: str, **filters: Any) -> Any:
+        """The newest dataset of that name matching ``filters`` (``version=``, ``sort=``, metadata), or None."""
         return self.datasets.find(dataset_name, **filters)
 
     def find_all_datasets(self, dataset_name: str, **filters: Any) -> list[Any]:
+        """Every dataset of that name matching ``filters`` (metadata equalities), oldest first."""
         return self.datasets.find_all(dataset_name, **filters)
 
     def delete_datasets(self, dataset_name: str | None = None, **filters: Any) -> int:
+        """Delete the matching datasets and their arrays (no name and no filters: all); returns how many."""
         return self.datasets.delete(dataset_name, **filters)
 
     delete_dataset = delete_datasets
 
     # -- runs: non-blocking logging ---------------------------------------------------------------
     def logger(self, run_id: str, job_id: str | None = None, **tags: Any) -> RunLogger:
-        """A logger whose ``log(step=..., **metrics)`` returns without waiting on the network."""
+        """A logger whose ``log(step, **metrics)`` returns without waiting on the network.
+
+        Parameters
+        ----------
+        run_id : str
+            The run the records belong to (one chart per metric in the dashboard).
+        job_id : str, optional
+            The job doing the run, if any.
+        **tags
+            Stored with every record, to filter on in :meth:`read_logs`.
+        """
         return RunLogger(self.publisher, run_id, job_id=job_id, tags=tags or None)
 
     def read_logs(self, run_id: str | None = None, **filters: Any) -> Any:
-        """Persisted log records as a pandas DataFrame (see :func:`tensordb.runs.runlog.read_logs`)."""
+        """Stored log records as a pandas DataFrame, one row per (run, phase, step).
+
+        Parameters
+        ----------
+        run_id : str or iterable of str, optional
+            The run(s); default: all.
+        **filters
+            ``job_id``, ``phase``, ``steps``, ``metrics``, ``as_numpy`` and tag equalities: see
+            :func:`tensordb.runs.runlog.read_logs`.
+        """
         return read_logs(self.store, run_id, **filters)
 
     def delete_logs(self, run_id: str | None = None, **filters: Any) -> int:
+        """Delete the log records matching the filters (as :meth:`read_logs`; none: all); returns how many."""
         return delete_logs(self.store, run_id, **filters)
 
     # -- models -------------------------------------------------------------------------------------
     def save_model(self, model: Any, name: str = "model", **metrics_and_tags: Any) -> dict[str, Any]:
-        """Register ``model`` as the next version of ``name`` (architecture JSON + .npz parameters)."""
+        """Register ``model`` as the next version of ``name`` (Keras JSON + ``.npz`` parameters); returns its document.
+
+        Parameters
+        ----------
+        model : keras.Model
+            The model; it is never pickled.
+        name : str
+            The model's name in the registry; versions count 1, 2, 3... per name.
+        **metrics_and_tags
+            Numbers are metrics (``accuracy=0.8``), anything else tags; both can be filtered and sorted on.
+            Also ``epoch``, ``job_id``, ``lineage``, ``builder``: see :meth:`ModelRegistry.save`.
+        """
         return self.models.save(model, name, **metrics_and_tags)
 
     def find_model(self, sort: list[tuple[str, int]] | None = None, **filters: Any) -> Any:
-        """The best (by ``sort``) or newest matching model, ready to predict; None if none matches."""
+        """The best (by ``sort``) or newest matching model, ready to predict; None if none matches.
+
+        Parameters
+        ----------
+        sort : list of (field, direction), optional
+            E.g. ``[("accuracy", -1)]``; default: the newest.
+        **filters
+            ``name``, ``version``, ``alias`` (``"production"``, with ``name``) and field equalities.
+
+        The model's document is ``model.tensordb_info``.
+        """
         return self.models.find(sort, **filters)
 
     def delete_model(self, **filters: Any) -> int:
+        """Delete the matching versions (``name=``, field equalities; none: all) and their parameters; returns how many."""
         return self.models.delete(**filters)
 
     # -- jobs ---------------------------------------------------------------------------------------
     def submit_job(self, kind: str = "train", **spec: Any) -> str:
-        """Queue a train/evaluate/task job for the workers; see :meth:`tensordb.jobs.queue.Jobs.submit`."""
+        """Queue a job for the workers; returns its id.
+
+        Parameters
+        ----------
+        kind : {"train", "evaluate", "task"}
+            What to run.
+        **spec
+            ``name``, ``model``, ``data``, ``hyperparameters``, ``epochs``, ``priority``,
+            ``max_attempts``, ``script``...: see :meth:`tensordb.jobs.queue.Jobs.submit`.
+        """
         return self.jobs.submit(kind, **spec)
 
     def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """Cancel a pending job now, or ask a running one to stop at its next step; returns its document."""
         return self.jobs.cancel(job_id)
 
     def wait_for_jobs(self, job_ids: Iterable[str], timeout: float = 600.0) -> list[dict[str, Any]]:
+        """Block until every job has ended (``JobError`` after ``timeout`` seconds); returns their documents."""
         return self.jobs.wait(job_ids, timeout)
 
     def list_jobs(self, status: str | Iterable[str] | None = None, name: str | None = None, **filters: Any) -> list[dict]:
+        """Jobs newest first, by status (one or several), name and field equalities."""
         return self.jobs.list(status, name, **filters)
 
     def close(self) -> None:
+        """Wait for model uploads, flush what is queued, close the connections."""
         try:
             if self._models is not None:
                 self._models.close()

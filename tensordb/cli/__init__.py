@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from tensordb.errors import TensorDBError
+from tensordb.version import __version__
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tensordb",
         description="TensorDB: Kafka + MongoDB infrastructure for continuous machine learning.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     service_commands.add_commands(subparsers)
     commands.add_commands(subparsers)

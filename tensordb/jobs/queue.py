@@ -79,7 +79,48 @@ class Jobs:
         description: str = "",
         job_id: str | None = None,
     ) -> str:
-        """Record a job as pending and announce it on the job-request topic; returns its id."""
+        """Record a job as pending and announce it on the job-request topic; returns its id.
+
+        The ``jobs`` collection is the queue: a worker claims the job from it whether or not it heard
+        the announcement. The job is checked here (kind, schema, trusted code) so that a bad job is
+        refused before anything is stored.
+
+        Parameters
+        ----------
+        kind : {"train", "evaluate", "task"}
+            What the worker does: train a model on a cohort, evaluate model versions, or run a script.
+        name : str, optional
+            What jobs are listed, waited on and claimed by (``Jobs.list(name=...)``); default: ``kind``.
+        model : mapping, optional
+            To train: ``{"architecture": <Keras JSON>, "compile": {...}}``, ``{"entry_point":
+            "package.module:function"}`` (a trusted builder, called with the hyper-parameters it
+            declares) or ``{"name": ..., "version": ...}`` (continue a registered model). To evaluate:
+            ``{"name": ..., "versions": [...]}``.
+        data : mapping, optional
+            The cohort to read: ``{"cohort": NAME}`` (a saved one) or ``{"filter": {...}, "sort": [[field, -1]],
+            "limit": N, "x": ..., "y": ...}``.
+        hyperparameters : mapping, optional
+            Training options (batch size, learning rate...); for a task, the script's globals.
+        epochs : int
+            Epochs to train; a resumed job continues after its last saved epoch.
+        save_keys : iterable of str
+            For a task: the script's globals kept as the job's ``result`` when it finishes.
+        priority : int
+            Higher is claimed first; equal priorities go oldest first.
+        max_attempts : int
+            Runs before the job is marked failed (a failure or an expired lease spends one).
+        script : str, optional
+            For a task (required there): the path of a Python file inside the workers' ``task_script_dirs``.
+        policy : str, optional
+            The continuous-training policy this job serves (set by the loop; its evaluation follows).
+        description : str
+            Free text for people and dashboards.
+        job_id : str, optional
+            The id to use (idempotent submitters); default: a random ``job-...`` id.
+
+        Raises ``JobError`` (unknown kind, task without script), ``ValidationError`` (the request breaks
+        ``schemas/job-request``) and ``UntrustedCodeError`` (a builder or script this process does not trust).
+        """
         if kind not in KINDS:
             raise JobError(f"job kind must be one of {', '.join(KINDS)}, got {kind!r}")
         if kind == "task" and not script:

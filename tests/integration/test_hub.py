@@ -11,7 +11,7 @@ import pytest
 from pymongo import MongoClient
 from pymongo.uri_parser import parse_uri
 
-from tensordb.compat.tensorhub import TensorHub
+from tensordb import TensorHub
 from tensordb.config import Settings
 from tensordb.errors import ConfigurationError
 from tests import TASK_SCRIPTS
@@ -41,7 +41,7 @@ def test_datasets_models_and_logs_with_tensorlayer_names(settings: Settings, pro
             db.save_model(model, model_name="net", accuracy=accuracy, loss=1 - accuracy)
         best = db.find_top_model(sort=[("accuracy", -1)], model_name="net")
         assert best.tensordb_info["accuracy"] == 0.9
-        assert db.find_model(accuracy=0.8).tensordb_info["version"] == 3
+        assert db.find_model(accuracy=0.8, model_name="net").tensordb_info["version"] == 3
         assert len(db.find_models(sort=[("accuracy", 1)], model_name="net")) == 3
         assert db.delete_model(model_name="net") == 3
 
