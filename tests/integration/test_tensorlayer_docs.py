@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -22,10 +21,8 @@ from pymongo.uri_parser import parse_uri
 
 from tensordb import TensorHub
 from tensordb.config import Settings
+from tests import REPO, TASK_SCRIPTS
 
-pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parent.parent
-TASK_SCRIPTS = REPO / "tests" / "task_scripts"
 sess = object()  # TensorFlow 1's session in the docs; TensorHub ignores it
 
 

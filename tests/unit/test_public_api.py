@@ -6,13 +6,11 @@ import ast
 import subprocess
 import sys
 from importlib.metadata import version
-from pathlib import Path
 
 import pytest
 
 import tensordb
-
-REPO = Path(__file__).resolve().parent.parent
+from tests import REPO
 
 
 def test_every_public_name_resolves_and_is_listed_for_type_checkers() -> None:
