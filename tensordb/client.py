@@ -22,7 +22,7 @@ from tensordb.data.samples import ArrayLike, build_sample, publish_samples
 from tensordb.errors import ConfigurationError
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store
-from tensordb.jobs.queue import Jobs
+from tensordb.jobs.queue import JobDocument, Jobs
 from tensordb.models.registry import ModelRegistry
 from tensordb.runs.runlog import RunLogger, delete_logs, read_logs
 
@@ -144,13 +144,13 @@ class TensorDB:
         """Queue a train/evaluate/task job for the workers; see :meth:`tensordb.jobs.queue.Jobs.submit`."""
         return self.jobs.submit(kind, **spec)
 
-    def cancel_job(self, job_id: str) -> dict[str, Any]:
+    def cancel_job(self, job_id: str) -> JobDocument:
         return self.jobs.cancel(job_id)
 
-    def wait_for_jobs(self, job_ids: Iterable[str], timeout: float = 600.0) -> list[dict[str, Any]]:
+    def wait_for_jobs(self, job_ids: Iterable[str], timeout: float = 600.0) -> list[JobDocument]:
         return self.jobs.wait(job_ids, timeout)
 
-    def list_jobs(self, status: str | Iterable[str] | None = None, name: str | None = None, **filters: Any) -> list[dict]:
+    def list_jobs(self, status: str | Iterable[str] | None = None, name: str | None = None, **filters: Any) -> list[JobDocument]:
         return self.jobs.list(status, name, **filters)
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ from urllib.parse import quote_plus
 
 from tensordb.client import TensorDB
 from tensordb.config import Settings
+from tensordb.infra import versioning
 from tensordb.infra.bus import create_topics
 from tensordb.runs.runlog import RunLogger
 from workers.trainer import Worker
@@ -28,6 +29,11 @@ def uri_from_parts(ip: str, port: int, username: str | None, password: str | Non
     """A MongoDB URI from TensorLayer's connection arguments (credentials escaped, never dropped)."""
     credentials = f"{quote_plus(username)}:{quote_plus(password or '')}@" if username else ""
     return f"mongodb://{credentials}{ip}:{int(port)}/"
+
+
+def _dataset_name(name: str | None) -> str:
+    """TensorLayer's ``dataset_name`` defaults to None, but a dataset needs a name (QueryError)."""
+    return versioning.check_name(name, "dataset")
 
 
 class TensorHub(TensorDB):
@@ -65,21 +71,26 @@ class TensorHub(TensorDB):
 
     # -- datasets --------------------------------------------------------------------------------
     def save_dataset(self, dataset: Any = None, dataset_name: str | None = None, **kwargs: Any) -> dict[str, Any]:
-        return super().save_dataset(dataset, dataset_name, **kwargs)
+        return super().save_dataset(dataset, _dataset_name(dataset_name), **kwargs)
 
     def find_top_dataset(self, dataset_name: str | None = None, sort: list | None = None, **kwargs: Any) -> Any:
-        return self.datasets.find(dataset_name, sort=sort, **kwargs)
+        return self.datasets.find(_dataset_name(dataset_name), sort=sort, **kwargs)
 
     def find_dataset(self, dataset_name: str | None = None, sort: list | None = None, **kwargs: Any) -> Any:
         return self.find_top_dataset(dataset_name, sort, **kwargs)
 
     def find_datasets(self, dataset_name: str | None = None, **kwargs: Any) -> list[Any]:
-        return self.datasets.find_all(dataset_name, **kwargs)
+        return self.datasets.find_all(_dataset_name(dataset_name), **kwargs)
 
     find_all_datasets = find_datasets
 
     # -- models ------------------------------------------------------------------------------------
-    def save_model(self, network: Any = None, model_name: str = "model", **kwargs: Any) -> dict[str, Any]:
+    def save_model(self, network: Any = None, model_name: str = "model", /, **kwargs: Any) -> dict[str, Any]:
+        """TensorLayer's ``save_model(network=None, model_name="model", **kwargs)``, each argument by
+        position or keyword (``model=``, TensorDB's word for the network, too). The parameters are
+        positional-only so that this override accepts every call of :meth:`TensorDB.save_model`."""
+        network = kwargs.pop("network", kwargs.pop("model", network))
+        model_name = kwargs.pop("model_name", model_name)
         return super().save_model(network, model_name, **kwargs)
 
     def find_top_model(self, sort: list | None = None, model_name: str | None = None, **kwargs: Any) -> Any:
