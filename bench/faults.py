@@ -49,6 +49,7 @@ from tensordb.config import Settings, Topic
 from tensordb.infra.bus import Publisher, create_topics
 from tensordb.infra.store import Store
 from tensordb.loop.policies import Policies, Policy
+from tensordb.records import Schema
 from tensordb.runs.runlog import RunLogger
 from tensordb.services import LocalServices
 from tensordb.testing import ChildProcess, processors_process
@@ -92,7 +93,7 @@ class Flow:
 
 def poison(i: int) -> bytes:
     """A bad record of one of many kinds (dumped with json: any client may send such bytes)."""
-    sample = {"schema": "sample/1", "sample_id": f"bad-{i}", "dataset": "flow",
+    sample = {"schema": Schema.SAMPLE, "sample_id": f"bad-{i}", "dataset": "flow",
               "arrays": {"x": {"dtype": "uint8", "shape": [4], "data": "AAECAw=="}}}  # fmt: skip
     kinds: list[Callable[[], object]] = [
         lambda: b"\xff\xfe not json",
@@ -129,7 +130,7 @@ def publish(
         with Publisher(settings) as publisher:
             for n, i in enumerate(range(first + worker, first + count, PRODUCERS)):
                 sample_id = f"s{i:07d}"
-                record = {"schema": "sample/1", "sample_id": sample_id, "dataset": "flow",
+                record = {"schema": Schema.SAMPLE, "sample_id": sample_id, "dataset": "flow",
                           "arrays": {"x": {"dtype": "uint8", "shape": [28, 28], "data": data}}, "labels": {"y": i % 10}}  # fmt: skip
                 on_delivery = lambda error, message, sid=sample_id: error is None and flow.acknowledge(sid)  # noqa: E731
                 _retrying(lambda: publisher.publish(Topic.INGEST, record, key=sample_id, on_delivery=on_delivery))

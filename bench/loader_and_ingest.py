@@ -95,7 +95,7 @@ def sample_records(dataset: str, start: int, images: np.ndarray) -> list[dict[st
     """``sample/1`` records with inline base64 arrays, as the SDK publishes images of these sizes."""
     return [
         {
-            "schema": "sample/1",
+            "schema": records.Schema.SAMPLE,
             "sample_id": f"{dataset}-{start + i:06d}",
             "dataset": dataset,
             "arrays": {"x": {"dtype": "uint8", "shape": list(image.shape), "data": base64.b64encode(image.tobytes()).decode()}},
@@ -108,7 +108,7 @@ def sample_records(dataset: str, start: int, images: np.ndarray) -> list[dict[st
 def as_received(settings: Settings, start: int, batch: list[dict[str, Any]]) -> list[Received]:
     """Validated records, as the processor receives them from the ingest topic."""
     topic = settings.topic(Topic.INGEST)
-    return [Received(topic, 0, start + i, None, None, records.validate(r, "sample/1"), None) for i, r in enumerate(batch)]
+    return [Received(topic, 0, start + i, None, None, records.validate(r, records.Schema.SAMPLE), None) for i, r in enumerate(batch)]
 
 
 # -- 1. streaming vs local disk ---------------------------------------------------------------------

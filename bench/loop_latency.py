@@ -60,9 +60,10 @@ from tensordb.config import Settings, Topic
 from tensordb.data.samples import SAMPLES
 from tensordb.infra.bus import Publisher, make_consumer
 from tensordb.infra.store import Store
-from tensordb.jobs.queue import FINISHED, UNFINISHED, Jobs
+from tensordb.jobs.queue import UNFINISHED, Jobs, JobStatus
 from tensordb.loop.policies import Policies, Policy
 from tensordb.loop.promotion import DECISIONS, PRODUCTION
+from tensordb.records import Schema
 from tensordb.testing import ChildProcess, processors_process, server_process, worker_process
 
 console = make_console(200)
@@ -237,7 +238,7 @@ def run_job(jobs: Jobs, rng: random.Random) -> dict[str, Any]:
         return job if job is not None and job["status"] not in UNFINISHED else None
 
     job = wait_for(ended, timeout=120, what=f"job {job_id} to end", interval=0.01)
-    if job["status"] != FINISHED:
+    if job["status"] != JobStatus.FINISHED:
         raise RuntimeError(f"job {job_id} ended {job['status']}: {job['error']}")
     return {**job, "call_seconds": call}
 
@@ -256,7 +257,7 @@ def bench_dispatch(base: Settings, pids: Pids, count: int, log_dir: Path, seed: 
         jobs = {side: Jobs(stores[side], publishers[side]) for side in sides}
         worker = worker_process(settings["worker"], log_dir / "worker-dispatch.log")
         stack.callback(worker.stop)
-        events = Watcher(settings["worker"], Topic.JOB_EVENTS, "job-event/1")
+        events = Watcher(settings["worker"], Topic.JOB_EVENTS, Schema.JOB_EVENT)
         events.start()
         stack.callback(events.stop)
         worker.start()
@@ -506,7 +507,7 @@ def bench_loop(base: Settings, pids: Pids, rounds: int, budget: float, log_dir: 
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
         children: list[ChildProcess] = []
-        models = Watcher(settings, Topic.MODEL_EVENTS, "model-event/1")
+        models = Watcher(settings, Topic.MODEL_EVENTS, Schema.MODEL_EVENT)
         poller = PredictPoller(base_url)
         try:
             for child in (

@@ -44,7 +44,7 @@ from tensordb import records
 from tensordb.config import Settings
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store, insert_ignoring_duplicates
-from tensordb.runs.runlog import LOGS, RunLogger, read_logs
+from tensordb.runs.runlog import LOGS, SCHEMA, RunLogger, read_logs
 from tensordb.testing import ChildProcess, processors_process
 
 PAPER_STEP_MS = 1.5
@@ -264,9 +264,9 @@ def store_run(store: Store, run_id: str, count: int) -> None:
     for start in range(0, count, 10_000):
         documents = [
             log_document(store.project, records.validate({
-                "schema": "log/1", "run_id": run_id, "job_id": "bench", "phase": "train", "step": step,
+                "schema": SCHEMA, "run_id": run_id, "job_id": "bench", "phase": "train", "step": step,
                 "epoch": step // 1000, "metrics": _metrics(step), "wall_time": now + step * 0.01,
-            }, "log/1"))
+            }, SCHEMA))
             for step in range(start, min(start + 10_000, count))
         ]
         insert_ignoring_duplicates(store[LOGS], documents)
@@ -323,12 +323,12 @@ def bench_stages(base: Settings, count: int) -> list[Row]:
         store.ensure_indexes()
         now = time.time()
         raw = [
-            records.encode({"schema": "log/1", "run_id": "s", "job_id": "bench", "phase": "train", "step": step,
-                            "epoch": step // 1000, "metrics": _metrics(step), "wall_time": now}, "log/1")
+            records.encode({"schema": SCHEMA, "run_id": "s", "job_id": "bench", "phase": "train", "step": step,
+                            "epoch": step // 1000, "metrics": _metrics(step), "wall_time": now}, SCHEMA)
             for step in range(count)
         ]
         started = time.perf_counter()
-        decoded = [records.decode(value, "log/1") for value in raw]
+        decoded = [records.decode(value, SCHEMA) for value in raw]
         decode = time.perf_counter() - started
 
         class Context:

@@ -30,7 +30,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -48,7 +48,7 @@ from tensordb.config import Settings
 from tensordb.infra.bus import create_topics
 from tensordb.infra.http_guard import Guard, check_binding, server
 from tensordb.infra.store import Store
-from tensordb.runs.runlog import PHASES
+from tensordb.runs.runlog import LOGS, PHASES
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class Dashboard:
 
     def run_series(self, run_id: str, lo: int | None, hi: int | None) -> dict[str, Any]:
         store = self.store
-        phases = sorted(store["logs"].distinct("phase", {"project": store.project, "run_id": run_id}), key=PHASES.index)
+        phases = sorted(store[LOGS].distinct("phase", {"project": store.project, "run_id": run_id}), key=PHASES.index)
         zoomed = lo is not None or hi is not None
         per_metric: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         info: dict[str, Any] = {}
@@ -211,7 +211,7 @@ def create_app(settings: Settings, token: str | None = None, host: str = "127.0.
     dashboard = Dashboard(settings)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> Iterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(dashboard.start)
         try:
             yield

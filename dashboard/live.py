@@ -38,7 +38,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupTopicPartit
 from confluent_kafka.admin import AdminClient
 
 from tensordb.config import Settings, Topic
-from tensordb.errors import TensorDBError
+from tensordb.errors import ConfigurationError, TensorDBError, UnreachableError
 from tensordb.runs.runlog import METRIC_NAME, PHASES
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class LiveHub:
         self._thread.start()
         if not self._ready.wait(timeout):
             self.stop()
-            raise TensorDBError(f"the dashboard could not start reading {self.topic} within {timeout} s: is Kafka at {self.settings.kafka_bootstrap} up?")
+            raise UnreachableError(f"the dashboard could not start reading {self.topic} within {timeout} s: is Kafka at {self.settings.kafka_bootstrap} up?")
         if self._error is not None:
             raise TensorDBError(f"the dashboard could not read {self.topic}: {self._error}") from self._error
 
@@ -277,7 +277,7 @@ class LiveHub:
     def _partitions(self) -> list[int]:
         topics = self._admin.list_topics(timeout=10).topics
         if self.topic not in topics:
-            raise TensorDBError(f"topic {self.topic} does not exist: run `tensordb topics create`")
+            raise ConfigurationError(f"topic {self.topic} does not exist: run `tensordb topics create`")
         return sorted(topics[self.topic].partitions)
 
     def _sink_offsets(self, partitions: list[int]) -> dict[int, int]:

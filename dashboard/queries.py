@@ -37,12 +37,13 @@ from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import ExecutionTimeout, PyMongoError
 
 from tensordb.data.cohorts import COHORTS, load_cohort
+from tensordb.data.datasets import COLLECTION as DATASETS
 from tensordb.data.samples import SAMPLES
 from tensordb.infra.dead_letters import COLLECTION as DEAD_LETTERS
-from tensordb.infra.store import Store
+from tensordb.infra.store import PROGRESS, Store
 from tensordb.jobs.queue import JOBS
 from tensordb.loop.policies import POLICIES
-from tensordb.loop.promotion import DECISIONS
+from tensordb.loop.promotion import DECISIONS, EVALUATIONS
 from tensordb.models.registry import ALIASES
 from tensordb.models.registry import COLLECTION as MODELS
 from tensordb.runs.runlog import LOGS, PHASES
@@ -56,8 +57,6 @@ FULL_POINTS = 20_000
 #: Runs whose step span is larger are sampled first (approximate), then built exactly.
 SAMPLE_ABOVE = 20_000
 SAMPLE_STEPS = 4000
-EVALUATIONS = "evaluations"
-PROGRESS = "processor_progress"
 _BUCKETS = OVERVIEW_POINTS // 2  # two points (min and max) per bucket
 _EMPTY_MIN, _EMPTY_MAX = math.inf, -math.inf
 
@@ -80,7 +79,9 @@ class Columns:
     @classmethod
     def from_points(cls, points: Iterable[tuple[int, float, Mapping[str, float | None]]]) -> Columns:
         """From (step, wall_time, metrics) tuples, as the live stream delivers them."""
-        steps, walls, columns = [], [], {}
+        steps: list[int] = []
+        walls: list[float] = []
+        columns: dict[str, list[float]] = {}
         nan = math.nan
         for row, (step, wall, metrics) in enumerate(points):
             steps.append(step)
@@ -491,11 +492,11 @@ class RunIndex:
         runs = []
         for run_id in set(summaries) | set(jobs):
             summary = summaries.get(run_id) or {"run_id": run_id, "job_id": run_id, "tags": {}, "phases": {}, "metrics": [], "points": 0}
-            job = jobs.get(run_id) or (jobs.get(summary.get("job_id")) if summary.get("job_id") else None)
-            summary["job"] = _job(job) if job else None
+            run_job = jobs.get(run_id) or (jobs.get(summary.get("job_id")) if summary.get("job_id") else None)
+            summary["job"] = _job(run_job) if run_job else None
             times = [phase["last_wall_time"] for phase in summary["phases"].values()]
-            if job:
-                times += [job[key].timestamp() for key in ("submitted_at", "started_at", "finished_at") if isinstance(job.get(key), datetime)]
+            if run_job:
+                times += [run_job[key].timestamp() for key in ("submitted_at", "started_at", "finished_at") if isinstance(run_job.get(key), datetime)]
             summary["updated_at"] = max(times, default=0.0)
             runs.append(summary)
         runs.sort(key=lambda run: run["updated_at"], reverse=True)
@@ -503,7 +504,7 @@ class RunIndex:
 
     def _summary(self, run_id: str) -> dict[str, Any]:
         logs, project = self.store[LOGS], self.store.project
-        phases = {}
+        phases: dict[str, dict[str, Any]] = {}
         for phase in sorted(logs.distinct("phase", {"project": project, "run_id": run_id}), key=_phase_order):
             query = {"project": project, "run_id": run_id, "phase": phase}
             last = logs.find_one(query, {"_id": 0, "step": 1, "wall_time": 1, "metrics": 1}, sort=[("step", DESCENDING)])
@@ -521,8 +522,8 @@ class RunIndex:
                     first_step, first_wall = known.first_step, known.first_wall
                 else:
                     count = logs.count_documents(query)
-                    first = logs.find_one(query, {"_id": 0, "step": 1, "wall_time": 1}, sort=[("step", ASCENDING)]) or last
-                    first_step, first_wall = first["step"], first["wall_time"]
+                    earliest = logs.find_one(query, {"_id": 0, "step": 1, "wall_time": 1}, sort=[("step", ASCENDING)]) or last
+                    first_step, first_wall = earliest["step"], earliest["wall_time"]
                 summary = _PhaseSummary(count, first_step, last["step"], first_wall, last["wall_time"], last["metrics"], now)
                 with self._lock:
                     self._phases[key] = summary
@@ -582,7 +583,7 @@ def models(store: Store, versions_per_model: int = 200) -> list[dict[str, Any]]:
     result = []
     for name in sorted(names):
         versions = list(store[MODELS].find({"project": project, "name": name}, _VERSION_FIELDS, sort=[("version", DESCENDING)], limit=versions_per_model))
-        evaluations: dict[int, list[dict[str, Any]]] = {}
+        evaluations: dict[int | None, list[dict[str, Any]]] = {}
         for evaluation in store[EVALUATIONS].find({"project": project, "model": name}, {"_id": 0, "project": 0, "cohort": 0}, sort=[("at", ASCENDING)]):
             evaluations.setdefault(evaluation.get("version"), []).append(evaluation)
         aliases = {}
@@ -655,7 +656,7 @@ def data(store: Store, rates: ProgressRates, window: timedelta = timedelta(hours
             "first_imported_at": (oldest or {}).get("imported_at"), "last_imported_at": (newest or {}).get("imported_at"),
         })  # fmt: skip
     saved = []
-    for document in store["datasets"].find({"project": project}, {"project": 0}, sort=[("name", ASCENDING), ("time", DESCENDING)], limit=500):
+    for document in store[DATASETS].find({"project": project}, {"project": 0}, sort=[("name", ASCENDING), ("time", DESCENDING)], limit=500):
         arrays = document.pop("arrays", [])
         document["arrays"] = [{key: entry.get(key) for key in ("key", "dtype", "shape", "nbytes")} for entry in arrays]
         document["nbytes"] = sum(entry.get("nbytes") or 0 for entry in arrays)

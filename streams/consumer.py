@@ -248,7 +248,8 @@ class TopicProcessor:
         if not offsets:
             return
         try:
-            self.consumer.commit(
+            # confluent_kafka's stubs overload commit() on Literal[True]/Literal[False] only, not on bool
+            self.consumer.commit(  # type: ignore[call-overload]
                 offsets=[TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in offsets.items()],
                 asynchronous=asynchronous,
             )

@@ -20,18 +20,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 from bson import ObjectId
 
+from streams.processing import ProcessorContext
 from tensordb.config import Topic
-from tensordb.data.samples import SAMPLES, SampleError, array_nbytes, check_storable, content_id, inline_bytes, split_key
-from tensordb.errors import StorageError
+from tensordb.data.samples import (
+    SAMPLES,
+    SampleDocument,
+    StoredArray,
+    array_nbytes,
+    check_storable,
+    content_id,
+    inline_bytes,
+    split_key,
+)
+from tensordb.errors import SampleError, StorageError
 from tensordb.infra.bus import Received
 from tensordb.infra.codecs import xxh3_hex
-from tensordb.infra.store import BLOB_BUCKET, Store, insert_new
+from tensordb.infra.store import BLOB_BUCKET, Blob, Store, insert_new
+from tensordb.records import Schema
 
 
 def blob_id(project: str, sample_id: str, array_name: str) -> ObjectId:
@@ -40,7 +52,7 @@ def blob_id(project: str, sample_id: str, array_name: str) -> ObjectId:
     return ObjectId(hashlib.sha256(f"{project}\0{sample_id}\0{array_name}".encode()).digest()[:12])
 
 
-def fingerprint(document: dict[str, Any]) -> str:
+def fingerprint(document: Mapping[str, Any]) -> str:
     """The sha256 of what a sample holds (arrays' digests, labels, metadata...), not of how or
     when it was delivered: a redelivery has the same fingerprint, a reused id a different one."""
     content = {key: document[key] for key in ("dataset", "version", "labels", "metadata", "tags")}
@@ -52,18 +64,19 @@ def fingerprint(document: dict[str, Any]) -> str:
     return hashlib.sha256(encoded).hexdigest()
 
 
-def _prepare(received: Received, store: Store, now: datetime) -> tuple[dict[str, Any], list[tuple]]:
+def _prepare(received: Received, store: Store, now: datetime) -> tuple[SampleDocument, list[Blob]]:
     """The metadata document and the blobs to write for one valid sample record."""
-    record = received.record
-    assert record is not None
+    record = received.valid_record
     for field in ("labels", "metadata"):
         check_storable(field, record.get(field, {}))
     sample_id = record.get("sample_id") or content_id(record)
-    arrays, blobs, total = {}, [], 0
+    arrays: dict[str, StoredArray] = {}
+    blobs: list[Blob] = []
+    total = 0
     limit = store.settings.max_sample_bytes
     for name, spec in record["arrays"].items():
-        entry = {"dtype": spec["dtype"], "claim_check": "blob_id" in spec}
-        if entry["claim_check"]:  # claim check: the SDK stored the bytes already
+        entry: StoredArray
+        if "blob_id" in spec:  # claim check: the SDK stored the bytes already
             if array_nbytes(name, spec["dtype"], spec["shape"], limit) != spec["nbytes"]:
                 raise SampleError(
                     f"array {name!r}: nbytes {spec['nbytes']} does not fit shape {spec['shape']} of {spec['dtype']}: "
@@ -73,11 +86,17 @@ def _prepare(received: Received, store: Store, now: datetime) -> tuple[dict[str,
                 raise SampleError(
                     f"array {name!r} is a claim check, so the record needs the sample_id its blob was uploaded for"
                 )
-            entry.update(shape=[int(size) for size in spec["shape"]], nbytes=spec["nbytes"], sha256=spec["sha256"], blob_id=ObjectId(spec["blob_id"]))
+            entry = {
+                "dtype": spec["dtype"], "claim_check": True, "shape": [int(size) for size in spec["shape"]],
+                "nbytes": spec["nbytes"], "sha256": spec["sha256"], "blob_id": ObjectId(spec["blob_id"]),
+            }  # fmt: skip
         else:
             data, shape = inline_bytes(name, spec, limit)
             digest = hashlib.sha256(data).hexdigest()
-            entry.update(shape=shape, nbytes=len(data), sha256=digest, xxh3=xxh3_hex(data), blob_id=blob_id(store.project, sample_id, name))
+            entry = {
+                "dtype": spec["dtype"], "claim_check": False, "shape": shape, "nbytes": len(data), "sha256": digest,
+                "xxh3": xxh3_hex(data), "blob_id": blob_id(store.project, sample_id, name),
+            }  # fmt: skip
             blobs.append((entry["blob_id"], f"{record['dataset']}/{sample_id}/{name}", data, {"kind": "sample-array", "sha256": digest, "sample_id": sample_id}))
         arrays[name] = entry
         total += entry["nbytes"]
@@ -86,7 +105,7 @@ def _prepare(received: Received, store: Store, now: datetime) -> tuple[dict[str,
             f"the sample's arrays hold {total} bytes together, over the {limit}-byte sample limit "
             "(TENSORDB_MAX_SAMPLE_BYTES): split the sample, or raise the limit"
         )
-    document = {
+    document: SampleDocument = {
         "_id": sample_id,
         "project": store.project,
         "dataset": record["dataset"],
@@ -106,7 +125,7 @@ def _prepare(received: Received, store: Store, now: datetime) -> tuple[dict[str,
     return document, blobs
 
 
-def _check_claims(store: Store, documents: list[dict[str, Any]]) -> dict[int, str]:
+def _check_claims(store: Store, documents: list[SampleDocument]) -> dict[int, str]:
     """The positions of documents whose claim-check blob is missing, another project's or
     sample's, or differs from its reference, with the reason (blobs are read as this project
     sees them)."""
@@ -145,11 +164,11 @@ def _check_claims(store: Store, documents: list[dict[str, Any]]) -> dict[int, st
     return broken
 
 
-def handle_samples(context: Any, batch: list[Received]) -> None:
+def handle_samples(context: ProcessorContext, batch: list[Received]) -> None:
     """Persist a batch of valid sample records and announce them (see the module docstring)."""
     store: Store = context.store
     now = datetime.now(UTC)
-    prepared: list[tuple[Received, dict[str, Any], list[tuple]]] = []
+    prepared: list[tuple[Received, SampleDocument, list[Blob]]] = []
     for received in batch:
         try:
             prepared.append((received, *_prepare(received, store, now)))
@@ -177,7 +196,7 @@ def handle_samples(context: Any, batch: list[Received]) -> None:
     announce(context, stored, now)
 
 
-def _reused_ids(store: Store, duplicates: list[dict[str, Any]]) -> dict[int, str]:
+def _reused_ids(store: Store, duplicates: list[SampleDocument]) -> dict[int, str]:
     """Which of the documents whose id was already stored hold different content, with the reason.
 
     A redelivery (same content) is what duplicates normally are, and changes nothing; an id reused
@@ -200,7 +219,7 @@ def _reused_ids(store: Store, duplicates: list[dict[str, Any]]) -> dict[int, str
     }
 
 
-def announce(context: Any, sample_ids: list[str], now: datetime) -> None:
+def announce(context: ProcessorContext, sample_ids: list[str], now: datetime) -> None:
     """Publish one ``data-imported`` event for those of ``sample_ids`` stored and not yet announced."""
     store: Store = context.store
     pending = list(store[SAMPLES].find({"_id": {"$in": sample_ids}, "announced": False}, {"dataset": 1}))
@@ -210,7 +229,7 @@ def announce(context: Any, sample_ids: list[str], now: datetime) -> None:
     context.publisher.publish(
         Topic.DATA_IMPORTED,
         {
-            "schema": "data-imported/1",
+            "schema": Schema.DATA_IMPORTED,
             "batch_id": "import-" + hashlib.sha256("\n".join(ids).encode()).hexdigest()[:32],
             "sample_ids": ids,
             "datasets": sorted({document["dataset"] for document in pending}),

@@ -8,24 +8,24 @@ job's checkpoint or another project's job.
 
 from __future__ import annotations
 
-from typing import Any
-
 from pymongo.errors import DuplicateKeyError
 
+from streams.processing import ProcessorContext
+from tensordb.errors import PolicyError
 from tensordb.infra.bus import Received
-from tensordb.jobs.queue import FINISHED, Jobs
+from tensordb.jobs.queue import JobEvent, Jobs, JobStatus
 from tensordb.loop import promotion
-from tensordb.loop.policies import Policies, PolicyError
+from tensordb.loop.policies import Policies
 
 
-def handle_job_events(context: Any, batch: list[Received]) -> None:
-    finished = [received.record["job_id"] for received in batch if received.record["event"] == FINISHED]
+def handle_job_events(context: ProcessorContext, batch: list[Received]) -> None:
+    finished = [received.valid_record["job_id"] for received in batch if received.valid_record["event"] == JobEvent.FINISHED]
     if not finished:
         return
     jobs = Jobs(context.store, context.publisher)
     registry = context.registry
     policies = Policies(context.store)
-    for job in jobs.collection.find({"_id": {"$in": finished}, "status": FINISHED, "policy": {"$ne": None}}):
+    for job in jobs.collection.find({"_id": {"$in": finished}, "status": JobStatus.FINISHED, "policy": {"$ne": None}}):
         try:
             policy = policies.get(job["policy"])
         except PolicyError:

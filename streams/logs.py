@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 from streams.consumer import TopicProcessor
+from streams.processing import ProcessorContext
 from tensordb.config import Settings, Topic
 from tensordb.errors import StorageError
 from tensordb.infra.bus import Received
@@ -52,7 +53,7 @@ def log_document(project: str, record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def handle_logs(context: Any, batch: list[Received]) -> None:
+def handle_logs(context: ProcessorContext, batch: list[Received]) -> None:
     """Persist a batch of valid log records (see the module docstring)."""
     chunks = [batch[start : start + INSERT_CHUNK] for start in range(0, len(batch), INSERT_CHUNK)]
     if len(chunks) == 1:
@@ -64,9 +65,9 @@ def handle_logs(context: Any, batch: list[Received]) -> None:
         insert.result()  # the first error, if any: the caller retries the whole batch (idempotently)
 
 
-def _insert_chunk(context: Any, chunk: list[Received]) -> None:
+def _insert_chunk(context: ProcessorContext, chunk: list[Received]) -> None:
     store: Store = context.store
-    _, refused = insert_new(store[LOGS], [log_document(store.project, received.record) for received in chunk])
+    _, refused = insert_new(store[LOGS], [log_document(store.project, received.valid_record) for received in chunk])
     if refused:
         context.dead_letters.divert_many([(chunk[index], StorageError(reason)) for index, reason in refused.items()])
 

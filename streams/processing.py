@@ -25,7 +25,7 @@ from tensordb.config import Settings
 from tensordb.errors import DeliveryError
 from tensordb.infra.bus import Publisher, Received
 from tensordb.infra.dead_letters import DeadLetters
-from tensordb.infra.store import Store
+from tensordb.infra.store import PROGRESS, Store
 from tensordb.models.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 Handler = Callable[["ProcessorContext", list[Received]], None]
 T = TypeVar("T")
 
-PROGRESS = "processor_progress"
 #: MongoDB error codes of a server that is shutting down, starting, or changing primary.
 _TRANSIENT_CODES = {6, 7, 89, 91, 189, 9001, 10107, 11600, 11602, 13435, 13436}
 #: How long a processor's MongoDB calls wait for a server before counting as an outage, so that a

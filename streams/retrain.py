@@ -10,12 +10,11 @@ its cohort when it starts) instead of queueing another. Time-based triggers run 
 
 from __future__ import annotations
 
-from typing import Any
-
+from streams.processing import ProcessorContext
 from tensordb.data.cohorts import cohort_from_spec
 from tensordb.data.samples import SAMPLES
 from tensordb.infra.bus import Received
-from tensordb.jobs.queue import PENDING, RUNNING, Jobs
+from tensordb.jobs.queue import Jobs, JobStatus
 from tensordb.loop.policies import Policies, Policy
 
 
@@ -35,10 +34,10 @@ def submit_training(jobs: Jobs, policy: Policy, reason: str) -> str:
 
 def maybe_trigger(jobs: Jobs, policies: Policies, policy: Policy, threshold: int | None, reason: str) -> str | None:
     """Submit a train job if the policy has no pending job and room for one; returns its id."""
-    if jobs.collection.count_documents({"project": jobs.store.project, "policy": policy.name, "status": PENDING}, limit=1):
+    if jobs.collection.count_documents({"project": jobs.store.project, "policy": policy.name, "status": JobStatus.PENDING}, limit=1):
         policies.absorb(policy.name)  # the pending job will read these samples when it starts
         return None
-    running = jobs.collection.count_documents({"project": jobs.store.project, "policy": policy.name, "kind": "train", "status": RUNNING})
+    running = jobs.collection.count_documents({"project": jobs.store.project, "policy": policy.name, "kind": "train", "status": JobStatus.RUNNING})
     if running >= policy.max_concurrent_jobs:
         return None  # the counter stays; the next import re-checks
     if not policies.take_trigger(policy.name, threshold):
@@ -46,14 +45,14 @@ def maybe_trigger(jobs: Jobs, policies: Policies, policy: Policy, threshold: int
     return submit_training(jobs, policy, reason)
 
 
-def handle_imports(context: Any, batch: list[Received]) -> None:
+def handle_imports(context: ProcessorContext, batch: list[Received]) -> None:
     """Count each import batch towards every active sample-triggered policy."""
     policies = Policies(context.store)
     jobs = Jobs(context.store, context.publisher)
     active = [Policies.policy(document) for document in policies.list(include_paused=False)]
     counted = [policy for policy in active if "every_samples" in policy.trigger]
     for received in batch:
-        event = received.record
+        event = received.valid_record
         for policy in counted:
             training = cohort_from_spec(context.store, policy.training)
             query = {"$and": [training.query(), {"_id": {"$in": event["sample_ids"]}}]}
@@ -64,7 +63,7 @@ def handle_imports(context: Any, batch: list[Received]) -> None:
                 maybe_trigger(jobs, policies, policy, threshold, f"{total} new samples (threshold {threshold})")
 
 
-def run_timed_triggers(context: Any) -> None:
+def run_timed_triggers(context: ProcessorContext) -> None:
     """Start a round for every active time-triggered policy whose period has passed."""
     policies = Policies(context.store)
     jobs = Jobs(context.store, context.publisher)

@@ -22,7 +22,7 @@ from tensordb.data.samples import ArrayLike, build_sample, publish_samples
 from tensordb.errors import ConfigurationError
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store
-from tensordb.jobs.queue import Jobs
+from tensordb.jobs.queue import JobDocument, Jobs
 from tensordb.models.registry import ModelRegistry
 from tensordb.runs.runlog import RunLogger, delete_logs, read_logs
 
@@ -254,15 +254,15 @@ class TensorDB:
         """
         return self.jobs.submit(kind, **spec)
 
-    def cancel_job(self, job_id: str) -> dict[str, Any]:
+    def cancel_job(self, job_id: str) -> JobDocument:
         """Cancel a pending job now, or ask a running one to stop at its next step; returns its document."""
         return self.jobs.cancel(job_id)
 
-    def wait_for_jobs(self, job_ids: Iterable[str], timeout: float = 600.0) -> list[dict[str, Any]]:
+    def wait_for_jobs(self, job_ids: Iterable[str], timeout: float = 600.0) -> list[JobDocument]:
         """Block until every job has ended (``JobError`` after ``timeout`` seconds); returns their documents."""
         return self.jobs.wait(job_ids, timeout)
 
-    def list_jobs(self, status: str | Iterable[str] | None = None, name: str | None = None, **filters: Any) -> list[dict]:
+    def list_jobs(self, status: str | Iterable[str] | None = None, name: str | None = None, **filters: Any) -> list[JobDocument]:
         """Jobs newest first, by status (one or several), name and field equalities."""
         return self.jobs.list(status, name, **filters)
 

@@ -29,6 +29,10 @@ class DecodeError(TensorDBError, ValueError):
     """Bytes read from a topic are not a JSON object."""
 
 
+class UnreachableError(TensorDBError):
+    """Kafka or MongoDB did not answer in time; the message says where TensorDB looked."""
+
+
 class DeliveryError(TensorDBError):
     """The broker did not acknowledge one or more produced records."""
 
@@ -99,6 +103,46 @@ def describe_error(error: BaseException) -> str:
         f"the record could not be processed ({type(error).__name__}: {error}); if the record is valid this is "
         "a TensorDB bug: report it with this dead letter's id"
     )
+
+
+class ArrayCodecError(TensorDBError, ValueError):
+    """An array cannot be stored safely (object dtype) or stored bytes are not a valid ``.npy``."""
+
+
+class SampleError(TensorDBError, ValueError):
+    """A sample's arrays are inconsistent (bytes vs dtype/shape) or its blob reference is broken."""
+
+
+class ModelNotFoundError(TensorDBError, LookupError):
+    """The model version named does not exist in this project."""
+
+
+class ModelFormatError(TensorDBError, ValueError):
+    """A model cannot be stored safely, or a stored one cannot be rebuilt."""
+
+
+class JobError(TensorDBError):
+    """A job cannot be submitted, found or changed as asked."""
+
+
+class JobSpecError(TensorDBError, ValueError):
+    """A job's model or data specification cannot be used; the message says what to change."""
+
+
+class TaskScriptError(TensorDBError, RuntimeError):
+    """The task script exited with an error; the message carries the end of its output."""
+
+
+class PolicyError(TensorDBError, ValueError):
+    """A policy is malformed, missing, or cannot be changed as asked."""
+
+
+class DrainError(TensorDBError):
+    """The processors did not store every record within the time allowed."""
+
+
+class EntryPointError(TensorDBError, ValueError):
+    """An entry point is malformed, cannot be imported here, or does not take the arguments given."""
 
 
 class UntrustedCodeError(TensorDBError):

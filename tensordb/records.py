@@ -7,6 +7,7 @@ again on receipt, because any Kafka client may publish to a TensorDB topic.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from functools import cache
 from typing import Any
 
@@ -19,15 +20,29 @@ from schemas import load_schema
 from tensordb.config import Topic
 from tensordb.errors import DecodeError, ValidationError
 
-#: The record type each topic carries, at the version this code reads and writes.
-TOPIC_RECORDS: dict[Topic, str] = {
-    Topic.INGEST: "sample/1",
-    Topic.DATA_IMPORTED: "data-imported/1",
-    Topic.JOB_REQUESTS: "job-request/1",
-    Topic.JOB_EVENTS: "job-event/1",
-    Topic.LOGS: "log/1",
-    Topic.MODEL_EVENTS: "model-event/1",
-    Topic.DEAD_LETTERS: "dead-letter/1",
+
+class Schema(StrEnum):
+    """The schema id (``"<type>/<version>"``) of each record type this code reads and writes: the
+    value of every record's ``schema`` field, and the file it is checked against (``schemas/``)."""
+
+    SAMPLE = "sample/1"
+    DATA_IMPORTED = "data-imported/1"
+    JOB_REQUEST = "job-request/1"
+    JOB_EVENT = "job-event/1"
+    LOG = "log/1"
+    MODEL_EVENT = "model-event/1"
+    DEAD_LETTER = "dead-letter/1"
+
+
+#: The record type each topic carries.
+TOPIC_RECORDS: dict[Topic, Schema] = {
+    Topic.INGEST: Schema.SAMPLE,
+    Topic.DATA_IMPORTED: Schema.DATA_IMPORTED,
+    Topic.JOB_REQUESTS: Schema.JOB_REQUEST,
+    Topic.JOB_EVENTS: Schema.JOB_EVENT,
+    Topic.LOGS: Schema.LOG,
+    Topic.MODEL_EVENTS: Schema.MODEL_EVENT,
+    Topic.DEAD_LETTERS: Schema.DEAD_LETTER,
 }
 
 

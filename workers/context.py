@@ -11,7 +11,7 @@ from typing import Any
 
 from tensordb.config import Settings
 from tensordb.infra.store import Store
-from tensordb.jobs.queue import Jobs
+from tensordb.jobs.queue import JobDocument, Jobs
 from tensordb.models.registry import ModelRegistry
 from tensordb.runs.runlog import RunLogger
 
@@ -24,7 +24,7 @@ class JobCancelled(Exception):
 class JobContext:
     """What a job runner gets: the job, the shared services and the stop signal."""
 
-    job: dict[str, Any]
+    job: JobDocument
     worker: str
     settings: Settings
     store: Store

@@ -10,10 +10,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tensordb.data.cohorts import cohort_from_spec
+from tensordb.errors import JobSpecError
+from tensordb.loop.promotion import EVALUATIONS
 from workers.context import JobContext
-from workers.training import JobSpecError
-
-EVALUATIONS = "evaluations"
 
 
 def _versions(context: JobContext, target: dict[str, Any]) -> list[int]:
@@ -45,7 +44,8 @@ def run_evaluation(context: JobContext) -> dict[str, Any]:
         model = context.registry.find(name=name, version=version)
         if model is None:
             raise JobSpecError(f"model {name!r} has no version {version}")
-        metrics = {key: float(value) for key, value in model.evaluate(cohort.to_tf_dataset(batch_size), return_dict=True, verbose=0).items()}
+        # named by Keras, so any name may come back: ``log`` checks them (``Any``: not its keywords' types)
+        metrics: dict[str, Any] = {key: float(value) for key, value in model.evaluate(cohort.to_tf_dataset(batch_size), return_dict=True, verbose=0).items()}
         context.logger.log(step=step, phase="test", **metrics)
         context.store[EVALUATIONS].replace_one(
             {"_id": f"{context.job_id}:{version}"},

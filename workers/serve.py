@@ -26,11 +26,13 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
 from tensordb.config import Settings, Topic
+from tensordb.errors import ModelNotFoundError
 from tensordb.infra.bus import Publisher, make_consumer, receive
 from tensordb.infra.http_guard import CSP, Guard, check_binding, server
 from tensordb.infra.store import Store
 from tensordb.loop.promotion import PRODUCTION
 from tensordb.models.registry import ModelRegistry
+from tensordb.records import Schema
 
 log = logging.getLogger(__name__)
 MAX_INSTANCES = 1024
@@ -78,6 +80,8 @@ class ModelHolder:
             if self.current is not None and self.current.version == version:
                 return False
             model = self.registry.find(name=self.name, version=version)
+            if model is None:  # deleted since the alias was read
+                raise ModelNotFoundError(f"model {self.name!r} has no version {version} (its alias {self.alias!r} names it)")
             model.predict_on_batch(np.zeros((1, *model.input_shape[1:]), dtype="float32"))  # warm up off the request path
             self.current = Serving(model, model.tensordb_info, datetime.now(UTC))
             self.swaps += 1
@@ -172,7 +176,7 @@ def follow_promotions(settings: Settings, holder: ModelHolder, stop: threading.E
         while not stop.is_set():
             promoted = any(
                 r.record and r.record["event"] == "promoted" and r.record["model_name"] == holder.name
-                for r in receive(consumer, "model-event/1", timeout=0.5)
+                for r in receive(consumer, Schema.MODEL_EVENT, timeout=0.5)
             )
             if promoted or time.monotonic() - last_check > ALIAS_CHECK_SECONDS:
                 last_check = time.monotonic()

@@ -18,14 +18,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tensordb.errors import TaskScriptError
 from tensordb.infra.trusted import resolve_task_script, task_environment
 from workers.context import JobCancelled, JobContext
 
 OUTPUT_TAIL = 4000
 
-
-class TaskScriptError(RuntimeError):
-    """The task script exited with an error; the message carries the end of its output."""
 
 
 def run_task(context: JobContext) -> dict[str, Any]:

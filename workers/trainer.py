@@ -13,15 +13,16 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from tensordb.config import Settings, Topic
 from tensordb.errors import UntrustedCodeError
 from tensordb.infra.bus import Publisher, make_consumer, receive
 from tensordb.infra.store import Store
-from tensordb.jobs.queue import Jobs
+from tensordb.jobs.queue import JobDocument, JobEvent, Jobs
 from tensordb.models.registry import ModelRegistry
+from tensordb.records import Schema
 from tensordb.runs.runlog import RunLogger
 from workers.context import JobCancelled, JobContext, Runner
 from workers.evaluation import run_evaluation
@@ -53,7 +54,7 @@ class Worker:
         self._stopping = threading.Event()
         self._current: JobContext | None = None
 
-    def run_one(self, name: str | None = None, sort: list[tuple[str, int]] | None = None) -> bool:
+    def run_one(self, name: str | None = None, sort: Sequence[tuple[str, int]] | None = None) -> bool:
         """Claim one pending job (of ``name``) and run it here; returns whether one ran."""
         job = self.jobs.claim(self.worker_id, self.lease_seconds, name=name, sort=sort)
         if job is None:
@@ -81,7 +82,7 @@ class Worker:
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="tensordb-job") as executor:
                 while not self._stopping.is_set():
-                    rang = any(True for _ in receive(consumer, "job-request/1", timeout=self.idle_scan_seconds))
+                    rang = any(True for _ in receive(consumer, Schema.JOB_REQUEST, timeout=self.idle_scan_seconds))
                     if rang:
                         consumer.commit(asynchronous=True)  # requests are doorbells; the jobs collection is the queue
                     job = self.jobs.claim(self.worker_id, self.lease_seconds)
@@ -99,7 +100,7 @@ class Worker:
             reaper.join(timeout=5)
             self.close()
 
-    def _run_job(self, job: dict[str, Any]) -> None:
+    def _run_job(self, job: JobDocument) -> None:
         logger = RunLogger(self.publisher, run_id=job["_id"], job_id=job["_id"])
         context = JobContext(job, self.worker_id, self.settings, self.store, self.jobs, self.registry, logger)
         self._current = context
@@ -107,7 +108,7 @@ class Worker:
         heartbeat.start()
         log.info("running %s job %s (attempt %s)", job["kind"], job["_id"], job["attempts"])
         try:
-            self.jobs.event(job["_id"], "started", attempt=job["attempts"], worker=self.worker_id)
+            self.jobs.event(job["_id"], JobEvent.STARTED, attempt=job["attempts"], worker=self.worker_id)
             result = self.runners[job["kind"]](context)
             logger.close()
             self.registry.wait()

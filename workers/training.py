@@ -15,14 +15,11 @@ from typing import Any
 import keras
 
 from tensordb.data.cohorts import Cohort, cohort_from_spec
-from tensordb.errors import TensorDBError
+from tensordb.errors import JobSpecError
 from tensordb.infra.trusted import call_entry_point, check_model_spec
+from tensordb.jobs.queue import JobEvent
 from tensordb.runs.keras_callback import TensorDBCallback
 from workers.context import JobContext
-
-
-class JobSpecError(TensorDBError, ValueError):
-    """A job's model or data specification cannot be used; the message says what to change."""
 
 
 def build_model(spec: dict[str, Any], hyperparameters: dict[str, Any], registry: Any) -> keras.Model:
@@ -84,6 +81,8 @@ def run_training(context: JobContext) -> dict[str, Any]:
     checkpoint = job.get("checkpoint")
     if checkpoint:  # resume: the parameters of the last saved epoch
         saved = context.registry.find(name=job["name"], version=checkpoint["model_version"])
+        if saved is None:
+            raise JobSpecError(f"the checkpoint of job {context.job_id}, model {job['name']!r} version {checkpoint['model_version']}, was deleted")
         model.set_weights(saved.get_weights())
         initial_epoch = checkpoint["epoch"] + 1
 
@@ -94,7 +93,7 @@ def run_training(context: JobContext) -> dict[str, Any]:
     steps_per_epoch = -(-train.count() // batch_size)
     lineage = {"job": context.job_id, "cohort": train.describe(), "attempt": job["attempts"]}
 
-    def save_epoch(model: keras.Model, epoch: int, logs: dict[str, float]) -> None:
+    def save_epoch(model: keras.Model, epoch: int, logs: dict[str, Any]) -> None:
         future = context.registry.save_async(model, job["name"], epoch=epoch, job_id=context.job_id, lineage={**lineage, "epoch": epoch}, **logs)
 
         def remember(done: Any) -> None:
@@ -104,7 +103,7 @@ def run_training(context: JobContext) -> dict[str, Any]:
 
         future.add_done_callback(remember)
         context.jobs.record_progress(context.job_id, context.worker, epoch=epoch, metrics=logs)
-        context.jobs.event(context.job_id, "epoch", attempt=job["attempts"], worker=context.worker, detail={"epoch": epoch, **logs})
+        context.jobs.event(context.job_id, JobEvent.EPOCH, attempt=job["attempts"], worker=context.worker, detail={"epoch": epoch, **logs})
 
     callback = TensorDBCallback(context.logger, on_epoch_saved=save_epoch)
     callback.global_step = initial_epoch * steps_per_epoch  # a resumed run numbers its steps as the first did

@@ -27,7 +27,8 @@ from tensordb.config import Settings, Topic, mask_uri
 from tensordb.infra.bus import create_topics
 from tensordb.infra.dead_letters import COLLECTION as DEAD_LETTERS
 from tensordb.loop.policies import Policies, Policy
-from tensordb.loop.promotion import DECISIONS, PRODUCTION
+from tensordb.loop.promotion import DECISIONS, EVALUATIONS, PRODUCTION
+from tensordb.records import Schema
 from tensordb.services import LocalServices
 from tensordb.services.apps import running_apps
 from tensordb.services.process import free_port, port_is_free
@@ -134,7 +135,7 @@ def run_demo(base_settings: Settings) -> int:
         ))  # fmt: skip
         timeline.say(f"policy {POLICY!r}: retrain every {policy.trigger['every_samples']} new digits, promote if validation accuracy is higher")
         _publish_wave(db, x, y, validation, "digits-validation")
-        broken = orjson.dumps({"schema": "sample/1", "dataset": "digits", "arrays": {"image": {"dtype": "uint8", "shape": [8, 8], "data": "AAA="}}})
+        broken = orjson.dumps({"schema": Schema.SAMPLE, "dataset": "digits", "arrays": {"image": {"dtype": "uint8", "shape": [8, 8], "data": "AAA="}}})
         db.publisher.publish_bytes(settings.topic(Topic.INGEST), broken)
         db.flush()
         timeline.say(f"published {len(validation)} validation digits, and one broken record (2 bytes for an 8×8 image)")
@@ -175,7 +176,7 @@ def run_demo(base_settings: Settings) -> int:
 
 def _print_summary(db: TensorDB, rounds: list[dict[str, Any]], shown: list[int], y: np.ndarray) -> None:
     production = db.models.alias(POLICY, PRODUCTION)
-    scores = {doc["version"]: doc["metrics"] for doc in db.store["evaluations"].find({"policy": POLICY})}
+    scores = {doc["version"]: doc["metrics"] for doc in db.store[EVALUATIONS].find({"policy": POLICY})}
     decided = {d["candidate"]["version"]: d for d in _decisions(db)}
     versions = db.models.versions(POLICY)
     candidates = [info for info in versions if info["version"] in scores or info["version"] in decided]

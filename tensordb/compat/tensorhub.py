@@ -25,9 +25,9 @@ from tensordb.client import TensorDB
 from tensordb.config import Settings
 from tensordb.data import datasets
 from tensordb.data.datasets import Dataset, Datasets
-from tensordb.errors import QueryError
+from tensordb.errors import JobError, QueryError
 from tensordb.infra.bus import create_topics
-from tensordb.jobs.queue import UNFINISHED, JobError, Jobs
+from tensordb.jobs.queue import UNFINISHED, Jobs
 from tensordb.models import registry
 from tensordb.models.registry import ModelRegistry
 from tensordb.runs.runlog import RunLogger

@@ -21,7 +21,6 @@ from typing import Any, TypeAlias
 
 import numpy as np
 from bson import ObjectId
-from pymongo.collection import Collection
 
 from tensordb.errors import QueryError
 from tensordb.infra import versioning
@@ -55,7 +54,7 @@ class Datasets:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.project = store.project
-        self.collection: Collection = store[COLLECTION]
+        self.collection = store[COLLECTION]
 
     def save(self, dataset: Dataset, name: str, version: Version | None = None, **meta: Any) -> dict[str, Any]:
         """Store ``dataset`` under ``name`` with ``meta`` as extra fields; returns its document.

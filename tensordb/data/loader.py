@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from tensordb.data.samples import to_array
-from tensordb.errors import IntegrityError, QueryError, TensorDBError
+from tensordb.errors import IntegrityError, QueryError
 from tensordb.infra.codecs import xxh3_hex
 from tensordb.infra.store import Store
 
@@ -30,11 +30,15 @@ Batch = tuple[np.ndarray, np.ndarray | None]
 
 class SampleSource(Protocol):
     """What the loader reads: a cohort (:class:`tensordb.data.cohorts.Cohort`), which builds its
-    streams from this module; the loader needs only its documents, store and array names."""
+    streams from this module; the loader needs only its documents, store and array names (read-only:
+    a cohort is frozen)."""
 
-    store: Store
-    x: str
-    y: str | None
+    @property
+    def store(self) -> Store: ...
+    @property
+    def x(self) -> str: ...
+    @property
+    def y(self) -> str | None: ...
 
     def documents(self, projection: Mapping[str, Any] | None = None, batch_size: int = 1000) -> Iterator[dict]: ...
 
@@ -125,7 +129,7 @@ class CohortStream:
         try:
             specs = [document["arrays"][x_name] for document in metadata]
         except KeyError:
-            raise TensorDBError(
+            raise QueryError(
                 f"a sample of this cohort has no array {x_name!r}: filter the cohort to samples that have it "
                 f"(e.g. {{'arrays.{x_name}': {{'$exists': true}}}}) or choose another x"
             ) from None
@@ -134,7 +138,7 @@ class CohortStream:
         x = np.empty((len(specs), *first["shape"]), dtype=np.dtype(first["dtype"]))
         for slot, (document, spec) in enumerate(zip(metadata, specs, strict=True)):
             if spec["shape"] != first["shape"] or spec["dtype"] != first["dtype"]:
-                raise TensorDBError(
+                raise QueryError(
                     f"sample {document['_id']} has {spec['dtype']}{spec['shape']} but the batch started with "
                     f"{first['dtype']}{first['shape']}: cohorts stream samples of one shape and dtype"
                 )
@@ -150,7 +154,7 @@ class CohortStream:
             return x, None
         y = np.asarray([document.get("labels", {}).get(y_name) for document in metadata])
         if y.dtype == object:
-            raise TensorDBError(f"some samples of this cohort have no label {y_name!r}: filter them out or set y=None")
+            raise QueryError(f"some samples of this cohort have no label {y_name!r}: filter them out or set y=None")
         return x, y
 
     def __iter__(self) -> Iterator[Batch]:
@@ -190,7 +194,7 @@ def to_tf_dataset(cohort: SampleSource, batch_size: int = 32, **options: Any) ->
     projection = {f"arrays.{cohort.x}": 1, **({f"labels.{cohort.y}": 1} if cohort.y else {})}
     first = next(iter(cohort.documents(projection, batch_size=1)), None)
     if first is None:
-        raise TensorDBError("this cohort has no samples yet: publish data or widen its filter")
+        raise QueryError("this cohort has no samples yet: publish data or widen its filter")
     spec = first["arrays"][cohort.x]
     x_spec = tf.TensorSpec((None, *spec["shape"]), tf.as_dtype(np.dtype(spec["dtype"])))
     if cohort.y is None:

@@ -14,24 +14,65 @@ import math
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 import orjson
+from bson import ObjectId
 
 from tensordb.config import Topic
-from tensordb.errors import TensorDBError
+from tensordb.errors import SampleError
 from tensordb.infra.bus import Publisher
 from tensordb.infra.codecs import xxh3_hex
 from tensordb.infra.store import Store
+from tensordb.records import Schema
 
 ArrayLike = np.ndarray | Mapping[str, np.ndarray]
 SPLIT_KEY_RANGE = 1_000_000
 SAMPLES = "samples"
 
 
-class SampleError(TensorDBError, ValueError):
-    """A sample's arrays are inconsistent (bytes vs dtype/shape) or its blob reference is broken."""
+class StoredArray(TypedDict):
+    """One array of a stored sample: its bytes are the GridFS blob ``blob_id``."""
+
+    dtype: str
+    shape: list[int]
+    nbytes: int
+    sha256: str
+    blob_id: ObjectId
+    #: whether the SDK uploaded the blob before publishing (else ingest wrote it from inline bytes)
+    claim_check: bool
+    #: recorded at upload; reads check it instead of the slower sha256 (absent on older samples)
+    xxh3: NotRequired[str]
+
+
+class SampleOrigin(TypedDict):
+    topic: str
+    partition: int
+    offset: int
+
+
+class SampleDocument(TypedDict):
+    """A document of the ``samples`` collection, as the ingest processor stores a ``sample/1`` record."""
+
+    _id: str
+    project: str
+    dataset: str
+    version: str | int | None
+    arrays: dict[str, StoredArray]
+    labels: dict[str, Any]
+    metadata: dict[str, Any]
+    tags: list[str]
+    source: str
+    published_at: str | None
+    imported_at: datetime
+    split_key: int
+    origin: SampleOrigin
+    #: whether a ``data-imported`` event announced it (see :mod:`streams.ingest`)
+    announced: bool
+    #: the sha256 of what the sample holds, computed from the rest when it is stored
+    fingerprint: NotRequired[str]
+
 
 
 def _named(value: Any, default_name: str) -> dict[str, Any]:
@@ -86,7 +127,7 @@ def build_sample(
             spec.update(blob_id=str(blob_id), sha256=digest, nbytes=len(data))
         specs[name] = spec
     record: dict[str, Any] = {
-        "schema": "sample/1",
+        "schema": Schema.SAMPLE,
         "sample_id": sample_id,
         "dataset": dataset,
         "arrays": {name: specs[name] for name in named},  # keep the caller's order

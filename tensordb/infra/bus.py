@@ -25,6 +25,7 @@ from tensordb.errors import (
     FatalClientError,
     RecordTooLargeError,
     TensorDBError,
+    UnreachableError,
     ValidationError,
 )
 
@@ -41,7 +42,7 @@ def create_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
     try:
         existing = admin.list_topics(timeout=timeout).topics
     except KafkaException as exc:
-        raise TensorDBError(
+        raise UnreachableError(
             f"cannot reach Kafka at {settings.kafka_bootstrap} ({exc.args[0].str()}): start the local services "
             "with `tensordb services up`, or set TENSORDB_KAFKA_BOOTSTRAP to your brokers"
         ) from exc
@@ -255,6 +256,13 @@ class Received:
     #: the broker's timestamp (ms): with the position, it tells a redelivery from a new record
     timestamp: int = 0
 
+    @property
+    def valid_record(self) -> dict[str, Any]:
+        """The record, for code given only valid messages (the handlers); raises the message's error otherwise."""
+        if self.record is None:
+            raise self.error or DecodeError("the message carries no record")
+        return self.record
+
 
 def receive(consumer: Consumer, schema_id: str, timeout: float = 1.0, max_messages: int = 500) -> Iterator[Received]:
     """Wait up to ``timeout`` for messages and yield each decoded and validated against ``schema_id``.
@@ -284,10 +292,12 @@ def receive(consumer: Consumer, schema_id: str, timeout: float = 1.0, max_messag
             record = records.decode(message.value(), schema_id)
         except (DecodeError, ValidationError) as exc:
             decode_error = exc
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        assert topic is not None and partition is not None and offset is not None  # set on every message without an error
         yield Received(
-            message.topic(),
-            message.partition(),
-            message.offset(),
+            topic,
+            partition,
+            offset,
             message.key(),
             message.value(),
             record,

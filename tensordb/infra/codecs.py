@@ -8,11 +8,7 @@ import io
 import numpy as np
 import xxhash
 
-from tensordb.errors import TensorDBError
-
-
-class ArrayCodecError(TensorDBError, ValueError):
-    """An array cannot be stored safely (object dtype) or stored bytes are not a valid ``.npy``."""
+from tensordb.errors import ArrayCodecError
 
 
 def array_to_npy(array: np.ndarray) -> bytes:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +26,7 @@ from tensordb.config import Topic
 from tensordb.errors import describe_error
 from tensordb.infra.bus import Publisher, Received
 from tensordb.infra.store import Store, insert_ignoring_duplicates
+from tensordb.records import Schema
 
 COLLECTION = "dead_letters"
 #: Longest reason kept whole; longer ones (e.g. quoting a huge value) are cut, saying so.
@@ -60,7 +62,7 @@ class DeadLetters:
         """Record ``received`` as a dead letter because of ``error``; returns the dead-letter record."""
         return self.divert_many([(received, error)])[0]
 
-    def divert_many(self, letters: list[tuple[Received, BaseException]]) -> list[dict[str, Any]]:
+    def divert_many(self, letters: Sequence[tuple[Received, BaseException]]) -> list[dict[str, Any]]:
         """Set many records aside in one write; returns their dead-letter records.
 
         Parameters
@@ -83,7 +85,7 @@ class DeadLetters:
         identifier = letter_id(received)
         original = received.value or b""
         record: dict[str, Any] = {
-            "schema": "dead-letter/1",
+            "schema": Schema.DEAD_LETTER,
             "id": identifier,
             "reason": _short(describe_error(error)),
             "error_type": type(error).__name__,

@@ -24,7 +24,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
@@ -34,9 +34,11 @@ from tensordb.errors import ConfigurationError
 if TYPE_CHECKING:
     import uvicorn
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+# the ASGI specification's types (as Starlette spells them), so any ASGI app fits
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
@@ -288,7 +290,7 @@ class _Exchange:
         self.started = False
         self.refused = False
 
-    async def receive(self) -> dict[str, Any]:
+    async def receive(self) -> Message:
         if self.refused:
             return {"type": "http.disconnect"}
         message = await self._receive()
@@ -301,7 +303,7 @@ class _Exchange:
                 return {"type": "http.disconnect"}
         return message
 
-    async def send(self, message: dict[str, Any]) -> None:
+    async def send(self, message: Message) -> None:
         if self.refused:
             return
         if message["type"] == "http.response.start":

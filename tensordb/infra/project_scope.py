@@ -229,12 +229,12 @@ class ProjectCollection:
         self,
         filter: Mapping[str, Any],
         update: Mapping[str, Any],
-        *args: Any,
+        *,
         return_document: bool = ReturnDocument.BEFORE,
         **kwargs: Any,
     ) -> dict[str, Any] | None:
         document = self.collection.find_one_and_update(
-            self.scope_filter(filter), self._checked_update(update), *args, return_document=return_document, **kwargs
+            self.scope_filter(filter), self._checked_update(update), return_document=return_document, **kwargs
         )
         return self._returned(document)
 

@@ -6,6 +6,7 @@ Every blob carries its sha256, checked on read, so corruption is an error, never
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -82,9 +83,15 @@ INDEXES: dict[str, list[IndexModel]] = {
 }
 
 BLOB_BUCKET = "blobs"
+#: Each processor's last stored offset per partition (written by streams.processing, shown by the dashboard).
+PROGRESS = "processor_progress"
 #: Chunk size of blobs TensorDB writes: one chunk (one document) for all but the largest arrays,
 #: so reading a batch of samples costs one query instead of one per sample.
 CHUNK_BYTES = 4 * 1024 * 1024
+#: A blob to write: (id, filename, bytes, metadata).
+Blob = tuple[ObjectId, str, bytes, dict[str, Any]]
+#: Where :func:`insert_new` writes: a project's view, or a raw collection (blob chunks carry no project).
+Insertable = ProjectCollection | Collection[Mapping[str, Any]]
 DUPLICATE_KEY = 11000
 NAMESPACE_EXISTS = 48
 
@@ -185,7 +192,7 @@ class Store:
     def get_array(self, blob_id: ObjectId | str, sha256: str | None = None) -> np.ndarray:
         return npy_to_array(self.get_bytes(blob_id, sha256))
 
-    def write_blobs(self, blobs: list[tuple[ObjectId, str, bytes, dict[str, Any]]]) -> None:
+    def write_blobs(self, blobs: list[Blob]) -> None:
         """Write many small blobs in two round trips, as standard GridFS files readable by any tool.
 
         Each blob is (id, filename, bytes, metadata). Ids are chosen by the caller (deterministic),
@@ -255,7 +262,7 @@ def durable_writes(mongo_uri: str) -> dict[str, Any]:
     return {"w": "majority", "journal": True}
 
 
-def insert_new(collection: Collection, documents: list[dict[str, Any]]) -> tuple[set[int], dict[int, str]]:
+def insert_new(collection: Insertable, documents: Sequence[Mapping[str, Any]]) -> tuple[set[int], dict[int, str]]:
     """Insert documents, each on its own: returns the positions of duplicates and of refusals.
 
     A document whose unique key exists already is a duplicate (skipped: idempotent writes); one
@@ -279,7 +286,7 @@ def insert_new(collection: Collection, documents: list[dict[str, Any]]) -> tuple
     return set(), {}
 
 
-def insert_ignoring_duplicates(collection: Collection, documents: list[dict[str, Any]]) -> set[int]:
+def insert_ignoring_duplicates(collection: Insertable, documents: Sequence[Mapping[str, Any]]) -> set[int]:
     """Insert documents whose unique key is new (see :func:`insert_new`); returns the duplicates'
     positions, and raises :class:`~tensordb.errors.StorageError` if MongoDB refused any."""
     duplicates, refused = insert_new(collection, documents)

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from tensordb.config import MASK, Settings, mask_options
-from tensordb.errors import TensorDBError, UntrustedCodeError
+from tensordb.errors import EntryPointError, UntrustedCodeError
 
 #: TensorDB's own example builders, trusted without configuration (never the whole package).
 ALWAYS_TRUSTED = frozenset({"tensordb.models.examples:digits_mlp"})
@@ -42,9 +42,6 @@ _ENTRY_POINT = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 #: MongoDB URI options that hold secrets (tlsCertificateKeyFilePassword, AWS session tokens...).
 _SECRET_URI_OPTION = re.compile(r"(password|secret|token|credentials?|authMechanismProperties)$", re.IGNORECASE)
 
-
-class EntryPointError(TensorDBError, ValueError):
-    """An entry point is malformed, cannot be imported here, or does not take the arguments given."""
 
 
 def trusts(module: str, prefixes: tuple[str, ...]) -> bool:

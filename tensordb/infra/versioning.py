@@ -41,12 +41,15 @@ def next_version(store: Store, kind: str, name: str, at_least: int | None = None
     updated = store[COUNTERS].find_one_and_update(
         counter, {"$inc": {"last": 1}}, upsert=True, return_document=ReturnDocument.AFTER
     )
-    return updated["last"]
+    assert updated is not None  # an upsert returning the document AFTER always has one
+    return int(updated["last"])
 
 
-def check_name(name: object, what: str) -> None:
+def check_name(name: object, what: str) -> str:
+    """``name`` if it can name a ``what``; raises :class:`QueryError` otherwise."""
     if not isinstance(name, str) or not name or "\0" in name:
         raise QueryError(f"{what} names are non-empty strings without NUL characters; got {name!r}")
+    return name
 
 
 def check_fields(fields: dict[str, Any], what: str, reserved: Iterable[str] = ()) -> None:

@@ -12,33 +12,109 @@ the reaper and resumes from its last saved epoch. Lifecycle::
 
 from __future__ import annotations
 
+import builtins
 import socket
 import time
 import traceback as traceback_module
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from enum import StrEnum
+from typing import Any, Literal, TypedDict, cast
 
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 
 from tensordb import records
 from tensordb.config import Topic
-from tensordb.errors import QueryError, TensorDBError
+from tensordb.errors import JobError, QueryError
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store
 from tensordb.infra.trusted import check_submitted_job
 
 JOBS = "jobs"
-PENDING, RUNNING, FINISHED, FAILED, CANCELLED = "pending", "running", "finished", "failed", "cancelled"
-UNFINISHED = (PENDING, RUNNING)
-STATUSES = (PENDING, RUNNING, FINISHED, FAILED, CANCELLED)
+
+
+class JobStatus(StrEnum):
+    """A job's ``status`` field (the module docstring draws how it changes)."""
+
+    PENDING = "pending"  #: waiting for a worker (new, retried, or handed back)
+    RUNNING = "running"  #: claimed by a worker that holds its lease
+    FINISHED = "finished"  #: done; ``result`` holds what the runner returned
+    FAILED = "failed"  #: out of attempts, or refused for good; ``error`` says why
+    CANCELLED = "cancelled"  #: cancelled before or while running
+
+
+UNFINISHED = (JobStatus.PENDING, JobStatus.RUNNING)
+STATUSES = tuple(JobStatus)
+#: What :meth:`Jobs.fail` answers when the job is no longer this worker's (its lease was lost and
+#: the reaper, a cancel or another worker changed it): nothing was recorded. Never a stored status.
+LOST: Literal["lost"] = "lost"
+
+
+class JobEvent(StrEnum):
+    """The ``event`` of a ``job-event`` record: one step of a job's lifecycle."""
+
+    SUBMITTED = "submitted"
+    CLAIMED = "claimed"
+    STARTED = "started"
+    EPOCH = "epoch"
+    CHECKPOINT = "checkpoint"
+    FINISHED = "finished"
+    FAILED = "failed"
+    RETRYING = "retrying"  #: failed, re-queued for another attempt
+    CANCEL_REQUESTED = "cancel-requested"
+    CANCELLED = "cancelled"
+    REQUEUED = "requeued"  #: handed back (worker shutdown) or its lease expired
+
+
 CLAIM_ORDER = [("priority", DESCENDING), ("submitted_at", ASCENDING)]
 KINDS = ("train", "evaluate", "task")
 
 
-class JobError(TensorDBError):
-    """A job cannot be submitted, found or changed as asked."""
+class JobFailure(TypedDict):
+    """A failed attempt: the job's ``error``, and one entry of its ``history`` once retried."""
+
+    message: str
+    traceback: str
+    at: datetime
+    worker: str
+
+
+class JobCheckpoint(TypedDict):
+    """The last epoch whose parameters are saved (a re-run resumes after it)."""
+
+    epoch: int
+    model_version: int
+    at: datetime
+
+
+class JobDocument(TypedDict):
+    """A document of the ``jobs`` collection, as :meth:`Jobs.submit` stores it."""
+
+    _id: str
+    project: str
+    kind: str
+    name: str
+    description: str
+    policy: str | None
+    #: the job-request's model, data, hyperparameters, epochs, save_keys (and script for tasks)
+    spec: dict[str, Any]
+    priority: int
+    max_attempts: int
+    status: str  # a JobStatus value
+    attempts: int
+    worker: str | None
+    host: str | None
+    lease_until: datetime | None
+    cancel_requested: bool
+    progress: dict[str, Any]
+    checkpoint: JobCheckpoint | None
+    result: dict[str, Any] | None
+    error: JobFailure | None
+    submitted_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    history: list[JobFailure]
 
 
 def _equality(filters: Mapping[str, Any]) -> dict[str, Any]:
@@ -127,8 +203,8 @@ class Jobs:
             raise JobError("a task job needs script=<path of a Python file on the worker>")
         check_submitted_job(kind, model, script, self.store.settings)  # workers check again before running
         job_id = job_id or f"job-{uuid.uuid4().hex[:16]}"
-        request = {
-            "schema": "job-request/1",
+        request: dict[str, Any] = {
+            "schema": records.Schema.JOB_REQUEST,
             "job_id": job_id,
             "kind": kind,
             "name": name or kind,
@@ -145,48 +221,47 @@ class Jobs:
             request["script"] = script
         if policy:
             request["policy"] = policy
-        records.validate(request, "job-request/1")  # refuse bad jobs before anything is stored
+        records.validate(request, records.Schema.JOB_REQUEST)  # refuse bad jobs before anything is stored
         now = _now()
-        self.collection.insert_one(
-            {
-                "_id": job_id,
-                "project": self.store.project,
-                "kind": kind,
-                "name": request["name"],
-                "description": description,
-                "policy": policy,
-                "spec": {key: request[key] for key in ("model", "data", "hyperparameters", "epochs", "save_keys")}
-                | ({"script": script} if script else {}),
-                "priority": priority,
-                "max_attempts": max_attempts,
-                "status": PENDING,
-                "attempts": 0,
-                "worker": None,
-                "host": None,
-                "lease_until": None,
-                "cancel_requested": False,
-                "progress": {},
-                "checkpoint": None,
-                "result": None,
-                "error": None,
-                "submitted_at": now,
-                "started_at": None,
-                "finished_at": None,
-                "history": [],
-            }
-        )
+        document: JobDocument = {
+            "_id": job_id,
+            "project": self.store.project,
+            "kind": kind,
+            "name": request["name"],
+            "description": description,
+            "policy": policy,
+            "spec": {key: request[key] for key in ("model", "data", "hyperparameters", "epochs", "save_keys")}
+            | ({"script": script} if script else {}),
+            "priority": priority,
+            "max_attempts": max_attempts,
+            "status": JobStatus.PENDING,
+            "attempts": 0,
+            "worker": None,
+            "host": None,
+            "lease_until": None,
+            "cancel_requested": False,
+            "progress": {},
+            "checkpoint": None,
+            "result": None,
+            "error": None,
+            "submitted_at": now,
+            "started_at": None,
+            "finished_at": None,
+            "history": [],
+        }
+        self.collection.insert_one(document)
         self.publisher.publish(Topic.JOB_REQUESTS, request, key=job_id)
-        self.event(job_id, "submitted", attempt=0)
+        self.event(job_id, JobEvent.SUBMITTED, attempt=0)
         self.publisher.flush()
         return job_id
 
-    def get(self, job_id: str) -> dict[str, Any]:
+    def get(self, job_id: str) -> JobDocument:
         job = self.collection.find_one({"_id": job_id})
         if job is None:
             raise JobError(f"no job {job_id!r} in project {self.store.project!r}")
-        return job
+        return cast(JobDocument, job)
 
-    def list(self, status: str | Iterable[str] | None = None, name: str | None = None, **filters: Any) -> list[dict]:
+    def list(self, status: str | Iterable[str] | None = None, name: str | None = None, **filters: Any) -> builtins.list[JobDocument]:
         """Jobs newest first, filtered by status (one or several), name and equality filters."""
         query: dict[str, Any] = {}
         if status is not None:
@@ -198,7 +273,7 @@ class Jobs:
         if name is not None:
             query["name"] = name
         query.update(_equality(filters))
-        return list(self.collection.find(query).sort("submitted_at", DESCENDING))
+        return [cast(JobDocument, job) for job in self.collection.find(query).sort("submitted_at", DESCENDING)]
 
     def unfinished(self, name: str | None = None) -> bool:
         """Whether any job (of ``name``) is pending or running (TensorLayer's check_unfinished_task)."""
@@ -207,12 +282,12 @@ class Jobs:
             query["name"] = name
         return self.collection.count_documents(query, limit=1) > 0
 
-    def wait(self, job_ids: Iterable[str], timeout: float = 600.0, interval: float = 0.2) -> list[dict]:
+    def wait(self, job_ids: Iterable[str], timeout: float = 600.0, interval: float = 0.2) -> builtins.list[JobDocument]:
         """Block until every job has ended; returns their documents. Raises JobError on timeout."""
         ids = list(job_ids)
         deadline = time.monotonic() + timeout
         while True:
-            jobs = list(self.collection.find({"_id": {"$in": ids}}))
+            jobs = [cast(JobDocument, job) for job in self.collection.find({"_id": {"$in": ids}})]
             if len(jobs) == len(ids) and all(job["status"] not in UNFINISHED for job in jobs):
                 return sorted(jobs, key=lambda job: ids.index(job["_id"]))
             if time.monotonic() > deadline:
@@ -220,24 +295,24 @@ class Jobs:
                 raise JobError(f"jobs still unfinished after {timeout} s: {waiting}; are workers running?")
             time.sleep(interval)
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
+    def cancel(self, job_id: str) -> JobDocument:
         """Cancel a pending job at once; ask a running one to stop (its worker stops at the next step)."""
         job = self.collection.find_one_and_update(
-            {"_id": job_id, "status": PENDING},
-            {"$set": {"status": CANCELLED, "cancel_requested": True, "finished_at": _now()}},
+            {"_id": job_id, "status": JobStatus.PENDING},
+            {"$set": {"status": JobStatus.CANCELLED, "cancel_requested": True, "finished_at": _now()}},
             return_document=ReturnDocument.AFTER,
         )
         if job is None:
             job = self.collection.find_one_and_update(
-                {"_id": job_id, "status": RUNNING},
+                {"_id": job_id, "status": JobStatus.RUNNING},
                 {"$set": {"cancel_requested": True}},
                 return_document=ReturnDocument.AFTER,
             )
         if job is None:
             return self.get(job_id)  # already ended: nothing to cancel
-        self.event(job_id, "cancelled" if job["status"] == CANCELLED else "cancel-requested", attempt=job["attempts"])
+        self.event(job_id, JobEvent.CANCELLED if job["status"] == JobStatus.CANCELLED else JobEvent.CANCEL_REQUESTED, attempt=job["attempts"])
         self.publisher.flush()
-        return job
+        return cast(JobDocument, job)
 
     def delete(self, name: str | None = None, **filters: Any) -> int:
         """Delete ended jobs (running ones are left alone: cancel them first).
@@ -250,14 +325,14 @@ class Jobs:
 
     # -- the worker's side ---------------------------------------------------------------------
     def claim(
-        self, worker: str, lease_seconds: float, name: str | None = None, sort: list[tuple[str, int]] | None = None
-    ) -> dict[str, Any] | None:
+        self, worker: str, lease_seconds: float, name: str | None = None, sort: Sequence[tuple[str, int]] | None = None
+    ) -> JobDocument | None:
         """Atomically take the most urgent pending job (of ``name``) with a lease; None if none.
 
         ``sort`` overrides the order (priority, then oldest first); TensorLayer's ``time`` field
         is accepted as the submission time.
         """
-        query: dict[str, Any] = {"status": PENDING, "cancel_requested": False}
+        query: dict[str, Any] = {"status": JobStatus.PENDING, "cancel_requested": False}
         if name is not None:
             query["name"] = name
         order = [("submitted_at" if key == "time" else key, direction) for key, direction in sort or CLAIM_ORDER]
@@ -266,7 +341,7 @@ class Jobs:
             query,
             {
                 "$set": {
-                    "status": RUNNING,
+                    "status": JobStatus.RUNNING,
                     "worker": worker,
                     "host": socket.gethostname(),
                     "lease_until": now + timedelta(seconds=lease_seconds),
@@ -279,13 +354,13 @@ class Jobs:
             return_document=ReturnDocument.AFTER,
         )
         if job is not None:
-            self.event(job["_id"], "claimed", attempt=job["attempts"], worker=worker)
-        return job
+            self.event(job["_id"], JobEvent.CLAIMED, attempt=job["attempts"], worker=worker)
+        return cast(JobDocument | None, job)
 
     def heartbeat(self, job_id: str, worker: str, lease_seconds: float) -> dict[str, Any] | None:
         """Extend the lease; returns the job (check ``cancel_requested``), or None if the lease was lost."""
         return self.collection.find_one_and_update(
-            {"_id": job_id, "status": RUNNING, "worker": worker},
+            {"_id": job_id, "status": JobStatus.RUNNING, "worker": worker},
             {"$set": {"lease_until": _now() + timedelta(seconds=lease_seconds)}},
             projection={"cancel_requested": 1, "attempts": 1},
             return_document=ReturnDocument.AFTER,
@@ -293,63 +368,63 @@ class Jobs:
 
     def record_progress(self, job_id: str, worker: str, **progress: Any) -> None:
         self.collection.update_one(
-            {"_id": job_id, "worker": worker, "status": RUNNING},
+            {"_id": job_id, "worker": worker, "status": JobStatus.RUNNING},
             {"$set": {f"progress.{key}": value for key, value in progress.items()}},
         )
 
     def record_checkpoint(self, job_id: str, worker: str, epoch: int, model_version: int) -> None:
         """The last epoch whose parameters are saved: a re-run resumes after it."""
         self.collection.update_one(
-            {"_id": job_id, "worker": worker, "status": RUNNING},
+            {"_id": job_id, "worker": worker, "status": JobStatus.RUNNING},
             {"$set": {"checkpoint": {"epoch": epoch, "model_version": model_version, "at": _now()}}},
         )
 
     def finish(self, job_id: str, worker: str, result: Mapping[str, Any] | None = None) -> bool:
-        return self._end(job_id, worker, FINISHED, {"result": dict(result or {})})
+        return self._end(job_id, worker, JobStatus.FINISHED, {"result": dict(result or {})})
 
     def cancelled(self, job_id: str, worker: str) -> bool:
-        return self._end(job_id, worker, CANCELLED, {})
+        return self._end(job_id, worker, JobStatus.CANCELLED, {})
 
-    def fail(self, job_id: str, worker: str, error: BaseException | str, retryable: bool = True) -> str:
-        """Record a failure; re-queue the job if attempts remain. Returns the new status."""
+    def fail(self, job_id: str, worker: str, error: BaseException | str, retryable: bool = True) -> JobStatus | Literal["lost"]:
+        """Record a failure; re-queue the job if attempts remain. Returns the new status, or :data:`LOST`."""
         message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         trace = "" if isinstance(error, str) else "".join(traceback_module.format_exception(error))
         failure = {"error": {"message": message, "traceback": trace, "at": _now(), "worker": worker}}
-        job = self.collection.find_one({"_id": job_id, "worker": worker, "status": RUNNING}, {"attempts": 1, "max_attempts": 1})
+        job = self.collection.find_one({"_id": job_id, "worker": worker, "status": JobStatus.RUNNING}, {"attempts": 1, "max_attempts": 1})
         if job is None:
-            return "lost"
+            return LOST
         if retryable and job["attempts"] < job["max_attempts"]:
-            return PENDING if self._requeue({"_id": job_id, "worker": worker, "status": RUNNING}, failure, "retrying") else "lost"
-        return FAILED if self._end(job_id, worker, FAILED, failure) else "lost"
+            return JobStatus.PENDING if self._requeue({"_id": job_id, "worker": worker, "status": JobStatus.RUNNING}, failure, JobEvent.RETRYING) else LOST
+        return JobStatus.FAILED if self._end(job_id, worker, JobStatus.FAILED, failure) else LOST
 
     def release(self, job_id: str, worker: str) -> bool:
         """Hand a running job back to the queue without spending an attempt (worker shutdown)."""
         failure = {"error": {"message": f"worker {worker} shut down; the job was handed back", "traceback": "", "at": _now(), "worker": worker}}
-        return self._requeue({"_id": job_id, "worker": worker, "status": RUNNING}, failure, "requeued", refund_attempt=True)
+        return self._requeue({"_id": job_id, "worker": worker, "status": JobStatus.RUNNING}, failure, JobEvent.REQUEUED, refund_attempt=True)
 
-    def requeue_expired(self) -> list[str]:
+    def requeue_expired(self) -> builtins.list[str]:
         """The reaper: jobs whose lease expired (their worker died) go back to pending, or fail
         when out of attempts. Safe to run in every worker at once."""
-        requeued = []
+        requeued: builtins.list[str] = []
         while True:
-            expired = {"status": RUNNING, "lease_until": {"$lt": _now()}}
+            expired = {"status": JobStatus.RUNNING, "lease_until": {"$lt": _now()}}
             job = self.collection.find_one(expired, {"attempts": 1, "max_attempts": 1, "worker": 1})
             if job is None:
                 return requeued
             failure = {"error": {"message": f"lease expired: worker {job['worker']} stopped heartbeating", "traceback": "", "at": _now(), "worker": job["worker"]}}
             guard = {**expired, "_id": job["_id"], "worker": job["worker"]}
             if job["attempts"] < job["max_attempts"]:
-                if self._requeue(guard, failure, "requeued"):
+                if self._requeue(guard, failure, JobEvent.REQUEUED):
                     requeued.append(job["_id"])
             else:
-                ended = self.collection.find_one_and_update(guard, {"$set": {"status": FAILED, "finished_at": _now(), "lease_until": None, **failure}})
+                ended = self.collection.find_one_and_update(guard, {"$set": {"status": JobStatus.FAILED, "finished_at": _now(), "lease_until": None, **failure}})
                 if ended is not None:
-                    self.event(job["_id"], "failed", attempt=job["attempts"], detail={"reason": failure["error"]["message"]})
+                    self.event(job["_id"], JobEvent.FAILED, attempt=job["attempts"], detail={"reason": failure["error"]["message"]})
 
     # -- internals ---------------------------------------------------------------------------
-    def _requeue(self, guard: dict[str, Any], failure: dict[str, Any], event: str, refund_attempt: bool = False) -> bool:
+    def _requeue(self, guard: dict[str, Any], failure: dict[str, Any], event: JobEvent, refund_attempt: bool = False) -> bool:
         update: dict[str, Any] = {
-            "$set": {"status": PENDING, "worker": None, "lease_until": None, **failure},
+            "$set": {"status": JobStatus.PENDING, "worker": None, "lease_until": None, **failure},
             "$push": {"history": failure["error"]},
         }
         if refund_attempt:
@@ -358,7 +433,7 @@ class Jobs:
         if job is None:
             return False
         request = {
-            "schema": "job-request/1", "job_id": job["_id"], "kind": job["kind"], "name": job["name"],
+            "schema": records.Schema.JOB_REQUEST, "job_id": job["_id"], "kind": job["kind"], "name": job["name"],
             "priority": job["priority"], "max_attempts": job["max_attempts"], "submitted_at": _now().isoformat(),
         }  # fmt: skip
         self.publisher.publish(Topic.JOB_REQUESTS, request, key=job["_id"])
@@ -366,22 +441,22 @@ class Jobs:
         self.publisher.flush()
         return True
 
-    def _end(self, job_id: str, worker: str, status: str, fields: dict[str, Any]) -> bool:
+    def _end(self, job_id: str, worker: str, status: JobStatus, fields: dict[str, Any]) -> bool:
         job = self.collection.find_one_and_update(
-            {"_id": job_id, "worker": worker, "status": RUNNING},
+            {"_id": job_id, "worker": worker, "status": JobStatus.RUNNING},
             {"$set": {"status": status, "finished_at": _now(), "lease_until": None, **fields}},
             return_document=ReturnDocument.AFTER,
         )
         if job is None:
             return False
         detail = {"error": fields["error"]["message"]} if "error" in fields else {}
-        self.event(job_id, status, attempt=job["attempts"], worker=worker, detail=detail)
+        self.event(job_id, JobEvent(status), attempt=job["attempts"], worker=worker, detail=detail)
         self.publisher.flush()
         return True
 
-    def event(self, job_id: str, event: str, attempt: int, worker: str | None = None, detail: dict | None = None) -> None:
+    def event(self, job_id: str, event: JobEvent, attempt: int, worker: str | None = None, detail: dict[str, Any] | None = None) -> None:
         """Publish a job event for dashboards (non-blocking)."""
-        record: dict[str, Any] = {"schema": "job-event/1", "job_id": job_id, "event": event, "attempt": attempt, "at": _now().isoformat()}
+        record: dict[str, Any] = {"schema": records.Schema.JOB_EVENT, "job_id": job_id, "event": event, "attempt": attempt, "at": _now().isoformat()}
         if worker:
             record["worker"] = worker
         if detail:

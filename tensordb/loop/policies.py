@@ -9,7 +9,7 @@ trigger (streams/retrain.py) and the miner (tensordb/mining.py) act on them.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 from pymongo import ReturnDocument
 
 from tensordb.data.cohorts import cohort_from_spec
-from tensordb.errors import TensorDBError
+from tensordb.errors import PolicyError
 from tensordb.infra.store import Store, insert_ignoring_duplicates
 from tensordb.infra.trusted import check_model_spec
 
@@ -26,9 +26,6 @@ POLICIES = "policies"
 COUNTED = "policy_counted_samples"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-
-class PolicyError(TensorDBError, ValueError):
-    """A policy is malformed, missing, or cannot be changed as asked."""
 
 
 @dataclass(frozen=True)
@@ -147,7 +144,7 @@ class Policies:
         return self.collection.delete_one({"_id": name}).deleted_count == 1
 
     # -- the trigger's counters ---------------------------------------------------------------
-    def count_new_samples(self, name: str, batch_id: str, sample_ids: list[str]) -> int | None:
+    def count_new_samples(self, name: str, batch_id: str, sample_ids: Sequence[str]) -> int | None:
         """Count the samples of import batch ``batch_id`` that match the policy, each once ever.
 
         Exact under redelivery and crashes: a marker per (policy, sample) records which batch

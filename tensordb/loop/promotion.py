@@ -17,6 +17,8 @@ from tensordb.loop.policies import Policies, Policy
 from tensordb.models.registry import ModelRegistry
 
 DECISIONS = "decisions"
+#: One document per (evaluation job, model version), written by the evaluate runner (workers.evaluation).
+EVALUATIONS = "evaluations"
 PRODUCTION = "production"
 
 

@@ -41,15 +41,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from bson import ObjectId
 from pymongo import ReturnDocument
-from pymongo.collection import Collection
 from pymongo.errors import DuplicateKeyError
 
 from tensordb.config import Settings, Topic
-from tensordb.errors import QueryError, TensorDBError, UntrustedCodeError
+from tensordb.errors import EntryPointError, ModelFormatError, ModelNotFoundError, QueryError, UntrustedCodeError
 from tensordb.infra import versioning
 from tensordb.infra.store import Store
-from tensordb.infra.trusted import EntryPointError, bind_arguments, check_keras_config, load_entry_point
+from tensordb.infra.trusted import bind_arguments, check_keras_config, load_entry_point
 from tensordb.infra.versioning import PENDING_GRACE
+from tensordb.records import Schema
 
 if TYPE_CHECKING:
     import keras
@@ -75,12 +75,6 @@ ALIAS_HISTORY = 100
 _NEWEST = [("time", -1), ("_id", -1)]  # _id breaks ties between saves within one millisecond
 
 
-class ModelNotFoundError(TensorDBError, LookupError):
-    """The model version named does not exist in this project."""
-
-
-class ModelFormatError(TensorDBError, ValueError):
-    """A model cannot be stored safely, or a stored one cannot be rebuilt."""
 
 
 # -- parameters as .npz -----------------------------------------------------------------------------
@@ -130,8 +124,8 @@ class ModelRegistry:
         self.store = store
         self.project = store.project
         self.publisher = publisher
-        self.collection: Collection = store[COLLECTION]
-        self.aliases: Collection = store[ALIASES]
+        self.collection = store[COLLECTION]
+        self.aliases = store[ALIASES]
         store.ensure_indexes(COLLECTION, ALIASES)  # the unique indexes are what make versions and aliases safe
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
@@ -368,13 +362,13 @@ class ModelRegistry:
             entry = {"version": version, "previous_version": previous, "time": at, "reason": reason, "policy": policy}
             fields = {"version": version, "previous_version": previous, "time": at, "reason": reason, "policy": policy}
             if current is None:
-                document = {**key, **fields, "revision": 1, "history": [entry]}
+                document: dict[str, Any] = {**key, **fields, "revision": 1, "history": [entry]}
                 try:
                     self.aliases.insert_one(document)
                     break
                 except DuplicateKeyError:  # another promotion created it first: read it and retry
                     continue
-            document = self.aliases.find_one_and_update(
+            updated = self.aliases.find_one_and_update(
                 {**key, "revision": current["revision"]},
                 {
                     "$set": fields,
@@ -383,7 +377,8 @@ class ModelRegistry:
                 },
                 return_document=ReturnDocument.AFTER,
             )
-            if document is not None:
+            if updated is not None:
+                document = updated
                 break
         self._publish(
             "promoted", name, version, alias=alias, policy=policy,
@@ -526,7 +521,7 @@ class ModelRegistry:
         if self.publisher is None:
             return
         record: dict[str, Any] = {
-            "schema": "model-event/1",
+            "schema": Schema.MODEL_EVENT,
             "event": event,
             "model_name": name,
             "version": version,

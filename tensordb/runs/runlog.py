@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from tensordb.infra.store import Store
 
 LOGS = "logs"
-SCHEMA = "log/1"
+SCHEMA = records.Schema.LOG.value  # a plain str in the per-step records: the fastest to serialise
 PHASES = ("train", "validation", "test")
 _PHASES = frozenset(PHASES)
 #: The ``propertyNames`` pattern of ``metrics`` in schemas/log.v1.json.

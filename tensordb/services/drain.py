@@ -14,11 +14,7 @@ import time
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from tensordb.config import PROCESSOR_TOPICS, Settings
-from tensordb.errors import TensorDBError
-
-
-class DrainError(TensorDBError):
-    """The processors did not store every record within the time allowed."""
+from tensordb.errors import DrainError
 
 
 def unprocessed(settings: Settings, quiet_seconds: float = 1.0) -> list[str]:
@@ -37,9 +33,10 @@ def unprocessed(settings: Settings, quiet_seconds: float = 1.0) -> list[str]:
             deadline = time.monotonic() + quiet_seconds
             while time.monotonic() < deadline and len(found) < count:
                 message = probe.poll(0.1)
-                if message is not None and not message.error():
-                    found.add(message.partition())
-                    probe.pause([TopicPartition(name, message.partition())])
+                partition = None if message is None or message.error() else message.partition()
+                if partition is not None:
+                    found.add(partition)
+                    probe.pause([TopicPartition(name, partition)])
             behind += [f"{name}[{partition}]" for partition in sorted(found)]
         finally:
             probe.close()

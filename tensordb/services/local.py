@@ -17,7 +17,7 @@ from pymongo.errors import InvalidURI
 from pymongo.uri_parser import parse_uri
 
 from tensordb.config import Settings, mask_uri
-from tensordb.errors import ConfigurationError, ServiceError
+from tensordb.errors import ConfigurationError, DrainError, ServiceError
 from tensordb.services.apps import AppProcess, running_apps
 from tensordb.services.mongod import Mongod
 from tensordb.services.process import ServiceStatus, port_is_free
@@ -74,7 +74,7 @@ class LocalServices:
 
         self._refuse_external_servers()
         self._refuse_removed_durable_mode()
-        wanted = [self.mongod, self.tansu]
+        wanted: list[Mongod | Tansu] = [self.mongod, self.tansu]
         to_start = [service for service in wanted if service.process.pid() is None]
         self._refuse_busy_ports(to_start)
         started: list[Mongod | Tansu] = []
@@ -109,7 +109,7 @@ class LocalServices:
         return stopped + [service.status(changed=service.stop()) for service in (self.tansu, self.mongod)]
 
     def _drain(self, settings: Settings, timeout: float) -> None:
-        from tensordb.services.drain import DrainError, wait_until_processed
+        from tensordb.services.drain import wait_until_processed
 
         try:
             wait_until_processed(settings, timeout)

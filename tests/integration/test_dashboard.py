@@ -137,9 +137,8 @@ def test_runs_jobs_models_and_data_as_the_pages_show_them(settings, start_dashbo
     from tensordb.infra.dead_letters import DeadLetters
     from tensordb.jobs.queue import Jobs
     from tensordb.loop.policies import Policies, Policy
-    from tensordb.loop.promotion import DECISIONS
+    from tensordb.loop.promotion import DECISIONS, EVALUATIONS
     from tensordb.models.registry import ModelRegistry
-    from workers.evaluation import EVALUATIONS
 
     dashboard = start_dashboard()
     now = datetime.now(UTC)
@@ -159,7 +158,7 @@ def test_runs_jobs_models_and_data_as_the_pages_show_them(settings, start_dashbo
         ingest([{"schema": "sample/1", "dataset": "scans", "sample_id": f"s{i}", "labels": {"y": i % 2},
                  "arrays": {"x": {"dtype": "int16", "shape": [2], "values": [i, -i]}}} for i in range(30)])  # fmt: skip
         save_cohort(Cohort(store, filter={"labels.y": 1}, limit=10), "positives", description="<b>not bold</b>")
-        from tensordb.data.samples import SampleError
+        from tensordb.errors import SampleError
         from tensordb.infra.bus import Received
 
         DeadLetters(store, publisher, "streams").divert(

@@ -12,8 +12,7 @@ from bson.errors import InvalidDocument
 
 from tensordb.config import Settings
 from tensordb.data.datasets import COLLECTION, Datasets
-from tensordb.errors import IntegrityError, QueryError
-from tensordb.infra.codecs import ArrayCodecError
+from tensordb.errors import ArrayCodecError, IntegrityError, QueryError
 from tensordb.infra.store import BLOB_BUCKET, Store
 
 RNG = np.random.default_rng(7)

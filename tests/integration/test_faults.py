@@ -28,8 +28,8 @@ from streams.processing import ProcessorContext, process_batch
 from streams.retrain import handle_imports
 from tensordb import records
 from tensordb.config import Settings, Topic
-from tensordb.data.samples import SAMPLES, SampleError, content_id
-from tensordb.errors import DecodeError, FatalClientError, ValidationError
+from tensordb.data.samples import SAMPLES, content_id
+from tensordb.errors import DecodeError, FatalClientError, SampleError, ValidationError
 from tensordb.infra.bus import Publisher, Received, create_topics, make_consumer, receive
 from tensordb.infra.dead_letters import COLLECTION as DEAD_LETTERS
 from tensordb.infra.dead_letters import DeadLetters, original_bytes

@@ -16,15 +16,13 @@ import numpy as np
 import pytest
 
 from tensordb.config import Settings, Topic
-from tensordb.errors import IntegrityError, QueryError
+from tensordb.errors import IntegrityError, ModelFormatError, ModelNotFoundError, QueryError
 from tensordb.infra.bus import Publisher, make_consumer, receive
 from tensordb.infra.store import BLOB_BUCKET, Store
 from tensordb.models.registry import (
     ALIASES,
     BLOB_KIND,
     COLLECTION,
-    ModelFormatError,
-    ModelNotFoundError,
     ModelRegistry,
     _private,
     npz_to_weights,

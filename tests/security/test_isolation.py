@@ -30,7 +30,7 @@ from tensordb.infra.bus import Publisher, Received, create_topics
 from tensordb.infra.codecs import xxh3_hex
 from tensordb.infra.dead_letters import COLLECTION as DEAD_LETTERS
 from tensordb.infra.store import BLOB_BUCKET, Store
-from tensordb.jobs.queue import JOBS, RUNNING
+from tensordb.jobs.queue import JOBS, JobStatus
 from tensordb.loop.policies import Policies, Policy
 from tensordb.testing import ChildProcess, processors_process, wait_for
 
@@ -213,7 +213,7 @@ def test_filters_naming_another_project_are_refused_and_cannot_delete_running_jo
         assert a.list_jobs() == []
     with TensorDB(neighbour) as b, TensorHub(settings=neighbour) as hub:
         assert hub.delete_tasks(status="pending") == 0  # a status filter narrows; it never deletes unfinished jobs
-        assert hub.delete_tasks(status=RUNNING) == 0
+        assert hub.delete_tasks(status=JobStatus.RUNNING) == 0
         assert sorted(job["status"] for job in b.list_jobs()) == ["pending", "running"]
 
 
@@ -246,7 +246,7 @@ def test_a_forged_finished_event_does_not_evaluate_a_running_jobs_checkpoint(set
         received = Received(settings.topic(Topic.JOB_EVENTS), 0, 0, None, orjson.dumps(forged), records.validate(forged, "job-event/1"), None)
         process_batch(context, [received], handle_job_events)
         assert context.store[JOBS].find_one({"_id": f"eval-{job_id}"}) is None
-        assert context.store[JOBS].find_one({"_id": job_id})["status"] == RUNNING
+        assert context.store[JOBS].find_one({"_id": job_id})["status"] == JobStatus.RUNNING
     finally:
         context.close()
 

@@ -18,11 +18,10 @@ import pytest
 from tensordb.client import TensorDB
 from tensordb.compat.tensorhub import TensorHub
 from tensordb.config import Settings
-from tensordb.errors import UntrustedCodeError
+from tensordb.errors import EntryPointError, ModelFormatError, UntrustedCodeError
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store
 from tensordb.infra.trusted import (
-    EntryPointError,
     call_entry_point,
     check_entry_point,
     check_keras_config,
@@ -32,9 +31,8 @@ from tensordb.infra.trusted import (
     trusts,
     uri_without_credentials,
 )
-from tensordb.jobs.queue import FAILED, FINISHED, Jobs
+from tensordb.jobs.queue import Jobs, JobStatus
 from tensordb.loop.policies import Policies, Policy
-from tensordb.models.registry import ModelFormatError
 from tensordb.testing import worker_process
 from tensordb.testing.models import two_tower
 from tests import TASK_SCRIPTS
@@ -215,14 +213,14 @@ def test_a_worker_refuses_jobs_written_past_the_sdk(worker_settings: Settings, j
 
     with worker_process(worker_settings, tmp_path / "worker.log"):
         done = {job["_id"]: job for job in jobs.wait([shell, reexport, extra, elsewhere, escape, fine], timeout=180)}
-    assert done[fine]["status"] == FINISHED and done[fine]["result"]["done"] is True  # the worker does run trusted work
+    assert done[fine]["status"] == JobStatus.FINISHED and done[fine]["result"]["done"] is True  # the worker does run trusted work
     for job_id in (shell, reexport, elsewhere, escape):
         job = done[job_id]
-        assert job["status"] == FAILED and job["attempts"] == 1, job  # refused once, not retried
+        assert job["status"] == JobStatus.FAILED and job["attempts"] == 1, job  # refused once, not retried
         assert job["error"]["message"].startswith("UntrustedCodeError"), job["error"]["message"]
     assert "TENSORDB_TRUSTED_MODULES" in done[shell]["error"]["message"]
     assert "TENSORDB_TASK_SCRIPT_DIRS" in done[escape]["error"]["message"]
-    assert done[extra]["status"] == FAILED and "takes no parameters ['command']" in done[extra]["error"]["message"]
+    assert done[extra]["status"] == JobStatus.FAILED and "takes no parameters ['command']" in done[extra]["error"]["message"]
     assert not marker.exists()
 
 
@@ -288,7 +286,7 @@ def test_a_task_script_gets_neither_the_database_password_nor_the_worker_s_envir
     finally:
         with Store(settings) as admin:
             admin.client.admin.command("dropUser", user)
-    assert job["status"] == FINISHED, job["error"]
+    assert job["status"] == JobStatus.FINISHED, job["error"]
     environment = job["result"]["environment"]
     assert not [key for key, value in environment.items() if PASSWORD in value]
     assert "AWS_SECRET_ACCESS_KEY" not in environment
