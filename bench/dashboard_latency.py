@@ -50,7 +50,7 @@ from streams.logs import log_document  # noqa: E402
 from tensordb.config import Settings  # noqa: E402
 from tensordb.infra.bus import Publisher  # noqa: E402
 from tensordb.infra.store import Store  # noqa: E402
-from tensordb.runs.runlog import LOGS, RunLogger  # noqa: E402
+from tensordb.runs.logger import LOGS, RunLogger  # noqa: E402
 from tensordb.testing import ChildProcess, dashboard_process, free_port, processors_process, wait_for  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"

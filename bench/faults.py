@@ -50,7 +50,7 @@ from tensordb.infra.bus import Publisher, create_topics
 from tensordb.infra.store import Store
 from tensordb.loop.policies import Policies, Policy
 from tensordb.records import Schema
-from tensordb.runs.runlog import RunLogger
+from tensordb.runs.logger import RunLogger
 from tensordb.services import LocalServices
 from tensordb.testing import ChildProcess, processors_process
 

@@ -44,7 +44,8 @@ from tensordb import records
 from tensordb.config import Settings
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store, insert_ignoring_duplicates
-from tensordb.runs.runlog import LOGS, SCHEMA, RunLogger, read_logs
+from tensordb.runs.logger import LOGS, SCHEMA, RunLogger
+from tensordb.runs.queries import read_logs
 from tensordb.testing import ChildProcess, processors_process
 
 PAPER_STEP_MS = 1.5

@@ -48,7 +48,7 @@ from tensordb.config import Settings
 from tensordb.infra.bus import create_topics
 from tensordb.infra.http_guard import Guard, check_binding, server
 from tensordb.infra.store import Store
-from tensordb.runs.runlog import LOGS, PHASES
+from tensordb.runs.logger import LOGS, PHASES
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from confluent_kafka.admin import AdminClient
 
 from tensordb.config import Settings, Topic
 from tensordb.errors import ConfigurationError, TensorDBError, UnreachableError
-from tensordb.runs.runlog import METRIC_NAME, PHASES
+from tensordb.runs.logger import METRIC_NAME, PHASES
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from tensordb.loop.policies import POLICIES
 from tensordb.loop.promotion import DECISIONS, EVALUATIONS
 from tensordb.models.registry import ALIASES
 from tensordb.models.registry import COLLECTION as MODELS
-from tensordb.runs.runlog import LOGS, PHASES
+from tensordb.runs.logger import LOGS, PHASES
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def read_columns(store: Store, run_id: str, phase: str, lo: int | None = None, h
         query["step"] = {"$in": steps}
     cursor = store[LOGS].find(query, {"_id": 0, "step": 1, "wall_time": 1, "metrics": 1}, sort=[("step", ASCENDING)], batch_size=20_000)
     collecting = gc.isenabled()
-    gc.disable()  # ~5 objects per document: without this the collector re-scans them (see runlog.read_logs)
+    gc.disable()  # ~5 objects per document: without this the collector re-scans them (see tensordb.runs.queries.read_logs)
     try:
         return Columns.from_points((document["step"], document["wall_time"], document["metrics"]) for document in cursor)
     finally:

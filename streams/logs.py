@@ -26,7 +26,7 @@ from tensordb.config import Settings, Topic
 from tensordb.errors import StorageError
 from tensordb.infra.bus import Received
 from tensordb.infra.store import Store, insert_new
-from tensordb.runs.runlog import LOGS, log_id
+from tensordb.runs.logger import LOGS, log_id
 
 #: Large batches are inserted in chunks of this many documents by two threads, each chunk sent as
 #: soon as it is built: building documents overlaps with mongod updating its indexes, and mongod

@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; the same names as _EXPO
     from tensordb.models.registry import ModelNotFoundError as ModelNotFoundError
     from tensordb.models.registry import ModelRegistry as ModelRegistry
     from tensordb.runs.keras_callback import TensorDBCallback as TensorDBCallback
-    from tensordb.runs.runlog import RunLogger as RunLogger
+    from tensordb.runs.logger import RunLogger as RunLogger
     from tensordb.version import __version__ as __version__
 
 #: Each public name and the module that defines it.
@@ -51,7 +51,7 @@ _EXPORTS = {
     # data, runs, models, jobs and the loop
     "Cohort": "tensordb.data.cohorts",
     "Datasets": "tensordb.data.datasets",
-    "RunLogger": "tensordb.runs.runlog",
+    "RunLogger": "tensordb.runs.logger",
     "TensorDBCallback": "tensordb.runs.keras_callback",
     "ModelRegistry": "tensordb.models.registry",
     "Jobs": "tensordb.jobs.queue",

@@ -24,7 +24,8 @@ from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store
 from tensordb.jobs.queue import JobDocument, Jobs
 from tensordb.models.registry import ModelRegistry
-from tensordb.runs.runlog import RunLogger, delete_logs, read_logs
+from tensordb.runs.logger import RunLogger
+from tensordb.runs.queries import delete_logs, read_logs
 
 AUTHENTICATION_FAILED = 18  # MongoDB's error code
 
@@ -198,7 +199,7 @@ class TensorDB:
             The run(s); default: all.
         **filters
             ``job_id``, ``phase``, ``steps``, ``metrics``, ``as_numpy`` and tag equalities: see
-            :func:`tensordb.runs.runlog.read_logs`.
+            :func:`tensordb.runs.queries.read_logs`.
         """
         return read_logs(self.store, run_id, **filters)
 

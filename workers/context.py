@@ -13,7 +13,7 @@ from tensordb.config import Settings
 from tensordb.infra.store import Store
 from tensordb.jobs.queue import JobDocument, Jobs
 from tensordb.models.registry import ModelRegistry
-from tensordb.runs.runlog import RunLogger
+from tensordb.runs.logger import RunLogger
 
 
 class JobCancelled(Exception):

@@ -23,7 +23,7 @@ from tensordb.infra.store import Store
 from tensordb.jobs.queue import JobDocument, JobEvent, Jobs
 from tensordb.models.registry import ModelRegistry
 from tensordb.records import Schema
-from tensordb.runs.runlog import RunLogger
+from tensordb.runs.logger import RunLogger
 from workers.context import JobCancelled, JobContext, Runner
 from workers.evaluation import run_evaluation
 from workers.tasks import run_task

@@ -30,7 +30,7 @@ from tensordb.infra.bus import create_topics
 from tensordb.jobs.queue import UNFINISHED, Jobs
 from tensordb.models import registry
 from tensordb.models.registry import ModelRegistry
-from tensordb.runs.runlog import RunLogger
+from tensordb.runs.logger import RunLogger
 
 if TYPE_CHECKING:
     import keras

@@ -74,7 +74,7 @@ INDEXES: dict[str, list[IndexModel]] = {
     "model_aliases": [
         IndexModel([("project", ASCENDING), ("name", ASCENDING), ("alias", ASCENDING)], unique=True),
     ],
-    # step logs (tensordb.runs.runlog): a run's steps in order, a job's runs, recent activity
+    # step logs (tensordb.runs.logger, tensordb.runs.queries): a run's steps in order, a job's runs, recent activity
     "logs": [
         IndexModel([("project", ASCENDING), ("run_id", ASCENDING), ("phase", ASCENDING), ("step", ASCENDING)]),
         IndexModel([("project", ASCENDING), ("job_id", ASCENDING)]),

@@ -1,4 +1,4 @@
-"""A Keras callback that logs a user's own ``model.fit`` through a :class:`~tensordb.runs.runlog.RunLogger`.
+"""A Keras callback that logs a user's own ``model.fit`` through a :class:`~tensordb.runs.logger.RunLogger`.
 
 Per batch it logs the training metrics (phase ``train``, step = global batch count, the epoch);
 per epoch the validation metrics (``val_loss`` → phase ``validation``, metric ``loss``) at the
@@ -16,7 +16,7 @@ from typing import Any
 
 import keras
 
-from tensordb.runs.runlog import RunLogger
+from tensordb.runs.logger import RunLogger
 
 EpochHook = Callable[[Any, int, dict[str, Any]], None]
 

@@ -27,7 +27,7 @@ from tensordb.data.samples import SAMPLES
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store
 from tensordb.jobs.queue import Jobs
-from tensordb.runs.runlog import LOGS, RunLogger
+from tensordb.runs.logger import LOGS, RunLogger
 from tensordb.testing import (
     Dashboard,
     dashboard_process,

@@ -21,7 +21,7 @@ from streams.logs import log_document
 from tensordb.config import Settings, Topic
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store
-from tensordb.runs.runlog import LOGS, RunLogger
+from tensordb.runs.logger import LOGS, RunLogger
 from tensordb.testing import Dashboard, dashboard_process, free_port, wait_for
 
 # -- helpers --------------------------------------------------------------------------------------------

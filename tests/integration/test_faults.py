@@ -35,7 +35,7 @@ from tensordb.infra.dead_letters import COLLECTION as DEAD_LETTERS
 from tensordb.infra.dead_letters import DeadLetters, original_bytes
 from tensordb.infra.store import Store
 from tensordb.loop.policies import Policies, Policy
-from tensordb.runs.runlog import LOGS, RunLogger, log_id
+from tensordb.runs.logger import LOGS, RunLogger, log_id
 from tensordb.services.mongod import Mongod
 from tensordb.services.tansu import Tansu
 from tensordb.testing import ChildProcess, free_port, processors_process, wait_for

@@ -11,7 +11,7 @@ from tensordb.infra.migrations import MIGRATIONS
 from tensordb.infra.store import Store
 from tensordb.infra.versioning import COUNTERS, next_version
 from tensordb.jobs.queue import JOBS
-from tensordb.runs.runlog import LOGS, log_id
+from tensordb.runs.logger import LOGS, log_id
 
 
 def test_documents_with_earlier_ids_are_renamed_once_and_found_by_their_ids(settings: Settings) -> None:

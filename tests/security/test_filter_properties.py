@@ -23,7 +23,8 @@ from tensordb.data.samples import SAMPLES
 from tensordb.errors import TensorDBError
 from tensordb.infra.store import Store
 from tensordb.jobs.queue import JOBS, Jobs
-from tensordb.runs.runlog import LOGS, delete_logs, read_logs
+from tensordb.runs.logger import LOGS
+from tensordb.runs.queries import delete_logs, read_logs
 
 EXAMPLES = int(os.environ.get("TENSORDB_PROPERTY_EXAMPLES", "150"))
 A, B = "alpha", "beta"

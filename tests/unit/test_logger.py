@@ -15,7 +15,8 @@ from tensordb import records
 from tensordb.config import Settings, Topic
 from tensordb.errors import DeliveryError, QueryError, ValidationError
 from tensordb.infra.bus import Publisher
-from tensordb.runs.runlog import RunLogger, delete_logs, read_logs
+from tensordb.runs.logger import RunLogger
+from tensordb.runs.queries import delete_logs, read_logs
 
 
 class RecordingPublisher:

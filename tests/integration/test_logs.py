@@ -14,7 +14,8 @@ import orjson
 from tensordb.config import Settings, Topic
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store
-from tensordb.runs.runlog import BASE_COLUMNS, LOGS, RunLogger, delete_logs, log_id, read_logs
+from tensordb.runs.logger import BASE_COLUMNS, LOGS, RunLogger, log_id
+from tensordb.runs.queries import delete_logs, read_logs
 from tensordb.testing import ChildProcess, wait_for
 
 
