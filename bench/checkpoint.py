@@ -46,7 +46,8 @@ from tensordb.config import Settings
 from tensordb.infra.bus import Publisher
 from tensordb.infra.codecs import sha256_hex
 from tensordb.infra.store import Store
-from tensordb.models.registry import ModelRegistry, npz_to_weights, weights_to_npz
+from tensordb.models.keras_format import npz_to_weights, weights_to_npz
+from tensordb.models.registry import ModelRegistry
 
 PAPER_UPLOAD_S = 3.0
 PAPER_DOWNLOAD_S = 2.0

@@ -19,15 +19,8 @@ from tensordb.config import Settings, Topic
 from tensordb.errors import IntegrityError, ModelFormatError, ModelNotFoundError, QueryError
 from tensordb.infra.bus import Publisher, make_consumer, receive
 from tensordb.infra.store import BLOB_BUCKET, Store
-from tensordb.models.registry import (
-    ALIASES,
-    BLOB_KIND,
-    COLLECTION,
-    ModelRegistry,
-    _private,
-    npz_to_weights,
-    weights_to_npz,
-)
+from tensordb.models.keras_format import npz_to_weights, private_weights, weights_to_npz
+from tensordb.models.registry import ALIASES, BLOB_KIND, COLLECTION, ModelRegistry
 from tensordb.testing import wait_for
 from tensordb.testing.models import two_tower
 
@@ -195,12 +188,12 @@ def test_save_async_blocks_only_for_the_snapshot(registry: ModelRegistry, store:
 def test_snapshots_never_alias_live_variables() -> None:
     live = np.arange(6.0)
     for backend, weights in (("tensorflow", [live[:]]), ("numpy", [live]), ("torch", [live[:]])):
-        (snapshot,) = _private(weights, backend)
+        (snapshot,) = private_weights(weights, backend)
         live[0] = 99.0  # an in-place optimizer update
         assert snapshot[0] == 0.0, backend
         live[0] = 0.0
     owned = np.ones(3)
-    assert _private([owned], "tensorflow")[0] is owned  # TensorFlow's get_weights arrays are private already
+    assert private_weights([owned], "tensorflow")[0] is owned  # TensorFlow's get_weights arrays are private already
 
 
 def test_a_failed_async_upload_is_reported_and_leaves_nothing(registry: ModelRegistry, store: Store, monkeypatch) -> None:
