@@ -42,7 +42,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from dashboard import queries
+from dashboard import catalog, curves, run_index
 from dashboard.live import RESET, LiveHub
 from tensordb.config import Settings
 from tensordb.infra.bus import create_topics
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 KEEPALIVE_SECONDS = 15.0
 #: A zoomed range is read raw when the overview has fewer buckets than this in it.
-ZOOM_BUCKETS = queries.OVERVIEW_POINTS // 4
+ZOOM_BUCKETS = curves.OVERVIEW_POINTS // 4
 #: ...and at most this many raw points per run (beyond, the overview is used).
 ZOOM_MAX_RAW = 200_000
 #: Overviews of this many most recent runs are built when the dashboard starts.
@@ -94,11 +94,11 @@ class Dashboard:
         self.settings = settings
         self.store = Store(settings)
         self.hub = LiveHub(settings)
-        self.cache = queries.OverviewCache(self.store)
+        self.cache = curves.OverviewCache(self.store)
         self.cache.buffered = self.hub.buffered
         self.hub.listeners.append(self.cache.on_points)
-        self.runs = queries.RunIndex(self.store)
-        self.rates = queries.ProgressRates()
+        self.runs = run_index.RunIndex(self.store)
+        self.rates = catalog.ProgressRates()
         self.fan_out = ThreadPoolExecutor(8, thread_name_prefix="tensordb-dashboard-compare")
         self.started_at = time.time()
 
@@ -136,11 +136,11 @@ class Dashboard:
         info: dict[str, Any] = {}
         full = True
         for phase in phases:
-            count = queries.count_points(store, run_id, phase, lo, hi)
+            count = curves.count_points(store, run_id, phase, lo, hi)
             view = None
-            if count <= queries.FULL_POINTS or (zoomed and count <= ZOOM_MAX_RAW):
-                columns = queries.read_columns(store, run_id, phase, lo, hi)
-                full = full and count <= queries.FULL_POINTS
+            if count <= curves.FULL_POINTS or (zoomed and count <= ZOOM_MAX_RAW):
+                columns = curves.read_columns(store, run_id, phase, lo, hi)
+                full = full and count <= curves.FULL_POINTS
                 for name, values in columns.metrics.items():
                     per_metric.setdefault(name, {})[phase] = (columns.steps, values)
                 last_step = int(columns.steps[-1]) if len(columns) else None
@@ -151,14 +151,14 @@ class Dashboard:
                     per_metric.setdefault(name, {})[phase] = (steps, values)
                 last_step = view.last_step if view else None
             info[phase] = {
-                "count": count, "full": view is None and count <= queries.FULL_POINTS, "last_step": last_step,
+                "count": count, "full": view is None and count <= curves.FULL_POINTS, "last_step": last_step,
                 "exact": view.exact if view else True,
             }  # fmt: skip
-        limit = 4 * queries.FULL_POINTS if full else queries.OVERVIEW_POINTS
-        charts = {name: queries.align({phase: series[phase] for phase in phases if phase in series}, limit) for name, series in sorted(per_metric.items())}
+        limit = 4 * curves.FULL_POINTS if full else curves.OVERVIEW_POINTS
+        charts = {name: curves.align({phase: series[phase] for phase in phases if phase in series}, limit) for name, series in sorted(per_metric.items())}
         return {
-            "run_id": run_id, "phases": info, "full": full, "lo": lo, "hi": hi, "charts": charts, "full_points": queries.FULL_POINTS,
-            "job": queries.job_of(store, run_id),
+            "run_id": run_id, "phases": info, "full": full, "lo": lo, "hi": hi, "charts": charts, "full_points": curves.FULL_POINTS,
+            "job": run_index.job_of(store, run_id),
         }  # fmt: skip
 
     # -- several runs on one chart ---------------------------------------------------------------------
@@ -184,8 +184,8 @@ class Dashboard:
                 first, last = int(lo if lo is not None else 0), int(hi if hi is not None else view.last_step)
             else:
                 return run_id, xs[keep], values[keep], view.exact, False
-            if (last - first) / view.width < ZOOM_BUCKETS and queries.count_points(self.store, run_id, phase, first, last) <= ZOOM_MAX_RAW:
-                columns = queries.read_columns(self.store, run_id, phase, max(first, 0), last)
+            if (last - first) / view.width < ZOOM_BUCKETS and curves.count_points(self.store, run_id, phase, first, last) <= ZOOM_MAX_RAW:
+                columns = curves.read_columns(self.store, run_id, phase, max(first, 0), last)
                 raw = columns.metrics.get(metric, np.full(len(columns), np.nan))
                 raw_x = columns.steps.astype(np.float64) if x == "step" else columns.walls if x == "time" else columns.walls - origin
                 inside = (raw_x >= (lo if lo is not None else -np.inf)) & (raw_x <= (hi if hi is not None else np.inf))
@@ -193,7 +193,7 @@ class Dashboard:
             return run_id, xs[keep], values[keep], view.exact, False
 
         results = list(self.fan_out.map(one, runs))
-        aligned = queries.align({run_id: (xs, ys) for run_id, xs, ys, _, _ in results}, points)
+        aligned = curves.align({run_id: (xs, ys) for run_id, xs, ys, _, _ in results}, points)
         return {
             **aligned, "metric": metric, "phase": phase, "axis": x, "exact": all(r[3] for r in results),
             "raw": [r[0] for r in results if r[4]], "empty": [r[0] for r in results if not len(r[1])],
@@ -238,7 +238,7 @@ def create_app(settings: Settings, token: str | None = None, host: str = "127.0.
         return JSON({
             "project": settings.project, "kafka": settings.kafka_bootstrap, "database": settings.mongo_database,
             "live": dashboard.hub.status(), "overview_builds": dashboard.cache.builds, "started_at": dashboard.started_at,
-            "now": time.time(), "full_points": queries.FULL_POINTS, "overview_points": queries.OVERVIEW_POINTS,
+            "now": time.time(), "full_points": curves.FULL_POINTS, "overview_points": curves.OVERVIEW_POINTS,
         })  # fmt: skip
 
     @app.get("/api/runs")
@@ -253,7 +253,7 @@ def create_app(settings: Settings, token: str | None = None, host: str = "127.0.
 
     @app.get("/api/job")
     def job(id: str = Query(..., min_length=1, max_length=256)) -> JSON:
-        return JSON(queries.job_of(dashboard.store, id))
+        return JSON(run_index.job_of(dashboard.store, id))
 
     @app.get("/api/compare")
     def compare(
@@ -263,7 +263,7 @@ def create_app(settings: Settings, token: str | None = None, host: str = "127.0.
         x: str = "step",
         lo: float | None = None,
         hi: float | None = None,
-        points: int = Query(queries.OVERVIEW_POINTS, ge=10, le=10_000),
+        points: int = Query(curves.OVERVIEW_POINTS, ge=10, le=10_000),
     ) -> JSON:
         if phase not in PHASES:
             raise HTTPException(422, f"phase must be one of {', '.join(PHASES)}")
@@ -273,15 +273,15 @@ def create_app(settings: Settings, token: str | None = None, host: str = "127.0.
 
     @app.get("/api/models")
     def models() -> JSON:
-        return JSON({"models": queries.models(dashboard.store)})
+        return JSON({"models": catalog.models(dashboard.store)})
 
     @app.get("/api/data")
     def data() -> JSON:
-        return JSON(queries.data(dashboard.store, dashboard.rates))
+        return JSON(catalog.data(dashboard.store, dashboard.rates))
 
     @app.get("/api/dead-letters")
     def dead_letters(limit: int = Query(200, ge=1, le=1000)) -> JSON:
-        return JSON(queries.dead_letters(dashboard.store, limit))
+        return JSON(catalog.dead_letters(dashboard.store, limit))
 
     @app.get("/api/live")
     async def live(request: Request, run: list[str] = Query([], max_length=500), all: bool = False) -> StreamingResponse:

@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 import pytest
 
-from dashboard.queries import OVERVIEW_POINTS
+from dashboard.curves import OVERVIEW_POINTS
 from streams.logs import log_document
 from tensordb.config import Settings, Topic
 from tensordb.infra.bus import Publisher

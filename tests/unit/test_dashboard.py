@@ -11,8 +11,8 @@ import numpy as np
 import orjson
 import pytest
 
+from dashboard.curves import OVERVIEW_POINTS, Columns, Envelope, align
 from dashboard.live import parse
-from dashboard.queries import OVERVIEW_POINTS, Columns, Envelope, align
 from tensordb.testing import free_port
 from tests import REPO
 

@@ -1,7 +1,8 @@
-"""What the dashboard reads from MongoDB, and the downsampling that keeps the overview light.
+"""A run's curves for the dashboard: reading them from MongoDB, and the downsampling that keeps the
+overview light.
 
-Curves: a run's points come from the ``logs`` collection (one document per run, phase and step,
-index ``(project, run_id, phase, step)``). Up to :data:`FULL_POINTS` per phase a chart gets every
+A run's points come from the ``logs`` collection (one document per run, phase and step, index
+``(project, run_id, phase, step)``). Up to :data:`FULL_POINTS` per phase a chart gets every
 point; beyond, it gets the run's :class:`Envelope`: the minimum and maximum of each metric per
 bucket of steps, at most :data:`OVERVIEW_POINTS` points per metric, so spikes survive
 downsampling. Zooming in asks for a step range, which is read at full resolution (and min/max
@@ -13,14 +14,10 @@ points is served from memory. Building one from scratch reads the whole run (~0.
 100,000 points on 2 cores), so a large run whose steps are dense is first sampled (a few thousand
 evenly spaced steps by index look-up, ~30 ms) and marked approximate until the exact envelope,
 built in the background, replaces it.
-
-Everything else (jobs, models, evaluations, decisions, datasets, cohorts, samples, processor
-progress, dead letters) is small, index-backed reads returned as JSON-ready dictionaries.
 """
 
 from __future__ import annotations
 
-import base64
 import gc
 import logging
 import math
@@ -29,24 +26,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 from pymongo import ASCENDING, DESCENDING
-from pymongo.errors import ExecutionTimeout, PyMongoError
+from pymongo.errors import PyMongoError
 
-from tensordb.data.cohorts import COHORTS, load_cohort
-from tensordb.data.datasets import COLLECTION as DATASETS
-from tensordb.data.samples import SAMPLES
-from tensordb.infra.dead_letters import COLLECTION as DEAD_LETTERS
-from tensordb.infra.store import PROGRESS, Store
-from tensordb.jobs.queue import JOBS
-from tensordb.loop.policies import POLICIES
-from tensordb.loop.promotion import DECISIONS, EVALUATIONS
-from tensordb.models.registry import ALIASES
-from tensordb.models.registry import COLLECTION as MODELS
-from tensordb.runs.logger import LOGS, PHASES
+from tensordb.infra.store import Store
+from tensordb.runs.logger import LOGS
 
 log = logging.getLogger(__name__)
 
@@ -433,280 +420,3 @@ def align(series: Mapping[str, tuple[np.ndarray, np.ndarray]], max_points: int =
 
 def _nullable(values: np.ndarray) -> list[float | None]:
     return [None if value != value else value for value in values.tolist()]
-
-
-# -- runs, jobs ---------------------------------------------------------------------------------------
-
-
-_JOB_FIELDS = {
-    "_id": 1, "kind": 1, "name": 1, "description": 1, "policy": 1, "status": 1, "attempts": 1, "max_attempts": 1,
-    "worker": 1, "host": 1, "progress": 1, "checkpoint": 1, "error.message": 1, "submitted_at": 1, "started_at": 1,
-    "finished_at": 1, "lease_until": 1, "priority": 1, "spec.epochs": 1, "cancel_requested": 1, "result": 1,
-}  # fmt: skip
-
-
-@dataclass
-class _PhaseSummary:
-    count: int
-    first_step: int
-    last_step: int
-    first_wall: float
-    last_wall: float
-    last_metrics: dict[str, Any]
-    checked: float
-
-
-class RunIndex:
-    """Every run of the project with its points per phase, joined with its job (a job's run id is
-    its job id). Per (run, phase) it remembers the count and last step, so a refresh costs two
-    index look-ups per run and counts only the steps added since (full recount every minute)."""
-
-    def __init__(self, store: Store, workers: int = 4) -> None:
-        self.store = store
-        self._phases: dict[tuple[str, str], _PhaseSummary] = {}
-        self._first: dict[str, dict[str, Any]] = {}
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="tensordb-dashboard-runs")
-        self._cached: tuple[float, list[dict[str, Any]]] | None = None
-        self._refresh_lock = threading.Lock()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def runs(self, max_age: float = 1.0) -> list[dict[str, Any]]:
-        """Runs newest first (cached for ``max_age`` seconds, shared by every browser)."""
-        with self._refresh_lock:
-            if self._cached is not None and time.monotonic() - self._cached[0] < max_age:
-                return self._cached[1]
-            runs = self._refresh()
-            self._cached = (time.monotonic(), runs)
-            return runs
-
-    def _refresh(self) -> list[dict[str, Any]]:
-        logs = self.store[LOGS]
-        run_ids = logs.distinct("run_id", {"project": self.store.project})
-        summaries = dict(zip(run_ids, self._pool.map(self._summary, run_ids), strict=True))
-        jobs = {job["_id"]: job for job in self.store[JOBS].find({"project": self.store.project, "_id": {"$in": run_ids}}, _JOB_FIELDS)}
-        for job in self.store[JOBS].find({"project": self.store.project}, _JOB_FIELDS, sort=[("submitted_at", DESCENDING)], limit=500):
-            jobs.setdefault(job["_id"], job)
-        runs = []
-        for run_id in set(summaries) | set(jobs):
-            summary = summaries.get(run_id) or {"run_id": run_id, "job_id": run_id, "tags": {}, "phases": {}, "metrics": [], "points": 0}
-            run_job = jobs.get(run_id) or (jobs.get(summary.get("job_id")) if summary.get("job_id") else None)
-            summary["job"] = _job(run_job) if run_job else None
-            times = [phase["last_wall_time"] for phase in summary["phases"].values()]
-            if run_job:
-                times += [run_job[key].timestamp() for key in ("submitted_at", "started_at", "finished_at") if isinstance(run_job.get(key), datetime)]
-            summary["updated_at"] = max(times, default=0.0)
-            runs.append(summary)
-        runs.sort(key=lambda run: run["updated_at"], reverse=True)
-        return runs
-
-    def _summary(self, run_id: str) -> dict[str, Any]:
-        logs, project = self.store[LOGS], self.store.project
-        phases: dict[str, dict[str, Any]] = {}
-        for phase in sorted(logs.distinct("phase", {"project": project, "run_id": run_id}), key=_phase_order):
-            query = {"project": project, "run_id": run_id, "phase": phase}
-            last = logs.find_one(query, {"_id": 0, "step": 1, "wall_time": 1, "metrics": 1}, sort=[("step", DESCENDING)])
-            if last is None:
-                continue
-            key = (run_id, phase)
-            with self._lock:
-                known = self._phases.get(key)
-            now = time.monotonic()
-            if known is not None and known.last_step == last["step"] and now - known.checked < 60:
-                summary = known
-            else:
-                if known is not None and now - known.checked < 60 and last["step"] > known.last_step:
-                    count = known.count + logs.count_documents({**query, "step": {"$gt": known.last_step}})
-                    first_step, first_wall = known.first_step, known.first_wall
-                else:
-                    count = logs.count_documents(query)
-                    earliest = logs.find_one(query, {"_id": 0, "step": 1, "wall_time": 1}, sort=[("step", ASCENDING)]) or last
-                    first_step, first_wall = earliest["step"], earliest["wall_time"]
-                summary = _PhaseSummary(count, first_step, last["step"], first_wall, last["wall_time"], last["metrics"], now)
-                with self._lock:
-                    self._phases[key] = summary
-            phases[phase] = {
-                "count": summary.count, "first_step": summary.first_step, "last_step": summary.last_step,
-                "first_wall_time": summary.first_wall, "last_wall_time": summary.last_wall, "last_metrics": summary.last_metrics,
-            }  # fmt: skip
-        first = self._first.get(run_id)
-        if first is None:
-            first = logs.find_one({"project": project, "run_id": run_id}, {"_id": 0, "job_id": 1, "tags": 1}) or {}
-            self._first[run_id] = first
-        metrics = sorted({name for phase in phases.values() for name in phase["last_metrics"]})
-        return {
-            "run_id": run_id, "job_id": first.get("job_id"), "tags": first.get("tags") or {}, "phases": phases,
-            "metrics": metrics, "points": sum(phase["count"] for phase in phases.values()),
-        }  # fmt: skip
-
-
-def _phase_order(phase: str) -> int:
-    return PHASES.index(phase) if phase in PHASES else len(PHASES)
-
-
-def _job(job: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "job_id": job["_id"], "kind": job.get("kind"), "name": job.get("name"), "description": job.get("description"),
-        "policy": job.get("policy"), "status": job.get("status"), "attempts": job.get("attempts"),
-        "max_attempts": job.get("max_attempts"), "worker": job.get("worker"), "host": job.get("host"),
-        "progress": job.get("progress") or {}, "checkpoint": job.get("checkpoint"), "epochs": (job.get("spec") or {}).get("epochs"),
-        "error": (job.get("error") or {}).get("message"), "submitted_at": job.get("submitted_at"),
-        "started_at": job.get("started_at"), "finished_at": job.get("finished_at"), "priority": job.get("priority"),
-        "cancel_requested": job.get("cancel_requested"), "result": job.get("result"),
-    }  # fmt: skip
-
-
-def job_of(store: Store, run_id: str) -> dict[str, Any] | None:
-    job = store[JOBS].find_one({"project": store.project, "_id": run_id}, _JOB_FIELDS)
-    if job is None:
-        first = store[LOGS].find_one({"project": store.project, "run_id": run_id}, {"job_id": 1})
-        if first and first.get("job_id"):
-            job = store[JOBS].find_one({"project": store.project, "_id": first["job_id"]}, _JOB_FIELDS)
-    return _job(job) if job else None
-
-
-# -- models ---------------------------------------------------------------------------------------------
-
-_VERSION_FIELDS = {"architecture_json": 0, "compile_json": 0, "build_config": 0, "builder_kwargs": 0, "parameters.blob": 0, "project": 0}
-
-
-def models(store: Store, versions_per_model: int = 200) -> list[dict[str, Any]]:
-    """Per model name (a policy's versions carry its name): versions with their training and
-    evaluation metrics, aliases (which version is production) with their history, the policy and
-    the decision history of the miner."""
-    project = store.project
-    names = set(store[MODELS].distinct("name", {"project": project}))
-    policies = {doc["name"]: doc for doc in store[POLICIES].find({"project": project}, {"seen_batches": 0, "_id": 0, "project": 0})}
-    names |= set(policies)
-    result = []
-    for name in sorted(names):
-        versions = list(store[MODELS].find({"project": project, "name": name}, _VERSION_FIELDS, sort=[("version", DESCENDING)], limit=versions_per_model))
-        evaluations: dict[int | None, list[dict[str, Any]]] = {}
-        for evaluation in store[EVALUATIONS].find({"project": project, "model": name}, {"_id": 0, "project": 0, "cohort": 0}, sort=[("at", ASCENDING)]):
-            evaluations.setdefault(evaluation.get("version"), []).append(evaluation)
-        aliases = {}
-        for alias in store[ALIASES].find({"project": project, "name": name}, {"_id": 0, "project": 0}):
-            alias["history"] = list(reversed(alias.get("history", [])))[:50]
-            aliases[alias["alias"]] = alias
-        production = (aliases.get("production") or {}).get("version")
-        rows = []
-        for version in versions:
-            rows.append({
-                "version": version.get("version"), "time": version.get("time"), "epoch": version.get("epoch"),
-                "job_id": version.get("job_id"), "metrics": version.get("metrics") or {}, "tags": version.get("tags") or {},
-                "evaluations": evaluations.get(version.get("version"), []),
-                "aliases": sorted(a for a, doc in aliases.items() if doc.get("version") == version.get("version")),
-                "production": version.get("version") == production, "nbytes": (version.get("parameters") or {}).get("nbytes"),
-            })  # fmt: skip
-        decisions = list(store[DECISIONS].find({"project": project, "policy": name}, {"project": 0}, sort=[("at", DESCENDING)], limit=200))
-        result.append({
-            "name": name, "production": production, "aliases": aliases, "versions": rows,
-            "version_count": store[MODELS].count_documents({"project": project, "name": name}),
-            "policy": policies.get(name), "decisions": decisions,
-        })  # fmt: skip
-    return result
-
-
-# -- data -------------------------------------------------------------------------------------------------
-
-
-class ProgressRates:
-    """Records per second per topic partition of ``processor_progress``, from the change between
-    two reads (the processors update the counters with every batch)."""
-
-    def __init__(self) -> None:
-        self._last: dict[str, tuple[float, int]] = {}
-        self._rates: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def rows(self, store: Store) -> list[dict[str, Any]]:
-        prefix = f"{store.settings.topic_prefix}.{store.project}."
-        rows = list(store[PROGRESS].find({"project": store.project}, sort=[("topic", ASCENDING), ("partition", ASCENDING)]))
-        now = time.monotonic()
-        with self._lock:
-            for row in rows:
-                key, total = row["_id"], int(row.get("valid", 0)) + int(row.get("invalid", 0))
-                previous = self._last.get(key)
-                if previous is not None and now - previous[0] >= 0.5:
-                    self._rates[key] = max(total - previous[1], 0) / (now - previous[0])
-                    self._last[key] = (now, total)
-                elif previous is None:
-                    self._last[key] = (now, total)
-                row["rate"] = self._rates.get(key)
-                row["kind"] = row["topic"][len(prefix):] if row["topic"].startswith(prefix) else row["topic"]
-                row["id"] = row.pop("_id")
-        return rows
-
-
-def data(store: Store, rates: ProgressRates, window: timedelta = timedelta(hours=1), bucket: timedelta = timedelta(minutes=1)) -> dict[str, Any]:
-    """Datasets and cohorts with their sizes, how fast samples arrive, and the processors' progress."""
-    project = store.project
-    now = datetime.now(UTC)
-    samples = store[SAMPLES]
-    datasets = []
-    for name in sorted(samples.distinct("dataset", {"project": project})):
-        query = {"project": project, "dataset": name}
-        newest = samples.find_one(query, {"imported_at": 1}, sort=[("imported_at", DESCENDING)])
-        oldest = samples.find_one(query, {"imported_at": 1}, sort=[("imported_at", ASCENDING)])
-        recent = samples.count_documents({**query, "imported_at": {"$gte": now - timedelta(minutes=1)}})
-        datasets.append({
-            "name": name, "samples": samples.count_documents(query), "per_second_last_minute": recent / 60.0,
-            "first_imported_at": (oldest or {}).get("imported_at"), "last_imported_at": (newest or {}).get("imported_at"),
-        })  # fmt: skip
-    saved = []
-    for document in store[DATASETS].find({"project": project}, {"project": 0}, sort=[("name", ASCENDING), ("time", DESCENDING)], limit=500):
-        arrays = document.pop("arrays", [])
-        document["arrays"] = [{key: entry.get(key) for key in ("key", "dtype", "shape", "nbytes")} for entry in arrays]
-        document["nbytes"] = sum(entry.get("nbytes") or 0 for entry in arrays)
-        document["id"] = str(document.pop("_id"))
-        saved.append(document)
-    cohorts = []
-    for document in store[COHORTS].find({"project": project}, {"_id": 0, "project": 0}, sort=[("name", ASCENDING)]):
-        try:
-            cohort = load_cohort(store, document["name"])
-            document["samples"] = store[SAMPLES].count_documents(cohort.query(), maxTimeMS=2000, **({"limit": cohort.limit} if cohort.limit else {}))
-        except ExecutionTimeout:
-            document["samples"] = None
-        except Exception as exc:  # noqa: BLE001 - a cohort that no longer resolves is shown with the reason
-            document["samples"], document["error"] = None, str(exc)
-        cohorts.append(document)
-    start = now - window
-    step_ms = int(bucket.total_seconds() * 1000)
-    histogram = {
-        row["_id"]: row["n"]
-        for row in samples.aggregate([
-            {"$match": {"project": project, "imported_at": {"$gte": start}}},
-            {"$group": {"_id": {"$subtract": [{"$toLong": "$imported_at"}, {"$mod": [{"$toLong": "$imported_at"}, step_ms]}]}, "n": {"$sum": 1}}},
-        ])
-    }  # fmt: skip
-    first_bucket = int(start.timestamp() * 1000) // step_ms * step_ms
-    times = list(range(first_bucket, int(now.timestamp() * 1000) + 1, step_ms))
-    return {
-        "datasets": datasets, "saved_datasets": saved, "cohorts": cohorts,
-        "imported": {"bucket_seconds": bucket.total_seconds(), "t": [t / 1000 for t in times], "count": [histogram.get(t, 0) for t in times]},
-        "progress": rates.rows(store), "now": now,
-    }  # fmt: skip
-
-
-def dead_letters(store: Store, limit: int = 200) -> dict[str, Any]:
-    """The newest dead letters with their reasons and a readable start of the original bytes."""
-    project = store.project
-    letters = []
-    for document in store[DEAD_LETTERS].find({"project": project}, {"project": 0, "key_b64": 0}, sort=[("at", DESCENDING)], limit=limit):
-        original = base64.b64decode(document.pop("original_b64", "") or "")  # empty when kept in GridFS
-        document["original_bytes"] = document.get("original_size", len(original))
-        document["original_preview"] = original[:400].decode("utf-8", errors="replace")
-        document["id"] = document.pop("_id")
-        letters.append(document)
-    counts = list(store[DEAD_LETTERS].aggregate([
-        {"$match": {"project": project}},
-        {"$group": {"_id": {"topic": "$topic", "error_type": "$error_type"}, "count": {"$sum": 1}, "last": {"$max": "$at"}}},
-        {"$sort": {"count": -1}},
-    ]))  # fmt: skip
-    return {
-        "total": store[DEAD_LETTERS].count_documents({"project": project}),
-        "by_reason": [{**row["_id"], "count": row["count"], "last": row["last"]} for row in counts],
-        "letters": letters,
-    }
