@@ -20,20 +20,23 @@ if TYPE_CHECKING:  # what type checkers and editors see; the same names as _EXPO
     from tensordb.config import load_settings as load_settings
     from tensordb.data.cohorts import Cohort as Cohort
     from tensordb.data.datasets import Datasets as Datasets
+    from tensordb.errors import BadInputError as BadInputError
     from tensordb.errors import ConfigurationError as ConfigurationError
     from tensordb.errors import DeliveryError as DeliveryError
     from tensordb.errors import IntegrityError as IntegrityError
+    from tensordb.errors import JobError as JobError
+    from tensordb.errors import ModelNotFoundError as ModelNotFoundError
+    from tensordb.errors import NotFoundError as NotFoundError
+    from tensordb.errors import PolicyError as PolicyError
     from tensordb.errors import ProjectScopeError as ProjectScopeError
     from tensordb.errors import QueryError as QueryError
     from tensordb.errors import TensorDBError as TensorDBError
+    from tensordb.errors import UnreachableError as UnreachableError
     from tensordb.errors import UntrustedCodeError as UntrustedCodeError
     from tensordb.errors import ValidationError as ValidationError
-    from tensordb.jobs.queue import JobError as JobError
     from tensordb.jobs.queue import Jobs as Jobs
     from tensordb.loop.policies import Policies as Policies
     from tensordb.loop.policies import Policy as Policy
-    from tensordb.loop.policies import PolicyError as PolicyError
-    from tensordb.models.registry import ModelNotFoundError as ModelNotFoundError
     from tensordb.models.registry import ModelRegistry as ModelRegistry
     from tensordb.runs.keras_callback import TensorDBCallback as TensorDBCallback
     from tensordb.runs.logger import RunLogger as RunLogger
@@ -66,9 +69,12 @@ _EXPORTS = {
     "IntegrityError": "tensordb.errors",
     "DeliveryError": "tensordb.errors",
     "UntrustedCodeError": "tensordb.errors",
-    "ModelNotFoundError": "tensordb.models.registry",
-    "JobError": "tensordb.jobs.queue",
-    "PolicyError": "tensordb.loop.policies",
+    "BadInputError": "tensordb.errors",
+    "NotFoundError": "tensordb.errors",
+    "UnreachableError": "tensordb.errors",
+    "ModelNotFoundError": "tensordb.errors",
+    "JobError": "tensordb.errors",
+    "PolicyError": "tensordb.errors",
     "__version__": "tensordb.version",
 }
 

@@ -1,4 +1,17 @@
-"""Every error TensorDB raises on purpose, each with a message that says what to do."""
+"""Every error TensorDB raises on purpose, each with a message that says what to do.
+
+They form one tree under :class:`TensorDBError`, by what the caller can do about them:
+
+- :class:`ConfigurationError`: a setting is missing, malformed or refuses the request (an
+  untrusted entry point): change the settings;
+- :class:`BadInputError` (also a ``ValueError``): a record, query, model, job or policy given is
+  wrong: fix the input (schema violations, forbidden operators, other projects' data...);
+- :class:`UnreachableError`: Kafka or MongoDB did not answer or acknowledge: retry, check the servers;
+- :class:`NotFoundError` (also a ``LookupError``): what was named does not exist in this project;
+- :class:`IntegrityError`: stored bytes do not match their checksum: restore or re-publish;
+- the rest (``StorageError``, ``ServiceError``, ``JobError``, ``TaskScriptError``, ``DrainError``)
+  are failures of one operation, explained by their message.
+"""
 
 
 class TensorDBError(Exception):
@@ -6,10 +19,18 @@ class TensorDBError(Exception):
 
 
 class ConfigurationError(TensorDBError):
-    """A setting is missing or malformed."""
+    """A setting is missing or malformed, or forbids what was asked: change the settings."""
 
 
-class ValidationError(TensorDBError, ValueError):
+class BadInputError(TensorDBError, ValueError):
+    """What the caller gave (a record, query, model, job, policy...) is wrong: fix it."""
+
+
+class NotFoundError(TensorDBError, LookupError):
+    """What was named does not exist in this project."""
+
+
+class ValidationError(BadInputError):
     """A record does not match its JSON Schema.
 
     ``field`` is the JSON path of the offending field (``"$"`` for the record itself) and ``rule``
@@ -25,7 +46,7 @@ class ValidationError(TensorDBError, ValueError):
         super().__init__(f"invalid {record_type} record: field {field!r} violates '{rule}': {detail}")
 
 
-class DecodeError(TensorDBError, ValueError):
+class DecodeError(BadInputError):
     """Bytes read from a topic are not a JSON object."""
 
 
@@ -33,7 +54,7 @@ class UnreachableError(TensorDBError):
     """Kafka or MongoDB did not answer in time; the message says where TensorDB looked."""
 
 
-class DeliveryError(TensorDBError):
+class DeliveryError(UnreachableError):
     """The broker did not acknowledge one or more produced records."""
 
 
@@ -45,7 +66,7 @@ class ServiceError(TensorDBError):
     """A local service could not be installed, started or stopped."""
 
 
-class RecordTooLargeError(TensorDBError, ValueError):
+class RecordTooLargeError(BadInputError):
     """A record exceeds the broker's message size; large arrays belong in GridFS (claim check)."""
 
 
@@ -57,11 +78,11 @@ class IntegrityError(TensorDBError):
     """Stored bytes do not match their recorded checksum."""
 
 
-class ProjectScopeError(TensorDBError, ValueError):
+class ProjectScopeError(BadInputError):
     """A filter, document or update tried to read or write outside its project."""
 
 
-class QueryError(TensorDBError, ValueError):
+class QueryError(BadInputError):
     """A query, filter or cohort definition is malformed or uses a forbidden operator."""
 
 
@@ -105,19 +126,19 @@ def describe_error(error: BaseException) -> str:
     )
 
 
-class ArrayCodecError(TensorDBError, ValueError):
+class ArrayCodecError(BadInputError):
     """An array cannot be stored safely (object dtype) or stored bytes are not a valid ``.npy``."""
 
 
-class SampleError(TensorDBError, ValueError):
+class SampleError(BadInputError):
     """A sample's arrays are inconsistent (bytes vs dtype/shape) or its blob reference is broken."""
 
 
-class ModelNotFoundError(TensorDBError, LookupError):
+class ModelNotFoundError(NotFoundError):
     """The model version named does not exist in this project."""
 
 
-class ModelFormatError(TensorDBError, ValueError):
+class ModelFormatError(BadInputError):
     """A model cannot be stored safely, or a stored one cannot be rebuilt."""
 
 
@@ -125,7 +146,7 @@ class JobError(TensorDBError):
     """A job cannot be submitted, found or changed as asked."""
 
 
-class JobSpecError(TensorDBError, ValueError):
+class JobSpecError(BadInputError):
     """A job's model or data specification cannot be used; the message says what to change."""
 
 
@@ -133,7 +154,7 @@ class TaskScriptError(TensorDBError, RuntimeError):
     """The task script exited with an error; the message carries the end of its output."""
 
 
-class PolicyError(TensorDBError, ValueError):
+class PolicyError(BadInputError):
     """A policy is malformed, missing, or cannot be changed as asked."""
 
 
@@ -141,11 +162,11 @@ class DrainError(TensorDBError):
     """The processors did not store every record within the time allowed."""
 
 
-class EntryPointError(TensorDBError, ValueError):
+class EntryPointError(BadInputError):
     """An entry point is malformed, cannot be imported here, or does not take the arguments given."""
 
 
-class UntrustedCodeError(TensorDBError):
+class UntrustedCodeError(ConfigurationError):
     """A job, policy or stored document names code outside what this process's operator trusts:
     an entry point outside ``TENSORDB_TRUSTED_MODULES``, or a task script outside
     ``TENSORDB_TASK_SCRIPT_DIRS``. Nothing was imported or run; the message says what to set."""
