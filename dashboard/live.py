@@ -167,7 +167,7 @@ class LiveHub:
             self.stop()
             raise UnreachableError(f"the dashboard could not start reading {self.topic} within {timeout} s: is Kafka at {self.settings.kafka_bootstrap} up?")
         if self._error is not None:
-            raise TensorDBError(f"the dashboard could not read {self.topic}: {self._error}") from self._error
+            raise UnreachableError(f"the dashboard could not read {self.topic}: {self._error}") from self._error
 
     def stop(self) -> None:
         self._stop.set()

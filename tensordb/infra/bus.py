@@ -20,6 +20,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from tensordb import records
 from tensordb.config import Settings, Topic
 from tensordb.errors import (
+    ConfigurationError,
     DecodeError,
     DeliveryError,
     FatalClientError,
@@ -60,7 +61,10 @@ def create_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
             created.append(name)
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise TensorDBError(f"could not create topic {name}: {exc.args[0].str()}") from exc
+                raise ConfigurationError(
+                    f"could not create topic {name}: {exc.args[0].str()}; check the broker's permissions for this principal "
+                    "and that TENSORDB_TOPIC_REPLICATION does not exceed its brokers"
+                ) from exc
     return created
 
 

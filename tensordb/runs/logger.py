@@ -32,7 +32,7 @@ import orjson
 
 from tensordb import records
 from tensordb.config import Topic
-from tensordb.errors import RecordTooLargeError, TensorDBError, ValidationError
+from tensordb.errors import BadInputError, RecordTooLargeError, UnreachableError, ValidationError
 
 if TYPE_CHECKING:
 
@@ -169,7 +169,7 @@ class RunLogger:
         stored as null. Bad input raises :class:`~tensordb.errors.ValidationError` here, not later.
         """
         if self._closed:
-            raise TensorDBError(f"RunLogger for run {self.run_id!r} is closed; create a new one")
+            raise BadInputError(f"RunLogger for run {self.run_id!r} is closed; create a new one")
         if phase not in _PHASES:
             raise _invalid("phase", "enum", f"phase must be one of {', '.join(PHASES)}; got {phase!r}")
         if not metrics:
@@ -260,7 +260,7 @@ class RunLogger:
         deadline = time.monotonic() + timeout
         while last and store[LOGS].count_documents({"_id": {"$in": last}}) < len(last):
             if time.monotonic() > deadline:
-                raise TensorDBError(
+                raise UnreachableError(
                     f"run {self.run_id!r}: logs were delivered but not persisted within {timeout} s; "
                     "are the processors running (`tensordb processors`)?"
                 )
