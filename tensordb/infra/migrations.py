@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,10 @@ def migrate(db: Database) -> None:
     if db[MIGRATIONS].find_one({"_id": SCOPED_IDS}) is not None:
         return
     renamed = sum(_scope_ids(db, name) for name in db.list_collection_names() if _holds_documents(name))
-    db[MIGRATIONS].update_one({"_id": SCOPED_IDS}, {"$set": {"renamed": renamed}}, upsert=True)
+    try:
+        db[MIGRATIONS].update_one({"_id": SCOPED_IDS}, {"$set": {"renamed": renamed}}, upsert=True)
+    except DuplicateKeyError:
+        pass  # another process starting at the same time recorded it first (concurrent upserts race)
     if renamed:
         log.info("renamed %d documents to project-scoped ids", renamed)
 
