@@ -27,6 +27,7 @@ from tensordb.infra.bus import Publisher, Received
 from tensordb.infra.dead_letters import DeadLetters
 from tensordb.infra.store import PROGRESS, Store
 from tensordb.models.registry import ModelRegistry
+from tensordb.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +73,16 @@ class ProcessorContext:
     publisher: Publisher = field(init=False)
     dead_letters: DeadLetters = field(init=False)
     registry: ModelRegistry = field(init=False)
+    runtime: Runtime = field(init=False)
 
     def __post_init__(self) -> None:
-        self.store = Store(self.settings, server_wait_ms=SERVER_WAIT_MS)
-        self.wait_out(self.store.ensure_indexes, "preparing MongoDB collections")
         # a flush that takes more than seconds means a broker that is down or forgot this producer
-        self.publisher = Publisher(self.settings, flush_timeout=FLUSH_SECONDS)
+        self.runtime = self.wait_out(
+            lambda: Runtime.open(self.settings, server_wait_ms=SERVER_WAIT_MS, flush_timeout=FLUSH_SECONDS), "connecting to MongoDB"
+        )
+        self.store, self.publisher, self.registry = self.runtime.store, self.runtime.publisher, self.runtime.registry
+        self.wait_out(self.store.ensure_indexes, "preparing MongoDB collections")
         self.dead_letters = DeadLetters(self.store, self.publisher, processor=self.processor)
-        self.registry = ModelRegistry(self.store, self.publisher)
 
     def wait_out(self, call: Callable[[], T], what: str) -> T:
         """Run ``call`` until it succeeds, waiting out MongoDB/Kafka outages with bounded back-off.
@@ -112,11 +115,9 @@ class ProcessorContext:
     def close(self) -> None:
         """Flush (5 s at most: a stop must not wait on a broker that is down) and disconnect."""
         try:
-            self.publisher.close(timeout=5.0)
-            self.registry.close()  # nothing left to flush by now
+            self.runtime.close(timeout=5.0)
         except DeliveryError as exc:  # their batches' offsets were not committed: read again after a restart
             log.warning("%s processor closed with undelivered records: %s", self.processor, exc)
-        self.store.close()
 
 
 def record_progress(store: Store, batch: list[Received]) -> None:

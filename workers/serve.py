@@ -27,12 +27,12 @@ from pydantic import BaseModel, Field
 
 from tensordb.config import Settings, Topic
 from tensordb.errors import ModelNotFoundError
-from tensordb.infra.bus import Publisher, make_consumer, receive
+from tensordb.infra.bus import make_consumer, receive
 from tensordb.infra.http_guard import CSP, Guard, check_binding, server
-from tensordb.infra.store import Store
 from tensordb.loop.promotion import PRODUCTION
 from tensordb.models.registry import ModelRegistry
 from tensordb.records import Schema
+from tensordb.runtime import Runtime
 
 log = logging.getLogger(__name__)
 MAX_INSTANCES = 1024
@@ -200,9 +200,8 @@ def run(settings: Settings, model_name: str, host: str, port: int, token: str | 
     if token is None and settings.serve_token is not None:
         token = settings.serve_token.get_secret_value()
     check_binding(host, token, "tensordb serve", "TENSORDB_SERVE_TOKEN")
-    store = Store(settings)
-    publisher = Publisher(settings)
-    holder = ModelHolder(ModelRegistry(store, publisher), model_name)
+    runtime = Runtime.open(settings)
+    holder = ModelHolder(runtime.registry, model_name)
     holder.refresh()
     stop = threading.Event()
     follower = threading.Thread(target=follow_promotions, args=(settings, holder, stop), name="tensordb-follow", daemon=True)
@@ -212,5 +211,4 @@ def run(settings: Settings, model_name: str, host: str, port: int, token: str | 
     finally:
         stop.set()
         follower.join(timeout=5)
-        publisher.close()
-        store.close()
+        runtime.close()

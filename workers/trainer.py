@@ -18,12 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tensordb.config import Settings, Topic
 from tensordb.errors import UntrustedCodeError
-from tensordb.infra.bus import Publisher, make_consumer, receive
-from tensordb.infra.store import Store
+from tensordb.infra.bus import make_consumer, receive
 from tensordb.jobs.queue import JobDocument, JobEvent, Jobs
-from tensordb.models.registry import ModelRegistry
 from tensordb.records import Schema
 from tensordb.runs.logger import RunLogger
+from tensordb.runtime import Runtime
 from workers.context import JobCancelled, JobContext, Runner
 from workers.evaluation import run_evaluation
 from workers.tasks import run_task
@@ -45,11 +44,10 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.lease_seconds = lease_seconds
         self.idle_scan_seconds = idle_scan_seconds
-        self.store = Store(settings)
+        self.runtime = Runtime.open(settings)
+        self.store, self.publisher, self.registry = self.runtime.store, self.runtime.publisher, self.runtime.registry
         self.store.ensure_indexes()
-        self.publisher = Publisher(settings)
         self.jobs = Jobs(self.store, self.publisher)
-        self.registry = ModelRegistry(self.store, self.publisher)
         self.runners = runners()
         self._stopping = threading.Event()
         self._current: JobContext | None = None
@@ -63,9 +61,7 @@ class Worker:
         return True
 
     def close(self) -> None:
-        self.registry.close()
-        self.publisher.close()
-        self.store.close()
+        self.runtime.close()
 
     def stop(self) -> None:
         """Stop after handing the running job (if any) back to the queue."""
