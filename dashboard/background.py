@@ -16,8 +16,6 @@ from collections.abc import Sequence
 from tensordb.config import Settings, load_settings
 from tensordb.errors import TensorDBError
 
-DEFAULT_PORT = 8050
-
 
 def start_dashboard(settings: Settings, port: int | None = None) -> str:
     """Start the dashboard of ``settings.project`` (no-op if it runs already); returns its address."""
@@ -31,14 +29,14 @@ def start_dashboard(settings: Settings, port: int | None = None) -> str:
         if app.name == "dashboard" and app.process.pid() is not None:
             app.stop()  # it may belong to another project: start afresh
     if port is None:
-        port = DEFAULT_PORT if port_is_free(host, DEFAULT_PORT) else free_port(host)
+        port = settings.dashboard_port if port_is_free(host, settings.dashboard_port) else free_port(host)
     services.start_app("dashboard", ["dashboard", "--host", host, "--port", str(port)])
     return f"http://{host}:{port}/"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Start the dashboard in the background and print its address.")
-    parser.add_argument("--port", type=int, default=None, help=f"default {DEFAULT_PORT}, or a free port if it is taken")
+    parser.add_argument("--port", type=int, default=None, help="default TENSORDB_DASHBOARD_PORT (8050), or a free port if it is taken")
     args = parser.parse_args(argv)
     settings = load_settings()
     try:

@@ -119,7 +119,20 @@ class Settings(BaseSettings):
         False, description="Hand task scripts the MongoDB password and the Kafka secret options (left out otherwise)."
     )
 
+    # -- workers -----------------------------------------------------------------------------------
+    worker_lease_seconds: float = Field(
+        30.0, gt=0, le=86_400,
+        description="Seconds a claimed job stays a worker's without a heartbeat; then another worker's "
+        "reaper hands it back to the queue (its last saved epoch is kept).",
+    )  # fmt: skip
+
     # -- HTTP endpoints: the model server and the dashboard ----------------------------------------
+    serve_host: str = Field("127.0.0.1", description="Address `tensordb serve` binds; beyond loopback it needs serve_token.")
+    serve_port: int = Field(8000, ge=1, le=65535, description="Port `tensordb serve` listens on.")
+    dashboard_host: str = Field(
+        "127.0.0.1", description="Address `tensordb dashboard` binds; beyond loopback it needs dashboard_token."
+    )
+    dashboard_port: int = Field(8050, ge=1, le=65535, description="Port `tensordb dashboard` listens on.")
     dashboard_token: SecretStr | None = Field(
         None, description="Token every dashboard request must carry; required when bound beyond loopback."
     )

@@ -143,11 +143,11 @@ class Worker:
                 log.exception("reaper pass failed")
 
 
-def run(settings: Settings, lease_seconds: float = 30.0) -> None:
-    """``tensordb worker``: run until SIGINT/SIGTERM."""
+def run(settings: Settings, lease_seconds: float | None = None) -> None:
+    """``tensordb worker``: run until SIGINT/SIGTERM (leases of ``lease_seconds``, default the setting)."""
     import signal
 
-    worker = Worker(settings, lease_seconds=lease_seconds)
+    worker = Worker(settings, lease_seconds=lease_seconds or settings.worker_lease_seconds)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: worker.stop())
     worker.run()

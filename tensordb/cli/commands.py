@@ -30,7 +30,8 @@ def _worker(args: argparse.Namespace) -> int:
     from workers.trainer import run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(load_settings(), lease_seconds=args.lease)
+    settings = load_settings()
+    run(settings, lease_seconds=args.lease or settings.worker_lease_seconds)
     return 0
 
 
@@ -40,7 +41,8 @@ def _serve(args: argparse.Namespace) -> int:
     from workers.serve import run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(load_settings(), args.policy, args.host, args.port, args.token)
+    settings = load_settings()
+    run(settings, args.policy, args.host or settings.serve_host, args.port or settings.serve_port, args.token)
     return 0
 
 
@@ -50,7 +52,8 @@ def _dashboard(args: argparse.Namespace) -> int:
     from dashboard.app import run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(load_settings(), args.host, args.port, args.token)
+    settings = load_settings()
+    run(settings, args.host or settings.dashboard_host, args.port or settings.dashboard_port, args.token)
     return 0
 
 
@@ -103,19 +106,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     processors.set_defaults(handler=_processors)
 
     worker = subparsers.add_parser("worker", help="run a trainer worker: claims and runs jobs until stopped")
-    worker.add_argument("--lease", type=float, default=30.0, help="seconds a job stays claimed without a heartbeat")
+    worker.add_argument("--lease", type=float, default=None, help="seconds a job stays claimed without a heartbeat (default: TENSORDB_WORKER_LEASE_SECONDS, 30)")
     worker.set_defaults(handler=_worker)
 
     serve = subparsers.add_parser("serve", help="serve a policy's production model over HTTP")
     serve.add_argument("--policy", required=True, help="policy (model) name whose production version to serve")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs --token)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default=None, help="address to bind (default: TENSORDB_SERVE_HOST, 127.0.0.1; any other needs --token)")
+    serve.add_argument("--port", type=int, default=None, help="port (default: TENSORDB_SERVE_PORT, 8000)")
     serve.add_argument("--token", default=None, help="token every request must carry (default: $TENSORDB_SERVE_TOKEN)")
     serve.set_defaults(handler=_serve)
 
     dashboard = subparsers.add_parser("dashboard", help="serve the live dashboard: runs, curves, models, data")
-    dashboard.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs --token)")
-    dashboard.add_argument("--port", type=int, default=8050)
+    dashboard.add_argument("--host", default=None, help="address to bind (default: TENSORDB_DASHBOARD_HOST, 127.0.0.1; any other needs --token)")
+    dashboard.add_argument("--port", type=int, default=None, help="port (default: TENSORDB_DASHBOARD_PORT, 8050)")
     dashboard.add_argument("--token", default=None, help="token every request must carry (default: $TENSORDB_DASHBOARD_TOKEN)")
     dashboard.set_defaults(handler=_dashboard)
 

@@ -35,7 +35,6 @@ from tensordb.services.process import free_port, port_is_free
 
 POLICY = "digits"
 WAVE_SIZES = (500, 1000)  # training samples per wave; the rest of the 1797 digits validate
-SERVE_PORT = 8000
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
 
 
@@ -147,7 +146,7 @@ def run_demo(base_settings: Settings) -> int:
         decision = _watch(db, lambda: _decisions(db)[0:1], "the first decision")[0]
         timeline.say(f"decision: {decision['reason']}")
 
-        port = SERVE_PORT if port_is_free(settings.services_host, SERVE_PORT) else free_port(settings.services_host)
+        port = settings.serve_port if port_is_free(settings.services_host, settings.serve_port) else free_port(settings.services_host)
         services.start_app("serve", ["serve", "--policy", POLICY, "--port", str(port)])
         base = f"http://{settings.services_host}:{port}"
         timeline.say(f"model server running at {base} (POST /predict, GET /model, GET /health)")
