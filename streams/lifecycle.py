@@ -13,7 +13,7 @@ from pymongo.errors import DuplicateKeyError
 from streams.processing import ProcessorContext
 from tensordb.errors import PolicyError
 from tensordb.infra.bus import Received
-from tensordb.jobs.queue import JobEvent, Jobs, JobStatus
+from tensordb.jobs.queue import JobEvent, JobKind, Jobs, JobStatus
 from tensordb.loop import promotion
 from tensordb.loop.policies import Policies
 
@@ -30,10 +30,10 @@ def handle_job_events(context: ProcessorContext, batch: list[Received]) -> None:
             policy = policies.get(job["policy"])
         except PolicyError:
             continue  # the policy was deleted since: nothing to do for its jobs
-        if job["kind"] == "train":
+        if job["kind"] == JobKind.TRAIN:
             try:
                 promotion.request_evaluation(jobs, registry, policy, job)
             except DuplicateKeyError:
                 pass  # already requested for this job (a redelivered event)
-        elif job["kind"] == "evaluate":
+        elif job["kind"] == JobKind.EVALUATE:
             promotion.decide(context.store, registry, policies, job)

@@ -14,14 +14,14 @@ from streams.processing import ProcessorContext
 from tensordb.data.cohorts import cohort_from_spec
 from tensordb.data.samples import SAMPLES
 from tensordb.infra.bus import Received
-from tensordb.jobs.queue import Jobs, JobStatus
+from tensordb.jobs.queue import JobKind, Jobs, JobStatus
 from tensordb.loop.policies import Policies, Policy
 
 
 def submit_training(jobs: Jobs, policy: Policy, reason: str) -> str:
     """The train job of one trigger of ``policy``; its versions are registered under the policy name."""
     return jobs.submit(
-        "train",
+        JobKind.TRAIN,
         name=policy.name,
         model=policy.model,
         data={**policy.training, "validation": policy.validation},
@@ -37,7 +37,7 @@ def maybe_trigger(jobs: Jobs, policies: Policies, policy: Policy, threshold: int
     if jobs.collection.count_documents({"project": jobs.store.project, "policy": policy.name, "status": JobStatus.PENDING}, limit=1):
         policies.absorb(policy.name)  # the pending job will read these samples when it starts
         return None
-    running = jobs.collection.count_documents({"project": jobs.store.project, "policy": policy.name, "kind": "train", "status": JobStatus.RUNNING})
+    running = jobs.collection.count_documents({"project": jobs.store.project, "policy": policy.name, "kind": JobKind.TRAIN, "status": JobStatus.RUNNING})
     if running >= policy.max_concurrent_jobs:
         return None  # the counter stays; the next import re-checks
     if not policies.take_trigger(policy.name, threshold):

@@ -22,7 +22,7 @@ from tensordb.data.samples import ArrayLike, build_sample, publish_samples
 from tensordb.errors import ConfigurationError
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store
-from tensordb.jobs.queue import JobDocument, Jobs
+from tensordb.jobs.queue import JobDocument, JobKind, Jobs
 from tensordb.models.registry import ModelRegistry
 from tensordb.runs.logger import RunLogger
 from tensordb.runs.queries import delete_logs, read_logs
@@ -242,7 +242,7 @@ class TensorDB:
         return self.models.delete(**filters)
 
     # -- jobs ---------------------------------------------------------------------------------------
-    def submit_job(self, kind: str = "train", **spec: Any) -> str:
+    def submit_job(self, kind: str = JobKind.TRAIN, **spec: Any) -> str:
         """Queue a job for the workers; returns its id.
 
         Parameters

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from tensordb.config import Settings, Topic
 from tensordb.errors import UntrustedCodeError
 from tensordb.infra.bus import make_consumer, receive
-from tensordb.jobs.queue import JobDocument, JobEvent, Jobs
+from tensordb.jobs.queue import JobDocument, JobEvent, JobKind, Jobs
 from tensordb.records import Schema
 from tensordb.runs.logger import RunLogger
 from tensordb.runtime import Runtime
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 def runners() -> dict[str, Runner]:
     """The runner of each job kind."""
-    return {"train": run_training, "evaluate": run_evaluation, "task": run_task}
+    return {JobKind.TRAIN: run_training, JobKind.EVALUATE: run_evaluation, JobKind.TASK: run_task}
 
 
 class Worker:

@@ -186,7 +186,7 @@ def check_submitted_job(kind: str, model: Mapping[str, Any] | None, script: str 
     """The submit-time check of a job: its model spec, and its task script when the submitter's
     settings list script directories (workers check again with theirs)."""
     check_model_spec(model or {}, settings)
-    if kind == "task" and script and settings.task_script_dirs:
+    if kind == "task" and script and settings.task_script_dirs:  # JobKind.TASK (jobs sit above this layer)
         resolve_task_script(script, settings)
 
 

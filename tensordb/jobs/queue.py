@@ -34,6 +34,14 @@ from tensordb.infra.trusted import check_submitted_job
 JOBS = "jobs"
 
 
+class JobKind(StrEnum):
+    """What a job runs: a training of a model, an evaluation of versions, or a task script."""
+
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+    TASK = "task"
+
+
 class JobStatus(StrEnum):
     """A job's ``status`` field (the module docstring draws how it changes)."""
 
@@ -68,7 +76,7 @@ class JobEvent(StrEnum):
 
 
 CLAIM_ORDER = [("priority", DESCENDING), ("submitted_at", ASCENDING)]
-KINDS = ("train", "evaluate", "task")
+KINDS = tuple(JobKind)
 
 
 class JobFailure(TypedDict):
@@ -140,7 +148,7 @@ class Jobs:
     # -- submitting and watching -----------------------------------------------------------------
     def submit(
         self,
-        kind: str = "train",
+        kind: str = JobKind.TRAIN,
         *,
         name: str | None = None,
         model: Mapping[str, Any] | None = None,
@@ -199,7 +207,7 @@ class Jobs:
         """
         if kind not in KINDS:
             raise JobError(f"job kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        if kind == "task" and not script:
+        if kind == JobKind.TASK and not script:
             raise JobError("a task job needs script=<path of a Python file on the worker>")
         check_submitted_job(kind, model, script, self.store.settings)  # workers check again before running
         job_id = job_id or f"job-{uuid.uuid4().hex[:16]}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from tensordb.jobs.queue import Jobs
+from tensordb.jobs.queue import JobKind, Jobs
 from tensordb.loop.policies import Policies, Policy
 from tensordb.models.registry import ModelRegistry
 
@@ -33,7 +33,7 @@ def request_evaluation(jobs: Jobs, registry: ModelRegistry, policy: Policy, trai
     if production is not None and production != candidate["version"]:
         versions.append(production)
     return jobs.submit(
-        "evaluate",
+        JobKind.EVALUATE,
         name=f"{policy.name}-evaluation",
         model={"name": policy.name, "versions": versions},
         data=policy.validation,
@@ -46,7 +46,7 @@ def request_evaluation(jobs: Jobs, registry: ModelRegistry, policy: Policy, trai
 def evaluate_versions(jobs: Jobs, policy: Policy, versions: list[int]) -> str:
     """Score any chosen set of versions (e.g. "the five with the lowest training loss") on the
     policy's validation cohort; results land in ``evaluations``."""
-    return jobs.submit("evaluate", name=f"{policy.name}-evaluation", model={"name": policy.name, "versions": versions}, data=policy.validation)
+    return jobs.submit(JobKind.EVALUATE, name=f"{policy.name}-evaluation", model={"name": policy.name, "versions": versions}, data=policy.validation)
 
 
 def decide(store: Any, registry: ModelRegistry, policies: Policies, evaluation_job: dict[str, Any]) -> dict[str, Any]:
