@@ -44,6 +44,7 @@ demo: services-install dashboard
 
 test: services-install system-packages dashboard chromium
 	$(BIN)/ruff check tensordb streams workers schemas tests bench examples dashboard
+	$(BIN)/ruff format --check tensordb streams workers schemas tests bench examples dashboard
 	$(BIN)/lint-imports
 	$(BIN)/mypy tensordb streams workers dashboard
 	$(BIN)/python -m pytest -q -ra

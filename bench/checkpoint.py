@@ -173,9 +173,7 @@ def run(settings: Settings, mongod_pid: int | None, millions: float, repeat: int
             repeat,
             {"mongod": mongod_pid},
         )
-        whole_async, sync, durable, put, local_save = (
-            saves[name] for name in ("async", "sync", "journaled", "put", "local")
-        )
+        whole_async, sync, durable, put, local_save = (saves[name] for name in ("async", "sync", "journaled", "put", "local"))
         blocked = Timing(seconds=async_calls)
         get_weights = timed(model.get_weights, repeat)
         copies = timed(lambda: [w.copy() for w in weights], repeat)
@@ -209,9 +207,7 @@ def run(settings: Settings, mongod_pid: int | None, millions: float, repeat: int
             {"mongod": mongod_pid},
             setups={"cold": lambda: evict(local)},
         )
-        find, params_only, fetch, local_warm, local_cold = (
-            loads[name] for name in ("find", "params", "fetch", "warm", "cold")
-        )
+        find, params_only, fetch, local_warm, local_cold = (loads[name] for name in ("find", "params", "fetch", "warm", "cold"))
         decode = timed(lambda: npz_to_weights(npz), repeat)
         rebuild = timed(lambda: keras.models.model_from_json(info["architecture_json"]), repeat)
         set_weights = timed(lambda: model.set_weights(weights), repeat)
@@ -275,8 +271,7 @@ def run(settings: Settings, mongod_pid: int | None, millions: float, repeat: int
             "c. download, parameters only (weights → set)",
             f"{mb(size) / params_only.median:.0f} MB/s ({params_only.spread()})",
             f"np.load cold (evicted) + set_weights {mb(size) / local_cold.median:.0f} MB/s ({local_cold.median:.2f} s)",
-            f"{local_cold.median / params_only.median:.2f}× local cold; "
-            f"{local_warm.median / params_only.median:.2f}× warm",
+            f"{local_cold.median / params_only.median:.2f}× local cold; {local_warm.median / params_only.median:.2f}× warm",
             f"{PAPER_DOWNLOAD_S / params_only.median:.1f}× faster than ~2 s",
             f"{params_only.cpu()}: the client decoding 4 MiB BSON chunks, joining and hashing them; mongod serves from "
             "its WiredTiger cache; 'cold' = dropped from this VM's page cache (the host may still cache the disk)",

@@ -117,7 +117,10 @@ class SseClock:
 
     def _run(self, url: str, run_id: str) -> None:
         try:
-            with httpx.Client(timeout=None) as client, client.stream("GET", f"{url}/api/live", params={"run": run_id}) as response:
+            with (
+                httpx.Client(timeout=None) as client,
+                client.stream("GET", f"{url}/api/live", params={"run": run_id}) as response,
+            ):
                 event = ""
                 for line in response.iter_lines():
                     if self._stop.is_set():
@@ -138,7 +141,9 @@ class SseClock:
         self._stop.set()
 
 
-def measure_latency(settings: Settings, url: str, browser: Any, name: str, points: int, rate: float | None, background_runs: int = 0) -> dict[str, Any]:
+def measure_latency(
+    settings: Settings, url: str, browser: Any, name: str, points: int, rate: float | None, background_runs: int = 0
+) -> dict[str, Any]:
     run_id = f"latency-{uuid.uuid4().hex[:6]}"
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     page.goto(f"{url}/#/run/{quote(run_id, safe='')}?latency=1")
@@ -178,7 +183,9 @@ def measure_latency(settings: Settings, url: str, browser: Any, name: str, point
         stop_background.set()
         for thread in others:
             thread.join()
-    page.wait_for_function("(n) => document.querySelector(`.chart[data-metric='loss']`)?.dataset.points === String(n)", arg=points, timeout=120_000)
+    page.wait_for_function(
+        "(n) => document.querySelector(`.chart[data-metric='loss']`)?.dataset.points === String(n)", arg=points, timeout=120_000
+    )
     drawn = page.evaluate("window.tensordbLatency")
     page.close()
     sse.stop()
@@ -190,7 +197,11 @@ def measure_latency(settings: Settings, url: str, browser: Any, name: str, point
     sse_ms = [(sse.arrived[step] - walls[step]) * 1000 for step in walls if step in sse.arrived]
     values = list(browser_ms.values())
     return {
-        "name": name, "points": points, "live": len(browser_ms), "sse": sse_ms, "browser": values,
+        "name": name,
+        "points": points,
+        "live": len(browser_ms),
+        "sse": sse_ms,
+        "browser": values,
         "rate": points / max(max(walls.values()) - min(walls.values()), 1e-9),
     }
 
@@ -232,7 +243,9 @@ def timed_get(client: httpx.Client, path: str, **params: Any) -> tuple[float, in
     return elapsed, len(response.content), response.json()
 
 
-def measure_overview(settings: Settings, browser: Any, runs: int, run_points: int, folder: Path) -> tuple[list[tuple[str, ...]], dict[str, Any]]:
+def measure_overview(
+    settings: Settings, browser: Any, runs: int, run_points: int, folder: Path
+) -> tuple[list[tuple[str, ...]], dict[str, Any]]:
     rows: list[tuple[str, ...]] = []
     port = free_port()
     dashboard = dashboard_process(settings, folder / "dashboard-overview.log", port)
@@ -252,23 +265,45 @@ def measure_overview(settings: Settings, browser: Any, runs: int, run_points: in
         seconds, size, _ = timed_get(client, "/api/runs")
         row("runs list, refreshed (2 index look-ups per run)", seconds, size)
         seconds, size, body = timed_get(client, "/api/compare", run=names, metric="loss")
-        row(f"compare {runs} runs, cold (sampled envelopes)", seconds, size, f"{len(body['x'])} x values × {len(body['y'])} runs; exact: {body['exact']}")
+        row(
+            f"compare {runs} runs, cold (sampled envelopes)",
+            seconds,
+            size,
+            f"{len(body['x'])} x values × {len(body['y'])} runs; exact: {body['exact']}",
+        )
         started = time.perf_counter()
         while not (body := client.get("/api/compare", params={"run": names, "metric": "loss"}).json())["exact"]:
             time.sleep(1)
         facts["exact_after"] = time.perf_counter() - started
-        rows.append((f"exact envelopes of {runs} runs built (background)", f"{facts['exact_after']:,.1f} s", "–", "2 threads read every point once"))
+        rows.append(
+            (
+                f"exact envelopes of {runs} runs built (background)",
+                f"{facts['exact_after']:,.1f} s",
+                "–",
+                "2 threads read every point once",
+            )
+        )
         seconds, size, body = timed_get(client, "/api/compare", run=names, metric="loss")
         row(f"compare {runs} runs, warm (from memory)", seconds, size, f"{len(body['x'])} x values")
         seconds, size, _ = timed_get(client, "/api/compare", run=names, metric="loss", x="relative")
         row(f"compare {runs} runs by time since start, warm", seconds, size)
         seconds, size, body = timed_get(client, "/api/run", id=names[0])
-        row(f"one run ({run_points:,} points), all metrics", seconds, size, f"{sum(len(c['x']) for c in body['charts'].values())} points in {len(body['charts'])} charts")
+        row(
+            f"one run ({run_points:,} points), all metrics",
+            seconds,
+            size,
+            f"{sum(len(c['x']) for c in body['charts'].values())} points in {len(body['charts'])} charts",
+        )
         middle = run_points // 2
         seconds, size, body = timed_get(client, "/api/run", id=names[0], lo=middle, hi=middle + 999)
         row("one run, zoom to 1,000 steps (full resolution)", seconds, size, f"{len(body['charts']['loss']['x'])} points")
         seconds, size, body = timed_get(client, "/api/run", id=names[0], lo=0, hi=run_points // 5)
-        row(f"one run, zoom to {run_points // 5:,} steps (raw read, min/max)", seconds, size, f"{len(body['charts']['loss']['x'])} points")
+        row(
+            f"one run, zoom to {run_points // 5:,} steps (raw read, min/max)",
+            seconds,
+            size,
+            f"{len(body['charts']['loss']['x'])} points",
+        )
         seconds, size, body = timed_get(client, "/api/compare", run=names[:10], metric="loss", lo=middle, hi=middle + 999)
         row("compare 10 runs, zoom to 1,000 steps", seconds, size, f"{len(body['x'])} x values, raw for {len(body['raw'])} runs")
         facts["rss_mb"] = rss_mb(dashboard.process.pid if dashboard.process else None)
@@ -280,20 +315,39 @@ def measure_overview(settings: Settings, browser: Any, runs: int, run_points: in
         started = time.perf_counter()
         page.goto(f"{url}/{hash_}")
         page.wait_for_function("() => Number(document.querySelector('#main .chart')?.dataset.points) > 0", timeout=120_000)
-        row(f"browser: open the comparison of {runs} runs → drawn", time.perf_counter() - started, None, "navigation, runs list, compare, uPlot")
+        row(
+            f"browser: open the comparison of {runs} runs → drawn",
+            time.perf_counter() - started,
+            None,
+            "navigation, runs list, compare, uPlot",
+        )
         frame = page.evaluate("""() => new Promise((resolve) => {
             const start = performance.now(); let frames = 0, worst = 0, last = start;
             const tick = (now) => { worst = Math.max(worst, now - last); last = now; frames++;
               if (now - start < 3000) requestAnimationFrame(tick); else resolve({frames, worst}); };
             requestAnimationFrame(tick); })""")
-        rows.append(("browser: frames in 3 s on that page (it polls every 3 s)", f"{frame['frames']} frames", "–", f"longest frame {frame['worst']:.0f} ms"))
+        rows.append(
+            (
+                "browser: frames in 3 s on that page (it polls every 3 s)",
+                f"{frame['frames']} frames",
+                "–",
+                f"longest frame {frame['worst']:.0f} ms",
+            )
+        )
         redraws = [page.evaluate("() => window.tensordbCharts.compare.redraw()") for _ in range(5)]
         points = page.evaluate("() => window.tensordbCharts.compare.points()")
-        row("browser: redraw that chart (when runs log)", statistics.median(redraws) / 1000, None, f"{runs} runs × {points} x values, median of 5")
+        row(
+            "browser: redraw that chart (when runs log)",
+            statistics.median(redraws) / 1000,
+            None,
+            f"{runs} runs × {points} x values, median of 5",
+        )
         page.screenshot(path=str(REPO / "test-output" / "dashboard" / "bench-compare-100-runs.png"), full_page=True)
         started = time.perf_counter()
         page.goto(f"{url}/#/run/{names[0]}")
-        page.wait_for_function("() => Number(document.querySelector(`.chart[data-metric='loss']`)?.dataset.points) > 0", timeout=120_000)
+        page.wait_for_function(
+            "() => Number(document.querySelector(`.chart[data-metric='loss']`)?.dataset.points) > 0", timeout=120_000
+        )
         row("browser: open one run's page → drawn", time.perf_counter() - started, None)
         page.close()
     return rows, facts
@@ -323,12 +377,36 @@ def main() -> int:
             with project(base, "latency") as settings:
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"
-                with running(processors_process(settings, folder / "processors.log"), dashboard_process(settings, folder / "dashboard.log", port)):
+                with running(
+                    processors_process(settings, folder / "processors.log"),
+                    dashboard_process(settings, folder / "dashboard.log", port),
+                ):
                     results.append(measure_latency(settings, url, browser, "steady, 200 steps/s", args.points, 200))
                     results.append(measure_latency(settings, url, browser, "burst, as fast as log() goes", args.points, None))
-                    results.append(measure_latency(settings, url, browser, "watched run among 100 runs logging (1,000 steps/s in all)", args.points, 200, 100))
+                    results.append(
+                        measure_latency(
+                            settings,
+                            url,
+                            browser,
+                            "watched run among 100 runs logging (1,000 steps/s in all)",
+                            args.points,
+                            200,
+                            100,
+                        )
+                    )
             table = Table(title=f"log() → drawn, milliseconds (goal p99 ≤ {GOAL_P99_MS:.0f} ms); same clock, one machine")
-            for column in ("load", "steps/s", "points drawn live", "SSE client p50", "p99", "browser p50", "p90", "p99", "max", "goal"):
+            for column in (
+                "load",
+                "steps/s",
+                "points drawn live",
+                "SSE client p50",
+                "p99",
+                "browser p50",
+                "p90",
+                "p99",
+                "max",
+                "goal",
+            ):
                 table.add_column(column, justify="right" if column != "load" else "left")
             for result in results:
                 browser_ms, sse_ms = result["browser"], result["sse"]
@@ -352,7 +430,9 @@ def main() -> int:
                 for row in rows:
                     table.add_row(*row)
                 console.print(table)
-                console.print(f"dashboard memory (RSS) with {args.runs} envelopes: {facts['rss_mb']:.0f} MB" if facts.get("rss_mb") else "")
+                console.print(
+                    f"dashboard memory (RSS) with {args.runs} envelopes: {facts['rss_mb']:.0f} MB" if facts.get("rss_mb") else ""
+                )
     finally:
         os.chdir(cwd)
         shutil.rmtree(folder, ignore_errors=True)
@@ -363,4 +443,3 @@ def main() -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

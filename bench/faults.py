@@ -106,7 +106,9 @@ def poison(i: int) -> bytes:
         lambda: {**sample, "schema": "sample/9"},
     ]
     if i % 200 == 0:  # now and then an oversized one (~700 KB)
-        return json.dumps({**sample, "metadata": {"blob": "x" * 700_000}, "arrays": {"x": {"dtype": "uint8", "shape": [9], "data": "AAAA"}}}).encode()
+        return json.dumps(
+            {**sample, "metadata": {"blob": "x" * 700_000}, "arrays": {"x": {"dtype": "uint8", "shape": [9], "data": "AAAA"}}}
+        ).encode()
     value = kinds[i % len(kinds)]()
     return value if isinstance(value, bytes) else json.dumps(value).encode()
 
@@ -136,7 +138,11 @@ def publish(
                 _retrying(lambda: publisher.publish(Topic.INGEST, record, key=sample_id, on_delivery=on_delivery))
                 if bad_every and i % bad_every == 0:
                     on_bad = lambda error, message: error is None and flow.acknowledge(None)  # noqa: E731
-                    _retrying(lambda: publisher.publish_bytes(settings.topic(Topic.INGEST), poison(i), key=sample_id, on_delivery=on_bad))
+                    _retrying(
+                        lambda: publisher.publish_bytes(
+                            settings.topic(Topic.INGEST), poison(i), key=sample_id, on_delivery=on_bad
+                        )
+                    )
                 if per_second and n % 20 == 19:
                     time.sleep(20 * PRODUCERS / per_second)
             _retrying(lambda: publisher.flush(30))
@@ -220,11 +226,21 @@ class Lab:
     @contextmanager
     def project(self, tag: str, mongo_options: str = "") -> Iterator[Settings]:
         name = f"faults-{tag}-{uuid.uuid4().hex[:6]}"
-        settings = self.base.with_changes(project=name, mongo_database=f"faults_{name.replace('-', '_')}", mongo_uri=self.base.mongo_uri + mongo_options)
+        settings = self.base.with_changes(
+            project=name, mongo_database=f"faults_{name.replace('-', '_')}", mongo_uri=self.base.mongo_uri + mongo_options
+        )
         create_topics(settings)
         with Store(settings) as store:
             store.ensure_indexes()
-            Policies(store).register(Policy("count-all", model={"name": "m"}, training={"filter": {"dataset": "flow"}}, validation={"filter": {}}, trigger={"every_samples": 10**9}))
+            Policies(store).register(
+                Policy(
+                    "count-all",
+                    model={"name": "m"},
+                    training={"filter": {"dataset": "flow"}},
+                    validation={"filter": {}},
+                    trigger={"every_samples": 10**9},
+                )
+            )
         try:
             yield settings
         finally:
@@ -249,7 +265,9 @@ class Lab:
         create_topics(self.base)
 
 
-def outcome(settings: Settings, flow: Flow, scenario: str, records: int, progress: Progress, recovery: float | None, note: str = "") -> Row:
+def outcome(
+    settings: Settings, flow: Flow, scenario: str, records: int, progress: Progress, recovery: float | None, note: str = ""
+) -> Row:
     with Store(settings) as store:
         stored = store["samples"].count_documents({"_id": {"$in": sorted(flow.valid)}})
         extra = store["samples"].count_documents({}) - stored  # stored without an acknowledgement (kept)
@@ -271,7 +289,12 @@ def settle(settings: Settings, flow: Flow, timeout: float = 120.0) -> None:
         try:
             wait_for(lambda: db["samples"].count_documents({}) + db["dead_letters"].count_documents({}) >= len(flow.valid) + flow.bad,
                      timeout=timeout, interval=0.2, what="every acknowledged record")  # fmt: skip
-            wait_for(lambda: counted_samples(db, settings) >= db["samples"].count_documents({}), timeout=30, interval=0.2, what="the policy counter")
+            wait_for(
+                lambda: counted_samples(db, settings) >= db["samples"].count_documents({}),
+                timeout=30,
+                interval=0.2,
+                what="the policy counter",
+            )
         except AssertionError as exc:
             console.print(f"[red]{exc}[/]")
 
@@ -294,7 +317,12 @@ def run_flow(lab: Lab, scenario: str, count: int, fault: Callable[[Settings, lis
             fault_at = None
             if fault is not None:
                 with MongoClient(settings.mongo_uri) as client:
-                    wait_for(lambda: client[settings.mongo_database]["samples"].estimated_document_count() >= count * fault_after, timeout=120, interval=0.05, what="the fault point")
+                    wait_for(
+                        lambda: client[settings.mongo_database]["samples"].estimated_document_count() >= count * fault_after,
+                        timeout=120,
+                        interval=0.05,
+                        what="the fault point",
+                    )
                 fault_at = time.monotonic()
                 fault(settings, processes)
             for producer in producers:
@@ -425,7 +453,9 @@ def main() -> int:
             rows.append(row)
     finally:
         lab.close()
-    table = Table("scenario", "records", "acknowledged", "stored", "dead-lettered", "lost", "duplicated", "recovery", "records/s", "note")
+    table = Table(
+        "scenario", "records", "acknowledged", "stored", "dead-lettered", "lost", "duplicated", "recovery", "records/s", "note"
+    )
     for row in rows:
         table.add_row(row.scenario, str(row.records), str(row.acknowledged), str(row.stored), str(row.dead_lettered), str(row.lost),
                       str(row.duplicated), _seconds(row.recovery), f"{row.rate:,.0f}", row.note)  # fmt: skip
@@ -433,7 +463,9 @@ def main() -> int:
     durable = next((row for row in rows if row.scenario == "no fault (durable writes)"), None)
     fast = next((row for row in rows if row.scenario.startswith("no fault (w=1")), None)
     if durable and fast:
-        console.print(f"durable writes cost: {durable.rate:,.0f} vs {fast.rate:,.0f} records/s = {durable.rate / fast.rate:.2f}× the throughput")
+        console.print(
+            f"durable writes cost: {durable.rate:,.0f} vs {fast.rate:,.0f} records/s = {durable.rate / fast.rate:.2f}× the throughput"
+        )
     for row in rows:
         print(f"RESULT {row.scenario} | acknowledged={row.acknowledged} stored={row.stored} dead_lettered={row.dead_lettered} "
               f"lost={row.lost} duplicated={row.duplicated} | recovery={_seconds(row.recovery)}")  # fmt: skip

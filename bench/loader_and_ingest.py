@@ -108,7 +108,9 @@ def sample_records(dataset: str, start: int, images: np.ndarray) -> list[dict[st
 def as_received(settings: Settings, start: int, batch: list[dict[str, Any]]) -> list[Received]:
     """Validated records, as the processor receives them from the ingest topic."""
     topic = settings.topic(Topic.INGEST)
-    return [Received(topic, 0, start + i, None, None, records.validate(r, records.Schema.SAMPLE), None) for i, r in enumerate(batch)]
+    return [
+        Received(topic, 0, start + i, None, None, records.validate(r, records.Schema.SAMPLE), None) for i, r in enumerate(batch)
+    ]
 
 
 # -- 1. streaming vs local disk ---------------------------------------------------------------------
@@ -267,7 +269,10 @@ def verification_row(case: StreamCase) -> Row:
     """The loader with its checksum of every blob against itself without, interleaved (goal: ≤ 10 % slower)."""
     verified, unverified = Timing(case.pids), Timing(case.pids)
     interleaved(
-        {"unverified": lambda: unverified_pass(case.cohort, default_setting()), "verified": lambda: stream_pass(case.cohort, default_setting())},
+        {
+            "unverified": lambda: unverified_pass(case.cohort, default_setting()),
+            "verified": lambda: stream_pass(case.cohort, default_setting()),
+        },
         TIMED_PASSES,
         timings={"verified": verified, "unverified": unverified},
     )

@@ -301,7 +301,11 @@ def dispatch_rows(done: dict[str, list[dict[str, Any]]], events: Watcher, meter:
     return [
         Row(
             "dispatch: submitted → claimed (started_at − submitted_at); 1 idle `tensordb worker`",
-            claim, polled, baseline, f"p50 ≤ {ms(GOAL_SECONDS)}", claim.p50 <= GOAL_SECONDS,
+            claim,
+            polled,
+            baseline,
+            f"p50 ≤ {ms(GOAL_SECONDS)}",
+            claim.p50 <= GOAL_SECONDS,
             dominant="the broker hop of the job request (librdkafka's fetch wait against Tansu)",
             notes="Worker.run waits for a job request with receive(), which returns on the first message (poll), then "
             f"claims; measured mean {ms(claim.mean)}, {slow} of {len(claim.values)} over 1 s. The claim itself "
@@ -309,18 +313,22 @@ def dispatch_rows(done: dict[str, list[dict[str, Any]]], events: Watcher, meter:
             f"CPU while timing: {meter.describe()}",
         ),  # fmt: skip
         Row(
-            "dispatch: submitted → worker's `started` job event (its `at`)", Stats(stamped),
+            "dispatch: submitted → worker's `started` job event (its `at`)",
+            Stats(stamped),
             dominant="as above; + a few ms (RunLogger, heartbeat thread)",
         ),  # fmt: skip
         Row(
-            "dispatch: submitted → `started` event received by a consumer", Stats(received),
+            "dispatch: submitted → `started` event received by a consumer",
+            Stats(received),
             dominant="as above; + the broker hop (eager consumer: ms)",
             notes="a consumer in this process using poll() with fetch.wait.max.ms 10; with TensorDB's make_consumer defaults "
             "(librdkafka's fetch.wait.max.ms 500) Tansu answers later (the what-if row's consumer has them)",
         ),  # fmt: skip
         Row(
             "what-if (bench code, not TensorDB's): the worker's loop waking on the first request (Consumer.poll)",
-            doorbell, polled, baseline,
+            doorbell,
+            polled,
+            baseline,
             dominant="the broker hop of the job request (librdkafka fetch wait against Tansu)",
             notes="a thread here runs the worker's loop (doorbell consumer in the workers' group, then Jobs.claim) with "
             "a bare consumer.poll(2 s) and fetch.wait.max.ms 10: the latency the Kafka doorbell allows",
@@ -584,13 +592,15 @@ def loop_rows(results: list[Round], load: Stats, meter: CpuMeter, poller: Predic
     )
     rows = [
         Row(
-            f"loop (a): data published → retrain job submitted ({len(results)} rounds)", to_submitted,
+            f"loop (a): data published → retrain job submitted ({len(results)} rounds)",
+            to_submitted,
             dominant="two faust hops (ingest, then data-imported)",
             notes=f"published → wave persisted {ms(ingest_hop.p50)} p50, persisted → job submitted {ms(trigger_hop.p50)} "
             f"p50 (the ingest handler publishes data-imported, the retrain handler counts and submits). Each hop: {faust}.",
         ),
         Row(
-            f"loop (a): data published → retrain job started ({len(results)} rounds)", to_started,
+            f"loop (a): data published → retrain job started ({len(results)} rounds)",
+            to_started,
             dominant="the faust hops + the worker's doorbell",
             notes=f"the hops above, then submitted → started {ms(doorbell.p50)} p50 (max {ms(doorbell.max)}): "
             "the worker's doorbell, as in dispatch",
@@ -653,6 +663,7 @@ async def _hop_latencies(settings: Settings, waits: tuple[int, ...], count: int,
     tasks = [asyncio.create_task(consume(wait)) for wait in waits]
     producer = Producer(settings.kafka_config(**{"linger.ms": 0}))
     try:
+
         async def joined() -> None:
             while not all(consumer.assignment() for consumer in consumers.values()):
                 await asyncio.sleep(0.1)
@@ -690,7 +701,8 @@ def bench_broker_hop(base: Settings, count: int, seed: int) -> list[Row]:
     return [
         Row(
             f"broker hop: produced → received by an aiokafka consumer, fetch_max_wait_ms={FAUST_FETCH_MAX_WAIT_MS} (faust's)",
-            faust, dominant="the broker answers a pending fetch late, after a part of its max wait",
+            faust,
+            dominant="the broker answers a pending fetch late, after a part of its max wait",
             notes=f"Tansu does not answer a pending fetch when a record arrives: it answers at a later check whose delay grows "
             f"with the fetch's max wait (here up to {ms(faust.max)} with faust's hard-coded 1500 ms, against {ms(short.max)} "
             "with 100 ms, for the same records). faust does not let fetch_max_wait_ms be configured "

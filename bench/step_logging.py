@@ -111,8 +111,13 @@ def bench_call_cost(base: Settings, calls: int, sync_calls: int) -> list[Row]:
         # TensorLayer's save_training_log: one synchronous insert_one per step
         sync_samples = [0] * sync_calls
         for step in range(sync_calls):
-            document = {"project": settings.project, "time": datetime.now(UTC), "loss": 1.0 / (step + 1),
-                        "accuracy": step * 1e-6, "learning_rate": 0.001}
+            document = {
+                "project": settings.project,
+                "time": datetime.now(UTC),
+                "loss": 1.0 / (step + 1),
+                "accuracy": step * 1e-6,
+                "learning_rate": 0.001,
+            }
             started = clock()
             collection.insert_one(document)
             sync_samples[step] = clock() - started
@@ -121,14 +126,30 @@ def bench_call_cost(base: Settings, calls: int, sync_calls: int) -> list[Row]:
     sync_p50, sync_p99 = _percentiles(sync_samples)
     ratio = sync_p50 / p50
     return [
-        Row("a. log() per call", f"p50 ({calls:,} calls vs {sync_calls:,} insert_one)", _us(p50), _us(sync_p50),
-            f"{ratio:,.0f}×", "p50 ≤ 10 µs, ≥ 100×", p50 <= 10_000 and ratio >= 100,
-            f"paper: {PAPER_STEP_MS} ms per step → {PAPER_STEP_MS * 1e6 / p50:,.0f}× faster"),
+        Row(
+            "a. log() per call",
+            f"p50 ({calls:,} calls vs {sync_calls:,} insert_one)",
+            _us(p50),
+            _us(sync_p50),
+            f"{ratio:,.0f}×",
+            "p50 ≤ 10 µs, ≥ 100×",
+            p50 <= 10_000 and ratio >= 100,
+            f"paper: {PAPER_STEP_MS} ms per step → {PAPER_STEP_MS * 1e6 / p50:,.0f}× faster",
+        ),
         Row("a. log() per call", "p99", _us(p99), _us(sync_p99), f"{sync_p99 / p99:,.0f}×"),
-        Row("a. log() per call", "mean over the whole loop (incl. the timer)", _us(loop_ns / calls),
-            _us(statistics.fmean(sync_samples)), f"{statistics.fmean(sync_samples) / (loop_ns / calls):,.0f}×"),
-        Row("a. log() per call", f"close(): drain + broker ack of the last {calls:,}", f"{flush_seconds:.2f} s",
-            note="after the loop; the loop itself never waited"),
+        Row(
+            "a. log() per call",
+            "mean over the whole loop (incl. the timer)",
+            _us(loop_ns / calls),
+            _us(statistics.fmean(sync_samples)),
+            f"{statistics.fmean(sync_samples) / (loop_ns / calls):,.0f}×",
+        ),
+        Row(
+            "a. log() per call",
+            f"close(): drain + broker ack of the last {calls:,}",
+            f"{flush_seconds:.2f} s",
+            note="after the loop; the loop itself never waited",
+        ),
     ]
 
 
@@ -154,8 +175,12 @@ class Sink:
             return self
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "streams.logs"], stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, **self.settings.as_environment()}, cwd=REPO, start_new_session=True,
+                [sys.executable, "-m", "streams.logs"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.settings.as_environment()},
+                cwd=REPO,
+                start_new_session=True,
             )
         deadline = time.monotonic() + 60
         while "log sink ready" not in self.log_path.read_text(errors="replace"):
@@ -209,9 +234,7 @@ class Pass:
     cpu: str
 
 
-def bench_throughput(
-    base: Settings, pids: dict[str, int | None], count: int, log_dir: Path, kind: str, passes: int
-) -> list[Row]:
+def bench_throughput(base: Settings, pids: dict[str, int | None], count: int, log_dir: Path, kind: str, passes: int) -> list[Row]:
     """Log ``count`` records as fast as possible, ``passes`` times (one run each); time until all
     are in MongoDB; then check every record is stored exactly once."""
     results: list[Pass] = []
@@ -244,15 +267,30 @@ def bench_throughput(
     median = sorted(results, key=lambda result: result.rate)[len(results) // 2]
     rates = ", ".join(f"{result.rate:,.0f}" for result in results)
     return [
-        Row(f"b. throughput, {kind}", f"{count:,} records: log → Kafka → {SINKS[kind]} → MongoDB; "
-            f"median of {passes}", f"{median.rate:,.0f} rec/s", goal="≥ 50,000 rec/s", met=median.rate >= 50_000,
-            note=f"passes: {rates} rec/s; median pass {median.total:.2f} s, {median.cpu}"),
-        Row(f"b. throughput, {kind}", "stored exactly once", f"{stored:,} of {passes * count:,}", goal="zero loss",
-            met=exact, note="count, and distinct steps of every run"),
-        Row(f"b. throughput, {kind}", "where the time goes (median pass)", "",
+        Row(
+            f"b. throughput, {kind}",
+            f"{count:,} records: log → Kafka → {SINKS[kind]} → MongoDB; median of {passes}",
+            f"{median.rate:,.0f} rec/s",
+            goal="≥ 50,000 rec/s",
+            met=median.rate >= 50_000,
+            note=f"passes: {rates} rec/s; median pass {median.total:.2f} s, {median.cpu}",
+        ),
+        Row(
+            f"b. throughput, {kind}",
+            "stored exactly once",
+            f"{stored:,} of {passes * count:,}",
+            goal="zero loss",
+            met=exact,
+            note="count, and distinct steps of every run",
+        ),
+        Row(
+            f"b. throughput, {kind}",
+            "where the time goes (median pass)",
+            "",
             note=f"log() loop {median.logged:.2f} s ({count / median.logged:,.0f}/s); all acknowledged by the "
             f"broker at {median.acknowledged:.2f} s ({count / median.acknowledged:,.0f}/s); all persisted at "
-            f"{median.total:.2f} s"),
+            f"{median.total:.2f} s",
+        ),
     ]
 
 
@@ -264,10 +302,22 @@ def store_run(store: Store, run_id: str, count: int) -> None:
     now = time.time()
     for start in range(0, count, 10_000):
         documents = [
-            log_document(store.project, records.validate({
-                "schema": SCHEMA, "run_id": run_id, "job_id": "bench", "phase": "train", "step": step,
-                "epoch": step // 1000, "metrics": _metrics(step), "wall_time": now + step * 0.01,
-            }, SCHEMA))
+            log_document(
+                store.project,
+                records.validate(
+                    {
+                        "schema": SCHEMA,
+                        "run_id": run_id,
+                        "job_id": "bench",
+                        "phase": "train",
+                        "step": step,
+                        "epoch": step // 1000,
+                        "metrics": _metrics(step),
+                        "wall_time": now + step * 0.01,
+                    },
+                    SCHEMA,
+                ),
+            )
             for step in range(start, min(start + 10_000, count))
         ]
         insert_ignoring_duplicates(store[LOGS], documents)
@@ -302,13 +352,19 @@ def bench_read(base: Settings, sizes: list[int], passes: int) -> list[Row]:
             naive_seconds, naive = best_of(1, lambda: naive_read(store, run_id))
             assert len(naive) == size
             paper = PAPER_READ_SECONDS.get(size)
-            rows.append(Row(
-                "c. read_logs", f"{size:,} records → DataFrame (best of {passes})", f"{seconds:.3f} s",
-                f"{paper} s paper" if paper else "", f"{paper / seconds:,.0f}×" if paper else "",
-                f"< {paper} s" if paper else "", seconds < paper if paper else None,
-                f"{size / seconds:,.0f} rec/s; as_numpy {numpy_seconds:.3f} s; "
-                f"find()+json_normalize {naive_seconds:.3f} s ({naive_seconds / seconds:.1f}× slower)",
-            ))
+            rows.append(
+                Row(
+                    "c. read_logs",
+                    f"{size:,} records → DataFrame (best of {passes})",
+                    f"{seconds:.3f} s",
+                    f"{paper} s paper" if paper else "",
+                    f"{paper / seconds:,.0f}×" if paper else "",
+                    f"< {paper} s" if paper else "",
+                    seconds < paper if paper else None,
+                    f"{size / seconds:,.0f} rec/s; as_numpy {numpy_seconds:.3f} s; "
+                    f"find()+json_normalize {naive_seconds:.3f} s ({naive_seconds / seconds:.1f}× slower)",
+                )
+            )
     return rows
 
 
@@ -324,8 +380,19 @@ def bench_stages(base: Settings, count: int) -> list[Row]:
         store.ensure_indexes()
         now = time.time()
         raw = [
-            records.encode({"schema": SCHEMA, "run_id": "s", "job_id": "bench", "phase": "train", "step": step,
-                            "epoch": step // 1000, "metrics": _metrics(step), "wall_time": now}, SCHEMA)
+            records.encode(
+                {
+                    "schema": SCHEMA,
+                    "run_id": "s",
+                    "job_id": "bench",
+                    "phase": "train",
+                    "step": step,
+                    "epoch": step // 1000,
+                    "metrics": _metrics(step),
+                    "wall_time": now,
+                },
+                SCHEMA,
+            )
             for step in range(count)
         ]
         started = time.perf_counter()
@@ -344,10 +411,18 @@ def bench_stages(base: Settings, count: int) -> list[Row]:
         insert = time.perf_counter() - started
         assert store[LOGS].count_documents({}) == count
     return [
-        Row("stages", "decode + validate (records.decode)", f"{decode / count * 1e6:.2f} µs/rec",
-            note=f"{count / decode:,.0f} rec/s on one core"),
-        Row("stages", "handle_logs: documents + insert_many (2000/batch)", f"{insert / count * 1e6:.2f} µs/rec",
-            note=f"{count / insert:,.0f} rec/s, mongod included"),
+        Row(
+            "stages",
+            "decode + validate (records.decode)",
+            f"{decode / count * 1e6:.2f} µs/rec",
+            note=f"{count / decode:,.0f} rec/s on one core",
+        ),
+        Row(
+            "stages",
+            "handle_logs: documents + insert_many (2000/batch)",
+            f"{insert / count * 1e6:.2f} µs/rec",
+            note=f"{count / insert:,.0f} rec/s, mongod included",
+        ),
     ]
 
 

@@ -155,7 +155,10 @@ class Dashboard:
                 "exact": view.exact if view else True,
             }  # fmt: skip
         limit = 4 * curves.FULL_POINTS if full else curves.OVERVIEW_POINTS
-        charts = {name: curves.align({phase: series[phase] for phase in phases if phase in series}, limit) for name, series in sorted(per_metric.items())}
+        charts = {
+            name: curves.align({phase: series[phase] for phase in phases if phase in series}, limit)
+            for name, series in sorted(per_metric.items())
+        }
         return {
             "run_id": run_id, "phases": info, "full": full, "lo": lo, "hi": hi, "charts": charts, "full_points": curves.FULL_POINTS,
             "job": run_index.job_of(store, run_id),
@@ -163,7 +166,9 @@ class Dashboard:
 
     # -- several runs on one chart ---------------------------------------------------------------------
 
-    def compare(self, runs: list[str], phase: str, metric: str, x: str, lo: float | None, hi: float | None, points: int) -> dict[str, Any]:
+    def compare(
+        self, runs: list[str], phase: str, metric: str, x: str, lo: float | None, hi: float | None, points: int
+    ) -> dict[str, Any]:
         zoomed = lo is not None or hi is not None
 
         def one(run_id: str) -> tuple[str, np.ndarray, np.ndarray, bool, bool]:
@@ -184,10 +189,14 @@ class Dashboard:
                 first, last = int(lo if lo is not None else 0), int(hi if hi is not None else view.last_step)
             else:
                 return run_id, xs[keep], values[keep], view.exact, False
-            if (last - first) / view.width < ZOOM_BUCKETS and curves.count_points(self.store, run_id, phase, first, last) <= ZOOM_MAX_RAW:
+            if (last - first) / view.width < ZOOM_BUCKETS and curves.count_points(
+                self.store, run_id, phase, first, last
+            ) <= ZOOM_MAX_RAW:
                 columns = curves.read_columns(self.store, run_id, phase, max(first, 0), last)
                 raw = columns.metrics.get(metric, np.full(len(columns), np.nan))
-                raw_x = columns.steps.astype(np.float64) if x == "step" else columns.walls if x == "time" else columns.walls - origin
+                raw_x = (
+                    columns.steps.astype(np.float64) if x == "step" else columns.walls if x == "time" else columns.walls - origin
+                )
                 inside = (raw_x >= (lo if lo is not None else -np.inf)) & (raw_x <= (hi if hi is not None else np.inf))
                 return run_id, raw_x[inside], raw[inside], True, True
             return run_id, xs[keep], values[keep], view.exact, False
@@ -218,7 +227,14 @@ def create_app(settings: Settings, token: str | None = None, host: str = "127.0.
         finally:
             await asyncio.to_thread(dashboard.close)
 
-    app = FastAPI(title=f"TensorDB dashboard: {settings.project}", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title=f"TensorDB dashboard: {settings.project}",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.dashboard = dashboard
 
     @app.get("/", include_in_schema=False)
@@ -226,7 +242,8 @@ def create_app(settings: Settings, token: str | None = None, host: str = "127.0.
         page = STATIC / "index.html"
         if not page.is_file():
             return PlainTextResponse(
-                "the dashboard's front end is not built: run `make dashboard` (npm ci and the build in dashboard/web)\n", status_code=503
+                "the dashboard's front end is not built: run `make dashboard` (npm ci and the build in dashboard/web)\n",
+                status_code=503,
             )
         return FileResponse(page, headers={"Cache-Control": "no-store"})
 
@@ -309,9 +326,13 @@ def create_app(settings: Settings, token: str | None = None, host: str = "127.0.
             finally:
                 dashboard.hub.unsubscribe(subscription)
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        )
 
-    hint = "open the address `tensordb dashboard` printed with ?token=TOKEN added, or send the header 'Authorization: Bearer TOKEN'"
+    hint = (
+        "open the address `tensordb dashboard` printed with ?token=TOKEN added, or send the header 'Authorization: Bearer TOKEN'"
+    )
     return Guard(app, settings, token=token, host=host, cookie=f"tensordb_dashboard_{port}", hint=hint)
 
 

@@ -36,7 +36,9 @@ def start_dashboard(settings: Settings, port: int | None = None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Start the dashboard in the background and print its address.")
-    parser.add_argument("--port", type=int, default=None, help="default TENSORDB_DASHBOARD_PORT (8050), or a free port if it is taken")
+    parser.add_argument(
+        "--port", type=int, default=None, help="default TENSORDB_DASHBOARD_PORT (8050), or a free port if it is taken"
+    )
     args = parser.parse_args(argv)
     settings = load_settings()
     try:
@@ -44,8 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TensorDBError as exc:
         print(f"tensordb: error: {exc}", file=sys.stderr)
         return 1
-    print(f"Dashboard of project {settings.project!r}: {address}  (runs, live curves, models, data; "
-          "stopped by `.venv/bin/tensordb services down`)")
+    print(
+        f"Dashboard of project {settings.project!r}: {address}  (runs, live curves, models, data; "
+        "stopped by `.venv/bin/tensordb services down`)"
+    )
     return 0
 
 

@@ -25,7 +25,14 @@ from tensordb.models.registry import COLLECTION as MODELS
 
 # -- models ---------------------------------------------------------------------------------------------
 
-_VERSION_FIELDS = {"architecture_json": 0, "compile_json": 0, "build_config": 0, "builder_kwargs": 0, "parameters.blob": 0, "project": 0}
+_VERSION_FIELDS = {
+    "architecture_json": 0,
+    "compile_json": 0,
+    "build_config": 0,
+    "builder_kwargs": 0,
+    "parameters.blob": 0,
+    "project": 0,
+}
 
 
 def models(store: Store, versions_per_model: int = 200) -> list[dict[str, Any]]:
@@ -34,13 +41,21 @@ def models(store: Store, versions_per_model: int = 200) -> list[dict[str, Any]]:
     the decision history of the miner."""
     project = store.project
     names = set(store[MODELS].distinct("name", {"project": project}))
-    policies = {doc["name"]: doc for doc in store[POLICIES].find({"project": project}, {"seen_batches": 0, "_id": 0, "project": 0})}
+    policies = {
+        doc["name"]: doc for doc in store[POLICIES].find({"project": project}, {"seen_batches": 0, "_id": 0, "project": 0})
+    }
     names |= set(policies)
     result = []
     for name in sorted(names):
-        versions = list(store[MODELS].find({"project": project, "name": name}, _VERSION_FIELDS, sort=[("version", DESCENDING)], limit=versions_per_model))
+        versions = list(
+            store[MODELS].find(
+                {"project": project, "name": name}, _VERSION_FIELDS, sort=[("version", DESCENDING)], limit=versions_per_model
+            )
+        )
         evaluations: dict[int | None, list[dict[str, Any]]] = {}
-        for evaluation in store[EVALUATIONS].find({"project": project, "model": name}, {"_id": 0, "project": 0, "cohort": 0}, sort=[("at", ASCENDING)]):
+        for evaluation in store[EVALUATIONS].find(
+            {"project": project, "model": name}, {"_id": 0, "project": 0, "cohort": 0}, sort=[("at", ASCENDING)]
+        ):
             evaluations.setdefault(evaluation.get("version"), []).append(evaluation)
         aliases = {}
         for alias in store[ALIASES].find({"project": project, "name": name}, {"_id": 0, "project": 0}):
@@ -56,7 +71,9 @@ def models(store: Store, versions_per_model: int = 200) -> list[dict[str, Any]]:
                 "aliases": sorted(a for a, doc in aliases.items() if doc.get("version") == version.get("version")),
                 "production": version.get("version") == production, "nbytes": (version.get("parameters") or {}).get("nbytes"),
             })  # fmt: skip
-        decisions = list(store[DECISIONS].find({"project": project, "policy": name}, {"project": 0}, sort=[("at", DESCENDING)], limit=200))
+        decisions = list(
+            store[DECISIONS].find({"project": project, "policy": name}, {"project": 0}, sort=[("at", DESCENDING)], limit=200)
+        )
         result.append({
             "name": name, "production": production, "aliases": aliases, "versions": rows,
             "version_count": store[MODELS].count_documents({"project": project, "name": name}),
@@ -91,12 +108,14 @@ class ProgressRates:
                 elif previous is None:
                     self._last[key] = (now, total)
                 row["rate"] = self._rates.get(key)
-                row["kind"] = row["topic"][len(prefix):] if row["topic"].startswith(prefix) else row["topic"]
+                row["kind"] = row["topic"][len(prefix) :] if row["topic"].startswith(prefix) else row["topic"]
                 row["id"] = row.pop("_id")
         return rows
 
 
-def data(store: Store, rates: ProgressRates, window: timedelta = timedelta(hours=1), bucket: timedelta = timedelta(minutes=1)) -> dict[str, Any]:
+def data(
+    store: Store, rates: ProgressRates, window: timedelta = timedelta(hours=1), bucket: timedelta = timedelta(minutes=1)
+) -> dict[str, Any]:
     """Datasets and cohorts with their sizes, how fast samples arrive, and the processors' progress."""
     project = store.project
     now = datetime.now(UTC)
@@ -112,7 +131,9 @@ def data(store: Store, rates: ProgressRates, window: timedelta = timedelta(hours
             "first_imported_at": (oldest or {}).get("imported_at"), "last_imported_at": (newest or {}).get("imported_at"),
         })  # fmt: skip
     saved = []
-    for document in store[DATASETS].find({"project": project}, {"project": 0}, sort=[("name", ASCENDING), ("time", DESCENDING)], limit=500):
+    for document in store[DATASETS].find(
+        {"project": project}, {"project": 0}, sort=[("name", ASCENDING), ("time", DESCENDING)], limit=500
+    ):
         arrays = document.pop("arrays", [])
         document["arrays"] = [{key: entry.get(key) for key in ("key", "dtype", "shape", "nbytes")} for entry in arrays]
         document["nbytes"] = sum(entry.get("nbytes") or 0 for entry in arrays)
@@ -122,7 +143,9 @@ def data(store: Store, rates: ProgressRates, window: timedelta = timedelta(hours
     for document in store[COHORTS].find({"project": project}, {"_id": 0, "project": 0}, sort=[("name", ASCENDING)]):
         try:
             cohort = load_cohort(store, document["name"])
-            document["samples"] = store[SAMPLES].count_documents(cohort.query(), maxTimeMS=2000, **({"limit": cohort.limit} if cohort.limit else {}))
+            document["samples"] = store[SAMPLES].count_documents(
+                cohort.query(), maxTimeMS=2000, **({"limit": cohort.limit} if cohort.limit else {})
+            )
         except ExecutionTimeout:
             document["samples"] = None
         except Exception as exc:  # noqa: BLE001 - a cohort that no longer resolves is shown with the reason
@@ -150,7 +173,9 @@ def dead_letters(store: Store, limit: int = 200) -> dict[str, Any]:
     """The newest dead letters with their reasons and a readable start of the original bytes."""
     project = store.project
     letters = []
-    for document in store[DEAD_LETTERS].find({"project": project}, {"project": 0, "key_b64": 0}, sort=[("at", DESCENDING)], limit=limit):
+    for document in store[DEAD_LETTERS].find(
+        {"project": project}, {"project": 0, "key_b64": 0}, sort=[("at", DESCENDING)], limit=limit
+    ):
         original = base64.b64decode(document.pop("original_b64", "") or "")  # empty when kept in GridFS
         document["original_bytes"] = document.get("original_size", len(original))
         document["original_preview"] = original[:400].decode("utf-8", errors="replace")

@@ -95,12 +95,16 @@ def _query(store: Store, run_id: str, phase: str, lo: int | None = None, hi: int
     return query
 
 
-def read_columns(store: Store, run_id: str, phase: str, lo: int | None = None, hi: int | None = None, steps: list[int] | None = None) -> Columns:
+def read_columns(
+    store: Store, run_id: str, phase: str, lo: int | None = None, hi: int | None = None, steps: list[int] | None = None
+) -> Columns:
     """The stored points of a run's phase (optionally steps lo..hi inclusive, or the listed steps)."""
     query = _query(store, run_id, phase, lo, hi)
     if steps is not None:
         query["step"] = {"$in": steps}
-    cursor = store[LOGS].find(query, {"_id": 0, "step": 1, "wall_time": 1, "metrics": 1}, sort=[("step", ASCENDING)], batch_size=20_000)
+    cursor = store[LOGS].find(
+        query, {"_id": 0, "step": 1, "wall_time": 1, "metrics": 1}, sort=[("step", ASCENDING)], batch_size=20_000
+    )
     collecting = gc.isenabled()
     gc.disable()  # ~5 objects per document: without this the collector re-scans them (see tensordb.runs.queries.read_logs)
     try:
@@ -156,7 +160,9 @@ class Envelope:
             high = (pairs[3, :, 1] > pairs[3, :, 0]).astype(np.intp)
             merged = self._new()
             merged[0:3, :half] = np.take_along_axis(pairs[0:3], np.broadcast_to(low[None, :, None], (3, half, 1)), axis=2)[..., 0]
-            merged[3:6, :half] = np.take_along_axis(pairs[3:6], np.broadcast_to(high[None, :, None], (3, half, 1)), axis=2)[..., 0]
+            merged[3:6, :half] = np.take_along_axis(pairs[3:6], np.broadcast_to(high[None, :, None], (3, half, 1)), axis=2)[
+                ..., 0
+            ]
             self.metrics[name] = merged
 
     def extend(self, columns: Columns) -> None:
@@ -210,6 +216,7 @@ class Envelope:
             keep = (steps >= (-np.inf if lo is None else lo)) & (steps <= (np.inf if hi is None else hi))
             steps, walls, values = steps[keep], walls[keep], values[keep]
         return steps, walls, values
+
 
 # -- the overview cache ---------------------------------------------------------------------------------
 
@@ -271,7 +278,9 @@ class OverviewCache:
                 elif entry.envelope is not None:
                     entry.envelope.extend(columns)
 
-    def get(self, run_id: str, phase: str, lo: float | None = None, hi: float | None = None, timeout: float = 30.0) -> EnvelopeView | None:
+    def get(
+        self, run_id: str, phase: str, lo: float | None = None, hi: float | None = None, timeout: float = 30.0
+    ) -> EnvelopeView | None:
         """The envelope of a run's phase (built now if needed), copied; None if it has no points."""
         key = (run_id, phase)
         with self._lock:
@@ -292,7 +301,10 @@ class OverviewCache:
             if envelope is None:
                 return None
             return EnvelopeView(
-                envelope.exact, envelope.width, envelope.last_step, {name: envelope.points(name, lo, hi) for name in envelope.names()}
+                envelope.exact,
+                envelope.width,
+                envelope.last_step,
+                {name: envelope.points(name, lo, hi) for name in envelope.names()},
             )
 
     def prefetch(self, keys: Iterable[tuple[str, str]]) -> None:
@@ -306,7 +318,9 @@ class OverviewCache:
 
     def _evict(self) -> None:
         while len(self._entries) > self.max_entries:
-            oldest = min((k for k, e in self._entries.items() if e.ready.is_set()), key=lambda k: self._entries[k].used, default=None)
+            oldest = min(
+                (k for k, e in self._entries.items() if e.ready.is_set()), key=lambda k: self._entries[k].used, default=None
+            )
             if oldest is None:
                 return
             del self._entries[oldest]

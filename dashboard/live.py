@@ -64,7 +64,13 @@ def parse(value: bytes | None) -> tuple[str, Point] | None:
     the full schema validation, which the sink does anyway."""
     try:
         record = orjson.loads(value or b"")
-        run_id, phase, step, wall, metrics = record["run_id"], record["phase"], record["step"], record["wall_time"], record["metrics"]
+        run_id, phase, step, wall, metrics = (
+            record["run_id"],
+            record["phase"],
+            record["step"],
+            record["wall_time"],
+            record["metrics"],
+        )
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return None
     if not (isinstance(run_id, str) and phase in _PHASES and type(step) is int and step >= 0 and isinstance(metrics, dict)):
@@ -165,7 +171,9 @@ class LiveHub:
         self._thread.start()
         if not self._ready.wait(timeout):
             self.stop()
-            raise UnreachableError(f"the dashboard could not start reading {self.topic} within {timeout} s: is Kafka at {self.settings.kafka_bootstrap} up?")
+            raise UnreachableError(
+                f"the dashboard could not start reading {self.topic} within {timeout} s: is Kafka at {self.settings.kafka_bootstrap} up?"
+            )
         if self._error is not None:
             raise UnreachableError(f"the dashboard could not read {self.topic}: {self._error}") from self._error
 
@@ -230,19 +238,23 @@ class LiveHub:
         consumer: Consumer | None = None
         try:
             consumer = Consumer(
-                self.settings.kafka_config(**{
-                    "group.id": self.group,
-                    "enable.auto.commit": False,
-                    "auto.offset.reset": "earliest",
-                    "fetch.wait.max.ms": self.fetch_wait_ms,
-                    "fetch.error.backoff.ms": 50,
-                    "enable.partition.eof": False,
-                })  # fmt: skip
+                self.settings.kafka_config(
+                    **{
+                        "group.id": self.group,
+                        "enable.auto.commit": False,
+                        "auto.offset.reset": "earliest",
+                        "fetch.wait.max.ms": self.fetch_wait_ms,
+                        "fetch.error.backoff.ms": 50,
+                        "enable.partition.eof": False,
+                    }
+                )  # fmt: skip
             )
             partitions = self._partitions()
             self._committed = self._sink_offsets(partitions)
             consumer.assign([TopicPartition(self.topic, p, self._committed.get(p, OFFSET_BEGINNING)) for p in partitions])
-            log.info("following %s from the log sink's committed offsets %s", self.topic, self._committed or "(none: from the start)")
+            log.info(
+                "following %s from the log sink's committed offsets %s", self.topic, self._committed or "(none: from the start)"
+            )
         except BaseException as exc:  # noqa: BLE001 - reported by start()
             self._error = exc
             self._ready.set()

@@ -67,17 +67,33 @@ class RunIndex:
         logs = self.store[LOGS]
         run_ids = logs.distinct("run_id", {"project": self.store.project})
         summaries = dict(zip(run_ids, self._pool.map(self._summary, run_ids), strict=True))
-        jobs = {job["_id"]: job for job in self.store[JOBS].find({"project": self.store.project, "_id": {"$in": run_ids}}, _JOB_FIELDS)}
-        for job in self.store[JOBS].find({"project": self.store.project}, _JOB_FIELDS, sort=[("submitted_at", DESCENDING)], limit=500):
+        jobs = {
+            job["_id"]: job
+            for job in self.store[JOBS].find({"project": self.store.project, "_id": {"$in": run_ids}}, _JOB_FIELDS)
+        }
+        for job in self.store[JOBS].find(
+            {"project": self.store.project}, _JOB_FIELDS, sort=[("submitted_at", DESCENDING)], limit=500
+        ):
             jobs.setdefault(job["_id"], job)
         runs = []
         for run_id in set(summaries) | set(jobs):
-            summary = summaries.get(run_id) or {"run_id": run_id, "job_id": run_id, "tags": {}, "phases": {}, "metrics": [], "points": 0}
+            summary = summaries.get(run_id) or {
+                "run_id": run_id,
+                "job_id": run_id,
+                "tags": {},
+                "phases": {},
+                "metrics": [],
+                "points": 0,
+            }
             run_job = jobs.get(run_id) or (jobs.get(summary.get("job_id")) if summary.get("job_id") else None)
             summary["job"] = _job(run_job) if run_job else None
             times = [phase["last_wall_time"] for phase in summary["phases"].values()]
             if run_job:
-                times += [run_job[key].timestamp() for key in ("submitted_at", "started_at", "finished_at") if isinstance(run_job.get(key), datetime)]
+                times += [
+                    run_job[key].timestamp()
+                    for key in ("submitted_at", "started_at", "finished_at")
+                    if isinstance(run_job.get(key), datetime)
+                ]
             summary["updated_at"] = max(times, default=0.0)
             runs.append(summary)
         runs.sort(key=lambda run: run["updated_at"], reverse=True)

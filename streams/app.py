@@ -118,5 +118,7 @@ def run(settings: Settings, loglevel: str = "info") -> None:
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack: where a processor waits
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: processors.stop())
-    processors.run(on_ready=lambda: log.info("%s: project %r, %d processor kinds", READY_LINE, settings.project, len(processors.processors)))
+    processors.run(
+        on_ready=lambda: log.info("%s: project %r, %d processor kinds", READY_LINE, settings.project, len(processors.processors))
+    )
     log.info("processors stopped")

@@ -83,9 +83,7 @@ def _prepare(received: Received, store: Store, now: datetime) -> tuple[SampleDoc
                     "fix the reference's shape or nbytes"
                 )
             if not record.get("sample_id"):
-                raise SampleError(
-                    f"array {name!r} is a claim check, so the record needs the sample_id its blob was uploaded for"
-                )
+                raise SampleError(f"array {name!r} is a claim check, so the record needs the sample_id its blob was uploaded for")
             entry = {
                 "dtype": spec["dtype"], "claim_check": True, "shape": [int(size) for size in spec["shape"]],
                 "nbytes": spec["nbytes"], "sha256": spec["sha256"], "blob_id": ObjectId(spec["blob_id"]),
@@ -97,7 +95,14 @@ def _prepare(received: Received, store: Store, now: datetime) -> tuple[SampleDoc
                 "dtype": spec["dtype"], "claim_check": False, "shape": shape, "nbytes": len(data), "sha256": digest,
                 "xxh3": xxh3_hex(data), "blob_id": blob_id(store.project, sample_id, name),
             }  # fmt: skip
-            blobs.append((entry["blob_id"], f"{record['dataset']}/{sample_id}/{name}", data, {"kind": "sample-array", "sha256": digest, "sample_id": sample_id}))
+            blobs.append(
+                (
+                    entry["blob_id"],
+                    f"{record['dataset']}/{sample_id}/{name}",
+                    data,
+                    {"kind": "sample-array", "sha256": digest, "sample_id": sample_id},
+                )
+            )
         arrays[name] = entry
         total += entry["nbytes"]
     if total > limit:
@@ -138,7 +143,9 @@ def _check_claims(store: Store, documents: list[SampleDocument]) -> dict[int, st
     if not claimed:
         return {}
     blob_ids = list({entry["blob_id"] for _, _, entry in claimed})
-    found = {file["_id"]: file for file in store[f"{BLOB_BUCKET}.files"].find({"_id": {"$in": blob_ids}}, {"length": 1, "metadata": 1})}
+    found = {
+        file["_id"]: file for file in store[f"{BLOB_BUCKET}.files"].find({"_id": {"$in": blob_ids}}, {"length": 1, "metadata": 1})
+    }
     broken = {}
     for position, name, entry in claimed:
         blob, sample_id = entry["blob_id"], documents[position]["_id"]
@@ -256,7 +263,11 @@ def sweep_sample_blobs(store: Store, grace: timedelta = SAMPLE_BLOB_GRACE) -> in
     """
     candidates: dict[str, list[ObjectId]] = {}
     files = store[f"{BLOB_BUCKET}.files"].find(
-        {"metadata.kind": "sample-array", "metadata.sample_id": {"$exists": True}, "uploadDate": {"$lt": datetime.now(UTC) - grace}},
+        {
+            "metadata.kind": "sample-array",
+            "metadata.sample_id": {"$exists": True},
+            "uploadDate": {"$lt": datetime.now(UTC) - grace},
+        },
         {"metadata.sample_id": 1},
     )
     for file in files:

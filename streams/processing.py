@@ -78,7 +78,8 @@ class ProcessorContext:
     def __post_init__(self) -> None:
         # a flush that takes more than seconds means a broker that is down or forgot this producer
         self.runtime = self.wait_out(
-            lambda: Runtime.open(self.settings, server_wait_ms=SERVER_WAIT_MS, flush_timeout=FLUSH_SECONDS), "connecting to MongoDB"
+            lambda: Runtime.open(self.settings, server_wait_ms=SERVER_WAIT_MS, flush_timeout=FLUSH_SECONDS),
+            "connecting to MongoDB",
         )
         self.store, self.publisher, self.registry = self.runtime.store, self.runtime.publisher, self.runtime.registry
         self.wait_out(self.store.ensure_indexes, "preparing MongoDB collections")

@@ -34,10 +34,14 @@ def submit_training(jobs: Jobs, policy: Policy, reason: str) -> str:
 
 def maybe_trigger(jobs: Jobs, policies: Policies, policy: Policy, threshold: int | None, reason: str) -> str | None:
     """Submit a train job if the policy has no pending job and room for one; returns its id."""
-    if jobs.collection.count_documents({"project": jobs.store.project, "policy": policy.name, "status": JobStatus.PENDING}, limit=1):
+    if jobs.collection.count_documents(
+        {"project": jobs.store.project, "policy": policy.name, "status": JobStatus.PENDING}, limit=1
+    ):
         policies.absorb(policy.name)  # the pending job will read these samples when it starts
         return None
-    running = jobs.collection.count_documents({"project": jobs.store.project, "policy": policy.name, "kind": JobKind.TRAIN, "status": JobStatus.RUNNING})
+    running = jobs.collection.count_documents(
+        {"project": jobs.store.project, "policy": policy.name, "kind": JobKind.TRAIN, "status": JobStatus.RUNNING}
+    )
     if running >= policy.max_concurrent_jobs:
         return None  # the counter stays; the next import re-checks
     if not policies.take_trigger(policy.name, threshold):

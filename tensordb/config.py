@@ -92,9 +92,7 @@ class Settings(BaseSettings):
         ge=1024,
         description="Arrays larger than this are stored in GridFS and published as a reference.",
     )
-    max_message_bytes: int = Field(
-        1024 * 1024, ge=4096, description="Largest record the producer sends (the broker's limit)."
-    )
+    max_message_bytes: int = Field(1024 * 1024, ge=4096, description="Largest record the producer sends (the broker's limit).")
     max_sample_bytes: int = Field(
         2 * 1024**3,
         ge=1,
@@ -183,7 +181,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_database(cls, value: str) -> str:
         if not value or any(ch in value for ch in '/\\. "$') or len(value) > 63:
-            raise ValueError(f"MongoDB database names cannot be empty or contain /\\. \"$; got {value!r}")
+            raise ValueError(f'MongoDB database names cannot be empty or contain /\\. "$; got {value!r}')
         return value
 
     @classmethod
@@ -199,9 +197,7 @@ class Settings(BaseSettings):
         config_file = os.environ.get("TENSORDB_CONFIG")
         if config_file:
             if not Path(config_file).is_file():
-                raise ConfigurationError(
-                    f"TENSORDB_CONFIG names {config_file!r}, which is not a file: fix the path or unset it"
-                )
+                raise ConfigurationError(f"TENSORDB_CONFIG names {config_file!r}, which is not a file: fix the path or unset it")
             sources += (TomlConfigSettingsSource(settings_cls, toml_file=config_file),)
         return sources
 

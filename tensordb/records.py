@@ -86,8 +86,7 @@ def _most_specific(error: jsonschema.ValidationError) -> tuple[str, str, str]:
         if specific:
             return _most_specific(best_match(specific))
         forms = "; ".join(
-            f"{branch.get('title', 'form')} (fields {', '.join(branch.get('required', []))})"
-            for branch in error.validator_value
+            f"{branch.get('title', 'form')} (fields {', '.join(branch.get('required', []))})" for branch in error.validator_value
         )
         return _field_path(error), str(error.validator), f"must take one of these forms: {forms}"
     return _field_path(error), str(error.validator), error.message
@@ -99,10 +98,8 @@ def validate(record: Any, schema_id: str) -> dict[str, Any]:
         raise ValidationError(schema_id, "$", "type", f"a record is a JSON object, got {type(record).__name__}")
     declared = record.get("schema")
     if declared != schema_id:
-        hint = (
-            "add it" if declared is None else f"this topic carries {schema_id} records, not {declared!r}"
-        )
-        raise ValidationError(schema_id, "schema", "const", f"expected \"schema\": \"{schema_id}\"; {hint}")
+        hint = "add it" if declared is None else f"this topic carries {schema_id} records, not {declared!r}"
+        raise ValidationError(schema_id, "schema", "const", f'expected "schema": "{schema_id}"; {hint}')
     try:
         if _fast_check(schema_id).is_valid(record):
             return record

@@ -45,7 +45,10 @@ def run_evaluation(context: JobContext) -> dict[str, Any]:
         if model is None:
             raise JobSpecError(f"model {name!r} has no version {version}")
         # named by Keras, so any name may come back: ``log`` checks them (``Any``: not its keywords' types)
-        metrics: dict[str, Any] = {key: float(value) for key, value in model.evaluate(cohort.to_tf_dataset(batch_size), return_dict=True, verbose=0).items()}
+        metrics: dict[str, Any] = {
+            key: float(value)
+            for key, value in model.evaluate(cohort.to_tf_dataset(batch_size), return_dict=True, verbose=0).items()
+        }
         context.logger.log(step=step, phase="test", **metrics)
         context.store[EVALUATIONS].replace_one(
             {"_id": f"{context.job_id}:{version}"},

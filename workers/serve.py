@@ -38,9 +38,11 @@ log = logging.getLogger(__name__)
 MAX_INSTANCES = 1024
 ALIAS_CHECK_SECONDS = 5.0
 #: With ``http_docs`` on, /docs loads Swagger UI from its CDN and starts it from an inline script.
-DOCS_CSP = CSP.replace("script-src 'self'", "script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net").replace(
-    "style-src 'self'", "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net"
-).replace("img-src 'self' data:", "img-src 'self' data: https://fastapi.tiangolo.com")
+DOCS_CSP = (
+    CSP.replace("script-src 'self'", "script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net")
+    .replace("style-src 'self'", "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net")
+    .replace("img-src 'self' data:", "img-src 'self' data: https://fastapi.tiangolo.com")
+)
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,9 @@ def _misfit(value: Any, expected: tuple[int | None, ...], path: str) -> str | No
         return f"{path} is {type(value).__name__}, not a list"
     if expected[0] is not None and len(value) != expected[0]:
         return f"{path} has {len(value)} items, not {expected[0]}"
-    return next((problem for index, item in enumerate(value) if (problem := _misfit(item, expected[1:], f"{path}[{index}]"))), None)
+    return next(
+        (problem for index, item in enumerate(value) if (problem := _misfit(item, expected[1:], f"{path}[{index}]"))), None
+    )
 
 
 def _as_input(instances: list[Any], model: Any) -> np.ndarray:
@@ -119,7 +123,9 @@ def _as_input(instances: list[Any], model: Any) -> np.ndarray:
     return batch
 
 
-def create_app(holder: ModelHolder, settings: Settings, token: str | None = None, host: str = "127.0.0.1", port: int = 0) -> Guard:
+def create_app(
+    holder: ModelHolder, settings: Settings, token: str | None = None, host: str = "127.0.0.1", port: int = 0
+) -> Guard:
     """The model server's ASGI app: FastAPI routes behind the :class:`~tensordb.infra.http_guard.Guard`.
 
     Parameters:
@@ -170,7 +176,9 @@ def create_app(holder: ModelHolder, settings: Settings, token: str | None = None
 
 def follow_promotions(settings: Settings, holder: ModelHolder, stop: threading.Event) -> None:
     """Swap on each ``promoted`` event for the served model; check the alias now and then too."""
-    consumer = make_consumer(settings, f"{settings.topic_prefix}-{settings.project}-serve-{uuid.uuid4().hex[:8]}", [Topic.MODEL_EVENTS])
+    consumer = make_consumer(
+        settings, f"{settings.topic_prefix}-{settings.project}-serve-{uuid.uuid4().hex[:8]}", [Topic.MODEL_EVENTS]
+    )
     last_check = time.monotonic()
     try:
         while not stop.is_set():

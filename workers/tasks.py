@@ -25,7 +25,6 @@ from workers.context import JobCancelled, JobContext
 OUTPUT_TAIL = 4000
 
 
-
 def run_task(context: JobContext) -> dict[str, Any]:
     spec = context.job["spec"]
     script = resolve_task_script(spec["script"], context.settings)

@@ -39,7 +39,9 @@ def runners() -> dict[str, Runner]:
 class Worker:
     """Runs jobs of one project until :meth:`stop` is called (or SIGTERM/SIGINT via the CLI)."""
 
-    def __init__(self, settings: Settings, worker_id: str | None = None, lease_seconds: float = 30.0, idle_scan_seconds: float = 2.0) -> None:
+    def __init__(
+        self, settings: Settings, worker_id: str | None = None, lease_seconds: float = 30.0, idle_scan_seconds: float = 2.0
+    ) -> None:
         self.settings = settings
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.lease_seconds = lease_seconds
@@ -71,7 +73,9 @@ class Worker:
 
     def run(self) -> None:
         """The main loop: wait for a doorbell (or scan now and then), claim, run, repeat."""
-        consumer = make_consumer(self.settings, f"{self.settings.topic_prefix}-{self.settings.project}-workers", [Topic.JOB_REQUESTS])
+        consumer = make_consumer(
+            self.settings, f"{self.settings.topic_prefix}-{self.settings.project}-workers", [Topic.JOB_REQUESTS]
+        )
         reaper = threading.Thread(target=self._reap_forever, name="tensordb-reaper", daemon=True)
         reaper.start()
         log.info("worker ready: %s", self.worker_id)
@@ -151,4 +155,3 @@ def run(settings: Settings, lease_seconds: float | None = None) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: worker.stop())
     worker.run()
-

@@ -82,7 +82,9 @@ def run_training(context: JobContext) -> dict[str, Any]:
     if checkpoint:  # resume: the parameters of the last saved epoch
         saved = context.registry.find(name=job["name"], version=checkpoint["model_version"])
         if saved is None:
-            raise JobSpecError(f"the checkpoint of job {context.job_id}, model {job['name']!r} version {checkpoint['model_version']}, was deleted")
+            raise JobSpecError(
+                f"the checkpoint of job {context.job_id}, model {job['name']!r} version {checkpoint['model_version']}, was deleted"
+            )
         model.set_weights(saved.get_weights())
         initial_epoch = checkpoint["epoch"] + 1
 
@@ -94,7 +96,9 @@ def run_training(context: JobContext) -> dict[str, Any]:
     lineage = {"job": context.job_id, "cohort": train.describe(), "attempt": job["attempts"]}
 
     def save_epoch(model: keras.Model, epoch: int, logs: dict[str, Any]) -> None:
-        future = context.registry.save_async(model, job["name"], epoch=epoch, job_id=context.job_id, lineage={**lineage, "epoch": epoch}, **logs)
+        future = context.registry.save_async(
+            model, job["name"], epoch=epoch, job_id=context.job_id, lineage={**lineage, "epoch": epoch}, **logs
+        )
 
         def remember(done: Any) -> None:
             if done.exception() is None:
@@ -103,13 +107,19 @@ def run_training(context: JobContext) -> dict[str, Any]:
 
         future.add_done_callback(remember)
         context.jobs.record_progress(context.job_id, context.worker, epoch=epoch, metrics=logs)
-        context.jobs.event(context.job_id, JobEvent.EPOCH, attempt=job["attempts"], worker=context.worker, detail={"epoch": epoch, **logs})
+        context.jobs.event(
+            context.job_id, JobEvent.EPOCH, attempt=job["attempts"], worker=context.worker, detail={"epoch": epoch, **logs}
+        )
 
     callback = TensorDBCallback(context.logger, on_epoch_saved=save_epoch)
     callback.global_step = initial_epoch * steps_per_epoch  # a resumed run numbers its steps as the first did
     history = model.fit(
-        train_data, validation_data=validation_data, epochs=spec["epochs"], initial_epoch=initial_epoch,
-        callbacks=[callback, StopOnRequest(context)], verbose=0,
+        train_data,
+        validation_data=validation_data,
+        epochs=spec["epochs"],
+        initial_epoch=initial_epoch,
+        callbacks=[callback, StopOnRequest(context)],
+        verbose=0,
     )
     context.check_stop()
     final = {key: float(values[-1]) for key, values in history.history.items() if values}

@@ -10,7 +10,9 @@ from tensordb.compat.tensorhub import TensorHub
 
 def main(forever: bool) -> int:
     # a runner only runs scripts from directories its operator lists: here, this example's own
-    db = TensorHub(project_name=os.environ.get("TENSORDB_PROJECT", "tensorlayer-example"), task_script_dirs=(Path(__file__).parent,))
+    db = TensorHub(
+        project_name=os.environ.get("TENSORDB_PROJECT", "tensorlayer-example"), task_script_dirs=(Path(__file__).parent,)
+    )
     ran = 0
     idle_since = time.monotonic()
     while forever or time.monotonic() - idle_since < 10:

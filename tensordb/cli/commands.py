@@ -106,18 +106,27 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     processors.set_defaults(handler=_processors)
 
     worker = subparsers.add_parser("worker", help="run a trainer worker: claims and runs jobs until stopped")
-    worker.add_argument("--lease", type=float, default=None, help="seconds a job stays claimed without a heartbeat (default: TENSORDB_WORKER_LEASE_SECONDS, 30)")
+    worker.add_argument(
+        "--lease",
+        type=float,
+        default=None,
+        help="seconds a job stays claimed without a heartbeat (default: TENSORDB_WORKER_LEASE_SECONDS, 30)",
+    )
     worker.set_defaults(handler=_worker)
 
     serve = subparsers.add_parser("serve", help="serve a policy's production model over HTTP")
     serve.add_argument("--policy", required=True, help="policy (model) name whose production version to serve")
-    serve.add_argument("--host", default=None, help="address to bind (default: TENSORDB_SERVE_HOST, 127.0.0.1; any other needs --token)")
+    serve.add_argument(
+        "--host", default=None, help="address to bind (default: TENSORDB_SERVE_HOST, 127.0.0.1; any other needs --token)"
+    )
     serve.add_argument("--port", type=int, default=None, help="port (default: TENSORDB_SERVE_PORT, 8000)")
     serve.add_argument("--token", default=None, help="token every request must carry (default: $TENSORDB_SERVE_TOKEN)")
     serve.set_defaults(handler=_serve)
 
     dashboard = subparsers.add_parser("dashboard", help="serve the live dashboard: runs, curves, models, data")
-    dashboard.add_argument("--host", default=None, help="address to bind (default: TENSORDB_DASHBOARD_HOST, 127.0.0.1; any other needs --token)")
+    dashboard.add_argument(
+        "--host", default=None, help="address to bind (default: TENSORDB_DASHBOARD_HOST, 127.0.0.1; any other needs --token)"
+    )
     dashboard.add_argument("--port", type=int, default=None, help="port (default: TENSORDB_DASHBOARD_PORT, 8050)")
     dashboard.add_argument("--token", default=None, help="token every request must carry (default: $TENSORDB_DASHBOARD_TOKEN)")
     dashboard.set_defaults(handler=_dashboard)

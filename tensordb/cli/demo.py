@@ -83,7 +83,12 @@ def _decisions(db: TensorDB) -> list[dict[str, Any]]:
 
 def _publish_wave(db: TensorDB, x: np.ndarray, y: np.ndarray, indexes: range, dataset: str) -> None:
     db.publish_samples(
-        {"arrays": {"image": x[i].reshape(8, 8).astype(np.uint8)}, "labels": {"digit": int(y[i])}, "dataset": dataset, "sample_id": f"{dataset}-{i}"}
+        {
+            "arrays": {"image": x[i].reshape(8, 8).astype(np.uint8)},
+            "labels": {"digit": int(y[i])},
+            "dataset": dataset,
+            "sample_id": f"{dataset}-{i}",
+        }
         for i in indexes
     )
 
@@ -132,9 +137,17 @@ def run_demo(base_settings: Settings) -> int:
             trigger={"every_samples": 400}, objective={"metric": "accuracy", "direction": "max"},
             promotion={"margin": 0.0}, epochs=8, hyperparameters={"units": 64, "batch_size": 32},
         ))  # fmt: skip
-        timeline.say(f"policy {POLICY!r}: retrain every {policy.trigger['every_samples']} new digits, promote if validation accuracy is higher")
+        timeline.say(
+            f"policy {POLICY!r}: retrain every {policy.trigger['every_samples']} new digits, promote if validation accuracy is higher"
+        )
         _publish_wave(db, x, y, validation, "digits-validation")
-        broken = orjson.dumps({"schema": Schema.SAMPLE, "dataset": "digits", "arrays": {"image": {"dtype": "uint8", "shape": [8, 8], "data": "AAA="}}})
+        broken = orjson.dumps(
+            {
+                "schema": Schema.SAMPLE,
+                "dataset": "digits",
+                "arrays": {"image": {"dtype": "uint8", "shape": [8, 8], "data": "AAA="}},
+            }
+        )
         db.publisher.publish_bytes(settings.topic(Topic.INGEST), broken)
         db.flush()
         timeline.say(f"published {len(validation)} validation digits, and one broken record (2 bytes for an 8×8 image)")
@@ -146,7 +159,11 @@ def run_demo(base_settings: Settings) -> int:
         decision = _watch(db, lambda: _decisions(db)[0:1], "the first decision")[0]
         timeline.say(f"decision: {decision['reason']}")
 
-        port = settings.serve_port if port_is_free(settings.services_host, settings.serve_port) else free_port(settings.services_host)
+        port = (
+            settings.serve_port
+            if port_is_free(settings.services_host, settings.serve_port)
+            else free_port(settings.services_host)
+        )
         services.start_app("serve", ["serve", "--policy", POLICY, "--port", str(port)])
         base = f"http://{settings.services_host}:{port}"
         timeline.say(f"model server running at {base} (POST /predict, GET /model, GET /health)")
@@ -179,7 +196,9 @@ def _print_summary(db: TensorDB, rounds: list[dict[str, Any]], shown: list[int],
     decided = {d["candidate"]["version"]: d for d in _decisions(db)}
     versions = db.models.versions(POLICY)
     candidates = [info for info in versions if info["version"] in scores or info["version"] in decided]
-    table = Table(title=f"candidates of {POLICY!r} (the last epoch of each train job; {len(versions)} versions saved in all, one per epoch)")
+    table = Table(
+        title=f"candidates of {POLICY!r} (the last epoch of each train job; {len(versions)} versions saved in all, one per epoch)"
+    )
     for column in ("version", "job", "epoch", "train acc.", "validation acc.", "decision", ""):
         table.add_column(column)
     for info in candidates:
@@ -199,7 +218,13 @@ def _print_summary(db: TensorDB, rounds: list[dict[str, Any]], shown: list[int],
         served.add_column(column)
     truth = " ".join(str(int(y[i])) for i in shown)
     for number, round_ in enumerate(rounds, 1):
-        served.add_row(str(number), str(round_["version"]), " ".join(map(str, round_["classes"])), truth, f"{round_['correct']}/{round_['of']}")
+        served.add_row(
+            str(number),
+            str(round_["version"]),
+            " ".join(map(str, round_["classes"])),
+            truth,
+            f"{round_['correct']}/{round_['of']}",
+        )
     console.print(served)
 
 

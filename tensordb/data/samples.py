@@ -74,7 +74,6 @@ class SampleDocument(TypedDict):
     fingerprint: NotRequired[str]
 
 
-
 def _named(value: Any, default_name: str) -> dict[str, Any]:
     return dict(value) if isinstance(value, Mapping) else {default_name: value}
 
@@ -121,8 +120,14 @@ def build_sample(
             spec["data"] = base64.b64encode(data).decode()
         else:
             blob_id, digest = store.put_bytes(
-                data, f"{dataset}/{sample_id}/{name}", kind="sample-array", dataset=dataset, sample_id=sample_id,
-                dtype=spec["dtype"], shape=spec["shape"], xxh3=xxh3_hex(data),
+                data,
+                f"{dataset}/{sample_id}/{name}",
+                kind="sample-array",
+                dataset=dataset,
+                sample_id=sample_id,
+                dtype=spec["dtype"],
+                shape=spec["shape"],
+                xxh3=xxh3_hex(data),
             )  # the claim check is bound to this upload: ingest compares all of these
             spec.update(blob_id=str(blob_id), sha256=digest, nbytes=len(data))
         specs[name] = spec

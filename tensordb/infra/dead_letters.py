@@ -104,7 +104,12 @@ class DeadLetters:
             blob_id = ObjectId(bytes.fromhex(identifier[:24]))
             record["original_b64"] = None
             record["original_blob_id"] = str(blob_id)
-            blob = (blob_id, f"dead-letters/{identifier}", original, {"kind": "dead-letter", "sha256": hashlib.sha256(original).hexdigest()})
+            blob = (
+                blob_id,
+                f"dead-letters/{identifier}",
+                original,
+                {"kind": "dead-letter", "sha256": hashlib.sha256(original).hexdigest()},
+            )
         return record, blob
 
     def flush(self, timeout: float = 30.0) -> None:

@@ -164,9 +164,7 @@ class Store:
     def put_bytes(self, data: bytes, filename: str, **metadata: Any) -> tuple[ObjectId, str]:
         """Store bytes as a GridFS blob tagged with the project and sha256; returns (id, sha256)."""
         digest = sha256_hex(data)
-        blob_id = self.blobs.upload_from_stream(
-            filename, data, metadata={"project": self.project, "sha256": digest, **metadata}
-        )
+        blob_id = self.blobs.upload_from_stream(filename, data, metadata={"project": self.project, "sha256": digest, **metadata})
         return blob_id, digest
 
     def get_bytes(self, blob_id: ObjectId | str, sha256: str | None = None) -> bytes:

@@ -43,7 +43,6 @@ _ENTRY_POINT = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 _SECRET_URI_OPTION = re.compile(r"(password|secret|token|credentials?|authMechanismProperties)$", re.IGNORECASE)
 
 
-
 def trusts(module: str, prefixes: tuple[str, ...]) -> bool:
     """Whether ``module`` is one of ``prefixes`` or inside one, by whole dotted components."""
     return any(module == prefix or module.startswith(prefix + ".") for prefix in prefixes)
@@ -85,9 +84,7 @@ def load_entry_point(path: object, settings: Settings) -> Callable[..., Any]:
     try:
         function = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as exc:
-        raise EntryPointError(
-            f"cannot import {path} in this process: install the package that provides it here ({exc})"
-        ) from exc
+        raise EntryPointError(f"cannot import {path} in this process: install the package that provides it here ({exc})") from exc
     owner = getattr(function, "__module__", None) or ""
     defined_here = owner == module_name if path in ALWAYS_TRUSTED else trusts(owner, settings.trusted_modules)
     if not inspect.isfunction(function) or not defined_here:
@@ -107,7 +104,9 @@ def bind_arguments(function: Callable[..., Any], path: str, arguments: Mapping[s
     """
     signature = inspect.signature(function)
     kinds = {name: parameter.kind for name, parameter in signature.parameters.items()}
-    named = sorted(name for name, kind in kinds.items() if kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+    named = sorted(
+        name for name, kind in kinds.items() if kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    )
     unknown = [] if inspect.Parameter.VAR_KEYWORD in kinds.values() else sorted(set(arguments) - set(named))
     if unknown:
         raise EntryPointError(

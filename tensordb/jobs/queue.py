@@ -269,7 +269,9 @@ class Jobs:
             raise JobError(f"no job {job_id!r} in project {self.store.project!r}")
         return cast(JobDocument, job)
 
-    def list(self, status: str | Iterable[str] | None = None, name: str | None = None, **filters: Any) -> builtins.list[JobDocument]:
+    def list(
+        self, status: str | Iterable[str] | None = None, name: str | None = None, **filters: Any
+    ) -> builtins.list[JobDocument]:
         """Jobs newest first, filtered by status (one or several), name and equality filters."""
         query: dict[str, Any] = {}
         if status is not None:
@@ -318,7 +320,11 @@ class Jobs:
             )
         if job is None:
             return self.get(job_id)  # already ended: nothing to cancel
-        self.event(job_id, JobEvent.CANCELLED if job["status"] == JobStatus.CANCELLED else JobEvent.CANCEL_REQUESTED, attempt=job["attempts"])
+        self.event(
+            job_id,
+            JobEvent.CANCELLED if job["status"] == JobStatus.CANCELLED else JobEvent.CANCEL_REQUESTED,
+            attempt=job["attempts"],
+        )
         self.publisher.flush()
         return cast(JobDocument, job)
 
@@ -398,17 +404,32 @@ class Jobs:
         message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         trace = "" if isinstance(error, str) else "".join(traceback_module.format_exception(error))
         failure = {"error": {"message": message, "traceback": trace, "at": _now(), "worker": worker}}
-        job = self.collection.find_one({"_id": job_id, "worker": worker, "status": JobStatus.RUNNING}, {"attempts": 1, "max_attempts": 1})
+        job = self.collection.find_one(
+            {"_id": job_id, "worker": worker, "status": JobStatus.RUNNING}, {"attempts": 1, "max_attempts": 1}
+        )
         if job is None:
             return LOST
         if retryable and job["attempts"] < job["max_attempts"]:
-            return JobStatus.PENDING if self._requeue({"_id": job_id, "worker": worker, "status": JobStatus.RUNNING}, failure, JobEvent.RETRYING) else LOST
+            return (
+                JobStatus.PENDING
+                if self._requeue({"_id": job_id, "worker": worker, "status": JobStatus.RUNNING}, failure, JobEvent.RETRYING)
+                else LOST
+            )
         return JobStatus.FAILED if self._end(job_id, worker, JobStatus.FAILED, failure) else LOST
 
     def release(self, job_id: str, worker: str) -> bool:
         """Hand a running job back to the queue without spending an attempt (worker shutdown)."""
-        failure = {"error": {"message": f"worker {worker} shut down; the job was handed back", "traceback": "", "at": _now(), "worker": worker}}
-        return self._requeue({"_id": job_id, "worker": worker, "status": JobStatus.RUNNING}, failure, JobEvent.REQUEUED, refund_attempt=True)
+        failure = {
+            "error": {
+                "message": f"worker {worker} shut down; the job was handed back",
+                "traceback": "",
+                "at": _now(),
+                "worker": worker,
+            }
+        }
+        return self._requeue(
+            {"_id": job_id, "worker": worker, "status": JobStatus.RUNNING}, failure, JobEvent.REQUEUED, refund_attempt=True
+        )
 
     def requeue_expired(self) -> builtins.list[str]:
         """The reaper: jobs whose lease expired (their worker died) go back to pending, or fail
@@ -419,15 +440,26 @@ class Jobs:
             job = self.collection.find_one(expired, {"attempts": 1, "max_attempts": 1, "worker": 1})
             if job is None:
                 return requeued
-            failure = {"error": {"message": f"lease expired: worker {job['worker']} stopped heartbeating", "traceback": "", "at": _now(), "worker": job["worker"]}}
+            failure = {
+                "error": {
+                    "message": f"lease expired: worker {job['worker']} stopped heartbeating",
+                    "traceback": "",
+                    "at": _now(),
+                    "worker": job["worker"],
+                }
+            }
             guard = {**expired, "_id": job["_id"], "worker": job["worker"]}
             if job["attempts"] < job["max_attempts"]:
                 if self._requeue(guard, failure, JobEvent.REQUEUED):
                     requeued.append(job["_id"])
             else:
-                ended = self.collection.find_one_and_update(guard, {"$set": {"status": JobStatus.FAILED, "finished_at": _now(), "lease_until": None, **failure}})
+                ended = self.collection.find_one_and_update(
+                    guard, {"$set": {"status": JobStatus.FAILED, "finished_at": _now(), "lease_until": None, **failure}}
+                )
                 if ended is not None:
-                    self.event(job["_id"], JobEvent.FAILED, attempt=job["attempts"], detail={"reason": failure["error"]["message"]})
+                    self.event(
+                        job["_id"], JobEvent.FAILED, attempt=job["attempts"], detail={"reason": failure["error"]["message"]}
+                    )
 
     # -- internals ---------------------------------------------------------------------------
     def _requeue(self, guard: dict[str, Any], failure: dict[str, Any], event: JobEvent, refund_attempt: bool = False) -> bool:
@@ -462,9 +494,17 @@ class Jobs:
         self.publisher.flush()
         return True
 
-    def event(self, job_id: str, event: JobEvent, attempt: int, worker: str | None = None, detail: dict[str, Any] | None = None) -> None:
+    def event(
+        self, job_id: str, event: JobEvent, attempt: int, worker: str | None = None, detail: dict[str, Any] | None = None
+    ) -> None:
         """Publish a job event for dashboards (non-blocking)."""
-        record: dict[str, Any] = {"schema": records.Schema.JOB_EVENT, "job_id": job_id, "event": event, "attempt": attempt, "at": _now().isoformat()}
+        record: dict[str, Any] = {
+            "schema": records.Schema.JOB_EVENT,
+            "job_id": job_id,
+            "event": event,
+            "attempt": attempt,
+            "at": _now().isoformat(),
+        }
         if worker:
             record["worker"] = worker
         if detail:

@@ -27,7 +27,6 @@ COUNTED = "policy_counted_samples"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-
 @dataclass(frozen=True)
 class Policy:
     """One continuous-training policy (see the module docstring).
@@ -102,7 +101,12 @@ class Policies:
             {
                 "$set": {**_document(policy, self.store), "updated_at": now},
                 "$setOnInsert": {
-                    "created_at": now, "new_samples": 0, "samples_counted": 0, "seen_batches": [], "last_triggered_at": None, "triggers": 0,
+                    "created_at": now,
+                    "new_samples": 0,
+                    "samples_counted": 0,
+                    "seen_batches": [],
+                    "last_triggered_at": None,
+                    "triggers": 0,
                 },  # fmt: skip
             },
             upsert=True,
@@ -162,8 +166,7 @@ class Policies:
         """
         project = self.store.project
         markers = [
-            {"_id": f"{name}:{sample_id}", "project": project, "policy": name, "batch_id": batch_id}
-            for sample_id in sample_ids
+            {"_id": f"{name}:{sample_id}", "project": project, "policy": name, "batch_id": batch_id} for sample_id in sample_ids
         ]
         if markers:
             insert_ignoring_duplicates(self.store[COUNTED], markers)  # a sample counted before keeps its batch
@@ -201,4 +204,3 @@ class Policies:
     def absorb(self, name: str) -> None:
         """New samples are covered by a job still pending (it reads its cohort when it starts)."""
         self.collection.update_one({"_id": name}, {"$set": {"new_samples": 0}})
-

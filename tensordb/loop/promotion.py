@@ -46,7 +46,12 @@ def request_evaluation(jobs: Jobs, registry: ModelRegistry, policy: Policy, trai
 def evaluate_versions(jobs: Jobs, policy: Policy, versions: list[int]) -> str:
     """Score any chosen set of versions (e.g. "the five with the lowest training loss") on the
     policy's validation cohort; results land in ``evaluations``."""
-    return jobs.submit(JobKind.EVALUATE, name=f"{policy.name}-evaluation", model={"name": policy.name, "versions": versions}, data=policy.validation)
+    return jobs.submit(
+        JobKind.EVALUATE,
+        name=f"{policy.name}-evaluation",
+        model={"name": policy.name, "versions": versions},
+        data=policy.validation,
+    )
 
 
 def decide(store: Any, registry: ModelRegistry, policies: Policies, evaluation_job: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +68,9 @@ def decide(store: Any, registry: ModelRegistry, policies: Policies, evaluation_j
     candidate = evaluation_job["spec"]["model"]["versions"][0]
     production = registry.alias(policy.name, PRODUCTION)
     if metric not in scores[candidate]:
-        raise KeyError(f"the evaluation has no metric {metric!r} (it has {sorted(scores[candidate])}): fix the policy's objective")
+        raise KeyError(
+            f"the evaluation has no metric {metric!r} (it has {sorted(scores[candidate])}): fix the policy's objective"
+        )
     candidate_value = scores[candidate][metric]
     production_value = scores.get(production, {}).get(metric) if production is not None else None
     promote = production != candidate and policy.better(candidate_value, production_value)
@@ -96,5 +103,7 @@ def decide(store: Any, registry: ModelRegistry, policies: Policies, evaluation_j
     }
     store[DECISIONS].replace_one({"_id": decision["_id"]}, decision, upsert=True)
     if promote:
-        registry.promote(policy.name, candidate, alias=PRODUCTION, reason={"decision": decision["_id"], "reason": reason}, policy=policy.name)
+        registry.promote(
+            policy.name, candidate, alias=PRODUCTION, reason={"decision": decision["_id"], "reason": reason}, policy=policy.name
+        )
     return decision

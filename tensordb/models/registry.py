@@ -67,9 +67,25 @@ BLOB_KIND = "model-parameters"
 #: Fields the registry sets itself; a metric or tag with one of these names would overwrite them.
 RESERVED = frozenset(
     {
-        "_id", "project", "name", "version", "time", "epoch", "job_id", "lineage", "metrics", "tags",
-        "architecture_json", "builder", "builder_kwargs", "build_config", "compile_json", "keras_version",
-        "parameters", "alias", "sort",
+        "_id",
+        "project",
+        "name",
+        "version",
+        "time",
+        "epoch",
+        "job_id",
+        "lineage",
+        "metrics",
+        "tags",
+        "architecture_json",
+        "builder",
+        "builder_kwargs",
+        "build_config",
+        "compile_json",
+        "keras_version",
+        "parameters",
+        "alias",
+        "sort",
     }
 )
 #: Fields a filter may not name: every query is restricted to the registry's project.
@@ -159,9 +175,7 @@ class ModelRegistry:
         """
         self._slots.acquire()  # at most max_pending snapshots alive: back-pressure, not unbounded memory
         try:
-            snapshot = self._snapshot(
-                model, name, epoch, job_id, lineage, builder, builder_kwargs, metrics_and_tags, copy=True
-            )
+            snapshot = self._snapshot(model, name, epoch, job_id, lineage, builder, builder_kwargs, metrics_and_tags, copy=True)
             future = self._background().submit(self._write, snapshot)
         except BaseException:
             self._slots.release()
@@ -297,9 +311,7 @@ class ModelRegistry:
                 )
             ]
             if dropped:
-                self.aliases.delete_many(
-                    {"project": self.project, "name": document["name"], "version": document["version"]}
-                )
+                self.aliases.delete_many({"project": self.project, "name": document["name"], "version": document["version"]})
             self._publish("deleted", document["name"], document["version"], detail={"aliases_removed": dropped})
         self.sweep_orphans()
         return deleted
@@ -361,7 +373,11 @@ class ModelRegistry:
                 document = updated
                 break
         self._publish(
-            "promoted", name, version, alias=alias, policy=policy,
+            "promoted",
+            name,
+            version,
+            alias=alias,
+            policy=policy,
             detail={"previous_version": previous, "reason": reason, "revision": document["revision"]},
         )
         if self.publisher is not None:
@@ -446,7 +462,10 @@ class ModelRegistry:
                 **document,
                 "version": version,
                 "parameters": {
-                    "blob": blob_id, "sha256": digest, "nbytes": len(data), "format": "npz",
+                    "blob": blob_id,
+                    "sha256": digest,
+                    "nbytes": len(data),
+                    "format": "npz",
                     "arrays": count_members(data),
                 },
             }
@@ -459,17 +478,20 @@ class ModelRegistry:
             raise
         versioning.mark_referenced(self.store, [blob_id])
         self._publish(
-            "saved", name, version,
+            "saved",
+            name,
+            version,
             detail={
-                "epoch": document["epoch"], "job_id": document["job_id"], "metrics": document["metrics"],
-                "nbytes": len(data), "sha256": digest,
+                "epoch": document["epoch"],
+                "job_id": document["job_id"],
+                "metrics": document["metrics"],
+                "nbytes": len(data),
+                "sha256": digest,
             },
         )
         return document
 
-    def _query(
-        self, name: str | None, version: int | None, alias: str | None, filters: dict[str, Any]
-    ) -> dict[str, Any] | None:
+    def _query(self, name: str | None, version: int | None, alias: str | None, filters: dict[str, Any]) -> dict[str, Any] | None:
         """The MongoDB query for this project, or None when ``alias`` points nowhere."""
         versioning.check_fields(filters, "model filter", FILTER_RESERVED)
         query = {key: _plain(value) for key, value in filters.items()}
@@ -566,8 +588,7 @@ def _storable_value(value: Any) -> Any:
 def _has_query_names(value: Any) -> bool:
     if isinstance(value, dict):
         return any(
-            not isinstance(key, str) or key.startswith("$") or "." in key or _has_query_names(item)
-            for key, item in value.items()
+            not isinstance(key, str) or key.startswith("$") or "." in key or _has_query_names(item) for key, item in value.items()
         )
     if isinstance(value, list):
         return any(_has_query_names(item) for item in value)

@@ -35,7 +35,6 @@ from tensordb.config import Topic
 from tensordb.errors import BadInputError, RecordTooLargeError, UnreachableError, ValidationError
 
 if TYPE_CHECKING:
-
     from tensordb.infra.bus import Publisher
     from tensordb.infra.store import Store
 
@@ -72,7 +71,8 @@ def _as_number(name: str, value: Any) -> float | None:
         raise _invalid(f"metrics.{name}", "type", f"metric {name!r} must be a real number, got the string {value!r}")
     if isinstance(value, np.ndarray) and value.ndim != 0:
         raise _invalid(
-            f"metrics.{name}", "type",
+            f"metrics.{name}",
+            "type",
             f"metric {name!r} is an array of shape {value.shape}: log one number per metric",
         )
     try:
@@ -87,7 +87,8 @@ def _as_number(name: str, value: Any) -> float | None:
 def _check_name(name: str) -> None:
     if not METRIC_NAME.match(name):
         raise _invalid(
-            f"metrics.{name}", "propertyNames",
+            f"metrics.{name}",
+            "propertyNames",
             f"metric name {name!r} must match {METRIC_NAME.pattern} (a letter or '_', then letters, "
             "digits, '_', '.', '/' or '-', at most 128 characters)",
         )
@@ -135,9 +136,19 @@ class RunLogger:
         if tags is not None and not isinstance(tags, Mapping):
             raise _invalid("tags", "type", f"tags must be a mapping, got {type(tags).__name__}")
         # run id, job id and tags go into every record: check them once, here
-        records.encode({"schema": SCHEMA, "run_id": run_id, **({"job_id": job_id} if job_id is not None else {}),
-                        "phase": "train", "step": 0, "metrics": {}, "wall_time": 0.0,
-                        **({"tags": dict(tags)} if tags else {})}, SCHEMA)
+        records.encode(
+            {
+                "schema": SCHEMA,
+                "run_id": run_id,
+                **({"job_id": job_id} if job_id is not None else {}),
+                "phase": "train",
+                "step": 0,
+                "metrics": {},
+                "wall_time": 0.0,
+                **({"tags": dict(tags)} if tags else {}),
+            },
+            SCHEMA,
+        )
         self.publisher = publisher
         self._topic = publisher.settings.topic(Topic.LOGS)
         self.run_id = run_id

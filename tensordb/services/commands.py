@@ -45,7 +45,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     status.set_defaults(handler=_status)
 
     logs = actions.add_parser("logs", help="print the end of a service's log")
-    logs.add_argument("name", nargs="?", help=f"one service: {', '.join(SERVICE_NAMES)} or an app such as processors (default: the servers)")
+    logs.add_argument(
+        "name", nargs="?", help=f"one service: {', '.join(SERVICE_NAMES)} or an app such as processors (default: the servers)"
+    )
     logs.add_argument("-n", "--lines", type=int, default=20, help="lines to print from each log (default: 20)")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until Ctrl-C")
     logs.set_defaults(handler=_logs)

@@ -24,11 +24,15 @@ def unprocessed(settings: Settings, quiet_seconds: float = 1.0) -> list[str]:
     for kind, topic in PROCESSOR_TOPICS.items():
         name = settings.topic(topic)
         group = Consumer(settings.kafka_config(**{"group.id": settings.processor_group(kind), "enable.auto.commit": False}))
-        probe = Consumer(settings.kafka_config(**{"group.id": f"{settings.processor_group(kind)}-drain-probe", "enable.auto.commit": False}))
+        probe = Consumer(
+            settings.kafka_config(**{"group.id": f"{settings.processor_group(kind)}-drain-probe", "enable.auto.commit": False})
+        )
         try:
             count = len(group.list_topics(name, timeout=10).topics[name].partitions)
             committed = group.committed([TopicPartition(name, p) for p in range(count)], timeout=10)
-            probe.assign([TopicPartition(name, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING) for tp in committed])
+            probe.assign(
+                [TopicPartition(name, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING) for tp in committed]
+            )
             found: set[int] = set()
             deadline = time.monotonic() + quiet_seconds
             while time.monotonic() < deadline and len(found) < count:
@@ -64,7 +68,5 @@ def wait_until_processed(settings: Settings, timeout: float = 120.0) -> None:
         if not behind:
             return
         if time.monotonic() > deadline:
-            raise DrainError(
-                f"after {timeout:.0f} s the processors still have records to store in {', '.join(behind[:6])}"
-            )
+            raise DrainError(f"after {timeout:.0f} s the processors still have records to store in {', '.join(behind[:6])}")
         time.sleep(0.5)

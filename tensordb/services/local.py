@@ -114,7 +114,9 @@ class LocalServices:
         try:
             wait_until_processed(settings, timeout)
         except DrainError as exc:
-            raise ServiceError(f"{exc}; nothing was stopped: look at `tensordb services logs processors`, then run `tensordb services down` again") from exc
+            raise ServiceError(
+                f"{exc}; nothing was stopped: look at `tensordb services logs processors`, then run `tensordb services down` again"
+            ) from exc
 
     def status(self) -> list[ServiceStatus]:
         apps = [app.status() for app in running_apps(self.run_dir, self.settings)]
@@ -180,8 +182,7 @@ class LocalServices:
         for service, hint in hints.items():
             if service in services and not port_is_free(self.host, service.port):
                 raise ServiceError(
-                    f"port {service.port} on {self.host} is already in use by another program: "
-                    f"stop it or set {hint}"
+                    f"port {service.port} on {self.host} is already in use by another program: stop it or set {hint}"
                 )
 
 

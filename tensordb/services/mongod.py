@@ -62,9 +62,7 @@ class Mongod:
         return self.process.status(self.address, f"replica set {REPLICA_SET}", changed)
 
     def _client(self) -> MongoClient:
-        return MongoClient(
-            self.host, self.port, directConnection=True, serverSelectionTimeoutMS=1000, connectTimeoutMS=1000
-        )
+        return MongoClient(self.host, self.port, directConnection=True, serverSelectionTimeoutMS=1000, connectTimeoutMS=1000)
 
     def _answers(self) -> bool:
         try:

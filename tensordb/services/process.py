@@ -40,9 +40,7 @@ class ServiceStatus:
 class ManagedProcess:
     """One background program: ``RUN/pids/NAME.pid`` holds its pid, ``RUN/logs/NAME.log`` its output."""
 
-    def __init__(
-        self, name: str, executable: Path, run_dir: Path, stop_signal: signal.Signals = signal.SIGTERM
-    ) -> None:
+    def __init__(self, name: str, executable: Path, run_dir: Path, stop_signal: signal.Signals = signal.SIGTERM) -> None:
         self.name = name
         self.executable = executable
         self.stop_signal = stop_signal
@@ -113,9 +111,7 @@ class ManagedProcess:
         deadline = time.monotonic() + timeout
         while not is_ready():
             if self.pid() is None:
-                raise ServiceError(
-                    f"{self.name} exited while starting ({self.last_log_line()}): see {self.log_path}"
-                )
+                raise ServiceError(f"{self.name} exited while starting ({self.last_log_line()}): see {self.log_path}")
             if time.monotonic() > deadline:
                 raise ServiceError(f"{self.name} did not become ready within {timeout:.0f} s: see {self.log_path}")
             time.sleep(0.05)

@@ -107,7 +107,10 @@ def dashboard_process(
 ) -> ChildProcess:
     """``tensordb dashboard``: the live dashboard on ``host``:``port``."""
     return ChildProcess(
-        ["dashboard", "--host", host, "--port", str(port), *(["--token", token] if token else [])], "Uvicorn running on", settings, log_path
+        ["dashboard", "--host", host, "--port", str(port), *(["--token", token] if token else [])],
+        "Uvicorn running on",
+        settings,
+        log_path,
     )
 
 

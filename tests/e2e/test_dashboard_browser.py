@@ -203,7 +203,10 @@ def test_a_page_opened_in_the_middle_of_a_run_shows_the_whole_curve(stack, brows
 
 def test_a_run_named_like_markup_renders_as_text(stack, tab) -> None:
     settings, dashboard = stack.settings, stack.dashboard
-    with Publisher(settings) as publisher, RunLogger(publisher, MARKUP_NAME, tags={"note": "<script>alert(2)</script>", "html": "<b>x</b>"}) as logger:
+    with (
+        Publisher(settings) as publisher,
+        RunLogger(publisher, MARKUP_NAME, tags={"note": "<script>alert(2)</script>", "html": "<b>x</b>"}) as logger,
+    ):
         for step in range(20):
             logger.log(step, loss=loss(step))
     page = tab.page

@@ -15,8 +15,12 @@ EXAMPLE = REPO / "examples" / "tensorlayer_db"
 def test_tensorlayer_example_dispatches_runs_and_loads_the_best_model(settings: Settings, processors, tmp_path) -> None:
     env = {**os.environ, **settings.as_environment(), "TENSORDB_TASK_SCRIPT_DIRS": str(EXAMPLE)}
     with open(tmp_path / "dispatch.log", "w") as dispatch_log, open(tmp_path / "runner.log", "w") as runner_log:
-        dispatcher = subprocess.Popen([sys.executable, str(EXAMPLE / "dispatch_tasks.py")], env=env, stdout=dispatch_log, stderr=subprocess.STDOUT)
-        runner = subprocess.Popen([sys.executable, str(EXAMPLE / "run_tasks.py")], env=env, stdout=runner_log, stderr=subprocess.STDOUT)
+        dispatcher = subprocess.Popen(
+            [sys.executable, str(EXAMPLE / "dispatch_tasks.py")], env=env, stdout=dispatch_log, stderr=subprocess.STDOUT
+        )
+        runner = subprocess.Popen(
+            [sys.executable, str(EXAMPLE / "run_tasks.py")], env=env, stdout=runner_log, stderr=subprocess.STDOUT
+        )
         try:
             assert dispatcher.wait(timeout=400) == 0, (tmp_path / "dispatch.log").read_text()
             assert runner.wait(timeout=60) == 0, (tmp_path / "runner.log").read_text()

@@ -23,7 +23,12 @@ BAD = {"units": 2, "classes": 10, "scale": 1 / 16, "learning_rate": 1e-5}
 
 def publish(db: TensorDB, dataset: str, indexes: range) -> None:
     db.publish_samples(
-        {"arrays": DIGITS_X[i].reshape(8, 8).astype(np.uint8), "labels": int(DIGITS_Y[i]), "dataset": dataset, "sample_id": f"{dataset}-{i}"}
+        {
+            "arrays": DIGITS_X[i].reshape(8, 8).astype(np.uint8),
+            "labels": int(DIGITS_Y[i]),
+            "dataset": dataset,
+            "sample_id": f"{dataset}-{i}",
+        }
         for i in indexes
     )
 
@@ -97,7 +102,11 @@ def test_new_data_retrains_evaluates_promotes_and_the_server_swaps(settings, pro
                 publish(db, "digits", range(450, 1400))
                 third = wait_for(lambda: decisions(db)[2:], timeout=240, what="the third decision")[0]
                 assert third["promoted"], third["reason"]
-                wait_for(lambda: httpx.get(f"{base}/model").json()["version"] == third["candidate"]["version"], timeout=30, what="the swap")
+                wait_for(
+                    lambda: httpx.get(f"{base}/model").json()["version"] == third["candidate"]["version"],
+                    timeout=30,
+                    what="the swap",
+                )
                 time.sleep(1)
             finally:
                 stop.set()

@@ -13,7 +13,14 @@ from tensordb.infra.bus import Publisher, create_topics, make_consumer, receive
 
 
 def _log(step: int) -> dict:
-    return {"schema": "log/1", "run_id": "run-1", "phase": "train", "step": step, "metrics": {"loss": 1.0 / (step + 1)}, "wall_time": time.time()}
+    return {
+        "schema": "log/1",
+        "run_id": "run-1",
+        "phase": "train",
+        "step": step,
+        "metrics": {"loss": 1.0 / (step + 1)},
+        "wall_time": time.time(),
+    }
 
 
 def _consume(settings: Settings, topic: Topic, count: int, group: str, timeout: float = 30.0) -> list:

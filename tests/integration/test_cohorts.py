@@ -16,8 +16,12 @@ from tensordb.errors import QueryError
 def sample(i: int, dataset: str = "scans", **extra: object) -> dict:
     data = base64.b64encode(np.full(4, i % 256, np.uint8).tobytes()).decode()
     return {
-        "schema": "sample/1", "sample_id": f"s{i:05d}", "dataset": dataset,
-        "arrays": {"x": {"dtype": "uint8", "shape": [4], "data": data}}, "labels": {"y": i % 2}, **extra,
+        "schema": "sample/1",
+        "sample_id": f"s{i:05d}",
+        "dataset": dataset,
+        "arrays": {"x": {"dtype": "uint8", "shape": [4], "data": data}},
+        "labels": {"y": i % 2},
+        **extra,
     }
 
 

@@ -46,10 +46,21 @@ def start_dashboard(settings: Settings, tmp_path: Path) -> Iterator[Callable[...
         dashboard.process.stop()
 
 
-def insert_points(store: Store, run_id: str, steps: np.ndarray, values: np.ndarray, phase: str = "train", start: float = 1.7e9) -> None:
+def insert_points(
+    store: Store, run_id: str, steps: np.ndarray, values: np.ndarray, phase: str = "train", start: float = 1.7e9
+) -> None:
     """Log documents written the way the log sink writes them (for runs too long to log in a test)."""
     documents = [
-        log_document(store.project, {"run_id": run_id, "phase": phase, "step": int(step), "wall_time": start + int(step) * 0.01, "metrics": {"loss": float(value)}})
+        log_document(
+            store.project,
+            {
+                "run_id": run_id,
+                "phase": phase,
+                "step": int(step),
+                "wall_time": start + int(step) * 0.01,
+                "metrics": {"loss": float(value)},
+            },
+        )
         for step, value in zip(steps, values, strict=True)
     ]
     for chunk in range(0, len(documents), 20_000):
@@ -72,6 +83,7 @@ def sse_events(response: httpx.Response) -> Iterator[tuple[str, Any]]:
 
 # -- the API against the real services ----------------------------------------------------------------
 
+
 def test_a_token_is_required_on_every_request_when_bound_elsewhere(settings, start_dashboard) -> None:
     dashboard = start_dashboard(host="0.0.0.0", token="s3cret token; with=odd chars")
     plain = httpx.Client(base_url=dashboard.url, timeout=10)
@@ -82,7 +94,11 @@ def test_a_token_is_required_on_every_request_when_bound_elsewhere(settings, sta
     assert plain.get("/api/runs", headers={"Authorization": "Bearer s3cret token; with=odd chars"}).status_code == 200
     assert plain.get("/api/runs", params={"token": "s3cret token"}).status_code == 401
     opened = plain.get("/", params={"token": "s3cret token; with=odd chars"}, follow_redirects=True)  # to the page without it
-    assert opened.status_code == 200 and opened.url == f"{dashboard.url}/" and "script-src 'self'" in opened.headers["content-security-policy"]
+    assert (
+        opened.status_code == 200
+        and opened.url == f"{dashboard.url}/"
+        and "script-src 'self'" in opened.headers["content-security-policy"]
+    )
     signed_in = opened.history[0].headers["set-cookie"]
     assert "HttpOnly" in signed_in and "SameSite=Strict" in signed_in and "s3cret" not in signed_in
     assert plain.get("/static/app.js").status_code == 200  # the page's later requests carry the cookie
@@ -143,9 +159,18 @@ def test_runs_jobs_models_and_data_as_the_pages_show_them(settings, start_dashbo
     dashboard = start_dashboard()
     now = datetime.now(UTC)
     with Store(settings) as store, Publisher(settings) as publisher:
-        job_id = Jobs(store, publisher).submit("train", name="digits-mlp", policy="digits", model={"entry_point": "tests.m:f"}, data={"filter": {}})
+        job_id = Jobs(store, publisher).submit(
+            "train", name="digits-mlp", policy="digits", model={"entry_point": "tests.m:f"}, data={"filter": {}}
+        )
         insert_points(store, job_id, np.arange(10), np.linspace(1, 0.1, 10))
-        Policies(store).register(Policy(name="digits", model={"entry_point": "tests.m:f"}, training={"filter": {"dataset": "d"}}, validation={"filter": {"dataset": "v"}}))
+        Policies(store).register(
+            Policy(
+                name="digits",
+                model={"entry_point": "tests.m:f"},
+                training={"filter": {"dataset": "d"}},
+                validation={"filter": {"dataset": "v"}},
+            )
+        )
         for version in (1, 2):
             store["models"].insert_one({"project": store.project, "name": "digits", "version": version, "time": now, "epoch": 3, "job_id": job_id,
                                         "metrics": {"accuracy": 0.8 + version / 100}, "tags": {}, "parameters": {"nbytes": 1234}})  # fmt: skip
@@ -162,7 +187,8 @@ def test_runs_jobs_models_and_data_as_the_pages_show_them(settings, start_dashbo
         from tensordb.infra.bus import Received
 
         DeadLetters(store, publisher, "streams").divert(
-            Received(settings.topic(Topic.INGEST), 0, 30, None, b'{"dataset": null}', None, None), SampleError("dataset must be a string")
+            Received(settings.topic(Topic.INGEST), 0, 30, None, b'{"dataset": null}', None, None),
+            SampleError("dataset must be a string"),
         )
 
     def listed_runs() -> dict[str, dict] | None:  # the runs list is cached for a second, shared by browsers
@@ -176,7 +202,10 @@ def test_runs_jobs_models_and_data_as_the_pages_show_them(settings, start_dashbo
 
     (model,) = dashboard.get("/api/models")["models"]
     assert model["name"] == "digits" and model["production"] == 2 and model["policy"]["objective"]["metric"] == "accuracy"
-    assert [(v["version"], v["production"], v["evaluations"][0]["metrics"]["accuracy"]) for v in model["versions"]] == [(2, True, 0.9), (1, False, 0.8)]
+    assert [(v["version"], v["production"], v["evaluations"][0]["metrics"]["accuracy"]) for v in model["versions"]] == [
+        (2, True, 0.9),
+        (1, False, 0.8),
+    ]
     assert model["decisions"][0]["promoted"] and "v2 accuracy 0.9000" in model["decisions"][0]["reason"]
     assert model["aliases"]["production"]["history"][0]["reason"] == {"reason": "v2 beats v1"}
 
@@ -200,7 +229,12 @@ def test_a_long_run_is_an_overview_and_a_zoom_is_full_resolution(settings, start
     values[12_345] = 50.0  # a spike: min/max downsampling keeps it
     with Store(settings) as store:
         for run_id, scale in (("long-a", 1.0), ("long-b", 2.0), ("short", 3.0)):
-            insert_points(store, run_id, steps if run_id != "short" else steps[:500], (values * scale)[: 60_000 if run_id != "short" else 500])
+            insert_points(
+                store,
+                run_id,
+                steps if run_id != "short" else steps[:500],
+                (values * scale)[: 60_000 if run_id != "short" else 500],
+            )
     dashboard = start_dashboard()
 
     def exact() -> dict[str, Any]:

@@ -35,7 +35,11 @@ def test_bad_records_become_dead_letters_and_a_valid_one_after_them_is_processed
 
     with Store(settings) as store:
         letters = wait_for(
-            lambda: list(store[COLLECTION].find({"topic": topic}).sort("offset", 1)) if store[COLLECTION].count_documents({}) >= 3 else None,
+            lambda: (
+                list(store[COLLECTION].find({"topic": topic}).sort("offset", 1))
+                if store[COLLECTION].count_documents({}) >= 3
+                else None
+            ),
             what="three dead letters",
         )
         assert [original_bytes(letter) for letter in letters] == [GARBAGE, WRONG_VERSION, MISSING_FIELD]

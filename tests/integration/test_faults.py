@@ -68,10 +68,14 @@ def announced_ids(settings: Settings, expected: int, timeout: float = 30.0) -> l
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and len(ids) < expected:
-            ids.extend(i for r in receive(consumer, "data-imported/1", timeout=0.5, max_messages=1000) for i in r.record["sample_ids"])
+            ids.extend(
+                i for r in receive(consumer, "data-imported/1", timeout=0.5, max_messages=1000) for i in r.record["sample_ids"]
+            )
         quiet = time.monotonic() + 2.0  # anything announced twice would arrive now
         while time.monotonic() < quiet:
-            ids.extend(i for r in receive(consumer, "data-imported/1", timeout=0.2, max_messages=1000) for i in r.record["sample_ids"])
+            ids.extend(
+                i for r in receive(consumer, "data-imported/1", timeout=0.2, max_messages=1000) for i in r.record["sample_ids"]
+            )
     finally:
         consumer.close()
     return ids
@@ -93,7 +97,10 @@ def context(settings: Settings) -> Iterator[ProcessorContext]:
 
 
 def test_an_oversized_bad_record_is_dead_lettered_and_its_batch_stored(settings: Settings, processors: ChildProcess) -> None:
-    huge = {**sample("huge"), "arrays": {"x": {"dtype": "uint8", "shape": [2], "data": base64.b64encode(os.urandom(600_000)).decode()}}}
+    huge = {
+        **sample("huge"),
+        "arrays": {"x": {"dtype": "uint8", "shape": [2], "data": base64.b64encode(os.urandom(600_000)).decode()}},
+    }
     value = orjson.dumps(huge)
     assert 780_000 < len(value) < settings.max_message_bytes
     with Publisher(settings) as publisher:
@@ -113,11 +120,17 @@ def test_an_oversized_bad_record_is_dead_lettered_and_its_batch_stored(settings:
 
 
 def test_an_oversized_bad_log_record_does_not_stop_the_log_sink(settings: Settings, processors: ChildProcess) -> None:
-    bad = orjson.dumps({"schema": "log/1", "run_id": "r", "phase": "train", "step": 0, "wall_time": 1.0, "metrics": {"loss": "x" * 800_000}})
+    bad = orjson.dumps(
+        {"schema": "log/1", "run_id": "r", "phase": "train", "step": 0, "wall_time": 1.0, "metrics": {"loss": "x" * 800_000}}
+    )
     with Publisher(settings) as publisher:
         publisher.publish_bytes(settings.topic(Topic.LOGS), bad, key="r")
         for step in range(1, 101):
-            publisher.publish(Topic.LOGS, {"schema": "log/1", "run_id": "r", "phase": "train", "step": step, "wall_time": 1.0, "metrics": {"loss": 0.5}}, key="r")
+            publisher.publish(
+                Topic.LOGS,
+                {"schema": "log/1", "run_id": "r", "phase": "train", "step": step, "wall_time": 1.0, "metrics": {"loss": 0.5}},
+                key="r",
+            )
     with Store(settings) as store:
         wait_for(lambda: store["logs"].count_documents({}) == 100, what="the 100 good log records")
         wait_for(lambda: store[DEAD_LETTERS].count_documents({"topic": settings.topic(Topic.LOGS)}) == 1, what="the dead letter")
@@ -167,7 +180,13 @@ def test_every_kind_of_poison_is_dead_lettered_with_a_clear_reason(settings: Set
         _json(sample("nul-key", metadata={"a\u0000b": 1})),
         _json(sample("dollar-key", metadata={"$where": "x"})),
         _json(sample("dotted-key", metadata={"a.b": 1})),
-        _json({**sample("oversized"), "metadata": {"blob": "x" * 700_000}, "arrays": {"x": {"dtype": "uint8", "shape": [1], "data": "AAAA"}}}),
+        _json(
+            {
+                **sample("oversized"),
+                "metadata": {"blob": "x" * 700_000},
+                "arrays": {"x": {"dtype": "uint8", "shape": [1], "data": "AAAA"}},
+            }
+        ),
     ]
     with Publisher(settings) as publisher:
         for i, record in enumerate(valid):
@@ -200,7 +219,9 @@ def test_a_dead_letter_is_never_overwritten_after_offsets_restart(settings: Sett
 
 def test_policy_counters_carry_the_overshoot_and_count_each_sample_once(store: Store) -> None:
     policies = Policies(store)
-    policies.register(Policy("p", model={"name": "m"}, training={"filter": {}}, validation={"filter": {}}, trigger={"every_samples": 100}))
+    policies.register(
+        Policy("p", model={"name": "m"}, training={"filter": {}}, validation={"filter": {}}, trigger={"every_samples": 100})
+    )
     ids = [f"s{i}" for i in range(300)]
     assert policies.count_new_samples("p", "b1", ids[:150]) == 150
     assert policies.take_trigger("p", 100) and not policies.take_trigger("p", 100)
@@ -261,7 +282,9 @@ def _start_together(processes: list[ChildProcess]) -> None:
     assert all(process.process is not None and process.process.poll() is None for process in processes)
 
 
-def _publish_concurrently(settings: Settings, ids: list[str], producers: int = 2, per_second: float | None = None) -> list[threading.Thread]:
+def _publish_concurrently(
+    settings: Settings, ids: list[str], producers: int = 2, per_second: float | None = None
+) -> list[threading.Thread]:
     def publish(part: list[str]) -> None:
         with Publisher(settings) as publisher:
             for i, sample_id in enumerate(part):
@@ -280,7 +303,15 @@ def test_processor_instances_start_together_share_the_work_and_survive_a_sigkill
     _start_together(instances)  # on a fresh database: collections and indexes created concurrently
     try:
         with Store(settings) as store:
-            Policies(store).register(Policy("all", model={"name": "m"}, training={"filter": {}}, validation={"filter": {}}, trigger={"every_samples": 10**9}))
+            Policies(store).register(
+                Policy(
+                    "all",
+                    model={"name": "m"},
+                    training={"filter": {}},
+                    validation={"filter": {}},
+                    trigger={"every_samples": 10**9},
+                )
+            )
             ids = [f"s{i:05d}" for i in range(3000)]
             publishing = _publish_concurrently(settings, ids, producers=2, per_second=1500)
             wait_for(lambda: store[SAMPLES].count_documents({}) >= 800, what="a third of the samples")
@@ -328,7 +359,9 @@ def own_mongod(servers: Settings, tmp_path: Path) -> Iterator[tuple[Mongod, Sett
     mongod = Mongod(executable, tmp_path / "run", "127.0.0.1", free_port())
     mongod.start()
     name = f"outage{time.monotonic_ns() % 10**8}"
-    settings = servers.with_changes(project=name, mongo_uri=f"mongodb://{mongod.address}/?replicaSet=rs0", mongo_database=f"tensordb_{name}")
+    settings = servers.with_changes(
+        project=name, mongo_uri=f"mongodb://{mongod.address}/?replicaSet=rs0", mongo_database=f"tensordb_{name}"
+    )
     create_topics(settings)
     try:
         yield mongod, settings
@@ -343,7 +376,9 @@ def _kill(mongod: Mongod) -> None:
     mongod.process.wait_exit(timeout=10)
 
 
-def test_a_mongod_outage_longer_than_the_driver_timeout_loses_nothing(own_mongod: tuple[Mongod, Settings], tmp_path: Path) -> None:
+def test_a_mongod_outage_longer_than_the_driver_timeout_loses_nothing(
+    own_mongod: tuple[Mongod, Settings], tmp_path: Path
+) -> None:
     mongod, settings = own_mongod
     processors = processors_process(settings, tmp_path / "processors.log")
     spare = processors_process(settings, tmp_path / "spare.log")
@@ -354,7 +389,9 @@ def test_a_mongod_outage_longer_than_the_driver_timeout_loses_nothing(own_mongod
         with Publisher(settings) as publisher:
             publisher.publish_bytes(settings.topic(Topic.INGEST), b"garbage during the outage", key="g")
             with MongoClient(settings.mongo_uri, serverSelectionTimeoutMS=20_000) as client:
-                wait_for(lambda: client[settings.mongo_database][SAMPLES].count_documents({}) >= 300, what="samples before the outage")
+                wait_for(
+                    lambda: client[settings.mongo_database][SAMPLES].count_documents({}) >= 300, what="samples before the outage"
+                )
             _kill(mongod)
             time.sleep(20)
             stopping = time.monotonic()
@@ -479,7 +516,9 @@ def own_broker(servers: Settings, tmp_path: Path) -> Iterator[tuple[Tansu, Setti
         MongoClient(settings.mongo_uri).drop_database(settings.mongo_database)
 
 
-def test_records_published_after_a_memory_broker_restart_are_all_stored(own_broker: tuple[Tansu, Settings], tmp_path: Path) -> None:
+def test_records_published_after_a_memory_broker_restart_are_all_stored(
+    own_broker: tuple[Tansu, Settings], tmp_path: Path
+) -> None:
     """The restarted broker starts its offsets at 0 again, below the processors' positions: the
     processors notice the recreated topics and read them from the start."""
     tansu, settings = own_broker
@@ -498,7 +537,9 @@ def test_records_published_after_a_memory_broker_restart_are_all_stored(own_brok
             create_topics(settings)
             for thread in _publish_concurrently(settings, [f"b{i:04d}" for i in range(1500)]):
                 thread.join()
-            wait_for(lambda: store[SAMPLES].count_documents({}) == 3000, timeout=60, what="every sample published after the restart")
+            wait_for(
+                lambda: store[SAMPLES].count_documents({}) == 3000, timeout=60, what="every sample published after the restart"
+            )
             wait_for(lambda: store[SAMPLES].count_documents({"announced": True}) == 3000, what="every sample announced")
         assert processors.process is not None and processors.process.poll() is None
     finally:

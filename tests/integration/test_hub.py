@@ -23,7 +23,9 @@ def _address(settings: Settings) -> tuple[str, int]:
 
 def _hub(settings: Settings, **credentials: str) -> TensorHub:
     ip, port = _address(settings)
-    return TensorHub(ip=ip, port=port, dbname=settings.mongo_database, project_name=settings.project, settings=settings, **credentials)
+    return TensorHub(
+        ip=ip, port=port, dbname=settings.mongo_database, project_name=settings.project, settings=settings, **credentials
+    )
 
 
 def test_datasets_models_and_logs_with_tensorlayer_names(settings: Settings, processors) -> None:

@@ -25,14 +25,16 @@ def _stored(db: TensorDB, sample_id: str) -> dict | None:
     return db.store[SAMPLES].find_one({"_id": sample_id})
 
 
-def test_published_sample_is_queryable_with_metadata_and_identical_bytes(
-    settings: Settings, processors: ChildProcess
-) -> None:
+def test_published_sample_is_queryable_with_metadata_and_identical_bytes(settings: Settings, processors: ChildProcess) -> None:
     image = np.random.default_rng(1).integers(0, 255, (28, 28), dtype=np.uint8)
     with TensorDB(settings) as db:
         sample_id = db.publish_sample(
-            {"image": image, "mask": image > 128}, dataset="scans", labels={"tumour": 1, "grade": "high"},
-            metadata={"hospital": "St Mary's", "age": 61}, tags=["tumour"], version="2",
+            {"image": image, "mask": image > 128},
+            dataset="scans",
+            labels={"tumour": 1, "grade": "high"},
+            metadata={"hospital": "St Mary's", "age": 61},
+            tags=["tumour"],
+            version="2",
         )
         db.flush()
         doc = wait_for(lambda: _stored(db, sample_id), what="the sample document")
@@ -53,7 +55,9 @@ def test_published_sample_is_queryable_with_metadata_and_identical_bytes(
 
 def test_a_record_delivered_twice_is_stored_once_with_one_blob(settings: Settings, processors: ChildProcess) -> None:
     record = {
-        "schema": "sample/1", "sample_id": "twice", "dataset": "d",
+        "schema": "sample/1",
+        "sample_id": "twice",
+        "dataset": "d",
         "arrays": {"x": {"dtype": "float32", "shape": [3], "data": base64.b64encode(np.ones(3, np.float32).tobytes()).decode()}},
     }
     with Publisher(settings) as publisher:
@@ -96,12 +100,14 @@ def test_five_megabyte_array_goes_through_the_claim_check_and_comes_back_identic
         assert y.tolist() == [0.5]
 
 
-def test_inconsistent_arrays_and_broken_references_become_dead_letters(
-    settings: Settings, processors: ChildProcess
-) -> None:
+def test_inconsistent_arrays_and_broken_references_become_dead_letters(settings: Settings, processors: ChildProcess) -> None:
     good = {"schema": "sample/1", "dataset": "d", "arrays": {"x": {"dtype": "uint8", "values": [[1, 2], [3, 4]]}}}
     wrong_size = {**good, "sample_id": "wrong-size", "arrays": {"x": {"dtype": "uint16", "shape": [3], "data": "AAAA"}}}
-    missing_blob = {**good, "sample_id": "no-blob", "arrays": {"x": {"dtype": "uint8", "shape": [4], "blob_id": "0" * 24, "sha256": "0" * 64, "nbytes": 4}}}
+    missing_blob = {
+        **good,
+        "sample_id": "no-blob",
+        "arrays": {"x": {"dtype": "uint8", "shape": [4], "blob_id": "0" * 24, "sha256": "0" * 64, "nbytes": 4}},
+    }
     with Publisher(settings) as publisher:
         for record in (wrong_size, missing_blob, {**good, "sample_id": "good"}):
             publisher.publish(Topic.INGEST, record, key="k")
@@ -126,17 +132,21 @@ def _kcat_environment(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "LD_LIBRARY_PATH": str(tmp_path)}
 
 
-def test_a_sample_published_with_kcat_is_persisted(
-    settings: Settings, processors: ChildProcess, tmp_path: Path
-) -> None:
+def test_a_sample_published_with_kcat_is_persisted(settings: Settings, processors: ChildProcess, tmp_path: Path) -> None:
     assert shutil.which("kcat"), "kcat is missing: `make test` installs it (Debian package kcat)"
     record = {
-        "schema": "sample/1", "sample_id": "from-kcat", "dataset": "cli",
-        "arrays": {"x": {"dtype": "int16", "shape": [2], "values": [-1, 300]}}, "labels": {"y": 7},
+        "schema": "sample/1",
+        "sample_id": "from-kcat",
+        "dataset": "cli",
+        "arrays": {"x": {"dtype": "int16", "shape": [2], "values": [-1, 300]}},
+        "labels": {"y": 7},
     }
     subprocess.run(
         ["kcat", "-P", "-b", settings.kafka_bootstrap, "-t", settings.topic(Topic.INGEST), "-k", "from-kcat"],
-        input=orjson.dumps(record), check=True, timeout=30, env=_kcat_environment(tmp_path),
+        input=orjson.dumps(record),
+        check=True,
+        timeout=30,
+        env=_kcat_environment(tmp_path),
     )
     with TensorDB(settings) as db:
         doc = wait_for(lambda: _stored(db, "from-kcat"), what="the kcat sample")

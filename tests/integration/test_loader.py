@@ -17,11 +17,15 @@ def images(start: int, count: int, shape: tuple[int, ...] = (8, 8)) -> list[dict
     records = []
     for i in range(start, start + count):
         image = np.full(shape, i % 251, np.uint8)
-        records.append({
-            "schema": "sample/1", "sample_id": f"img{i:06d}", "dataset": "images",
-            "arrays": {"x": {"dtype": "uint8", "shape": list(shape), "data": base64.b64encode(image.tobytes()).decode()}},
-            "labels": {"y": i},
-        })
+        records.append(
+            {
+                "schema": "sample/1",
+                "sample_id": f"img{i:06d}",
+                "dataset": "images",
+                "arrays": {"x": {"dtype": "uint8", "shape": list(shape), "data": base64.b64encode(image.tobytes()).decode()}},
+                "labels": {"y": i},
+            }
+        )
     return records
 
 
@@ -106,7 +110,14 @@ def test_keras_trains_an_epoch_from_to_tf_dataset(settings: Settings, ingest) ->
             tf.TensorSpec((None, 8, 8), tf.uint8),
             tf.TensorSpec((None,), tf.int64),
         )
-        model = keras.Sequential([keras.Input((8, 8)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(), keras.layers.Dense(2, activation="softmax")])
+        model = keras.Sequential(
+            [
+                keras.Input((8, 8)),
+                keras.layers.Rescaling(1 / 255),
+                keras.layers.Flatten(),
+                keras.layers.Dense(2, activation="softmax"),
+            ]
+        )
         model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
         history = model.fit(dataset, epochs=1, verbose=0)
     assert len(history.history["loss"]) == 1 and np.isfinite(history.history["loss"][0])

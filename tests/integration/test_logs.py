@@ -29,9 +29,7 @@ def _persisted(store: Store, expected: int, **query: Any) -> int:
 # -- end to end: broker, processors, mongod --------------------------------------------------------
 
 
-def test_ten_thousand_steps_are_stored_exactly_once_even_when_redelivered(
-    settings: Settings, processors: ChildProcess
-) -> None:
+def test_ten_thousand_steps_are_stored_exactly_once_even_when_redelivered(settings: Settings, processors: ChildProcess) -> None:
     with Publisher(settings) as publisher, Store(settings) as store:
         with RunLogger(publisher, run_id="run-10k", job_id="job-10k") as logger:
             for step in range(10_000):
@@ -44,14 +42,26 @@ def test_ten_thousand_steps_are_stored_exactly_once_even_when_redelivered(
         for step in (0, 1, 5000, 9999):
             publisher.publish(
                 Topic.LOGS,
-                {"schema": "log/1", "run_id": "run-10k", "phase": "train", "step": step,
-                 "metrics": {"loss": -1.0}, "wall_time": time.time()},
+                {
+                    "schema": "log/1",
+                    "run_id": "run-10k",
+                    "phase": "train",
+                    "step": step,
+                    "metrics": {"loss": -1.0},
+                    "wall_time": time.time(),
+                },
                 key="run-10k",
             )
         publisher.publish(
             Topic.LOGS,
-            {"schema": "log/1", "run_id": "run-10k", "phase": "train", "step": 10_000,
-             "metrics": {"loss": 0.0}, "wall_time": time.time()},
+            {
+                "schema": "log/1",
+                "run_id": "run-10k",
+                "phase": "train",
+                "step": 10_000,
+                "metrics": {"loss": 0.0},
+                "wall_time": time.time(),
+            },
             key="run-10k",
         )
         publisher.flush()
@@ -83,8 +93,12 @@ def test_read_logs_returns_sorted_columns_and_delete_logs_removes_only_that_run(
         frame = read_logs(store)
         assert list(frame.columns) == [*BASE_COLUMNS, "accuracy", "loss"]
         assert list(zip(frame["run_id"], frame["phase"], frame["step"])) == [
-            ("a", "test", 0), *[("a", "train", step) for step in range(5)], ("a", "validation", 0),
-            ("b", "train", 0), ("b", "train", 1), ("b", "train", 2),
+            ("a", "test", 0),
+            *[("a", "train", step) for step in range(5)],
+            ("a", "validation", 0),
+            ("b", "train", 0),
+            ("b", "train", 1),
+            ("b", "train", 2),
         ]
         assert frame["loss"].tolist()[1:6] == [1.0, 0.9, 0.8, 0.7, 0.6]
         assert math.isnan(frame["loss"][0]) and frame["accuracy"][0] == 0.7  # NaN was stored as null
@@ -122,8 +136,9 @@ def test_keras_fit_with_the_callback_logs_every_batch_and_each_epochs_validation
     saved: list[int] = []
     with Publisher(settings) as publisher, RunLogger(publisher, run_id="fit", job_id="job-fit") as logger:
         callback = TensorDBCallback(logger, on_epoch_saved=lambda model, epoch, logs: saved.append(epoch))
-        history = model.fit(x[:48], y[:48], batch_size=16, epochs=2, validation_data=(x[48:], y[48:]),
-                            callbacks=[callback], verbose=0)
+        history = model.fit(
+            x[:48], y[:48], batch_size=16, epochs=2, validation_data=(x[48:], y[48:]), callbacks=[callback], verbose=0
+        )
         model.evaluate(x[48:], y[48:], callbacks=[callback], verbose=0)
     assert saved == [0, 1]
     with Store(settings) as store:
@@ -162,12 +177,22 @@ def test_the_batched_log_sink_stores_each_record_once_dead_letters_bad_ones_and_
             for step in range(10_000):
                 logger.log(step, loss=step / 10)
             logger.flush()
-            bad = {"schema": "log/1", "run_id": "sink", "phase": "train", "step": 1, "metrics": {"loss": "high"}, "wall_time": 1.0}
+            bad = {
+                "schema": "log/1",
+                "run_id": "sink",
+                "phase": "train",
+                "step": 1,
+                "metrics": {"loss": "high"},
+                "wall_time": 1.0,
+            }
             publisher.publish_bytes(settings.topic(Topic.LOGS), orjson.dumps(bad), key="sink")
             logger.log(10_000, loss=0.0)  # redelivery of step 5 next, on the same key
             logger.flush()
-            publisher.publish(Topic.LOGS, {"schema": "log/1", "run_id": "sink", "phase": "train", "step": 5,
-                                           "metrics": {"loss": -1.0}, "wall_time": 1.0}, key="sink")
+            publisher.publish(
+                Topic.LOGS,
+                {"schema": "log/1", "run_id": "sink", "phase": "train", "step": 5, "metrics": {"loss": -1.0}, "wall_time": 1.0},
+                key="sink",
+            )
             publisher.flush()
             assert _persisted(store, 10_001) == 10_001
             wait_for(lambda: store["processor_progress"].find_one({"valid": {"$gte": 10_002}}), what="all records read")

@@ -19,7 +19,9 @@ def test_documents_with_earlier_ids_are_renamed_once_and_found_by_their_ids(sett
     project = settings.project
     raw[SAMPLES].insert_one({"_id": "scan-1", "project": project, "dataset": "d"})
     raw[JOBS].insert_one({"_id": "job-1", "project": project, "status": "finished"})
-    raw[LOGS].insert_one({"_id": f"{project}\x1frun\x1ftrain\x1f0", "project": project, "run_id": "run", "phase": "train", "step": 0})
+    raw[LOGS].insert_one(
+        {"_id": f"{project}\x1frun\x1ftrain\x1f0", "project": project, "run_id": "run", "phase": "train", "step": 0}
+    )
     raw[COUNTERS].insert_one({"_id": {"project": project, "model": "net"}, "last": 3})
     raw[COHORTS].insert_one({"_id": f"{project}:recent", "project": project, "name": "recent"})  # scoped already
     raw[SAMPLES].insert_one({"_id": "scan-9", "project": "other", "dataset": "d"})  # another project's

@@ -66,6 +66,7 @@ def model_events(settings: Settings, count: int, timeout: float = 30.0) -> list[
     consumer = make_consumer(settings, f"test-{uuid.uuid4().hex[:8]}", [Topic.MODEL_EVENTS])
     seen: list[dict] = []
     try:
+
         def probe() -> bool:
             for message in receive(consumer, "model-event/1", timeout=0.5):
                 assert message.error is None, message.error
@@ -83,8 +84,14 @@ def test_a_saved_model_comes_back_with_identical_weights_and_predictions(registr
     model.fit(X, np.arange(16) % 3, epochs=1, verbose=0)  # weights that differ from any initialiser
     cohort = {"labels.tumour": {"$exists": True}, "dataset": "scans"}
     info = registry.save(
-        model, "classifier", epoch=4, job_id="job-1", lineage={"job": "job-1", "cohort": cohort, "epoch": 4},
-        accuracy=0.75, loss=0.5, description="first",
+        model,
+        "classifier",
+        epoch=4,
+        job_id="job-1",
+        lineage={"job": "job-1", "cohort": cohort, "epoch": 4},
+        accuracy=0.75,
+        loss=0.5,
+        description="first",
     )
 
     loaded = registry.find(name="classifier")
@@ -244,8 +251,9 @@ def test_promote_moves_the_alias_and_publishes_an_event(settings: Settings, stor
 
     first = registry.promote("classifier", 1)
     assert (first["version"], first["previous_version"], first["revision"]) == (1, None, 1)
-    second = registry.promote("classifier", 3, reason={"metric": "accuracy", "candidate": np.float32(0.9), "production": 0.8},
-                              policy="digits")
+    second = registry.promote(
+        "classifier", 3, reason={"metric": "accuracy", "candidate": np.float32(0.9), "production": 0.8}, policy="digits"
+    )
     assert (second["version"], second["previous_version"], second["revision"]) == (3, 1, 2)
     assert registry.alias("classifier") == 3 and registry.alias("classifier", "staging") is None
     assert_same_weights(registry.find(name="classifier", alias="production"), models[2])
@@ -259,7 +267,11 @@ def test_promote_moves_the_alias_and_publishes_an_event(settings: Settings, stor
 
     events = model_events(settings, 5)
     assert [(e["event"], e["version"]) for e in events] == [
-        ("saved", 1), ("saved", 2), ("saved", 3), ("promoted", 1), ("promoted", 3),
+        ("saved", 1),
+        ("saved", 2),
+        ("saved", 3),
+        ("promoted", 1),
+        ("promoted", 3),
     ]
     promoted = events[-1]
     assert promoted["model_name"] == "classifier" and promoted["alias"] == "production" and promoted["policy"] == "digits"

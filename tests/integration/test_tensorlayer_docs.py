@@ -70,27 +70,30 @@ def test_dataset_management(db: TensorHub) -> None:
     (X_train, y_train), (X_test, y_test) = _arrays(20), _arrays(5, seed=1)
 
     # db.save_dataset(dataset=[X_train, y_train, X_test, y_test], dataset_name='mnist', description='this is a tutorial')
-    assert db.save_dataset(dataset=[X_train, y_train, X_test, y_test], dataset_name='mnist', description='this is a tutorial') is True
+    assert (
+        db.save_dataset(dataset=[X_train, y_train, X_test, y_test], dataset_name="mnist", description="this is a tutorial")
+        is True
+    )
 
     # dataset = db.find_dataset('mnist')
-    dataset = db.find_dataset('mnist')
+    dataset = db.find_dataset("mnist")
     assert isinstance(dataset, list) and all(np.array_equal(a, b) for a, b in zip(dataset, [X_train, y_train, X_test, y_test]))
 
     # dataset = db.find_dataset('mnist', version='1.0')
-    dataset = db.find_dataset('mnist', version='1.0')
+    dataset = db.find_dataset("mnist", version="1.0")
     assert dataset is False  # nothing saved as version '1.0' yet: TensorLayer's "not found"
-    db.save_dataset([X_test, y_test], 'mnist', version='1.0')
-    dataset = db.find_dataset('mnist', version='1.0')
+    db.save_dataset([X_test, y_test], "mnist", version="1.0")
+    dataset = db.find_dataset("mnist", version="1.0")
     assert np.array_equal(dataset[0], X_test)
 
     # datasets = db.find_all_datasets('mnist')
-    datasets = db.find_all_datasets('mnist')
+    datasets = db.find_all_datasets("mnist")
     assert len(datasets) == 2 and len(datasets[0]) == 4  # oldest first
 
     # TensorLayer 2.x's names
-    assert np.array_equal(db.find_top_dataset('mnist', sort=[("time", 1)])[0], X_train)
-    assert len(db.find_datasets('mnist', description='this is a tutorial')) == 1
-    assert db.delete_datasets(dataset_name='mnist') == 2 and db.find_datasets('mnist') == []
+    assert np.array_equal(db.find_top_dataset("mnist", sort=[("time", 1)])[0], X_train)
+    assert len(db.find_datasets("mnist", description="this is a tutorial")) == 1
+    assert db.delete_datasets(dataset_name="mnist") == 2 and db.find_datasets("mnist") == []
 
 
 def test_model_management(db: TensorHub) -> None:
@@ -98,16 +101,16 @@ def test_model_management(db: TensorHub) -> None:
     X = _arrays(3)[0]
 
     # db.save_model(net, accuracy=0.8, loss=2.3, name='second_model')
-    assert db.save_model(net, accuracy=0.8, loss=2.3, name='second_model') is True
-    db.save_model(_net(1), accuracy=0.9, loss=1.0, test_accuracy=0.92, name='third_model')
-    db.save_model(_net(2), accuracy=0.7, loss=3.0, test_accuracy=0.71, name='fourth_model')
+    assert db.save_model(net, accuracy=0.8, loss=2.3, name="second_model") is True
+    db.save_model(_net(1), accuracy=0.9, loss=1.0, test_accuracy=0.92, name="third_model")
+    db.save_model(_net(2), accuracy=0.7, loss=3.0, test_accuracy=0.71, name="fourth_model")
 
     # net = db.find_model(sess=sess, accuracy=0.8, loss=2.3)
     found = db.find_model(sess=sess, accuracy=0.8, loss=2.3)
     assert np.allclose(found.predict(X, verbose=0), net.predict(X, verbose=0))
     assert found.tensordb_info["tensorlayer"] == {"name": "second_model"}  # TensorLayer's free-form name
     assert found.tensordb_info["name"] == "model"  # TensorLayer's default model_name
-    assert db.find_model(sess=sess, name='second_model').tensordb_info["accuracy"] == 0.8
+    assert db.find_model(sess=sess, name="second_model").tensordb_info["accuracy"] == 0.8
 
     def named(model: keras.Model) -> str:
         return model.tensordb_info["tensorlayer"]["name"]
@@ -115,24 +118,24 @@ def test_model_management(db: TensorHub) -> None:
     # newest model
     # net = db.find_model(sess=sess, sort=[("time", pymongo.DESCENDING)])
     # net = db.find_model(sess=sess, sort=[("time", -1)])
-    assert named(db.find_model(sess=sess, sort=[("time", pymongo.DESCENDING)])) == 'fourth_model'
-    assert named(db.find_model(sess=sess, sort=[("time", -1)])) == 'fourth_model'
+    assert named(db.find_model(sess=sess, sort=[("time", pymongo.DESCENDING)])) == "fourth_model"
+    assert named(db.find_model(sess=sess, sort=[("time", -1)])) == "fourth_model"
 
     # oldest model
     # net = db.find_model(sess=sess, sort=[("time", pymongo.ASCENDING)])
     # net = db.find_model(sess=sess, sort=[("time", 1)])
-    assert named(db.find_model(sess=sess, sort=[("time", pymongo.ASCENDING)])) == 'second_model'
-    assert named(db.find_model(sess=sess, sort=[("time", 1)])) == 'second_model'
+    assert named(db.find_model(sess=sess, sort=[("time", pymongo.ASCENDING)])) == "second_model"
+    assert named(db.find_model(sess=sess, sort=[("time", 1)])) == "second_model"
 
     # net = db.find_model(sess=sess, sort=[("test_accuracy", -1)])
-    assert named(db.find_model(sess=sess, sort=[("test_accuracy", -1)])) == 'third_model'
+    assert named(db.find_model(sess=sess, sort=[("test_accuracy", -1)])) == "third_model"
 
     # TensorLayer 2.x's name, sess first and positional; another model_name is another model
-    assert named(db.find_top_model(sess, [("name", 1)])) == 'fourth_model'
-    assert db.find_top_model(sess, model_name='other') is False
+    assert named(db.find_top_model(sess, [("name", 1)])) == "fourth_model"
+    assert db.find_top_model(sess, model_name="other") is False
 
     # "If you want to specify which model you want to delete, you need to put arguments inside."
-    assert db.delete_model(name='fourth_model') == 1
+    assert db.delete_model(name="fourth_model") == 1
 
     # db.delete_model()
     assert db.delete_model() == 2
@@ -167,22 +170,31 @@ def test_task_distribution(connect, monkeypatch: pytest.MonkeyPatch) -> None:
     # X_train, y_train, X_val, y_val, X_test, y_test = tl.files.load_mnist_dataset(shape=(-1, 784))
     # db.save_dataset((X_train, y_train, X_val, y_val, X_test, y_test), 'mnist', description='handwriting digit')
     (X_train, y_train), (X_val, y_val), (X_test, y_test) = _arrays(64), _arrays(16, seed=1), _arrays(16, seed=2)
-    db.save_dataset((X_train, y_train, X_val, y_val, X_test, y_test), 'mnist', description='handwriting digit')
+    db.save_dataset((X_train, y_train, X_val, y_val, X_test, y_test), "mnist", description="handwriting digit")
 
     ## push tasks into database, then allow other servers pull tasks to run
     db.create_task(
-        task_name='mnist', script='task_script.py', hyper_parameters=dict(n_units1=800, n_units2=800),
-        saved_result_keys=['test_accuracy'], description='800-800'
+        task_name="mnist",
+        script="task_script.py",
+        hyper_parameters=dict(n_units1=800, n_units2=800),
+        saved_result_keys=["test_accuracy"],
+        description="800-800",
     )
     db.create_task(
-        task_name='mnist', script='task_script.py', hyper_parameters=dict(n_units1=600, n_units2=600),
-        saved_result_keys=['test_accuracy'], description='600-600'
+        task_name="mnist",
+        script="task_script.py",
+        hyper_parameters=dict(n_units1=600, n_units2=600),
+        saved_result_keys=["test_accuracy"],
+        description="600-600",
     )
     db.create_task(
-        task_name='mnist', script='task_script.py', hyper_parameters=dict(n_units1=400, n_units2=400),
-        saved_result_keys=['test_accuracy'], description='400-400'
+        task_name="mnist",
+        script="task_script.py",
+        hyper_parameters=dict(n_units1=400, n_units2=400),
+        saved_result_keys=["test_accuracy"],
+        description="400-400",
     )
-    assert db.check_unfinished_task(task_name='mnist', description='600-600')
+    assert db.check_unfinished_task(task_name="mnist", description="600-600")
 
     ## monitors the database and pull tasks to run (the runner, on "GPU servers": here a thread)
     # while True:
@@ -194,7 +206,7 @@ def test_task_distribution(connect, monkeypatch: pytest.MonkeyPatch) -> None:
     def run_tasks() -> None:
         try:
             while not stop.is_set():
-                if runner.run_task(task_name='mnist', sort=[("time", -1)]):
+                if runner.run_task(task_name="mnist", sort=[("time", -1)]):
                     ran.append(time.monotonic())
                 else:
                     stop.wait(0.2)
@@ -209,7 +221,7 @@ def test_task_distribution(connect, monkeypatch: pytest.MonkeyPatch) -> None:
         #     print("waiting runners to finish the tasks")
         #     time.sleep(1)
         deadline = time.monotonic() + 240
-        while db.check_unfinished_task(task_name='mnist'):
+        while db.check_unfinished_task(task_name="mnist"):
             assert not failures and time.monotonic() < deadline, failures or "the runner did not finish the tasks in 240 s"
             time.sleep(1)
     finally:
@@ -218,7 +230,7 @@ def test_task_distribution(connect, monkeypatch: pytest.MonkeyPatch) -> None:
     assert not failures and len(ran) == 3
 
     ## you can get the model and result from database and do some analysis at the end
-    tasks = {task["description"]: task for task in db.jobs.list(name='mnist')}
+    tasks = {task["description"]: task for task in db.jobs.list(name="mnist")}
     assert {task["status"] for task in tasks.values()} == {"finished"}, tasks
     best = max(tasks.values(), key=lambda task: task["result"]["test_accuracy"])
     net = db.find_model(sess=sess, sort=[("test_accuracy", -1)])
@@ -231,8 +243,8 @@ def test_calls_tensordb_has_no_place_for_are_refused_with_what_to_do(db: TensorH
     from tensordb import JobError, QueryError
 
     with pytest.raises(JobError, match="pass values the script needs in hyper_parameters"):
-        db.create_task(task_name='mnist', script='task_script.py', version=2)
+        db.create_task(task_name="mnist", script="task_script.py", version=2)
     with pytest.raises(JobError, match="give such tasks their own task_name"):
-        db.run_task(task_name='mnist', description='800-800')
+        db.run_task(task_name="mnist", description="800-800")
     with pytest.raises(QueryError, match="dataset_name is required"):
         db.find_dataset()

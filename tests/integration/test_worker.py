@@ -78,7 +78,12 @@ def test_a_killed_worker_s_job_is_requeued_and_resumes_from_its_last_epoch(
         model={"entry_point": "tensordb.testing.models:small_classifier"},
         data={"filter": {"dataset": "train"}}, hyperparameters={"batch_size": batch_size, "units": 8},
     )  # fmt: skip
-    wait_for(lambda: (jobs.get(job_id).get("checkpoint") or {}).get("epoch", -1) >= 2, timeout=120, interval=0.02, what="two saved epochs")
+    wait_for(
+        lambda: (jobs.get(job_id).get("checkpoint") or {}).get("epoch", -1) >= 2,
+        timeout=120,
+        interval=0.02,
+        what="two saved epochs",
+    )
     victim.kill()  # SIGKILL mid-job: no clean-up, the lease simply stops being renewed
     killed_at = jobs.get(job_id)
     assert killed_at["status"] == JobStatus.RUNNING and killed_at["checkpoint"]["epoch"] < epochs - 1
@@ -92,6 +97,8 @@ def test_a_killed_worker_s_job_is_requeued_and_resumes_from_its_last_epoch(
     # every train step is persisted exactly once, including those logged before the kill
     with Store(settings) as store:
         expected = epochs * steps_per_epoch
-        wait_for(lambda: store["logs"].count_documents({"run_id": job_id, "phase": "train"}) >= expected, timeout=60, what="all steps")
+        wait_for(
+            lambda: store["logs"].count_documents({"run_id": job_id, "phase": "train"}) >= expected, timeout=60, what="all steps"
+        )
         steps = [doc["step"] for doc in store["logs"].find({"run_id": job_id, "phase": "train"}, {"step": 1})]
     assert sorted(steps) == list(range(1, expected + 1))

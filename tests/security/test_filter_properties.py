@@ -35,7 +35,24 @@ VALUES = st.one_of(
     st.booleans(),
     st.none(),
 )
-OPERATORS = ["$eq", "$ne", "$gt", "$gte", "$lt", "$in", "$nin", "$exists", "$regex", "$not", "$type", "$where", "$expr", "$function", "$elemMatch", "$size"]
+OPERATORS = [
+    "$eq",
+    "$ne",
+    "$gt",
+    "$gte",
+    "$lt",
+    "$in",
+    "$nin",
+    "$exists",
+    "$regex",
+    "$not",
+    "$type",
+    "$where",
+    "$expr",
+    "$function",
+    "$elemMatch",
+    "$size",
+]
 
 
 def _operand(operator: str) -> st.SearchStrategy[Any]:
@@ -79,7 +96,17 @@ def _populate(settings: Settings) -> dict[str, int]:
             common = {"project": project, "name": local, "status": "pending", "tags": ["t"], "labels": {"y": index}}
             db[JOBS].insert_one({"_id": f"{project}:{local}", **common})
             db[SAMPLES].insert_one({"_id": f"{project}:{local}", "dataset": "d", "imported_at": index, "arrays": {}, **common})
-            db[LOGS].insert_one({"_id": f"{project}:{local}", "run_id": f"r-{prefix}", "phase": "train", "step": index, "wall_time": 0.0, "metrics": {}, **common})
+            db[LOGS].insert_one(
+                {
+                    "_id": f"{project}:{local}",
+                    "run_id": f"r-{prefix}",
+                    "phase": "train",
+                    "step": index,
+                    "wall_time": 0.0,
+                    "metrics": {},
+                    **common,
+                }
+            )
     return {name: db[name].count_documents({"project": B}) for name in (JOBS, SAMPLES, LOGS)}
 
 

@@ -163,7 +163,9 @@ def test_a_chunked_body_is_counted_and_refused_past_the_limit(model_server) -> N
     chunks = [b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(4 * LIMIT // len(piece))]
     answer = raw_exchange(running.port, head + b'10\r\n{"instances": [[\r\n', chunks)
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
-    small = running.http.post("/predict", content=iter([b'{"instances": ', b"[[1, 2, 3, 4]]}"]), headers={"Content-Type": "application/json"})
+    small = running.http.post(
+        "/predict", content=iter([b'{"instances": ', b"[[1, 2, 3, 4]]}"]), headers={"Content-Type": "application/json"}
+    )
     assert small.status_code == 200 and small.json()["predictions"] == [[10.0]]  # chunked, under the limit
 
 
@@ -285,7 +287,9 @@ def test_the_session_cookie_is_secure_behind_a_trusted_tls_proxy_only(model_serv
     assert "Secure" not in cookie_of(untrusted.http.get("/", params={"token": TOKEN}, headers=forwarded))[2]
     behind_proxy = model_server(token=TOKEN, http_forwarded_tls=True)
     assert "Secure" in cookie_of(behind_proxy.http.get("/", params={"token": TOKEN}, headers=forwarded))[2]
-    assert "Secure" not in cookie_of(behind_proxy.http.get("/", params={"token": TOKEN}, headers={"X-Forwarded-Proto": "http"}))[2]
+    assert (
+        "Secure" not in cookie_of(behind_proxy.http.get("/", params={"token": TOKEN}, headers={"X-Forwarded-Proto": "http"}))[2]
+    )
 
 
 def test_the_access_log_never_holds_the_token(model_server) -> None:
@@ -312,7 +316,9 @@ def dashboard_with_token(settings: Settings, tmp_path: Path) -> Iterator[Dashboa
     """``tensordb dashboard`` beyond loopback, its token from the settings (TENSORDB_DASHBOARD_TOKEN)."""
     port = free_port()
     with_token = settings.with_changes(dashboard_token=TOKEN)
-    process = ChildProcess(["dashboard", "--host", "0.0.0.0", "--port", str(port)], "Uvicorn running on", with_token, tmp_path / "dash.log")
+    process = ChildProcess(
+        ["dashboard", "--host", "0.0.0.0", "--port", str(port)], "Uvicorn running on", with_token, tmp_path / "dash.log"
+    )
     process.start(timeout=60)
     dashboard = Dashboard(process, port)
     try:

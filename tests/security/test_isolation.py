@@ -86,7 +86,11 @@ TRAIN: dict[str, Any] = {"model": {"name": "m"}, "data": {"filter": {"dataset": 
 
 
 def inline(sample_id: str | None, values: list[int], dataset: str = "scans") -> dict[str, Any]:
-    record: dict[str, Any] = {"schema": "sample/1", "dataset": dataset, "arrays": {"x": {"dtype": "int16", "shape": [len(values)], "values": values}}}
+    record: dict[str, Any] = {
+        "schema": "sample/1",
+        "dataset": dataset,
+        "arrays": {"x": {"dtype": "int16", "shape": [len(values)], "values": values}},
+    }
     if sample_id is not None:
         record["sample_id"] = sample_id
     return record
@@ -118,7 +122,9 @@ def test_the_same_records_on_two_projects_topics_are_stored_in_both_with_their_o
             to_b.publish(Topic.INGEST, inline("scan-1", [9, 9]))
             to_b.flush()
         with Store(settings) as a, Store(neighbour) as b:
-            wait_for(lambda: a[SAMPLES].count_documents({}) == 2 and b[SAMPLES].count_documents({}) == 2, what="both projects' samples")
+            wait_for(
+                lambda: a[SAMPLES].count_documents({}) == 2 and b[SAMPLES].count_documents({}) == 2, what="both projects' samples"
+            )
             assert streamed(a, {"dataset": "cli"}) == streamed(b, {"dataset": "cli"}) == [[-1, 300]]
             assert streamed(a, {"_id": "scan-1"}) == [[1, 2]]
             assert streamed(b, {"_id": "scan-1"}) == [[9, 9]]
@@ -198,7 +204,9 @@ def test_orphaned_sample_blobs_are_swept_after_the_grace_period_and_only_this_pr
 # -- 3. callers cannot widen their filters; events act on their own project's jobs ---------------
 
 
-def test_filters_naming_another_project_are_refused_and_cannot_delete_running_jobs(settings: Settings, neighbour: Settings) -> None:
+def test_filters_naming_another_project_are_refused_and_cannot_delete_running_jobs(
+    settings: Settings, neighbour: Settings
+) -> None:
     with TensorDB(neighbour) as b:
         pending = b.submit_job("train", name="theirs", **TRAIN)
         running = b.submit_job("train", name="theirs", **TRAIN)
@@ -217,7 +225,9 @@ def test_filters_naming_another_project_are_refused_and_cannot_delete_running_jo
         assert sorted(job["status"] for job in b.list_jobs()) == ["pending", "running"]
 
 
-def test_a_job_id_chosen_in_one_project_does_not_touch_the_neighbours_job_of_that_id(settings: Settings, neighbour: Settings) -> None:
+def test_a_job_id_chosen_in_one_project_does_not_touch_the_neighbours_job_of_that_id(
+    settings: Settings, neighbour: Settings
+) -> None:
     with TensorDB(neighbour) as b, TensorDB(settings) as a:
         train = b.submit_job("train", name="train", **TRAIN)
         a.submit_job("train", name="squatter", job_id=f"eval-{train}", **TRAIN)
@@ -234,7 +244,13 @@ def test_a_forged_finished_event_does_not_evaluate_a_running_jobs_checkpoint(set
     with TensorDB(settings) as db:
         db.store.ensure_indexes()
         Policies(db.store).register(
-            Policy(name="p", model={"name": "p"}, training={"filter": {"dataset": "t"}}, validation={"filter": {"dataset": "v"}}, trigger={"manual": True})
+            Policy(
+                name="p",
+                model={"name": "p"},
+                training={"filter": {"dataset": "t"}},
+                validation={"filter": {"dataset": "v"}},
+                trigger={"manual": True},
+            )
         )
         job_id = db.jobs.submit("train", name="p", model={"name": "p"}, data={"filter": {"dataset": "t"}}, policy="p")
         db.jobs.claim("worker-1", 60.0)
@@ -243,7 +259,9 @@ def test_a_forged_finished_event_does_not_evaluate_a_running_jobs_checkpoint(set
     forged = {"schema": "job-event/1", "job_id": job_id, "event": "finished", "attempt": 1, "at": "2026-01-01T00:00:00+00:00"}
     context = ProcessorContext(settings, processor="lifecycle")
     try:
-        received = Received(settings.topic(Topic.JOB_EVENTS), 0, 0, None, orjson.dumps(forged), records.validate(forged, "job-event/1"), None)
+        received = Received(
+            settings.topic(Topic.JOB_EVENTS), 0, 0, None, orjson.dumps(forged), records.validate(forged, "job-event/1"), None
+        )
         process_batch(context, [received], handle_job_events)
         assert context.store[JOBS].find_one({"_id": f"eval-{job_id}"}) is None
         assert context.store[JOBS].find_one({"_id": job_id})["status"] == JobStatus.RUNNING
@@ -269,7 +287,9 @@ def test_a_corrupted_or_replaced_blob_is_an_integrity_error_naming_the_sample(in
     assert streamed(store, {"_id": "good"}) == [[1, 2, 3]]
 
 
-def test_stored_ids_carry_the_project_so_raw_tools_see_which_project_owns_a_document(ingest_a: Ingest, settings: Settings) -> None:
+def test_stored_ids_carry_the_project_so_raw_tools_see_which_project_owns_a_document(
+    ingest_a: Ingest, settings: Settings
+) -> None:
     ingest_a(inline("scan-1", [1]))
     raw = ingest_a.store.db[SAMPLES].find_one({})
     assert raw["_id"] == f"{settings.project}:scan-1" and raw["project"] == settings.project

@@ -83,7 +83,9 @@ def test_an_untrusted_entry_point_is_refused_with_the_setting_to_change() -> Non
         with pytest.raises(EntryPointError, match="package.module:function"):
             check_entry_point(path, settings)
     assert check_entry_point("mylab.nets.resnet:build", settings) == ("mylab.nets.resnet", "build")
-    assert call_entry_point("tensordb.models.examples:digits_mlp", {"units": 8}, Settings()).count_params() > 0  # the demo's, always trusted
+    assert (
+        call_entry_point("tensordb.models.examples:digits_mlp", {"units": 8}, Settings()).count_params() > 0
+    )  # the demo's, always trusted
 
 
 def test_a_trusted_module_does_not_make_what_it_imported_callable() -> None:
@@ -138,7 +140,13 @@ def test_a_task_environment_carries_no_secrets_unless_the_operator_says_so() -> 
         kafka_options={"sasl.username": "tensordb", "sasl.password": PASSWORD, "ssl.key.password": PASSWORD},
         dashboard_token=PASSWORD, serve_token=PASSWORD, trusted_modules=("mylab",),
     )  # fmt: skip
-    parent = {"PATH": "/usr/bin", "HOME": "/home/w", "LC_ALL": "C.UTF-8", "AWS_SECRET_ACCESS_KEY": PASSWORD, "TENSORDB_CONFIG": "/etc/t.toml"}
+    parent = {
+        "PATH": "/usr/bin",
+        "HOME": "/home/w",
+        "LC_ALL": "C.UTF-8",
+        "AWS_SECRET_ACCESS_KEY": PASSWORD,
+        "TENSORDB_CONFIG": "/etc/t.toml",
+    }
     environment = task_environment(settings, "job-1", parent)
     assert not [key for key, value in environment.items() if PASSWORD in value]
     assert {"PATH": "/usr/bin", "HOME": "/home/w", "LC_ALL": "C.UTF-8", "TENSORDB_JOB_ID": "job-1"}.items() <= environment.items()
@@ -167,7 +175,9 @@ def test_untrusted_code_is_refused_at_submit(settings: Settings, tmp_path: Path)
         with pytest.raises(UntrustedCodeError, match="outside the task script directories"):
             db.submit_job("task", script="/bin/sh")
         with pytest.raises(UntrustedCodeError):
-            Policies(db.store).register(Policy(name="evil", model={"entry_point": "os:system"}, training=TRAIN_DATA, validation=TRAIN_DATA))
+            Policies(db.store).register(
+                Policy(name="evil", model={"entry_point": "os:system"}, training=TRAIN_DATA, validation=TRAIN_DATA)
+            )
         with pytest.raises(UntrustedCodeError):
             db.models.save(small_model(), "evil", builder="os:system", builder_kwargs={"command": f"touch {marker}"})
         assert db.list_jobs() == [] and Policies(db.store).list() == [] and db.models.find_infos() == []
@@ -254,7 +264,9 @@ def test_stored_keras_configurations_naming_untrusted_classes_are_refused(settin
         compiled.compile("adam", "mse")
         info = db.models.save(compiled, "compiled", builder="tensordb.testing.models:two_tower")
         optimizer = {"module": "os", "class_name": "system", "config": {}, "registered_name": None}
-        db.models.collection.update_one({"_id": info["_id"]}, {"$set": {"compile_json": json.dumps({"optimizer": optimizer, "loss": "mse"})}})
+        db.models.collection.update_one(
+            {"_id": info["_id"]}, {"$set": {"compile_json": json.dumps({"optimizer": optimizer, "loss": "mse"})}}
+        )
         with pytest.raises(UntrustedCodeError, match="compile configuration"):
             db.find_model(name="compiled")
     with TensorDB(settings.with_changes(trusted_modules=())) as db:
@@ -272,10 +284,14 @@ def test_a_task_script_gets_neither_the_database_password_nor_the_worker_s_envir
     with Store(settings) as admin:
         admin.client.admin.command("createUser", user, pwd=PASSWORD, roles=[{"role": "readWrite", "db": settings.mongo_database}])
     try:
-        authenticated = settings.with_changes(mongo_uri=settings.mongo_uri.replace("mongodb://", f"mongodb://{user}:{PASSWORD}@", 1))
+        authenticated = settings.with_changes(
+            mongo_uri=settings.mongo_uri.replace("mongodb://", f"mongodb://{user}:{PASSWORD}@", 1)
+        )
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PASSWORD)  # in the worker's environment
         with Store(authenticated) as store, Publisher(authenticated) as publisher:
-            job_id = Jobs(store, publisher).submit("task", script=str(TASK_SCRIPTS / "dump_environment.py"), save_keys=["environment"])
+            job_id = Jobs(store, publisher).submit(
+                "task", script=str(TASK_SCRIPTS / "dump_environment.py"), save_keys=["environment"]
+            )
         worker = Worker(authenticated)
         try:
             assert worker.run_one()

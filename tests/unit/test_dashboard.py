@@ -59,7 +59,14 @@ def test_align_keeps_exact_points_when_few_and_a_min_max_grid_when_many() -> Non
 
 
 def test_the_live_stream_skips_malformed_records() -> None:
-    good = {"schema": "log/1", "run_id": "r", "phase": "train", "step": 3, "wall_time": 1.5, "metrics": {"loss": 0.1, "acc": None}}
+    good = {
+        "schema": "log/1",
+        "run_id": "r",
+        "phase": "train",
+        "step": 3,
+        "wall_time": 1.5,
+        "metrics": {"loss": 0.1, "acc": None},
+    }
     assert parse(orjson.dumps(good)) == ("r", ("train", 3, 1.5, {"loss": 0.1, "acc": None}))
     for bad in ({**good, "step": -1}, {**good, "step": 1.5}, {**good, "phase": "dev"}, {**good, "metrics": {"loss": "x"}},
                 {**good, "metrics": {"<b>": 1}}, {**good, "wall_time": "now"}, {"run_id": "r"}):  # fmt: skip

@@ -71,7 +71,12 @@ def test_records_are_log_v1_keyed_by_run_with_steps_numbered_per_phase() -> None
         logger.log(phase="validation", loss=0.5)
     records = publisher.records
     assert [(r["phase"], r["step"]) for r in records] == [
-        ("train", 0), ("train", 1), ("train", 10), ("train", 11), ("validation", 0), ("validation", 1),
+        ("train", 0),
+        ("train", 1),
+        ("train", 10),
+        ("train", 11),
+        ("validation", 0),
+        ("validation", 1),
     ]
     assert {r["key"] for r in records} == {"run-1"} and {r["job_id"] for r in records} == {"job-1"}
     assert records[0]["tags"] == {"lr": 0.5, "layers": [2]} and records[2]["epoch"] == 1 and "epoch" not in records[0]
@@ -118,10 +123,21 @@ def test_keras_callback_every_n_batches_still_logs_each_epochs_end_once() -> Non
     model.compile("sgd", "mse", metrics=["mae"])
     publisher = RecordingPublisher()
     with RunLogger(publisher, run_id="every-2") as logger:
-        model.fit(x[:30], y[:30], batch_size=10, epochs=2, validation_data=(x[30:], y[30:]), verbose=0,
-                  callbacks=[TensorDBCallback(logger, every_n_batches=2)])
+        model.fit(
+            x[:30],
+            y[:30],
+            batch_size=10,
+            epochs=2,
+            validation_data=(x[30:], y[30:]),
+            verbose=0,
+            callbacks=[TensorDBCallback(logger, every_n_batches=2)],
+        )
     logged = [(r["phase"], r["step"], r["epoch"], sorted(r["metrics"])) for r in publisher.records]
     assert logged == [
-        ("train", 2, 0, ["loss", "mae"]), ("train", 3, 0, ["loss", "mae"]), ("validation", 3, 0, ["loss", "mae"]),
-        ("train", 4, 1, ["loss", "mae"]), ("train", 6, 1, ["loss", "mae"]), ("validation", 6, 1, ["loss", "mae"]),
+        ("train", 2, 0, ["loss", "mae"]),
+        ("train", 3, 0, ["loss", "mae"]),
+        ("validation", 3, 0, ["loss", "mae"]),
+        ("train", 4, 1, ["loss", "mae"]),
+        ("train", 6, 1, ["loss", "mae"]),
+        ("validation", 6, 1, ["loss", "mae"]),
     ]

@@ -33,11 +33,17 @@ def test_importing_the_settings_does_not_import_the_sdk_keras_or_the_workers() -
         [sys.executable, "-c", "import sys, tensordb.config; print(' '.join(sys.modules))"],
         cwd=REPO, capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
-    heavy = [name for name in loaded if name.split(".")[0] in ("keras", "tensorflow", "workers") or name.startswith(("tensordb.client", "tensordb.compat"))]
+    heavy = [
+        name
+        for name in loaded
+        if name.split(".")[0] in ("keras", "tensorflow", "workers") or name.startswith(("tensordb.client", "tensordb.compat"))
+    ]
     assert heavy == []
 
 
 def test_the_version_is_pyprojects_and_the_command_prints_it() -> None:
     assert tensordb.__version__ == version("tensordb")
-    printed = subprocess.run([sys.executable, "-m", "tensordb.cli", "--version"], cwd=REPO, capture_output=True, text=True, check=True)
+    printed = subprocess.run(
+        [sys.executable, "-m", "tensordb.cli", "--version"], cwd=REPO, capture_output=True, text=True, check=True
+    )
     assert printed.stdout.strip() == f"tensordb {tensordb.__version__}"

@@ -38,7 +38,11 @@ def test_mask_uri(uri: str, shown: str) -> None:
 
 def test_mask_options_masks_only_secret_options() -> None:
     options = {"sasl.password": PASSWORD, "sasl.oauthbearer.client.secret": PASSWORD, "security.protocol": "SASL_SSL"}
-    assert mask_options(options) == {"sasl.password": "***", "sasl.oauthbearer.client.secret": "***", "security.protocol": "SASL_SSL"}
+    assert mask_options(options) == {
+        "sasl.password": "***",
+        "sasl.oauthbearer.client.secret": "***",
+        "security.protocol": "SASL_SSL",
+    }
 
 
 def test_configuration_errors_do_not_echo_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
