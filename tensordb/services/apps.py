@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from tensordb.config import Settings
-from tensordb.services.process import ManagedProcess, ServiceStatus
+from tensordb.services.process import ManagedProcess, ServiceStatus, log_since
 
 #: The line each command logs when it is ready to work.
 READY_LINES = {
@@ -59,13 +59,8 @@ class AppProcess:
         ready_line = READY_LINES[self.arguments[0]]
         start_of_run = self.log_path.stat().st_size if self.log_path.exists() else 0
         pid = self.process.start(["-m", "tensordb.cli", *self.arguments], env=self.settings.as_environment())
-        self.process.wait_ready(lambda: ready_line in self._log_since(start_of_run), timeout)
+        self.process.wait_ready(lambda: ready_line in log_since(self.log_path, start_of_run), timeout)
         return pid
-
-    def _log_since(self, offset: int) -> str:
-        with self.log_path.open("rb") as log:
-            log.seek(offset)
-            return log.read().decode(errors="replace")
 
     def stop(self, timeout: float = 20.0) -> bool:
         """SIGTERM (each command shuts down cleanly: the worker hands its job back), SIGKILL later."""

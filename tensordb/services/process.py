@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tensordb.config import MASK
 from tensordb.errors import ServiceError
 
 # Children started by this Python process. They are polled (reaped) here: an exited child that is
@@ -40,12 +41,34 @@ class ServiceStatus:
 class ManagedProcess:
     """One background program: ``RUN/pids/NAME.pid`` holds its pid, ``RUN/logs/NAME.log`` its output."""
 
-    def __init__(self, name: str, executable: Path, run_dir: Path, stop_signal: signal.Signals = signal.SIGTERM) -> None:
+    def __init__(
+        self,
+        name: str,
+        executable: Path,
+        run_dir: Path,
+        stop_signal: signal.Signals = signal.SIGTERM,
+        log_path: Path | None = None,
+    ) -> None:
+        """
+        Parameters
+        ----------
+        name:
+            Names the pid file (and the log, unless ``log_path`` is given).
+        executable:
+            The program; also how a pid found in a pid file is recognised as ours.
+        run_dir:
+            Where ``pids/`` (and ``logs/``) are.
+        stop_signal:
+            What :meth:`stop` sends first.
+        log_path:
+            Where the output goes, instead of ``RUN/logs/NAME.log``.
+        """
         self.name = name
         self.executable = executable
         self.stop_signal = stop_signal
         self.pid_path = run_dir / "pids" / f"{name}.pid"
-        self.log_path = run_dir / "logs" / f"{name}.log"
+        self.log_path = log_path or run_dir / "logs" / f"{name}.log"
+        self.child: subprocess.Popen[bytes] | None = None  #: the process, when this Python process started it
 
     def pid(self) -> int | None:
         """The pid of our program if it is running; a stale pid file is removed."""
@@ -92,7 +115,7 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [str(self.executable), *arguments]
         with self.log_path.open("ab") as log:
-            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n".encode())
+            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(_masked(command))}\n".encode())
             log.flush()
             child = subprocess.Popen(
                 command,
@@ -103,6 +126,7 @@ class ManagedProcess:
                 env={**os.environ, **env} if env else None,
             )
         _children[child.pid] = child
+        self.child = child
         self.pid_path.write_text(f"{child.pid}\n")
         return child.pid
 
@@ -149,6 +173,21 @@ class ManagedProcess:
     def last_log_line(self) -> str:
         lines = tail(self.log_path, 1)
         return lines[0] if lines else "no output"
+
+
+def _masked(command: Sequence[str]) -> list[str]:
+    """``command`` as written to logs: the value of a ``--token`` option masked."""
+    return [MASK if index and command[index - 1] == "--token" else part for index, part in enumerate(command)]
+
+
+def log_since(path: Path, offset: int) -> str:
+    """What a log file gained after ``offset`` bytes (a restarted program appends to its log)."""
+    try:
+        with path.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def tail(path: Path, count: int) -> list[str]:

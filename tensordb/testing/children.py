@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +14,15 @@ import httpx
 
 from tensordb.config import Settings
 from tensordb.errors import ServiceError
+from tensordb.services.apps import READY_LINES
+from tensordb.services.process import ManagedProcess, log_since
 
 
 class ChildProcess:
     """Runs ``tensordb ARGS...`` for one project with its own log file, and stops it.
 
+    It is launched like the background apps of ``tensordb services`` (:class:`ManagedProcess`: its
+    own session, a pid file beside the log), but belongs to the caller: tests stop or kill it.
     ``start`` returns once ``ready_line`` appears in the log, so callers never race the start-up.
     """
 
@@ -28,45 +31,33 @@ class ChildProcess:
         self.ready_line = ready_line
         self.settings = settings
         self.log_path = log_path
-        self.process: subprocess.Popen | None = None
+        self._managed = ManagedProcess(log_path.stem, Path(sys.executable), log_path.parent, log_path=log_path)
 
     @property
     def name(self) -> str:
         return " ".join(self.args)
 
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The running (or exited) process, once started."""
+        return self._managed.child
+
     def start(self, timeout: float = 60.0) -> None:
-        """Start the command and wait until it reports itself ready."""
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "tensordb.cli", *self.args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **self.settings.as_environment()},
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while self.ready_line not in self.log():
-            if self.process.poll() is not None:
-                raise ServiceError(f"`tensordb {self.name}` exited with code {self.process.returncode}; see {self.log_path}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ServiceError(f"`tensordb {self.name}` was not ready after {timeout} s; see {self.log_path}")
-            time.sleep(0.2)
+        """Start the command and wait until it reports itself ready (stopped again if it does not)."""
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._managed.start(["-m", "tensordb.cli", *self.args], env=self.settings.as_environment())
+        try:
+            self._managed.wait_ready(lambda: self.ready_line in log_since(self.log_path, offset), timeout)
+        except ServiceError:
+            self.stop()
+            raise
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return log_since(self.log_path, 0)
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the process group (both commands shut down cleanly), SIGKILL after ``timeout``."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        """SIGTERM the process group (every command shuts down cleanly), SIGKILL after ``timeout``."""
+        self._managed.stop(timeout)
 
     def kill(self) -> None:
         """SIGKILL, as a machine failure would: no clean-up runs."""
@@ -84,12 +75,12 @@ class ChildProcess:
 
 def processors_process(settings: Settings, log_path: Path) -> ChildProcess:
     """``tensordb processors``: the stream processors."""
-    return ChildProcess(["processors"], "processors ready", settings, log_path)
+    return ChildProcess(["processors"], READY_LINES["processors"], settings, log_path)
 
 
 def worker_process(settings: Settings, log_path: Path, lease_seconds: float = 30.0) -> ChildProcess:
     """``tensordb worker``: a trainer worker."""
-    return ChildProcess(["worker", "--lease", str(lease_seconds)], "worker ready", settings, log_path)
+    return ChildProcess(["worker", "--lease", str(lease_seconds)], READY_LINES["worker"], settings, log_path)
 
 
 def server_process(
@@ -98,7 +89,7 @@ def server_process(
     """``tensordb serve``: the model server of ``policy`` on ``host``:``port``."""
     return ChildProcess(
         ["serve", "--policy", policy, "--host", host, "--port", str(port), *(["--token", token] if token else [])],
-        "Uvicorn running on", settings, log_path,
+        READY_LINES["serve"], settings, log_path,
     )  # fmt: skip
 
 
@@ -108,7 +99,7 @@ def dashboard_process(
     """``tensordb dashboard``: the live dashboard on ``host``:``port``."""
     return ChildProcess(
         ["dashboard", "--host", host, "--port", str(port), *(["--token", token] if token else [])],
-        "Uvicorn running on",
+        READY_LINES["dashboard"],
         settings,
         log_path,
     )
