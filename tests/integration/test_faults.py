@@ -274,12 +274,16 @@ def test_a_fatal_producer_error_is_reported_at_once_and_the_processor_recreates_
 
 
 def _start_together(processes: list[ChildProcess]) -> None:
+    """Start every process at once; if any fails to start, stop them all before failing."""
     threads = [threading.Thread(target=process.start) for process in processes]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert all(process.process is not None and process.process.poll() is None for process in processes)
+    if not all(process.process is not None and process.process.poll() is None for process in processes):
+        for process in processes:
+            process.stop()
+        raise AssertionError(f"not every process started: see {[str(process.log_path) for process in processes]}")
 
 
 def _publish_concurrently(
