@@ -8,8 +8,8 @@ producer is idempotent, so retries inside librdkafka never duplicate a record.
 from __future__ import annotations
 
 import logging
-import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +68,16 @@ def create_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
     return created
 
 
+def _client_failure(error: SystemError) -> DeliveryError:
+    """confluent-kafka's C extension sometimes fails with a bare ``SystemError`` (an error left set
+    while serving callbacks; seen after a broker restart): the producer cannot be trusted any more,
+    so this is a delivery failure that processors answer by recreating it and publishing again."""
+    return DeliveryError(
+        f"the Kafka client failed while serving acknowledgements ({error}); recreate the publisher "
+        "(processors do so by themselves) and publish the records again"
+    )
+
+
 class Publisher:
     """A validating, idempotent, asynchronous producer for TensorDB records.
 
@@ -96,8 +106,10 @@ class Publisher:
         self.queue_timeout = queue_timeout
         self.flush_timeout = flush_timeout
         self._options = client_options
-        self._failures: list[str] = []
-        self._failures_lock = threading.Lock()
+        # delivery failures, appended by librdkafka's callbacks and drained by flush: a deque, whose
+        # append and popleft are atomic, so no lock is held inside a callback (a callback that failed
+        # inside the C extension once left such a lock held, and the next flush waited forever)
+        self._failures: deque[str] = deque()
         self._fatal: KafkaError | None = None
         self.delivered = 0
         self._producer = self._new_producer()
@@ -140,15 +152,13 @@ class Publisher:
             pass  # a fatal producer may refuse: it is dropped all the same
         self._producer = self._new_producer()
         self._fatal = None
-        with self._failures_lock:
-            self._failures = []
+        self._failures.clear()
 
     def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
         if error is None:
             self.delivered += 1
             return
-        with self._failures_lock:
-            self._failures.append(f"{message.topic()}: {error.str()}")
+        self._failures.append(f"{message.topic()}: {error.str()}")
 
     def publish(
         self,
@@ -193,18 +203,31 @@ class Publisher:
                         f"the producer's queue stayed full for {self.queue_timeout} s: the broker at "
                         f"{self.settings.kafka_bootstrap} does not acknowledge; check that it runs"
                     ) from None
-                self._producer.poll(0.05)
-        self._producer.poll(0)
+                self._serve_callbacks(0.05)
+            except SystemError as exc:
+                raise _client_failure(exc) from exc
+        self._serve_callbacks(0)
+
+    def _serve_callbacks(self, timeout: float) -> None:
+        """Run pending delivery reports and error callbacks (``poll``)."""
+        try:
+            self._producer.poll(timeout)
+        except SystemError as exc:
+            raise _client_failure(exc) from exc
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait up to ``timeout`` (default: ``flush_timeout``) until every queued record is
         acknowledged; raise :class:`DeliveryError` if any was not."""
         timeout = self.flush_timeout if timeout is None else timeout
         self._check_fatal()
-        remaining = self._producer.flush(timeout)
+        try:
+            remaining = self._producer.flush(timeout)
+        except SystemError as exc:
+            raise _client_failure(exc) from exc
         self._check_fatal()
-        with self._failures_lock:
-            failures, self._failures = self._failures, []
+        failures = []
+        while self._failures:
+            failures.append(self._failures.popleft())
         if remaining:
             failures.append(f"{remaining} records still unacknowledged after {timeout} s")
         if failures:
