@@ -43,9 +43,6 @@ from tensordb.infra.bus import Received, make_consumer, receive
 log = logging.getLogger(__name__)
 #: How often a processor checks whether its topic was recreated.
 TOPIC_CHECK_SECONDS = 3.0
-#: How long a processor waits, after noticing a recreated topic, for its consumer to be given
-#: partitions again; then it replaces the consumer (a restarted broker may never re-admit the old member).
-REJOIN_SECONDS = 15.0
 
 
 class TopicProcessor:
@@ -91,7 +88,7 @@ class TopicProcessor:
         self._admin = AdminClient(settings.kafka_config())
         self._topic_id = self._current_topic_id()
         self._incarnation = 0  # how often the topic was found recreated; tags batches and their offsets
-        self._rewinding_since: float | None = None  # when a recreated topic was noticed, until rewound
+        self._rewinding = False  # a recreated topic was noticed and its partitions are not rewound yet
         self._checked_at = time.monotonic()
         self.consumer = self._new_consumer()
 
@@ -115,20 +112,14 @@ class TopicProcessor:
         if topic_id is None:
             return
         if self._topic_id is not None and topic_id != self._topic_id:
-            if self._rewinding_since is None:
+            if not self._rewinding:
                 log.warning("%s processor: topic %s was recreated (the broker restarted and forgot it?): reading it from its start",
                             self.kind, self.settings.topic(self.topic))  # fmt: skip
-                self._rewinding_since = time.monotonic()
+                self._rewinding = True
             self._incarnation += 1
             if not self._rewind():
-                if time.monotonic() - self._rewinding_since > REJOIN_SECONDS:
-                    log.warning("%s processor: no partitions assigned %.0f s after the topic was recreated; "
-                                "replacing the consumer", self.kind, REJOIN_SECONDS)  # fmt: skip
-                    self._close_consumer()
-                    self.consumer = self._new_consumer()
-                    self._rewinding_since = time.monotonic()
                 return  # the change is noticed, and the rewind tried, again at the next check
-            self._rewinding_since = None
+            self._rewinding = False
         self._topic_id = topic_id
 
     def _rewind(self) -> bool:
