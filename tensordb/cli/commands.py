@@ -95,6 +95,16 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(load_settings())
 
 
+def _add_http_arguments(parser: argparse.ArgumentParser, setting: str, port: int) -> None:
+    """``--host``, ``--port`` and ``--token`` of an HTTP endpoint, defaulting to its settings
+    (``TENSORDB_<SETTING>_HOST``, ``_PORT``, ``_TOKEN``)."""
+    parser.add_argument(
+        "--host", default=None, help=f"address to bind (default: TENSORDB_{setting}_HOST, 127.0.0.1; any other needs --token)"
+    )
+    parser.add_argument("--port", type=int, default=None, help=f"port (default: TENSORDB_{setting}_PORT, {port})")
+    parser.add_argument("--token", default=None, help=f"token every request must carry (default: $TENSORDB_{setting}_TOKEN)")
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     topics = subparsers.add_parser("topics", help="manage the project's Kafka topics")
     topic_commands = topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
@@ -116,19 +126,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     serve = subparsers.add_parser("serve", help="serve a policy's production model over HTTP")
     serve.add_argument("--policy", required=True, help="policy (model) name whose production version to serve")
-    serve.add_argument(
-        "--host", default=None, help="address to bind (default: TENSORDB_SERVE_HOST, 127.0.0.1; any other needs --token)"
-    )
-    serve.add_argument("--port", type=int, default=None, help="port (default: TENSORDB_SERVE_PORT, 8000)")
-    serve.add_argument("--token", default=None, help="token every request must carry (default: $TENSORDB_SERVE_TOKEN)")
+    _add_http_arguments(serve, "SERVE", 8000)
     serve.set_defaults(handler=_serve)
 
     dashboard = subparsers.add_parser("dashboard", help="serve the live dashboard: runs, curves, models, data")
-    dashboard.add_argument(
-        "--host", default=None, help="address to bind (default: TENSORDB_DASHBOARD_HOST, 127.0.0.1; any other needs --token)"
-    )
-    dashboard.add_argument("--port", type=int, default=None, help="port (default: TENSORDB_DASHBOARD_PORT, 8050)")
-    dashboard.add_argument("--token", default=None, help="token every request must carry (default: $TENSORDB_DASHBOARD_TOKEN)")
+    _add_http_arguments(dashboard, "DASHBOARD", 8050)
     dashboard.set_defaults(handler=_dashboard)
 
     policy = subparsers.add_parser("policy", help="manage continuous-training policies")
