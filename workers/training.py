@@ -7,6 +7,7 @@ same samples in the same order and step numbers match; re-logged steps are store
 
 from __future__ import annotations
 
+import inspect
 import json
 import zlib
 from datetime import datetime
@@ -16,7 +17,7 @@ import keras
 
 from tensordb.data.cohorts import Cohort, cohort_from_spec
 from tensordb.errors import JobSpecError
-from tensordb.infra.trusted import call_entry_point, check_model_spec
+from tensordb.infra.trusted import bind_arguments, call_entry_point, check_model_spec, load_entry_point
 from tensordb.jobs.queue import JobEvent
 from tensordb.runs.keras_callback import TensorDBCallback
 from workers.context import JobContext
@@ -63,12 +64,16 @@ def _pinned_cohorts(context: JobContext) -> tuple[Cohort, Cohort | None]:
         validation = cohort_from_spec(context.store, data["validation"]).pinned(as_of)
     elif "validation_fraction" in data:
         train, validation = train.train_validation(data["validation_fraction"])
+    elif "folds" in data:  # a k-fold study's trial: fold ``fold`` of the cohort validates, the rest trains
+        train, validation = train.folds(int(data["folds"]))[int(data["fold"])]
     return train, validation
 
 
 def run_training(context: JobContext) -> dict[str, Any]:
     """The ``train`` job runner (see the module docstring)."""
     job, spec = context.job, context.job["spec"]
+    if "epoch_function" in spec["model"]:
+        return run_epoch_function(context)
     hyperparameters = dict(spec.get("hyperparameters", {}))
     batch_size = int(hyperparameters.pop("batch_size", 32))
     shuffle_buffer = int(hyperparameters.pop("shuffle_buffer", 1024))
@@ -93,7 +98,7 @@ def run_training(context: JobContext) -> dict[str, Any]:
     train_data = train.to_tf_dataset(batch_size, shuffle_buffer=shuffle_buffer, seed=seed)
     validation_data = validation.to_tf_dataset(batch_size) if validation is not None else None
     steps_per_epoch = -(-train.count() // batch_size)
-    lineage = {"job": context.job_id, "cohort": train.describe(), "attempt": job["attempts"]}
+    lineage = {"job": context.job_id, "cohort": train.describe(), "attempt": job["attempts"], **job.get("labels", {})}
 
     def save_epoch(model: keras.Model, epoch: int, logs: dict[str, Any]) -> None:
         future = context.registry.save_async(
@@ -124,6 +129,42 @@ def run_training(context: JobContext) -> dict[str, Any]:
     context.check_stop()
     final = {key: float(values[-1]) for key, values in history.history.items() if values}
     return {"epochs": spec["epochs"], "resumed_from_epoch": initial_epoch or None, "metrics": final}
+
+
+def run_epoch_function(context: JobContext) -> dict[str, Any]:
+    """A train job without a Keras model: a trusted function called once per epoch.
+
+    The function gets ``epoch`` and the hyper-parameters it declares, and returns the epoch's
+    validation metrics, which are logged (phase ``validation``, step ``epoch + 1``) exactly as a
+    Keras job logs them, so studies judge both alike. Synthetic objectives (benchmarks, tests) and
+    trainers outside Keras use it. A re-run resumes after the last epoch recorded in the job's
+    progress; there are no parameters to save.
+    """
+    job, spec = context.job, context.job["spec"]
+    path = spec["model"]["epoch_function"]
+    function = load_entry_point(path, context.settings)
+    hyperparameters = dict(spec.get("hyperparameters", {}))
+    fold = spec["data"].get("fold")
+    if fold is not None and "fold" in inspect.signature(function).parameters:
+        hyperparameters["fold"] = fold  # a k-fold study's trial: the function may vary by fold
+    first = int(job["progress"].get("epoch", -1)) + 1
+    metrics: dict[str, float] = dict(job["progress"].get("metrics", {}))
+    for epoch in range(first, spec["epochs"]):
+        context.check_stop()
+        returned = function(**bind_arguments(function, path, {"epoch": epoch, **hyperparameters}))
+        if not isinstance(returned, dict) or not returned:
+            raise JobSpecError(
+                f"{path} returned {returned!r} for epoch {epoch}; it must return validation metrics, e.g. {{'loss': 0.3}}"
+            )
+        metrics = {f"val_{name}": float(value) for name, value in returned.items()}
+        context.logger.log(epoch + 1, phase="validation", epoch=epoch, **returned)
+        context.logger.flush()  # the epoch's metrics are out before the progress says the epoch is done
+        context.jobs.record_progress(context.job_id, context.worker, epoch=epoch, metrics=metrics)
+        context.jobs.event(
+            context.job_id, JobEvent.EPOCH, attempt=job["attempts"], worker=context.worker, detail={"epoch": epoch, **metrics}
+        )
+    context.check_stop()
+    return {"epochs": spec["epochs"], "resumed_from_epoch": first or None, "metrics": metrics}
 
 
 class StopOnRequest(keras.callbacks.Callback):

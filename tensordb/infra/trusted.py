@@ -153,8 +153,9 @@ def check_keras_config(config: Any, settings: Settings, what: str) -> None:
 
 def check_model_spec(spec: Mapping[str, Any], settings: Settings) -> None:
     """Refuse a job's or policy's ``model`` spec that names untrusted code (nothing is imported)."""
-    if "entry_point" in spec:
-        check_entry_point(spec["entry_point"], settings)
+    for key in ("entry_point", "epoch_function"):
+        if key in spec:
+            check_entry_point(spec[key], settings)
     for key in ("architecture", "compile"):
         if key in spec:
             check_keras_config(spec[key], settings, f"the model's {key}")

@@ -105,6 +105,8 @@ class JobDocument(TypedDict):
     name: str
     description: str
     policy: str | None
+    #: what groups the job with others, e.g. a study's trial: ``{"study": ..., "trial": ..., "fold": ...}``
+    labels: dict[str, Any]
     #: the job-request's model, data, hyperparameters, epochs, save_keys (and script for tasks)
     spec: dict[str, Any]
     priority: int
@@ -162,6 +164,7 @@ class Jobs:
         policy: str | None = None,
         description: str = "",
         job_id: str | None = None,
+        labels: Mapping[str, Any] | None = None,
     ) -> str:
         """Record a job as pending and announce it on the job-request topic; returns its id.
 
@@ -200,7 +203,11 @@ class Jobs:
         description : str
             Free text for people and dashboards.
         job_id : str, optional
-            The id to use (idempotent submitters); default: a random ``job-...`` id.
+            The id to use (idempotent submitters: a second submit of the id raises
+            ``DuplicateKeyError`` and publishes nothing); default: a random ``job-...`` id.
+        labels : mapping, optional
+            What groups this job with others (a study's trial is labelled with its study,
+            configuration and fold); list them with ``Jobs.list(**{"labels.study": NAME})``.
 
         Raises ``JobError`` (unknown kind, task without script), ``ValidationError`` (the request breaks
         ``schemas/job-request``) and ``UntrustedCodeError`` (a builder or script this process does not trust).
@@ -238,6 +245,7 @@ class Jobs:
             "name": request["name"],
             "description": description,
             "policy": policy,
+            "labels": dict(labels or {}),
             "spec": {key: request[key] for key in ("model", "data", "hyperparameters", "epochs", "save_keys")}
             | ({"script": script} if script else {}),
             "priority": priority,
