@@ -170,3 +170,15 @@ class UntrustedCodeError(ConfigurationError):
     """A job, policy or stored document names code outside what this process's operator trusts:
     an entry point outside ``TENSORDB_TRUSTED_MODULES``, or a task script outside
     ``TENSORDB_TASK_SCRIPT_DIRS``. Nothing was imported or run; the message says what to set."""
+
+
+class StudySpecError(BadInputError):
+    """A study's specification (search space, searcher, objective, limits) is malformed; the message says what to fix."""
+
+
+class StudyNotFoundError(NotFoundError):
+    """No study of that name exists in this project."""
+
+
+class StudyError(TensorDBError):
+    """A study cannot be created or changed as asked (e.g. the name is taken)."""

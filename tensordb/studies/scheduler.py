@@ -1,0 +1,301 @@
+"""The study scheduler: submits trials as slots free, judges them at ASHA's rungs, ends the study.
+
+It is driven by the stream processors (``streams.studies``): validation log records call
+:meth:`StudyScheduler.on_validation`, job events of trials call :meth:`StudyScheduler.on_trial_ended`,
+and a timer calls :meth:`StudyScheduler.reconcile`. All of its state is in MongoDB, and every step
+is idempotent, so a redelivered record or a scheduler killed at any point changes nothing:
+
+- trial ``n`` of a study has a deterministic job id and configuration (:func:`trial_id`,
+  :func:`tensordb.studies.searchers.configuration`); submitting it twice stores it once;
+- a rung verdict is one document per (configuration, rung), inserted once; a redelivered record
+  finds it and re-applies it (cancelling a stopped trial again is harmless);
+- the study ends once no trial job is unfinished and no configuration is left, atomically.
+
+Collections: ``studies`` (spec, status, best), ``study_trials`` (one per train job: configuration,
+fold, validation curve, rung, outcome) and ``study_decisions`` (ASHA's verdicts with their reasons).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pymongo.errors import DuplicateKeyError
+
+from tensordb.errors import StudyNotFoundError
+from tensordb.infra.bus import Publisher
+from tensordb.infra.store import Store
+from tensordb.jobs.queue import UNFINISHED, JobKind, Jobs, JobStatus
+from tensordb.models.registry import ModelRegistry
+from tensordb.studies.results import TrialStatus, best_row, configuration_rows
+from tensordb.studies.searchers import configuration, judge_at_rung
+from tensordb.studies.spec import StudySpec, parse_study
+
+log = logging.getLogger(__name__)
+
+STUDIES = "studies"
+TRIALS = "study_trials"
+DECISIONS = "study_decisions"
+#: The alias that points at the best trial's final version once a study finishes.
+BEST_ALIAS = "best"
+
+
+class StudyStatus(StrEnum):
+    """A study's ``status``."""
+
+    RUNNING = "running"  #: trials are submitted as slots free
+    STOPPED = "stopped"  #: stopped by a person; its unfinished trials were cancelled
+    FINISHED = "finished"  #: every configuration was tried (or stopped early)
+
+
+def trial_id(study: str, configuration: int, fold: int | None) -> str:
+    """The job id of a trial: the same trial always gets the same id (no duplicate jobs)."""
+    return f"trial-{study}-{configuration:04d}" + (f"-f{fold}" if fold is not None else "")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class StudyScheduler:
+    """Scheduling decisions for the studies of one project (see the module docstring).
+
+    Parameters
+    ----------
+    store : Store
+        The project's database.
+    publisher : Publisher
+        Publishes the trials' job requests and events.
+    """
+
+    def __init__(self, store: Store, publisher: Publisher) -> None:
+        self.store = store
+        self.jobs = Jobs(store, publisher)
+        self.registry = ModelRegistry(store, publisher)
+        self.studies, self.trials, self.decisions = store[STUDIES], store[TRIALS], store[DECISIONS]
+        self._specs: dict[str, StudySpec] = {}  # a study's spec never changes once stored
+
+    def spec(self, name: str) -> StudySpec:
+        """The study's validated specification; raises :class:`StudyNotFoundError`."""
+        if name not in self._specs:
+            study = self.studies.find_one({"_id": name}, {"spec": 1})
+            if study is None:
+                raise StudyNotFoundError(f"no study {name!r} in project {self.store.project!r}: `tensordb study list` shows them")
+            self._specs[name] = parse_study(study["spec"])
+        return self._specs[name]
+
+    def forget(self, name: str) -> None:
+        """Drop the cached spec of a deleted study (a new study may take the name)."""
+        self._specs.pop(name, None)
+
+    # -- submitting trials -----------------------------------------------------------------------
+    def unfinished_trials(self, name: str) -> int:
+        """How many of the study's trial jobs are pending or running (the slots it holds)."""
+        return self.jobs.collection.count_documents({"labels.study": name, "status": {"$in": list(UNFINISHED)}})
+
+    def fill(self, name: str) -> list[str]:
+        """Submit trials until the study holds ``max_concurrent`` unfinished ones or has none left;
+        returns the ids submitted. Safe to run anywhere, any number of times, concurrently."""
+        study = self.studies.find_one({"_id": name}, {"status": 1})
+        if study is None or study["status"] != StudyStatus.RUNNING:
+            return []
+        spec = self.spec(name)
+        submitted = []
+        while self.unfinished_trials(name) < spec.max_concurrent:
+            index = self.trials.count_documents({"study": name})
+            number, fold = divmod(index, spec.folds_or_one)
+            hyperparameters = configuration(spec, number)
+            if hyperparameters is None:
+                break
+            submitted.append(self._submit(spec, number, fold if spec.folds else None, hyperparameters))
+        return submitted
+
+    def _submit(self, spec: StudySpec, number: int, fold: int | None, hyperparameters: dict[str, Any]) -> str:
+        """The job first, then its trial document: a crash between them leaves a job whose trial
+        document the next :meth:`fill` (which counts documents) adds, finding the job submitted."""
+        job_id = trial_id(spec.name, number, fold)
+        data: dict[str, Any] = dict(spec.data or {})
+        if fold is not None:
+            data |= {"folds": spec.folds, "fold": fold}
+        elif spec.validation is not None:
+            data["validation"] = spec.validation
+        try:
+            self.jobs.submit(
+                JobKind.TRAIN,
+                name=spec.registered_name,
+                model=spec.model,
+                data=data,
+                hyperparameters={**spec.hyperparameters, **hyperparameters},
+                epochs=spec.trial_epochs,
+                priority=spec.priority,
+                job_id=job_id,
+                labels={"study": spec.name, "configuration": number, "fold": fold},
+                description=f"study {spec.name}: configuration {number}" + (f", fold {fold}" if fold is not None else ""),
+            )
+        except DuplicateKeyError:
+            pass  # submitted before a crash, or by another scheduler: the job is there
+        self._add_trial(spec.name, job_id, number, fold, hyperparameters)
+        return job_id
+
+    def _add_trial(self, study: str, job_id: str, number: int, fold: int | None, hyperparameters: dict[str, Any]) -> None:
+        try:
+            self.trials.insert_one(
+                {
+                    "_id": job_id, "project": self.store.project, "study": study, "configuration": number, "fold": fold,
+                    "hyperparameters": hyperparameters, "status": TrialStatus.ACTIVE, "curve": {}, "rung": None,
+                    "stopped_at_rung": None, "objective": None, "submitted_at": _now(), "ended_at": None,
+                }
+            )  # fmt: skip
+        except DuplicateKeyError:
+            pass
+
+    # -- judging at rungs ------------------------------------------------------------------------
+    def on_validation(self, job_id: str, epoch: int, metrics: dict[str, Any]) -> dict[str, Any] | None:
+        """Record a trial's validation metrics of ``epoch``; at an ASHA rung, judge its configuration.
+
+        Returns the rung verdict (a ``study_decisions`` document) when one was made or found, else
+        None (not a trial, not a rung, or other folds of the configuration have not reached it).
+        """
+        trial = self.trials.find_one({"_id": job_id}, {"study": 1, "configuration": 1})
+        if trial is None:
+            return None
+        spec = self.spec(trial["study"])
+        value = metrics.get(spec.objective.metric)
+        self.trials.update_one({"_id": job_id}, {"$set": {f"curve.{epoch}": value}})
+        rungs = spec.searcher.rungs()
+        if epoch + 1 not in rungs:
+            return None
+        return self._judge(spec, int(trial["configuration"]), rungs.index(epoch + 1))
+
+    def _judge(self, spec: StudySpec, number: int, rung: int) -> dict[str, Any] | None:
+        decision_id = f"{spec.name}:{number}:{rung}"
+        decision = self.decisions.find_one({"_id": decision_id})
+        if decision is None:
+            epochs = spec.searcher.rungs()[rung]
+            folds = list(self.trials.find({"study": spec.name, "configuration": number}, {"curve": 1}))
+            key = str(epochs - 1)
+            if len(folds) < spec.folds_or_one or any(key not in trial["curve"] for trial in folds):
+                return None  # judged when the last of its folds reaches the rung
+            values = [trial["curve"][key] for trial in folds]
+            value = statistics.fmean(values) if all(isinstance(v, int | float) for v in values) else None
+            earlier = [d["value"] for d in self.decisions.find({"study": spec.name, "rung": rung}, {"value": 1})]
+            verdict = judge_at_rung(value, earlier, spec.searcher.reduction_factor, spec.objective)
+            decision = {
+                "_id": decision_id, "project": self.store.project, "study": spec.name, "configuration": number,
+                "rung": rung, "epochs": epochs, "metric": spec.objective.metric, "value": value,
+                "fold_values": values, "cutoff": verdict.cutoff, "compared_with": verdict.compared_with,
+                "action": "continue" if verdict.proceed else "stop", "reason": f"rung {rung} ({epochs} epochs): {verdict.reason}",
+                "trials": sorted(trial["_id"] for trial in folds), "at": _now(),
+            }  # fmt: skip
+            try:
+                self.decisions.insert_one(decision)
+            except DuplicateKeyError:  # judged meanwhile by another scheduler: its verdict stands
+                decision = self.decisions.find_one({"_id": decision_id})
+                assert decision is not None
+        self._apply(decision)
+        return decision
+
+    def _apply(self, decision: dict[str, Any]) -> None:
+        """Carry out a verdict (again, after a crash: every step is idempotent)."""
+        trials = {"study": decision["study"], "configuration": decision["configuration"]}
+        if decision["action"] == "continue":
+            self.trials.update_many(
+                {**trials, "rung": {"$not": {"$gte": decision["rung"]}}}, {"$set": {"rung": decision["rung"]}}
+            )
+            return
+        self.trials.update_many(
+            {**trials, "status": TrialStatus.ACTIVE},
+            {"$set": {"status": TrialStatus.STOPPED, "stopped_at_rung": decision["rung"]}},
+        )
+        for job_id in decision["trials"]:
+            self.jobs.cancel(job_id)  # the worker sees it within a second and frees the slot
+
+    # -- trials ending, the study ending ------------------------------------------------------------
+    def on_trial_ended(self, job_id: str) -> None:
+        """Record the outcome of a trial whose job ended, submit the next trials, end the study if done."""
+        job = self.jobs.collection.find_one({"_id": job_id}, {"labels": 1, "status": 1, "result": 1, "spec": 1})
+        if job is None or not (job.get("labels") or {}).get("study") or job["status"] in UNFINISHED:
+            return
+        labels = job["labels"]
+        name = labels["study"]
+        spec = self.spec(name)
+        searched = {key: job["spec"]["hyperparameters"][key] for key in spec.space if key in job["spec"]["hyperparameters"]}
+        self._add_trial(name, job_id, int(labels["configuration"]), labels.get("fold"), searched)  # if a crash lost it
+        trial = self.trials.find_one({"_id": job_id}, {"curve": 1, "status": 1})
+        assert trial is not None
+        curve = trial.get("curve") or {}
+        last = curve[max(curve, key=int)] if curve else None
+        if job["status"] == JobStatus.FINISHED:
+            status, objective = (
+                TrialStatus.FINISHED,
+                ((job.get("result") or {}).get("metrics") or {}).get(f"val_{spec.objective.metric}", last),
+            )
+        elif job["status"] == JobStatus.FAILED:
+            status, objective = TrialStatus.FAILED, last
+        else:
+            status, objective = TrialStatus.CANCELLED, last
+        self.trials.update_one(
+            {"_id": job_id, "status": TrialStatus.ACTIVE},
+            {"$set": {"status": status, "objective": objective, "ended_at": _now()}},
+        )
+        self.trials.update_one(
+            {"_id": job_id, "status": TrialStatus.STOPPED}, {"$set": {"objective": objective, "ended_at": _now()}}
+        )
+        self.fill(name)
+        self.maybe_finish(name)
+
+    def maybe_finish(self, name: str) -> bool:
+        """Mark the study finished if no trial is unfinished and no configuration is left; then the
+        best trial's final version (if it saved one) gets the ``best`` alias. Returns whether it ended now."""
+        spec = self.spec(name)
+        if self.unfinished_trials(name) or self.trials.count_documents({"study": name, "status": TrialStatus.ACTIVE}):
+            return False
+        if configuration(spec, self.trials.count_documents({"study": name}) // spec.folds_or_one) is not None:
+            return False
+        best = best_row(spec, configuration_rows(spec, self.trials.find({"study": name})))
+        ended = self.studies.find_one_and_update(
+            {"_id": name, "status": StudyStatus.RUNNING},
+            {"$set": {"status": StudyStatus.FINISHED, "finished_at": _now(), "best": best}},
+        )
+        if ended is None:
+            return False
+        log.info("study %s finished; best: %s", name, best)
+        if best is not None:
+            self._register_best(spec, best)
+        return True
+
+    def _register_best(self, spec: StudySpec, best: dict[str, Any]) -> None:
+        """Point the ``best`` alias of the study's model at its best trial's final version."""
+        objectives = dict(zip(best["trials"], best["fold_objectives"], strict=False))
+        trial = (
+            max(objectives, key=objectives.__getitem__)
+            if spec.objective.direction == "max"
+            else min(objectives, key=objectives.__getitem__)
+        )
+        version = self.registry.find_info(name=spec.registered_name, job_id=trial, sort=[("version", -1)])
+        if version is None:
+            return  # an epoch-function study: nothing was saved
+        self.registry.promote(
+            spec.registered_name,
+            version["version"],
+            alias=BEST_ALIAS,
+            reason={"study": spec.name, "trial": trial, "configuration": best["configuration"], "objective": best["objective"]},
+        )
+        self.studies.update_one(
+            {"_id": spec.name},
+            {"$set": {"best.model": {"name": spec.registered_name, "version": version["version"], "trial": trial}}},
+        )
+
+    def reconcile(self) -> None:
+        """For every running study: record trials whose job ended without an event seen, fill
+        free slots, end the study if done (the timer's pass; repairs what a crash left)."""
+        for study in self.studies.find({"status": StudyStatus.RUNNING}, {"_id": 1}):
+            name = study["_id"]
+            active = [trial["_id"] for trial in self.trials.find({"study": name, "status": TrialStatus.ACTIVE}, {"_id": 1})]
+            for job in self.jobs.collection.find({"_id": {"$in": active}, "status": {"$nin": list(UNFINISHED)}}, {"_id": 1}):
+                self.on_trial_ended(job["_id"])
+            self.fill(name)
+            self.maybe_finish(name)
