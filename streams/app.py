@@ -11,11 +11,14 @@ ingest        ingest              samples to GridFS + metadata, announced (:mod:
 retrain       data-imported       policy counters, train jobs (:mod:`streams.retrain`)
 lifecycle     job-events          evaluation, promotion decisions (:mod:`streams.lifecycle`)
 log-sink      logs                step logs in bulk (:mod:`streams.logs`)
+study-rungs   logs                trials' validation metrics: ASHA verdicts (:mod:`streams.studies`)
+study-trials  job-events          trials that ended: next trials, studies ended (:mod:`streams.studies`)
 job-requests  job-requests        validated only (workers consume the requests)
 model-events  model-events        validated only (model servers consume the events)
 ============  ==================  ==============================================================
 
-A timer starts time-triggered policies and, hourly, removes sample blobs no sample references
+A timer starts time-triggered policies, reconciles running studies (trials whose end no event
+reported, free slots) and, hourly, removes sample blobs no sample references
 (:func:`streams.ingest.sweep_sample_blobs`). SIGTERM or SIGINT stops every processor within seconds:
 batches in hand finish (or, in an outage, stay uncommitted and are read again later).
 """
@@ -35,11 +38,12 @@ from streams.lifecycle import handle_job_events
 from streams.logs import log_sink, tune_gc_for_batches
 from streams.processing import Handler, ProcessorContext, Stopping
 from streams.retrain import handle_imports, run_timed_triggers
+from streams.studies import reconcile_studies, study_processors
 from tensordb.config import PROCESSOR_TOPICS, Settings
 
 log = logging.getLogger(__name__)
 
-#: (handler, batch size) of every processor kind but the log sink; its topic is PROCESSOR_TOPICS[kind].
+#: (handler, batch size) of every processor kind but the log sink's and the studies'; its topic is PROCESSOR_TOPICS[kind].
 HANDLERS: dict[str, tuple[Handler | None, int]] = {
     "ingest": (handle_samples, 2000),
     "retrain": (handle_imports, 500),
@@ -61,7 +65,7 @@ class Processors:
         self.processors = [
             TopicProcessor(settings, kind, PROCESSOR_TOPICS[kind], handler, batch_size)
             for kind, (handler, batch_size) in HANDLERS.items()
-        ] + [log_sink(settings)]
+        ] + [log_sink(settings), *study_processors(settings)]
         self.timers = ProcessorContext(settings, processor="timers")
         self._stop = threading.Event()
         self._next_sweep = time.monotonic()
@@ -92,6 +96,12 @@ class Processors:
             pass
         except Exception:  # noqa: BLE001 - a bad policy must not stop the processors
             log.exception("timed triggers failed; trying again in %.0f s", TIMER_SECONDS)
+        try:
+            self.timers.wait_out(lambda: reconcile_studies(self.timers), "reconciling running studies")
+        except Stopping:
+            pass
+        except Exception:  # noqa: BLE001 - a study that cannot be scheduled must not stop the processors
+            log.exception("reconciling studies failed; trying again in %.0f s", TIMER_SECONDS)
         if time.monotonic() >= self._next_sweep:
             self._next_sweep = time.monotonic() + SWEEP_SECONDS
             try:

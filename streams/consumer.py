@@ -60,6 +60,11 @@ class TopicProcessor:
         Persists a batch of valid records (idempotently); None for topics that are only validated.
     batch_size:
         Most records handed to the handler at once.
+    select:
+        A test of each message's key: the others are not decoded or handled (their offsets are
+        committed), for a processor that reads a few records of a busy topic.
+    counts_progress:
+        Whether batches count in ``processor_progress`` (False for a second reader of a topic).
     """
 
     def __init__(
@@ -70,6 +75,8 @@ class TopicProcessor:
         handler: Handler | None,
         batch_size: int = 2000,
         poll_timeout: float = 0.1,
+        select: Callable[[bytes | None], bool] | None = None,
+        counts_progress: bool = True,
         **client_options: Any,
     ) -> None:
         self.settings = settings
@@ -78,9 +85,10 @@ class TopicProcessor:
         self.handler = handler
         self.batch_size = batch_size
         self.poll_timeout = poll_timeout
+        self.select = select
         self.group = settings.processor_group(kind)
         self._client_options = client_options
-        self.context = ProcessorContext(settings, processor=kind)
+        self.context = ProcessorContext(settings, processor=kind, counts_progress=counts_progress)
         self.processed = 0  # records handled so far, stored or dead-lettered
         self._stop = self.context.stopping
         self._batches: queue.Queue[tuple[int, list[Received]] | None] = queue.Queue(maxsize=2)
@@ -152,7 +160,11 @@ class TopicProcessor:
             while not self._stop.is_set():
                 self._check_topic()  # before reading: a batch is tagged with the topic it was read from
                 try:
-                    batch = list(receive(self.consumer, schema, timeout=self.poll_timeout, max_messages=self.batch_size))
+                    batch = list(
+                        receive(
+                            self.consumer, schema, timeout=self.poll_timeout, max_messages=self.batch_size, select=self.select
+                        )
+                    )
                 except FatalClientError as exc:
                     log.error("%s processor: %s; replacing the consumer", self.kind, exc)
                     self._close_consumer()

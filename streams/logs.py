@@ -74,10 +74,8 @@ def _insert_chunk(context: ProcessorContext, chunk: list[Received]) -> None:
 
 def log_sink(settings: Settings, batch_size: int = 10_000) -> TopicProcessor:
     """The ``log-sink`` processor: large batches, large fetches (see the module docstring)."""
-    return TopicProcessor(
-        settings, "log-sink", Topic.LOGS, handle_logs, batch_size=batch_size,
-        **{"fetch.max.bytes": 64 * 1024 * 1024, "max.partition.fetch.bytes": 16 * 1024 * 1024},
-    )  # fmt: skip
+    fetch: dict[str, Any] = {"fetch.max.bytes": 64 * 1024 * 1024, "max.partition.fetch.bytes": 16 * 1024 * 1024}
+    return TopicProcessor(settings, "log-sink", Topic.LOGS, handle_logs, batch_size=batch_size, **fetch)
 
 
 def tune_gc_for_batches() -> None:

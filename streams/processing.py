@@ -67,6 +67,9 @@ class ProcessorContext:
 
     settings: Settings
     processor: str = "streams"
+    #: whether batches count in ``processor_progress`` (one processor kind per topic does, so a
+    #: second reader of a topic, like the study scheduler's, does not count its records twice)
+    counts_progress: bool = True
     stopping: threading.Event = field(default_factory=threading.Event)
     status: str = "ok"
     store: Store = field(init=False)
@@ -165,11 +168,12 @@ def _process_once(context: ProcessorContext, batch: list[Received], handler: Han
     invalid = [(received, received.error) for received in batch if received.error is not None]
     if invalid:
         context.dead_letters.divert_many(invalid)
-    valid = [received for received in batch if received.error is None]
+    valid = [received for received in batch if received.error is None and not received.skipped]
     if valid and handler is not None:
         _handle(context, valid, handler)
     context.publisher.flush()
-    record_progress(context.store, batch)
+    if context.counts_progress:
+        record_progress(context.store, batch)
 
 
 def _handle(context: ProcessorContext, valid: list[Received], handler: Handler) -> None:

@@ -26,6 +26,7 @@ from tensordb.jobs.queue import JobDocument, JobKind, Jobs
 from tensordb.models.registry import ModelRegistry
 from tensordb.runs.logger import RunLogger
 from tensordb.runs.queries import delete_logs, read_logs
+from tensordb.studies.studies import Studies, Study
 
 AUTHENTICATION_FAILED = 18  # MongoDB's error code
 
@@ -266,6 +267,36 @@ class TensorDB:
     def list_jobs(self, status: str | Iterable[str] | None = None, name: str | None = None, **filters: Any) -> list[JobDocument]:
         """Jobs newest first, by status (one or several), name and field equalities."""
         return self.jobs.list(status, name, **filters)
+
+    # -- studies ------------------------------------------------------------------------------------
+    @property
+    def studies(self) -> Studies:
+        return Studies(self.store, self.publisher)
+
+    def create_study(self, spec: Mapping[str, Any] | None = None, **fields: Any) -> Study:
+        """Create a hyper-parameter study (or k-fold experiment) and submit its first trials.
+
+        Parameters
+        ----------
+        spec : mapping, optional
+            The study as JSON (see :mod:`tensordb.studies.spec`); ``fields`` are merged over it.
+        **fields
+            ``name``, ``model``, ``data``, ``validation`` or ``folds``, ``space``, ``searcher``,
+            ``objective``, ``epochs``, ``max_trials``, ``max_concurrent``, ``seed``...
+
+        Raises ``StudySpecError`` (what to fix), ``UntrustedCodeError`` and ``StudyError`` (name taken).
+        The scheduler runs in ``tensordb processors``; trials run on ``tensordb worker``.
+        """
+        created = self.studies.create({**(spec or {}), **fields})
+        return Study(self.studies, created.name)
+
+    def study(self, name: str) -> Study:
+        """A handle on an existing study (``StudyNotFoundError`` if there is none)."""
+        return Study(self.studies, name)
+
+    def list_studies(self) -> list[dict[str, Any]]:
+        """Every study of the project, newest first, with its status and trial counts."""
+        return self.studies.list()
 
     def close(self) -> None:
         """Wait for model uploads, flush what is queued, close the connections."""

@@ -63,6 +63,8 @@ PROCESSOR_TOPICS: dict[str, Topic] = {
     "log-sink": Topic.LOGS,
     "job-requests": Topic.JOB_REQUESTS,
     "model-events": Topic.MODEL_EVENTS,
+    "study-rungs": Topic.LOGS,  # trials' validation logs only (streams.studies)
+    "study-trials": Topic.JOB_EVENTS,  # trials' ends only
 }
 
 

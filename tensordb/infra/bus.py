@@ -282,6 +282,8 @@ class Received:
     error: TensorDBError | None
     #: the broker's timestamp (ms): with the position, it tells a redelivery from a new record
     timestamp: int = 0
+    #: left out by the consumer's key filter: not decoded, not handled, only its offset counts
+    skipped: bool = False
 
     @property
     def valid_record(self) -> dict[str, Any]:
@@ -291,11 +293,21 @@ class Received:
         return self.record
 
 
-def receive(consumer: Consumer, schema_id: str, timeout: float = 1.0, max_messages: int = 500) -> Iterator[Received]:
+def receive(
+    consumer: Consumer,
+    schema_id: str,
+    timeout: float = 1.0,
+    max_messages: int = 500,
+    select: Callable[[bytes | None], bool] | None = None,
+) -> Iterator[Received]:
     """Wait up to ``timeout`` for messages and yield each decoded and validated against ``schema_id``.
 
     Returns as soon as the first message arrives, with whatever else is already fetched (up to
     ``max_messages``), so a job request is acted on at once rather than at the end of a window.
+
+    ``select`` (a test of the message key) leaves out the messages a reader does not want without
+    decoding them (yielded with ``skipped`` set, for their offsets): the study scheduler reads only
+    the trials' records of the busy logs topic this way.
 
     Invalid records are yielded with ``error`` set rather than raised, so the caller can divert
     them to dead letters and keep going. A fatal consumer error raises :class:`FatalClientError`
@@ -314,13 +326,16 @@ def receive(consumer: Consumer, schema_id: str, timeout: float = 1.0, max_messag
             if error.code() != KafkaError._PARTITION_EOF:
                 _log.warning("Kafka consumer: %s", error.str())
             continue
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        assert topic is not None and partition is not None and offset is not None  # set on every message without an error
+        if select is not None and not select(message.key()):
+            yield Received(topic, partition, offset, message.key(), None, None, None, message.timestamp()[1], skipped=True)
+            continue
         record, decode_error = None, None
         try:
             record = records.decode(message.value(), schema_id)
         except (DecodeError, ValidationError) as exc:
             decode_error = exc
-        topic, partition, offset = message.topic(), message.partition(), message.offset()
-        assert topic is not None and partition is not None and offset is not None  # set on every message without an error
         yield Received(
             topic,
             partition,

@@ -51,7 +51,9 @@ INDEXES: dict[str, list[IndexModel]] = {
     # the continuous-learning loop: policies, the scores of versions, and the miner's decisions
     # studies (tensordb.studies): the study, its trials (one per train job) and ASHA's rung verdicts
     "studies": [IndexModel([("project", ASCENDING), ("created_at", DESCENDING)])],
-    "study_trials": [IndexModel([("project", ASCENDING), ("study", ASCENDING), ("configuration", ASCENDING), ("fold", ASCENDING)])],
+    "study_trials": [
+        IndexModel([("project", ASCENDING), ("study", ASCENDING), ("configuration", ASCENDING), ("fold", ASCENDING)])
+    ],
     "study_decisions": [IndexModel([("project", ASCENDING), ("study", ASCENDING), ("rung", ASCENDING), ("at", ASCENDING)])],
     "policies": [IndexModel([("project", ASCENDING), ("name", ASCENDING)])],
     "policy_counted_samples": [IndexModel([("project", ASCENDING), ("policy", ASCENDING), ("batch_id", ASCENDING)])],

@@ -69,12 +69,14 @@ class StudyScheduler:
         The project's database.
     publisher : Publisher
         Publishes the trials' job requests and events.
+    registry : ModelRegistry, optional
+        Where the best trial's version gets its alias (default: one on ``store`` and ``publisher``).
     """
 
-    def __init__(self, store: Store, publisher: Publisher) -> None:
+    def __init__(self, store: Store, publisher: Publisher, registry: ModelRegistry | None = None) -> None:
         self.store = store
         self.jobs = Jobs(store, publisher)
-        self.registry = ModelRegistry(store, publisher)
+        self.registry = registry or ModelRegistry(store, publisher)
         self.studies, self.trials, self.decisions = store[STUDIES], store[TRIALS], store[DECISIONS]
         self._specs: dict[str, StudySpec] = {}  # a study's spec never changes once stored
 

@@ -129,8 +129,8 @@ class StudySpec(_Strict):
                     f"judges nothing before max_epochs={searcher.max_epochs}: max_epochs must be at least "
                     f"min_epochs × reduction_factor = {searcher.min_epochs * searcher.reduction_factor}"
                 )
-        if searcher.name != "grid" and self.max_trials is None:
-            raise ValueError(f"a {searcher.name} search needs max_trials (how many trials to run in all)")
+        if not self.uses_grid and self.max_trials is None:
+            raise ValueError("a search that samples at random needs max_trials (how many trials to run in all)")
         if self.max_trials is not None and self.max_trials % self.folds_or_one:
             raise ValueError(
                 f"max_trials ({self.max_trials}) must be a multiple of folds ({self.folds}): each configuration runs once per fold"

@@ -7,6 +7,7 @@ scheduler (:mod:`tensordb.studies.scheduler`, run by the stream processors) does
 from __future__ import annotations
 
 import builtins
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -134,3 +135,65 @@ class Studies:
         self.store[DECISIONS].delete_many({"study": name})
         self.collection.delete_one({"_id": name})
         self.scheduler.forget(name)
+
+
+class Study:
+    """A handle on one study, as ``db.create_study(...)`` and ``db.study(name)`` return it.
+
+    Parameters
+    ----------
+    studies : Studies
+        The project's studies.
+    name : str
+        The study's name.
+    """
+
+    def __init__(self, studies: Studies, name: str) -> None:
+        self.studies = studies
+        self.name = name
+        self.spec = studies.spec(name)  # raises StudyNotFoundError for an unknown name
+
+    @property
+    def status(self) -> str:
+        """``running``, ``stopped`` or ``finished``."""
+        return str(self.studies.get(self.name)["status"])
+
+    def trials(self) -> builtins.list[dict[str, Any]]:
+        """Every trial (one per train job) with its configuration, fold, curve, rung and outcome."""
+        return self.studies.trials(self.name)
+
+    def configurations(self) -> builtins.list[dict[str, Any]]:
+        """One row per configuration: status, mean objective over folds, spread, rung reached."""
+        return self.studies.configurations(self.name)
+
+    def best(self) -> dict[str, Any] | None:
+        """The best finished configuration so far (with its model version once the study finished)."""
+        return self.studies.best(self.name)
+
+    def decisions(self) -> builtins.list[dict[str, Any]]:
+        """ASHA's verdicts with their reasons, oldest first."""
+        return self.studies.decisions(self.name)
+
+    def stop(self) -> dict[str, Any]:
+        """Stop the study and cancel its unfinished trials; returns the study's document."""
+        return self.studies.stop(self.name)
+
+    def wait(self, timeout: float = 600.0, interval: float = 0.5) -> dict[str, Any]:
+        """Block until the study has ended (finished or stopped); returns its document.
+
+        Raises :class:`~tensordb.errors.StudyError` after ``timeout`` seconds: the scheduler runs in
+        ``tensordb processors`` and the trials in ``tensordb worker``; both must be running.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            study = self.studies.get(self.name)
+            if study["status"] != StudyStatus.RUNNING:
+                return study
+            if time.monotonic() > deadline:
+                raise StudyError(
+                    f"study {self.name!r} still running after {timeout:.0f} s: are `tensordb processors` and a `tensordb worker` running?"
+                )
+            time.sleep(interval)
+
+    def __repr__(self) -> str:
+        return f"Study({self.name!r}, searcher={self.spec.searcher.name!r})"

@@ -1,0 +1,88 @@
+"""Studies against the real broker, mongod, processors (the scheduler) and trainer workers.
+
+Trials run ``tensordb.testing.synthetic:learning_curve`` (an epoch function with a known curve),
+so outcomes are known in advance: which configurations ASHA stops, and each fold's objective.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+
+from tensordb.client import TensorDB
+from tensordb.errors import StudyError, StudySpecError, UntrustedCodeError
+from tensordb.testing.synthetic import learning_curve
+
+CURVE = {"epoch_function": "tensordb.testing.synthetic:learning_curve"}
+OBJECTIVE = {"metric": "accuracy", "direction": "max"}
+
+
+def wait_for(condition, timeout: float = 60.0, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"not true within {timeout} s: {condition}")
+
+
+def trial_jobs(db: TensorDB, study: str) -> list[dict]:
+    return db.list_jobs(**{"labels.study": study})
+
+
+def test_grid_with_folds_runs_every_trial_once_and_reports_means_and_spreads(settings, processors, start_worker) -> None:
+    start_worker()
+    start_worker()
+    xs = [0.0, 0.1, 0.2, 0.3, 0.6, 0.9]
+    with TensorDB(settings) as db:
+        study = db.create_study(
+            name="grid-folds", model=CURVE, space={"x": {"choice": xs}}, folds=3, objective=OBJECTIVE,
+            epochs=2, hyperparameters={"y": 0.7, "seconds": 0.05}, max_concurrent=2,
+        )  # fmt: skip
+        ended = study.wait(timeout=240)
+        assert ended["status"] == "finished"
+        jobs = trial_jobs(db, "grid-folds")
+        assert len(jobs) == 18 and len({job["_id"] for job in jobs}) == 18
+        assert all(job["status"] == "finished" and job["attempts"] == 1 for job in jobs), [(j["_id"], j["status"]) for j in jobs]
+        trials = study.trials()
+        assert sorted((t["configuration"], t["fold"]) for t in trials) == [(c, f) for c in range(6) for f in range(3)]
+        rows = study.configurations()
+        for row, x in zip(rows, xs, strict=True):
+            expected = [learning_curve(1, x=x, y=0.7, fold=fold)["accuracy"] for fold in range(3)]
+            assert row["hyperparameters"] == {"x": x}
+            assert row["status"] == "finished"
+            assert row["objective"] == pytest.approx(statistics.fmean(expected))
+            assert row["spread"] == pytest.approx(statistics.stdev(expected))
+        best = study.best()
+        assert best is not None and best["hyperparameters"] == {"x": 0.3}
+
+
+def test_asha_stops_the_losers_at_the_first_rung_and_frees_their_slots(settings, processors, start_worker) -> None:
+    start_worker()
+    start_worker()
+    with TensorDB(settings) as db:
+        study = db.create_study(
+            name="asha", model=CURVE, objective=OBJECTIVE, space={"x": {"choice": [0.2, 0.4, 1.5, 1.6]}},
+            searcher={"name": "asha", "sampler": "grid", "min_epochs": 1, "max_epochs": 4, "reduction_factor": 2},
+            hyperparameters={"seconds": 0.5}, max_concurrent=2,
+        )  # fmt: skip
+        study.wait(timeout=240)
+        verdicts = {(d["configuration"], d["rung"]): d for d in study.decisions()}
+        assert {key: d["action"] for key, d in verdicts.items()} == {
+            (0, 0): "continue", (1, 0): "continue", (2, 0): "stop", (3, 0): "stop", (0, 1): "continue", (1, 1): "continue",
+        }  # fmt: skip
+        stop = verdicts[(2, 0)]
+        assert stop["cutoff"] is not None and stop["value"] < stop["cutoff"] and "rung 0" in stop["reason"]
+        rows = {row["configuration"]: row for row in study.configurations()}
+        assert rows[2]["status"] == rows[3]["status"] == "stopped"
+        assert rows[2]["stopped_at_rung"] == 0
+        jobs = {job["_id"]: job for job in trial_jobs(db, "asha")}
+        loser = jobs[stop["trials"][0]]
+        assert loser["status"] == "cancelled" and loser["progress"]["epoch"] < 3
+        freed = (loser["finished_at"] - stop["at"].replace(tzinfo=None)).total_seconds() if loser["finished_at"].tzinfo is None else (loser["finished_at"] - stop["at"]).total_seconds()
+        print(f"stop verdict -> loser's job ended: {freed:.2f} s")
+        assert freed < 3.0
+        assert study.best()["hyperparameters"]["x"] in (0.2, 0.4)
