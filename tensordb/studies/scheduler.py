@@ -116,9 +116,11 @@ class StudyScheduler:
         return submitted
 
     def _submit(self, spec: StudySpec, number: int, fold: int | None, hyperparameters: dict[str, Any]) -> str:
-        """The job first, then its trial document: a crash between them leaves a job whose trial
-        document the next :meth:`fill` (which counts documents) adds, finding the job submitted."""
+        """The trial document first, then its job: the document is there before the job's first
+        validation record can arrive, and a crash between the two leaves a trial without a job,
+        which :meth:`reconcile` submits (the same id: never twice)."""
         job_id = trial_id(spec.name, number, fold)
+        self._add_trial(spec.name, job_id, number, fold, hyperparameters)
         data: dict[str, Any] = dict(spec.data or {})
         if fold is not None:
             data |= {"folds": spec.folds, "fold": fold}
@@ -139,7 +141,6 @@ class StudyScheduler:
             )
         except DuplicateKeyError:
             pass  # submitted before a crash, or by another scheduler: the job is there
-        self._add_trial(spec.name, job_id, number, fold, hyperparameters)
         return job_id
 
     def _add_trial(self, study: str, job_id: str, number: int, fold: int | None, hyperparameters: dict[str, Any]) -> None:
@@ -148,7 +149,7 @@ class StudyScheduler:
                 {
                     "_id": job_id, "project": self.store.project, "study": study, "configuration": number, "fold": fold,
                     "hyperparameters": hyperparameters, "status": TrialStatus.ACTIVE, "curve": {}, "rung": None,
-                    "stopped_at_rung": None, "objective": None, "submitted_at": _now(), "ended_at": None,
+                    "stopped_at_rung": None, "objective": None, "epochs_done": None, "submitted_at": _now(), "ended_at": None,
                 }
             )  # fmt: skip
         except DuplicateKeyError:
@@ -161,16 +162,23 @@ class StudyScheduler:
         Returns the rung verdict (a ``study_decisions`` document) when one was made or found, else
         None (not a trial, not a rung, or other folds of the configuration have not reached it).
         """
-        trial = self.trials.find_one({"_id": job_id}, {"study": 1, "configuration": 1})
+        trial = self.trials.find_one({"_id": job_id}, {"study": 1, "configuration": 1, "stopped_at_rung": 1, "status": 1})
         if trial is None:
             return None
         spec = self.spec(trial["study"])
         value = metrics.get(spec.objective.metric)
         self.trials.update_one({"_id": job_id}, {"$set": {f"curve.{epoch}": value}})
         rungs = spec.searcher.rungs()
-        if epoch + 1 not in rungs:
-            return None
-        return self._judge(spec, int(trial["configuration"]), rungs.index(epoch + 1))
+        verdict = None
+        stopped_at = trial.get("stopped_at_rung")
+        if epoch + 1 in rungs and (stopped_at is None or stopped_at >= rungs.index(epoch + 1)):
+            # judged even if the trial has ended meanwhile (its records may arrive after its job
+            # event), so the verdicts are the same whenever the scheduler reads them; epochs a
+            # stopped trial ran before it saw the cancel are not
+            verdict = self._judge(spec, int(trial["configuration"]), rungs.index(epoch + 1))
+        if trial["status"] != TrialStatus.ACTIVE:
+            self.maybe_finish(spec.name)  # it waited for this trial's records
+        return verdict
 
     def _judge(self, spec: StudySpec, number: int, rung: int) -> dict[str, Any] | None:
         decision_id = f"{spec.name}:{number}:{rung}"
@@ -208,56 +216,54 @@ class StudyScheduler:
                 {**trials, "rung": {"$not": {"$gte": decision["rung"]}}}, {"$set": {"rung": decision["rung"]}}
             )
             return
-        self.trials.update_many(
-            {**trials, "status": TrialStatus.ACTIVE},
-            {"$set": {"status": TrialStatus.STOPPED, "stopped_at_rung": decision["rung"]}},
-        )
+        # a trial that ended before the verdict was carried out (a scheduler restarted late) keeps
+        # its outcome, but is not judged at later rungs either
+        self.trials.update_many({**trials, "stopped_at_rung": None}, {"$set": {"stopped_at_rung": decision["rung"]}})
+        self.trials.update_many({**trials, "status": TrialStatus.ACTIVE}, {"$set": {"status": TrialStatus.STOPPED}})
         for job_id in decision["trials"]:
             self.jobs.cancel(job_id)  # the worker sees it within a second and frees the slot
 
     # -- trials ending, the study ending ------------------------------------------------------------
     def on_trial_ended(self, job_id: str) -> None:
         """Record the outcome of a trial whose job ended, submit the next trials, end the study if done."""
-        job = self.jobs.collection.find_one({"_id": job_id}, {"labels": 1, "status": 1, "result": 1, "spec": 1})
+        job = self.jobs.collection.find_one({"_id": job_id}, {"labels": 1, "status": 1, "result": 1, "progress": 1})
         if job is None or not (job.get("labels") or {}).get("study") or job["status"] in UNFINISHED:
             return
-        labels = job["labels"]
-        name = labels["study"]
+        name = job["labels"]["study"]
         spec = self.spec(name)
-        searched = {key: job["spec"]["hyperparameters"][key] for key in spec.space if key in job["spec"]["hyperparameters"]}
-        self._add_trial(name, job_id, int(labels["configuration"]), labels.get("fold"), searched)  # if a crash lost it
-        trial = self.trials.find_one({"_id": job_id}, {"curve": 1, "status": 1})
-        assert trial is not None
+        trial = self.trials.find_one({"_id": job_id}, {"curve": 1})
+        if trial is None:
+            return  # a job labelled by hand, not one of the scheduler's trials (their documents come first)
         curve = trial.get("curve") or {}
         last = curve[max(curve, key=int)] if curve else None
-        if job["status"] == JobStatus.FINISHED:
-            status, objective = (
+        status, objective = {
+            JobStatus.FINISHED: (
                 TrialStatus.FINISHED,
                 ((job.get("result") or {}).get("metrics") or {}).get(f"val_{spec.objective.metric}", last),
-            )
-        elif job["status"] == JobStatus.FAILED:
-            status, objective = TrialStatus.FAILED, last
-        else:
-            status, objective = TrialStatus.CANCELLED, last
-        self.trials.update_one(
-            {"_id": job_id, "status": TrialStatus.ACTIVE},
-            {"$set": {"status": status, "objective": objective, "ended_at": _now()}},
-        )
-        self.trials.update_one(
-            {"_id": job_id, "status": TrialStatus.STOPPED}, {"$set": {"objective": objective, "ended_at": _now()}}
-        )
+            ),
+            JobStatus.FAILED: (TrialStatus.FAILED, last),
+        }.get(job["status"], (TrialStatus.CANCELLED, last))
+        epochs_done = int((job.get("progress") or {}).get("epoch", -1)) + 1  # each logged its validation record
+        ended = {"objective": objective, "epochs_done": epochs_done, "ended_at": _now()}
+        self.trials.update_one({"_id": job_id, "status": TrialStatus.ACTIVE}, {"$set": {"status": status, **ended}})
+        self.trials.update_one({"_id": job_id, "status": TrialStatus.STOPPED}, {"$set": ended})
         self.fill(name)
         self.maybe_finish(name)
 
     def maybe_finish(self, name: str) -> bool:
-        """Mark the study finished if no trial is unfinished and no configuration is left; then the
-        best trial's final version (if it saved one) gets the ``best`` alias. Returns whether it ended now."""
+        """Mark the study finished if no trial is unfinished, no configuration is left and every
+        validation record of its trials has been read (so that no verdict is skipped: a restarted
+        scheduler may read them after the jobs' ends); then the best trial's final version (if it
+        saved one) gets the ``best`` alias. Returns whether it ended now."""
         spec = self.spec(name)
         if self.unfinished_trials(name) or self.trials.count_documents({"study": name, "status": TrialStatus.ACTIVE}):
             return False
         if configuration(spec, self.trials.count_documents({"study": name}) // spec.folds_or_one) is not None:
             return False
-        best = best_row(spec, configuration_rows(spec, self.trials.find({"study": name})))
+        trials = list(self.trials.find({"study": name}))
+        if any(len(trial["curve"]) < (trial.get("epochs_done") or 0) for trial in trials):
+            return False  # validation records still to be read: the processor that reads them finishes the study
+        best = best_row(spec, configuration_rows(spec, trials))
         ended = self.studies.find_one_and_update(
             {"_id": name, "status": StudyStatus.RUNNING},
             {"$set": {"status": StudyStatus.FINISHED, "finished_at": _now(), "best": best}},
@@ -296,8 +302,12 @@ class StudyScheduler:
         free slots, end the study if done (the timer's pass; repairs what a crash left)."""
         for study in self.studies.find({"status": StudyStatus.RUNNING}, {"_id": 1}):
             name = study["_id"]
-            active = [trial["_id"] for trial in self.trials.find({"study": name, "status": TrialStatus.ACTIVE}, {"_id": 1})]
-            for job in self.jobs.collection.find({"_id": {"$in": active}, "status": {"$nin": list(UNFINISHED)}}, {"_id": 1}):
-                self.on_trial_ended(job["_id"])
+            active = {trial["_id"]: trial for trial in self.trials.find({"study": name, "status": TrialStatus.ACTIVE})}
+            jobs = {job["_id"]: job["status"] for job in self.jobs.collection.find({"_id": {"$in": list(active)}}, {"status": 1})}
+            for job_id, trial in active.items():
+                if job_id not in jobs:  # a crash between the trial's document and its job
+                    self._submit(self.spec(name), trial["configuration"], trial["fold"], trial["hyperparameters"])
+                elif jobs[job_id] not in UNFINISHED:
+                    self.on_trial_ended(job_id)
             self.fill(name)
             self.maybe_finish(name)

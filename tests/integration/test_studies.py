@@ -82,7 +82,66 @@ def test_asha_stops_the_losers_at_the_first_rung_and_frees_their_slots(settings,
         jobs = {job["_id"]: job for job in trial_jobs(db, "asha")}
         loser = jobs[stop["trials"][0]]
         assert loser["status"] == "cancelled" and loser["progress"]["epoch"] < 3
-        freed = (loser["finished_at"] - stop["at"].replace(tzinfo=None)).total_seconds() if loser["finished_at"].tzinfo is None else (loser["finished_at"] - stop["at"]).total_seconds()
-        print(f"stop verdict -> loser's job ended: {freed:.2f} s")
-        assert freed < 3.0
+        freed = (loser["finished_at"] - stop["at"]).total_seconds()  # the worker saw the cancel and freed the slot
+        assert freed < 3.0, f"the stopped trial's job ended {freed:.2f} s after the verdict"
         assert study.best()["hyperparameters"]["x"] in (0.2, 0.4)
+
+
+def test_scheduler_killed_mid_study_finishes_it_with_the_same_verdicts_and_no_duplicate_trial(
+    settings, processors, start_worker, tmp_path
+) -> None:
+    from tensordb.testing import processors_process
+
+    start_worker()
+    start_worker()
+    with TensorDB(settings) as db:
+        study = db.create_study(
+            name="killed", model=CURVE, objective=OBJECTIVE, space={"x": {"choice": [0.2, 0.4, 1.5, 1.6, 1.7, 1.8]}},
+            searcher={"name": "asha", "sampler": "grid", "min_epochs": 1, "max_epochs": 4, "reduction_factor": 2},
+            hyperparameters={"seconds": 0.3}, max_concurrent=2,
+        )  # fmt: skip
+        wait_for(lambda: any(d["action"] == "stop" for d in study.decisions()), timeout=120)
+        processors.kill()  # SIGKILL mid-study: no clean-up, uncommitted offsets
+        with processors_process(settings, tmp_path / "processors-2.log"):
+            study.wait(timeout=240)
+        verdicts = {(d["configuration"], d["rung"]): d["action"] for d in study.decisions()}
+        assert verdicts == {
+            (0, 0): "continue", (1, 0): "continue", (0, 1): "continue", (1, 1): "continue",
+            **{(number, 0): "stop" for number in range(2, 6)},
+        }  # fmt: skip
+        jobs = trial_jobs(db, "killed")
+        assert sorted(job["_id"] for job in jobs) == sorted({t["_id"] for t in study.trials()})
+        assert len(jobs) == 6 and all(job["attempts"] == 1 for job in jobs)
+
+
+def test_stopping_a_study_cancels_its_running_trials_and_submits_no_more(settings, processors, start_worker) -> None:
+    start_worker()
+    start_worker()
+    with TensorDB(settings) as db:
+        study = db.create_study(
+            name="stopped", model=CURVE, objective=OBJECTIVE, space={"x": {"uniform": [0, 1]}},
+            searcher={"name": "random"}, max_trials=10, epochs=50, hyperparameters={"seconds": 0.2}, max_concurrent=2,
+        )  # fmt: skip
+        wait_for(lambda: sum(job["status"] == "running" for job in trial_jobs(db, "stopped")) == 2)
+        assert study.stop()["status"] == "stopped"
+        ended = wait_for(lambda: (jobs := trial_jobs(db, "stopped")) and all(j["status"] == "cancelled" for j in jobs) and jobs, timeout=10)
+        assert len(ended) == 2
+        time.sleep(1.0)  # a trial ending after the stop must not make room for a new one
+        assert len(trial_jobs(db, "stopped")) == 2
+        assert {trial["status"] for trial in study.trials()} == {"cancelled"}
+
+
+def test_bad_studies_get_clear_errors(settings) -> None:
+    with TensorDB(settings) as db:
+        with pytest.raises(StudySpecError, match="searcher.reduction_factor"):
+            db.create_study(name="bad", model=CURVE, objective=OBJECTIVE, space={"x": {"uniform": [0, 1]}},
+                            searcher={"name": "asha", "max_epochs": 9, "reduction_factor": 1}, max_trials=4)  # fmt: skip
+        with pytest.raises(StudySpecError, match="loguniform needs low > 0"):
+            db.create_study(name="bad", model=CURVE, objective=OBJECTIVE, space={"lr": {"loguniform": [0, 1]}}, max_trials=4,
+                            searcher={"name": "random"})  # fmt: skip
+        with pytest.raises(UntrustedCodeError, match="outside the trusted modules"):
+            db.create_study(name="bad", model={"epoch_function": "os:system"}, objective=OBJECTIVE, space={"x": {"choice": [1]}})
+        assert db.list_studies() == []  # nothing was stored
+        db.create_study(name="taken", model=CURVE, objective=OBJECTIVE, space={"x": {"choice": [0.1]}})
+        with pytest.raises(StudyError, match="exists"):
+            db.create_study(name="taken", model=CURVE, objective=OBJECTIVE, space={"x": {"choice": [0.1]}})
