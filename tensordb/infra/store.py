@@ -47,6 +47,12 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("project", ASCENDING), ("name", ASCENDING), ("submitted_at", DESCENDING)]),
         IndexModel([("project", ASCENDING), ("policy", ASCENDING), ("status", ASCENDING)]),  # the retrain trigger
     ],
+    # running workers (tensordb.jobs.workers): the live ones are those seen lately; a killed worker's
+    # document is removed by MongoDB a day after it was last seen
+    "workers": [
+        IndexModel([("project", ASCENDING), ("seen_at", DESCENDING)]),
+        IndexModel([("seen_at", ASCENDING)], expireAfterSeconds=24 * 3600),
+    ],
     # the continuous-learning loop: policies, the scores of versions, and the miner's decisions
     "policies": [IndexModel([("project", ASCENDING), ("name", ASCENDING)])],
     "policy_counted_samples": [IndexModel([("project", ASCENDING), ("policy", ASCENDING), ("batch_id", ASCENDING)])],
