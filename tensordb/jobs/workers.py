@@ -20,6 +20,7 @@ from typing import TypedDict, cast
 
 from pymongo import ASCENDING
 
+from tensordb.errors import ConfigurationError
 from tensordb.infra.store import Store
 from tensordb.jobs.queue import JobResources
 
@@ -104,6 +105,23 @@ class Workers:
         since = datetime.now(UTC) - timedelta(seconds=live_seconds)
         found = self.collection.find({"seen_at": {"$gte": since}}).sort("started_at", ASCENDING)
         return [cast(WorkerDocument, document) for document in found]
+
+
+def capacity(slots: int, gpus: int | None = None) -> tuple[int, int]:
+    """The slots and GPUs a worker offers, checked; ``gpus`` None: those detected (:func:`detect_gpus`).
+
+    Raises ``ConfigurationError`` when ``slots`` is not a whole number of at least 1, or ``gpus`` one of at least 0.
+    """
+    _check_count("slots", slots, minimum=1)
+    if gpus is None:
+        return slots, detect_gpus()
+    _check_count("gpus", gpus, minimum=0)
+    return slots, gpus
+
+
+def _check_count(what: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"a worker's {what} must be a whole number of at least {minimum}, got {value!r}")
 
 
 def detect_gpus(
