@@ -23,6 +23,7 @@ from tensordb.errors import ConfigurationError
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store
 from tensordb.jobs.queue import JobDocument, JobKind, Jobs
+from tensordb.jobs.workers import WorkerDocument, Workers
 from tensordb.models.registry import ModelRegistry
 from tensordb.runs.logger import RunLogger
 from tensordb.runs.queries import delete_logs, read_logs
@@ -252,7 +253,7 @@ class TensorDB:
             What to run.
         **spec
             ``name``, ``model``, ``data``, ``hyperparameters``, ``epochs``, ``priority``,
-            ``max_attempts``, ``script``...: see :meth:`tensordb.jobs.queue.Jobs.submit`.
+            ``max_attempts``, ``script``, ``slots``, ``gpus``...: see :meth:`tensordb.jobs.queue.Jobs.submit`.
         """
         return self.jobs.submit(kind, **spec)
 
@@ -267,6 +268,10 @@ class TensorDB:
     def list_jobs(self, status: str | Iterable[str] | None = None, name: str | None = None, **filters: Any) -> list[JobDocument]:
         """Jobs newest first, by status (one or several), name and field equalities."""
         return self.jobs.list(status, name, **filters)
+
+    def workers(self) -> list[WorkerDocument]:
+        """The running workers (seen in the last 15 s), oldest first: their slots and GPUs, what is busy, the jobs they run."""
+        return Workers(self.store).list()
 
     # -- studies ------------------------------------------------------------------------------------
     @property

@@ -134,8 +134,8 @@ def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., C
     """Start trainer workers (``tensordb worker``) for this test's project; all stopped afterwards."""
     started: list[ChildProcess] = []
 
-    def start(lease_seconds: float = 30.0) -> ChildProcess:
-        worker = worker_process(settings, tmp_path / f"worker-{len(started)}.log", lease_seconds)
+    def start(lease_seconds: float = 30.0, slots: int = 1, gpus: int | None = None) -> ChildProcess:
+        worker = worker_process(settings, tmp_path / f"worker-{len(started)}.log", lease_seconds, slots, gpus)
         started.append(worker)
         worker.start()
         return worker

@@ -1,9 +1,12 @@
-"""The trainer worker (``tensordb worker``): a consumer-group member that runs one job at a time.
+"""The trainer worker (``tensordb worker``): a consumer-group member that runs up to ``slots`` jobs at once.
 
-Job requests on Kafka are doorbells; the ``jobs`` collection decides which job runs (atomic claim,
-most urgent first), so a lost or duplicated request never loses or repeats a job. While a job runs,
-the consumer stays in its group with its partitions paused, a heartbeat thread renews the lease
-and watches for cancellation, and a reaper thread re-queues jobs of workers that died.
+Job requests on Kafka are doorbells; the ``jobs`` collection decides which job runs (atomic claim
+of the most urgent pending job that fits the free slots and GPUs), so a lost or duplicated request
+never loses or repeats a job. One loop polls the consumer (which keeps the worker in its group),
+claims while slots are free and advertises the worker in the ``workers`` collection
+(:mod:`tensordb.jobs.workers`). Each running job has a thread of its own and a heartbeat thread
+that renews its lease and watches for cancellation; a reaper thread re-queues jobs of workers that
+died.
 """
 
 from __future__ import annotations
@@ -12,14 +15,20 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+from confluent_kafka import Consumer
 
 from tensordb.config import Settings, Topic
 from tensordb.errors import UntrustedCodeError
 from tensordb.infra.bus import make_consumer, receive
-from tensordb.jobs.queue import JobDocument, JobEvent, JobKind, Jobs
+from tensordb.jobs.queue import JobDocument, JobEvent, JobKind, JobResources, Jobs, resources_of
+from tensordb.jobs.workers import ADVERTISE_SECONDS, Workers, capacity
+from tensordb.models.registry import ModelRegistry
 from tensordb.records import Schema
 from tensordb.runs.logger import RunLogger
 from tensordb.runtime import Runtime
@@ -30,6 +39,9 @@ from workers.training import run_training
 
 log = logging.getLogger(__name__)
 
+#: How long the loop waits for a doorbell while jobs run: a freed slot is filled within about this.
+BUSY_POLL_SECONDS = 0.25
+
 
 def runners() -> dict[str, Runner]:
     """The runner of each job kind."""
@@ -37,11 +49,38 @@ def runners() -> dict[str, Runner]:
 
 
 class Worker:
-    """Runs jobs of one project until :meth:`stop` is called (or SIGTERM/SIGINT via the CLI)."""
+    """Runs jobs of one project, up to ``slots`` at once, until :meth:`stop` is called (or SIGTERM/SIGINT via the CLI)."""
 
     def __init__(
-        self, settings: Settings, worker_id: str | None = None, lease_seconds: float = 30.0, idle_scan_seconds: float = 2.0
+        self,
+        settings: Settings,
+        worker_id: str | None = None,
+        lease_seconds: float = 30.0,
+        idle_scan_seconds: float = 2.0,
+        slots: int = 1,
+        gpus: int | None = None,
     ) -> None:
+        """
+        Parameters
+        ----------
+        settings : Settings
+            The project and servers.
+        worker_id : str, optional
+            The id recorded on claimed jobs and in the ``workers`` collection; default: host, pid and a random part.
+        lease_seconds : float
+            How long a claimed job stays this worker's without a heartbeat.
+        idle_scan_seconds : float
+            How long an idle worker waits for a doorbell before looking at the queue anyway.
+        slots : int
+            How many slots the worker offers: it runs jobs at once as long as their slots fit
+            (a job asks for 1 unless submitted with ``slots=``).
+        gpus : int, optional
+            How many GPUs the worker offers to jobs asking for some; default: those detected
+            (:func:`tensordb.jobs.workers.detect_gpus`).
+
+        Raises ``ConfigurationError`` when ``slots`` is not a whole number of at least 1, or ``gpus`` is negative.
+        """
+        self.slots, self.gpus = capacity(slots, gpus)
         self.settings = settings
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.lease_seconds = lease_seconds
@@ -50,60 +89,125 @@ class Worker:
         self.store, self.publisher, self.registry = self.runtime.store, self.runtime.publisher, self.runtime.registry
         self.store.ensure_indexes()
         self.jobs = Jobs(self.store, self.publisher)
+        self.workers = Workers(self.store)
         self.runners = runners()
         self._stopping = threading.Event()
-        self._current: JobContext | None = None
+        self._started_at = datetime.now(UTC)
+        # The jobs running now. Added to by the loop (before a job's thread starts, so its slots are
+        # busy at once), removed from by the job's thread when it is done. Single dict operations and
+        # list() copies are atomic, so no lock: stop() runs in signal handlers, where a lock could deadlock.
+        self._running: dict[str, JobContext] = {}
+        self._advertised: frozenset[str] | None = None  # the running job ids last advertised...
+        self._advertised_at = 0.0  # ...and when (time.monotonic())
 
     def run_one(self, name: str | None = None, sort: Sequence[tuple[str, int]] | None = None) -> bool:
-        """Claim one pending job (of ``name``) and run it here; returns whether one ran."""
-        job = self.jobs.claim(self.worker_id, self.lease_seconds, name=name, sort=sort)
+        """Claim one pending job (of ``name``) that fits this worker and run it here; returns whether one ran."""
+        job = self.jobs.claim(
+            self.worker_id, self.lease_seconds, name=name, sort=sort, free_slots=self.slots, free_gpus=self.gpus
+        )
         if job is None:
             return False
-        self._run_job(job)
+        self._run_job(self._start_context(job))
         return True
 
     def close(self) -> None:
         self.runtime.close()
 
     def stop(self) -> None:
-        """Stop after handing the running job (if any) back to the queue."""
+        """Stop after handing every running job back to the queue."""
         self._stopping.set()
-        if self._current is not None:
-            self._current.request_stop("shutdown")
+        self._hand_back_running()
 
     def run(self) -> None:
-        """The main loop: wait for a doorbell (or scan now and then), claim, run, repeat."""
+        """The main loop: wait for a doorbell (briefly while jobs run), claim while slots are free,
+        advertise the worker, repeat."""
         consumer = make_consumer(
             self.settings, f"{self.settings.topic_prefix}-{self.settings.project}-workers", [Topic.JOB_REQUESTS]
         )
         reaper = threading.Thread(target=self._reap_forever, name="tensordb-reaper", daemon=True)
         reaper.start()
-        log.info("worker ready: %s", self.worker_id)
+        self._advertise()
+        log.info("worker ready: %s (%d slots, %d GPUs)", self.worker_id, self.slots, self.gpus)
         try:
-            with ThreadPoolExecutor(1, thread_name_prefix="tensordb-job") as executor:
-                while not self._stopping.is_set():
-                    rang = any(True for _ in receive(consumer, Schema.JOB_REQUEST, timeout=self.idle_scan_seconds))
-                    if rang:
-                        consumer.commit(asynchronous=True)  # requests are doorbells; the jobs collection is the queue
-                    job = self.jobs.claim(self.worker_id, self.lease_seconds)
-                    if job is None:
-                        continue
-                    consumer.pause(consumer.assignment())
-                    running = executor.submit(self._run_job, job)
-                    while not running.done():  # keep the group membership alive while busy
-                        consumer.poll(0.2)
-                    consumer.resume(consumer.assignment())
-                    running.result()
+            with ThreadPoolExecutor(self.slots, thread_name_prefix="tensordb-job") as executor:
+                try:
+                    while not self._stopping.is_set():
+                        if self._doorbell_rang(consumer):
+                            consumer.commit(asynchronous=True)  # requests are doorbells; the jobs collection is the queue
+                        self._claim_while_free(executor)
+                        self._advertise_if_due()
+                finally:
+                    self._hand_back_running()  # also after an error in the loop; the executor waits for them
         finally:
             self._stopping.set()
             consumer.close()
             reaper.join(timeout=5)
+            self._withdraw()
             self.close()
 
-    def _run_job(self, job: JobDocument) -> None:
+    # -- the loop's steps ----------------------------------------------------------------------
+    def _doorbell_rang(self, consumer: Consumer) -> bool:
+        """Wait for job requests: briefly while jobs run (one may finish and free its slots), else
+        up to ``idle_scan_seconds``. Polling also keeps the consumer in its group."""
+        timeout = BUSY_POLL_SECONDS if self._running else self.idle_scan_seconds
+        return any(True for _ in receive(consumer, Schema.JOB_REQUEST, timeout=timeout))
+
+    def _claim_while_free(self, executor: ThreadPoolExecutor) -> None:
+        """Claim pending jobs that fit the free slots and GPUs, each started on a thread of its own,
+        until none fits (a job asking for more than this worker has is left to others)."""
+        while not self._stopping.is_set():
+            free = self._free()
+            if free["slots"] < 1:
+                return
+            job = self.jobs.claim(self.worker_id, self.lease_seconds, free_slots=free["slots"], free_gpus=free["gpus"])
+            if job is None:
+                return
+            executor.submit(self._run_in_slot, self._start_context(job))
+
+    def _free(self) -> JobResources:
+        """The slots and GPUs no running job occupies."""
+        busy = [resources_of(context.job) for context in list(self._running.values())]
+        return {"slots": self.slots - sum(r["slots"] for r in busy), "gpus": self.gpus - sum(r["gpus"] for r in busy)}
+
+    def _advertise_if_due(self) -> None:
+        """Refresh the worker's document when its jobs changed, or every ``ADVERTISE_SECONDS``."""
+        if frozenset(self._running) != self._advertised or time.monotonic() - self._advertised_at >= ADVERTISE_SECONDS:
+            self._advertise()
+
+    def _advertise(self) -> None:
+        running = {job_id: resources_of(context.job) for job_id, context in list(self._running.items())}
+        self.workers.advertise(self.worker_id, slots=self.slots, gpus=self.gpus, running=running, started_at=self._started_at)
+        self._advertised, self._advertised_at = frozenset(running), time.monotonic()
+
+    def _withdraw(self) -> None:
+        """Remove the worker's document (a clean stop); if MongoDB does not answer, it ages out of the list."""
+        try:
+            self.workers.remove(self.worker_id)
+        except Exception:  # noqa: BLE001 - stopping must not fail on it
+            log.warning("could not remove worker %s from the workers collection", self.worker_id, exc_info=True)
+
+    def _hand_back_running(self) -> None:
+        for context in list(self._running.values()):
+            context.request_stop("shutdown")
+
+    # -- one job ---------------------------------------------------------------------------------
+    def _start_context(self, job: JobDocument) -> JobContext:
+        """The context of a claimed job, registered as running (its slots are busy from now on)."""
         logger = RunLogger(self.publisher, run_id=job["_id"], job_id=job["_id"])
-        context = JobContext(job, self.worker_id, self.settings, self.store, self.jobs, self.registry, logger)
-        self._current = context
+        registry = ModelRegistry(self.store, self.publisher)  # its own, so a job waits for its own uploads only
+        context = JobContext(job, self.worker_id, self.settings, self.store, self.jobs, registry, logger)
+        self._running[job["_id"]] = context
+        return context
+
+    def _run_in_slot(self, context: JobContext) -> None:
+        """A job's thread: a failure to record the outcome is logged, never ends the worker."""
+        try:
+            self._run_job(context)
+        except Exception:  # noqa: BLE001 - the other jobs keep running
+            log.exception("could not record the outcome of job %s: its lease will expire and it is re-queued", context.job_id)
+
+    def _run_job(self, context: JobContext) -> None:
+        job, registry, logger = context.job, context.registry, context.logger
         heartbeat = threading.Thread(target=self._heartbeat, args=(context,), name="tensordb-heartbeat", daemon=True)
         heartbeat.start()
         log.info("running %s job %s (attempt %s)", job["kind"], job["_id"], job["attempts"])
@@ -111,11 +215,11 @@ class Worker:
             self.jobs.event(job["_id"], JobEvent.STARTED, attempt=job["attempts"], worker=self.worker_id)
             result = self.runners[job["kind"]](context)
             logger.close()
-            self.registry.wait()
+            registry.wait()
             self.jobs.finish(job["_id"], self.worker_id, result)
         except JobCancelled:
             logger.close()
-            self.registry.wait()
+            registry.wait()
             if context.stop_reason == "cancelled":
                 self.jobs.cancelled(job["_id"], self.worker_id)
             elif context.stop_reason == "shutdown":
@@ -126,9 +230,13 @@ class Worker:
             # refused code is refused on every retry: fail at once with the reason
             self.jobs.fail(job["_id"], self.worker_id, exc, retryable=not isinstance(exc, UntrustedCodeError))
         finally:
-            self._current = None
             context.stop.set()
             heartbeat.join(timeout=5)
+            try:
+                registry.close()  # uploads of a failed job: waited for, their errors only logged
+            except Exception:  # noqa: BLE001 - the job's outcome is recorded already
+                log.warning("a model upload of job %s failed", job["_id"], exc_info=True)
+            self._running.pop(job["_id"], None)
 
     def _heartbeat(self, context: JobContext) -> None:
         while not context.stop.wait(min(self.lease_seconds / 3, 1.0)):  # also how fast a cancel is seen
@@ -147,11 +255,23 @@ class Worker:
                 log.exception("reaper pass failed")
 
 
-def run(settings: Settings, lease_seconds: float | None = None) -> None:
-    """``tensordb worker``: run until SIGINT/SIGTERM (leases of ``lease_seconds``, default the setting)."""
+def run(settings: Settings, lease_seconds: float | None = None, slots: int = 1, gpus: int | None = None) -> None:
+    """``tensordb worker``: run until SIGINT/SIGTERM.
+
+    Parameters
+    ----------
+    settings : Settings
+        The project and servers.
+    lease_seconds : float, optional
+        Leases of claimed jobs; default: ``settings.worker_lease_seconds``.
+    slots : int
+        Jobs (their slots) run at once.
+    gpus : int, optional
+        GPUs offered to jobs; default: those detected.
+    """
     import signal
 
-    worker = Worker(settings, lease_seconds=lease_seconds or settings.worker_lease_seconds)
+    worker = Worker(settings, lease_seconds=lease_seconds or settings.worker_lease_seconds, slots=slots, gpus=gpus)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: worker.stop())
     worker.run()

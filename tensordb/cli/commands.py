@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from tensordb.config import load_settings
 
@@ -31,7 +32,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings()
-    run(settings, lease_seconds=args.lease or settings.worker_lease_seconds)
+    run(settings, lease_seconds=args.lease or settings.worker_lease_seconds, slots=args.slots, gpus=args.gpus)
     return 0
 
 
@@ -95,6 +96,21 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(load_settings())
 
 
+def _whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number of at least ``minimum`` (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _add_http_arguments(parser: argparse.ArgumentParser, setting: str, port: int) -> None:
     """``--host``, ``--port`` and ``--token`` of an HTTP endpoint, defaulting to its settings
     (``TENSORDB_<SETTING>_HOST``, ``_PORT``, ``_TOKEN``)."""
@@ -121,6 +137,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="seconds a job stays claimed without a heartbeat (default: TENSORDB_WORKER_LEASE_SECONDS, 30)",
+    )
+    worker.add_argument(
+        "--slots",
+        type=_whole_number(1),
+        default=1,
+        help="slots offered: jobs run at once while the slots they ask for fit (a job asks for 1 unless submitted with slots=N) (default: 1)",
+    )
+    worker.add_argument(
+        "--gpus",
+        type=_whole_number(0),
+        default=None,
+        help="GPUs offered to jobs that ask for some (default: those of CUDA_VISIBLE_DEVICES, else of nvidia-smi -L, else 0)",
     )
     worker.set_defaults(handler=_worker)
 

@@ -48,6 +48,12 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("project", ASCENDING), ("policy", ASCENDING), ("status", ASCENDING)]),  # the retrain trigger
         IndexModel([("project", ASCENDING), ("labels.study", ASCENDING), ("status", ASCENDING)]),  # a study's free slots
     ],
+    # running workers (tensordb.jobs.workers): the live ones are those seen lately; a killed worker's
+    # document is removed by MongoDB a day after it was last seen
+    "workers": [
+        IndexModel([("project", ASCENDING), ("seen_at", DESCENDING)]),
+        IndexModel([("seen_at", ASCENDING)], expireAfterSeconds=24 * 3600),
+    ],
     # the continuous-learning loop: policies, the scores of versions, and the miner's decisions
     # studies (tensordb.studies): the study, its trials (one per train job) and ASHA's rung verdicts
     "studies": [IndexModel([("project", ASCENDING), ("created_at", DESCENDING)])],

@@ -77,6 +77,19 @@ class JobEvent(StrEnum):
 
 CLAIM_ORDER = [("priority", DESCENDING), ("submitted_at", ASCENDING)]
 KINDS = tuple(JobKind)
+#: The most slots and GPUs one job may ask for (``schemas/job_request.v1.json`` says the same).
+MAX_SLOTS, MAX_GPUS = 64, 16
+
+
+class JobResources(TypedDict):
+    """What a job occupies on its worker while it runs: slots (concurrent jobs) and GPUs."""
+
+    slots: int
+    gpus: int
+
+
+#: What a job stored without ``resources`` (before jobs asked for any) occupies.
+DEFAULT_RESOURCES: JobResources = {"slots": 1, "gpus": 0}
 
 
 class JobFailure(TypedDict):
@@ -111,6 +124,9 @@ class JobDocument(TypedDict):
     spec: dict[str, Any]
     priority: int
     max_attempts: int
+    #: what the job occupies on its worker; absent on jobs stored before jobs asked for resources
+    #: (:func:`resources_of` reads either)
+    resources: JobResources
     status: str  # a JobStatus value
     attempts: int
     worker: str | None
@@ -139,6 +155,36 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def resources_of(job: Mapping[str, Any]) -> JobResources:
+    """The slots and GPUs ``job`` occupies (:data:`DEFAULT_RESOURCES` for jobs stored without them)."""
+    resources = job.get("resources") or {}
+    return {"slots": resources.get("slots", DEFAULT_RESOURCES["slots"]), "gpus": resources.get("gpus", DEFAULT_RESOURCES["gpus"])}
+
+
+def _checked_resources(slots: int, gpus: int) -> JobResources:
+    """The resources a job asks for, refused with the reason before anything is stored."""
+    for what, value, minimum, maximum in (("slots", slots, 1, MAX_SLOTS), ("gpus", gpus, 0, MAX_GPUS)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise JobError(f"a job's {what} must be a whole number, got {value!r}")
+        if not minimum <= value <= maximum:
+            raise JobError(f"a job's {what} must be between {minimum} and {maximum}, got {value}")
+    return {"slots": slots, "gpus": gpus}
+
+
+def _fitting(free_slots: int | None, free_gpus: int | None) -> list[dict[str, Any]]:
+    """Conditions on a pending job's resources: it asks for at most ``free_slots`` slots and
+    ``free_gpus`` GPUs (a bound that is None is no bound). Jobs stored without ``resources``
+    occupy :data:`DEFAULT_RESOURCES`."""
+    bounds = [("slots", free_slots, DEFAULT_RESOURCES["slots"]), ("gpus", free_gpus, DEFAULT_RESOURCES["gpus"])]
+    conditions = []
+    for field, free, default in bounds:
+        if free is None:
+            continue
+        fits = {f"resources.{field}": {"$lte": free}}
+        conditions.append({"$or": [fits, {"resources": {"$exists": False}}]} if default <= free else fits)
+    return conditions
+
+
 class Jobs:
     """The job queue of one project: submission, claims with leases, progress and outcomes."""
 
@@ -165,6 +211,8 @@ class Jobs:
         description: str = "",
         job_id: str | None = None,
         labels: Mapping[str, Any] | None = None,
+        slots: int = 1,
+        gpus: int = 0,
     ) -> str:
         """Record a job as pending and announce it on the job-request topic; returns its id.
 
@@ -208,14 +256,21 @@ class Jobs:
         labels : mapping, optional
             What groups this job with others (a study's trial is labelled with its study,
             configuration and fold); list them with ``Jobs.list(**{"labels.study": NAME})``.
+        slots : int
+            Worker slots the job occupies while it runs (1 to 64): a worker runs jobs concurrently up
+            to its ``--slots``, and only a worker with this many free slots claims the job.
+        gpus : int
+            GPUs the job needs (0 to 16): only a worker with this many free GPUs claims it.
 
-        Raises ``JobError`` (unknown kind, task without script), ``ValidationError`` (the request breaks
+        Raises ``JobError`` (unknown kind, task without script, slots or GPUs out of range),
+        ``ValidationError`` (the request breaks
         ``schemas/job-request``) and ``UntrustedCodeError`` (a builder or script this process does not trust).
         """
         if kind not in KINDS:
             raise JobError(f"job kind must be one of {', '.join(KINDS)}, got {kind!r}")
         if kind == JobKind.TASK and not script:
             raise JobError("a task job needs script=<path of a Python file on the worker>")
+        resources = _checked_resources(slots, gpus)
         check_submitted_job(kind, model, script, self.store.settings)  # workers check again before running
         job_id = job_id or f"job-{uuid.uuid4().hex[:16]}"
         request: dict[str, Any] = {
@@ -230,6 +285,7 @@ class Jobs:
             "save_keys": list(save_keys),
             "priority": priority,
             "max_attempts": max_attempts,
+            "resources": dict(resources),
             "submitted_at": _now().isoformat(),
         }
         if script:
@@ -250,6 +306,7 @@ class Jobs:
             | ({"script": script} if script else {}),
             "priority": priority,
             "max_attempts": max_attempts,
+            "resources": resources,
             "status": JobStatus.PENDING,
             "attempts": 0,
             "worker": None,
@@ -347,16 +404,37 @@ class Jobs:
 
     # -- the worker's side ---------------------------------------------------------------------
     def claim(
-        self, worker: str, lease_seconds: float, name: str | None = None, sort: Sequence[tuple[str, int]] | None = None
+        self,
+        worker: str,
+        lease_seconds: float,
+        name: str | None = None,
+        sort: Sequence[tuple[str, int]] | None = None,
+        free_slots: int | None = None,
+        free_gpus: int | None = None,
     ) -> JobDocument | None:
-        """Atomically take the most urgent pending job (of ``name``) with a lease; None if none.
+        """Atomically take the most urgent pending job (of ``name``) that fits, with a lease; None if none.
 
-        ``sort`` overrides the order (priority, then oldest first); TensorLayer's ``time`` field
-        is accepted as the submission time.
+        Parameters
+        ----------
+        worker : str
+            The claiming worker's id (recorded on the job; its heartbeats and outcomes must name it).
+        lease_seconds : float
+            How long the claim holds without a heartbeat before the reaper re-queues the job.
+        name : str, optional
+            Claim only jobs of this name.
+        sort : sequence of (field, direction), optional
+            Overrides the order (priority, then oldest first); TensorLayer's ``time`` field is
+            accepted as the submission time.
+        free_slots, free_gpus : int, optional
+            Claim only a job asking for at most this many slots / GPUs (jobs stored without
+            ``resources`` ask for 1 slot and no GPU); None: no bound.
         """
         query: dict[str, Any] = {"status": JobStatus.PENDING, "cancel_requested": False}
         if name is not None:
             query["name"] = name
+        fitting = _fitting(free_slots, free_gpus)
+        if fitting:
+            query["$and"] = fitting
         order = [("submitted_at" if key == "time" else key, direction) for key, direction in sort or CLAIM_ORDER]
         now = _now()
         job = self.collection.find_one_and_update(
@@ -482,7 +560,8 @@ class Jobs:
             return False
         request = {
             "schema": records.Schema.JOB_REQUEST, "job_id": job["_id"], "kind": job["kind"], "name": job["name"],
-            "priority": job["priority"], "max_attempts": job["max_attempts"], "submitted_at": _now().isoformat(),
+            "priority": job["priority"], "max_attempts": job["max_attempts"], "resources": dict(resources_of(job)),
+            "submitted_at": _now().isoformat(),
         }  # fmt: skip
         self.publisher.publish(Topic.JOB_REQUESTS, request, key=job["_id"])
         self.event(job["_id"], event, attempt=job["attempts"], detail={"reason": failure["error"]["message"]})

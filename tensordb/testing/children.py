@@ -78,9 +78,13 @@ def processors_process(settings: Settings, log_path: Path) -> ChildProcess:
     return ChildProcess(["processors"], READY_LINES["processors"], settings, log_path)
 
 
-def worker_process(settings: Settings, log_path: Path, lease_seconds: float = 30.0) -> ChildProcess:
-    """``tensordb worker``: a trainer worker."""
-    return ChildProcess(["worker", "--lease", str(lease_seconds)], READY_LINES["worker"], settings, log_path)
+def worker_process(
+    settings: Settings, log_path: Path, lease_seconds: float = 30.0, slots: int = 1, gpus: int | None = None
+) -> ChildProcess:
+    """``tensordb worker``: a trainer worker running up to ``slots`` jobs at once, offering ``gpus``
+    GPUs (default: those it detects)."""
+    options = ["--lease", str(lease_seconds), "--slots", str(slots), *(["--gpus", str(gpus)] if gpus is not None else [])]
+    return ChildProcess(["worker", *options], READY_LINES["worker"], settings, log_path)
 
 
 def server_process(

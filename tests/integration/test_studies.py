@@ -124,7 +124,9 @@ def test_stopping_a_study_cancels_its_running_trials_and_submits_no_more(setting
         )  # fmt: skip
         wait_for(lambda: sum(job["status"] == "running" for job in trial_jobs(db, "stopped")) == 2)
         assert study.stop()["status"] == "stopped"
-        ended = wait_for(lambda: (jobs := trial_jobs(db, "stopped")) and all(j["status"] == "cancelled" for j in jobs) and jobs, timeout=10)
+        ended = wait_for(
+            lambda: (jobs := trial_jobs(db, "stopped")) and all(j["status"] == "cancelled" for j in jobs) and jobs, timeout=10
+        )
         assert len(ended) == 2
         time.sleep(1.0)  # a trial ending after the stop must not make room for a new one
         assert len(trial_jobs(db, "stopped")) == 2
