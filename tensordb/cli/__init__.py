@@ -9,6 +9,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from pymongo.errors import ServerSelectionTimeoutError
+
 from tensordb.errors import TensorDBError
 from tensordb.version import __version__
 
@@ -16,7 +18,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tensordb.cli import commands
+    from tensordb.cli import commands, study
     from tensordb.services import commands as service_commands
 
     parser = argparse.ArgumentParser(
@@ -27,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     service_commands.add_commands(subparsers)
     commands.add_commands(subparsers)
+    study.add_commands(subparsers)
     return parser
 
 
@@ -38,6 +41,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except TensorDBError as exc:
         print(f"tensordb: error: {exc}", file=sys.stderr)
+        return 1
+    except ServerSelectionTimeoutError:
+        from tensordb.config import load_settings
+        from tensordb.infra.trusted import uri_without_credentials
+
+        uri = uri_without_credentials(load_settings().mongo_uri)
+        print(
+            f"tensordb: error: MongoDB at {uri} did not answer: start it (`tensordb services up`) or set TENSORDB_MONGO_URI",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         return 130
