@@ -10,29 +10,34 @@ its cohort when it starts) instead of queueing another. Time-based triggers run 
 
 from __future__ import annotations
 
+import logging
+
 from streams.processing import ProcessorContext
 from tensordb.data.cohorts import cohort_from_spec
 from tensordb.data.samples import SAMPLES
+from tensordb.errors import PolicyError
 from tensordb.infra.bus import Received
 from tensordb.jobs.queue import JobKind, Jobs, JobStatus
 from tensordb.loop.policies import Policies, Policy
+from tensordb.loop.training import TrainingStep, submit_training, training_step
+from tensordb.studies.studies import Studies
+
+log = logging.getLogger(__name__)
 
 
-def submit_training(jobs: Jobs, policy: Policy, reason: str) -> str:
-    """The train job of one trigger of ``policy``; its versions are registered under the policy name."""
-    return jobs.submit(
-        JobKind.TRAIN,
-        name=policy.name,
-        model=policy.model,
-        data={**policy.training, "validation": policy.validation},
-        hyperparameters=policy.hyperparameters,
-        epochs=policy.epochs,
-        policy=policy.name,
-        description=reason,
-    )
+def planned_step(context: ProcessorContext, policy: Policy) -> TrainingStep | None:
+    """The policy's training step, or None (logged) while its study has no finished configuration:
+    the trigger is then left untaken, so the next import or period tries again."""
+    try:
+        return training_step(Studies(context.store, context.publisher), policy)
+    except PolicyError as exc:
+        log.warning("not retraining yet: %s", exc)
+        return None
 
 
-def maybe_trigger(jobs: Jobs, policies: Policies, policy: Policy, threshold: int | None, reason: str) -> str | None:
+def maybe_trigger(
+    context: ProcessorContext, jobs: Jobs, policies: Policies, policy: Policy, threshold: int | None, reason: str
+) -> str | None:
     """Submit a train job if the policy has no pending job and room for one; returns its id."""
     if jobs.collection.count_documents(
         {"project": jobs.store.project, "policy": policy.name, "status": JobStatus.PENDING}, limit=1
@@ -44,9 +49,10 @@ def maybe_trigger(jobs: Jobs, policies: Policies, policy: Policy, threshold: int
     )
     if running >= policy.max_concurrent_jobs:
         return None  # the counter stays; the next import re-checks
-    if not policies.take_trigger(policy.name, threshold):
+    step = planned_step(context, policy)
+    if step is None or not policies.take_trigger(policy.name, threshold):
         return None  # another processor took this crossing
-    return submit_training(jobs, policy, reason)
+    return submit_training(jobs, step, policy, reason)
 
 
 def handle_imports(context: ProcessorContext, batch: list[Received]) -> None:
@@ -64,7 +70,7 @@ def handle_imports(context: ProcessorContext, batch: list[Received]) -> None:
             total = policies.count_new_samples(policy.name, event["batch_id"], matching)
             threshold = int(policy.trigger["every_samples"])
             if total is not None and total >= threshold:
-                maybe_trigger(jobs, policies, policy, threshold, f"{total} new samples (threshold {threshold})")
+                maybe_trigger(context, jobs, policies, policy, threshold, f"{total} new samples (threshold {threshold})")
 
 
 def run_timed_triggers(context: ProcessorContext) -> None:
@@ -74,5 +80,7 @@ def run_timed_triggers(context: ProcessorContext) -> None:
     for document in policies.list(include_paused=False):
         policy = Policies.policy(document)
         seconds = policy.trigger.get("every_seconds")
-        if seconds and policies.take_timed_trigger(policy.name, seconds):
-            submit_training(jobs, policy, f"every {seconds} s")
+        if not seconds or (step := planned_step(context, policy)) is None:
+            continue
+        if policies.take_timed_trigger(policy.name, seconds):
+            submit_training(jobs, step, policy, f"every {seconds} s")

@@ -24,6 +24,8 @@ from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store
 from tensordb.jobs.queue import JobDocument, JobKind, Jobs
 from tensordb.jobs.workers import WorkerDocument, Workers
+from tensordb.loop.policies import Policies
+from tensordb.loop.promotion import evaluate_study_best
 from tensordb.models.registry import ModelRegistry
 from tensordb.runs.logger import RunLogger
 from tensordb.runs.queries import delete_logs, read_logs
@@ -302,6 +304,14 @@ class TensorDB:
     def list_studies(self) -> list[dict[str, Any]]:
         """Every study of the project, newest first, with its status and trial counts."""
         return self.studies.list()
+
+    def evaluate_study_best(self, study: str, policy: str) -> str | None:
+        """Submit the evaluation of a finished study's best version against the policy's production
+        model; the policy's promotion rule then decides, as for any candidate. Returns the job id.
+
+        The study must have been created with ``model_name`` = the policy's name.
+        """
+        return evaluate_study_best(self.jobs, self.models, self.studies, Policies(self.store).get(policy), study)
 
     def close(self) -> None:
         """Wait for model uploads, flush what is queued, close the connections."""

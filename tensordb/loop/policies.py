@@ -20,6 +20,7 @@ from tensordb.data.cohorts import cohort_from_spec
 from tensordb.errors import PolicyError
 from tensordb.infra.store import Store, insert_ignoring_duplicates
 from tensordb.infra.trusted import check_model_spec
+from tensordb.studies.scheduler import STUDIES
 
 POLICIES = "policies"
 #: One marker per (policy, sample) counted, naming the import batch that counted it first.
@@ -35,12 +36,14 @@ class Policy:
     ``objective``: ``{"metric": "accuracy", "direction": "max"}``.
     ``promotion``: ``{"margin": 0.0}`` — promote when the candidate beats production by more.
     The model registry name of the policy's versions is the policy name.
+    ``study``: a study whose best configuration is the training step (its model, hyper-parameters
+    and epochs; ``model`` may then be left out): retraining re-runs what the study found best.
     """
 
     name: str
-    model: dict[str, Any]
     training: dict[str, Any]
     validation: dict[str, Any]
+    model: dict[str, Any] = field(default_factory=dict)
     trigger: dict[str, Any] = field(default_factory=lambda: {"every_samples": 1000})
     objective: dict[str, Any] = field(default_factory=lambda: {"metric": "accuracy", "direction": "max"})
     promotion: dict[str, Any] = field(default_factory=lambda: {"margin": 0.0})
@@ -48,6 +51,7 @@ class Policy:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     max_concurrent_jobs: int = 1
     paused: bool = False
+    study: str | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -63,8 +67,10 @@ class Policy:
             raise PolicyError("promotion margin must be a number >= 0")
         if self.epochs < 1 or self.max_concurrent_jobs < 1:
             raise PolicyError("epochs and max_concurrent_jobs must be >= 1")
-        if not any(key in self.model for key in ("architecture", "entry_point", "name")):
-            raise PolicyError("model needs 'architecture' (Keras JSON), 'entry_point' or 'name'")
+        if self.study is None and not any(key in self.model for key in ("architecture", "entry_point", "name")):
+            raise PolicyError(
+                "model needs 'architecture' (Keras JSON), 'entry_point' or 'name'; or name a study to train its best configuration"
+            )
 
     def better(self, candidate: float, production: float | None) -> bool:
         """Whether ``candidate`` beats ``production`` by more than the margin in the objective's direction."""
@@ -93,6 +99,8 @@ class Policies:
         Its model spec must name trusted code only (``TENSORDB_TRUSTED_MODULES``): the retrain trigger
         submits it as jobs, and workers check it again before building."""
         check_model_spec(policy.model, self.store.settings)
+        if policy.study is not None and self.store[STUDIES].find_one({"_id": policy.study}, {"_id": 1}) is None:
+            raise PolicyError(f"policy {policy.name!r} names study {policy.study!r}, which does not exist: create it first")
         cohort_from_spec(self.store, policy.training)  # refuse a bad query now, not at the first trigger
         cohort_from_spec(self.store, policy.validation)
         now = datetime.now(UTC)

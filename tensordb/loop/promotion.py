@@ -12,9 +12,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from tensordb.errors import PolicyError
 from tensordb.jobs.queue import JobKind, Jobs
 from tensordb.loop.policies import Policies, Policy
 from tensordb.models.registry import ModelRegistry
+from tensordb.studies.studies import Studies
 
 DECISIONS = "decisions"
 #: One document per (evaluation job, model version), written by the evaluate runner (workers.evaluation).
@@ -41,6 +43,25 @@ def request_evaluation(jobs: Jobs, registry: ModelRegistry, policy: Policy, trai
         job_id=f"eval-{train_job['_id']}",
         description=f"candidate v{candidate['version']} vs production v{production}",
     )
+
+
+def evaluate_study_best(jobs: Jobs, registry: ModelRegistry, studies: Studies, policy: Policy, study: str) -> str | None:
+    """Hand a finished study's best trial to the policy's evaluation and promotion, like any candidate.
+
+    The study must register its versions under the policy's name (``model_name``), so that its best
+    version is a version of the policy's model. Returns the evaluation job's id (the same one if asked
+    twice); raises :class:`PolicyError` when the study has no best version or registers elsewhere.
+    """
+    spec = studies.spec(study)
+    if spec.registered_name != policy.name:
+        raise PolicyError(
+            f"study {study!r} registers its versions as {spec.registered_name!r}, but policy {policy.name!r} promotes "
+            f"versions of {policy.name!r}: create the study with model_name={policy.name!r}"
+        )
+    best = studies.best(study)
+    if best is None or "model" not in best:
+        raise PolicyError(f"study {study!r} has no best version yet: it must finish, and its trials must save Keras models")
+    return request_evaluation(jobs, registry, policy, dict(jobs.get(best["model"]["trial"])))
 
 
 def evaluate_versions(jobs: Jobs, policy: Policy, versions: list[int]) -> str:

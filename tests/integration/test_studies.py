@@ -147,3 +147,26 @@ def test_bad_studies_get_clear_errors(settings) -> None:
         db.create_study(name="taken", model=CURVE, objective=OBJECTIVE, space={"x": {"choice": [0.1]}})
         with pytest.raises(StudyError, match="exists"):
             db.create_study(name="taken", model=CURVE, objective=OBJECTIVE, space={"x": {"choice": [0.1]}})
+
+
+def test_a_policy_that_names_a_study_retrains_its_best_configuration(settings, processors, start_worker) -> None:
+    from tensordb.errors import PolicyError
+    from tensordb.loop.policies import Policies, Policy
+
+    start_worker()
+    with TensorDB(settings) as db:
+        study = db.create_study(name="tuned", model=CURVE, objective=OBJECTIVE, space={"x": {"choice": [0.1, 0.3, 0.9]}},
+                                hyperparameters={"y": 0.7}, epochs=2)  # fmt: skip
+        assert study.wait(timeout=120)["status"] == "finished"
+        policies = Policies(db.store)
+        everything = {"filter": {}}
+        with pytest.raises(PolicyError, match="study 'missing', which does not exist"):
+            policies.register(Policy(name="p", study="missing", training=everything, validation=everything))
+        policies.register(Policy(name="tuned-policy", study="tuned", training=everything, validation=everything,
+                                 trigger={"every_seconds": 1}))  # fmt: skip
+        job = wait_for(lambda: db.list_jobs(policy="tuned-policy"), timeout=30)[-1]
+        assert job["spec"]["model"] == CURVE and job["spec"]["epochs"] == 2
+        assert job["spec"]["hyperparameters"] == {"y": 0.7, "x": 0.3}
+        assert job["labels"] == {"from_study": "tuned", "configuration": 1}
+        with pytest.raises(PolicyError, match="model_name='tuned-policy'"):
+            db.evaluate_study_best("tuned", "tuned-policy")
