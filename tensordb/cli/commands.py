@@ -91,6 +91,10 @@ def _policy(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.study:
+        from tensordb.cli.demo_study import run_study_demo
+
+        return run_study_demo(load_settings())
     from tensordb.cli.demo import run_demo
 
     return run_demo(load_settings())
@@ -171,4 +175,5 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     policy.set_defaults(handler=_policy)
 
     demo = subparsers.add_parser("demo", help="run the demo against the running services")
+    demo.add_argument("--study", action="store_true", help="run the hyper-parameter study demo (ASHA on the digits) instead")
     demo.set_defaults(handler=_demo)

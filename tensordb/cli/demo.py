@@ -81,7 +81,7 @@ def _decisions(db: TensorDB) -> list[dict[str, Any]]:
     return list(db.store[DECISIONS].find({"policy": POLICY}).sort("at", 1))
 
 
-def _publish_wave(db: TensorDB, x: np.ndarray, y: np.ndarray, indexes: range, dataset: str) -> None:
+def publish_wave(db: TensorDB, x: np.ndarray, y: np.ndarray, indexes: range, dataset: str) -> None:
     db.publish_samples(
         {
             "arrays": {"image": x[i].reshape(8, 8).astype(np.uint8)},
@@ -101,7 +101,7 @@ def _predict(base: str, x: np.ndarray, y: np.ndarray, indexes: list[int]) -> dic
     return {"version": body["version"], "classes": body["classes"], "correct": correct, "of": len(indexes)}
 
 
-def _fresh_start(settings: Settings, services: LocalServices) -> None:
+def fresh_start(settings: Settings, services: LocalServices) -> None:
     """Stop the demo's processes from a previous run and drop its database: every run starts clean."""
     for app in running_apps(services.run_dir, settings):
         app.stop()
@@ -118,7 +118,7 @@ def run_demo(base_settings: Settings) -> int:
     timeline = Timeline()
     console.rule("[bold]TensorDB: the continuous-learning loop")
     console.print(f"Kafka {settings.kafka_bootstrap} · MongoDB {mask_uri(settings.mongo_uri)} · project {settings.project!r}")
-    _fresh_start(settings, services)
+    fresh_start(settings, services)
     services.start_app("processors", ["processors"])
     timeline.say("stream processors running (ingest, log sink, retrain trigger, evaluation → promotion)")
     services.start_app("worker", ["worker"])
@@ -140,7 +140,7 @@ def run_demo(base_settings: Settings) -> int:
         timeline.say(
             f"policy {POLICY!r}: retrain every {policy.trigger['every_samples']} new digits, promote if validation accuracy is higher"
         )
-        _publish_wave(db, x, y, validation, "digits-validation")
+        publish_wave(db, x, y, validation, "digits-validation")
         broken = orjson.dumps(
             {
                 "schema": Schema.SAMPLE,
@@ -154,7 +154,7 @@ def run_demo(base_settings: Settings) -> int:
 
         rounds: list[dict[str, Any]] = []
         shown = list(validation)[:12]
-        _publish_wave(db, x, y, first, "digits")
+        publish_wave(db, x, y, first, "digits")
         timeline.say(f"wave 1: published {len(first)} training digits → the trigger submits a train job")
         decision = _watch(db, lambda: _decisions(db)[0:1], "the first decision")[0]
         timeline.say(f"decision: {decision['reason']}")
@@ -170,7 +170,7 @@ def run_demo(base_settings: Settings) -> int:
         rounds.append(_predict(base, x, y, shown))
         timeline.say(f"served 12 predictions with version {rounds[-1]['version']}: {rounds[-1]['correct']}/12 correct")
 
-        _publish_wave(db, x, y, second, "digits")
+        publish_wave(db, x, y, second, "digits")
         timeline.say(f"wave 2: published {len(second)} more training digits → retraining on all {sum(WAVE_SIZES)}")
         decision = _watch(db, lambda: _decisions(db)[1:2], "the second decision")[0]
         timeline.say(f"decision: {decision['reason']}")

@@ -25,7 +25,7 @@ from typing import Any
 
 from pymongo.errors import DuplicateKeyError
 
-from tensordb.errors import StudyNotFoundError
+from tensordb.errors import BadInputError, StudyNotFoundError, UntrustedCodeError
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store
 from tensordb.jobs.queue import UNFINISHED, JobKind, Jobs, JobStatus
@@ -49,6 +49,7 @@ class StudyStatus(StrEnum):
     RUNNING = "running"  #: trials are submitted as slots free
     STOPPED = "stopped"  #: stopped by a person; its unfinished trials were cancelled
     FINISHED = "finished"  #: every configuration was tried (or stopped early)
+    FAILED = "failed"  #: its trials cannot be submitted here (``error`` says why: e.g. untrusted code)
 
 
 def trial_id(study: str, configuration: int, fold: int | None) -> str:
@@ -112,7 +113,21 @@ class StudyScheduler:
             hyperparameters = configuration(spec, number)
             if hyperparameters is None:
                 break
-            submitted.append(self._submit(spec, number, fold if spec.folds else None, hyperparameters))
+            try:
+                submitted.append(self._submit(spec, number, fold if spec.folds else None, hyperparameters))
+            except (BadInputError, UntrustedCodeError) as exc:  # refused for good here: say so on the study
+                self.studies.update_one(
+                    {"_id": name, "status": StudyStatus.RUNNING},
+                    {
+                        "$set": {
+                            "status": StudyStatus.FAILED,
+                            "error": f"trial {number} was refused: {exc}",
+                            "finished_at": _now(),
+                        }
+                    },
+                )
+                log.error("study %s failed: trial %s was refused: %s", name, number, exc)
+                break
         return submitted
 
     def _submit(self, spec: StudySpec, number: int, fold: int | None, hyperparameters: dict[str, Any]) -> str:

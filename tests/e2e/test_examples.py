@@ -34,3 +34,17 @@ def test_tensorlayer_example_dispatches_runs_and_loads_the_best_model(settings: 
     reloaded = float(output.rsplit("reloaded best model scores ", 1)[1].split()[0])
     assert reloaded > 0.85, output
     assert "ran 3 task(s)" in (tmp_path / "runner.log").read_text()
+
+
+def test_the_kfold_study_example_runs_every_fold_of_both_architectures(
+    settings: Settings, processors, start_worker, tmp_path
+) -> None:
+    start_worker(slots=2)
+    env = {**os.environ, **settings.as_environment()}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "kfold_study" / "study.py")],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "architecture=cnn" in result.stdout and "architecture=mlp" in result.stdout
+    assert result.stdout.count("finished") >= 4 and "best: configuration" in result.stdout
