@@ -90,8 +90,11 @@ def _study(args: argparse.Namespace) -> int:
                                   "decisions": study.decisions()}, indent=2, default=str))  # fmt: skip
                 return 0
             metric = study.spec.objective.metric
-            console.print(f"study {study.name!r}: {study.status}, {study.spec.searcher.name} search, "
+            document = db.studies.get(args.name)
+            console.print(f"study {study.name!r}: {document['status']}, {study.spec.searcher.name} search, "
                           f"{study.spec.objective.direction} validation {metric}")  # fmt: skip
+            if document.get("error"):
+                console.print(f"[red]{document['error']}[/]")
             console.print(configurations_table(study.configurations(), metric))
             console.print(best_line(study.best(), metric))
         elif args.action == "stop":

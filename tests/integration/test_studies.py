@@ -170,3 +170,17 @@ def test_a_policy_that_names_a_study_retrains_its_best_configuration(settings, p
         assert job["labels"] == {"from_study": "tuned", "configuration": 1}
         with pytest.raises(PolicyError, match="model_name='tuned-policy'"):
             db.evaluate_study_best("tuned", "tuned-policy")
+
+
+def test_a_study_whose_trials_the_platform_does_not_trust_fails_with_the_reason(settings, processors, start_worker) -> None:
+    """The submitter trusts a module that the processors (scheduler) and workers do not: no trial
+    code runs, and the study says why instead of waiting for ever."""
+    start_worker()
+    submitter = settings.with_changes(trusted_modules=(*settings.trusted_modules, "mylab"))
+    with TensorDB(submitter) as db:
+        study = db.create_study(name="untrusted", model={"epoch_function": "mylab.curves:f"}, objective=OBJECTIVE,
+                                space={"x": {"choice": [1, 2, 3, 4]}}, max_concurrent=1)  # fmt: skip
+        ended = study.wait(timeout=60)
+        assert ended["status"] == "failed" and "outside the trusted modules" in ended["error"]
+        jobs = trial_jobs(db, "untrusted")
+        assert len(jobs) == 1 and jobs[0]["status"] == "failed" and "UntrustedCodeError" in jobs[0]["error"]["message"]
