@@ -184,3 +184,23 @@ def test_a_study_whose_trials_the_platform_does_not_trust_fails_with_the_reason(
         assert ended["status"] == "failed" and "outside the trusted modules" in ended["error"]
         jobs = trial_jobs(db, "untrusted")
         assert len(jobs) == 1 and jobs[0]["status"] == "failed" and "UntrustedCodeError" in jobs[0]["error"]["message"]
+
+
+def test_asha_with_folds_judges_a_configuration_by_the_mean_of_its_folds(settings, processors, start_worker) -> None:
+    start_worker(slots=2)
+    with TensorDB(settings) as db:
+        study = db.create_study(
+            name="asha-folds", model=CURVE, objective=OBJECTIVE, space={"x": {"choice": [0.2, 0.4, 1.5]}}, folds=2,
+            searcher={"name": "asha", "sampler": "grid", "min_epochs": 1, "max_epochs": 2, "reduction_factor": 2},
+            hyperparameters={"seconds": 0.2}, max_concurrent=2,
+        )  # fmt: skip
+        study.wait(timeout=120)
+        verdicts = {d["configuration"]: d for d in study.decisions()}
+        assert {number: d["action"] for number, d in verdicts.items()} == {0: "continue", 1: "continue", 2: "stop"}
+        for number, x in enumerate([0.2, 0.4, 1.5]):
+            folds = [learning_curve(0, x=x, fold=fold)["accuracy"] for fold in range(2)]
+            assert verdicts[number]["fold_values"] == pytest.approx(folds)
+            assert verdicts[number]["value"] == pytest.approx(statistics.fmean(folds))
+            assert len(verdicts[number]["trials"]) == 2
+        rows = study.configurations()
+        assert [row["status"] for row in rows] == ["finished", "finished", "stopped"]
