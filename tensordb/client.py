@@ -63,6 +63,7 @@ class TensorDB:
             raise
         self._publisher: Publisher | None = None
         self._models: ModelRegistry | None = None
+        self._studies: Studies | None = None
         self.datasets = Datasets(self.store)
 
     @property
@@ -278,7 +279,9 @@ class TensorDB:
     # -- studies ------------------------------------------------------------------------------------
     @property
     def studies(self) -> Studies:
-        return Studies(self.store, self.publisher)
+        if self._studies is None:
+            self._studies = Studies(self.store, self.publisher)
+        return self._studies
 
     def create_study(self, spec: Mapping[str, Any] | None = None, **fields: Any) -> Study:
         """Create a hyper-parameter study (or k-fold experiment) and submit its first trials.

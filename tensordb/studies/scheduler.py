@@ -77,7 +77,8 @@ class StudyScheduler:
     def __init__(self, store: Store, publisher: Publisher, registry: ModelRegistry | None = None) -> None:
         self.store = store
         self.jobs = Jobs(store, publisher)
-        self.registry = registry or ModelRegistry(store, publisher)
+        self.publisher = publisher
+        self._registry = registry
         self.studies, self.trials, self.decisions = store[STUDIES], store[TRIALS], store[DECISIONS]
         self._specs: dict[str, StudySpec] = {}  # a study's spec never changes once stored
 
@@ -89,6 +90,13 @@ class StudyScheduler:
                 raise StudyNotFoundError(f"no study {name!r} in project {self.store.project!r}: `tensordb study list` shows them")
             self._specs[name] = parse_study(study["spec"])
         return self._specs[name]
+
+    @property
+    def registry(self) -> ModelRegistry:
+        """The model registry, opened when first needed (only when a study finishes)."""
+        if self._registry is None:
+            self._registry = ModelRegistry(self.store, self.publisher)
+        return self._registry
 
     def forget(self, name: str) -> None:
         """Drop the cached spec of a deleted study (a new study may take the name)."""
