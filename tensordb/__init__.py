@@ -30,6 +30,9 @@ if TYPE_CHECKING:  # what type checkers and editors see; the same names as _EXPO
     from tensordb.errors import PolicyError as PolicyError
     from tensordb.errors import ProjectScopeError as ProjectScopeError
     from tensordb.errors import QueryError as QueryError
+    from tensordb.errors import StudyError as StudyError
+    from tensordb.errors import StudyNotFoundError as StudyNotFoundError
+    from tensordb.errors import StudySpecError as StudySpecError
     from tensordb.errors import TensorDBError as TensorDBError
     from tensordb.errors import UnreachableError as UnreachableError
     from tensordb.errors import UntrustedCodeError as UntrustedCodeError
@@ -40,6 +43,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; the same names as _EXPO
     from tensordb.models.registry import ModelRegistry as ModelRegistry
     from tensordb.runs.keras_callback import TensorDBCallback as TensorDBCallback
     from tensordb.runs.logger import RunLogger as RunLogger
+    from tensordb.studies.studies import Study as Study
     from tensordb.version import __version__ as __version__
 
 #: Each public name and the module that defines it.
@@ -60,6 +64,7 @@ _EXPORTS = {
     "Jobs": "tensordb.jobs.queue",
     "Policy": "tensordb.loop.policies",
     "Policies": "tensordb.loop.policies",
+    "Study": "tensordb.studies.studies",
     # errors
     "TensorDBError": "tensordb.errors",
     "ConfigurationError": "tensordb.errors",
@@ -75,6 +80,9 @@ _EXPORTS = {
     "ModelNotFoundError": "tensordb.errors",
     "JobError": "tensordb.errors",
     "PolicyError": "tensordb.errors",
+    "StudyError": "tensordb.errors",
+    "StudySpecError": "tensordb.errors",
+    "StudyNotFoundError": "tensordb.errors",
     "__version__": "tensordb.version",
 }
 
