@@ -126,6 +126,8 @@ def _prepare(received: Received, store: Store, now: datetime) -> tuple[SampleDoc
         "origin": {"topic": received.topic, "partition": received.partition, "offset": received.offset},
         "announced": False,
     }
+    if "lineage" in record:
+        document["lineage"] = record["lineage"]
     document["fingerprint"] = fingerprint(document)
     return document, blobs
 

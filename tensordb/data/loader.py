@@ -55,6 +55,37 @@ def content_matches(data: bytes, spec: dict[str, Any]) -> bool:
     return hashlib.sha256(data).hexdigest() == spec["sha256"]
 
 
+def checked_bytes(blobs: Mapping[Any, bytes], sample_id: str, name: str, spec: Mapping[str, Any]) -> bytes:
+    """The bytes of array ``name`` of a sample, read in ``blobs``; raises :class:`IntegrityError`
+    when they are missing or do not match the size and checksum recorded when they were stored."""
+    data = blobs.get(spec["blob_id"])
+    if data is None or len(data) != spec["nbytes"] or not content_matches(data, dict(spec)):
+        raise IntegrityError(
+            f"the bytes of array {name!r} of sample {sample_id!r} are "
+            + ("missing" if data is None else "not those stored (checksum mismatch)")
+            + " in GridFS: re-publish the sample, or restore the blobs collection from a backup"
+        )
+    return data
+
+
+def sample_arrays(store: Store, documents: list[Mapping[str, Any]]) -> list[dict[str, np.ndarray]]:
+    """Every array of each sample document, read in one query and checked (transform stages read
+    whole samples this way).
+
+    Parameters
+    ----------
+    store : Store
+        The project's database.
+    documents : list of mapping
+        Sample documents with their ``arrays`` field.
+    """
+    blobs = store.read_blobs([spec["blob_id"] for document in documents for spec in document["arrays"].values()])
+    return [
+        {name: to_array(checked_bytes(blobs, document["_id"], name, spec), spec) for name, spec in document["arrays"].items()}
+        for document in documents
+    ]
+
+
 class CohortStream:
     """Iterate to get batches; ``position`` counts the samples yielded (pass it back as ``start``).
 
@@ -142,13 +173,7 @@ class CohortStream:
                     f"sample {document['_id']} has {spec['dtype']}{spec['shape']} but the batch started with "
                     f"{first['dtype']}{first['shape']}: cohorts stream samples of one shape and dtype"
                 )
-            data = blobs.get(spec["blob_id"])
-            if data is None or len(data) != spec["nbytes"] or not content_matches(data, spec):
-                raise IntegrityError(
-                    f"the bytes of array {x_name!r} of sample {document['_id']!r} are "
-                    + ("missing" if data is None else "not those stored (checksum mismatch)")
-                    + " in GridFS: re-publish the sample, or restore the blobs collection from a backup"
-                )
+            data = checked_bytes(blobs, document["_id"], x_name, spec)
             x[slot] = to_array(data, spec)
         if y_name is None:
             return x, None

@@ -52,6 +52,14 @@ class SampleOrigin(TypedDict):
     offset: int
 
 
+class SampleLineage(TypedDict):
+    """Where a derived sample comes from: the transform stage (and its version) that derived it from a source sample."""
+
+    derived_from: str
+    stage: str
+    stage_version: int
+
+
 class SampleDocument(TypedDict):
     """A document of the ``samples`` collection, as the ingest processor stores a ``sample/1`` record."""
 
@@ -72,6 +80,8 @@ class SampleDocument(TypedDict):
     announced: bool
     #: the sha256 of what the sample holds, computed from the rest when it is stored
     fingerprint: NotRequired[str]
+    #: a derived sample's source, stage and stage version (see :mod:`tensordb.stages`)
+    lineage: NotRequired[SampleLineage]
 
 
 def _named(value: Any, default_name: str) -> dict[str, Any]:
@@ -102,10 +112,11 @@ def build_sample(
     version: str | int | None = None,
     sample_id: str | None = None,
     source: str = "tensordb-sdk",
+    lineage: SampleLineage | None = None,
 ) -> dict[str, Any]:
     """A ``sample/1`` record for ``arrays`` (one array, named ``x``, or a dict of named arrays).
 
-    ``labels`` is one value (named ``y``) or a dict. Arrays beyond the inline limit are uploaded
+    ``labels`` is one value (named ``y``) or a dict; ``lineage`` is set by transform stages. Arrays beyond the inline limit are uploaded
     to GridFS now and referenced; the smallest arrays are kept inline first.
     """
     named = {name: _little_endian(np.asarray(array)) for name, array in _named(arrays, "x").items()}
@@ -147,6 +158,8 @@ def build_sample(
         record["tags"] = list(tags)
     if version is not None:
         record["version"] = version
+    if lineage is not None:
+        record["lineage"] = dict(lineage)
     return record
 
 
