@@ -19,10 +19,10 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tensordb.errors import StudySpecError
+from tensordb.infra.specs import parse_spec
 from tensordb.studies.space import Parameter, grid_size, parse_space
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -179,19 +179,7 @@ def parse_study(spec: Any) -> StudySpec:
     spec : mapping
         The study as JSON (see the module docstring).
     """
-    if not isinstance(spec, dict):
-        raise StudySpecError(f"a study is a JSON object, got {type(spec).__name__}")
-    try:
-        study = StudySpec.model_validate(spec)
-    except pydantic.ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"]) or "study"
-            message = error["msg"].removeprefix("Value error, ")
-            if error["type"] == "extra_forbidden":
-                message = "unknown field (check its spelling)"
-            problems.append(f"{where}: {message}")
-        raise StudySpecError(f"study {spec.get('name', '?')!r} is not valid: " + "; ".join(problems)) from None
+    study = parse_spec(StudySpec, spec, "study", StudySpecError)
     study.parameters()  # the space's own checks
     if study.uses_grid:
         study.configurations_limit()  # a grid that cannot be built is refused now, not at the first trial
