@@ -13,11 +13,14 @@ lifecycle     job-events          evaluation, promotion decisions (:mod:`streams
 log-sink      logs                step logs in bulk (:mod:`streams.logs`)
 study-rungs   logs                trials' validation metrics: ASHA verdicts (:mod:`streams.studies`)
 study-trials  job-events          trials that ended: next trials, studies ended (:mod:`streams.studies`)
+stage-NAME    data-imported       one per active transform stage: derived samples (:mod:`streams.stages`)
 job-requests  job-requests        validated only (workers consume the requests)
 model-events  model-events        validated only (model servers consume the events)
 ============  ==================  ==============================================================
 
-A timer starts time-triggered policies, reconciles running studies (trials whose end no event
+Stage consumers start and stop as stages are registered, paused and resumed (checked by the timer),
+and a backfill runner applies stages to stored samples on request. A timer starts time-triggered
+policies, reconciles running studies (trials whose end no event
 reported, free slots) and, hourly, removes sample blobs no sample references
 (:func:`streams.ingest.sweep_sample_blobs`). SIGTERM or SIGINT stops every processor within seconds:
 batches in hand finish (or, in an outage, stay uncommitted and are read again later).
@@ -27,7 +30,9 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -38,8 +43,10 @@ from streams.lifecycle import handle_job_events
 from streams.logs import log_sink, tune_gc_for_batches
 from streams.processing import Handler, ProcessorContext, Stopping
 from streams.retrain import handle_imports, run_timed_triggers
+from streams.stages import StageProcessors
 from streams.studies import reconcile_studies, study_processors
 from tensordb.config import PROCESSOR_TOPICS, Settings
+from tensordb.stages.stages import Stages
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,7 @@ class Processors:
             for kind, (handler, batch_size) in HANDLERS.items()
         ] + [log_sink(settings), *study_processors(settings)]
         self.timers = ProcessorContext(settings, processor="timers")
+        self.stages = StageProcessors(settings, holder=f"{socket.gethostname()}-{os.getpid()}")
         self._stop = threading.Event()
         self._next_sweep = time.monotonic()
 
@@ -78,6 +86,8 @@ class Processors:
         ]
         for thread in threads:
             thread.start()
+        self.stages.start()
+        self._run_timers()  # stages registered before the start run at once
         if on_ready is not None:
             on_ready()
         while not self._stop.wait(TIMER_SECONDS):
@@ -85,6 +95,7 @@ class Processors:
         deadline = time.monotonic() + STOP_SECONDS
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        self.stages.stop(wait=lambda thread: thread.join(max(0.0, deadline - time.monotonic())))
         if any(thread.is_alive() for thread in threads):
             log.error("some processors did not stop within %.0f s; their uncommitted batches will be read again", STOP_SECONDS)
         self.timers.close()
@@ -96,6 +107,12 @@ class Processors:
             pass
         except Exception:  # noqa: BLE001 - a bad policy must not stop the processors
             log.exception("timed triggers failed; trying again in %.0f s", TIMER_SECONDS)
+        try:
+            self.timers.wait_out(lambda: self.stages.reconcile(Stages(self.timers.store)), "starting and stopping stages")
+        except Stopping:
+            pass
+        except Exception:  # noqa: BLE001 - a bad stage must not stop the processors
+            log.exception("starting or stopping stages failed; trying again in %.0f s", TIMER_SECONDS)
         try:
             self.timers.wait_out(lambda: reconcile_studies(self.timers), "reconciling running studies")
         except Stopping:
@@ -118,6 +135,7 @@ class Processors:
         self.timers.stopping.set()
         for processor in self.processors:
             processor.stop()
+        self.stages.stop(wait=lambda thread: None)  # run() waits for them
 
 
 def run(settings: Settings, loglevel: str = "info") -> None:

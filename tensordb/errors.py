@@ -182,3 +182,19 @@ class StudyNotFoundError(NotFoundError):
 
 class StudyError(TensorDBError):
     """A study cannot be created or changed as asked (e.g. the name is taken)."""
+
+
+class StageSpecError(BadInputError):
+    """A transform stage's specification is malformed; the message says what to fix."""
+
+
+class StageNotFoundError(NotFoundError):
+    """No transform stage of that name exists in this project."""
+
+
+class StageError(TensorDBError):
+    """A transform stage cannot be registered or changed as asked (a version conflict, a cycle)."""
+
+
+class StageFunctionError(BadInputError):
+    """A transform stage's function raised, or returned something that is not samples, for one source sample."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -68,7 +68,7 @@ def checked_bytes(blobs: Mapping[Any, bytes], sample_id: str, name: str, spec: M
     return data
 
 
-def sample_arrays(store: Store, documents: list[Mapping[str, Any]]) -> list[dict[str, np.ndarray]]:
+def sample_arrays(store: Store, documents: Sequence[Mapping[str, Any]]) -> list[dict[str, np.ndarray]]:
     """Every array of each sample document, read in one query and checked (transform stages read
     whole samples this way).
 

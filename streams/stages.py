@@ -1,0 +1,231 @@
+"""Transform stages on the stream: each stage derives samples from the samples it reads, as they
+arrive (one consumer group per stage on ``data-imported``, so processor instances share the work
+by partition) and, on request, from those stored before (a backfill, advanced in batches under a
+lease, so a killed processor's backfill resumes where it stopped).
+
+Derived samples are stored by the ingest processor's own code, in process (no second Kafka hop):
+validated, stored once under their deterministic ids, and announced on ``data-imported``, so
+stages chain and retrain triggers count derived samples like any others. A source sample whose
+function raises or returns something that is not samples is dead-lettered with the stage's error
+(topic ``stage:NAME``), and the others go on. A function the processors do not trust pauses the
+stage with the reason, and its events wait, unread, for ``tensordb stage resume``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import orjson
+
+from streams.consumer import TopicProcessor
+from streams.ingest import handle_samples
+from streams.processing import Handler, ProcessorContext, Stopping
+from tensordb.config import Settings, Topic
+from tensordb.data.loader import sample_arrays
+from tensordb.data.samples import SAMPLES
+from tensordb.errors import EntryPointError, IntegrityError, StageFunctionError, StageNotFoundError, UntrustedCodeError
+from tensordb.infra.bus import Received
+from tensordb.infra.trusted import load_entry_point
+from tensordb.stages.derive import derive
+from tensordb.stages.spec import parse_stage
+from tensordb.stages.stages import Stages, live_query, source_query
+
+log = logging.getLogger(__name__)
+
+#: Source samples read, derived and stored at a time.
+CHUNK = 200
+#: How long a backfill stays a processor's without progress before another one takes it over.
+BACKFILL_LEASE = timedelta(seconds=30)
+
+
+def stage_kind(name: str) -> str:
+    """The processor kind, and so the consumer group, of a stage."""
+    return f"stage-{name}"
+
+
+def _stage_topic(name: str) -> str:
+    return f"stage:{name}"
+
+
+def apply_stage(context: ProcessorContext, stage: dict[str, Any], documents: list[dict[str, Any]]) -> tuple[int, int]:
+    """Derive from ``documents`` (source samples), store what was derived, dead-letter the sources
+    that failed; returns (derived, failed). Idempotent: derived ids are deterministic."""
+    spec = parse_stage(stage["spec"])
+    function = load_entry_point(spec.function, context.settings)
+    derived: list[dict[str, Any]] = []
+    failures: list[tuple[dict[str, Any], Exception]] = []
+    for start in range(0, len(documents), CHUNK):
+        chunk = documents[start : start + CHUNK]
+        for document, arrays in _read(context, chunk, failures):
+            try:
+                derived.extend(derive(context.store, spec, function, document, arrays))
+            except StageFunctionError as exc:
+                failures.append((document, exc))
+    topic = _stage_topic(spec.name)
+    received = [
+        Received(topic, spec.version, index, record["sample_id"].encode(), orjson.dumps(record), record, None)
+        for index, record in enumerate(derived)
+    ]
+    if received:
+        handle_samples(context, received)  # stored once each, announced: the next stages and triggers see them
+    if failures:
+        context.dead_letters.divert_many(
+            [(_source_letter(spec.name, spec.version, document), error) for document, error in failures]
+        )
+    return len(derived), len(failures)
+
+
+def _read(
+    context: ProcessorContext, documents: list[dict[str, Any]], failures: list[tuple[dict[str, Any], Exception]]
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each document with its arrays; a sample whose bytes are damaged is a failure of its own."""
+    try:
+        return list(zip(documents, sample_arrays(context.store, documents), strict=True))
+    except IntegrityError:
+        pairs = []
+        for document in documents:
+            try:
+                pairs.append((document, sample_arrays(context.store, [document])[0]))
+            except IntegrityError as exc:
+                failures.append((document, exc))
+        return pairs
+
+
+def _source_letter(stage: str, version: int, document: dict[str, Any]) -> Received:
+    """What a failed source sample's dead letter records: the stage, its version and the sample id
+    (the same letter for the same failure, however often it is retried)."""
+    value = orjson.dumps({"stage": stage, "stage_version": version, "sample_id": document["_id"]})
+    return Received(_stage_topic(stage), version, 0, document["_id"].encode(), value, None, None)
+
+
+def stage_handler(name: str) -> Handler:
+    """The handler of one stage's ``data-imported`` events."""
+
+    def handle(context: ProcessorContext, batch: list[Received]) -> None:
+        stages = Stages(context.store)
+        stage = _runnable(context, stages, name)
+        ids = sorted({sample_id for received in batch for sample_id in received.valid_record["sample_ids"]})
+        documents: list[dict[str, Any]] = []
+        for start in range(0, len(ids), CHUNK * 10):
+            query = {"$and": [live_query(stage), {"_id": {"$in": ids[start : start + CHUNK * 10]}}]}
+            documents.extend(context.store[SAMPLES].find(query))
+        if documents:
+            derived, failed = apply_stage(context, stage, documents)
+            stages.count(name, stage["version"], len(documents), derived, failed)
+
+    return handle
+
+
+def _runnable(context: ProcessorContext, stages: Stages, name: str) -> dict[str, Any]:
+    """The stage, once it is neither paused nor untrusted here; meanwhile the batch waits (uncommitted)
+    until the processors stop this stage's consumer."""
+    while True:
+        try:
+            stage = stages.get(name)
+        except StageNotFoundError:
+            stage = None
+        if stage is not None and not stage["paused"]:
+            try:
+                load_entry_point(stage["spec"]["function"], context.settings)
+                return stage
+            except (UntrustedCodeError, EntryPointError) as exc:
+                log.error("stage %s paused: %s", name, exc)
+                stages.collection.update_one({"_id": name}, {"$set": {"paused": True, "error": str(exc)}})
+        if context.stopping.wait(1.0):
+            raise Stopping(f"stage {name} is paused or deleted")
+
+
+class StageProcessors:
+    """One consumer per active stage, started and stopped as stages are registered, paused,
+    resumed and deleted (:meth:`reconcile` runs on the processors' timer), and the backfill runner."""
+
+    def __init__(self, settings: Settings, holder: str) -> None:
+        self.settings = settings
+        self.holder = holder
+        self.running: dict[str, tuple[TopicProcessor, threading.Thread]] = {}
+        self.stopping: dict[str, threading.Thread] = {}
+        self._stop = threading.Event()
+        self._backfills = threading.Thread(target=self._run_backfills, name="tensordb-backfills", daemon=True)
+
+    def start(self) -> None:
+        self._backfills.start()
+
+    def reconcile(self, stages: Stages) -> None:
+        """Start the consumers of active stages, stop those of paused or deleted ones."""
+        self.stopping = {name: thread for name, thread in self.stopping.items() if thread.is_alive()}
+        wanted = {stage["_id"] for stage in stages.collection.find({"paused": False}, {"_id": 1})}
+        for name in sorted(set(self.running) - wanted):
+            processor, thread = self.running.pop(name)
+            processor.stop()
+            self.stopping[name] = thread
+            log.info("stage %s stopped", name)
+        for name in sorted(wanted - set(self.running) - set(self.stopping)):
+            processor = TopicProcessor(
+                self.settings, stage_kind(name), Topic.DATA_IMPORTED, stage_handler(name), 50, counts_progress=False
+            )
+            thread = threading.Thread(target=processor.run, name=f"tensordb-{stage_kind(name)}", daemon=True)
+            thread.start()
+            self.running[name] = (processor, thread)
+            log.info("stage %s running (consumer group %s)", name, processor.group)
+
+    def stop(self, wait: Callable[[threading.Thread], None] = lambda thread: thread.join(15.0)) -> None:
+        self._stop.set()
+        for processor, _ in self.running.values():
+            processor.stop()
+        for thread in [thread for _, thread in self.running.values()] + list(self.stopping.values()) + [self._backfills]:
+            if thread.is_alive():
+                wait(thread)
+
+    # -- backfills ---------------------------------------------------------------------------------
+    def _run_backfills(self) -> None:
+        try:
+            context = ProcessorContext(self.settings, processor="backfill", stopping=self._stop)
+        except Stopping:
+            return
+        try:
+            while not self._stop.is_set():
+                try:
+                    claimed = context.wait_out(
+                        lambda: Stages(context.store).claim_backfill(self.holder, BACKFILL_LEASE), "claiming backfills"
+                    )
+                    if claimed is None:
+                        self._stop.wait(1.0)
+                        continue
+                    context.wait_out(
+                        lambda: backfill(context, claimed, self.holder, self._stop), f"backfilling stage {claimed['_id']}"
+                    )
+                except Stopping:
+                    return
+                except Exception:  # noqa: BLE001 - a bug or a bad stage must not end the backfills of others
+                    log.exception("backfill failed; its lease expires and it is taken up again")
+                    self._stop.wait(5.0)
+        finally:
+            context.close()
+
+
+def backfill(context: ProcessorContext, stage: dict[str, Any], holder: str, stop: threading.Event) -> None:
+    """Apply the stage to stored input samples in ``_id`` order from where its backfill stopped,
+    recording each batch (and renewing the lease) as it is stored; returns when done, stopped or
+    no longer this holder's."""
+    stages, name = Stages(context.store), stage["_id"]
+    state = stage["backfill"]
+    if state["version"] != stage["version"]:  # a newer version was registered since it was asked for
+        stages.finish_backfill(name, holder)
+        return
+    after = state["after"]
+    while not stop.is_set():
+        query = source_query(stage) if after is None else {"$and": [source_query(stage), {"_id": {"$gt": after}}]}
+        documents = list(context.store[SAMPLES].find(query).sort("_id", 1).limit(CHUNK))
+        if not documents:
+            stages.finish_backfill(name, holder)
+            log.info("backfill of stage %s v%s done", name, stage["version"])
+            return
+        derived, failed = apply_stage(context, stage, documents)
+        context.publisher.flush()
+        after = documents[-1]["_id"]
+        if not stages.advance_backfill(name, holder, BACKFILL_LEASE, after, len(documents), derived, failed):
+            return  # taken over by another processor after this one stalled

@@ -1,0 +1,101 @@
+"""A transform stage's specification, written as JSON (``tensordb stage register FILE.json``)::
+
+    {"name": "resize", "version": 1,
+     "input": {"filter": {"dataset": "raw-scans"}},
+     "function": "mypkg.prep:resize",
+     "output": {"dataset": "scans-64"}}
+
+The function (in a trusted module) takes one sample and returns zero or more derived samples
+(see :mod:`tensordb.stages.derive`). A new ``version`` changes what the stage does from then on;
+samples stored before are re-derived on request (backfill).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tensordb.data.cohorts import validate_filter
+from tensordb.errors import QueryError, StageSpecError
+from tensordb.infra.specs import parse_spec
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+DATASET = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+ENTRY_POINT = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StageInput(_Strict):
+    """Which samples the stage reads: a sample filter, as in cohorts (``{"dataset": "raw"}``)."""
+
+    filter: dict[str, Any]
+
+    @field_validator("filter")
+    @classmethod
+    def _query(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return validate_filter(value, "input.filter")
+        except QueryError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class StageOutput(_Strict):
+    """Where derived samples go: their dataset (and dataset version)."""
+
+    dataset: str
+    version: str | int | None = None
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, value: str) -> str:
+        if not DATASET.match(value):
+            raise ValueError("a dataset name is 1-128 letters, digits, '_', '.' or '-'")
+        return value
+
+
+class StageSpec(_Strict):
+    """A validated stage (see the module docstring)."""
+
+    name: str
+    version: int = Field(1, ge=1, le=1_000_000)
+    input: StageInput
+    function: str
+    output: StageOutput
+    description: str = Field("", max_length=10_000)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME.match(value):
+            raise ValueError("use 1-64 letters, digits, '_' or '-', starting with a letter or digit")
+        return value
+
+    @field_validator("function")
+    @classmethod
+    def _function(cls, value: str) -> str:
+        if not ENTRY_POINT.match(value):
+            raise ValueError("a function is named 'package.module:function'")
+        return value
+
+    def as_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def same_work(self, other: StageSpec) -> bool:
+        """Whether ``other`` does what this does (a re-registration that changes nothing)."""
+        return (self.input, self.function, self.output) == (other.input, other.function, other.output)
+
+
+def parse_stage(spec: Any) -> StageSpec:
+    """A :class:`StageSpec` from JSON-like data; raises :class:`StageSpecError` naming every problem.
+
+    Parameters
+    ----------
+    spec : mapping
+        The stage as JSON (see the module docstring).
+    """
+    return parse_spec(StageSpec, spec, "stage", StageSpecError)
