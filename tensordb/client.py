@@ -29,6 +29,8 @@ from tensordb.loop.promotion import evaluate_study_best
 from tensordb.models.registry import ModelRegistry
 from tensordb.runs.logger import RunLogger
 from tensordb.runs.queries import delete_logs, read_logs
+from tensordb.stages.spec import StageSpec
+from tensordb.stages.stages import Stages
 from tensordb.studies.studies import Studies, Study
 
 AUTHENTICATION_FAILED = 18  # MongoDB's error code
@@ -307,6 +309,30 @@ class TensorDB:
     def list_studies(self) -> list[dict[str, Any]]:
         """Every study of the project, newest first, with its status and trial counts."""
         return self.studies.list()
+
+    # -- transform stages -----------------------------------------------------------------------------
+    @property
+    def stages(self) -> Stages:
+        """The project's transform stages (pause, resume, delete, counters, backfill state)."""
+        return Stages(self.store)
+
+    def register_stage(self, spec: Mapping[str, Any] | None = None, **fields: Any) -> StageSpec:
+        """Register a transform stage, or a new version of one; the processors run it on new samples.
+
+        Parameters
+        ----------
+        spec : mapping, optional
+            The stage as JSON (see :mod:`tensordb.stages.spec`); ``fields`` are merged over it.
+        **fields
+            ``name``, ``version``, ``input`` (``{"filter": {...}}``), ``function`` (``"pkg.mod:fn"``,
+            trusted), ``output`` (``{"dataset": ...}``), ``description``.
+        """
+        return self.stages.register({**(spec or {}), **fields})
+
+    def backfill_stage(self, name: str) -> dict[str, Any]:
+        """Ask the processors to apply the stage's current version to the samples stored before it;
+        returns the stage with its ``backfill`` state (``done`` of ``total``)."""
+        return self.stages.request_backfill(name)
 
     def evaluate_study_best(self, study: str, policy: str) -> str | None:
         """Submit the evaluation of a finished study's best version against the policy's production

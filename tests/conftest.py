@@ -26,7 +26,7 @@ from tests import REPO, TASK_SCRIPTS, TESTS
 #: Folders whose tests all get the marker of that name (``pytest -m unit``, or ``pytest tests/unit``).
 LAYER_FOLDERS = ("unit", "integration", "e2e")
 #: What the session's settings trust: the tests' own code (tests.security.reexports...) and the kit's builders.
-TRUSTED_MODULES = ("tests", "tensordb.testing.models", "tensordb.testing.synthetic")
+TRUSTED_MODULES = ("tests", "tensordb.testing.models", "tensordb.testing.synthetic", "tensordb.testing.stages")
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
