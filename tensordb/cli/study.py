@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tensordb.config import load_settings
-from tensordb.errors import StudySpecError
+from tensordb.errors import BadInputError, StudySpecError
 from tensordb.studies.spec import parse_study
 
 
@@ -51,16 +51,16 @@ def best_line(best: Mapping[str, Any] | None, metric: str) -> str:
     return f"best: configuration {best['configuration']} ({settings}): {metric} {best['objective']:.4g}{spread}{version}"
 
 
-def read_study_file(path: str) -> dict[str, Any]:
-    """The study JSON in ``path``; raises :class:`StudySpecError` when it cannot be read or parsed."""
+def read_json_file(path: str, what: str, error: type[BadInputError]) -> dict[str, Any]:
+    """The JSON object in ``path`` (a study's or a stage's); raises ``error`` when it cannot be read or parsed."""
     try:
         spec = json.loads(Path(path).read_text())
     except OSError as exc:
-        raise StudySpecError(f"cannot read study file {path}: {exc.strerror}") from None
+        raise error(f"cannot read {what} file {path}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
-        raise StudySpecError(f"study file {path} is not JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+        raise error(f"{what} file {path} is not JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
     if not isinstance(spec, dict):
-        raise StudySpecError(f"study file {path} must hold one JSON object, got {type(spec).__name__}")
+        raise error(f"{what} file {path} must hold one JSON object, got {type(spec).__name__}")
     return spec
 
 
@@ -69,7 +69,7 @@ def _study(args: argparse.Namespace) -> int:
 
     console = Console()
     # a bad file or spec is refused before connecting
-    spec = parse_study(read_study_file(args.file)).as_json() if args.action == "create" else {}
+    spec = parse_study(read_json_file(args.file, "study", StudySpecError)).as_json() if args.action == "create" else {}
     with TensorDB(load_settings()) as db:
         if args.action == "create":
             study = db.create_study(spec)
