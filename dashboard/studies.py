@@ -34,15 +34,16 @@ TRIAL_COLUMNS = (
     "id", "configuration", "fold", "status", "job_status", "rung", "stopped_at_rung", "objective", "epochs_done",
     "hyperparameters", "at_rungs", "curve", "submitted_at", "ended_at",
 )  # fmt: skip
-CONFIGURATION_COLUMNS = (
-    "configuration", "status", "hyperparameters", "objective", "spread", "latest", "rung", "stopped_at_rung", "trials",
-)  # fmt: skip
-DECISION_COLUMNS = ("id", "configuration", "rung", "epochs", "value", "cutoff", "action", "reason", "at")
+#: A configuration's hyper-parameters are those of its trials (not sent twice).
+CONFIGURATION_COLUMNS = ("configuration", "status", "objective", "spread", "latest", "rung", "stopped_at_rung", "trials")
+#: A verdict's numbers, not its sentence (``reason`` is most of a verdict's size, and a page can say
+#: it from these): a configuration's rung identifies it.
+DECISION_COLUMNS = ("configuration", "rung", "epochs", "value", "cutoff", "compared_with", "action", "at")
 #: What the list of studies reads of each trial (no curves).
 _SUMMARY_FIELDS = {
     "study": 1, "configuration": 1, "fold": 1, "status": 1, "objective": 1, "rung": 1, "stopped_at_rung": 1, "hyperparameters": 1,
 }  # fmt: skip
-_DECISION_FIELDS = {key: 1 for key in DECISION_COLUMNS if key != "id"}
+_DECISION_FIELDS = {key: 1 for key in DECISION_COLUMNS}
 _CURVE = TRIAL_COLUMNS.index("curve")
 #: Studies whose last answer a feed remembers (each costs about one answer's worth of memory).
 FEED_STUDIES = 16
@@ -107,20 +108,20 @@ def trial_row(trial: Mapping[str, Any], names: Sequence[str], rungs: Sequence[in
     ]  # fmt: skip
 
 
-def configuration_row(row: Mapping[str, Any], names: Sequence[str], curves: Iterable[Sequence[float | None]]) -> list[Any]:
+def configuration_row(row: Mapping[str, Any], curves: Iterable[Sequence[float | None]]) -> list[Any]:
     """One :func:`~tensordb.studies.results.configuration_rows` row under :data:`CONFIGURATION_COLUMNS`,
     with ``latest`` (see :func:`latest`) and ``trials`` as a count."""
     return [
-        row["configuration"], row["status"], [row["hyperparameters"].get(name) for name in names], number(row["objective"]),
-        number(row["spread"]), latest(curves), row["rung"], row["stopped_at_rung"], len(row["trials"]),
+        row["configuration"], row["status"], number(row["objective"]), number(row["spread"]), latest(curves), row["rung"],
+        row["stopped_at_rung"], len(row["trials"]),
     ]  # fmt: skip
 
 
 def decision_row(decision: Mapping[str, Any]) -> list[Any]:
     """One ASHA verdict under :data:`DECISION_COLUMNS`."""
     return [
-        decision["_id"], decision["configuration"], decision["rung"], decision.get("epochs"), number(decision.get("value")),
-        number(decision.get("cutoff")), decision.get("action"), decision.get("reason"), seconds(decision.get("at")),
+        decision["configuration"], decision["rung"], decision.get("epochs"), number(decision.get("value")),
+        number(decision.get("cutoff")), decision.get("compared_with"), decision.get("action"), seconds(decision.get("at")),
     ]  # fmt: skip
 
 
@@ -211,7 +212,7 @@ def read_study(store: Store, name: str) -> StudyState:
         tables={
             "trials": trial_rows,
             "configurations": [
-                (row["configuration"], configuration_row(row, names, curves.get(row["configuration"], []))) for row in rows
+                (row["configuration"], configuration_row(row, curves.get(row["configuration"], []))) for row in rows
             ],
             "decisions": [(decision["_id"], decision_row(decision)) for decision in decisions],
         },
