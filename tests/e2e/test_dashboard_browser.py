@@ -5,7 +5,9 @@ processors, a trainer worker and ``tensordb dashboard``. Screenshots land in tes
 What is checked: points appear on a chart while a run logs, without reloading the page; a page
 opened in the middle of a run shows the whole curve (every step once: no gap, no duplicate at the
 seam between MongoDB's history and the live stream); a run named like HTML renders as text; a real
-training job's status and curves update live.
+training job's status and curves update live; a real study's trials appear and change status live
+on its page, and brushing an axis of its parallel-coordinates chart filters its table; a study of
+1,000 trials loads, draws and filters within generous bounds (the times are printed).
 """
 
 from __future__ import annotations

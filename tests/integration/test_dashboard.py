@@ -1,5 +1,5 @@
 """The dashboard's HTTP API against the real broker, mongod and processors: the access rules, the
-live stream seam, runs and jobs, models, data, zoom. Its logic without servers is
+live stream seam, runs and jobs, models, data, zoom, studies. Its logic without servers is
 tests/unit/test_dashboard.py; the browser, tests/e2e/test_dashboard_browser.py."""
 
 from __future__ import annotations
