@@ -334,8 +334,6 @@ def test_a_study_runs_live_on_its_page_and_brushing_an_axis_filters_its_trials(s
     settings, dashboard, page = stack.settings, stack.dashboard, tab.page
     workers = [worker_process(settings, stack.folder / f"study-worker-{i}.log") for i in range(2)]
     try:
-        for worker in workers:
-            worker.start()
         with TensorDB(settings) as db:
             db.create_study(
                 name="live-study", model={"epoch_function": "tensordb.testing.synthetic:learning_curve"},
@@ -348,19 +346,24 @@ def test_a_study_runs_live_on_its_page_and_brushing_an_axis_filters_its_trials(s
         page.locator("a.study-link", has_text="live-study").wait_for()
         tab.screenshot("studies")
         page.locator("a.study-link", has_text="live-study").click()
-        page.wait_for_selector(".trials tr.trial")
-        totals, statuses = set(), {}  # the table as it changed, without a reload
+        page.wait_for_selector(".trials tr.trial .badge.pending")  # no worker yet: submitted, nothing to draw
+        assert "no validation values yet" in page.locator(".study-curves + div").text_content()
+        for worker in workers:
+            worker.start()
+        totals, statuses, shown_errors = set(), {}, set()  # the page as it changed, without a reload
         deadline = time.monotonic() + 180
         while not page.locator(".study-title .badge.finished").count():
             totals.add(page.locator(".trials").get_attribute("data-total"))
             for row in shown_rows(page):
                 statuses.setdefault(row["trial"], []).append(row["badge"])
+            shown_errors.update(page.locator(".error").all_text_contents())
             assert time.monotonic() < deadline, "the study did not finish within 180 s"
             time.sleep(0.1)
     finally:
         for worker in workers:
             worker.stop()
     page.wait_for_selector(".trials[data-total='8']")
+    assert not shown_errors, shown_errors
     assert len(totals) >= 3, f"trials should have appeared in several steps, saw totals {sorted(totals)}"
     changed = [trial for trial, seen in statuses.items() if seen[0] in ("pending", "running") and seen[-1] != seen[0]]
     assert changed, f"no trial was seen changing status live: {statuses}"
@@ -385,7 +388,7 @@ def test_a_study_runs_live_on_its_page_and_brushing_an_axis_filters_its_trials(s
     tab.screenshot("study-live")
     page.locator("button", has_text="clear filters").click()
     page.wait_for_selector(".trials[data-shown='8']")
-    assert not tab.errors and not tab.dialogs
+    assert not page.locator(".error").count() and not tab.errors and not tab.dialogs
 
 
 def test_a_study_of_a_thousand_trials_loads_and_stays_responsive(stack, tab, capsys) -> None:
@@ -418,4 +421,4 @@ def test_a_study_of_a_thousand_trials_loads_and_stays_responsive(stack, tab, cap
             f"in {brushed * 1000:.0f} ms, the curves redraw in {redraw:.0f} ms, longest main-thread task {longest:.0f} ms"
         )
     assert loaded < 20 and brushed < 3 and longest < 3000
-    assert not tab.errors and not tab.dialogs
+    assert not page.locator(".error").count() and not tab.errors and not tab.dialogs

@@ -167,6 +167,7 @@ export function studyPage(params, name) {
   let seriesTrials = [];
   let tableFrame = 0;
   let lastFetch = 0;
+  let stale = false;
 
   const parallel = new ParallelCoordinates(parallelBox, {
     id: "study",
@@ -228,10 +229,7 @@ export function studyPage(params, name) {
       curves = null;
       curveShape = shape;
       seriesTrials = trials;
-      if (!trials.length) {
-        curvesNote.textContent = "no validation values yet";
-        return;
-      }
+      if (!trials.length) return;
       const rungs = data.head.searcher.rungs;
       curves = new Chart(curvesBox, "study-curves", trials.map((trial) => ({
         label: trial.id,
@@ -246,6 +244,10 @@ export function studyPage(params, name) {
       });
     }
     seriesTrials = trials;
+    if (!curves) {
+      curvesNote.textContent = "no validation values yet";
+      return;
+    }
     const x = Array.from({ length: epochs }, (_, i) => i + 1);
     curves.set([x, ...trials.map((trial) => x.map((_, i) => trial.curve[i] ?? null))]);
     curvesNote.textContent = `${trials.length} trials with validation values · epochs ${epochs}`
@@ -347,11 +349,13 @@ export function studyPage(params, name) {
     const headBefore = JSON.stringify(data.head);
     const changed = data.merge(answer);
     if (JSON.stringify(data.head) !== headBefore) renderHead();
-    if (!changed) return;
+    if (!changed && !stale) return;
+    stale = true;  // until drawn: a failed drawing is tried again at the next poll, changes or not
     renderParallel();
     renderCurves();
     renderVerdicts();
     scheduleTable();
+    stale = false;
   }, errors);
   return () => {
     stop();
