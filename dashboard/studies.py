@@ -157,7 +157,8 @@ def list_studies(store: Store) -> list[dict[str, Any]]:
             "objective": spec.objective.model_dump(mode="json"), "folds": spec.folds, "trials": len(own),
             "configurations": len({trial["configuration"] for trial in own}), "configurations_limit": spec.configurations_limit(),
             "counts": dict(Counter(str(trial["status"]) for trial in own)),
-            "best_objective": number(best["objective"]) if best else None, "best_configuration": best["configuration"] if best else None, "created_at": seconds(study.get("created_at")),
+            "best_objective": number(best["objective"]) if best else None,
+            "best_configuration": best["configuration"] if best else None, "created_at": seconds(study.get("created_at")),
             "finished_at": seconds(study.get("finished_at")), "description": spec.description,
         })  # fmt: skip
     return result
