@@ -15,7 +15,11 @@ Routes (all read-only):
   several runs on one axis (overview envelopes, or raw points when zoomed in);
 - ``/api/live?run=A[&run=B]`` (or ``?all=1``): Server-Sent Events with each run's new points, first
   the points MongoDB may not have yet, then ``ready``, then live (see :mod:`dashboard.live`);
-- ``/api/models``, ``/api/data``, ``/api/dead-letters``.
+- ``/api/models``, ``/api/data``, ``/api/dead-letters``;
+- ``/api/studies``: every study with its status, searcher, trials per status and best objective;
+- ``/api/study?name=STUDY[&since=VERSION]``: one study whole (spec in brief, best so far,
+  configurations, trials with their curves and objectives per rung, ASHA's verdicts), or only what
+  changed after an earlier answer's ``version`` (see :mod:`dashboard.studies`); 404 for no such study.
 
 Bound to 127.0.0.1 by default. Bound to any other address it needs a token (``--token`` or
 ``TENSORDB_DASHBOARD_TOKEN``), which every request then carries (``Authorization: Bearer``,
@@ -42,9 +46,10 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from dashboard import catalog, curves, run_index
+from dashboard import catalog, curves, run_index, studies
 from dashboard.live import RESET, LiveHub
 from tensordb.config import Settings
+from tensordb.errors import StudyNotFoundError
 from tensordb.infra.bus import create_topics
 from tensordb.infra.http_guard import Guard, check_binding, server
 from tensordb.infra.store import Store
@@ -99,6 +104,7 @@ class Dashboard:
         self.hub.listeners.append(self.cache.on_points)
         self.runs = run_index.RunIndex(self.store)
         self.rates = catalog.ProgressRates()
+        self.studies = studies.StudyFeed()
         self.fan_out = ThreadPoolExecutor(8, thread_name_prefix="tensordb-dashboard-compare")
         self.started_at = time.time()
 
@@ -299,6 +305,17 @@ def create_app(settings: Settings, token: str | None = None, host: str = "127.0.
     @app.get("/api/dead-letters")
     def dead_letters(limit: int = Query(200, ge=1, le=1000)) -> JSON:
         return JSON(catalog.dead_letters(dashboard.store, limit))
+
+    @app.get("/api/studies")
+    def studies_list() -> JSON:
+        return JSON({"studies": studies.list_studies(dashboard.store), "now": time.time()})
+
+    @app.get("/api/study")
+    def study(name: str = Query(..., min_length=1, max_length=64), since: str | None = Query(None, max_length=64)) -> JSON:
+        try:
+            return JSON(dashboard.studies.answer(studies.read_study(dashboard.store, name), since))
+        except StudyNotFoundError as exc:
+            raise HTTPException(404, str(exc)) from None
 
     @app.get("/api/live")
     async def live(request: Request, run: list[str] = Query([], max_length=500), all: bool = False) -> StreamingResponse:

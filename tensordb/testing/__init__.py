@@ -8,6 +8,8 @@ against real servers.
   running dashboard with an HTTP client;
 - :mod:`~tensordb.testing.helpers`: ``free_port``, ``wait_for``;
 - :mod:`~tensordb.testing.samples`: synthetic ``sample/1`` records;
+- :mod:`~tensordb.testing.studies`: ``insert_study``, a finished study of any size written straight
+  into MongoDB (for readers' tests and benchmarks);
 - :mod:`~tensordb.testing.models`: small Keras builders to name as entry points (imports Keras,
   so not imported here; trust ``tensordb.testing.models`` to run them).
 
@@ -25,6 +27,7 @@ from tensordb.testing.children import (
 from tensordb.testing.helpers import free_port, wait_for
 from tensordb.testing.samples import image_samples
 from tensordb.testing.servers import Servers, fresh_project, servers
+from tensordb.testing.studies import insert_study
 
 __all__ = [
     "ChildProcess",
@@ -37,6 +40,7 @@ __all__ = [
     "free_port",
     "wait_for",
     "image_samples",
+    "insert_study",
     "fresh_project",
     "servers",
 ]

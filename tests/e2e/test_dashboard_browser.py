@@ -5,7 +5,9 @@ processors, a trainer worker and ``tensordb dashboard``. Screenshots land in tes
 What is checked: points appear on a chart while a run logs, without reloading the page; a page
 opened in the middle of a run shows the whole curve (every step once: no gap, no duplicate at the
 seam between MongoDB's history and the live stream); a run named like HTML renders as text; a real
-training job's status and curves update live.
+training job's status and curves update live; a real study's trials appear and change status live
+on its page, and brushing an axis of its parallel-coordinates chart filters its table; a study of
+1,000 trials loads, draws and filters within generous bounds (the times are printed).
 """
 
 from __future__ import annotations
@@ -291,3 +293,132 @@ def test_a_link_with_the_token_signs_the_browser_in_and_lands_on_the_page_withou
     finally:
         process.stop()
     assert "s3cret" not in process.log()
+
+
+# -- studies ---------------------------------------------------------------------------------------------
+
+LONG_TASKS = """
+window.tensordbLongTasks = [];
+new PerformanceObserver((list) => { for (const entry of list.getEntries()) window.tensordbLongTasks.push(entry.duration); })
+  .observe({ type: "longtask", buffered: true });
+"""
+
+
+def study_url(dashboard: Any, name: str) -> str:
+    return f"{dashboard.url}/#/study/{quote(name, safe='')}"
+
+
+def brush(page: Any, axis: str, top: float, bottom: float) -> None:
+    """Drag along the parallel-coordinates axis ``axis`` from ``top`` to ``bottom`` (fractions of its
+    height from the top), as a person brushes a range."""
+    box = page.locator(".parallel canvas").bounding_box()
+    (where,) = [a for a in page.evaluate("window.tensordbParallel.study.axes()") if a["name"] == axis]
+    x = box["x"] + where["x"]
+    y = lambda f: box["y"] + where["top"] + f * (where["bottom"] - where["top"])  # noqa: E731
+    page.mouse.move(x, y(top))
+    page.mouse.down()
+    for step in range(1, 6):
+        page.mouse.move(x, y(top + (bottom - top) * step / 5))
+    page.mouse.up()
+
+
+def shown_rows(page: Any) -> list[dict[str, str]]:
+    return page.evaluate(
+        "() => [...document.querySelectorAll('.trials tr.trial')].map((r) => ({...r.dataset, badge: r.querySelector('.badge').textContent}))"
+    )
+
+
+def test_a_study_runs_live_on_its_page_and_brushing_an_axis_filters_its_trials(stack, tab) -> None:
+    from tensordb.client import TensorDB
+
+    settings, dashboard, page = stack.settings, stack.dashboard, tab.page
+    workers = [worker_process(settings, stack.folder / f"study-worker-{i}.log") for i in range(2)]
+    try:
+        with TensorDB(settings) as db:
+            db.create_study(
+                name="live-study", model={"epoch_function": "tensordb.testing.synthetic:learning_curve"},
+                objective={"metric": "accuracy", "direction": "max"}, max_trials=8, max_concurrent=2, seed=3,
+                space={"x": {"uniform": [0, 1]}, "y": {"choice": [0.5, 0.7, 0.9]}, "speed": {"loguniform": [0.1, 2]}},
+                searcher={"name": "asha", "sampler": "random", "min_epochs": 1, "max_epochs": 4, "reduction_factor": 2},
+                hyperparameters={"seconds": 0.3},
+            )  # fmt: skip
+        page.goto(f"{dashboard.url}/#/studies")
+        page.locator("a.study-link", has_text="live-study").wait_for()
+        tab.screenshot("studies")
+        page.locator("a.study-link", has_text="live-study").click()
+        page.wait_for_selector(".trials tr.trial .badge.pending")  # no worker yet: submitted, nothing to draw
+        assert "no validation values yet" in page.locator(".study-curves + div").text_content()
+        for worker in workers:
+            worker.start()
+        totals, statuses, shown_errors = set(), {}, set()  # the page as it changed, without a reload
+        deadline = time.monotonic() + 180
+        while not page.locator(".study-title .badge.finished").count():
+            totals.add(page.locator(".trials").get_attribute("data-total"))
+            for row in shown_rows(page):
+                statuses.setdefault(row["trial"], []).append(row["badge"])
+            shown_errors.update(page.locator(".error").all_text_contents())
+            assert time.monotonic() < deadline, "the study did not finish within 180 s"
+            time.sleep(0.1)
+    finally:
+        for worker in workers:
+            worker.stop()
+    page.wait_for_selector(".trials[data-total='8']")
+    assert not shown_errors, shown_errors
+    assert len(totals) >= 3, f"trials should have appeared in several steps, saw totals {sorted(totals)}"
+    changed = [trial for trial, seen in statuses.items() if seen[0] in ("pending", "running") and seen[-1] != seen[0]]
+    assert changed, f"no trial was seen changing status live: {statuses}"
+    assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
+    final = {row["trial"]: row["status"] for row in shown_rows(page)}
+    assert set(final.values()) <= {"finished", "stopped"} and "stopped" in final.values()
+    assert page.locator("tr.trial.stopped .badge.stopped", has_text="stopped early").count() == list(final.values()).count(
+        "stopped"
+    )
+    assert page.locator(".best .best-value").text_content()
+
+    study = dashboard.get("/api/study", name="live-study")
+    trials = [dict(zip(study["trials"]["columns"], row, strict=True)) for row in study["trials"]["rows"]]
+    x = [axis["name"] for axis in study["parameters"]].index("x")
+    upper = {t["id"] for t in trials if t["hyperparameters"][x] >= 0.5}
+    kept = upper if 0 < len(upper) < len(trials) else {t["id"] for t in trials} - upper
+    assert 0 < len(kept) < len(trials)
+    brush(page, "x", 0.0, 0.5) if kept == upper else brush(page, "x", 0.5, 1.0)
+    page.wait_for_function(f"() => document.querySelector('.trials').dataset.shown === '{len(kept)}'", timeout=5000)
+    assert {row["trial"] for row in shown_rows(page)} == kept
+    assert int(page.locator(".parallel").get_attribute("data-selected")) == len(kept)
+    tab.screenshot("study-live")
+    page.locator("button", has_text="clear filters").click()
+    page.wait_for_selector(".trials[data-shown='8']")
+    assert not page.locator(".error").count() and not tab.errors and not tab.dialogs
+
+
+def test_a_study_of_a_thousand_trials_loads_and_stays_responsive(stack, tab, capsys) -> None:
+    from tensordb.testing import insert_study
+
+    page = tab.page
+    with Store(stack.settings) as store:
+        insert_study(store, "thousand", trials=1000, epochs=27)
+    page.add_init_script(LONG_TASKS)
+    started = time.monotonic()
+    page.goto(study_url(stack.dashboard, "thousand"))
+    page.wait_for_selector(".trials[data-total='1000']", timeout=60_000)
+    page.wait_for_selector(".parallel[data-lines='1000']", timeout=60_000)
+    page.wait_for_selector(".study-curves[data-points='27']", timeout=60_000)
+    loaded = time.monotonic() - started
+    assert page.locator(".trials tr.trial").count() == 100  # one page of rows, not a thousand
+
+    started = time.monotonic()
+    brush(page, "accuracy", 0.0, 0.3)  # the best configurations
+    page.wait_for_function("() => document.querySelector('.trials').dataset.shown !== '1000'", timeout=10_000)
+    brushed = time.monotonic() - started
+    shown = int(page.locator(".trials").get_attribute("data-shown"))
+    assert 0 < shown < 1000
+    redraw = page.evaluate("window.tensordbCharts['study-curves'].redraw()")
+    longest = max(page.evaluate("window.tensordbLongTasks") or [0])
+    tab.screenshot("study-thousand")
+    with capsys.disabled():
+        print(
+            f"\nstudy page of 1,000 trials: loaded and drawn in {loaded:.2f} s, a brush filtered the table to {shown} trials "
+            f"in {brushed * 1000:.0f} ms, the curves redraw in {redraw:.0f} ms, longest main-thread task {longest:.0f} ms"
+        )
+    assert loaded < 20 and brushed < 3 and longest < 3000
+    assert not page.locator(".error").count() and not tab.errors and not tab.dialogs

@@ -1,5 +1,5 @@
 """The dashboard's HTTP API against the real broker, mongod and processors: the access rules, the
-live stream seam, runs and jobs, models, data, zoom. Its logic without servers is
+live stream seam, runs and jobs, models, data, zoom, studies. Its logic without servers is
 tests/unit/test_dashboard.py; the browser, tests/e2e/test_dashboard_browser.py."""
 
 from __future__ import annotations
@@ -261,3 +261,116 @@ def test_a_long_run_is_an_overview_and_a_zoom_is_full_resolution(settings, start
     assert close["x"] == list(range(100, 300)) and set(close["raw"]) == {"long-a", "long-b"}
     by_time = dashboard.get("/api/compare", run=["long-a", "short"], metric="loss", x="relative")
     assert by_time["x"][0] == 0.0 and by_time["axis"] == "relative"
+
+
+# -- studies ---------------------------------------------------------------------------------------------
+
+
+def merged(answers: list[dict[str, Any]]) -> dict[str, dict[Any, list[Any]]]:
+    """What a page holds after merging answers in order, as the front end does (a trial by its id, a
+    configuration by its number, a verdict by its configuration and rung)."""
+    held: dict[str, dict[Any, list[Any]]] = {"trials": {}, "configurations": {}, "decisions": {}}
+    for answer in answers:
+        for table, rows in held.items():
+            if answer["full"]:
+                rows.clear()
+            rows.update((tuple(row[:2]) if table == "decisions" else row[0], row) for row in answer[table]["rows"])
+    return held
+
+
+def test_a_running_study_as_the_study_page_follows_it(settings, processors, start_worker, start_dashboard) -> None:
+    """Polled while it runs, with since= each time: the merged answers equal a whole answer at the
+    end, which agrees with the SDK on trials, curves, objectives per rung, verdicts and the best."""
+    from tensordb.client import TensorDB
+
+    start_worker()
+    start_worker()
+    dashboard = start_dashboard()
+    with TensorDB(settings) as db:
+        study = db.create_study(
+            name="followed", model={"epoch_function": "tensordb.testing.synthetic:learning_curve"},
+            objective={"metric": "accuracy", "direction": "max"}, space={"x": {"choice": [0.2, 0.4, 1.5, 1.6]}},
+            searcher={"name": "asha", "sampler": "grid", "min_epochs": 1, "max_epochs": 4, "reduction_factor": 2},
+            hyperparameters={"seconds": 0.3}, max_concurrent=2,
+        )  # fmt: skip
+        answers = [dashboard.get("/api/study", name="followed")]
+        while answers[-1]["status"] == "running":
+            time.sleep(0.3)
+            answers.append(dashboard.get("/api/study", name="followed", since=answers[-1]["version"]))
+            assert len(answers) < 1000, "the study did not end"
+        trials, rows, verdicts = study.trials(), study.configurations(), study.decisions()
+        best = study.best()
+    whole = dashboard.get("/api/study", name="followed")
+    assert whole["full"] and merged(answers) == merged([whole])
+    assert sum(not answer["full"] for answer in answers) == len(answers) - 1  # only the first was whole
+    assert any(0 < len(answer["trials"]["rows"]) < answer["trial_count"] for answer in answers[1:])  # the running ones
+    assert dashboard.get("/api/study", name="followed", since=answers[-1]["version"])["trials"]["rows"] == []  # ended: no change
+    assert [a["name"] for a in whole["parameters"]] == ["x"] and whole["searcher"]["rungs"] == [1, 2]
+    assert whole["counts"] == {"finished": 2, "stopped": 2} and whole["trial_count"] == 4
+    assert whole["best"]["configuration"] == best["configuration"] and whole["best"]["objective"] == best["objective"]
+
+    got = [dict(zip(whole["trials"]["columns"], row, strict=True)) for row in whole["trials"]["rows"]]
+    assert [t["id"] for t in got] == [t["_id"] for t in trials]
+    for row, trial in zip(got, trials, strict=True):
+        curve = [trial["curve"][str(epoch)] for epoch in range(len(trial["curve"]))]
+        assert row["curve"] == curve and row["status"] == trial["status"] and row["job_status"] == trial["job_status"]
+        assert row["at_rungs"] == [curve[epochs - 1] if epochs <= len(curve) else None for epochs in (1, 2)]
+        assert row["hyperparameters"] == [trial["hyperparameters"]["x"]] and row["objective"] == trial["objective"]
+        assert (row["rung"], row["stopped_at_rung"]) == (trial["rung"], trial["stopped_at_rung"])
+    configurations = [dict(zip(whole["configurations"]["columns"], r, strict=True)) for r in whole["configurations"]["rows"]]
+    assert [(c["configuration"], c["status"], c["objective"]) for c in configurations] == [
+        (r["configuration"], r["status"], r["objective"]) for r in rows
+    ]
+    decisions = [dict(zip(whole["decisions"]["columns"], r, strict=True)) for r in whole["decisions"]["rows"]]
+    assert [(d["configuration"], d["rung"], d["action"], d["value"], d["cutoff"]) for d in decisions] == [
+        (d["configuration"], d["rung"], d["action"], d["value"], d["cutoff"]) for d in verdicts
+    ]
+
+    (listed,) = dashboard.get("/api/studies")["studies"]
+    assert listed["name"] == "followed" and listed["status"] == "finished" and listed["searcher"]["name"] == "asha"
+    assert listed["trials"] == 4 and listed["counts"] == {"finished": 2, "stopped": 2}
+    assert listed["best_objective"] == best["objective"] and listed["best_configuration"] == best["configuration"]
+
+    missing = dashboard.http.get("/api/study", params={"name": "nope"})
+    assert missing.status_code == 404 and "no study 'nope'" in missing.json()["detail"]
+
+
+def test_a_study_of_a_thousand_trials_answers_quickly_compactly_and_then_only_with_changes(
+    settings, start_dashboard, capsys
+) -> None:
+    from tensordb.studies.scheduler import TRIALS
+    from tensordb.testing import insert_study
+
+    with Store(settings) as store:
+        insert_study(store, "thousand", trials=1000, epochs=27, asha=False)  # every trial trains 27 epochs: the largest answer
+        insert_study(store, "thousand-asha", trials=1000, epochs=27)
+        dashboard = start_dashboard()
+        timings = {}
+        for name in ("thousand", "thousand-asha"):
+            dashboard.get("/api/study", name=name)  # a first read warms the connection pool and caches
+            started = time.perf_counter()
+            response = dashboard.http.get("/api/study", params={"name": name})
+            timings[name] = (time.perf_counter() - started, len(response.content))
+            answer = response.json()
+            assert len(answer["trials"]["rows"]) == 1000 and len(answer["configurations"]["rows"]) == 1000
+        seconds, size = timings["thousand"]
+        assert seconds < 2.0 and size < 1_000_000, timings  # ~27,000 curve values: about 20 bytes each, once
+        assert timings["thousand-asha"][1] < 600_000, timings  # most ASHA trials stopped after an epoch or three
+
+        version = answer["version"]
+        unchanged = dashboard.http.get("/api/study", params={"name": "thousand-asha", "since": version})
+        assert unchanged.json()["trials"]["rows"] == [] and len(unchanged.content) < 5_000
+        store[TRIALS].update_one({"_id": "trial-thousand-asha-0007"}, {"$set": {"curve.26": 0.99}})
+        changed = dashboard.get("/api/study", name="thousand-asha", since=version)
+        assert [row[0] for row in changed["trials"]["rows"]] == ["trial-thousand-asha-0007"]
+        assert [row[0] for row in changed["configurations"]["rows"]] == [7] and changed["decisions"]["rows"] == []
+        started = time.perf_counter()
+        listed = dashboard.get("/api/studies")["studies"]
+        listing = time.perf_counter() - started
+    assert {s["name"]: s["trials"] for s in listed} == {"thousand": 1000, "thousand-asha": 1000}
+    with capsys.disabled():
+        print(
+            f"\n/api/study of 1,000 trials: {timings['thousand'][0] * 1000:.0f} ms, {timings['thousand'][1] / 1000:.0f} kB "
+            f"(all 27 epochs); {timings['thousand-asha'][0] * 1000:.0f} ms, {timings['thousand-asha'][1] / 1000:.0f} kB (ASHA); "
+            f"since= unchanged {len(unchanged.content)} B; /api/studies {listing * 1000:.0f} ms"
+        )

@@ -1,6 +1,7 @@
 // The dashboard's API: JSON reads and the live stream (Server-Sent Events).
 // The token, when the dashboard has one, travels as a cookie the server set when the page was
 // opened with ?token=...: nothing here handles it.
+import { clear, h } from "./dom.js";
 
 /** the body of a JSON answer as text (to compare with the previous one before parsing it) */
 export async function getText(path, params = {}) {
@@ -18,6 +19,27 @@ export async function getText(path, params = {}) {
 
 export async function getJSON(path, params = {}) {
   return JSON.parse(await getText(path, params));
+}
+
+/** call fn now and every `ms` after it finishes, until the returned function is called (errors shown in errorBox) */
+export function every(ms, fn, errorBox) {
+  let stopped = false;
+  let timer = 0;
+  const tick = async () => {
+    if (stopped) return;
+    try {
+      await fn();
+      if (errorBox) clear(errorBox);
+    } catch (error) {
+      if (errorBox && !stopped) clear(errorBox, h("div", { class: "error" }, String(error.message || error)));
+    }
+    if (!stopped) timer = setTimeout(tick, ms);
+  };
+  tick();
+  return () => {
+    stopped = true;
+    clearTimeout(timer);
+  };
 }
 
 const listeners = new Set();

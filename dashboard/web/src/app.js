@@ -1,8 +1,11 @@
-// The dashboard's single page: #/runs, #/run/<id>, #/compare?run=..., #/models, #/data.
+// The dashboard's single page: #/runs, #/run/<id>, #/compare?run=..., #/studies, #/study/<name>,
+// #/models, #/data.
 // Every user-provided string is rendered as text (dom.js builds nodes; no innerHTML).
-import { LiveRuns, getJSON, getText, onLiveState } from "./api.js";
+import { LiveRuns, every, getJSON, getText, onLiveState } from "./api.js";
 import { Chart, MetricCurves, colour, phaseColour, positive, smooth } from "./charts.js";
 import { badge, chips, clear, fmtAgo, fmtBytes, fmtNumber, fmtTime, h, put, table } from "./dom.js";
+import { compareHref, runHref } from "./routes.js";
+import { studiesPage, studyPage } from "./studies.js";
 
 const main = document.getElementById("main");
 let leave = null;
@@ -34,9 +37,10 @@ function route() {
   const parts = path.split("/").filter(Boolean);
   const page = parts[0] || "runs";
   for (const link of document.querySelectorAll("nav a")) {
-    link.classList.toggle("active", link.dataset.route === page || (page === "run" && link.dataset.route === "runs"));
+    const parent = { run: "runs", study: "studies" }[page];
+    link.classList.toggle("active", link.dataset.route === page || link.dataset.route === parent);
   }
-  const pages = { runs: runsPage, run: runPage, compare: comparePage, models: modelsPage, data: dataPage };
+  const pages = { runs: runsPage, run: runPage, compare: comparePage, models: modelsPage, data: dataPage, studies: studiesPage, study: studyPage };
   const render = pages[page] || runsPage;
   leave = render(params, parts.slice(1).map(decodeURIComponent).join("/"));
 }
@@ -44,38 +48,6 @@ window.addEventListener("hashchange", route);
 route();
 
 // -- helpers ----------------------------------------------------------------------------------------
-
-function runHref(runId) {
-  return `#/run/${encodeURIComponent(runId)}`;
-}
-
-function compareHref(runs, extra = {}) {
-  const params = new URLSearchParams();
-  for (const run of runs) params.append("run", run);
-  for (const [key, value] of Object.entries(extra)) if (value !== undefined && value !== null && value !== "") params.set(key, value);
-  return `#/compare?${params}`;
-}
-
-/** call fn now and every `ms` after it finishes, until the returned function is called */
-function every(ms, fn, errorBox) {
-  let stopped = false;
-  let timer = 0;
-  const tick = async () => {
-    if (stopped) return;
-    try {
-      await fn();
-      if (errorBox) clear(errorBox);
-    } catch (error) {
-      if (errorBox && !stopped) clear(errorBox, h("div", { class: "error" }, String(error.message || error)));
-    }
-    if (!stopped) timer = setTimeout(tick, ms);
-  };
-  tick();
-  return () => {
-    stopped = true;
-    clearTimeout(timer);
-  };
-}
 
 function statusBadge(job) {
   return job ? badge(job.status || "?", job.status) : badge("no job", "none");

@@ -105,9 +105,12 @@ export class MetricCurves {
 }
 
 /**
- * A uPlot chart in `container`. series: [{label, stroke}]. Options: time (x is Unix seconds),
- * log (y on a log scale), xLabel, yLabel, height, onZoom(lo, hi) after a drag-selection,
- * onReset() after a double click, bars.
+ * A uPlot chart in `container`. series: [{label, stroke}] (stroke: a colour, or a function
+ * (u, seriesIndex) => colour, asked again at each draw: see restyle()). Options: time (x is Unix
+ * seconds), log (y on a log scale), xLabel, yLabel, height, onZoom(lo, hi) after a drag-selection,
+ * onReset() after a double click, bars, cursorPoints (false: no hover dot per series, for charts of
+ * hundreds of series), legend (default: up to 24 series), integerX (x ticks on whole numbers only,
+ * e.g. epochs), decorate(u) (draws over the plot after each draw).
  */
 export class Chart {
   constructor(container, id, series, options = {}) {
@@ -140,7 +143,10 @@ export class Chart {
   }
 
   make() {
-    const { time = false, log = false, xLabel, yLabel, height = 260, bars = false } = this.options;
+    const {
+      time = false, log = false, xLabel, yLabel, height = 260, bars = false, cursorPoints = true, legend = this.series.length <= 24,
+      integerX = false, decorate,
+    } = this.options;
     const opts = {
       width: Math.max(this.container.clientWidth, 200),
       height,
@@ -157,12 +163,12 @@ export class Chart {
           paths: bars ? uPlot.paths.bars({ size: [0.9, 40] }) : undefined,
         })),
       ],
-      axes: [{ label: xLabel }, { label: yLabel, size: 60 }],
-      legend: { show: this.series.length <= 24 },
-      cursor: { drag: { x: true, y: false, setScale: false } },
+      axes: [integerX ? { label: xLabel, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000] } : { label: xLabel }, { label: yLabel, size: 60 }],
+      legend: { show: legend },
+      cursor: { drag: { x: true, y: false, setScale: false }, points: { show: cursorPoints } },
       hooks: {
         setSelect: [(u) => this.selected(u)],
-        draw: [() => this.drawn()],
+        draw: [(u) => { if (decorate) decorate(u); this.drawn(); }],
       },
     };
     const plot = new uPlot(opts, this.data, this.container);
@@ -203,6 +209,11 @@ export class Chart {
         this.plot.setData(this.data);
       });
     }
+  }
+
+  /** redraw with the series' colours asked again (stroke functions), the data unchanged */
+  restyle() {
+    if (!this.frame) this.plot.redraw(false, false);
   }
 
   /** note live points (step, wall time) to time when they are drawn (benchmarks) */
