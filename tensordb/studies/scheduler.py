@@ -268,7 +268,10 @@ class StudyScheduler:
         }.get(job["status"], (TrialStatus.CANCELLED, last))
         epochs_done = int((job.get("progress") or {}).get("epoch", -1)) + 1  # each logged its validation record
         ended = {"objective": objective, "epochs_done": epochs_done, "ended_at": _now()}
-        self.trials.update_one({"_id": job_id, "status": TrialStatus.ACTIVE}, {"$set": {"status": status, **ended}})
+        # a trial that trained every epoch is finished even if a stop verdict came too late to stop it
+        # (its stopped_at_rung says so); a stopped trial's cancelled job leaves it stopped
+        ending = [TrialStatus.ACTIVE, TrialStatus.STOPPED] if status == TrialStatus.FINISHED else [TrialStatus.ACTIVE]
+        self.trials.update_one({"_id": job_id, "status": {"$in": ending}}, {"$set": {"status": status, **ended}})
         self.trials.update_one({"_id": job_id, "status": TrialStatus.STOPPED}, {"$set": ended})
         self.fill(name)
         self.maybe_finish(name)
