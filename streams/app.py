@@ -4,25 +4,26 @@ Each processor kind consumes its topic in its own consumer group (:mod:`streams.
 ``tensordb processors`` started several times, on any machines, shares the partitions of every
 topic; each validates its records, dead-letters what fails and hands the valid ones to its handler:
 
-============  ==================  ==============================================================
-kind          topic               handler
-============  ==================  ==============================================================
-ingest        ingest              samples to GridFS + metadata, announced (:mod:`streams.ingest`)
-retrain       data-imported       policy counters, train jobs (:mod:`streams.retrain`)
-lifecycle     job-events          evaluation, promotion decisions (:mod:`streams.lifecycle`)
-log-sink      logs                step logs in bulk (:mod:`streams.logs`)
-study-rungs   logs                trials' validation metrics: ASHA verdicts (:mod:`streams.studies`)
-study-trials  job-events          trials that ended: next trials, studies ended (:mod:`streams.studies`)
-stage-NAME    data-imported       one per active transform stage: derived samples (:mod:`streams.stages`)
-job-requests  job-requests        validated only (workers consume the requests)
-model-events  model-events        validated only (model servers consume the events)
-============  ==================  ==============================================================
+================  ================  =================================================================
+kind              topic             handler
+================  ================  =================================================================
+ingest            ingest            samples to GridFS + metadata, announced (:mod:`streams.ingest`)
+retrain           data-imported     policy counters, train jobs (:mod:`streams.retrain`)
+lifecycle         job-events        evaluation, promotion decisions (:mod:`streams.lifecycle`)
+log-sink          logs              step logs in bulk (:mod:`streams.logs`)
+study-rungs       logs              trials' validation metrics: ASHA verdicts (:mod:`streams.studies`)
+study-trials      job-events        trials that ended: next trials, studies ended (:mod:`streams.studies`)
+stage-NAME        data-imported     one per active transform stage: derived samples (:mod:`streams.stages`)
+job-requests      job-requests      validated only (workers consume the requests)
+model-events      model-events      validated only (model servers consume the events)
+predict-requests  predict-requests  validated only (``tensordb predictor`` answers the requests)
+predictions       predictions       validated only (dashboards, stages and clients read the answers)
+================  ================  =================================================================
 
-Stage consumers start and stop as stages are registered, paused and resumed (checked by the timer),
-and a backfill runner applies stages to stored samples on request. A timer starts time-triggered
-policies, reconciles running studies (trials whose end no event
-reported, free slots) and, hourly, removes sample blobs no sample references
-(:func:`streams.ingest.sweep_sample_blobs`). SIGTERM or SIGINT stops every processor within seconds:
+Stage consumers start and stop as stages are registered, paused and resumed (checked by the
+timer), and a backfill runner applies stages to stored samples on request. A timer starts
+time-triggered policies, reconciles running studies (trials whose end no event reported, free
+slots) and, hourly, removes sample blobs no sample references (:func:`streams.ingest.sweep_sample_blobs`). SIGTERM or SIGINT stops every processor within seconds:
 batches in hand finish (or, in an outage, stay uncommitted and are read again later).
 """
 
@@ -57,6 +58,8 @@ HANDLERS: dict[str, tuple[Handler | None, int]] = {
     "lifecycle": (handle_job_events, 200),
     "job-requests": (None, 2000),
     "model-events": (None, 2000),
+    "predict-requests": (None, 2000),
+    "predictions": (None, 2000),
 }
 TIMER_SECONDS = 5.0
 SWEEP_SECONDS = 3600.0

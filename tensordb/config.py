@@ -53,6 +53,8 @@ class Topic(str, Enum):
     LOGS = "logs"
     MODEL_EVENTS = "model-events"
     DEAD_LETTERS = "dead-letters"
+    PREDICT_REQUESTS = "predict-requests"
+    PREDICTIONS = "predictions"
 
 
 #: The topic each kind of stream processor consumes, in its own consumer group (see streams/app.py).
@@ -63,6 +65,8 @@ PROCESSOR_TOPICS: dict[str, Topic] = {
     "log-sink": Topic.LOGS,
     "job-requests": Topic.JOB_REQUESTS,
     "model-events": Topic.MODEL_EVENTS,
+    "predict-requests": Topic.PREDICT_REQUESTS,
+    "predictions": Topic.PREDICTIONS,
     "study-rungs": Topic.LOGS,  # trials' validation logs only (streams.studies)
     "study-trials": Topic.JOB_EVENTS,  # trials' ends only
 }

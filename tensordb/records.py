@@ -32,6 +32,8 @@ class Schema(StrEnum):
     LOG = "log/1"
     MODEL_EVENT = "model-event/1"
     DEAD_LETTER = "dead-letter/1"
+    PREDICT_REQUEST = "predict-request/1"
+    PREDICTION = "prediction/1"
 
 
 #: The record type each topic carries.
@@ -43,6 +45,8 @@ TOPIC_RECORDS: dict[Topic, Schema] = {
     Topic.LOGS: Schema.LOG,
     Topic.MODEL_EVENTS: Schema.MODEL_EVENT,
     Topic.DEAD_LETTERS: Schema.DEAD_LETTER,
+    Topic.PREDICT_REQUESTS: Schema.PREDICT_REQUEST,
+    Topic.PREDICTIONS: Schema.PREDICTION,
 }
 
 
