@@ -133,6 +133,11 @@ class Settings(BaseSettings):
     # -- HTTP endpoints: the model server and the dashboard ----------------------------------------
     serve_host: str = Field("127.0.0.1", description="Address `tensordb serve` binds; beyond loopback it needs serve_token.")
     serve_port: int = Field(8000, ge=1, le=65535, description="Port `tensordb serve` listens on.")
+    predictions_sample_rate: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="Share of POST /predict answers also published on the predictions topic (where the streaming "
+        "predictor publishes all of its own), so both paths are monitored in one place.",
+    )  # fmt: skip
     dashboard_host: str = Field(
         "127.0.0.1", description="Address `tensordb dashboard` binds; beyond loopback it needs dashboard_token."
     )

@@ -26,7 +26,7 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
 from tensordb.config import Settings, Topic
-from tensordb.errors import ModelNotFoundError
+from tensordb.errors import BadInputError, ModelNotFoundError
 from tensordb.infra.bus import make_consumer, receive
 from tensordb.infra.http_guard import CSP, Guard, check_binding, server
 from tensordb.loop.promotion import PRODUCTION
@@ -63,27 +63,32 @@ class PredictRequest(BaseModel):
 
 
 class ModelHolder:
-    """The version being served, and the machinery that swaps in newly promoted ones."""
+    """The version being served, and the machinery that swaps in newly promoted ones.
 
-    def __init__(self, registry: ModelRegistry, name: str, alias: str = PRODUCTION) -> None:
+    ``pinned`` serves that version for good instead of following the alias.
+    """
+
+    def __init__(self, registry: ModelRegistry, name: str, alias: str = PRODUCTION, pinned: int | None = None) -> None:
         self.registry = registry
         self.name = name
         self.alias = alias
+        self.pinned = pinned
         self.current: Serving | None = None
         self.swaps = 0
         self._lock = threading.Lock()  # one load at a time; readers never take it
 
     def refresh(self) -> bool:
         """Load the alias's version if it is not the one served; returns whether it swapped."""
-        version = self.registry.alias(self.name, self.alias)
+        version = self.pinned or self.registry.alias(self.name, self.alias)
         if version is None or (self.current is not None and self.current.version == version):
             return False
         with self._lock:
             if self.current is not None and self.current.version == version:
                 return False
             model = self.registry.find(name=self.name, version=version)
-            if model is None:  # deleted since the alias was read
-                raise ModelNotFoundError(f"model {self.name!r} has no version {version} (its alias {self.alias!r} names it)")
+            if model is None:  # deleted since the alias was read (or a pinned version that does not exist)
+                named_by = "pinned" if self.pinned else f"its alias {self.alias!r} names it"
+                raise ModelNotFoundError(f"model {self.name!r} has no version {version} ({named_by})")
             model.predict_on_batch(np.zeros((1, *model.input_shape[1:]), dtype="float32"))  # warm up off the request path
             self.current = Serving(model, model.tensordb_info, datetime.now(UTC))
             self.swaps += 1
@@ -107,20 +112,29 @@ def _misfit(value: Any, expected: tuple[int | None, ...], path: str) -> str | No
     )
 
 
-def _as_input(instances: list[Any], model: Any) -> np.ndarray:
-    """The request's instances as one float32 batch, once their shape fits the model's input."""
+def instances_batch(instances: list[Any], model: Any) -> np.ndarray:
+    """JSON instances as one float32 batch, once their shape fits the model's input; raises
+    :class:`~tensordb.errors.BadInputError` saying which instance misfits and how (the HTTP server
+    answers 422 with it, the streaming predictor an answer with ``error``)."""
     expected = tuple(model.input_shape[1:])
     for index, instance in enumerate(instances):
         problem = _misfit(instance, expected, f"instances[{index}]")
         if problem is not None:
-            raise HTTPException(422, f"each instance must have shape {list(expected)} (numbers in nested lists): {problem}")
+            raise BadInputError(f"each instance must have shape {list(expected)} (numbers in nested lists): {problem}")
     try:
         batch = np.asarray(instances, dtype="float32")
     except OverflowError:
-        raise HTTPException(422, "instances hold a number too large for float32") from None
+        raise BadInputError("instances hold a number too large for float32") from None
     if not np.isfinite(batch).all():
-        raise HTTPException(422, "instances contain NaN or infinity (or numbers too large for float32)")
+        raise BadInputError("instances contain NaN or infinity (or numbers too large for float32)")
     return batch
+
+
+def _as_input(instances: list[Any], model: Any) -> np.ndarray:
+    try:
+        return instances_batch(instances, model)
+    except BadInputError as exc:
+        raise HTTPException(422, str(exc)) from None
 
 
 def create_app(

@@ -36,6 +36,16 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predictor(args: argparse.Namespace) -> int:
+    import logging
+
+    from workers.predictor import run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(load_settings(), args.policy, args.version, args.max_batch, args.max_wait_ms)
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
@@ -155,6 +165,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="GPUs offered to jobs that ask for some (default: those of CUDA_VISIBLE_DEVICES, else of nvidia-smi -L, else 0)",
     )
     worker.set_defaults(handler=_worker)
+
+    predictor = subparsers.add_parser("predictor", help="answer predict requests from Kafka with a policy's production model")
+    predictor.add_argument("--policy", required=True, help="policy (model) name whose production version answers")
+    predictor.add_argument("--version", type=_whole_number(1), default=None, help="answer requests for this version instead")
+    predictor.add_argument(
+        "--max-batch", type=_whole_number(1), default=64, help="most instances predicted at once (default: 64)"
+    )
+    predictor.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="how long to wait for more requests once one arrived (default: 5)"
+    )
+    predictor.set_defaults(handler=_predictor)
 
     serve = subparsers.add_parser("serve", help="serve a policy's production model over HTTP")
     serve.add_argument("--policy", required=True, help="policy (model) name whose production version to serve")

@@ -61,6 +61,8 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("project", ASCENDING), ("study", ASCENDING), ("configuration", ASCENDING), ("fold", ASCENDING)])
     ],
     "study_decisions": [IndexModel([("project", ASCENDING), ("study", ASCENDING), ("rung", ASCENDING), ("at", ASCENDING)])],
+    # streaming inference (workers.predictor): one answer per request id, kept a week for redeliveries
+    "predictions": [IndexModel([("stored_at", ASCENDING)], expireAfterSeconds=7 * 24 * 3600)],
     "policies": [IndexModel([("project", ASCENDING), ("name", ASCENDING)])],
     "policy_counted_samples": [IndexModel([("project", ASCENDING), ("policy", ASCENDING), ("batch_id", ASCENDING)])],
     "evaluations": [

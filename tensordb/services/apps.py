@@ -18,6 +18,7 @@ from tensordb.services.process import ManagedProcess, ServiceStatus, log_since
 READY_LINES = {
     "processors": "processors ready",
     "worker": "worker ready",
+    "predictor": "predictor ready",
     "serve": "Uvicorn running on",
     "dashboard": "Uvicorn running on",
 }

@@ -3,15 +3,17 @@ against real servers.
 
 - :mod:`~tensordb.testing.servers`: ``servers`` (the configured servers, else our own Tansu and
   mongod on free ports) and ``fresh_project`` (own topics and database, removed afterwards);
-- :mod:`~tensordb.testing.children`: ``tensordb processors``, ``worker``, ``serve`` and
-  ``dashboard`` as child processes that are ready when ``start`` returns; ``Dashboard``, a
+- :mod:`~tensordb.testing.children`: ``tensordb processors``, ``worker``, ``predictor``, ``serve``
+  and ``dashboard`` as child processes that are ready when ``start`` returns; ``Dashboard``, a
   running dashboard with an HTTP client;
 - :mod:`~tensordb.testing.helpers`: ``free_port``, ``wait_for``;
 - :mod:`~tensordb.testing.samples`: synthetic ``sample/1`` records;
 - :mod:`~tensordb.testing.studies`: ``insert_study``, a finished study of any size written straight
   into MongoDB (for readers' tests and benchmarks);
 - :mod:`~tensordb.testing.models`: small Keras builders to name as entry points (imports Keras,
-  so not imported here; trust ``tensordb.testing.models`` to run them).
+  so not imported here; trust ``tensordb.testing.models`` to run them);
+- :mod:`~tensordb.testing.synthetic` (a learning curve with a known optimum, an epoch function) and
+  :mod:`~tensordb.testing.stages` (transform-stage functions): trust them to run them.
 
 It sits in the top layer with the CLI (``[tool.importlinter]``): nothing else in TensorDB imports it.
 """
@@ -20,6 +22,7 @@ from tensordb.testing.children import (
     ChildProcess,
     Dashboard,
     dashboard_process,
+    predictor_process,
     processors_process,
     server_process,
     worker_process,
@@ -34,6 +37,7 @@ __all__ = [
     "Dashboard",
     "Servers",
     "dashboard_process",
+    "predictor_process",
     "processors_process",
     "server_process",
     "worker_process",

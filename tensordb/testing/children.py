@@ -87,6 +87,14 @@ def worker_process(
     return ChildProcess(["worker", *options], READY_LINES["worker"], settings, log_path)
 
 
+def predictor_process(
+    settings: Settings, log_path: Path, model: str, version: int | None = None, max_batch: int = 64
+) -> ChildProcess:
+    """``tensordb predictor``: the streaming predictor of ``model`` (its production version, or ``version``)."""
+    arguments = ["predictor", "--policy", model, "--max-batch", str(max_batch), *(["--version", str(version)] if version else [])]
+    return ChildProcess(arguments, READY_LINES["predictor"], settings, log_path)
+
+
 def server_process(
     settings: Settings, log_path: Path, policy: str, port: int, host: str = "127.0.0.1", token: str | None = None
 ) -> ChildProcess:

@@ -191,16 +191,18 @@ def test_asha_with_folds_judges_a_configuration_by_the_mean_of_its_folds(setting
     with TensorDB(settings) as db:
         study = db.create_study(
             name="asha-folds", model=CURVE, objective=OBJECTIVE, space={"x": {"choice": [0.2, 0.4, 1.5]}}, folds=2,
-            searcher={"name": "asha", "sampler": "grid", "min_epochs": 1, "max_epochs": 2, "reduction_factor": 2},
-            hyperparameters={"seconds": 0.2}, max_concurrent=2,
+            searcher={"name": "asha", "sampler": "grid", "min_epochs": 1, "max_epochs": 4, "reduction_factor": 2},
+            hyperparameters={"seconds": 0.6}, max_concurrent=2,
         )  # fmt: skip
         study.wait(timeout=120)
-        verdicts = {d["configuration"]: d for d in study.decisions()}
-        assert {number: d["action"] for number, d in verdicts.items()} == {0: "continue", 1: "continue", 2: "stop"}
+        verdicts = {(d["configuration"], d["rung"]): d for d in study.decisions()}
+        assert {key: d["action"] for key, d in verdicts.items()} == {
+            (0, 0): "continue", (1, 0): "continue", (2, 0): "stop", (0, 1): "continue", (1, 1): "continue",
+        }  # fmt: skip
         for number, x in enumerate([0.2, 0.4, 1.5]):
             folds = [learning_curve(0, x=x, fold=fold)["accuracy"] for fold in range(2)]
-            assert verdicts[number]["fold_values"] == pytest.approx(folds)
-            assert verdicts[number]["value"] == pytest.approx(statistics.fmean(folds))
-            assert len(verdicts[number]["trials"]) == 2
+            assert verdicts[(number, 0)]["fold_values"] == pytest.approx(folds)
+            assert verdicts[(number, 0)]["value"] == pytest.approx(statistics.fmean(folds))
+            assert len(verdicts[(number, 0)]["trials"]) == 2
         rows = study.configurations()
         assert [row["status"] for row in rows] == ["finished", "finished", "stopped"]

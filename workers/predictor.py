@@ -1,0 +1,286 @@
+"""The streaming predictor (``tensordb predictor --policy NAME``): predictions on the bus.
+
+It consumes ``predict-request`` records for one model (its production version, following
+promotions like the model server, or a pinned ``--version``), groups them into micro-batches (as
+many as have arrived, up to ``max_batch`` instances, waiting at most ``max_wait`` for more), runs
+each batch through one loaded version and publishes one ``prediction`` record per request on the
+predictions topic (and on the request's reply topic, which must be one of the project's
+``PREFIX.PROJECT.replies.*`` topics).
+
+Exactly one answer per request id: each answer is stored in the ``predictions`` collection
+(``_id`` = request id) before it is published, and offsets are committed only after that, so a
+request redelivered after a crash (or sent twice) is answered from the record of its first answer
+(same outputs, same version), never recomputed by another version. The stored answer remembers
+that it was published, so a redelivery publishes it again only if the first publication may not
+have happened. A batch is answered by the version that was current when it started: a promotion
+swaps the model between batches, after the new version is loaded and warmed up. Instances of the
+wrong shape get an answer with ``error`` instead of outputs; they never fail the batch.
+
+Several predictors of one model share the requests' partitions (one consumer group per model and
+version); requests for other models are left to their predictors.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from confluent_kafka import TopicPartition
+
+from tensordb import records
+from tensordb.config import Settings, Topic
+from tensordb.data.loader import sample_arrays
+from tensordb.data.samples import SAMPLES
+from tensordb.errors import BadInputError, TensorDBError
+from tensordb.infra.bus import Received, make_consumer, receive
+from tensordb.infra.store import insert_new
+from tensordb.records import Schema
+from tensordb.runtime import Runtime
+from workers.serve import ModelHolder, Serving, follow_promotions, instances_batch
+
+log = logging.getLogger(__name__)
+
+#: Answers kept for redeliveries: ``predictions`` documents (one per request id).
+PREDICTIONS = "predictions"
+READY_LINE = "predictor ready"
+
+
+def reply_topics(settings: Settings) -> str:
+    """The prefix every reply topic must have: the project's own ``replies`` topics."""
+    return f"{settings.topic_prefix}.{settings.project}.replies."
+
+
+class Predictor:
+    """Answers the predict requests of one model (see the module docstring).
+
+    Parameters
+    ----------
+    settings : Settings
+        The project and servers.
+    model : str
+        The model (policy) name.
+    version : int, optional
+        Serve this version for good; default: the production version, following promotions.
+    max_batch : int
+        Most instances predicted at once.
+    max_wait : float
+        Seconds to wait for more requests once one has arrived (the micro-batch's latency budget).
+    """
+
+    def __init__(
+        self, settings: Settings, model: str, version: int | None = None, max_batch: int = 64, max_wait: float = 0.005
+    ) -> None:
+        if max_batch < 1 or max_wait < 0:
+            raise BadInputError(f"max_batch must be >= 1 and max_wait >= 0, got {max_batch} and {max_wait}")
+        self.settings = settings
+        self.model = model
+        self.version = version
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.runtime = Runtime.open(settings)
+        self.store, self.publisher = self.runtime.store, self.runtime.publisher
+        self.store.ensure_indexes(PREDICTIONS)
+        self.answers = self.store[PREDICTIONS]
+        self.holder = ModelHolder(self.runtime.registry, model, pinned=version)
+        self.answered = 0  # requests answered (stored and published) by this process
+        self._stop = threading.Event()
+
+    @property
+    def group(self) -> str:
+        """The consumer group shared by the predictors of this model (and version)."""
+        return self.settings.processor_group(f"predictor-{self.model}" + (f"-v{self.version}" if self.version else ""))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Answer requests until :meth:`stop` (SIGTERM or SIGINT through the CLI)."""
+        consumer = make_consumer(self.settings, self.group, [Topic.PREDICT_REQUESTS])
+        follower = None
+        if self.version is None:
+            follower = threading.Thread(
+                target=follow_promotions, args=(self.settings, self.holder, self._stop), name="tensordb-follow", daemon=True
+            )
+            follower.start()
+        try:
+            self._load_first()
+            if on_ready is not None:
+                on_ready()
+            while not self._stop.is_set():
+                batch = self._next_batch(consumer)
+                if not batch:
+                    continue
+                self.answer([received for received in batch if self._mine(received)])
+                consumer.commit(
+                    offsets=[TopicPartition(r.topic, r.partition, r.offset + 1) for r in _last_per_partition(batch)],
+                    asynchronous=False,
+                )
+        finally:
+            self._stop.set()
+            consumer.close()
+            if follower is not None:
+                follower.join(timeout=5)
+            self.runtime.close()
+
+    def _load_first(self) -> None:
+        """Wait until there is a version to serve (a policy may not have promoted one yet)."""
+        while not self._stop.is_set():
+            try:
+                self.holder.refresh()
+            except TensorDBError as exc:
+                log.warning("no version of %s to serve yet: %s", self.model, exc)
+            if self.holder.current is not None:
+                return
+            self._stop.wait(1.0)
+
+    def _next_batch(self, consumer: Any) -> list[Received]:
+        """The requests that have arrived, waiting at most ``max_wait`` for more once one has."""
+        batch = list(receive(consumer, Schema.PREDICT_REQUEST, timeout=0.5, max_messages=self.max_batch))
+        deadline = time.monotonic() + self.max_wait
+        while batch and len(batch) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+            batch.extend(receive(consumer, Schema.PREDICT_REQUEST, timeout=left, max_messages=self.max_batch - len(batch)))
+        return batch
+
+    def _mine(self, received: Received) -> bool:
+        """A valid request for this model and version (invalid ones are the processors' dead letters)."""
+        record = received.record
+        return record is not None and record["model"] == self.model and record.get("version") == self.version
+
+    # -- answering -------------------------------------------------------------------------------
+    def answer(self, batch: list[Received]) -> list[dict[str, Any]]:
+        """Answer each request of ``batch`` once (see the module docstring); returns the answers."""
+        requests: dict[str, Received] = {}
+        for received in batch:
+            requests.setdefault(received.valid_record["request_id"], received)  # a request sent twice in one batch
+        stored = {document["_id"]: document for document in self.answers.find({"_id": {"$in": list(requests)}})}
+        fresh = [received for request_id, received in requests.items() if request_id not in stored]
+        if fresh:
+            serving = self.holder.current  # one version answers the whole batch
+            assert serving is not None  # run() waits for one
+            now = datetime.now(UTC)
+            documents = [{**answer, "_id": answer["request_id"], "project": self.store.project, "published": False, "stored_at": now}
+                         for answer in self._compute(serving, fresh)]  # fmt: skip
+            duplicates, _ = insert_new(self.answers, documents)  # first answer wins: another predictor may have raced
+            if duplicates:
+                ids = [documents[index]["_id"] for index in duplicates]
+                stored |= {document["_id"]: document for document in self.answers.find({"_id": {"$in": ids}})}
+            stored |= {document["_id"]: document for index, document in enumerate(documents) if index not in duplicates}
+        answers = [stored[request_id] for request_id in requests]
+        unpublished = [(answer, requests[answer["_id"]]) for answer in answers if not answer.get("published")]
+        for answer, received in unpublished:
+            record = _record(answer)
+            self.publisher.publish(Topic.PREDICTIONS, record, key=answer["_id"])
+            reply = received.valid_record.get("reply_topic")
+            if reply and reply.startswith(reply_topics(self.settings)):
+                self.publisher.publish_bytes(reply, records.encode(record, Schema.PREDICTION), key=answer["_id"])
+        self.publisher.flush()
+        if unpublished:
+            self.answers.update_many(
+                {"_id": {"$in": [answer["_id"] for answer, _ in unpublished]}}, {"$set": {"published": True}}
+            )
+        self.answered += len(unpublished)
+        return [_record(answer) for answer in answers]
+
+    def _compute(self, serving: Serving, requests: list[Received]) -> list[dict[str, Any]]:
+        """Predict every request's instances in one call per ``max_batch`` instances."""
+        inputs: list[np.ndarray | None] = []
+        errors: list[str | None] = []
+        for received in requests:
+            try:
+                inputs.append(self._instances(received.valid_record, serving))
+                errors.append(None)
+            except BadInputError as exc:
+                inputs.append(None)
+                errors.append(str(exc))
+        valid = [batch for batch in inputs if batch is not None]
+        outputs = np.concatenate([
+            np.asarray(serving.model.predict_on_batch(np.concatenate(valid)[start : start + self.max_batch]))
+            for start in range(0, sum(len(batch) for batch in valid), self.max_batch)
+        ]) if valid else np.empty((0,))  # fmt: skip
+        now = datetime.now(UTC)
+        answers, offset = [], 0
+        for received, batch, error in zip(requests, inputs, errors, strict=True):
+            request = received.valid_record
+            answer: dict[str, Any] = {
+                "schema": Schema.PREDICTION, "request_id": request["request_id"], "model": self.model, "version": serving.version,
+                "answered_at": now.isoformat(), "via": "stream",
+                "latency_ms": max(0.0, now.timestamp() * 1000 - received.timestamp) if received.timestamp > 0 else 0.0,
+            }  # fmt: skip
+            if "sample" in request:
+                answer["sample_id"] = request["sample"]["id"]
+            if batch is None:
+                answer["error"] = error
+            else:
+                result = outputs[offset : offset + len(batch)]
+                offset += len(batch)
+                answer["outputs"] = result.tolist()
+                if result.ndim == 2 and result.shape[1] > 1:
+                    answer["classes"] = result.argmax(axis=1).tolist()
+            answers.append(answer)
+        return answers
+
+    def _instances(self, request: dict[str, Any], serving: Serving) -> np.ndarray:
+        """A request's inputs as a float32 batch that fits the model, or :class:`BadInputError`."""
+        expected = list(serving.model.input_shape[1:])
+        if "instances" in request:
+            return instances_batch(request["instances"], serving.model)
+        if "array" in request:
+            spec = request["array"]
+            try:
+                flat = np.frombuffer(
+                    base64.b64decode(spec["data"], validate=True), dtype=np.dtype(spec["dtype"]).newbyteorder("<")
+                )
+                array = flat.reshape(spec["shape"])
+            except ValueError as exc:
+                raise BadInputError(f"array: its bytes do not hold {spec['dtype']}{spec['shape']} ({exc})") from None
+            if list(array.shape[1:]) != expected:
+                raise BadInputError(f"array: each instance must have shape {expected}, got {list(array.shape[1:])}")
+            return array.astype("float32")
+        sample = request["sample"]
+        document = self.store[SAMPLES].find_one({"_id": sample["id"]})
+        if document is None or sample["x"] not in document["arrays"]:
+            raise BadInputError(
+                f"sample {sample['id']!r} with an array {sample['x']!r} is not stored in project {self.store.project!r}"
+            )
+        array = sample_arrays(self.store, [{**document, "arrays": {sample["x"]: document["arrays"][sample["x"]]}}])[0][
+            sample["x"]
+        ]
+        if list(array.shape) != expected:
+            raise BadInputError(
+                f"sample {sample['id']!r}: array {sample['x']!r} has shape {list(array.shape)}, the model takes {expected}"
+            )
+        return array[np.newaxis].astype("float32")
+
+
+def _record(answer: dict[str, Any]) -> dict[str, Any]:
+    """The ``prediction/1`` record of a stored answer."""
+    return {key: value for key, value in answer.items() if key not in ("_id", "project", "published", "stored_at")}
+
+
+def _last_per_partition(batch: list[Received]) -> list[Received]:
+    last: dict[tuple[str, int], Received] = {}
+    for received in batch:
+        key = (received.topic, received.partition)
+        if key not in last or received.offset > last[key].offset:
+            last[key] = received
+    return list(last.values())
+
+
+def run(settings: Settings, model: str, version: int | None = None, max_batch: int = 64, max_wait_ms: float = 5.0) -> None:
+    """``tensordb predictor``: answer predict requests until SIGINT or SIGTERM."""
+    import signal
+
+    predictor = Predictor(settings, model, version, max_batch, max_wait_ms / 1000)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: predictor.stop())
+    predictor.run(
+        on_ready=lambda: log.info(
+            "%s: %s %s (group %s)", READY_LINE, model, f"v{version}" if version else "production", predictor.group
+        )
+    )
