@@ -14,6 +14,7 @@ before any array is built.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 import uuid
@@ -26,8 +27,8 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
 from tensordb.config import Settings, Topic
-from tensordb.errors import BadInputError, ModelNotFoundError
-from tensordb.infra.bus import make_consumer, receive
+from tensordb.errors import BadInputError, ModelNotFoundError, TensorDBError
+from tensordb.infra.bus import Publisher, make_consumer, receive
 from tensordb.infra.http_guard import CSP, Guard, check_binding, server
 from tensordb.loop.promotion import PRODUCTION
 from tensordb.models.registry import ModelRegistry
@@ -138,7 +139,12 @@ def _as_input(instances: list[Any], model: Any) -> np.ndarray:
 
 
 def create_app(
-    holder: ModelHolder, settings: Settings, token: str | None = None, host: str = "127.0.0.1", port: int = 0
+    holder: ModelHolder,
+    settings: Settings,
+    token: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    publisher: Publisher | None = None,
 ) -> Guard:
     """The model server's ASGI app: FastAPI routes behind the :class:`~tensordb.infra.http_guard.Guard`.
 
@@ -147,6 +153,8 @@ def create_app(
         settings: the HTTP settings (allowed hosts, body limit, docs, forwarded TLS).
         token: the token every request must carry, or ``None`` (bound to loopback only).
         host, port: the bound address (an allowed ``Host``; the port names the session cookie).
+        publisher: publishes a share (``predictions_sample_rate``) of the answers on the predictions
+            topic, beside the streaming predictor's; None publishes none.
     """
     docs = settings.http_docs
     app = FastAPI(
@@ -176,16 +184,34 @@ def create_app(
 
     @app.post("/predict")
     def predict(request: PredictRequest) -> dict[str, Any]:
+        started = time.monotonic()
         current = serving()
         batch = _as_input(request.instances, current.model)
         outputs = np.asarray(current.model.predict_on_batch(batch))
         response: dict[str, Any] = {"model": holder.name, "version": current.version, "predictions": outputs.tolist()}
         if outputs.ndim == 2 and outputs.shape[1] > 1:
             response["classes"] = outputs.argmax(axis=1).tolist()
+        if publisher is not None and random.random() < settings.predictions_sample_rate:
+            publish_answer(publisher, holder.name, response, started)
         return response
 
     hint = "send the header 'Authorization: Bearer TOKEN' (the token `tensordb serve` was started with)"
     return Guard(app, settings, token=token, host=host, cookie=f"tensordb_serve_{port}", hint=hint, csp=DOCS_CSP if docs else CSP)
+
+
+def publish_answer(publisher: Publisher, model: str, response: dict[str, Any], started: float) -> None:
+    """Publish one POST /predict answer as a ``prediction`` record (``via: http``), without waiting."""
+    record: dict[str, Any] = {
+        "schema": Schema.PREDICTION, "request_id": f"http-{uuid.uuid4().hex}", "model": model, "version": response["version"],
+        "outputs": response["predictions"], "latency_ms": (time.monotonic() - started) * 1000,
+        "answered_at": datetime.now(UTC).isoformat(), "via": "http",
+    }  # fmt: skip
+    if "classes" in response:
+        record["classes"] = response["classes"]
+    try:
+        publisher.publish(Topic.PREDICTIONS, record, key=record["request_id"])
+    except TensorDBError as exc:  # monitoring must never fail a prediction
+        log.warning("could not publish an answer on the predictions topic: %s", exc)
 
 
 def follow_promotions(settings: Settings, holder: ModelHolder, stop: threading.Event) -> None:
@@ -229,7 +255,7 @@ def run(settings: Settings, model_name: str, host: str, port: int, token: str | 
     follower = threading.Thread(target=follow_promotions, args=(settings, holder, stop), name="tensordb-follow", daemon=True)
     follower.start()
     try:
-        server(create_app(holder, settings, token, host, port), host, port).run()
+        server(create_app(holder, settings, token, host, port, runtime.publisher), host, port).run()
     finally:
         stop.set()
         follower.join(timeout=5)
