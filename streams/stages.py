@@ -1,6 +1,6 @@
 """Transform stages on the stream: each stage derives samples from the samples it reads, as they
-arrive (one consumer group per stage on ``data-imported``, so processor instances share the work
-by partition) and, on request, from those stored before (a backfill, advanced in batches under a
+arrive (one consumer group per stage on ``data-imported``, or on ``predictions`` for a stage of a
+model's answers, so processor instances share the work by partition) and, on request, from those stored before (a backfill, advanced in batches under a
 lease, so a killed processor's backfill resumes where it stopped).
 
 Derived samples are stored by the ingest processor's own code, in process (no second Kafka hop):
@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -32,7 +32,7 @@ from tensordb.infra.bus import Received
 from tensordb.infra.trusted import load_entry_point
 from tensordb.stages.derive import derive
 from tensordb.stages.spec import parse_stage
-from tensordb.stages.stages import Stages, live_query, source_query
+from tensordb.stages.stages import Stages, live_query, source_collection, source_query
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +51,25 @@ def _stage_topic(name: str) -> str:
     return f"stage:{name}"
 
 
-def apply_stage(context: ProcessorContext, stage: dict[str, Any], documents: list[dict[str, Any]]) -> tuple[int, int]:
-    """Derive from ``documents`` (source samples), store what was derived, dead-letter the sources
-    that failed; returns (derived, failed). Idempotent: derived ids are deterministic."""
+#: A source: a stored sample, and the model's answer about it for stages of predictions.
+Source = tuple[dict[str, Any], dict[str, Any] | None]
+
+
+def apply_stage(context: ProcessorContext, stage: dict[str, Any], sources: list[Source]) -> tuple[int, int]:
+    """Derive from ``sources``, store what was derived, dead-letter the sources that failed;
+    returns (derived, failed). Idempotent: derived ids are deterministic."""
     spec = parse_stage(stage["spec"])
     function = load_entry_point(spec.function, context.settings)
     derived: list[dict[str, Any]] = []
     failures: list[tuple[dict[str, Any], Exception]] = []
-    for start in range(0, len(documents), CHUNK):
-        chunk = documents[start : start + CHUNK]
-        for document, arrays in _read(context, chunk, failures):
+    for start in range(0, len(sources), CHUNK):
+        chunk = sources[start : start + CHUNK]
+        arrays = _read(context, [document for document, _ in chunk], failures)
+        for document, prediction in chunk:
+            if document["_id"] not in arrays:
+                continue
             try:
-                derived.extend(derive(context.store, spec, function, document, arrays))
+                derived.extend(derive(context.store, spec, function, document, arrays[document["_id"]], prediction))
             except StageFunctionError as exc:
                 failures.append((document, exc))
     topic = _stage_topic(spec.name)
@@ -81,18 +88,19 @@ def apply_stage(context: ProcessorContext, stage: dict[str, Any], documents: lis
 
 def _read(
     context: ProcessorContext, documents: list[dict[str, Any]], failures: list[tuple[dict[str, Any], Exception]]
-) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """Each document with its arrays; a sample whose bytes are damaged is a failure of its own."""
+) -> dict[str, dict[str, Any]]:
+    """The arrays of each sample, by id; a sample whose bytes are damaged is a failure of its own."""
+    unique = list({document["_id"]: document for document in documents}.values())
     try:
-        return list(zip(documents, sample_arrays(context.store, documents), strict=True))
+        return {document["_id"]: arrays for document, arrays in zip(unique, sample_arrays(context.store, unique), strict=True)}
     except IntegrityError:
-        pairs = []
-        for document in documents:
+        read = {}
+        for document in unique:
             try:
-                pairs.append((document, sample_arrays(context.store, [document])[0]))
+                read[document["_id"]] = sample_arrays(context.store, [document])[0]
             except IntegrityError as exc:
                 failures.append((document, exc))
-        return pairs
+        return read
 
 
 def _source_letter(stage: str, version: int, document: dict[str, Any]) -> Received:
@@ -103,21 +111,42 @@ def _source_letter(stage: str, version: int, document: dict[str, Any]) -> Receiv
 
 
 def stage_handler(name: str) -> Handler:
-    """The handler of one stage's ``data-imported`` events."""
+    """The handler of one stage's events: ``data-imported`` events, or a model's ``prediction`` records."""
 
     def handle(context: ProcessorContext, batch: list[Received]) -> None:
         stages = Stages(context.store)
         stage = _runnable(context, stages, name)
-        ids = sorted({sample_id for received in batch for sample_id in received.valid_record["sample_ids"]})
-        documents: list[dict[str, Any]] = []
-        for start in range(0, len(ids), CHUNK * 10):
-            query = {"$and": [live_query(stage), {"_id": {"$in": ids[start : start + CHUNK * 10]}}]}
-            documents.extend(context.store[SAMPLES].find(query))
-        if documents:
-            derived, failed = apply_stage(context, stage, documents)
-            stages.count(name, stage["version"], len(documents), derived, failed)
+        sources: list[Source]
+        if "predictions" in stage["spec"]["input"]:
+            sources = _answered_sources(context, stage, [received.valid_record for received in batch])
+        else:
+            ids = sorted({sample_id for received in batch for sample_id in received.valid_record["sample_ids"]})
+            sources = [(document, None) for document in _samples(context, live_query(stage), ids)]
+        if sources:
+            derived, failed = apply_stage(context, stage, sources)
+            stages.count(name, stage["version"], len(sources), derived, failed)
 
     return handle
+
+
+def _samples(context: ProcessorContext, query: dict[str, Any], ids: list[str]) -> list[dict[str, Any]]:
+    """The stored samples among ``ids`` that match ``query``."""
+    documents: list[dict[str, Any]] = []
+    for start in range(0, len(ids), CHUNK * 10):
+        documents.extend(context.store[SAMPLES].find({"$and": [query, {"_id": {"$in": ids[start : start + CHUNK * 10]}}]}))
+    return documents
+
+
+def _answered_sources(context: ProcessorContext, stage: dict[str, Any], answers: list[dict[str, Any]]) -> list[Source]:
+    """The stage model's answers (since the stage's version) about stored samples, each with its sample."""
+    model = stage["spec"]["input"]["predictions"]["model"]
+    since = stage["since"] if stage["since"].tzinfo else stage["since"].replace(tzinfo=UTC)
+    wanted = [answer for answer in answers if answer["model"] == model and "sample_id" in answer and "error" not in answer
+              and datetime.fromisoformat(answer["answered_at"]) >= since]  # fmt: skip
+    documents = {
+        document["_id"]: document for document in _samples(context, {}, sorted({answer["sample_id"] for answer in wanted}))
+    }
+    return [(documents[answer["sample_id"]], answer) for answer in wanted if answer["sample_id"] in documents]
 
 
 def _runnable(context: ProcessorContext, stages: Stages, name: str) -> dict[str, Any]:
@@ -157,16 +186,16 @@ class StageProcessors:
     def reconcile(self, stages: Stages) -> None:
         """Start the consumers of active stages, stop those of paused or deleted ones."""
         self.stopping = {name: thread for name, thread in self.stopping.items() if thread.is_alive()}
-        wanted = {stage["_id"] for stage in stages.collection.find({"paused": False}, {"_id": 1})}
+        active = {stage["_id"]: stage for stage in stages.collection.find({"paused": False}, {"spec.input": 1})}
+        wanted = set(active)
         for name in sorted(set(self.running) - wanted):
             processor, thread = self.running.pop(name)
             processor.stop()
             self.stopping[name] = thread
             log.info("stage %s stopped", name)
         for name in sorted(wanted - set(self.running) - set(self.stopping)):
-            processor = TopicProcessor(
-                self.settings, stage_kind(name), Topic.DATA_IMPORTED, stage_handler(name), 50, counts_progress=False
-            )
+            topic = Topic.PREDICTIONS if "predictions" in active[name]["spec"]["input"] else Topic.DATA_IMPORTED
+            processor = TopicProcessor(self.settings, stage_kind(name), topic, stage_handler(name), 50, counts_progress=False)
             thread = threading.Thread(target=processor.run, name=f"tensordb-{stage_kind(name)}", daemon=True)
             thread.start()
             self.running[name] = (processor, thread)
@@ -217,15 +246,21 @@ def backfill(context: ProcessorContext, stage: dict[str, Any], holder: str, stop
         stages.finish_backfill(name, holder)
         return
     after = state["after"]
+    collection = context.store[source_collection(stage)]
     while not stop.is_set():
         query = source_query(stage) if after is None else {"$and": [source_query(stage), {"_id": {"$gt": after}}]}
-        documents = list(context.store[SAMPLES].find(query).sort("_id", 1).limit(CHUNK))
-        if not documents:
+        found = list(collection.find(query).sort("_id", 1).limit(CHUNK))
+        if not found:
             stages.finish_backfill(name, holder)
             log.info("backfill of stage %s v%s done", name, stage["version"])
             return
-        derived, failed = apply_stage(context, stage, documents)
+        sources: list[Source]
+        if "predictions" in stage["spec"]["input"]:  # every stored answer, whenever it was given
+            sources = _answered_sources(context, {**stage, "since": datetime.min.replace(tzinfo=UTC)}, found)
+        else:
+            sources = [(document, None) for document in found]
+        derived, failed = apply_stage(context, stage, sources)
         context.publisher.flush()
-        after = documents[-1]["_id"]
-        if not stages.advance_backfill(name, holder, BACKFILL_LEASE, after, len(documents), derived, failed):
+        after = found[-1]["_id"]
+        if not stages.advance_backfill(name, holder, BACKFILL_LEASE, after, len(found), derived, failed):
             return  # taken over by another processor after this one stalled

@@ -40,14 +40,13 @@ from tensordb.data.samples import SAMPLES
 from tensordb.errors import BadInputError, TensorDBError
 from tensordb.infra.bus import Received, make_consumer, receive
 from tensordb.infra.store import insert_new
+from tensordb.models.predictions import PREDICTIONS
 from tensordb.records import Schema
 from tensordb.runtime import Runtime
 from workers.serve import ModelHolder, Serving, follow_promotions, instances_batch
 
 log = logging.getLogger(__name__)
 
-#: Answers kept for redeliveries: ``predictions`` documents (one per request id).
-PREDICTIONS = "predictions"
 READY_LINE = "predictor ready"
 
 
@@ -109,9 +108,9 @@ class Predictor:
             )
             follower.start()
         try:
-            self._load_first()
             if on_ready is not None:
                 on_ready()
+            self._load_first()  # requests sent meanwhile wait in Kafka
             while not self._stop.is_set():
                 batch = self._next_batch(consumer)
                 if not batch:
@@ -130,13 +129,17 @@ class Predictor:
 
     def _load_first(self) -> None:
         """Wait until there is a version to serve (a policy may not have promoted one yet)."""
+        waiting = False
         while not self._stop.is_set():
             try:
                 self.holder.refresh()
             except TensorDBError as exc:
-                log.warning("no version of %s to serve yet: %s", self.model, exc)
+                log.warning("cannot load a version of %s yet: %s", self.model, exc)
             if self.holder.current is not None:
                 return
+            if not waiting:
+                log.info("waiting for a %s version of %s", f"v{self.version}" if self.version else "production", self.model)
+                waiting = True
             self._stop.wait(1.0)
 
     def _next_batch(self, consumer: Any) -> list[Received]:

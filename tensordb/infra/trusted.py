@@ -31,7 +31,9 @@ from tensordb.config import MASK, Settings, mask_options
 from tensordb.errors import EntryPointError, UntrustedCodeError
 
 #: TensorDB's own example builders, trusted without configuration (never the whole package).
-ALWAYS_TRUSTED = frozenset({"tensordb.models.examples:digits_mlp", "tensordb.models.examples:digits_classifier"})
+ALWAYS_TRUSTED = frozenset(
+    {"tensordb.models.examples:digits_mlp", "tensordb.models.examples:digits_classifier", "tensordb.stages.examples:pseudo_label"}
+)
 #: Variables a task script inherits from its worker (with ``LC_*``): where programs, libraries and the
 #: GPU are, none a secret. Everything else in the worker's environment stays there.
 TASK_ENVIRONMENT = frozenset(

@@ -37,9 +37,12 @@ def derived_id(stage: str, version: int, source_id: str, index: int) -> str:
     return f"{stage}.v{version}:h" + hashlib.sha256(f"{source_id}\0{index}".encode()).hexdigest()[:40]
 
 
-def source_view(document: Mapping[str, Any], arrays: dict[str, Any]) -> dict[str, Any]:
-    """What the function is given for one stored sample."""
-    return {
+def source_view(
+    document: Mapping[str, Any], arrays: dict[str, Any], prediction: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """What the function is given for one stored sample (and, for a stage of a model's answers,
+    the answer under ``prediction``: ``outputs``, ``classes``, ``model``, ``version``)."""
+    view = {
         "id": document["_id"],
         "dataset": document["dataset"],
         "version": document.get("version"),
@@ -48,10 +51,20 @@ def source_view(document: Mapping[str, Any], arrays: dict[str, Any]) -> dict[str
         "metadata": dict(document.get("metadata") or {}),
         "tags": list(document.get("tags") or []),
     }
+    if prediction is not None:
+        view["prediction"] = {
+            key: prediction[key] for key in ("outputs", "classes", "model", "version", "request_id") if key in prediction
+        }
+    return view
 
 
 def derive(
-    store: Store, stage: StageSpec, function: Callable[[dict[str, Any]], Any], document: Mapping[str, Any], arrays: dict[str, Any]
+    store: Store,
+    stage: StageSpec,
+    function: Callable[[dict[str, Any]], Any],
+    document: Mapping[str, Any],
+    arrays: dict[str, Any],
+    prediction: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """The ``sample/1`` records ``function`` derives from one source sample (see the module docstring).
 
@@ -67,11 +80,15 @@ def derive(
         The source sample's stored document.
     arrays : dict
         Its arrays, read and checked.
+    prediction : mapping, optional
+        A model's answer about the sample (stages of a model's predictions): derived ids then
+        come from the answer's request id, so each answer derives its own samples once.
     """
     source = document["_id"]
+    key = source if prediction is None else str(prediction["request_id"])
     where = f"stage {stage.name!r} v{stage.version} ({stage.function}) on sample {source!r}"
     try:
-        returned = function(source_view(document, arrays))
+        returned = function(source_view(document, arrays, prediction))
     except Exception as exc:  # noqa: BLE001 - any failure of user code is this sample's, never the processor's
         raise StageFunctionError(f"{where} raised {type(exc).__name__}: {exc}") from exc
     outputs = [] if returned is None else [returned] if isinstance(returned, Mapping) else returned
@@ -101,7 +118,7 @@ def derive(
                 metadata=output.get("metadata"),
                 tags=output.get("tags") or (),
                 version=stage.output.version,
-                sample_id=derived_id(stage.name, stage.version, source, index),
+                sample_id=derived_id(stage.name, stage.version, key, index),
                 source=f"stage:{stage.name}",
                 lineage={"derived_from": source, "stage": stage.name, "stage_version": stage.version},
             )

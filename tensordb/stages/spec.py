@@ -6,7 +6,9 @@
      "output": {"dataset": "scans-64"}}
 
 The function (in a trusted module) takes one sample and returns zero or more derived samples
-(see :mod:`tensordb.stages.derive`). A new ``version`` changes what the stage does from then on;
+(see :mod:`tensordb.stages.derive`). With ``"input": {"predictions": {"model": "teacher"}}`` it
+takes a model's answers instead (each with the stored sample the request named), which turns one
+model's predictions into another's training data. A new ``version`` changes what the stage does from then on;
 samples stored before are re-derived on request (backfill).
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tensordb.data.cohorts import validate_filter
 from tensordb.errors import QueryError, StageSpecError
@@ -30,18 +32,40 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class StageInput(_Strict):
-    """Which samples the stage reads: a sample filter, as in cohorts (``{"dataset": "raw"}``)."""
+class PredictionsInput(_Strict):
+    """A model's answers on the predictions topic (model chaining): each answer to a request that
+    named a stored sample is given to the function with that sample."""
 
-    filter: dict[str, Any]
+    model: str
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        if not DATASET.match(value):
+            raise ValueError("a model name is 1-128 letters, digits, '_', '.' or '-'")
+        return value
+
+
+class StageInput(_Strict):
+    """What the stage reads: new samples matching a filter, as in cohorts (``{"filter": {"dataset":
+    "raw"}}``), or a model's predictions (``{"predictions": {"model": "teacher"}}``)."""
+
+    filter: dict[str, Any] | None = None
+    predictions: PredictionsInput | None = None
 
     @field_validator("filter")
     @classmethod
-    def _query(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _query(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         try:
-            return validate_filter(value, "input.filter")
+            return None if value is None else validate_filter(value, "input.filter")
         except QueryError as exc:
             raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _one(self) -> StageInput:
+        if (self.filter is None) == (self.predictions is None):
+            raise ValueError("input is either {'filter': {...}} (samples) or {'predictions': {'model': NAME}}")
+        return self
 
 
 class StageOutput(_Strict):
@@ -84,6 +108,10 @@ class StageSpec(_Strict):
 
     def as_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
+
+    @property
+    def reads_predictions(self) -> bool:
+        return self.input.predictions is not None
 
     def same_work(self, other: StageSpec) -> bool:
         """Whether ``other`` does what this does (a re-registration that changes nothing)."""

@@ -21,6 +21,7 @@ from tensordb.data.samples import SAMPLES
 from tensordb.errors import StageError, StageNotFoundError
 from tensordb.infra.store import Store
 from tensordb.infra.trusted import check_entry_point
+from tensordb.models.predictions import PREDICTIONS, answered_samples
 from tensordb.stages.spec import StageSpec, parse_stage
 
 STAGES = "stages"
@@ -93,10 +94,10 @@ class Stages:
         feeds: dict[str, set[str]] = {}
         for other in self.collection.find({}, {"spec": 1}):
             if other["_id"] != stage.name:
-                source = other["spec"]["input"]["filter"].get("dataset")
+                source = (other["spec"]["input"].get("filter") or {}).get("dataset")
                 if isinstance(source, str):
                     feeds.setdefault(source, set()).add(other["spec"]["output"]["dataset"])
-        start = stage.input.filter.get("dataset")
+        start = (stage.input.filter or {}).get("dataset")
         if not isinstance(start, str):
             return
         seen, frontier = set(), {stage.output.dataset}
@@ -129,7 +130,7 @@ class Stages:
     def lag(self, stage: Mapping[str, Any]) -> int:
         """Input samples imported since the stage's version was registered, less those processed
         (an estimate: a redelivered batch is counted again, so it reads low, never below 0)."""
-        matching = self.store[SAMPLES].count_documents(live_query(stage))
+        matching = self.store[source_collection(stage)].count_documents(live_query(stage))
         return max(0, matching - int(stage["counters"]["processed"]))
 
     # -- changing ------------------------------------------------------------------------------
@@ -167,7 +168,7 @@ class Stages:
         backfill = stage.get("backfill")
         if backfill and backfill["version"] == stage["version"] and backfill["status"] != "done":
             return stage
-        total = self.store[SAMPLES].count_documents(source_query(stage))
+        total = self.store[source_collection(stage)].count_documents(source_query(stage))
         state = {"version": stage["version"], "status": "requested", "after": None, "done": 0, "derived": 0, "errors": 0,
                  "total": total, "requested_at": _now(), "finished_at": None, "holder": None, "lease_until": None}  # fmt: skip
         return self._set(name, backfill=state)
@@ -201,11 +202,21 @@ class Stages:
         )
 
 
+def source_collection(stage: Mapping[str, Any]) -> str:
+    """Where a stage's sources are stored: ``samples``, or ``predictions`` for a stage of a model's answers."""
+    return PREDICTIONS if "predictions" in stage["spec"]["input"] else SAMPLES
+
+
 def source_query(stage: Mapping[str, Any]) -> dict[str, Any]:
-    """The samples a stage reads: its input filter, less what it derived itself."""
-    return {"$and": [dict(stage["spec"]["input"]["filter"]), {"lineage.stage": {"$ne": stage["_id"]}}]}
+    """The stored sources of a stage: samples matching its filter (less what it derived itself), or
+    the model's stored answers for stored samples."""
+    source = stage["spec"]["input"]
+    if "predictions" in source:
+        return answered_samples(source["predictions"]["model"])
+    return {"$and": [dict(source["filter"]), {"lineage.stage": {"$ne": stage["_id"]}}]}
 
 
 def live_query(stage: Mapping[str, Any]) -> dict[str, Any]:
-    """The samples the processors derive from as they arrive: those imported since the version."""
-    return {"$and": [source_query(stage), {"imported_at": {"$gte": stage["since"]}}]}
+    """The sources the processors derive from as they arrive: those stored since the version."""
+    arrived = "stored_at" if "predictions" in stage["spec"]["input"] else "imported_at"
+    return {"$and": [source_query(stage), {arrived: {"$gte": stage["since"]}}]}

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tensordb.config import Settings
 from tests import REPO
 
@@ -48,3 +50,21 @@ def test_the_kfold_study_example_runs_every_fold_of_both_architectures(
     assert result.returncode == 0, result.stdout + result.stderr
     assert "architecture=cnn" in result.stdout and "architecture=mlp" in result.stdout
     assert result.stdout.count("finished") >= 4 and "best: configuration" in result.stdout
+
+
+@pytest.mark.timeout(900)
+def test_distillation_teacher_predictions_become_the_students_training_data(
+    settings: Settings, processors, start_worker, tmp_path
+) -> None:
+    from tensordb.testing import predictor_process
+
+    start_worker()
+    with predictor_process(settings, tmp_path / "predictor.log", "teacher"):
+        result = subprocess.run(
+            [sys.executable, str(REPO / "examples" / "distillation" / "run.py")],
+            env={**os.environ, **settings.as_environment()}, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "teacher v" in result.stdout and "student v" in result.stdout
+    derived = int(result.stdout.split("pseudo-labelled ", 1)[1].split()[0])
+    assert derived >= 500, result.stdout  # enough confident answers to fire the student's trigger
