@@ -17,7 +17,7 @@ from typing import Any
 from pymongo import ReturnDocument
 
 from tensordb.data.cohorts import cohort_from_spec
-from tensordb.errors import PolicyError
+from tensordb.errors import PolicyError, PolicyNotFoundError
 from tensordb.infra.store import Store, insert_ignoring_duplicates
 from tensordb.infra.trusted import check_model_spec
 from tensordb.studies.scheduler import STUDIES
@@ -132,7 +132,7 @@ class Policies:
     def document(self, name: str) -> dict[str, Any]:
         document = self.collection.find_one({"_id": name})
         if document is None:
-            raise PolicyError(f"no policy {name!r} in project {self.store.project!r}; register it first")
+            raise PolicyNotFoundError(f"no policy {name!r} in project {self.store.project!r}; register it first")
         return document
 
     def list(self, include_paused: bool = True) -> list[dict[str, Any]]:
