@@ -170,9 +170,9 @@ class Actions:
         samples: list[dict[str, Any]] | None = None
         if request.cohort is not None:
             samples, arrays = self._cohort_samples(request.cohort, request.samples)
+        models = {version: self.loaded.get(request.model, version) for version in versions}  # an unknown version: 404 first
         answers = []
-        for version in versions:
-            model = self.loaded.get(request.model, version)
+        for version, model in models.items():
             batch = instances_batch(request.instances or [], model) if samples is None else array_batch(arrays, model)
             answers.append({"version": version, "production": version == production, **predictions(model, batch)})
         return {"model": request.model, "production": production, "samples": samples, "versions": answers}
