@@ -155,6 +155,7 @@ export function tryPanel() {
   const run = async () => {
     const current = model();
     if (!current) return;
+    clear(result);  // an earlier answer must not pass for this one's
     const body = { model: current.name, versions: [...(chosenVersions.get(current.name) || [])].sort((a, b) => a - b) };
     if (source.value === "json") {
       try {
