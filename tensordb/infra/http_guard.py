@@ -8,15 +8,15 @@ Every request passes, in order:
    ``Authorization: Bearer``, ``X-TensorDB-Token`` or the session cookie. A token in the URL
    (``?token=``, the address a person opens) is traded by a 303 redirect for a cookie holding a
    random session value, so the token leaves the address bar, the history and the logs;
-3. with ``csrf_path`` set (the dashboard), the cross-site request check on every request that may
+3. the body limit (``http_max_body_bytes``): a larger ``Content-Length`` is answered 413 before any
+   of the body is read; a body without one is counted as it streams in;
+4. with ``csrf_path`` set (the dashboard), the cross-site request check on every request that may
    change something (any method but GET, HEAD and OPTIONS): an ``Origin`` (else a ``Referer``) must
    name an allowed host and this port, and the ``X-CSRF-Token`` header must hold the token bound to
    the request's session cookie (:class:`CsrfTokens`), which ``GET csrf_path`` hands out (setting the
    cookie when there is none yet). A request that proved the token in a header (``Authorization`` or
    ``X-TensorDB-Token``) needs no CSRF token: a browser cannot add those to a cross-site request.
-   Refusals are 403 with a JSON ``{"detail", "error": "csrf"}``;
-4. the body limit (``http_max_body_bytes``): a larger ``Content-Length`` is answered 413 before any
-   of the body is read; a body without one is counted as it streams in.
+   Refusals are 403 with a JSON ``{"detail", "error": "csrf"}``.
 
 Every response carries the security headers (CSP and friends). :func:`server` runs an app under
 uvicorn with the token masked in its access log.
@@ -286,16 +286,16 @@ class Guard:
             if authorized is None:
                 return
             by_header = authorized == "header"
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_body:
+            await self.too_large(send)
+            return
         if self.csrf_path is not None:
             if scope["path"] == self.csrf_path and scope["method"] == "GET":
                 await self._hand_out_csrf(scope, headers, send)
                 return
             if scope["method"] not in SAFE_METHODS and not await self._cross_site_checked(headers, by_header, send):
                 return
-        length = headers.get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.max_body:
-            await self.too_large(send)
-            return
         exchange = _Exchange(self, receive, send)
         await self.app(scope, exchange.receive, exchange.send)
 
