@@ -39,7 +39,7 @@ from tensordb.testing import (
     wait_for,
     worker_process,
 )
-from tests.e2e.test_dashboard_browser import Tab, browser, tab  # noqa: F401 - fixtures
+from tests.e2e.test_dashboard_browser import browser, tab  # noqa: F401 - fixtures
 
 MODEL = "tensordb.testing.models:small_classifier"
 

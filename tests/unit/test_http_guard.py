@@ -4,11 +4,15 @@ header tokens); CSRF tokens and origins on their own."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
-from starlette.testclient import TestClient
+
+with warnings.catch_warnings():  # Starlette would rather have httpx2; httpx is what this project pins
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient
 
 from tensordb.config import Settings
 from tensordb.infra.http_guard import CSRF_HEADER, CsrfTokens, Guard, same_origin
