@@ -1,7 +1,7 @@
 """The dashboard's web app (``tensordb dashboard``): JSON and Server-Sent Events over FastAPI, and
 the front end built from ``dashboard/web`` into ``dashboard/static`` (uPlot, from npm; no CDN).
 
-Routes (all read-only):
+Routes that read (GET):
 
 - ``/``: the single-page front end; ``/static/...`` its assets;
 - ``/api/status``: project, addresses, the live consumer's counters;
@@ -19,7 +19,14 @@ Routes (all read-only):
 - ``/api/studies``: every study with its status, searcher, trials per status and best objective;
 - ``/api/study?name=STUDY[&since=VERSION]``: one study whole (spec in brief, best so far,
   configurations, trials with their curves and objectives per rung, ASHA's verdicts), or only what
-  changed after an earlier answer's ``version`` (see :mod:`dashboard.studies`); 404 for no such study.
+  changed after an earlier answer's ``version`` (see :mod:`dashboard.studies`); 404 for no such study;
+- ``/api/csrf``: the page's CSRF token (answered by the guard, which sets the session cookie if needed).
+
+Routes that act (POST, JSON bodies, the CSRF token in ``X-CSRF-Token``; see :mod:`dashboard.actions`):
+``/api/jobs/cancel`` and ``/api/jobs/retry`` (``job_id``), ``/api/policies/pause|resume``,
+``/api/stages/pause|resume`` and ``/api/studies/stop`` (``name``), ``/api/models/promote`` (``model``,
+``version``, ``reason``), ``/api/models/rollback`` (``model``, ``reason``) and ``/api/try`` (a model's
+versions side by side on a cohort's samples or pasted instances).
 
 Bound to 127.0.0.1 by default. Bound to any other address it needs a token (``--token`` or
 ``TENSORDB_DASHBOARD_TOKEN``), which every request then carries (``Authorization: Bearer``,
@@ -46,7 +53,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from dashboard import catalog, curves, run_index, studies
+from dashboard import actions, catalog, curves, run_index, studies
 from dashboard.live import RESET, LiveHub
 from tensordb.config import Settings
 from tensordb.errors import StudyNotFoundError
@@ -65,6 +72,8 @@ ZOOM_BUCKETS = curves.OVERVIEW_POINTS // 4
 ZOOM_MAX_RAW = 200_000
 #: Overviews of this many most recent runs are built when the dashboard starts.
 WARM_RUNS = 200
+#: Where a page gets the CSRF token its actions carry (answered by the guard).
+CSRF_PATH = "/api/csrf"
 
 
 # -- JSON --------------------------------------------------------------------------------------------
@@ -106,6 +115,7 @@ class Dashboard:
         self.rates = catalog.ProgressRates()
         self.studies = studies.StudyFeed()
         self.fan_out = ThreadPoolExecutor(8, thread_name_prefix="tensordb-dashboard-compare")
+        self.actions = actions.Actions(settings, self.store)
         self.started_at = time.time()
 
     def start(self) -> None:
@@ -126,6 +136,7 @@ class Dashboard:
             log.exception("could not warm the overview cache")
 
     def close(self) -> None:
+        self.actions.close()
         self.hub.stop()
         self.cache.close()
         self.runs.close()
@@ -242,6 +253,8 @@ def create_app(settings: Settings, token: str | None = None, host: str = "127.0.
         openapi_url=None,
     )
     app.state.dashboard = dashboard
+    actions.install_error_answers(app)
+    app.include_router(actions.router(dashboard.actions, JSON))
 
     @app.get("/", include_in_schema=False)
     def index() -> Response:
@@ -350,7 +363,7 @@ def create_app(settings: Settings, token: str | None = None, host: str = "127.0.
     hint = (
         "open the address `tensordb dashboard` printed with ?token=TOKEN added, or send the header 'Authorization: Bearer TOKEN'"
     )
-    return Guard(app, settings, token=token, host=host, cookie=f"tensordb_dashboard_{port}", hint=hint)
+    return Guard(app, settings, token=token, host=host, cookie=f"tensordb_dashboard_{port}", hint=hint, csrf_path=CSRF_PATH)
 
 
 def run(settings: Settings, host: str = "127.0.0.1", port: int = 8050, token: str | None = None) -> None:

@@ -1,5 +1,5 @@
 """The dashboard's pages beyond curves: models (versions, evaluations, aliases, decisions), data
-(datasets, cohorts, samples, processor progress and rates) and dead letters; small, index-backed
+(datasets, cohorts, samples, transform stages, processor progress and rates) and dead letters; small, index-backed
 reads returned as JSON-ready dictionaries."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from tensordb.loop.policies import POLICIES
 from tensordb.loop.promotion import DECISIONS, EVALUATIONS
 from tensordb.models.registry import ALIASES
 from tensordb.models.registry import COLLECTION as MODELS
+from tensordb.stages.stages import Stages
 
 # -- models ---------------------------------------------------------------------------------------------
 
@@ -163,10 +164,28 @@ def data(
     first_bucket = int(start.timestamp() * 1000) // step_ms * step_ms
     times = list(range(first_bucket, int(now.timestamp() * 1000) + 1, step_ms))
     return {
-        "datasets": datasets, "saved_datasets": saved, "cohorts": cohorts,
+        "datasets": datasets, "saved_datasets": saved, "cohorts": cohorts, "stages": stages(store),
         "imported": {"bucket_seconds": bucket.total_seconds(), "t": [t / 1000 for t in times], "count": [histogram.get(t, 0) for t in times]},
         "progress": rates.rows(store), "now": now,
     }  # fmt: skip
+
+
+def stages(store: Store) -> list[dict[str, Any]]:
+    """The transform stages with what the data page shows: version, input, output, paused, counters, lag."""
+    return [
+        {
+            "name": stage["name"],
+            "version": stage["version"],
+            "input": stage["spec"]["input"],
+            "output": stage["spec"]["output"],
+            "function": stage["spec"].get("function"),
+            "paused": stage.get("paused", False),
+            "counters": stage["counters"],
+            "lag": stage["lag"],
+            "backfill": stage.get("backfill"),
+        }  # fmt: skip
+        for stage in Stages(store).list()
+    ]
 
 
 def dead_letters(store: Store, limit: int = 200) -> dict[str, Any]:

@@ -146,6 +146,10 @@ class JobError(TensorDBError):
     """A job cannot be submitted, found or changed as asked."""
 
 
+class JobNotFoundError(JobError, NotFoundError):
+    """No job of that id exists in this project."""
+
+
 class JobSpecError(BadInputError):
     """A job's model or data specification cannot be used; the message says what to change."""
 
@@ -156,6 +160,20 @@ class TaskScriptError(TensorDBError, RuntimeError):
 
 class PolicyError(BadInputError):
     """A policy is malformed, missing, or cannot be changed as asked."""
+
+
+class PolicyNotFoundError(PolicyError, NotFoundError):
+    """No policy of that name exists in this project."""
+
+
+class PromotionError(TensorDBError):
+    """A person's promotion or roll-back cannot be done as asked (the version is production
+    already, there is nothing to roll back to); the message says what production is."""
+
+
+class InputShapeError(BadInputError):
+    """Instances given to a model do not fit its input shape (or are not finite numbers); the
+    message names the first misfit."""
 
 
 class DrainError(TensorDBError):

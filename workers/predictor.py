@@ -41,9 +41,10 @@ from tensordb.errors import BadInputError, TensorDBError
 from tensordb.infra.bus import Received, make_consumer, receive
 from tensordb.infra.store import insert_new
 from tensordb.models.predictions import PREDICTIONS
+from tensordb.models.serving import array_batch, instances_batch
 from tensordb.records import Schema
 from tensordb.runtime import Runtime
-from workers.serve import ModelHolder, Serving, follow_promotions, instances_batch
+from workers.serve import ModelHolder, Serving, follow_promotions
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,6 @@ class Predictor:
 
     def _instances(self, request: dict[str, Any], serving: Serving) -> np.ndarray:
         """A request's inputs as a float32 batch that fits the model, or :class:`BadInputError`."""
-        expected = list(serving.model.input_shape[1:])
         if "instances" in request:
             return instances_batch(request["instances"], serving.model)
         if "array" in request:
@@ -242,23 +242,15 @@ class Predictor:
                 array = flat.reshape(spec["shape"])
             except ValueError as exc:
                 raise BadInputError(f"array: its bytes do not hold {spec['dtype']}{spec['shape']} ({exc})") from None
-            if list(array.shape[1:]) != expected:
-                raise BadInputError(f"array: each instance must have shape {expected}, got {list(array.shape[1:])}")
-            return array.astype("float32")
+            return array_batch(array, serving.model)
         sample = request["sample"]
         document = self.store[SAMPLES].find_one({"_id": sample["id"]})
         if document is None or sample["x"] not in document["arrays"]:
             raise BadInputError(
                 f"sample {sample['id']!r} with an array {sample['x']!r} is not stored in project {self.store.project!r}"
             )
-        array = sample_arrays(self.store, [{**document, "arrays": {sample["x"]: document["arrays"][sample["x"]]}}])[0][
-            sample["x"]
-        ]
-        if list(array.shape) != expected:
-            raise BadInputError(
-                f"sample {sample['id']!r}: array {sample['x']!r} has shape {list(array.shape)}, the model takes {expected}"
-            )
-        return array[np.newaxis].astype("float32")
+        only_x = {**document, "arrays": {sample["x"]: document["arrays"][sample["x"]]}}
+        return array_batch(sample_arrays(self.store, [only_x])[0][sample["x"]][np.newaxis], serving.model)
 
 
 def _record(answer: dict[str, Any]) -> dict[str, Any]:

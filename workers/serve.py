@@ -27,11 +27,12 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
 from tensordb.config import Settings, Topic
-from tensordb.errors import BadInputError, ModelNotFoundError, TensorDBError
+from tensordb.errors import InputShapeError, TensorDBError
 from tensordb.infra.bus import Publisher, make_consumer, receive
 from tensordb.infra.http_guard import CSP, Guard, check_binding, server
 from tensordb.loop.promotion import PRODUCTION
 from tensordb.models.registry import ModelRegistry
+from tensordb.models.serving import instances_batch, load_version, predictions
 from tensordb.records import Schema
 from tensordb.runtime import Runtime
 
@@ -86,55 +87,18 @@ class ModelHolder:
         with self._lock:
             if self.current is not None and self.current.version == version:
                 return False
-            model = self.registry.find(name=self.name, version=version)
-            if model is None:  # deleted since the alias was read (or a pinned version that does not exist)
-                named_by = "pinned" if self.pinned else f"its alias {self.alias!r} names it"
-                raise ModelNotFoundError(f"model {self.name!r} has no version {version} ({named_by})")
-            model.predict_on_batch(np.zeros((1, *model.input_shape[1:]), dtype="float32"))  # warm up off the request path
+            model = load_version(self.registry, self.name, version)  # warmed up off the request path
             self.current = Serving(model, model.tensordb_info, datetime.now(UTC))
             self.swaps += 1
         log.info("serving %s version %s", self.name, version)
         return True
 
 
-def _misfit(value: Any, expected: tuple[int | None, ...], path: str) -> str | None:
-    """How ``value`` (nested lists from JSON) departs from ``expected``, or ``None`` when it fits:
-    checked before numpy sees it, so no array is ever built from a wrong shape."""
-    if not expected:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return None
-        return f"{path} is {type(value).__name__}, not a number"
-    if not isinstance(value, list):
-        return f"{path} is {type(value).__name__}, not a list"
-    if expected[0] is not None and len(value) != expected[0]:
-        return f"{path} has {len(value)} items, not {expected[0]}"
-    return next(
-        (problem for index, item in enumerate(value) if (problem := _misfit(item, expected[1:], f"{path}[{index}]"))), None
-    )
-
-
-def instances_batch(instances: list[Any], model: Any) -> np.ndarray:
-    """JSON instances as one float32 batch, once their shape fits the model's input; raises
-    :class:`~tensordb.errors.BadInputError` saying which instance misfits and how (the HTTP server
-    answers 422 with it, the streaming predictor an answer with ``error``)."""
-    expected = tuple(model.input_shape[1:])
-    for index, instance in enumerate(instances):
-        problem = _misfit(instance, expected, f"instances[{index}]")
-        if problem is not None:
-            raise BadInputError(f"each instance must have shape {list(expected)} (numbers in nested lists): {problem}")
-    try:
-        batch = np.asarray(instances, dtype="float32")
-    except OverflowError:
-        raise BadInputError("instances hold a number too large for float32") from None
-    if not np.isfinite(batch).all():
-        raise BadInputError("instances contain NaN or infinity (or numbers too large for float32)")
-    return batch
-
-
 def _as_input(instances: list[Any], model: Any) -> np.ndarray:
+    """The request's instances as one float32 batch, or a 422 naming the first misfit."""
     try:
         return instances_batch(instances, model)
-    except BadInputError as exc:
+    except InputShapeError as exc:
         raise HTTPException(422, str(exc)) from None
 
 
@@ -187,10 +151,7 @@ def create_app(
         started = time.monotonic()
         current = serving()
         batch = _as_input(request.instances, current.model)
-        outputs = np.asarray(current.model.predict_on_batch(batch))
-        response: dict[str, Any] = {"model": holder.name, "version": current.version, "predictions": outputs.tolist()}
-        if outputs.ndim == 2 and outputs.shape[1] > 1:
-            response["classes"] = outputs.argmax(axis=1).tolist()
+        response: dict[str, Any] = {"model": holder.name, "version": current.version, **predictions(current.model, batch)}
         if publisher is not None and random.random() < settings.predictions_sample_rate:
             publish_answer(publisher, holder.name, response, started)
         return response

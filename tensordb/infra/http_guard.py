@@ -9,7 +9,14 @@ Every request passes, in order:
    (``?token=``, the address a person opens) is traded by a 303 redirect for a cookie holding a
    random session value, so the token leaves the address bar, the history and the logs;
 3. the body limit (``http_max_body_bytes``): a larger ``Content-Length`` is answered 413 before any
-   of the body is read; a body without one is counted as it streams in.
+   of the body is read; a body without one is counted as it streams in;
+4. with ``csrf_path`` set (the dashboard), the cross-site request check on every request that may
+   change something (any method but GET, HEAD and OPTIONS): an ``Origin`` (else a ``Referer``) must
+   name an allowed host and this port, and the ``X-CSRF-Token`` header must hold the token bound to
+   the request's session cookie (:class:`CsrfTokens`), which ``GET csrf_path`` hands out (setting the
+   cookie when there is none yet). A request that proved the token in a header (``Authorization`` or
+   ``X-TensorDB-Token``) needs no CSRF token: a browser cannot add those to a cross-site request.
+   Refusals are 403 with a JSON ``{"detail", "error": "csrf"}``.
 
 Every response carries the security headers (CSP and friends). :func:`server` runs an app under
 uvicorn with the token masked in its access log.
@@ -20,13 +27,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import json
 import logging
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote_plus
+from urllib.parse import unquote_plus, urlsplit
 
 from tensordb.config import MASK, Settings
 from tensordb.errors import ConfigurationError
@@ -43,6 +51,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
 TOKEN_PARAM = "token"
+#: The header that carries the CSRF token of a state-changing request.
+CSRF_HEADER = "X-CSRF-Token"
+#: Methods that change nothing (the apps behind a guard keep it so): no CSRF check.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: Sessions (one per ``?token=`` login) kept at once; the oldest is forgotten first.
 MAX_SESSIONS = 1024
 #: A session cookie is honoured this long after the login that created it.
@@ -141,6 +153,58 @@ class Sessions:
         return created is not None and time.monotonic() - created < self.lifetime
 
 
+class CsrfTokens:
+    """CSRF tokens bound to a session cookie: the HMAC-SHA256 of the cookie's value under a key that
+    lives only in this process, so a page of another origin that knows (or planted) a cookie value
+    still cannot compute its token, and a restart invalidates every token (pages fetch a new one).
+
+    Parameters:
+        key: the HMAC key; default a fresh random one.
+    """
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._key = key or secrets.token_bytes(32)
+
+    def token(self, session: str) -> str:
+        """The token of the session cookie value ``session``."""
+        return hmac.new(self._key, session.encode("utf-8", "replace"), hashlib.sha256).hexdigest()
+
+    def valid(self, session: str, token: bytes) -> bool:
+        """Whether ``token`` (a header's bytes) is the token of ``session``, compared in constant time."""
+        return hmac.compare_digest(self.token(session).encode(), token)
+
+
+def _origin_netloc(value: str) -> tuple[str, int | None] | None:
+    """(host name, port) of an ``Origin`` or ``Referer`` value (port: explicit, else the scheme's),
+    or None for ``null``, an opaque or a non-HTTP origin."""
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return _host_name(parts.hostname), port if port is not None else (443 if parts.scheme == "https" else 80)
+
+
+def same_origin(origin: str, host: str, allowed_hosts: Iterable[str]) -> bool:
+    """Whether a request's ``Origin`` (or ``Referer``) is this endpoint: its host name is allowed and,
+    when the ``Host`` header names a port, its port is that one (another program on the same machine
+    is another origin).
+
+    Parameters:
+        origin: the header's value.
+        host: the request's ``Host`` header.
+        allowed_hosts: the names this endpoint answers for (as :class:`Guard` compares them).
+    """
+    parsed = _origin_netloc(origin)
+    if parsed is None or parsed[0] not in set(allowed_hosts):
+        return False
+    host = host.strip()
+    named_port = host.rsplit(":", 1)[1] if (host.count(":") == 1 or host.startswith("[")) and not host.endswith("]") else None
+    return named_port is None or (named_port.isdigit() and int(named_port) == parsed[1])
+
+
 # -- the middleware --------------------------------------------------------------------------------
 
 
@@ -166,10 +230,22 @@ class Guard:
         cookie: the session cookie's name (cookies ignore ports: name it after the port).
         hint: what a request without the token is told, e.g. where the token comes from.
         csp: the Content-Security-Policy of every response.
+        csrf_path: where ``GET`` hands out a page's CSRF token; set, every request but GET, HEAD and
+            OPTIONS must pass the cross-site request check (see the module docstring). ``None`` for
+            endpoints whose POSTs change nothing and whose clients are programs (the model server).
     """
 
     def __init__(
-        self, app: ASGIApp, settings: Settings, *, token: str | None, host: str, cookie: str, hint: str, csp: str = CSP
+        self,
+        app: ASGIApp,
+        settings: Settings,
+        *,
+        token: str | None,
+        host: str,
+        cookie: str,
+        hint: str,
+        csp: str = CSP,
+        csrf_path: str | None = None,
     ) -> None:
         self.app = app
         self.token = token.encode() if token else None
@@ -180,6 +256,8 @@ class Guard:
         self.hint = hint
         self.sessions = Sessions()
         self.headers = [(b"content-security-policy", csp.encode()), *SECURITY_HEADERS]
+        self.csrf_path = csrf_path
+        self.csrf = CsrfTokens()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -202,20 +280,30 @@ class Guard:
                 "add it to TENSORDB_HTTP_ALLOWED_HOSTS (comma separated) and restart it\n",
             )  # fmt: skip
             return
-        if self.token is not None and not await self._authorized(self.token, scope, headers, send):
-            return
+        by_header = False
+        if self.token is not None:
+            authorized = await self._authorized(self.token, scope, headers, send)
+            if authorized is None:
+                return
+            by_header = authorized == "header"
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max_body:
             await self.too_large(send)
             return
+        if self.csrf_path is not None:
+            if scope["path"] == self.csrf_path and scope["method"] == "GET":
+                await self._hand_out_csrf(scope, headers, send)
+                return
+            if scope["method"] not in SAFE_METHODS and not await self._cross_site_checked(headers, by_header, send):
+                return
         exchange = _Exchange(self, receive, send)
         await self.app(scope, exchange.receive, exchange.send)
 
     # -- the token ---------------------------------------------------------------------------------
 
-    async def _authorized(self, token: bytes, scope: Scope, headers: dict[bytes, bytes], send: Send) -> bool:
-        """Whether the request carries ``token`` and may go on; when not, the answer (401, or the
-        login redirect) is sent."""
+    async def _authorized(self, token: bytes, scope: Scope, headers: dict[bytes, bytes], send: Send) -> str | None:
+        """How the request proved ``token``: ``"header"`` or ``"cookie"`` (a session); None when it did
+        not, and the answer (401, or the login redirect) is sent."""
         parts = scope.get("query_string", b"").decode("latin-1").split("&")
         in_url = [unquote_plus(part.partition("=")[2]) for part in parts if _is_token_param(part)]
         if in_url:
@@ -225,21 +313,87 @@ class Guard:
                 await self.respond(send, 401, f"wrong token: {self.hint}\n")
             else:
                 await self._login(scope, headers, [part for part in parts if part and not _is_token_param(part)], send)
-            return False
+            return None
         authorization = headers.get(b"authorization", b"")
         if b"x-tensordb-token" in headers:
-            allowed = hmac.compare_digest(headers[b"x-tensordb-token"], token)
+            way, allowed = "header", hmac.compare_digest(headers[b"x-tensordb-token"], token)
         elif authorization[:7].lower() == b"bearer ":
-            allowed = hmac.compare_digest(authorization[7:].strip(), token)
+            way, allowed = "header", hmac.compare_digest(authorization[7:].strip(), token)
         else:
-            allowed = self._has_session(headers.get(b"cookie", b""))
+            way, allowed = "cookie", bool(self._sessions_of(headers))
         if not allowed:
             await self.respond(send, 401, f"this endpoint needs its token: {self.hint}\n")
-        return allowed
+            return None
+        return way
 
-    def _has_session(self, cookie_header: bytes) -> bool:
-        pairs = (pair.strip().partition("=") for pair in cookie_header.decode("latin-1").split(";"))
-        return any(name == self.cookie and self.sessions.valid(value) for name, _, value in pairs)
+    def _cookie_values(self, headers: dict[bytes, bytes]) -> list[str]:
+        """Every value of the session cookie (another page of this host may have set one more)."""
+        pairs = (pair.strip().partition("=") for pair in headers.get(b"cookie", b"").decode("latin-1").split(";"))
+        return [value for name, _, value in pairs if name == self.cookie and value]
+
+    def _sessions_of(self, headers: dict[bytes, bytes]) -> list[str]:
+        """The request's session cookie values that count: signed-in sessions when a token is set,
+        any value otherwise (then the cookie only binds the CSRF token)."""
+        values = self._cookie_values(headers)
+        return [value for value in values if self.sessions.valid(value)] if self.token is not None else values
+
+    def _session_cookie(self, scope: Scope, headers: dict[bytes, bytes], value: str) -> bytes:
+        secure = scope.get("scheme") == "https" or (
+            self.forwarded_tls and headers.get(b"x-forwarded-proto", b"").split(b",")[0].strip().lower() == b"https"
+        )
+        cookie = f"{self.cookie}={value}; Path=/; Max-Age={int(self.sessions.lifetime)}; HttpOnly; SameSite=Strict"
+        return (cookie + ("; Secure" if secure else "")).encode()
+
+    # -- cross-site requests -----------------------------------------------------------------------
+
+    async def _hand_out_csrf(self, scope: Scope, headers: dict[bytes, bytes], send: Send) -> None:
+        """The CSRF token of the request's session, a new session (cookie) first when it has none."""
+        sessions = self._sessions_of(headers)
+        extra: list[tuple[bytes, bytes]] = [(b"cache-control", b"no-store")]
+        if sessions:
+            session = sessions[0]
+        else:
+            session = self.sessions.new()
+            extra.append((b"set-cookie", self._session_cookie(scope, headers, session)))
+        await self.respond_json(send, 200, {"csrf_token": self.csrf.token(session), "header": CSRF_HEADER}, extra)
+
+    async def _cross_site_checked(self, headers: dict[bytes, bytes], by_header: bool, send: Send) -> bool:
+        """Whether a state-changing request passes the cross-site request check; when not, the 403 is sent."""
+        host = headers[b"host"].decode("latin-1")
+        for name in (b"origin", b"referer"):  # a browser sends Origin with every POST; Referer is the fallback
+            if name in headers:
+                value = headers[name].decode("latin-1")
+                if not same_origin(value, host, self.allowed_hosts):
+                    await self.refuse_cross_site(
+                        send, f"cross-site request refused: its {name.decode().title()} {value[:200]!r} is not this server"
+                    )
+                    return False
+                break
+        if by_header:
+            return True
+        token = headers.get(CSRF_HEADER.lower().encode())
+        if token is None:
+            await self.refuse_cross_site(
+                send,
+                f"the {CSRF_HEADER} header is missing: GET {self.csrf_path} (with this session's cookie) and send its csrf_token",
+            )
+            return False
+        sessions = self._sessions_of(headers)
+        if not sessions:
+            await self.refuse_cross_site(
+                send, f"no session cookie: GET {self.csrf_path} first, then send its csrf_token in {CSRF_HEADER}"
+            )
+            return False
+        if not any(self.csrf.valid(session, token) for session in sessions):
+            await self.refuse_cross_site(
+                send,
+                f"wrong {CSRF_HEADER} for this session (forged, or from before a restart): GET {self.csrf_path} for a new one",
+            )
+            return False
+        return True
+
+    async def refuse_cross_site(self, send: Send, detail: str) -> None:
+        await self.respond_json(send, 403, {"detail": detail, "error": "csrf"})
 
     async def _login(self, scope: Scope, headers: dict[bytes, bytes], kept: list[str], send: Send) -> None:
         """303 to the same address without the token, setting a fresh session cookie.
@@ -249,14 +403,10 @@ class Guard:
         """
         segment = scope.get("raw_path", scope["path"].encode()).rsplit(b"/", 1)[-1]
         location = b"./" + segment + (b"?" + "&".join(kept).encode("latin-1") if kept else b"")
-        secure = scope.get("scheme") == "https" or (
-            self.forwarded_tls and headers.get(b"x-forwarded-proto", b"").split(b",")[0].strip().lower() == b"https"
-        )
-        cookie = f"{self.cookie}={self.sessions.new()}; Path=/; Max-Age={int(self.sessions.lifetime)}; HttpOnly; SameSite=Strict"
+        cookie = self._session_cookie(scope, headers, self.sessions.new())
         await self.respond(
-            send, 303, "signed in\n",
-            [(b"location", location), (b"set-cookie", (cookie + ("; Secure" if secure else "")).encode()), (b"cache-control", b"no-store")],
-        )  # fmt: skip
+            send, 303, "signed in\n", [(b"location", location), (b"set-cookie", cookie), (b"cache-control", b"no-store")]
+        )
 
     # -- answers ---------------------------------------------------------------------------------------
 
@@ -265,11 +415,22 @@ class Guard:
             send, 413, f"the request body is larger than the limit of {self.max_body} bytes (TENSORDB_HTTP_MAX_BODY_BYTES)\n"
         )
 
-    async def respond(self, send: Send, status: int, text: str, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
-        """A plain-text answer of the guard's own; the connection is closed (an unread body may follow)."""
+    async def respond_json(self, send: Send, status: int, content: Any, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        """A JSON answer of the guard's own (see :meth:`respond`)."""
+        await self.respond(send, status, json.dumps(content), headers, b"application/json")
+
+    async def respond(
+        self,
+        send: Send,
+        status: int,
+        text: str,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+        media: bytes = b"text/plain; charset=utf-8",
+    ) -> None:
+        """An answer of the guard's own; the connection is closed (an unread body may follow)."""
         body = text.encode()
         start = [
-            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-type", media),
             (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"),
         ]

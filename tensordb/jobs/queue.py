@@ -8,6 +8,8 @@ the reaper and resumes from its last saved epoch. Lifecycle::
     pending ──claim──► running ──► finished
        ▲                 │  └────► failed      (attempts exhausted, or not retryable)
        └── retry/reap ───┘  └────► cancelled   (cancel requested)
+       ▲                                │
+       └──────── Jobs.retry (a person) ─┘      (failed or cancelled: same id, fresh attempts)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pymongo import ASCENDING, DESCENDING, ReturnDocument
 
 from tensordb import records
 from tensordb.config import Topic
-from tensordb.errors import JobError, QueryError
+from tensordb.errors import JobError, JobNotFoundError, QueryError
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store
 from tensordb.infra.trusted import check_submitted_job
@@ -329,9 +331,10 @@ class Jobs:
         return job_id
 
     def get(self, job_id: str) -> JobDocument:
+        """The job's document; raises :class:`~tensordb.errors.JobNotFoundError` (a ``JobError``) for an unknown id."""
         job = self.collection.find_one({"_id": job_id})
         if job is None:
-            raise JobError(f"no job {job_id!r} in project {self.store.project!r}")
+            raise JobNotFoundError(f"no job {job_id!r} in project {self.store.project!r}")
         return cast(JobDocument, job)
 
     def list(
@@ -392,6 +395,50 @@ class Jobs:
         )
         self.publisher.flush()
         return cast(JobDocument, job)
+
+    def retry(self, job_id: str, by: str = "person") -> JobDocument:
+        """Put a failed or cancelled job back in the queue, under the same id, with a fresh attempt budget.
+
+        The job keeps its id, so its run, logs and model versions stay in one place, and its
+        checkpoint, so a train job resumes after its last saved epoch (as after a worker's death);
+        its last error moves to ``history``. Workers hear of it through a new job request.
+        A study's trials are refused: the study's scheduler decides about them.
+
+        Parameters
+        ----------
+        job_id : str
+            The job to retry.
+        by : str
+            Who asked (recorded with the job's ``retrying`` event and in ``retried_by``).
+
+        Raises :class:`~tensordb.errors.JobNotFoundError` for an unknown id and :class:`~tensordb.errors.JobError`
+        for a job that is pending, running or finished, or that is a study's trial.
+        """
+        job = self.get(job_id)
+        if (job.get("labels") or {}).get("study"):
+            raise JobError(
+                f"job {job_id!r} is a trial of study {job['labels']['study']!r}: its scheduler decides about its trials, "
+                "so create a new study instead"
+            )
+        retryable = (JobStatus.FAILED, JobStatus.CANCELLED)
+        update: dict[str, Any] = {
+            "$set": {
+                "status": JobStatus.PENDING, "attempts": 0, "cancel_requested": False, "worker": None, "host": None,
+                "lease_until": None, "finished_at": None, "error": None, "retried_at": _now(), "retried_by": by,
+            },
+            "$inc": {"retries": 1},
+        }  # fmt: skip
+        if job.get("error"):
+            update["$push"] = {"history": job["error"]}
+        retried = self.collection.find_one_and_update(
+            {"_id": job_id, "status": {"$in": list(retryable)}}, update, return_document=ReturnDocument.AFTER
+        )
+        if retried is None:
+            status = self.get(job_id)["status"]
+            advice = "cancel it first" if status in UNFINISHED else "submit a new job to run it again"
+            raise JobError(f"job {job_id!r} is {status}: only failed or cancelled jobs can be retried ({advice})")
+        self._announce(retried, JobEvent.RETRYING, {"reason": f"retried by {by}"})
+        return cast(JobDocument, retried)
 
     def delete(self, name: str | None = None, **filters: Any) -> int:
         """Delete ended jobs (running ones are left alone: cancel them first).
@@ -558,15 +605,19 @@ class Jobs:
         job = self.collection.find_one_and_update(guard, update, return_document=ReturnDocument.AFTER)
         if job is None:
             return False
+        self._announce(job, event, {"reason": failure["error"]["message"]})
+        return True
+
+    def _announce(self, job: Mapping[str, Any], event: JobEvent, detail: dict[str, Any]) -> None:
+        """Ring the workers' doorbell for a job that is pending again, and publish ``event``."""
         request = {
             "schema": records.Schema.JOB_REQUEST, "job_id": job["_id"], "kind": job["kind"], "name": job["name"],
             "priority": job["priority"], "max_attempts": job["max_attempts"], "resources": dict(resources_of(job)),
             "submitted_at": _now().isoformat(),
         }  # fmt: skip
         self.publisher.publish(Topic.JOB_REQUESTS, request, key=job["_id"])
-        self.event(job["_id"], event, attempt=job["attempts"], detail={"reason": failure["error"]["message"]})
+        self.event(job["_id"], event, attempt=job["attempts"], detail=detail)
         self.publisher.flush()
-        return True
 
     def _end(self, job_id: str, worker: str, status: JobStatus, fields: dict[str, Any]) -> bool:
         job = self.collection.find_one_and_update(

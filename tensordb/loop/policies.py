@@ -17,7 +17,7 @@ from typing import Any
 from pymongo import ReturnDocument
 
 from tensordb.data.cohorts import cohort_from_spec
-from tensordb.errors import PolicyError
+from tensordb.errors import PolicyError, PolicyNotFoundError
 from tensordb.infra.store import Store, insert_ignoring_duplicates
 from tensordb.infra.trusted import check_model_spec
 from tensordb.studies.scheduler import STUDIES
@@ -132,7 +132,7 @@ class Policies:
     def document(self, name: str) -> dict[str, Any]:
         document = self.collection.find_one({"_id": name})
         if document is None:
-            raise PolicyError(f"no policy {name!r} in project {self.store.project!r}; register it first")
+            raise PolicyNotFoundError(f"no policy {name!r} in project {self.store.project!r}; register it first")
         return document
 
     def list(self, include_paused: bool = True) -> list[dict[str, Any]]:
@@ -147,10 +147,21 @@ class Policies:
         return self.register(updated)
 
     def pause(self, name: str) -> Policy:
-        return self.change(name, paused=True)
+        """Stop triggering training for ``name`` (samples keep being counted); returns the policy."""
+        return self._set_paused(name, True)
 
     def resume(self, name: str) -> Policy:
-        return self.change(name, paused=False)
+        """Trigger training for ``name`` again; returns the policy."""
+        return self._set_paused(name, False)
+
+    def _set_paused(self, name: str, paused: bool) -> Policy:
+        """Only the flag changes: pausing is no new registration, so it needs no trust in the policy's code."""
+        document = self.collection.find_one_and_update(
+            {"_id": name}, {"$set": {"paused": paused, "updated_at": datetime.now(UTC)}}, return_document=ReturnDocument.AFTER
+        )
+        if document is None:
+            raise PolicyNotFoundError(f"no policy {name!r} in project {self.store.project!r}; register it first")
+        return self.policy(document)
 
     def delete(self, name: str) -> bool:
         return self.collection.delete_one({"_id": name}).deleted_count == 1

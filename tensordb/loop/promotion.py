@@ -5,14 +5,20 @@ production version on the policy's validation cohort (the same pinned samples fo
 ``decide`` reads that job's result, applies the policy's rule and, when the candidate wins, moves
 the ``production`` alias atomically (the registry publishes a model event, which the model server
 follows). Every decision is recorded in ``decisions`` with the metric, values, margin and reason.
+
+A person may overrule the miner: ``promote_by_person`` moves production to any version and
+``roll_back`` returns it to the version it replaced. Both are recorded in ``decisions`` like the
+automatic ones, with ``by: "person"``, who asked, the reason given, and the previous and new versions.
 """
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from tensordb.errors import PolicyError
+from tensordb.errors import PolicyError, PromotionError
 from tensordb.jobs.queue import JobKind, Jobs
 from tensordb.loop.policies import Policies, Policy
 from tensordb.models.registry import ModelRegistry
@@ -22,6 +28,8 @@ DECISIONS = "decisions"
 #: One document per (evaluation job, model version), written by the evaluate runner (workers.evaluation).
 EVALUATIONS = "evaluations"
 PRODUCTION = "production"
+#: ``by`` of a decision: the miner's, or a person's (through the dashboard, the SDK...)
+BY_MINER, BY_PERSON = "miner", "person"
 
 
 def request_evaluation(jobs: Jobs, registry: ModelRegistry, policy: Policy, train_job: dict[str, Any]) -> str | None:
@@ -127,4 +135,104 @@ def decide(store: Any, registry: ModelRegistry, policies: Policies, evaluation_j
         registry.promote(
             policy.name, candidate, alias=PRODUCTION, reason={"decision": decision["_id"], "reason": reason}, policy=policy.name
         )
+    return decision
+
+
+# -- a person's promotions ------------------------------------------------------------------------------
+
+
+def promote_by_person(
+    store: Any, registry: ModelRegistry, model: str, version: int, reason: str | None = None, who: str = BY_PERSON
+) -> dict[str, Any]:
+    """Move ``model``'s production alias to ``version`` because a person said so; returns the decision.
+
+    The alias moves first (the registry publishes the model event the model server follows), then
+    the decision is recorded in ``decisions`` next to the miner's: ``by: "person"``, ``who``, the
+    ``reason`` and the previous and new versions; the alias' history names the decision.
+
+    Parameters
+    ----------
+    store : Store
+        The project's database.
+    registry : ModelRegistry
+        The project's models (with a publisher, so that model servers hear of the change).
+    model : str
+        The model's name (a policy's versions carry the policy's name).
+    version : int
+        The version to serve.
+    reason : str, optional
+        Why, in the person's words.
+    who : str
+        Who asked: a user name, or the dashboard's session.
+
+    Raises :class:`~tensordb.errors.ModelNotFoundError` (no such version) and
+    :class:`~tensordb.errors.PromotionError` (it is production already).
+    """
+    current = registry.alias(model, PRODUCTION)
+    if current == version:
+        raise PromotionError(f"v{version} of {model!r} is production already: nothing to change")
+    return _move_production(store, registry, model, version, "promote", reason, who)
+
+
+def roll_back(store: Any, registry: ModelRegistry, model: str, reason: str | None = None, who: str = BY_PERSON) -> dict[str, Any]:
+    """Return ``model``'s production alias to the version the current one replaced; returns the decision.
+
+    Rolling back again goes one version further back (a roll-back is not itself a version to
+    return to): after v1, v2, v3 were promoted, two roll-backs serve v2, then v1.
+
+    Parameters are those of :func:`promote_by_person`, less the version. Raises
+    :class:`~tensordb.errors.PromotionError` when production has no earlier version to return to.
+    """
+    alias = registry.alias_info(model, PRODUCTION)
+    if alias is None:
+        raise PromotionError(f"{model!r} has no production version: nothing to roll back")
+    target = rollback_target(alias.get("history") or [])
+    if target is None:
+        raise PromotionError(f"production v{alias['version']} of {model!r} replaced no earlier version: nothing to roll back to")
+    return _move_production(store, registry, model, target, "roll back", reason, who)
+
+
+def rollback_target(history: list[Mapping[str, Any]]) -> int | None:
+    """The version a roll-back returns to, from an alias' ``history`` (oldest first): promotions
+    stack up, each roll-back takes the top one off; the answer is the version under the top."""
+    stack: list[int] = []
+    for entry in history:
+        if (entry.get("reason") or {}).get("action") == "roll back":
+            if stack:
+                stack.pop()
+            if not stack or stack[-1] != entry["version"]:
+                stack.append(entry["version"])
+        elif not stack or stack[-1] != entry["version"]:
+            stack.append(entry["version"])
+    return stack[-2] if len(stack) >= 2 else None
+
+
+def _move_production(
+    store: Any, registry: ModelRegistry, model: str, version: int, action: str, reason: str | None, who: str
+) -> dict[str, Any]:
+    """Move the alias (the registry refuses an unknown version before changing anything), then record why."""
+    decision_id = f"person-{uuid.uuid4().hex[:16]}"
+    said = (reason or "").strip() or None
+    alias = registry.promote(
+        model, version, alias=PRODUCTION, reason={"decision": decision_id, "action": action, "by": BY_PERSON, "who": who,
+                                                   "reason": said or f"{action} by {who}"},
+    )  # fmt: skip
+    previous = alias.get("previous_version")
+    decision = {
+        "_id": decision_id,
+        "project": store.project,
+        "policy": model,
+        "by": BY_PERSON,
+        "who": who,
+        "action": action,
+        "candidate": {"version": version},
+        "production": {"version": previous},
+        "previous_version": previous,
+        "version": version,
+        "promoted": True,
+        "reason": f"{action}: v{previous} → v{version} by {who}" + (f": {said}" if said else " (no reason given)"),
+        "given_reason": said,
+        "at": datetime.now(UTC),
+    }
+    store[DECISIONS].insert_one(decision)
     return decision

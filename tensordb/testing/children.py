@@ -125,9 +125,20 @@ class Dashboard:
         self.url = f"http://127.0.0.1:{port}"
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=30)
+        self._csrf: str | None = None
 
     def get(self, path: str, **params: Any) -> Any:
         """GET ``path`` with query ``params``; the decoded JSON (raises on an HTTP error)."""
         response = self.http.get(path, params=params)
         response.raise_for_status()
         return response.json()
+
+    def post(self, path: str, body: Any) -> httpx.Response:
+        """POST ``body`` as JSON to an action, as the dashboard's page does: with the CSRF token of
+        this client's session (fetched once from ``/api/csrf``, which sets the cookie) and its Origin.
+        The response, whatever its status."""
+        if self._csrf is None:
+            answer = self.http.get("/api/csrf")
+            answer.raise_for_status()
+            self._csrf = answer.json()["csrf_token"]
+        return self.http.post(path, json=body, headers={"X-CSRF-Token": self._csrf, "Origin": self.url})

@@ -235,8 +235,10 @@ class NumpySpy:
 
 
 def test_instances_are_checked_against_the_model_s_shape_before_any_array_is_built(model_server, monkeypatch) -> None:
+    from tensordb.models import serving
+
     spy = NumpySpy()
-    monkeypatch.setattr(serve, "np", spy)
+    monkeypatch.setattr(serving, "np", spy)  # where the model server builds its arrays
     running = model_server()
     wrong = {
         "instances[1] has 3 items, not 4": [[1, 2, 3, 4], [1, 2, 3]],

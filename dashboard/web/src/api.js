@@ -1,6 +1,7 @@
-// The dashboard's API: JSON reads and the live stream (Server-Sent Events).
+// The dashboard's API: JSON reads, actions (POST) and the live stream (Server-Sent Events).
 // The token, when the dashboard has one, travels as a cookie the server set when the page was
-// opened with ?token=...: nothing here handles it.
+// opened with ?token=...: nothing here handles it. Actions carry the CSRF token the server binds to
+// that cookie (GET /api/csrf), in the X-CSRF-Token header, and send their Origin.
 import { clear, h } from "./dom.js";
 
 /** the body of a JSON answer as text (to compare with the previous one before parsing it) */
@@ -19,6 +20,40 @@ export async function getText(path, params = {}) {
 
 export async function getJSON(path, params = {}) {
   return JSON.parse(await getText(path, params));
+}
+
+let csrf = null;
+
+async function csrfToken(fresh) {
+  if (csrf === null || fresh) csrf = JSON.parse(await getText("/api/csrf")).csrf_token;
+  return csrf;
+}
+
+/** an error answer as one line: FastAPI's validation errors (a list) as "field: message; ..." */
+function errorText(status, data, text) {
+  const detail = data?.detail;
+  if (Array.isArray(detail)) {
+    return `${status} ${detail.map((d) => `${(d.loc || []).filter((p) => p !== "body").join(".")}: ${d.msg}`).join("; ")}`;
+  }
+  return `${status} ${typeof detail === "string" ? detail : text.slice(0, 300)}`;
+}
+
+/** POST `body` as JSON (an action): the answer's JSON, or an Error saying why it was refused */
+export async function postJSON(path, body) {
+  for (let attempt = 0; ; attempt++) {
+    const response = await fetch(path, {
+      method: "POST",
+      referrerPolicy: "same-origin",  // the page's policy (no-referrer) would send "Origin: null"
+      headers: { "Content-Type": "application/json", Accept: "application/json", "X-CSRF-Token": await csrfToken(attempt > 0) },
+      body: JSON.stringify(body),
+    });
+    const text = await response.text();
+    let data = null;
+    try { data = JSON.parse(text); } catch { data = null; }
+    if (response.ok) return data;
+    if (response.status === 403 && data?.error === "csrf" && attempt === 0) continue;  // a restarted server: a new token, once
+    throw new Error(errorText(response.status, data, text));
+  }
 }
 
 /** call fn now and every `ms` after it finishes, until the returned function is called (errors shown in errorBox) */

@@ -1,6 +1,7 @@
 // The dashboard's single page: #/runs, #/run/<id>, #/compare?run=..., #/studies, #/study/<name>,
-// #/models, #/data.
+// #/models, #/data. Actions (cancel, retry, pause, promote...) sit where their objects are shown.
 // Every user-provided string is rendered as text (dom.js builds nodes; no innerHTML).
+import { act, actionButton, confirmPanel, outcomeBox, tryPanel } from "./actions.js";
 import { LiveRuns, every, getJSON, getText, onLiveState } from "./api.js";
 import { Chart, MetricCurves, colour, phaseColour, positive, smooth } from "./charts.js";
 import { badge, chips, clear, fmtAgo, fmtBytes, fmtNumber, fmtTime, h, put, table } from "./dom.js";
@@ -67,6 +68,24 @@ function progressText(job) {
   return parts.join(" · ");
 }
 
+/** Cancel (pending, running) or Retry (failed, cancelled) for a job; outcomes in `box`, then `after()`. */
+function jobActions(job, box, after) {
+  if (!job) return null;
+  const id = job.job_id;
+  if (job.status === "pending" || job.status === "running") {
+    if (job.cancel_requested) return h("span", { class: "small muted" }, "cancel requested");
+    return actionButton("Cancel", () => act(box, "/api/jobs/cancel", { job_id: id },
+      (a) => (a.job.status === "cancelled" ? `job ${id} cancelled` : `job ${id}: cancel requested (its worker stops at the next step)`), after),
+    { class: "job-cancel", dataset: { job: id } });
+  }
+  if (job.status === "failed" || job.status === "cancelled") {
+    return actionButton("Retry", () => act(box, "/api/jobs/retry", { job_id: id },
+      () => `job ${id} is pending again (same id, fresh attempts; a train job resumes after its last saved epoch)`, after),
+    { class: "job-retry", dataset: { job: id } });
+  }
+  return null;
+}
+
 function lastMetrics(run) {
   const phases = run.phases || {};
   const phase = phases.train || Object.values(phases)[0];
@@ -90,9 +109,11 @@ function runsPage(params) {
   const summary = h("span", { class: "muted" });
   const errors = h("div");
   const body = h("div");
-  put(main, h("section", {}, h("div", { class: "toolbar" }, filter, status, compare, summary), errors, body));
+  const outcome = outcomeBox();
+  put(main, h("section", {}, h("div", { class: "toolbar" }, filter, status, compare, summary), outcome, errors, body));
   let runs = [];
   let now = Date.now() / 1000;
+  let refresh = () => {};
 
   const matches = (run) => {
     const job = run.job || {};
@@ -126,20 +147,23 @@ function runsPage(params) {
         h("td", { class: "num" }, fmtNumber(lastStep(run))),
         h("td", {}, lastMetrics(run)),
         h("td", {}, chips(run.tags)),
-        h("td", { class: "small" }, fmtAgo(run.updated_at, now)));
+        h("td", { class: "small" }, fmtAgo(run.updated_at, now)),
+        h("td", {}, jobActions(job, outcome, () => refresh())));
     });
     clear(body, table(
-      ["", "run", "status", "job", "policy", "worker", "attempts", "progress", "points", "last step", "last values", "tags", "updated"],
+      ["", "run", "status", "job", "policy", "worker", "attempts", "progress", "points", "last step", "last values", "tags", "updated", ""],
       rows, { class: "runs" }));
   };
   filter.addEventListener("input", render);
   status.addEventListener("change", render);
-  return every(2000, async () => {
+  const load = async () => {
     const data = await getJSON("/api/runs");
     runs = data.runs;
     now = data.now;
     render();
-  }, errors);
+  };
+  refresh = () => load().catch(() => {});
+  return every(2000, load, errors);
 }
 
 // -- one run, live -----------------------------------------------------------------------------------
@@ -147,12 +171,13 @@ function runsPage(params) {
 function runPage(params, runId) {
   const title = h("h1", { class: "run-title" }, runId);
   const jobBox = h("div", { class: "job" });
+  const outcome = outcomeBox();
   const note = h("div", { class: "muted note" });
   const errors = h("div");
   const grid = h("div", { class: "charts" });
   put(main, h("section", {},
     h("div", { class: "toolbar" }, h("a", { href: "#/runs" }, "← runs"), h("a", { href: compareHref([runId]) }, "compare…")),
-    title, jobBox, errors, note, grid));
+    title, jobBox, outcome, errors, note, grid));
 
   const charts = new Map();  // metric -> {curves, chart, element}
   let history = null;        // the last /api/run answer (null while loading)
@@ -212,6 +237,7 @@ function runPage(params, runId) {
       job.worker ? h("span", {}, ` · worker ${job.worker}`) : null,
       h("span", {}, ` · ${progressText(job)}`),
       job.checkpoint ? h("span", {}, ` · checkpoint epoch ${job.checkpoint.epoch} (v${job.checkpoint.model_version})`) : null,
+      " ", jobActions(job, outcome, () => getJSON("/api/job", { id: runId }).then(renderJob).catch(() => {})),
       h("div", { class: "small muted" }, `submitted ${fmtTime(job.submitted_at)} · started ${fmtTime(job.started_at)} · finished ${fmtTime(job.finished_at)}`),
       job.error ? h("pre", { class: "error" }, job.error) : null,
     );
@@ -476,22 +502,68 @@ function comparePage(params) {
 function modelsPage() {
   const errors = h("div");
   const body = h("div");
-  put(main, h("section", {}, errors, body));
-  return every(5000, async () => {
-    const { models } = await getJSON("/api/models");
+  const outcome = outcomeBox();
+  const trying = tryPanel();
+  put(main, h("section", {}, outcome, errors, trying.element, body));
+  let confirming = false;  // a confirmation is open: the cards are not rebuilt under it
+  const load = async () => {
+    if (confirming) return;
+    const [{ models }, data] = await Promise.all([getJSON("/api/models"), getJSON("/api/data")]);
+    trying.update(models, data.cohorts);
     clear(body);
     if (!models.length) put(body, h("p", { class: "muted" }, "no models or policies yet"));
-    for (const model of models) put(body, modelCard(model));
-  }, errors);
+    for (const model of models) put(body, modelCard(model, page));
+  };
+  const page = {
+    outcome,
+    refresh: () => load().catch(() => {}),
+    /** show a confirmation in `where`; refreshes wait until it is answered */
+    confirm: (where, question, options) => {
+      if (confirming) return;
+      confirming = true;
+      clear(where, confirmPanel(question, { ...options, onClose: () => { confirming = false; clear(where); page.refresh(); } }));
+    },
+  };
+  return every(5000, load, errors);
 }
 
 function metricsText(metrics) {
   return Object.entries(metrics || {}).map(([k, v]) => h("span", { class: "chip" }, `${k} ${fmtNumber(v)}`));
 }
 
-function modelCard(model) {
+function decisionRow(d) {
+  if (d.by === "person") {
+    return h("tr", { class: "by-person", dataset: { decision: d._id } },
+      h("td", { class: "small" }, fmtTime(d.at)),
+      h("td", {}, badge(d.action === "roll back" ? "rolled back" : "promoted", d.action === "roll back" ? "stopped" : "finished"), " ", badge(`by ${d.who || "a person"}`, "person")),
+      h("td", { class: "num" }, `v${d.version}`),
+      h("td", { class: "num" }, d.previous_version ? `v${d.previous_version}` : "–"),
+      h("td", {}, "a person's decision"),
+      h("td", {}, d.given_reason || h("span", { class: "muted" }, "no reason given")));
+  }
+  return h("tr", { dataset: { decision: d._id } },
+    h("td", { class: "small" }, fmtTime(d.at)),
+    h("td", {}, d.promoted ? badge("promoted", "finished") : badge("kept", "none")),
+    h("td", { class: "num" }, `v${d.candidate?.version} ${fmtNumber(d.candidate?.[d.metric])}`),
+    h("td", { class: "num" }, d.production?.version ? `v${d.production.version} ${fmtNumber(d.production?.[d.metric])}` : "–"),
+    h("td", {}, `${d.metric} (${d.direction}, margin ${d.margin})`),
+    h("td", {}, d.reason));
+}
+
+function modelCard(model, page) {
   const policy = model.policy;
-  const versions = model.versions.map((v) => h("tr", { class: v.production ? "production" : "" },
+  const panel = h("div", { class: "confirm-slot" });
+  const promote = (v) => page.confirm(panel, `Promote v${v.version} of ${model.name} to production${model.production ? ` (replacing v${model.production})` : ""}?`, {
+    confirmLabel: `Promote v${v.version}`,
+    onConfirm: (reason) => act(page.outcome, "/api/models/promote", { model: model.name, version: v.version, reason },
+      (a) => `${model.name}: production is v${a.decision.version} (was ${a.decision.previous_version ? `v${a.decision.previous_version}` : "none"})`),
+  });
+  const rollBack = () => page.confirm(panel, `Roll production of ${model.name} back from v${model.production} to the version it replaced?`, {
+    confirmLabel: "Roll back",
+    onConfirm: (reason) => act(page.outcome, "/api/models/rollback", { model: model.name, reason },
+      (a) => `${model.name}: rolled back to v${a.decision.version} (from v${a.decision.previous_version})`),
+  });
+  const versions = model.versions.map((v) => h("tr", { class: v.production ? "production" : "", dataset: { version: String(v.version) } },
     h("td", { class: "num" }, `v${v.version}`),
     h("td", {}, v.aliases.map((a) => badge(a, a === "production" ? "production" : "alias"))),
     h("td", { class: "small" }, fmtTime(v.time)),
@@ -499,27 +571,29 @@ function modelCard(model) {
     h("td", {}, v.job_id ? h("a", { href: runHref(v.job_id) }, v.job_id) : ""),
     h("td", {}, metricsText(v.metrics)),
     h("td", {}, v.evaluations.map((e) => h("div", {}, metricsText(e.metrics), h("span", { class: "small muted" }, ` ${e.job_id || ""}`)))),
-    h("td", { class: "num" }, fmtBytes(v.nbytes))));
-  const decisions = model.decisions.map((d) => h("tr", {},
-    h("td", { class: "small" }, fmtTime(d.at)),
-    h("td", {}, d.promoted ? badge("promoted", "finished") : badge("kept", "none")),
-    h("td", { class: "num" }, `v${d.candidate?.version} ${fmtNumber(d.candidate?.[d.metric])}`),
-    h("td", { class: "num" }, d.production?.version ? `v${d.production.version} ${fmtNumber(d.production?.[d.metric])}` : "–"),
-    h("td", {}, `${d.metric} (${d.direction}, margin ${d.margin})`),
-    h("td", {}, d.reason)));
+    h("td", { class: "num" }, fmtBytes(v.nbytes)),
+    h("td", {}, v.production ? null : h("button", { class: "promote", onclick: () => promote(v) }, "Promote"))));
+  const decisions = model.decisions.map(decisionRow);
   const production = model.aliases.production;
   const aliasHistory = (production?.history || []).map((entry) => h("tr", {},
     h("td", { class: "small" }, fmtTime(entry.time)),
     h("td", { class: "num" }, `v${entry.version}`),
     h("td", { class: "num" }, entry.previous_version ? `v${entry.previous_version}` : "–"),
-    h("td", {}, entry.reason?.reason || JSON.stringify(entry.reason || {}))));
+    h("td", {}, entry.reason?.by === "person" ? `${entry.reason.action} by ${entry.reason.who}: ${entry.reason.reason}`
+      : entry.reason?.reason || JSON.stringify(entry.reason || {}))));
+  const pause = policy ? actionButton(policy.paused ? "Resume policy" : "Pause policy", () => act(page.outcome,
+    `/api/policies/${policy.paused ? "resume" : "pause"}`, { name: policy.name },
+    (a) => `policy ${a.policy} ${a.paused ? "paused: no training is triggered until it is resumed" : "resumed"}`, page.refresh),
+  { class: policy.paused ? "policy-resume" : "policy-pause" }) : null;
   return h("div", { class: "card model", dataset: { model: model.name } },
-    h("h2", {}, model.name, " ", model.production ? badge(`production v${model.production}`, "production") : badge("no production version", "none")),
-    policy ? h("div", { class: "small" },
+    h("h2", {}, model.name, " ", model.production ? badge(`production v${model.production}`, "production") : badge("no production version", "none"),
+      model.production && production?.previous_version ? [" ", h("button", { class: "rollback", onclick: rollBack }, "Roll back")] : null),
+    policy ? h("div", { class: "small policy-line" },
       `policy: trigger ${JSON.stringify(policy.trigger)} · objective ${policy.objective?.metric} (${policy.objective?.direction}) · margin ${policy.promotion?.margin ?? 0} · `
-      + `${policy.epochs} epochs · ${policy.triggers ?? 0} triggers · ${policy.paused ? "paused" : "active"}`) : null,
+      + `${policy.epochs} epochs · ${policy.triggers ?? 0} triggers · `, badge(policy.paused ? "paused" : "active", policy.paused ? "stopped" : "active"), " ", pause) : null,
+    panel,
     h("h3", {}, `versions (${model.version_count})`),
-    table(["version", "aliases", "saved", "epoch", "job", "training metrics", "evaluations", "size"], versions),
+    table(["version", "aliases", "saved", "epoch", "job", "training metrics", "evaluations", "size", ""], versions),
     h("h3", {}, "decisions"),
     decisions.length ? table(["at", "outcome", "candidate", "production", "rule", "reason"], decisions) : h("p", { class: "muted" }, "none yet"),
     aliasHistory.length ? [h("h3", {}, "production history"), table(["at", "version", "replaced", "reason"], aliasHistory)] : null);
@@ -532,11 +606,22 @@ function dataPage() {
   const rate = h("div", { class: "chart", dataset: { points: "0" } });
   const body = h("div");
   const letters = h("div");
-  put(main, h("section", {}, errors,
+  const outcome = outcomeBox();
+  put(main, h("section", {}, outcome, errors,
     h("div", { class: "card" }, h("h2", {}, "samples imported per minute (last hour)"), rate),
     body, letters));
   let chart = null;
-  const stop = every(3000, async () => {
+  let refresh = () => {};
+  const stageRow = (s) => h("tr", { class: `stage${s.paused ? " paused" : ""}`, dataset: { stage: s.name } },
+    h("td", {}, s.name), h("td", { class: "num" }, `v${s.version}`),
+    h("td", {}, h("code", {}, JSON.stringify(s.input.filter || {}))), h("td", {}, s.output.dataset),
+    h("td", {}, badge(s.paused ? "paused" : "active", s.paused ? "stopped" : "active")),
+    h("td", { class: "num" }, `${fmtNumber(s.counters.processed)} / ${fmtNumber(s.counters.derived)} / ${fmtNumber(s.counters.errors)}`),
+    h("td", { class: "num" }, fmtNumber(s.lag)),
+    h("td", {}, actionButton(s.paused ? "Resume" : "Pause", () => act(outcome, `/api/stages/${s.paused ? "resume" : "pause"}`, { name: s.name },
+      (a) => `stage ${a.stage} ${a.paused ? "paused: new samples wait until it is resumed" : "resumed"}`, () => refresh()),
+    { class: s.paused ? "stage-resume" : "stage-pause" })));
+  const load = async () => {
     const [data, dead] = await Promise.all([getJSON("/api/data"), getJSON("/api/dead-letters", { limit: 100 })]);
     if (!chart) chart = new Chart(rate, "imports", [{ label: "samples", stroke: "#2563eb" }], { time: true, bars: true, height: 160 });
     chart.set([data.imported.t, data.imported.count]);
@@ -550,6 +635,9 @@ function dataPage() {
           data.cohorts.map((c) => [c.name, c.samples === null ? (c.error ? `error: ${c.error}` : "?") : fmtNumber(c.samples),
             h("code", {}, c.filter_json || ""), JSON.stringify(c.sort || []), c.limit ?? "–", c.description || ""]))
           : h("p", { class: "muted" }, "no saved cohorts")),
+      h("div", { class: "card" }, h("h2", {}, "transform stages"),
+        data.stages.length ? table(["stage", "version", "input", "output", "state", "processed / derived / errors", "lag", ""], data.stages.map(stageRow))
+          : h("p", { class: "muted" }, "no stages: register one with `tensordb stage register SPEC.json`")),
       h("div", { class: "card" }, h("h2", {}, "saved datasets"),
         data.saved_datasets.length ? table(["name", "version", "saved", "arrays", "size", "description"],
           data.saved_datasets.map((d) => [d.name, String(d.version), fmtTime(d.time),
@@ -567,7 +655,9 @@ function dataPage() {
         dead.letters.map((d) => [fmtTime(d.at), `${d.topic} / ${d.partition} / ${d.offset}`, d.error_type, h("span", { class: "reason" }, d.reason),
           d.processor, h("pre", { class: "original" }, `${d.original_preview}${d.original_bytes > 400 ? "…" : ""} (${fmtBytes(d.original_bytes)})`)]))
         : h("p", { class: "muted" }, "none: every record was valid")));
-  }, errors);
+  };
+  refresh = () => load().catch(() => {});
+  const stop = every(3000, load, errors);
   return () => {
     stop();
     if (chart) chart.destroy();

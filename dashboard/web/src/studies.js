@@ -6,6 +6,7 @@
 // thousands of trials: both charts are canvases and the table shows one page of rows at a time.
 // For tests: the trials table's wrapper carries data-shown (trials matching the filters) and
 // data-total; each row data-trial and data-status.
+import { act, actionButton, outcomeBox } from "./actions.js";
 import { every, getJSON } from "./api.js";
 import { Chart } from "./charts.js";
 import { badge, clear, fmtAgo, fmtNumber, fmtTime, h, put, table } from "./dom.js";
@@ -129,6 +130,7 @@ export function studyPage(params, name) {
   const data = new StudyData();
   const title = h("h1", { class: "run-title" }, name);
   const status = h("span");
+  const outcome = outcomeBox();
   const summary = h("div", { class: "small muted" });
   const errors = h("div");
   const best = h("div", { class: "card best" });
@@ -146,7 +148,7 @@ export function studyPage(params, name) {
   const verdicts = h("div");
   put(main, h("section", { class: "study" },
     h("div", { class: "toolbar" }, h("a", { href: "#/studies" }, "← studies")),
-    h("div", { class: "study-title" }, title, status), summary, errors,
+    h("div", { class: "study-title" }, title, status), summary, outcome, errors,
     h("div", { class: "study-top" },
       best,
       h("div", { class: "card grow" },
@@ -189,7 +191,9 @@ export function studyPage(params, name) {
   // -- header and best so far --
   const renderHead = () => {
     const study = data.head;
-    clear(status, " ", badge(study.status, study.status));
+    clear(status, " ", badge(study.status, study.status), study.status === "running" ? [" ", actionButton("Stop study", () => act(outcome,
+      "/api/studies/stop", { name }, (a) => `study ${a.study} ${a.status}: no new trials; its unfinished trials are cancelled`,
+      () => { lastFetch = 0; }), { class: "study-stop" })] : null);
     summary.textContent = `${searcherText(study)} · objective ${objectiveText(study.objective)}`
       + `${study.folds ? ` · ${study.folds} folds` : ""} · ${study.trial_count} trials (${countsText(study.counts)})`
       + ` · ${data.configurations.size} of ${study.configurations_limit} configurations · up to ${study.max_concurrent} at once`
