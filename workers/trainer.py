@@ -39,8 +39,13 @@ from workers.training import run_training
 
 log = logging.getLogger(__name__)
 
-#: How long the loop waits for a doorbell while jobs run: a freed slot is filled within about this.
+#: How long the loop waits for a doorbell while jobs run, before looking at the queue anyway.
 BUSY_POLL_SECONDS = 0.25
+#: The loop's poll step: a slot freed by a finished job is refilled within about this.
+POLL_STEP_SECONDS = 0.02
+#: The broker may hold a fetch this long before answering even when a record is there (Tansu does
+#: at the default 500 ms): short, so that a job request reaches its worker in milliseconds.
+FETCH_WAIT_MS = 10
 
 
 def runners() -> dict[str, Runner]:
@@ -56,7 +61,7 @@ class Worker:
         settings: Settings,
         worker_id: str | None = None,
         lease_seconds: float = 30.0,
-        idle_scan_seconds: float = 2.0,
+        idle_scan_seconds: float = 0.5,
         slots: int = 1,
         gpus: int | None = None,
     ) -> None:
@@ -97,6 +102,7 @@ class Worker:
         # busy at once), removed from by the job's thread when it is done. Single dict operations and
         # list() copies are atomic, so no lock: stop() runs in signal handlers, where a lock could deadlock.
         self._running: dict[str, JobContext] = {}
+        self._slot_freed = threading.Event()  # set by a job's thread when it ends
         self._advertised: frozenset[str] | None = None  # the running job ids last advertised...
         self._advertised_at = 0.0  # ...and when (time.monotonic())
 
@@ -122,7 +128,10 @@ class Worker:
         """The main loop: wait for a doorbell (briefly while jobs run), claim while slots are free,
         advertise the worker, repeat."""
         consumer = make_consumer(
-            self.settings, f"{self.settings.topic_prefix}-{self.settings.project}-workers", [Topic.JOB_REQUESTS]
+            self.settings,
+            f"{self.settings.topic_prefix}-{self.settings.project}-workers",
+            [Topic.JOB_REQUESTS],
+            **{"fetch.wait.max.ms": FETCH_WAIT_MS},
         )
         reaper = threading.Thread(target=self._reap_forever, name="tensordb-reaper", daemon=True)
         reaper.start()
@@ -147,10 +156,18 @@ class Worker:
 
     # -- the loop's steps ----------------------------------------------------------------------
     def _doorbell_rang(self, consumer: Consumer) -> bool:
-        """Wait for job requests: briefly while jobs run (one may finish and free its slots), else
-        up to ``idle_scan_seconds``. Polling also keeps the consumer in its group."""
-        timeout = BUSY_POLL_SECONDS if self._running else self.idle_scan_seconds
-        return any(True for _ in receive(consumer, Schema.JOB_REQUEST, timeout=timeout))
+        """Wait for job requests: up to ``BUSY_POLL_SECONDS`` while jobs run, ``idle_scan_seconds``
+        when idle, and no longer once a job finishes (its slot is claimed for at once). A request
+        reaches one worker of the group, maybe a full one: the others find its job when they look
+        at the queue after their wait. Polling also keeps the consumer in its group."""
+        deadline = time.monotonic() + (BUSY_POLL_SECONDS if self._running else self.idle_scan_seconds)
+        while (left := deadline - time.monotonic()) > 0:
+            if any(True for _ in receive(consumer, Schema.JOB_REQUEST, timeout=min(POLL_STEP_SECONDS, left))):
+                return True
+            if self._slot_freed.is_set():
+                break
+        self._slot_freed.clear()
+        return False
 
     def _claim_while_free(self, executor: ThreadPoolExecutor) -> None:
         """Claim pending jobs that fit the free slots and GPUs, each started on a thread of its own,
@@ -237,6 +254,7 @@ class Worker:
             except Exception:  # noqa: BLE001 - the job's outcome is recorded already
                 log.warning("a model upload of job %s failed", job["_id"], exc_info=True)
             self._running.pop(job["_id"], None)
+            self._slot_freed.set()
 
     def _heartbeat(self, context: JobContext) -> None:
         while not context.stop.wait(min(self.lease_seconds / 3, 1.0)):  # also how fast a cancel is seen

@@ -111,7 +111,8 @@ def run_training(context: JobContext) -> dict[str, Any]:
                 context.jobs.record_checkpoint(context.job_id, context.worker, epoch, done.result()["version"])
 
         future.add_done_callback(remember)
-        context.jobs.record_progress(context.job_id, context.worker, epoch=epoch, metrics=logs)
+        if context.jobs.record_progress(context.job_id, context.worker, epoch=epoch, metrics=logs):
+            context.request_stop("cancelled")  # e.g. stopped early by a study: StopOnRequest ends fit now
         context.jobs.event(
             context.job_id, JobEvent.EPOCH, attempt=job["attempts"], worker=context.worker, detail={"epoch": epoch, **logs}
         )
@@ -159,7 +160,8 @@ def run_epoch_function(context: JobContext) -> dict[str, Any]:
         metrics = {f"val_{name}": float(value) for name, value in returned.items()}
         context.logger.log(epoch + 1, phase="validation", epoch=epoch, **returned)
         context.logger.flush()  # the epoch's metrics are out before the progress says the epoch is done
-        context.jobs.record_progress(context.job_id, context.worker, epoch=epoch, metrics=metrics)
+        if context.jobs.record_progress(context.job_id, context.worker, epoch=epoch, metrics=metrics):
+            context.request_stop("cancelled")  # e.g. stopped early by a study: not one epoch more
         context.jobs.event(
             context.job_id, JobEvent.EPOCH, attempt=job["attempts"], worker=context.worker, detail={"epoch": epoch, **metrics}
         )
@@ -177,3 +179,6 @@ class StopOnRequest(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self.context.stop.is_set():
             self.model.stop_training = True
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.on_train_batch_end(-1)  # a cancel seen when the epoch was recorded: no epoch more

@@ -513,11 +513,15 @@ class Jobs:
             return_document=ReturnDocument.AFTER,
         )
 
-    def record_progress(self, job_id: str, worker: str, **progress: Any) -> None:
-        self.collection.update_one(
+    def record_progress(self, job_id: str, worker: str, **progress: Any) -> bool:
+        """Record how far the job is; returns whether a cancel was requested meanwhile, so a runner
+        that records progress each epoch stops at the epoch's end rather than at the next heartbeat."""
+        job = self.collection.find_one_and_update(
             {"_id": job_id, "worker": worker, "status": JobStatus.RUNNING},
             {"$set": {f"progress.{key}": value for key, value in progress.items()}},
+            projection={"cancel_requested": 1},
         )
+        return bool(job and job.get("cancel_requested"))
 
     def record_checkpoint(self, job_id: str, worker: str, epoch: int, model_version: int) -> None:
         """The last epoch whose parameters are saved: a re-run resumes after it."""

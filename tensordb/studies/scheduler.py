@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 STUDIES = "studies"
 TRIALS = "study_trials"
 DECISIONS = "study_decisions"
+#: The order of ``study_trials``' index: the study's last trial first.
+LAST_TRIAL = [("configuration", -1), ("fold", -1)]
 #: The alias that points at the best trial's final version once a study finishes.
 BEST_ALIAS = "best"
 
@@ -107,6 +109,12 @@ class StudyScheduler:
         """How many of the study's trial jobs are pending or running (the slots it holds)."""
         return self.jobs.collection.count_documents({"labels.study": name, "status": {"$in": list(UNFINISHED)}})
 
+    def next_trial(self, spec: StudySpec) -> int:
+        """The index of the study's next trial (configuration × folds + fold): one after its last
+        trial document, read through an index, so it costs the same at trial 10 and at trial 10,000."""
+        last = self.trials.find_one({"study": spec.name}, {"configuration": 1, "fold": 1}, sort=LAST_TRIAL)
+        return 0 if last is None else last["configuration"] * spec.folds_or_one + (last["fold"] or 0) + 1
+
     def fill(self, name: str) -> list[str]:
         """Submit trials until the study holds ``max_concurrent`` unfinished ones or has none left;
         returns the ids submitted. Safe to run anywhere, any number of times, concurrently."""
@@ -116,8 +124,7 @@ class StudyScheduler:
         spec = self.spec(name)
         submitted = []
         while self.unfinished_trials(name) < spec.max_concurrent:
-            index = self.trials.count_documents({"study": name})
-            number, fold = divmod(index, spec.folds_or_one)
+            number, fold = divmod(self.next_trial(spec), spec.folds_or_one)
             hyperparameters = configuration(spec, number)
             if hyperparameters is None:
                 break
@@ -284,7 +291,7 @@ class StudyScheduler:
         spec = self.spec(name)
         if self.unfinished_trials(name) or self.trials.count_documents({"study": name, "status": TrialStatus.ACTIVE}):
             return False
-        if configuration(spec, self.trials.count_documents({"study": name}) // spec.folds_or_one) is not None:
+        if configuration(spec, self.next_trial(spec) // spec.folds_or_one) is not None:
             return False
         trials = list(self.trials.find({"study": name}))
         if any(len(trial["curve"]) < (trial.get("epochs_done") or 0) for trial in trials):

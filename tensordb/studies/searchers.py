@@ -3,8 +3,9 @@
 Both are pure functions of the study's specification and what was recorded, so the scheduler can
 be killed and restarted (or run twice) and still make the same choices:
 
-- configuration ``n`` of a grid search is the grid's ``n``-th point; of a random search, a draw
-  from a generator seeded with ``(seed, n)``. Either costs the same at trial 10 and at trial 10,000
+- configuration ``n`` of a grid search is the grid's ``n``-th point (of a seeded permutation of
+  the grid, for ASHA's ``shuffled-grid`` sampler); of a random search, a draw from a generator
+  seeded with ``(seed, n)``. Either costs the same at trial 10 and at trial 10,000
   (model-based samplers that re-read every past trial slow down as a study grows);
 - a trial reaching an ASHA rung continues only if its objective is in the best
   1/``reduction_factor`` of those recorded at that rung before it (Li et al., "A System for
@@ -32,6 +33,12 @@ def _grid_of(space_json: str) -> list[dict[str, Any]]:
     return grid(parse_space(json.loads(space_json)))
 
 
+@lru_cache(maxsize=64)
+def _order(size: int, seed: int) -> np.ndarray:
+    """A seeded permutation of a grid's points (the order a ``shuffled-grid`` sampler visits them)."""
+    return np.random.default_rng([seed, size]).permutation(size)
+
+
 def configuration(spec: StudySpec, number: int) -> dict[str, Any] | None:
     """The hyper-parameters of configuration ``number`` (0-based), or None past the study's last.
 
@@ -45,7 +52,10 @@ def configuration(spec: StudySpec, number: int) -> dict[str, Any] | None:
     if number >= spec.configurations_limit():
         return None
     if spec.uses_grid:
-        return dict(_grid_of(json.dumps(spec.space, sort_keys=True))[number])
+        points = _grid_of(json.dumps(spec.space, sort_keys=True))
+        if spec.searcher.name == "asha" and spec.searcher.sampler == "shuffled-grid":
+            number = int(_order(len(points), spec.seed)[number])
+        return dict(points[number])
     return sample(spec.parameters(), np.random.default_rng([spec.seed, number]))
 
 

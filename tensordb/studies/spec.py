@@ -39,13 +39,15 @@ class SearcherSpec(_Strict):
 
     ``grid`` tries every configuration of the space in order; ``random`` draws ``max_trials``
     configurations with the study's seed; ``asha`` (asynchronous successive halving) draws
-    configurations with its ``sampler`` and stops a trial at a rung (epochs ``min_epochs`` ×
+    configurations with its ``sampler`` (``random``, ``grid`` in order, or ``shuffled-grid``: the
+    grid in an order drawn with the seed, so that early configurations, which ASHA judges against
+    fewer others, are not all alike) and stops a trial at a rung (epochs ``min_epochs`` ×
     ``reduction_factor``\\ :sup:`k` below ``max_epochs``) unless it is in the best
     1/``reduction_factor`` of the configurations that reached that rung before it.
     """
 
     name: Literal["grid", "random", "asha"] = "grid"
-    sampler: Literal["grid", "random"] = "random"
+    sampler: Literal["grid", "shuffled-grid", "random"] = "random"
     min_epochs: int = Field(1, ge=1, le=100_000)
     max_epochs: int | None = Field(None, ge=1, le=100_000)
     reduction_factor: int = Field(3, ge=2, le=100)
@@ -165,7 +167,7 @@ class StudySpec(_Strict):
 
     @property
     def uses_grid(self) -> bool:
-        return self.searcher.name == "grid" or (self.searcher.name == "asha" and self.searcher.sampler == "grid")
+        return self.searcher.name == "grid" or (self.searcher.name == "asha" and self.searcher.sampler != "random")
 
     def as_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)

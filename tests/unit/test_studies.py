@@ -178,3 +178,14 @@ def test_the_cli_refuses_a_missing_unreadable_or_invalid_study_file_before_conne
                                                    "space": {"x": {"uniform": [0, 1]}}, "searcher": {"name": "bayes"}}))  # fmt: skip
     assert main(["study", "create", str(tmp_path / "bad.json")]) == 1
     assert "searcher.name: Input should be 'grid', 'random' or 'asha'" in capsys.readouterr().err
+
+
+def test_a_shuffled_grid_visits_every_point_once_in_a_seeded_order() -> None:
+    def shuffled(seed: int):
+        spec = study(
+            space={"x": {"int": [0, 9]}}, searcher={"name": "asha", "sampler": "shuffled-grid", "max_epochs": 3}, seed=seed
+        )
+        return [configuration(spec, n)["x"] for n in range(10)]
+
+    assert sorted(shuffled(1)) == list(range(10)) and shuffled(1) != list(range(10))
+    assert shuffled(1) == shuffled(1) and shuffled(1) != shuffled(2)
