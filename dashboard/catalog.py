@@ -171,7 +171,9 @@ def data(
 
 
 def stages(store: Store) -> list[dict[str, Any]]:
-    """The transform stages with what the data page shows: version, input, output, paused, counters, lag."""
+    """The transform stages with what the data page shows: version, input, output, paused, counters,
+    lag, and the samples each derived in the last minute (its rate; an index scan of that minute)."""
+    minute_ago = datetime.now(UTC) - timedelta(minutes=1)
     return [
         {
             "name": stage["name"],
@@ -182,6 +184,7 @@ def stages(store: Store) -> list[dict[str, Any]]:
             "paused": stage.get("paused", False),
             "counters": stage["counters"],
             "lag": stage["lag"],
+            "per_minute": store[SAMPLES].count_documents({"imported_at": {"$gte": minute_ago}, "lineage.stage": stage["name"]}),
             "backfill": stage.get("backfill"),
         }  # fmt: skip
         for stage in Stages(store).list()

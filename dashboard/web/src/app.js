@@ -614,10 +614,10 @@ function dataPage() {
   let refresh = () => {};
   const stageRow = (s) => h("tr", { class: `stage${s.paused ? " paused" : ""}`, dataset: { stage: s.name } },
     h("td", {}, s.name), h("td", { class: "num" }, `v${s.version}`),
-    h("td", {}, h("code", {}, JSON.stringify(s.input.filter || {}))), h("td", {}, s.output.dataset),
+    h("td", {}, h("code", {}, JSON.stringify(s.input.filter || s.input.predictions || {}))), h("td", {}, s.output.dataset),
     h("td", {}, badge(s.paused ? "paused" : "active", s.paused ? "stopped" : "active")),
     h("td", { class: "num" }, `${fmtNumber(s.counters.processed)} / ${fmtNumber(s.counters.derived)} / ${fmtNumber(s.counters.errors)}`),
-    h("td", { class: "num" }, fmtNumber(s.lag)),
+    h("td", { class: "num" }, fmtNumber(s.lag)), h("td", { class: "num" }, fmtNumber(s.per_minute)),
     h("td", {}, actionButton(s.paused ? "Resume" : "Pause", () => act(outcome, `/api/stages/${s.paused ? "resume" : "pause"}`, { name: s.name },
       (a) => `stage ${a.stage} ${a.paused ? "paused: new samples wait until it is resumed" : "resumed"}`, () => refresh()),
     { class: s.paused ? "stage-resume" : "stage-pause" })));
@@ -636,7 +636,7 @@ function dataPage() {
             h("code", {}, c.filter_json || ""), JSON.stringify(c.sort || []), c.limit ?? "–", c.description || ""]))
           : h("p", { class: "muted" }, "no saved cohorts")),
       h("div", { class: "card" }, h("h2", {}, "transform stages"),
-        data.stages.length ? table(["stage", "version", "input", "output", "state", "processed / derived / errors", "lag", ""], data.stages.map(stageRow))
+        data.stages.length ? table(["stage", "version", "input", "output", "state", "processed / derived / errors", "lag", "derived / min", ""], data.stages.map(stageRow))
           : h("p", { class: "muted" }, "no stages: register one with `tensordb stage register SPEC.json`")),
       h("div", { class: "card" }, h("h2", {}, "saved datasets"),
         data.saved_datasets.length ? table(["name", "version", "saved", "arrays", "size", "description"],
