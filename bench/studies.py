@@ -11,30 +11,33 @@ TENSORDB_KAFKA_BOOTSTRAP and TENSORDB_MONGO_URI). Trials run the synthetic epoch
    the study's ``created_at`` to its ``finished_at`` against the ideal: the sum of the trials' run
    times (job ``started_at`` → ``finished_at``) / 4, and N × 0.2 s / 4. Goal: overhead ≤ 10 %
    (Ray Tune's ~14 % is the anchor). Where the rest of each slot's cycle goes is printed apart.
-2. Search efficiency: a grid search and an ASHA search (random sampler, as many configurations as
-   the grid has) of ``x``, ``y`` (7 grid points each) and the learning speed (0.25 or 1.0: curves
-   that differ by configuration), ``noise`` 0.01, 27 epochs, reduction factor 3. Goal: ASHA's best
-   within 1 % of the grid's, with ≤ 1/3 of the grid's epochs (the sum of the trials' epochs run).
-   The grid runs with 0 s epochs (its epochs and objectives do not depend on the epoch time);
-   ASHA's epochs take ``--epoch-seconds`` (0.2 s): a stopped trial runs on until its worker sees
-   the cancel, so ASHA's epochs depend on how long an epoch is against that delay.
+2. Search efficiency: a grid search and an ASHA search over the same grid points (``x``, ``y``:
+   7 points each, and the learning speed, 0.25 or 1.0: curves that differ by configuration; ASHA's
+   sampler ``shuffled-grid`` visits them in a seeded order; ``--sampler``), ``noise`` 0.01,
+   27 epochs, reduction factor 3. Goal: ASHA's best within 1 % of the grid's, with ≤ 1/3 of the
+   grid's epochs (the sum of the trials' epochs run). The grid runs with 0 s epochs (its epochs and
+   objectives do not depend on the epoch time); ASHA's epochs take ``--epoch-seconds`` (0.2 s): a
+   stopped trial runs on until its runner sees the cancel (when it records an epoch's progress, or
+   at a heartbeat), so ASHA's epochs depend on how long an epoch is against the verdict's delay.
 3. Decision latency: a trial's validation record logged (its ``wall_time``, ``time.time()`` in
    ``RunLogger.log``) → the rung verdict stored (its ``at``, ``datetime.now`` in the processors):
    both clocks are this machine's; the verdict's time has MongoDB's millisecond resolution. From
    the ASHA run of 2. (under load), and from validation records published here one at a time after
-   random pauses for the trials of a study with no worker (quiet). Goal: p99 ≤ 200 ms.
+   random pauses for the trials of a study with no worker (quiet). Goal: p99 ≤ 200 ms. Apart: the
+   scheduler's ``on_validation`` called here for a twin study's trials (same values), timed up to
+   its verdict's ``at``: the handler's share; the rest is the Kafka hop to the processors.
 4. Suggestion cost flat in the number of trials, in this process (no processors, no workers, a
    project of its own): ``tensordb.studies.searchers.configuration(spec, n)`` for n near 10 and
    near 1,000, and the scheduler's ``on_trial_ended`` (a trial's job ended: record it, ``fill`` the
-   freed slot: count, choose, insert, submit the job) per trial submitted, early in a 1,000-trial
-   study against late in another, interleaved step by step; jobs are claimed and finished here
-   with ``Jobs``. Goal: p99 late / early ≤ 2× (Optuna: ~70 → 8-9 trials/s after 1,000 trials).
-W. What-if (configuration and bench code, not TensorDB's): 1. and the quiet part of 3. again on
-   a project whose clients all have librdkafka ``fetch.wait.max.ms`` 10 (``TENSORDB_KAFKA_OPTIONS``)
-   and whose workers wait at most 0.02 s for a doorbell (0.25 s while jobs run, 2 s when idle, by
-   default): what the waits that dominate 1. and 3. cost.
+   freed slot: find the last trial through the index, choose, insert, submit the job) per trial
+   submitted, early in a 1,000-trial study against late in another, interleaved step by step; jobs
+   are claimed and finished here with ``Jobs``. Goal: p99 late / early ≤ 2× (Optuna: ~70 → 8-9
+   trials/s after 1,000 trials).
 
-    .venv/bin/python bench/studies.py [--quick] [--trials N] [--skip overhead|search|latency|suggest|what-if]
+Every client and worker runs with TensorDB's defaults; nothing is patched.
+
+    .venv/bin/python bench/studies.py [--quick] [--trials N] [--sampler random|grid|shuffled-grid]
+                                      [--skip overhead|search|latency|suggest]
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -61,14 +65,11 @@ from harness import MACHINE, CpuMeter, Pids, children_cwd, make_console, project
 from rich.table import Table
 
 from tensordb.config import Settings
-from tensordb.errors import ServiceError
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store
 from tensordb.jobs.queue import JOBS, JobStatus
 from tensordb.runs.logger import LOGS, RunLogger
-from tensordb.services.apps import READY_LINES
-from tensordb.services.process import log_since
-from tensordb.studies.scheduler import DECISIONS, STUDIES, TRIALS, StudyScheduler, StudyStatus, trial_id
+from tensordb.studies.scheduler import DECISIONS, LAST_TRIAL, STUDIES, TRIALS, StudyScheduler, StudyStatus, trial_id
 from tensordb.studies.searchers import configuration
 from tensordb.studies.spec import parse_study
 from tensordb.studies.studies import Studies
@@ -87,6 +88,7 @@ XY = {"x": {"uniform": [0.0, 1.0]}, "y": {"uniform": [0.0, 1.0]}}
 # -- 1. overhead
 OVERHEAD_GOAL = 0.10
 RAY_TUNE_OVERHEAD = 0.14
+FAST_CLAIM = 0.1  # s: a claim this soon after its job's submit did not wait for a worker's poll to run out
 # -- 2. search
 MAX_EPOCHS, REDUCTION, NOISE = 27, 3, 0.01
 SPEEDS = [0.25, 1.0]
@@ -97,14 +99,6 @@ MAX_PAUSE = 0.3  # before each record published by hand: records fall at random 
 # -- 4. suggestions
 FLAT_GOAL = 2.0
 OPTUNA_EARLY, OPTUNA_LATE = 70.0, 8.5  # trials/s, at the start and after 1,000 trials
-# -- W. what-if
-WHAT_IF_FETCH_WAIT_MS = 10  # librdkafka's default: 500
-WHAT_IF_DOORBELL_WAIT = 0.02  # the worker loop's wait for a doorbell: 0.25 s while jobs run, else 2 s
-WHAT_IF = f"what-if: fetch.wait.max.ms {WHAT_IF_FETCH_WAIT_MS}, doorbell wait {WHAT_IF_DOORBELL_WAIT} s"
-DEFAULT_LIMIT = (
-    "the Kafka hop to the study-rungs consumer: with librdkafka's fetch.wait.max.ms (500 ms, kept by make_consumer) "
-    "Tansu answers many fetches only when their wait runs out, though the record is there (3w: 10 ms)"
-)
 
 
 @dataclass
@@ -130,30 +124,6 @@ class Cluster:
         for child in [self.processors, *self.workers]:
             if child.process is not None and child.process.poll() is not None:
                 raise RuntimeError(f"{child.name} exited (code {child.process.returncode}); see {child.log_path}")
-
-
-class WhatIfWorker(ChildProcess):
-    """Bench code, not TensorDB's: ``tensordb worker`` whose loop waits at most ``wait`` seconds for
-    a doorbell, busy or idle (``workers.trainer.BUSY_POLL_SECONDS``, 0.25 s, and the worker's
-    ``idle_scan_seconds``, 2 s, both set before it starts)."""
-
-    def __init__(self, settings: Settings, log_path: Path, wait: float) -> None:
-        super().__init__(["worker", "--lease", "30", "--slots", str(SLOTS)], READY_LINES["worker"], settings, log_path)
-        self.code = (
-            "import functools, sys, workers.trainer as trainer; "
-            f"trainer.BUSY_POLL_SECONDS = {wait!r}; "
-            f"trainer.Worker.__init__ = functools.partialmethod(trainer.Worker.__init__, idle_scan_seconds={wait!r}); "
-            "from tensordb.cli import main; sys.exit(main())"
-        )
-
-    def start(self, timeout: float = 60.0) -> None:
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self._managed.start(["-c", self.code, *self.args], env=self.settings.as_environment())
-        try:
-            self._managed.wait_ready(lambda: self.ready_line in log_since(self.log_path, offset), timeout)
-        except ServiceError:
-            self.stop()
-            raise
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -205,18 +175,13 @@ def wait_study(store: Store, name: str, timeout: float, cluster: Cluster | None 
 
 
 @contextmanager
-def cluster_of(settings: Settings, pids: Pids, log_dir: Path, doorbell_wait: float | None = None) -> Iterator[Cluster]:
+def cluster_of(settings: Settings, pids: Pids, log_dir: Path) -> Iterator[Cluster]:
     """Processors and 2 workers × 2 slots for ``settings``' project, all stopped at the end."""
     with ExitStack() as stack:
         log_dir.mkdir(parents=True, exist_ok=True)
         processors = processors_process(settings, log_dir / "processors.log")
         stack.callback(processors.stop)
-        workers: list[ChildProcess] = [
-            worker_process(settings, log_dir / f"worker-{n}.log", slots=SLOTS)
-            if doorbell_wait is None
-            else WhatIfWorker(settings, log_dir / f"worker-{n}.log", doorbell_wait)
-            for n in range(WORKERS)
-        ]
+        workers = [worker_process(settings, log_dir / f"worker-{n}.log", slots=SLOTS) for n in range(WORKERS)]
         for worker in workers:
             stack.callback(worker.stop)
         started = time.perf_counter()
@@ -244,12 +209,47 @@ def warm_up(store: Store, publisher: Publisher, cluster: Cluster) -> None:
 # -- 1. scheduling overhead -------------------------------------------------------------------------
 
 
-def bench_overhead(
-    store: Store, publisher: Publisher, cluster: Cluster, trials: int, seconds: float, label: str = "1."
-) -> list[Row]:
+def dispatch_split(jobs: list[dict[str, Any]]) -> tuple[str, str, float]:
+    """Submitted → claimed, told apart: claims within ``FAST_CLAIM`` and later ones; of the later
+    ones, how many were submitted while another worker had a free slot (and did not claim), and how
+    many were claimed by a worker just after one of its own jobs ended (it was full when the job
+    came). A job request rings one worker of the group (its partition's reader), maybe a full one.
+    Also what the later claims add to the mean (seconds)."""
+    delays = {job["_id"]: seconds_between(job["started_at"], job["submitted_at"]) for job in jobs}
+    fast = [delay for delay in delays.values() if delay <= FAST_CLAIM]
+    slow_jobs = [job for job in jobs if delays[job["_id"]] > FAST_CLAIM]
+    slow = [delays[job["_id"]] for job in slow_jobs]
+    by_worker: dict[str, list[dict[str, Any]]] = {}
+    for job in jobs:
+        by_worker.setdefault(job["worker"], []).append(job)
+
+    def running(worker: str, at: datetime) -> int:
+        return sum(job["started_at"] <= at < job["finished_at"] for job in by_worker[worker])
+
+    free_elsewhere = own_end = 0
+    after_own_end: list[float] = []
+    for job in slow_jobs:
+        at, claimer = job["submitted_at"], job["worker"]
+        free_elsewhere += any(running(worker, at) < SLOTS for worker in by_worker if worker != claimer)
+        ended = [other["finished_at"] for other in by_worker[claimer] if other["finished_at"] <= job["started_at"]]
+        if ended and max(ended) > at:  # one of its jobs ended after this job was submitted: it was full till then
+            own_end += 1
+            after_own_end.append(seconds_between(job["started_at"], max(ended)))
+    summary = (
+        f"{len(fast) / max(1, len(jobs)):.0%} claimed within {ms(FAST_CLAIM)} (p50 {ms(pct(fast, 50))}), the other "
+        f"{len(slow)} p50 {ms(pct(slow, 50))}, p90 {ms(pct(slow, 90))}, max {ms(max(slow, default=math.nan))}"
+    )
+    detail = (
+        f"of those {len(slow)}: {free_elsewhere} submitted while another worker had a free slot; {own_end} claimed by a "
+        f"worker that was full at the submit, {ms(pct(after_own_end, 50))} (p50) after one of its own jobs ended"
+    )
+    return summary, detail, sum(slow) / max(1, len(jobs))
+
+
+def bench_overhead(store: Store, publisher: Publisher, cluster: Cluster, trials: int, seconds: float) -> list[Row]:
     name = f"overhead-{trials}"
     console.print(
-        f"\n[bold]{label} scheduling overhead[/]: random search, {trials} trials of one {seconds} s epoch, "
+        f"\n[bold]1. scheduling overhead[/]: random search, {trials} trials of one {seconds} s epoch, "
         f"max_concurrent {CONCURRENT} on {WORKERS} workers × {SLOTS} slots"
     )
     spec = {
@@ -281,7 +281,9 @@ def bench_overhead(
         "trial's run (claimed → finished)": mean_run,
         "slot freed (job finished) → next trial document (job-event hop + scheduler)": mean_reaction,
         "trial document → job submitted": statistics.fmean(to_job),
-        "job submitted → claimed (request publish + flush, doorbell hop or the worker's poll, claim)": mean_dispatch,
+        "job submitted → claimed (request publish + flush, the doorbell's hop or a worker's wait running out, claim)": (
+            mean_dispatch
+        ),
     }
     rest = cycle - sum(parts.values())
     tail = seconds_between(study["finished_at"], max(ends))
@@ -296,6 +298,9 @@ def bench_overhead(
         f"trial's ended_at) p50 {ms(pct(hops, 50))} p99 {ms(pct(hops, 99))}; submitted → claimed p50 {ms(pct(dispatch, 50))} "
         f"p99 {ms(pct(dispatch, 99))}"
     )
+    split, late_claims, late_share = dispatch_split(finished)
+    console.print(f"  submitted → claimed: {split}; the later claims make {ms(late_share)} of its mean")
+    console.print(f"    {late_claims}")
     window = min(50, len(reactions) // 2)
     early, late = reactions[:window], reactions[-window:]
     console.print(
@@ -306,11 +311,11 @@ def bench_overhead(
     limits = (
         f"a slot idles {ms(cycle - mean_run)} per trial: slot freed → next trial {ms(mean_reaction)} (the job-event hop to "
         f"study-trials p50 {ms(pct(hops, 50))}), submitted → claimed {ms(mean_dispatch)} (p50 {ms(pct(dispatch, 50))}, "
-        f"p99 {ms(pct(dispatch, 99))}); {cpu(meter)}"
+        f"p99 {ms(pct(dispatch, 99))}; {split}: {ms(late_share)} of the mean; {late_claims}); {cpu(meter)}"
     )
     return [
         Row(
-            f"{label} overhead: {trials} trials × {seconds} s, {WORKERS}×{SLOTS} slots; wall vs Σ run / {CONCURRENT}",
+            f"1. overhead: {trials} trials × {seconds} s, {WORKERS}×{SLOTS} slots; wall vs Σ run / {CONCURRENT}",
             f"{wall:.1f} s (+{overhead:.0%})",
             f"ideal {ideal:.1f} s; Ray Tune +{RAY_TUNE_OVERHEAD:.0%}",
             f"{wall / ideal:.2f}×",
@@ -319,7 +324,7 @@ def bench_overhead(
             limits,
         ),
         Row(
-            f"{label} overhead: wall vs nominal N × {seconds} s / {CONCURRENT}",
+            f"1. overhead: wall vs nominal N × {seconds} s / {CONCURRENT}",
             f"{wall:.1f} s (+{overhead_nominal:.0%})",
             f"nominal {nominal:.1f} s",
             f"{wall / nominal:.2f}×",
@@ -393,7 +398,8 @@ def latency_row(what: str, latencies: list[float], q: float, goal: float | None,
 
 def bench_search(
     store: Store, publisher: Publisher, cluster: Cluster, points: int, epoch_seconds: float, sampler: str
-) -> tuple[list[Row], list[Row]]:
+) -> tuple[list[Row], list[float], str]:
+    """The search rows, and the ASHA run's decision latencies with the CPU used meanwhile (for 3.)."""
     space = search_space(points)
     configurations = points * points * len(SPEEDS)
     console.print(
@@ -420,6 +426,7 @@ def bench_search(
         results[kind] = {
             "best": best.get("objective") or math.nan, "hp": hp, "ceiling": ceiling(hp["x"], hp["y"]) if hp else math.nan,
             "run": run, "asked": asked, "trials": trials, "wall": seconds_between(study["finished_at"], study["created_at"]),
+            "rungs": studies.spec(spec["name"]).searcher.rungs(), "meter": meter,
         }  # fmt: skip
         console.print(
             f"  {kind}: best {results[kind]['best']:.4f} (its ceiling {results[kind]['ceiling']:.4f}) at "
@@ -432,26 +439,42 @@ def bench_search(
     full = max((final_accuracy(trial["hyperparameters"]), trial["configuration"]) for trial in asha["trials"])
     console.print(
         f"  ASHA's {len(asha['trials'])} configurations all trained {MAX_EPOCHS} epochs would reach {full[0]:.4f} at best "
-        f"(configuration {full[1]}); the best ceiling drawn is "
+        f"(configuration {full[1]}); the best ceiling among them is "
         f"{max(ceiling(t['hyperparameters']['x'], t['hyperparameters']['y']) for t in asha['trials']):.4f}"
     )
     # ASHA's stops: how many epochs a stopped trial ran past its rung, and how late its job ended
+    rungs = asha["rungs"]
     decisions = list(store[DECISIONS].find({"study": "search-asha"}))
     stops = [d for d in decisions if d["action"] == "stop"]
     jobs = {job["_id"]: job for job in store[JOBS].find({"labels.study": "search-asha"})}
     cancelled = [(jobs[d["trials"][0]], d) for d in stops if jobs[d["trials"][0]]["status"] == JobStatus.CANCELLED]
     stop_delays = [seconds_between(job["finished_at"], d["at"]) for job, d in cancelled]
     overrun = (asha["run"] - asha["asked"]) / max(1, len(stops))
-    console.print(
-        f"  ASHA: {len(decisions)} verdicts, {len(stops)} stops; verdict → stopped job ended p50 {ms(pct(stop_delays, 50))}, "
-        f"max {ms(max(stop_delays, default=math.nan))}; {overrun:.1f} epochs run past the rung per stop"
+    past = Counter(
+        int(t.get("epochs_done") or 0) - rungs[t["stopped_at_rung"]]
+        for t in asha["trials"]
+        if t.get("stopped_at_rung") is not None
     )
+    past_text = ", ".join(f"{count} ran {epochs} past" for epochs, count in sorted(past.items()))
+    ran = [(job, int((job.get("progress") or {}).get("epoch", -1)) + 1) for job in jobs.values() if job.get("started_at")]
+    epoch_time = sum(seconds_between(job["finished_at"], job["started_at"]) for job, _ in ran) / max(1, sum(n for _, n in ran))
     latencies = decision_latencies(store, "search-asha")
+    console.print(
+        f"  ASHA: {len(decisions)} verdicts, {len(stops)} stops; of the stopped trials {past_text} their rung's epoch; "
+        f"{overrun:.1f} epochs run past the rung per stop; verdict → stopped job ended p50 {ms(pct(stop_delays, 50))}, "
+        f"max {ms(max(stop_delays, default=math.nan))}; an epoch takes {ms(epoch_time)} (Σ job run / Σ epochs), "
+        f"a verdict comes p50 {ms(pct(latencies, 50))} after its record"
+    )
     ratio_best = asha["best"] / grid["best"]
     share, share_asked = asha["run"] / grid["run"], asha["asked"] / grid["run"]
+    drawn = (
+        f"{configurations} random draws vs the grid's {configurations} points"
+        if sampler == "random"
+        else f"the same {configurations} grid points"
+    )
     search = [
         Row(
-            f"2. search: best accuracy, ASHA ({sampler} sampler) vs grid, {configurations} configurations each",
+            f"2. search: best accuracy, ASHA ({sampler} sampler) vs grid, {drawn}",
             f"{asha['best']:.4f}",
             f"grid {grid['best']:.4f} (true optimum 1.0)",
             f"{ratio_best:.4f}",
@@ -468,17 +491,19 @@ def bench_search(
             f"{asha['best'] / full[0]:.4f}",
             "(context)",
             None,
-            "1.0: early stopping lost nothing; the rest of the gap to the grid is which configurations were drawn",
+            f"1.0: early stopping lost nothing; ASHA's configurations trained to the end would reach "
+            f"{full[0] / grid['best']:.4f} of the grid's best (which configurations were drawn)",
         ),
         Row(
             f"2. search: epochs run, ASHA ({epoch_seconds} s epochs) vs grid",
             f"{asha['run']:,}",
             f"grid {grid['run']:,}",
             f"{share:.3f}",
-            "≤ 0.333",
+            f"≤ {EPOCHS_GOAL:.3f}",
             share <= EPOCHS_GOAL,
-            f"{overrun:.1f} epochs run past the rung per stop: the worker sees a cancel at its next heartbeat (every "
-            f"1 s); verdict → stopped job ended p50 {ms(pct(stop_delays, 50))}",
+            f"{asha['run'] - asha['asked']:,} epochs run past the rungs, {overrun:.1f} per stop ({len(stops)} stops: "
+            f"{past_text} their rung's epoch): a verdict comes p50 {ms(pct(latencies, 50))} after its record, an epoch "
+            f"takes {ms(epoch_time)}; verdict → stopped job ended p50 {ms(pct(stop_delays, 50))}",
         ),
         Row(
             "2. search: epochs ASHA's verdicts asked for (stops taking effect at once)",
@@ -490,28 +515,32 @@ def bench_search(
             f"the algorithm's share, without the stop delay; ASHA's wall time {asha['wall']:.0f} s",
         ),
     ]
-    label = "3. decision latency, ASHA run of 2. (4 trials running)"
-    decisions_rows = [
-        latency_row(f"{label}, p50", latencies, 50, None, DEFAULT_LIMIT),
-        latency_row(f"{label}, p99", latencies, 99, DECISION_GOAL, DEFAULT_LIMIT),
-    ]
-    return search, decisions_rows
+    return search, latencies, cpu(asha["meter"])
 
 
 # -- 3b. decision latency, records published by hand ---------------------------------------------------
 
 
-def bench_latency(store: Store, publisher: Publisher, cluster: Cluster, records: int, seed: int, label: str) -> list[float]:
-    name = "latency"
-    console.print(
-        f"\n[bold]{label}[/]: {records} validation records published here, one per trial of an ASHA study with no "
-        f"worker, after a random 0–{MAX_PAUSE} s pause each"
-    )
+def latency_study(store: Store, publisher: Publisher, name: str, records: int) -> Studies:
+    """An ASHA study of ``records`` trials, all submitted at once (no worker runs them)."""
     searcher = {"name": "asha", "sampler": "random", "min_epochs": 1, "max_epochs": 3, "reduction_factor": REDUCTION}
-    studies = create_study(store, publisher, {
+    return create_study(store, publisher, {
         "name": name, "model": CURVE, "objective": OBJECTIVE, "space": XY, "searcher": searcher,
         "max_trials": records, "max_concurrent": records,
     })  # fmt: skip
+
+
+def bench_latency(
+    store: Store, publisher: Publisher, cluster: Cluster, records: int, seed: int
+) -> tuple[list[float], list[float], str]:
+    """Decision latencies of records published here, the handler's time for the same values run
+    here (a twin study), and the CPU used while the records were published."""
+    name, twin = "latency", "latency-here"
+    console.print(
+        f"\n[bold]3. decision latency[/]: {records} validation records published here, one per trial of an ASHA study "
+        f"with no worker, after a random 0–{MAX_PAUSE} s pause each; then on_validation called here for a twin study"
+    )
+    studies = latency_study(store, publisher, name, records)
     rng = random.Random(seed)
     with CpuMeter(cluster.pids) as meter:
         for number in range(records):
@@ -525,12 +554,43 @@ def bench_latency(store: Store, publisher: Publisher, cluster: Cluster, records:
             time.sleep(0.1)
     studies.stop(name)
     latencies = decision_latencies(store, name)
+    # the same values, judged in this process: the handler's share of a decision (its verdict's `at`
+    # has microseconds here, as it was before MongoDB stored it)
+    latency_study(store, publisher, twin, records)
+    scheduler = StudyScheduler(store, publisher)
+    rng = random.Random(seed)
+    handler = []
+    for number in range(records):
+        time.sleep(rng.uniform(0, MAX_PAUSE) / 3)  # time for the processors' work on the last verdict (a cancelled job's event)
+        value = rng.random()
+        started = time.time()
+        verdict = scheduler.on_validation(trial_id(twin, number, None), 0, {"accuracy": value})
+        assert verdict is not None
+        handler.append(verdict["at"].timestamp() - started)
+    studies.stop(twin)
     halves = len(latencies) // 2
     console.print(
         f"  {len(latencies)} verdicts, in the order of their records: p50 {ms(pct(latencies[:halves], 50))} in the first "
         f"half, {ms(pct(latencies[halves:], 50))} in the second; {cpu(meter)}"
     )
-    return latencies
+    console.print(
+        f"  on_validation here up to its verdict: p50 {ms(pct(handler, 50), 1)}, p99 {ms(pct(handler, 99), 1)}; the rest "
+        f"(record → the processors' handler: the Kafka hop, their batch) p50 ≈ {ms(pct(latencies, 50) - pct(handler, 50))}"
+    )
+    return latencies, handler, cpu(meter)
+
+
+def decision_limits(latencies: list[float], handler: list[float] | None, cpu_text: str) -> str:
+    """What a decision's latency is made of, from the measured handler time (3b's twin) if any."""
+    if not handler:
+        return (
+            f"the Kafka hop to study-rungs + on_validation's reads and writes (not measured apart: latency skipped); {cpu_text}"
+        )
+    return (
+        f"on_validation up to its verdict (run here, quiet) p50 {ms(pct(handler, 50), 1)}, p99 {ms(pct(handler, 99), 1)}; "
+        f"the rest, record → handler (the Kafka hop to study-rungs, the processors' batch), p50 ≈ "
+        f"{ms(pct(latencies, 50) - pct(handler, 50))}; {cpu_text}"
+    )
 
 
 # -- 4. suggestion cost ---------------------------------------------------------------------------------
@@ -612,17 +672,25 @@ def bench_suggest(base: Settings, trials: int, pairs: int, window: int, reps: in
                 late_ended += [late.ended[n] for n in last]
                 for number, seconds in late.fills.items():
                     tenths.setdefault(number * 10 // trials, []).append(seconds)
-        # the one step of fill whose work grows with the study: counting its trials (the next number)
+        # the step of fill that once grew with the study (a count of its trials): the next trial's
+        # number, now read from the last trial document through the index
         plan = store.db.command(
-            "explain", {"count": TRIALS, "query": {"project": settings.project, "study": late.name}}, verbosity="executionStats"
-        )
+            "explain",
+            {
+                "find": TRIALS, "filter": {"project": settings.project, "study": late.name},
+                "projection": {"configuration": 1, "fold": 1}, "sort": dict(LAST_TRIAL), "limit": 1,
+            },
+            verbosity="executionStats",
+        )  # fmt: skip
         keys = plan["executionStats"]["totalKeysExamined"]
     console.print(
         "  fill p50 by tenth of the late studies (not interleaved: drift in the machine's load shows here too): "
         + ", ".join(f"{pct(values, 50) * 1e3:.1f}" for _, values in sorted(tenths.items()))
         + f" ms; {cpu(meter)}"
     )
-    console.print(f"  fill's count of a study's trials (the next trial's number) reads {keys:,} index keys at trial {trials:,}")
+    console.print(
+        f"  fill's next trial number (the study's last trial, through the index) reads {keys:,} index key(s) at trial {trials:,}"
+    )
     # configuration(spec, n) alone, n near 10 and near 1,000, interleaved
     spec = parse_study({
         "name": "configurations", "model": CURVE, "objective": OBJECTIVE, "space": XY, "searcher": {"name": "random"},
@@ -646,8 +714,8 @@ def bench_suggest(base: Settings, trials: int, pairs: int, window: int, reps: in
         (
             f"fill per trial submitted: trials {CONCURRENT}–{CONCURRENT + window - 1} vs {trials - window}–{trials - 1}",
             early_fill, late_fill, ms,
-            "MongoDB round trips (2 counts of unfinished jobs, a count of the study's trials: one index key per trial so "
-            "far, 2 inserts) and the broker's ack of the job request (submit flushes)",
+            f"MongoDB round trips (the study's status, 2 counts of unfinished jobs, the last trial: {keys:,} index key(s) "
+            f"read at trial {trials:,}; 2 inserts) and the broker's ack of the job request (submit flushes)",
         ),
         (
             "on_trial_ended (record the end + fill), per trial", early_ended, late_ended, ms,
@@ -678,52 +746,36 @@ def bench_suggest(base: Settings, trials: int, pairs: int, window: int, reps: in
 def bench_end_to_end(base: Settings, pids: Pids, log_dir: Path, args: argparse.Namespace) -> dict[str, list[Row]]:
     """1., 2. and 3. on one project with processors and two workers."""
     sections: dict[str, list[Row]] = {}
+    loaded: tuple[list[float], str] | None = None  # 3. under load: the ASHA run's latencies, its CPU
+    quiet: tuple[list[float], list[float], str] | None = None  # 3. quiet: latencies, the handler's times, CPU
     with (
         project(base, "studies") as settings,
         Store(settings) as store,
         Publisher(settings) as publisher,
-        cluster_of(settings, pids, log_dir / "default") as cluster,
+        cluster_of(settings, pids, log_dir) as cluster,
     ):
         store.ensure_indexes()
         warm_up(store, publisher, cluster)
         if "overhead" not in args.skip:
             sections["1"] = bench_overhead(store, publisher, cluster, args.trials, args.trial_seconds)
         if "search" not in args.skip:
-            sections["2"], sections["3a"] = bench_search(store, publisher, cluster, args.points, args.epoch_seconds, args.sampler)
+            rows, latencies, cpu_text = bench_search(store, publisher, cluster, args.points, args.epoch_seconds, args.sampler)
+            sections["2"], loaded = rows, (latencies, cpu_text)
         if "latency" not in args.skip:
             for worker in cluster.workers:
                 worker.stop()  # the study's trials stay pending: only the records published here count
-            latencies = bench_latency(store, publisher, cluster, args.records, args.seed, "3. decision latency")
-            label = "3. decision latency, records published here (no trial running)"
-            sections["3b"] = [
-                latency_row(f"{label}, p50", latencies, 50, None, DEFAULT_LIMIT),
-                latency_row(f"{label}, p99", latencies, 99, DECISION_GOAL, DEFAULT_LIMIT),
-            ]
-    return sections
-
-
-def bench_what_if(base: Settings, pids: Pids, log_dir: Path, args: argparse.Namespace) -> dict[str, list[Row]]:
-    """1. and the quiet part of 3. with the two waits shortened (see the module docstring)."""
-    console.print(f"\n[bold]W. {WHAT_IF}[/] (TENSORDB_KAFKA_OPTIONS and bench code, not TensorDB's defaults)")
-    options = {**base.kafka_options, "fetch.wait.max.ms": str(WHAT_IF_FETCH_WAIT_MS)}
-    sections: dict[str, list[Row]] = {}
-    with (
-        project(base.with_changes(kafka_options=options), "what-if") as settings,
-        Store(settings) as store,
-        Publisher(settings) as publisher,
-        cluster_of(settings, pids, log_dir / "what-if", doorbell_wait=WHAT_IF_DOORBELL_WAIT) as cluster,
+            quiet = bench_latency(store, publisher, cluster, args.records, args.seed)
+    handler = quiet[1] if quiet else None
+    for key, label, measured in (
+        ("3a", "3. decision latency, ASHA run of 2. (4 trials running)", loaded),
+        ("3b", "3. decision latency, records published here (no trial running)", quiet and (quiet[0], quiet[2])),
     ):
-        store.ensure_indexes()
-        warm_up(store, publisher, cluster)
-        if "overhead" not in args.skip:
-            sections["1w"] = bench_overhead(store, publisher, cluster, args.trials, args.trial_seconds, label=f"1w. {WHAT_IF}:")
-        if "latency" not in args.skip:
-            for worker in cluster.workers:
-                worker.stop()
-            latencies = bench_latency(store, publisher, cluster, args.records, args.seed, f"3w. {WHAT_IF}")
-            limits = "the hop is ~1 ms with a 10 ms fetch wait; the rest is on_validation's reads and writes"
-            sections["3w"] = [
-                latency_row(f"3w. {WHAT_IF}: decision latency (no trial running), p99", latencies, 99, DECISION_GOAL, limits)
+        if measured:
+            latencies, cpu_text = measured
+            limits = decision_limits(latencies, handler, cpu_text)
+            sections[key] = [
+                latency_row(f"{label}, p50", latencies, 50, None, limits),
+                latency_row(f"{label}, p99", latencies, 99, DECISION_GOAL, limits),
             ]
     return sections
 
@@ -751,11 +803,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trial-seconds", type=float, default=0.2, help="a trial's one epoch in 1. (0.2)")
     parser.add_argument("--points", type=int, help="grid points of x and of y in 2. (7)")
     parser.add_argument("--epoch-seconds", type=float, default=0.2, help="an ASHA trial's epoch in 2. (0.2)")
-    parser.add_argument("--sampler", choices=["random", "grid"], default="random", help="ASHA's sampler in 2. (random)")
+    parser.add_argument(
+        "--sampler", choices=["random", "grid", "shuffled-grid"], default="shuffled-grid",
+        help="ASHA's sampler in 2. (shuffled-grid: the grid's points in a seeded order; random: as many random draws)",
+    )  # fmt: skip
     parser.add_argument("--records", type=int, help="validation records published by hand in 3. (150)")
     parser.add_argument("--seed", type=int, default=5, help="the pauses of 3.")
     parser.add_argument(
-        "--skip", choices=["overhead", "search", "latency", "suggest", "what-if"], action="append", default=[],
+        "--skip", choices=["overhead", "search", "latency", "suggest"], action="append", default=[],
         help="leave a part out (repeatable)",
     )  # fmt: skip
     args = parser.parse_args(argv)
@@ -776,8 +831,6 @@ def main(argv: list[str] | None = None) -> int:
         base = found.settings.with_changes(trusted_modules=(SYNTHETIC,))
         if {"overhead", "search", "latency"} - set(args.skip):
             sections |= bench_end_to_end(base, found.pids, log_dir, args)
-        if "what-if" not in args.skip and {"overhead", "latency"} - set(args.skip):
-            sections |= bench_what_if(base, found.pids, log_dir, args)
         if "suggest" not in args.skip:
             sections["4"] = bench_suggest(
                 base, args.trials, pairs=1 if args.quick else 3, window=20 if args.quick else 40, reps=100 if args.quick else 500
@@ -785,7 +838,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()  # Kafka clients left in reference cycles go now, not after the servers (reconnect noise)
     shutil.rmtree(log_dir, ignore_errors=True)  # kept when a part fails: the children's logs are there
     console.print()
-    print_table([row for key in ("1", "1w", "2", "3a", "3b", "3w", "4") for row in sections.get(key, [])], found.description)
+    print_table([row for key in ("1", "2", "3a", "3b", "4") for row in sections.get(key, [])], found.description)
     print(f"wall time {time.perf_counter() - began:.0f} s; load average {os.getloadavg()[0]:.2f} at the end")
     return 0
 
