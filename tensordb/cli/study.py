@@ -24,7 +24,8 @@ def _number(value: Any) -> str:
 
 
 def configurations_table(rows: Iterable[Mapping[str, Any]], metric: str, title: str | None = None) -> Table:
-    """One line per configuration: hyper-parameters, status, rung reached, objective (± spread over folds)."""
+    """One line per configuration: hyper-parameters, status, rung reached, objective (± spread over
+    folds; in brackets, where an unfinished or stopped one stood last)."""
     table = Table("#", "hyper-parameters", "status", "rung", metric, "± spread", "folds", title=title)
     for row in rows:
         status = row["status"] + (f" at rung {row['stopped_at_rung']}" if row["status"] == "stopped" else "")
@@ -33,7 +34,7 @@ def configurations_table(rows: Iterable[Mapping[str, Any]], metric: str, title: 
             ", ".join(f"{name}={_number(value)}" for name, value in row["hyperparameters"].items()),
             status,
             _number(row["rung"]),
-            _number(row["objective"]),
+            _number(row["objective"]) if row["objective"] is not None else f"({_number(row['latest'])})",
             _number(row["spread"]),
             str(len(row["fold_objectives"])) if row["fold_objectives"] else "-",
         )

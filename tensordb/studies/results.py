@@ -28,7 +28,8 @@ def configuration_rows(spec: StudySpec, trials: Iterable[Mapping[str, Any]]) -> 
     ``status`` is ``finished`` when every fold finished, ``stopped`` when ASHA stopped it,
     ``failed``/``cancelled`` when a fold did, else ``active``. ``objective`` is the mean of the
     folds' final objectives (finished configurations only) and ``spread`` their sample standard
-    deviation (k-fold studies); ``rung`` is the highest ASHA rung it passed.
+    deviation (k-fold studies); ``rung`` is the highest ASHA rung it passed; ``latest`` the mean of
+    its folds' last validation values, whatever its status (where a stopped one stood).
     """
     grouped: dict[int, list[Mapping[str, Any]]] = {}
     for trial in trials:
@@ -46,6 +47,7 @@ def configuration_rows(spec: StudySpec, trials: Iterable[Mapping[str, Any]]) -> 
                 TrialStatus.ACTIVE,
             )
         values = [float(trial["objective"]) for trial in finished]
+        latest = [value for trial in folds if (value := _latest(trial)) is not None]
         rungs = [int(trial["rung"]) for trial in folds if trial.get("rung") is not None]
         stopped_at = [int(trial["stopped_at_rung"]) for trial in folds if trial.get("stopped_at_rung") is not None]
         rows.append(
@@ -57,11 +59,19 @@ def configuration_rows(spec: StudySpec, trials: Iterable[Mapping[str, Any]]) -> 
                 "objective": statistics.fmean(values) if status == TrialStatus.FINISHED else None,
                 "spread": statistics.stdev(values) if status == TrialStatus.FINISHED and len(values) > 1 else None,
                 "fold_objectives": values,
+                "latest": statistics.fmean(latest) if latest else None,
                 "rung": max(rungs) if rungs else None,
                 "stopped_at_rung": min(stopped_at) if stopped_at else None,
             }
         )
     return rows
+
+
+def _latest(trial: Mapping[str, Any]) -> float | None:
+    """A trial's last validation value (its curve's highest epoch), if it logged a number."""
+    curve = trial.get("curve") or {}
+    value = curve[max(curve, key=int)] if curve else None
+    return float(value) if isinstance(value, int | float) else None
 
 
 def best_row(spec: StudySpec, rows: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
