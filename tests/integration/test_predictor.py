@@ -168,3 +168,23 @@ def test_requests_under_load_are_answered_once_across_a_promotion_and_a_sigkill(
         assert store["predictions"].count_documents({}) == len(ids)  # one stored answer per request id
     print(f"{len(ids)} requests; answers by version: {dict(versions)}; "
           f"published twice after the SIGKILL: {sum(len(answered[i]) - 1 for i in ids)}")  # fmt: skip
+
+
+def test_the_model_server_publishes_what_it_answered_on_the_predictions_topic(settings, answers, tmp_path) -> None:
+    import httpx
+
+    from tensordb.testing import free_port, server_process
+
+    version = save_version(settings, 1)
+    port = free_port()
+    with server_process(settings, tmp_path / "serve.log", MODEL, port):
+        body = httpx.post(
+            f"http://127.0.0.1:{port}/predict", json={"instances": instances(np.random.default_rng(2), 3)}, timeout=30
+        ).json()
+        deadline = time.monotonic() + 30
+        while not answers.records and time.monotonic() < deadline:
+            time.sleep(0.2)
+    (record,) = answers.records
+    assert record["via"] == "http" and record["version"] == version == body["version"]
+    assert record["outputs"] == body["predictions"] and record["classes"] == body["classes"]
+    assert record["request_id"].startswith("http-") and record["latency_ms"] > 0
