@@ -118,12 +118,9 @@ class StudyScheduler:
     def fill(self, name: str) -> list[str]:
         """Submit trials until the study holds ``max_concurrent`` unfinished ones or has none left;
         returns the ids submitted. Safe to run anywhere, any number of times, concurrently."""
-        study = self.studies.find_one({"_id": name}, {"status": 1})
-        if study is None or study["status"] != StudyStatus.RUNNING:
-            return []
-        spec = self.spec(name)
-        submitted = []
-        while self.unfinished_trials(name) < spec.max_concurrent:
+        submitted: list[str] = []
+        while self._running(name) and self.unfinished_trials(name) < self.spec(name).max_concurrent:
+            spec = self.spec(name)
             number, fold = divmod(self.next_trial(spec), spec.folds_or_one)
             hyperparameters = configuration(spec, number)
             if hyperparameters is None:
@@ -142,8 +139,14 @@ class StudyScheduler:
                     },
                 )
                 log.error("study %s failed: trial %s was refused: %s", name, number, exc)
+                for job in self.jobs.collection.find({"labels.study": name, "status": {"$in": list(UNFINISHED)}}, {"_id": 1}):
+                    self.jobs.cancel(job["_id"])
                 break
         return submitted
+
+    def _running(self, name: str) -> bool:
+        """Whether the study still takes trials (another process may have stopped or failed it)."""
+        return self.studies.find_one({"_id": name, "status": StudyStatus.RUNNING}, {"_id": 1}) is not None
 
     def _submit(self, spec: StudySpec, number: int, fold: int | None, hyperparameters: dict[str, Any]) -> str:
         """The trial document first, then its job: the document is there before the job's first
@@ -171,6 +174,8 @@ class StudyScheduler:
             )
         except DuplicateKeyError:
             pass  # submitted before a crash, or by another scheduler: the job is there
+        if not self._running(spec.name):
+            self.jobs.cancel(job_id)  # the study was stopped or failed meanwhile (by another process)
         return job_id
 
     def _add_trial(self, study: str, job_id: str, number: int, fold: int | None, hyperparameters: dict[str, Any]) -> None:
