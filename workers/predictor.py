@@ -49,6 +49,9 @@ from workers.serve import ModelHolder, Serving, follow_promotions
 log = logging.getLogger(__name__)
 
 READY_LINE = "predictor ready"
+#: The broker may hold a fetch this long before answering even when a request is there (Tansu does,
+#: at librdkafka's default of 500 ms): short, so that a request waits milliseconds, not a fetch.
+FETCH_WAIT_MS = 10
 
 
 def reply_topics(settings: Settings) -> str:
@@ -101,7 +104,7 @@ class Predictor:
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Answer requests until :meth:`stop` (SIGTERM or SIGINT through the CLI)."""
-        consumer = make_consumer(self.settings, self.group, [Topic.PREDICT_REQUESTS])
+        consumer = make_consumer(self.settings, self.group, [Topic.PREDICT_REQUESTS], **{"fetch.wait.max.ms": FETCH_WAIT_MS})
         follower = None
         if self.version is None:
             follower = threading.Thread(
@@ -109,17 +112,19 @@ class Predictor:
             )
             follower.start()
         try:
+            self._load_first(wait=False)  # ready with the version there is, if any
             if on_ready is not None:
                 on_ready()
-            self._load_first()  # requests sent meanwhile wait in Kafka
+            self._load_first(wait=True)  # none yet: requests sent meanwhile wait in Kafka
             while not self._stop.is_set():
                 batch = self._next_batch(consumer)
                 if not batch:
                     continue
                 self.answer([received for received in batch if self._mine(received)])
+                # asynchronous: every answer is stored before, so a request read again is answered from the store
                 consumer.commit(
                     offsets=[TopicPartition(r.topic, r.partition, r.offset + 1) for r in _last_per_partition(batch)],
-                    asynchronous=False,
+                    asynchronous=True,
                 )
         finally:
             self._stop.set()
@@ -128,15 +133,16 @@ class Predictor:
                 follower.join(timeout=5)
             self.runtime.close()
 
-    def _load_first(self) -> None:
-        """Wait until there is a version to serve (a policy may not have promoted one yet)."""
+    def _load_first(self, wait: bool) -> None:
+        """Load the version to serve; with ``wait``, until there is one (a policy may not have
+        promoted one yet)."""
         waiting = False
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self.holder.current is None:
             try:
                 self.holder.refresh()
             except TensorDBError as exc:
                 log.warning("cannot load a version of %s yet: %s", self.model, exc)
-            if self.holder.current is not None:
+            if self.holder.current is not None or not wait:
                 return
             if not waiting:
                 log.info("waiting for a %s version of %s", f"v{self.version}" if self.version else "production", self.model)
@@ -144,10 +150,11 @@ class Predictor:
             self._stop.wait(1.0)
 
     def _next_batch(self, consumer: Any) -> list[Received]:
-        """The requests that have arrived, waiting at most ``max_wait`` for more once one has."""
+        """The requests that have arrived, up to ``max_batch`` instances, waiting at most
+        ``max_wait`` for more once one has (adaptive: a lone request goes at once when idle)."""
         batch = list(receive(consumer, Schema.PREDICT_REQUEST, timeout=0.5, max_messages=self.max_batch))
         deadline = time.monotonic() + self.max_wait
-        while batch and len(batch) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+        while batch and _instances_in(batch) < self.max_batch and (left := deadline - time.monotonic()) > 0:
             batch.extend(receive(consumer, Schema.PREDICT_REQUEST, timeout=left, max_messages=self.max_batch - len(batch)))
         return batch
 
@@ -203,10 +210,11 @@ class Predictor:
                 inputs.append(None)
                 errors.append(str(exc))
         valid = [batch for batch in inputs if batch is not None]
+        stacked = np.concatenate(valid) if valid else np.empty((0,))
         outputs = np.concatenate([
-            np.asarray(serving.model.predict_on_batch(np.concatenate(valid)[start : start + self.max_batch]))
-            for start in range(0, sum(len(batch) for batch in valid), self.max_batch)
-        ]) if valid else np.empty((0,))  # fmt: skip
+            np.asarray(serving.model.predict_on_batch(stacked[start : start + self.max_batch]))
+            for start in range(0, len(stacked), self.max_batch)
+        ]) if valid else stacked  # fmt: skip
         now = datetime.now(UTC)
         answers, offset = [], 0
         for received, batch, error in zip(requests, inputs, errors, strict=True):
@@ -251,6 +259,17 @@ class Predictor:
             )
         only_x = {**document, "arrays": {sample["x"]: document["arrays"][sample["x"]]}}
         return array_batch(sample_arrays(self.store, [only_x])[0][sample["x"]][np.newaxis], serving.model)
+
+
+def _instances_in(batch: list[Received]) -> int:
+    """How many instances the valid requests of ``batch`` hold."""
+    count = 0
+    for received in batch:
+        request = received.record or {}
+        count += (
+            len(request["instances"]) if "instances" in request else request["array"]["shape"][0] if "array" in request else 1
+        )
+    return count
 
 
 def _record(answer: dict[str, Any]) -> dict[str, Any]:
