@@ -64,19 +64,16 @@ from tensordb.client import TensorDB
 from tensordb.config import Settings, Topic
 from tensordb.data.loader import sample_arrays
 from tensordb.data.samples import SAMPLES, split_key
-from tensordb.errors import ServiceError
 from tensordb.infra.bus import Publisher, Received, make_consumer
 from tensordb.infra.codecs import xxh3_hex
 from tensordb.infra.store import Store
 from tensordb.models.registry import ModelRegistry
 from tensordb.models.serving import load_version
 from tensordb.records import Schema
-from tensordb.services.process import log_since
 from tensordb.stages.derive import source_view
 from tensordb.stages.stages import Stages
 from tensordb.testing import ChildProcess, predictor_process, processors_process
 from tensordb.testing.stages import resize
-from workers.predictor import READY_LINE
 
 console = make_console(200)
 
@@ -625,7 +622,6 @@ class Inference:
     breakdown: dict[str, float]
     latency: dict[str, Any] | None = None
     swap: dict[str, Any] | None = None
-    what_if: dict[str, Any] | None = None
 
 
 def batching(store: Store, ids: list[str]) -> dict[str, float]:
@@ -635,50 +631,6 @@ def batching(store: Store, ids: list[str]) -> dict[str, float]:
     ordered = sorted(stamps)
     gaps = [(later - earlier).total_seconds() for earlier, later in zip(ordered, ordered[1:], strict=False)]
     return {"batches": len(stamps), "per_batch": len(ids) / max(1, len(stamps)), "gap_p50": pct(gaps, 50)}
-
-
-#: bench code, not TensorDB's: ``tensordb predictor`` whose request consumer fetches with a 10 ms
-#: broker wait (``fetch.wait.max.ms``; the default is librdkafka's 500) and whose ``_compute``
-#: concatenates a batch's inputs once (it calls ``np.concatenate(valid)`` once per 64 instances: the
-#: proxy hands back the same result for the same list), everything else as shipped.
-WHAT_IF = """
-import logging, sys
-import workers.predictor as predictor
-from tensordb.config import load_settings
-import numpy
-shipped = predictor.make_consumer
-def short_wait(settings, group, topics, **options):
-    return shipped(settings, group, topics, **{"fetch.wait.max.ms": 10, **options})
-predictor.make_consumer = short_wait
-class OnceNumPy:  # _compute's np.concatenate(valid), evaluated once per 64 instances, done once per batch
-    last = (None, None)
-    def __getattr__(self, name):
-        return getattr(numpy, name)
-    def concatenate(self, arrays, *args, **kwargs):
-        if isinstance(arrays, list) and self.last[0] is arrays:
-            return self.last[1]
-        joined = numpy.concatenate(arrays, *args, **kwargs)
-        self.last = (arrays, joined) if isinstance(arrays, list) else (None, None)
-        return joined
-predictor.np = OnceNumPy()
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-predictor.run(load_settings(), sys.argv[1], None, int(sys.argv[2]))
-"""
-
-
-class WhatIfPredictor(ChildProcess):
-    """The predictor of :data:`WHAT_IF` as a child process (ready when it logs its ready line)."""
-
-    def __init__(self, settings: Settings, log_path: Path) -> None:
-        super().__init__(["predictor", "(what-if: fetch.wait.max.ms 10, one concatenation)"], READY_LINE, settings, log_path)
-
-    def start(self, timeout: float = 60.0) -> None:
-        self._managed.start(["-c", WHAT_IF, MODEL, str(BATCH)], env=self.settings.as_environment())
-        try:
-            self._managed.wait_ready(lambda: self.ready_line in log_since(self.log_path, 0), timeout)
-        except ServiceError:
-            self.stop()
-            raise
 
 
 def save_versions(store: Store, publisher: Publisher, units: int) -> tuple[int, int]:
@@ -1041,22 +993,6 @@ def bench_inference(base: Settings, pids: Pids, log_dir: Path, args: argparse.Na
                     result.swap = bench_swap(
                         settings, publisher, answers, predictor, all_pids, new, args.swap_rate, args.swap_seconds
                     )
-            if "what-if" not in args.skip:
-                console.print(
-                    "\n[bold]2. what-if[/] (bench code): the predictor's request consumer with fetch.wait.max.ms 10, a batch "
-                    "concatenated once"
-                )
-                what_if = WhatIfPredictor(settings, log_dir / "predictor-what-if.log")
-                with started([what_if]):
-                    all_pids = {**pids, "predictor": pid_of(what_if)}
-                    warm_up(publisher, answers, what_if, batches, "warm-what-if")
-                    fast = throughput(publisher, answers, what_if, all_pids, "array", batches, "wi-array")
-                    fast["batching"] = batching(store, [f"wi-array-{n:05d}" for n in range(len(batches))])
-                    result.what_if = {"array": fast}
-                    if "latency" not in args.skip:
-                        run = bench_latency(publisher, answers, what_if, all_pids, batches, rate, args.latency_seconds, "wi-lat")
-                        run["batching"] = batching(store, run["ids"])
-                        result.what_if["latency"] = run
         finally:
             answers.close()
     return result
@@ -1161,27 +1097,6 @@ def inference_rows(result: Inference, args: argparse.Namespace) -> list[Row]:
     ]
     if result.latency is not None:
         rows += latency_rows(f"2. latency, {BATCH}-instance array requests at half the maximum", result.latency, True)
-    if result.what_if is not None:
-        fast = result.what_if["array"]
-        rows.append(
-            Row(
-                "2. what-if (bench code): the same throughput run, the predictor's request consumer fetching with "
-                "fetch.wait.max.ms 10 and a batch's inputs concatenated once",
-                f"{fast['rate']:,.0f} instances/s ({fast['seconds']:.2f} s)",
-                f"predict_on_batch here {base_rate:,.0f}/s",
-                f"{fast['rate'] / base_rate:.2f}×",
-                "(context)",
-                None,
-                f"{batch_text(fast['batching'])}; {ms(core_seconds(fast), 1)} CPU per request against "
-                f"{ms(fast['seconds'] / fast['requests'], 1)} of wall; {cpu(fast['meter'])}",
-            )
-        )
-        if "latency" in result.what_if:
-            rows += latency_rows(
-                "2. what-if (bench code): latency at the same load and request size, both changes",
-                result.what_if["latency"],
-                False,
-            )
     if result.swap is not None:
         run = result.swap
         versions = ", ".join(f"v{version}: {count}" for version, count in sorted(run["versions"].items()))
@@ -1234,7 +1149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--swap-seconds", type=float, help="the swap run's length (30)")
     parser.add_argument(
         "--skip",
-        choices=["stage", "predict", "latency", "swap", "what-if"],
+        choices=["stage", "predict", "latency", "swap"],
         action="append",
         default=[],
         help="leave a part out (repeatable)",
