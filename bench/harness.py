@@ -16,6 +16,8 @@ kit, :mod:`tensordb.testing` (never from tests/).
   repository root on PYTHONPATH.
 - :func:`cpu_snapshot`, :class:`CpuMeter`, :class:`Timing`, :func:`interleaved`: wall times, and
   the CPU each process used meanwhile, which is what shows the limit on a 2-core machine.
+- :class:`GoalRow`, :func:`print_goal_rows`, :func:`pct`, :func:`ms`, :func:`us`,
+  :func:`cpu_shares`: a table of measurements against their goals, with what limits each.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path[:] = [str(REPO)] + [entry for entry in sys.path if Path(entry or ".").resolve() not in (BENCH, REPO)] + [str(BENCH)]
 
+import math  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -37,7 +40,9 @@ from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any, TypeVar  # noqa: E402
 
+import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
 
 from tensordb.config import Settings  # noqa: E402
 from tensordb.testing import Servers, free_port, fresh_project, wait_for  # noqa: E402 - the test kit, shared with tests/
@@ -47,6 +52,7 @@ __all__ = [
     "BENCH", "REPO", "MACHINE", "Pids", "Servers", "CpuMeter", "Timing",
     "make_console", "free_port", "wait_for", "servers", "project", "children_cwd",
     "process_cpu_seconds", "machine_busy_seconds", "cpu_snapshot", "cpu_used", "describe_cores", "interleaved",
+    "GoalRow", "print_goal_rows", "pct", "ms", "us", "cpu_shares",
 ]  # fmt: skip
 
 #: CPU seconds per process, by name; None where a process is elsewhere or unknown.
@@ -280,3 +286,53 @@ def interleaved(
                 setups[name]()
             result[name].run(work)
     return result
+
+
+# -- tables of goals --------------------------------------------------------------------------------
+
+
+@dataclass
+class GoalRow:
+    """One measurement of a table against its goal, and what limits the figure."""
+
+    measurement: str
+    value: str
+    baseline: str = ""
+    ratio: str = ""
+    goal: str = ""
+    met: bool | None = None
+    limits: str = ""
+
+
+def print_goal_rows(console: Console, rows: list[GoalRow], title: str, baseline: str = "baseline") -> None:
+    """The rows as a table, then one ``RESULT`` line each (easy to grep from a log)."""
+    table = Table(title=f"{title} ({os.cpu_count()} cores)", show_lines=True)
+    for name in ("measurement", "value", baseline, "ratio", "goal", "met?", "what limits it"):
+        table.add_column(name, overflow="fold")
+    for row in rows:
+        met = "" if row.met is None else ("yes" if row.met else "NO")
+        table.add_row(row.measurement, row.value, row.baseline, row.ratio, row.goal, met, row.limits)
+    console.print(table)
+    for row in rows:
+        met = "" if row.met is None else ("met" if row.met else "MISSED")
+        print(f"RESULT {row.measurement} | {row.value} | {row.baseline} | {row.ratio} | {row.goal} {met}")
+
+
+def pct(values: list[float], q: float) -> float:
+    """The ``q``-th percentile, NaN for no values."""
+    return float(np.percentile(values, q)) if values else math.nan
+
+
+def ms(seconds: float, digits: int = 0) -> str:
+    return "n/a" if math.isnan(seconds) else f"{seconds * 1e3:,.{digits}f} ms"
+
+
+def us(seconds: float) -> str:
+    return "n/a" if math.isnan(seconds) else f"{seconds * 1e6:,.0f} µs"
+
+
+def cpu_shares(meter: CpuMeter) -> str:
+    """The cores each of our processes used, and what the rest of the machine took meanwhile."""
+    ours = sum(used for name, used in meter.cpu_seconds.items() if name != MACHINE)
+    others = (meter.cpu_seconds.get(MACHINE, math.nan) - ours) / meter.wall
+    return f"{meter.describe()}; other processes {others:.2f}"

@@ -56,8 +56,21 @@ from typing import Any
 import numpy as np
 import orjson
 from bson import ObjectId
-from harness import MACHINE, CpuMeter, Pids, Timing, children_cwd, make_console, project, servers
-from rich.table import Table
+from harness import (
+    CpuMeter,
+    GoalRow,
+    Pids,
+    Timing,
+    children_cwd,
+    cpu_shares,
+    make_console,
+    ms,
+    pct,
+    print_goal_rows,
+    project,
+    servers,
+    us,
+)
 
 from tensordb import records
 from tensordb.client import TensorDB
@@ -89,42 +102,12 @@ STAGE_GOAL, INFERENCE_GOAL, P99_GOAL = 0.7, 0.8, 0.100
 READER_FETCH_WAIT_MS = 10
 
 
-@dataclass
-class Row:
-    measurement: str
-    value: str
-    baseline: str = ""
-    ratio: str = ""
-    goal: str = ""
-    met: bool | None = None
-    limits: str = ""
-
-
 # -- helpers ------------------------------------------------------------------------------------------
-
-
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else math.nan
-
-
-def ms(seconds: float, digits: int = 0) -> str:
-    return "n/a" if math.isnan(seconds) else f"{seconds * 1e3:,.{digits}f} ms"
 
 
 def signed(seconds: float) -> str:
     """'120 ms after' / '58 ms before' (the promote call)."""
     return "n/a" if math.isnan(seconds) else f"{ms(abs(seconds))} {'after' if seconds >= 0 else 'before'}"
-
-
-def us(seconds: float) -> str:
-    return "n/a" if math.isnan(seconds) else f"{seconds * 1e6:,.0f} µs"
-
-
-def cpu(meter: CpuMeter) -> str:
-    """The cores each of our processes used, and what the rest of the machine took meanwhile."""
-    ours = sum(used for name, used in meter.cpu_seconds.items() if name != MACHINE)
-    others = (meter.cpu_seconds.get(MACHINE, math.nan) - ours) / meter.wall
-    return f"{meter.describe()}; other processes {others:.2f}"
 
 
 def images(seed: int, count: int) -> np.ndarray:
@@ -260,7 +243,7 @@ def bench_backfill(base: Settings, pids: Pids, log_dir: Path, count: int) -> tup
                 wait_until(lambda: samples.count_documents({"dataset": "raw"}) == count, 600, [processors], "ingest", 0.05)
             ingest = StageRun(ingest_meter.wall, count, ingest_meter)
             console.print(
-                f"  ingest alone (publish → stored): {ingest.rate:,.0f}/s in {ingest.seconds:.2f} s; {cpu(ingest_meter)}"
+                f"  ingest alone (publish → stored): {ingest.rate:,.0f}/s in {ingest.seconds:.2f} s; {cpu_shares(ingest_meter)}"
             )
             # the loop runs before and after the backfill (the database grows by a third each time): its rate is the mean
             baseline = Timing({key: all_pids.get(key) for key in ("mongod", "processors")})
@@ -302,7 +285,7 @@ def bench_backfill(base: Settings, pids: Pids, log_dir: Path, count: int) -> tup
             )  # fmt: skip
             console.print(
                 f"  backfill: {run.rate:,.0f}/s in {run.seconds:.2f} s (claimed after {ms(run.notes['claimed'])}; "
-                f"{count / (run.seconds - run.notes['claimed']):,.0f}/s from the claim); {cpu(meter)}"
+                f"{count / (run.seconds - run.notes['claimed']):,.0f}/s from the claim); {cpu_shares(meter)}"
             )
     return run, baseline, ingest
 
@@ -464,7 +447,7 @@ def bench_live(base: Settings, pids: Pids, log_dir: Path, count: int, instances:
             console.print(
                 f"  {run.rate:,.0f}/s in {run.seconds:.2f} s; published (acknowledged) after {notes['published']:.2f} s, "
                 f"all sources stored after {notes.get('sources', math.nan):.2f} s, the stage's first batch counted after "
-                f"{notes.get('first', math.nan):.2f} s; {cpu(meter)}"
+                f"{notes.get('first', math.nan):.2f} s; {cpu_shares(meter)}"
             )
             console.print(
                 f"  data-imported: source samples per partition {notes['partitions']} in {notes['events']} events; the stage's "
@@ -474,7 +457,7 @@ def bench_live(base: Settings, pids: Pids, log_dir: Path, count: int, instances:
     return run
 
 
-def stage_rows(backfill: StageRun, baseline: Timing, ingest: StageRun, live: StageRun, two: StageRun | None) -> list[Row]:
+def stage_rows(backfill: StageRun, baseline: Timing, ingest: StageRun, live: StageRun, two: StageRun | None) -> list[GoalRow]:
     loop_rate = baseline.rate
     loop_text = f"loop here {loop_rate:,.0f}/s (mean of {baseline.seconds[0]:.2f} s before the backfill, {baseline.seconds[1]:.2f} s after)"
     loop_cpu = baseline.describe()
@@ -493,7 +476,7 @@ def stage_rows(backfill: StageRun, baseline: Timing, ingest: StageRun, live: Sta
         f"announced) = {us(stage_total)}: {loop_total / stage_total:.2f}× the loop's rate in one process"
     )  # fmt: skip
     rows = [
-        Row(
+        GoalRow(
             f"1. stage resize 28×28 → 56×56 float32, live, 1 processor: first publish → all {live.samples:,} derived",
             f"{live.rate:,.0f}/s ({live.seconds:.2f} s)",
             loop_text,
@@ -502,9 +485,9 @@ def stage_rows(backfill: StageRun, baseline: Timing, ingest: StageRun, live: Sta
             live.rate / loop_rate >= STAGE_GOAL,
             f"ingest of the sources is part of it: alone (no stage) {ingest.rate:,.0f}/s; here all sources stored after "
             f"{live_notes.get('sources', math.nan):.2f} s, the last derived {stage_share:.2f} s later; ingest and the stage "
-            f"share the processors' one interpreter; {cpu(live.meter)}; loop: {loop_cpu}; {per_sample}",
+            f"share the processors' one interpreter; {cpu_shares(live.meter)}; loop: {loop_cpu}; {per_sample}",
         ),
-        Row(
+        GoalRow(
             f"1. stage, backfill, 1 processor: request → done ({backfill.samples:,})",
             f"{backfill.rate:,.0f}/s ({backfill.seconds:.2f} s)",
             loop_text,
@@ -513,7 +496,7 @@ def stage_rows(backfill: StageRun, baseline: Timing, ingest: StageRun, live: Sta
             backfill.rate / loop_rate >= STAGE_GOAL,
             f"claimed {ms(backfill.notes['claimed'])} after the request (the runner looks every 1 s), "
             f"{backfill.samples / (backfill.seconds - backfill.notes['claimed']):,.0f}/s from the claim; {per_sample}; "
-            f"{cpu(backfill.meter)}",
+            f"{cpu_shares(backfill.meter)}",
         ),
     ]
     if two is not None and two.notes["partitions"]:
@@ -529,7 +512,7 @@ def stage_rows(backfill: StageRun, baseline: Timing, ingest: StageRun, live: Sta
         else:
             actual = ""
         rows.append(
-            Row(
+            GoalRow(
                 "1. stage, live: 2 processor instances vs 1",
                 f"{two.rate:,.0f}/s ({two.seconds:.2f} s)",
                 f"1 instance {live.rate:,.0f}/s",
@@ -540,13 +523,13 @@ def stage_rows(backfill: StageRun, baseline: Timing, ingest: StageRun, live: Sta
                 f"{len(partitions)} of its {two.notes['topic_partitions']} partitions hold {', '.join(f'{s:.0%}' for s in shares)} of the "
                 f"samples (events have no key: each goes to a random partition); the stage's group splits the partitions 2 + 1, "
                 f"so one instance has at least {best_pair:.0%} of the stage's work ({heavier:.0%} in the worst split; ingest, "
-                f"keyed by sample id, splits evenly){actual}; {cpu(two.meter)}",
+                f"keyed by sample id, splits evenly){actual}; {cpu_shares(two.meter)}",
             )
         )
     return rows
 
 
-def bench_stages(base: Settings, pids: Pids, log_dir: Path, args: argparse.Namespace) -> list[Row]:
+def bench_stages(base: Settings, pids: Pids, log_dir: Path, args: argparse.Namespace) -> list[GoalRow]:
     backfill, baseline, ingest = bench_backfill(base, pids, log_dir, args.samples)
     live = bench_live(base, pids, log_dir, args.samples, 1)
     two = bench_live(base, pids, log_dir, args.samples, 2) if not args.quick or args.two else None
@@ -794,7 +777,7 @@ def throughput(
     }  # fmt: skip
     console.print(
         f"  {form}: {len(ids)} requests × {BATCH}: {result['rate']:,.0f} instances/s ({seconds:.2f} s; all published and "
-        f"acknowledged after {published:.2f} s); {cpu(meter)}"
+        f"acknowledged after {published:.2f} s); {cpu_shares(meter)}"
     )
     return result
 
@@ -881,7 +864,7 @@ def bench_latency(
     console.print(
         f"    p50 {ms(pct(whole, 50))}, p99 {ms(pct(whole, 99))}, max {ms(max(whole, default=math.nan))} "
         f"({len(whole)} of {len(run['ids'])} answered); the predictor's own (request's broker time → answered) p50 "
-        f"{ms(pct(own, 50))}, p99 {ms(pct(own, 99))}; {cpu(run['meter'])}"
+        f"{ms(pct(own, 50))}, p99 {ms(pct(own, 99))}; {cpu_shares(run['meter'])}"
     )
     return run
 
@@ -946,7 +929,7 @@ def bench_swap(
         f"  {len(run['ids'])} requests: lost {lost}, duplicated {duplicated}, repeated identically {repeated}; by version "
         f"{dict(sorted(versions.items()))}; stored answers {stored}; promote → first answer by v{new} {ms(first_new)}, "
         f"last by the old version {signed(last_old)} ({len(old_after)} requests sent after the promotion answered by it); "
-        f"latency p50 {ms(pct(whole, 50))}, p99 {ms(pct(whole, 99))}; {cpu(run['meter'])}"
+        f"latency p50 {ms(pct(whole, 50))}, p99 {ms(pct(whole, 99))}; {cpu_shares(run['meter'])}"
     )
     return run
 
@@ -1016,18 +999,18 @@ def core_seconds(run: dict[str, Any], name: str = "predictor") -> float:
     return run["meter"].cpu_seconds.get(name, math.nan) / max(1, len(run.get("ids") or []) or run.get("requests", 1))
 
 
-def latency_rows(label: str, run: dict[str, Any], goal: bool) -> list[Row]:
+def latency_rows(label: str, run: dict[str, Any], goal: bool) -> list[GoalRow]:
     whole, own = run["latency"], run["own"]
     limits = (
         f"at {run['rate']:.1f} requests/s ({run['rate'] * BATCH:,.0f} instances/s): {batch_text(run['batching'])}; the "
         f"predictor's own share (request's broker timestamp → answered) p50 {ms(pct(own, 50))}, p99 {ms(pct(own, 99))}; "
         f"the rest (store, publish, flush, the answer's hop to this reader, {READER_FETCH_WAIT_MS} ms fetch wait) p50 "
         f"{ms(pct([a - b for a, b in zip(whole, own, strict=True)], 50))}; {len(whole)} of {len(run['ids'])} answered; "
-        f"{cpu(run['meter'])}"
+        f"{cpu_shares(run['meter'])}"
     )
     return [
-        Row(f"{label}, p50 (n={len(whole)})", ms(pct(whole, 50)), limits=limits),
-        Row(
+        GoalRow(f"{label}, p50 (n={len(whole)})", ms(pct(whole, 50)), limits=limits),
+        GoalRow(
             f"{label}, p99",
             ms(pct(whole, 99)),
             goal=f"≤ {ms(P99_GOAL)}" if goal else "(context)",
@@ -1037,7 +1020,7 @@ def latency_rows(label: str, run: dict[str, Any], goal: bool) -> list[Row]:
     ]
 
 
-def inference_rows(result: Inference, args: argparse.Namespace) -> list[Row]:
+def inference_rows(result: Inference, args: argparse.Namespace) -> list[GoalRow]:
     base_rate = result.baseline.rate
     parts = result.breakdown
     array, instances = result.array, result.instances
@@ -1056,10 +1039,10 @@ def inference_rows(result: Inference, args: argparse.Namespace) -> list[Row]:
         f"flush {us(publishing)}: {us(per_array)} in all, a ceiling of {BATCH / per_array:,.0f} instances/s; the "
         f"predictor used {ms(core_seconds(array), 1)} CPU per request against {ms(wall_per_request, 1)} of wall: the "
         f"rest is waiting (its request consumer's fetch, librdkafka's default fetch.wait.max.ms 500, which Tansu holds "
-        f"to the end; the synchronous commit); {cpu(array['meter'])}"
+        f"to the end; the synchronous commit); {cpu_shares(array['meter'])}"
     )
     rows = [
-        Row(
+        GoalRow(
             f"2. streaming inference, {BATCH}-instance array requests (base64 uint8, {parts['array: bytes'] / 1024:,.0f} KiB), "
             f"--max-batch {BATCH}: first publish → last answer read",
             f"{array['rate']:,.0f} instances/s ({array['requests']} requests, {array['seconds']:.2f} s)",
@@ -1069,7 +1052,7 @@ def inference_rows(result: Inference, args: argparse.Namespace) -> list[Row]:
             array["rate"] / base_rate >= INFERENCE_GOAL,
             rest,
         ),
-        Row(
+        GoalRow(
             "2. streaming inference, the same against model.predict",
             f"{array['rate']:,.0f} instances/s",
             f"model.predict here {result.predict.rate:,.0f}/s",
@@ -1080,7 +1063,7 @@ def inference_rows(result: Inference, args: argparse.Namespace) -> list[Row]:
             f"data adapter and a predict loop per call) against predict_on_batch's "
             f"{ms(result.baseline.median / (result.baseline.produced / BATCH), 2)}",
         ),
-        Row(
+        GoalRow(
             f"2. streaming inference, {BATCH}-instance instances JSON requests ({parts['instances: bytes'] / 1024:,.0f} KiB)",
             f"{instances['rate']:,.0f} instances/s ({instances['requests']} requests)",
             f"predict_on_batch here {base_rate:,.0f}/s",
@@ -1092,7 +1075,7 @@ def inference_rows(result: Inference, args: argparse.Namespace) -> list[Row]:
             f"check of every number, nested lists → float32) {us(parts['instances: inputs'])} vs {us(parts['array: inputs'])}: "
             f"{us((parts['instances: decode'] + parts['instances: inputs']) / BATCH)} per instance vs "
             f"{us((parts['array: decode'] + parts['array: inputs']) / BATCH)}; a ceiling of {BATCH / per_json:,.0f} "
-            f"instances/s in one process; {cpu(instances['meter'])}",
+            f"instances/s in one process; {cpu_shares(instances['meter'])}",
         ),
     ]
     if result.latency is not None:
@@ -1104,13 +1087,13 @@ def inference_rows(result: Inference, args: argparse.Namespace) -> list[Row]:
             f"{len(run['ids'])} requests at {args.swap_rate:.0f}/s; answered by {versions}; promote → first answer by the new "
             f"version {ms(run['first_new'])}, the last answer by the old {signed(run['last_old'])} ({run['old_after']} sent after the "
             f"promotion answered by the old: swapped between batches once loaded); stored answers {run['stored']}; "
-            f"latency p50 {ms(pct(run['latency'], 50))}, p99 {ms(pct(run['latency'], 99))}; {cpu(run['meter'])}"
+            f"latency p50 {ms(pct(run['latency'], 50))}, p99 {ms(pct(run['latency'], 99))}; {cpu_shares(run['meter'])}"
         )
         rows += [
-            Row(
+            GoalRow(
                 "3. promotion swap under load: lost (no answer)", str(run["lost"]), goal="0", met=run["lost"] == 0, limits=context
             ),
-            Row(
+            GoalRow(
                 "3. promotion swap under load: duplicated (two different answers)",
                 str(run["duplicated"]),
                 goal="0",
@@ -1122,19 +1105,6 @@ def inference_rows(result: Inference, args: argparse.Namespace) -> list[Row]:
 
 
 # -- output ----------------------------------------------------------------------------------------------
-
-
-def print_table(rows: list[Row], description: str) -> None:
-    table = Table(title=f"TensorDB stream stages ({description}, {os.cpu_count()} cores)", show_lines=True)
-    for name in ("measurement", "value", "baseline", "ratio", "goal", "met?", "what limits it"):
-        table.add_column(name, overflow="fold")
-    for row in rows:
-        met = "" if row.met is None else ("yes" if row.met else "NO")
-        table.add_row(row.measurement, row.value, row.baseline, row.ratio, row.goal, met, row.limits)
-    console.print(table)
-    for row in rows:
-        met = "" if row.met is None else ("met" if row.met else "MISSED")
-        print(f"RESULT {row.measurement} | {row.value} | {row.baseline} | {row.ratio} | {row.goal} {met}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1169,7 +1139,7 @@ def main(argv: list[str] | None = None) -> int:
         f"TensorDB stream stages benchmark; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.2f} at start"
     )
-    rows: list[Row] = []
+    rows: list[GoalRow] = []
     log_dir = Path(tempfile.mkdtemp(prefix="tensordb-bench-stream-stages-"))
     with servers("stream-stages") as found, children_cwd(log_dir):
         console.print(f"servers: {found.description}; child logs in {log_dir}")
@@ -1182,7 +1152,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()  # Kafka clients left in reference cycles go now, not after the servers
     shutil.rmtree(log_dir, ignore_errors=True)  # kept when a part fails: the children's logs are there
     console.print()
-    print_table(rows, found.description)
+    print_goal_rows(console, rows, f"TensorDB stream stages ({found.description})")
     print(f"wall time {time.perf_counter() - began:.0f} s; load average {os.getloadavg()[0]:.2f} at the end")
     return 0
 

@@ -60,9 +60,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from harness import MACHINE, CpuMeter, Pids, children_cwd, make_console, project, servers
-from rich.table import Table
+from harness import (
+    CpuMeter,
+    GoalRow,
+    Pids,
+    children_cwd,
+    cpu_shares,
+    make_console,
+    ms,
+    pct,
+    print_goal_rows,
+    project,
+    servers,
+    us,
+)
 
 from tensordb.config import Settings
 from tensordb.infra.bus import Publisher
@@ -102,17 +113,6 @@ OPTUNA_EARLY, OPTUNA_LATE = 70.0, 8.5  # trials/s, at the start and after 1,000 
 
 
 @dataclass
-class Row:
-    measurement: str
-    value: str
-    baseline: str = ""
-    ratio: str = ""
-    goal: str = ""
-    met: bool | None = None
-    limits: str = ""  # what limits the figure
-
-
-@dataclass
 class Cluster:
     """The processors and workers of the end-to-end parts, and every process whose CPU is read."""
 
@@ -131,25 +131,6 @@ class Cluster:
 
 def seconds_between(later: datetime, earlier: datetime) -> float:
     return (later - earlier).total_seconds()
-
-
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else math.nan
-
-
-def ms(seconds: float, digits: int = 0) -> str:
-    return "n/a" if math.isnan(seconds) else f"{seconds * 1e3:,.{digits}f} ms"
-
-
-def us(seconds: float) -> str:
-    return "n/a" if math.isnan(seconds) else f"{seconds * 1e6:,.1f} µs"
-
-
-def cpu(meter: CpuMeter) -> str:
-    """The cores each of our processes used, and what the rest of the machine took meanwhile."""
-    ours = sum(used for name, used in meter.cpu_seconds.items() if name != MACHINE)
-    others = (meter.cpu_seconds.get(MACHINE, math.nan) - ours) / meter.wall
-    return f"{meter.describe()}; other processes {others:.2f}"
 
 
 def create_study(store: Store, publisher: Publisher, spec: dict[str, Any]) -> Studies:
@@ -246,7 +227,7 @@ def dispatch_split(jobs: list[dict[str, Any]]) -> tuple[str, str, float]:
     return summary, detail, sum(slow) / max(1, len(jobs))
 
 
-def bench_overhead(store: Store, publisher: Publisher, cluster: Cluster, trials: int, seconds: float) -> list[Row]:
+def bench_overhead(store: Store, publisher: Publisher, cluster: Cluster, trials: int, seconds: float) -> list[GoalRow]:
     name = f"overhead-{trials}"
     console.print(
         f"\n[bold]1. scheduling overhead[/]: random search, {trials} trials of one {seconds} s epoch, "
@@ -287,7 +268,9 @@ def bench_overhead(store: Store, publisher: Publisher, cluster: Cluster, trials:
     }
     rest = cycle - sum(parts.values())
     tail = seconds_between(study["finished_at"], max(ends))
-    console.print(f"  wall {wall:.1f} s; ideal {ideal:.1f} s (Σ run / {CONCURRENT}), nominal {nominal:.1f} s; {cpu(meter)}")
+    console.print(
+        f"  wall {wall:.1f} s; ideal {ideal:.1f} s (Σ run / {CONCURRENT}), nominal {nominal:.1f} s; {cpu_shares(meter)}"
+    )
     console.print(f"  per slot and trial: {ms(cycle)} in all, of which (means):")
     for what, value in parts.items():
         console.print(f"    {ms(value):>8}  {what}")
@@ -311,10 +294,10 @@ def bench_overhead(store: Store, publisher: Publisher, cluster: Cluster, trials:
     limits = (
         f"a slot idles {ms(cycle - mean_run)} per trial: slot freed → next trial {ms(mean_reaction)} (the job-event hop to "
         f"study-trials p50 {ms(pct(hops, 50))}), submitted → claimed {ms(mean_dispatch)} (p50 {ms(pct(dispatch, 50))}, "
-        f"p99 {ms(pct(dispatch, 99))}; {split}: {ms(late_share)} of the mean; {late_claims}); {cpu(meter)}"
+        f"p99 {ms(pct(dispatch, 99))}; {split}: {ms(late_share)} of the mean; {late_claims}); {cpu_shares(meter)}"
     )
     return [
-        Row(
+        GoalRow(
             f"1. overhead: {trials} trials × {seconds} s, {WORKERS}×{SLOTS} slots; wall vs Σ run / {CONCURRENT}",
             f"{wall:.1f} s (+{overhead:.0%})",
             f"ideal {ideal:.1f} s; Ray Tune +{RAY_TUNE_OVERHEAD:.0%}",
@@ -323,7 +306,7 @@ def bench_overhead(store: Store, publisher: Publisher, cluster: Cluster, trials:
             overhead <= OVERHEAD_GOAL,
             limits,
         ),
-        Row(
+        GoalRow(
             f"1. overhead: wall vs nominal N × {seconds} s / {CONCURRENT}",
             f"{wall:.1f} s (+{overhead_nominal:.0%})",
             f"nominal {nominal:.1f} s",
@@ -384,9 +367,9 @@ def decision_latencies(store: Store, name: str, timeout: float = 30.0) -> list[f
     return [decided - logged for logged, decided in ordered]
 
 
-def latency_row(what: str, latencies: list[float], q: float, goal: float | None, limits: str) -> Row:
+def latency_row(what: str, latencies: list[float], q: float, goal: float | None, limits: str) -> GoalRow:
     value = pct(latencies, q)
-    return Row(
+    return GoalRow(
         f"{what} (n={len(latencies)})",
         ms(value),
         goal=f"≤ {ms(goal)}" if goal else "",
@@ -398,7 +381,7 @@ def latency_row(what: str, latencies: list[float], q: float, goal: float | None,
 
 def bench_search(
     store: Store, publisher: Publisher, cluster: Cluster, points: int, epoch_seconds: float, sampler: str
-) -> tuple[list[Row], list[float], str]:
+) -> tuple[list[GoalRow], list[float], str]:
     """The search rows, and the ASHA run's decision latencies with the CPU used meanwhile (for 3.)."""
     space = search_space(points)
     configurations = points * points * len(SPEEDS)
@@ -431,7 +414,7 @@ def bench_search(
         console.print(
             f"  {kind}: best {results[kind]['best']:.4f} (its ceiling {results[kind]['ceiling']:.4f}) at "
             f"{ {k: round(v, 3) for k, v in hp.items()} }; epochs run {run}, asked {asked}; wall {results[kind]['wall']:.1f} s; "
-            f"{cpu(meter)}"
+            f"{cpu_shares(meter)}"
         )
     grid, asha = results["grid"], results["asha"]
     # the best ASHA's own configurations reach if all are trained to the end (the known function):
@@ -473,7 +456,7 @@ def bench_search(
         else f"the same {configurations} grid points"
     )
     search = [
-        Row(
+        GoalRow(
             f"2. search: best accuracy, ASHA ({sampler} sampler) vs grid, {drawn}",
             f"{asha['best']:.4f}",
             f"grid {grid['best']:.4f} (true optimum 1.0)",
@@ -484,7 +467,7 @@ def bench_search(
             f"configuration's ceiling {grid['ceiling']:.4f}, ASHA's {asha['best'] - asha['ceiling']:+.4f} off "
             f"{asha['ceiling']:.4f} (ceilings' ratio {asha['ceiling'] / grid['ceiling']:.4f})",
         ),
-        Row(
+        GoalRow(
             "2. search: ASHA's best vs its own configurations all trained to the end",
             f"{asha['best']:.4f}",
             f"{full[0]:.4f} (computed)",
@@ -494,7 +477,7 @@ def bench_search(
             f"1.0: early stopping lost nothing; ASHA's configurations trained to the end would reach "
             f"{full[0] / grid['best']:.4f} of the grid's best (which configurations were drawn)",
         ),
-        Row(
+        GoalRow(
             f"2. search: epochs run, ASHA ({epoch_seconds} s epochs) vs grid",
             f"{asha['run']:,}",
             f"grid {grid['run']:,}",
@@ -505,7 +488,7 @@ def bench_search(
             f"{past_text} their rung's epoch): a verdict comes p50 {ms(pct(latencies, 50))} after its record, an epoch "
             f"takes {ms(epoch_time)}; verdict → stopped job ended p50 {ms(pct(stop_delays, 50))}",
         ),
-        Row(
+        GoalRow(
             "2. search: epochs ASHA's verdicts asked for (stops taking effect at once)",
             f"{asha['asked']:,}",
             f"grid {grid['run']:,}",
@@ -515,7 +498,7 @@ def bench_search(
             f"the algorithm's share, without the stop delay; ASHA's wall time {asha['wall']:.0f} s",
         ),
     ]
-    return search, latencies, cpu(asha["meter"])
+    return search, latencies, cpu_shares(asha["meter"])
 
 
 # -- 3b. decision latency, records published by hand ---------------------------------------------------
@@ -571,13 +554,13 @@ def bench_latency(
     halves = len(latencies) // 2
     console.print(
         f"  {len(latencies)} verdicts, in the order of their records: p50 {ms(pct(latencies[:halves], 50))} in the first "
-        f"half, {ms(pct(latencies[halves:], 50))} in the second; {cpu(meter)}"
+        f"half, {ms(pct(latencies[halves:], 50))} in the second; {cpu_shares(meter)}"
     )
     console.print(
         f"  on_validation here up to its verdict: p50 {ms(pct(handler, 50), 1)}, p99 {ms(pct(handler, 99), 1)}; the rest "
         f"(record → the processors' handler: the Kafka hop, their batch) p50 ≈ {ms(pct(latencies, 50) - pct(handler, 50))}"
     )
-    return latencies, handler, cpu(meter)
+    return latencies, handler, cpu_shares(meter)
 
 
 def decision_limits(latencies: list[float], handler: list[float] | None, cpu_text: str) -> str:
@@ -643,7 +626,7 @@ class Stepper:
         return True
 
 
-def bench_suggest(base: Settings, trials: int, pairs: int, window: int, reps: int) -> list[Row]:
+def bench_suggest(base: Settings, trials: int, pairs: int, window: int, reps: int) -> list[GoalRow]:
     console.print(
         f"\n[bold]4. suggestion cost[/]: in this process; {pairs} pair(s) of {trials}-trial random studies, the "
         f"first {window} trials of one interleaved step by step with the last {window} of the other"
@@ -686,7 +669,7 @@ def bench_suggest(base: Settings, trials: int, pairs: int, window: int, reps: in
     console.print(
         "  fill p50 by tenth of the late studies (not interleaved: drift in the machine's load shows here too): "
         + ", ".join(f"{pct(values, 50) * 1e3:.1f}" for _, values in sorted(tenths.items()))
-        + f" ms; {cpu(meter)}"
+        + f" ms; {cpu_shares(meter)}"
     )
     console.print(
         f"  fill's next trial number (the study's last trial, through the index) reads {keys:,} index key(s) at trial {trials:,}"
@@ -726,7 +709,7 @@ def bench_suggest(base: Settings, trials: int, pairs: int, window: int, reps: in
         digits = {} if unit is us else {"digits": 1}
         rate = f"; {1 / pct(after, 50):,.0f} trials/s late (1 / p50)" if unit is ms else ""
         rows.append(
-            Row(
+            GoalRow(
                 f"4. suggestion p99, {what}",
                 f"{unit(pct(after, 99), **digits)} late",
                 f"{unit(pct(before, 99), **digits)} early; Optuna {OPTUNA_EARLY:.0f} → {OPTUNA_LATE} trials/s",
@@ -743,9 +726,9 @@ def bench_suggest(base: Settings, trials: int, pairs: int, window: int, reps: in
 # -- the end-to-end parts -------------------------------------------------------------------------------
 
 
-def bench_end_to_end(base: Settings, pids: Pids, log_dir: Path, args: argparse.Namespace) -> dict[str, list[Row]]:
+def bench_end_to_end(base: Settings, pids: Pids, log_dir: Path, args: argparse.Namespace) -> dict[str, list[GoalRow]]:
     """1., 2. and 3. on one project with processors and two workers."""
-    sections: dict[str, list[Row]] = {}
+    sections: dict[str, list[GoalRow]] = {}
     loaded: tuple[list[float], str] | None = None  # 3. under load: the ASHA run's latencies, its CPU
     quiet: tuple[list[float], list[float], str] | None = None  # 3. quiet: latencies, the handler's times, CPU
     with (
@@ -783,19 +766,6 @@ def bench_end_to_end(base: Settings, pids: Pids, log_dir: Path, args: argparse.N
 # -- output -------------------------------------------------------------------------------------------
 
 
-def print_table(rows: list[Row], description: str) -> None:
-    table = Table(title=f"TensorDB studies ({description}, {os.cpu_count()} cores)", show_lines=True)
-    for name in ("measurement", "value", "baseline / anchor", "ratio", "goal", "met?", "what limits it"):
-        table.add_column(name, overflow="fold")
-    for row in rows:
-        met = "" if row.met is None else ("yes" if row.met else "NO")
-        table.add_row(row.measurement, row.value, row.baseline, row.ratio, row.goal, met, row.limits)
-    console.print(table)
-    for row in rows:
-        met = "" if row.met is None else ("met" if row.met else "MISSED")
-        print(f"RESULT {row.measurement} | {row.value} | {row.baseline} | {row.ratio} | {row.goal} {met}")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller figures, for a smoke test")
@@ -824,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     began = time.perf_counter()
     console.print(f"TensorDB studies benchmark; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
-    sections: dict[str, list[Row]] = {}
+    sections: dict[str, list[GoalRow]] = {}
     log_dir = Path(tempfile.mkdtemp(prefix="tensordb-bench-studies-"))
     with servers("studies") as found, children_cwd(log_dir):
         console.print(f"servers: {found.description}; child logs in {log_dir}")
@@ -838,7 +808,12 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()  # Kafka clients left in reference cycles go now, not after the servers (reconnect noise)
     shutil.rmtree(log_dir, ignore_errors=True)  # kept when a part fails: the children's logs are there
     console.print()
-    print_table([row for key in ("1", "2", "3a", "3b", "4") for row in sections.get(key, [])], found.description)
+    print_goal_rows(
+        console,
+        [row for key in ("1", "2", "3a", "3b", "4") for row in sections.get(key, [])],
+        f"TensorDB studies ({found.description})",
+        "baseline / anchor",
+    )
     print(f"wall time {time.perf_counter() - began:.0f} s; load average {os.getloadavg()[0]:.2f} at the end")
     return 0
 
