@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -118,7 +118,7 @@ def stage_handler(name: str) -> Handler:
         stage = _runnable(context, stages, name)
         sources: list[Source]
         if "predictions" in stage["spec"]["input"]:
-            sources = _answered_sources(context, stage, [received.valid_record for received in batch])
+            sources = _answered_sources(context, stage, [received.valid_record for received in batch], since=stage["since"])
         else:
             ids = sorted({sample_id for received in batch for sample_id in received.valid_record["sample_ids"]})
             sources = [(document, None) for document in _samples(context, live_query(stage), ids)]
@@ -137,12 +137,13 @@ def _samples(context: ProcessorContext, query: dict[str, Any], ids: list[str]) -
     return documents
 
 
-def _answered_sources(context: ProcessorContext, stage: dict[str, Any], answers: list[dict[str, Any]]) -> list[Source]:
-    """The stage model's answers (since the stage's version) about stored samples, each with its sample."""
+def _answered_sources(
+    context: ProcessorContext, stage: dict[str, Any], answers: list[dict[str, Any]], since: datetime | None
+) -> list[Source]:
+    """The stage model's answers (given since ``since``, if not None) about stored samples, each with its sample."""
     model = stage["spec"]["input"]["predictions"]["model"]
-    since = stage["since"] if stage["since"].tzinfo else stage["since"].replace(tzinfo=UTC)
     wanted = [answer for answer in answers if answer["model"] == model and "sample_id" in answer and "error" not in answer
-              and datetime.fromisoformat(answer["answered_at"]) >= since]  # fmt: skip
+              and (since is None or datetime.fromisoformat(answer["answered_at"]) >= since)]  # fmt: skip
     documents = {
         document["_id"]: document for document in _samples(context, {}, sorted({answer["sample_id"] for answer in wanted}))
     }
@@ -256,7 +257,7 @@ def backfill(context: ProcessorContext, stage: dict[str, Any], holder: str, stop
             return
         sources: list[Source]
         if "predictions" in stage["spec"]["input"]:  # every stored answer, whenever it was given
-            sources = _answered_sources(context, {**stage, "since": datetime.min.replace(tzinfo=UTC)}, found)
+            sources = _answered_sources(context, stage, found, since=None)
         else:
             sources = [(document, None) for document in found]
         derived, failed = apply_stage(context, stage, sources)
