@@ -12,6 +12,12 @@ from tensordb.errors import BadInputError
 Spec = TypeVar("Spec", bound=pydantic.BaseModel)
 
 
+class StrictSpec(pydantic.BaseModel):
+    """A part of a specification: a misspelt field is an error (not ignored), and it never changes."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
 def parse_spec(model: type[Spec], data: Any, what: str, error: type[BadInputError]) -> Spec:
     """``data`` as an instance of ``model``, or ``error`` listing each problem as ``field: message``.
 

@@ -17,22 +17,18 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tensordb.data.cohorts import validate_filter
 from tensordb.errors import QueryError, StageSpecError
-from tensordb.infra.specs import parse_spec
+from tensordb.infra.specs import StrictSpec, parse_spec
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 DATASET = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 ENTRY_POINT = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PredictionsInput(_Strict):
+class PredictionsInput(StrictSpec):
     """A model's answers on the predictions topic (model chaining): each answer to a request that
     named a stored sample is given to the function with that sample."""
 
@@ -46,7 +42,7 @@ class PredictionsInput(_Strict):
         return value
 
 
-class StageInput(_Strict):
+class StageInput(StrictSpec):
     """What the stage reads: new samples matching a filter, as in cohorts (``{"filter": {"dataset":
     "raw"}}``), or a model's predictions (``{"predictions": {"model": "teacher"}}``)."""
 
@@ -68,7 +64,7 @@ class StageInput(_Strict):
         return self
 
 
-class StageOutput(_Strict):
+class StageOutput(StrictSpec):
     """Where derived samples go: their dataset (and dataset version)."""
 
     dataset: str
@@ -82,7 +78,7 @@ class StageOutput(_Strict):
         return value
 
 
-class StageSpec(_Strict):
+class StageSpec(StrictSpec):
     """A validated stage (see the module docstring)."""
 
     name: str

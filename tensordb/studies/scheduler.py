@@ -119,8 +119,10 @@ class StudyScheduler:
         """Submit trials until the study holds ``max_concurrent`` unfinished ones or has none left;
         returns the ids submitted. Safe to run anywhere, any number of times, concurrently."""
         submitted: list[str] = []
-        while self._running(name) and self.unfinished_trials(name) < self.spec(name).max_concurrent:
+        while self._running(name):
             spec = self.spec(name)
+            if self.unfinished_trials(name) >= spec.max_concurrent:
+                break
             number, fold = divmod(self.next_trial(spec), spec.folds_or_one)
             hyperparameters = configuration(spec, number)
             if hyperparameters is None:

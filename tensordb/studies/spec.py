@@ -19,10 +19,10 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tensordb.errors import StudySpecError
-from tensordb.infra.specs import parse_spec
+from tensordb.infra.specs import StrictSpec, parse_spec
 from tensordb.studies.space import Parameter, grid_size, parse_space
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -30,11 +30,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MODEL_KEYS = ("architecture", "entry_point", "epoch_function")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SearcherSpec(_Strict):
+class SearcherSpec(StrictSpec):
     """How configurations are chosen, and whether hopeless trials stop early.
 
     ``grid`` tries every configuration of the space in order; ``random`` draws ``max_trials``
@@ -63,7 +59,7 @@ class SearcherSpec(_Strict):
         return rungs
 
 
-class ObjectiveSpec(_Strict):
+class ObjectiveSpec(StrictSpec):
     """The validation metric a study optimises (as logged in phase ``validation``) and its direction."""
 
     metric: str = Field(min_length=1, max_length=128)
@@ -79,7 +75,7 @@ class ObjectiveSpec(_Strict):
         return value > other if self.direction == "max" else value < other
 
 
-class StudySpec(_Strict):
+class StudySpec(StrictSpec):
     """A validated study (see the module docstring for the JSON form)."""
 
     name: str
