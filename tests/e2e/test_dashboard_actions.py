@@ -250,9 +250,10 @@ def test_a_forged_cross_site_form_post_is_refused(stack, browser, tab) -> None:
     """A page of another origin (served by the browser's request routing: no server) posts a form to
     the dashboard while the person is signed in to it: refused, and the job stays as it was."""
     settings, page = stack.settings, tab.page
-    job_id = submit(settings, "forgery-target", epochs=1)
+    job_id = submit(settings, "forgery-target", epochs=300)  # long enough that the worker cannot finish it first
     with Store(settings) as store, Publisher(settings) as publisher:
-        Jobs(store, publisher).cancel(job_id)
+        Jobs(store, publisher).cancel(job_id)  # pending: cancelled at once; claimed already: stopped at its next step
+    wait_for(lambda: job_status(settings, job_id) == "cancelled", timeout=60, what="the target job cancelled")
     page.goto(f"{stack.dashboard.url}/#/runs")
     page.locator(f"button.job-retry[data-job='{job_id}']").wait_for()  # the person's page has its session cookie
     page.evaluate("() => fetch('/api/csrf')")

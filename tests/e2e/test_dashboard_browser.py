@@ -340,7 +340,7 @@ def test_a_study_runs_live_on_its_page_and_brushing_an_axis_filters_its_trials(s
                 objective={"metric": "accuracy", "direction": "max"}, max_trials=8, max_concurrent=2, seed=3,
                 space={"x": {"uniform": [0, 1]}, "y": {"choice": [0.5, 0.7, 0.9]}, "speed": {"loguniform": [0.1, 2]}},
                 searcher={"name": "asha", "sampler": "random", "min_epochs": 1, "max_epochs": 4, "reduction_factor": 2},
-                hyperparameters={"seconds": 0.3},
+                hyperparameters={"seconds": 1.0},  # per epoch: the study spans several of the page's 2-s polls
             )  # fmt: skip
         page.goto(f"{dashboard.url}/#/studies")
         page.locator("a.study-link", has_text="live-study").wait_for()
