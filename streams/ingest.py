@@ -10,8 +10,9 @@ A claim check (an array the SDK uploaded to GridFS beforehand) is accepted only 
 uploaded in this project for this sample id and matches the record's size, sha256, dtype and
 shape: a reference copied from another project's topic, or to another sample's bytes, is refused.
 
-Announced by what is stored: each batch publishes one ``data-imported`` event for its samples that
-are stored but not yet announced (``announced: false``), then marks them announced. A retry or a
+Announced by what is stored: each batch publishes ``data-imported`` events (a few hundred ids each,
+keyed, so they spread over the partitions) for its samples that are stored but not yet announced
+(``announced: false``), then marks them announced. A retry or a
 redelivery after a crash between storing and announcing therefore announces what the earlier
 attempt stored, and the retrain trigger counts each sample once however often it is announced.
 """
@@ -32,6 +33,7 @@ from tensordb.config import Topic
 from tensordb.data.samples import (
     SAMPLES,
     SampleDocument,
+    SampleOrigin,
     StoredArray,
     array_nbytes,
     check_storable,
@@ -67,15 +69,11 @@ def fingerprint(document: Mapping[str, Any]) -> str:
 def _prepare(received: Received, store: Store, now: datetime) -> tuple[SampleDocument, list[Blob]]:
     """The metadata document and the blobs to write for one valid sample record."""
     record = received.valid_record
-    for field in ("labels", "metadata"):
-        check_storable(field, record.get(field, {}))
     sample_id = record.get("sample_id") or content_id(record)
     arrays: dict[str, StoredArray] = {}
     blobs: list[Blob] = []
-    total = 0
     limit = store.settings.max_sample_bytes
     for name, spec in record["arrays"].items():
-        entry: StoredArray
         if "blob_id" in spec:  # claim check: the SDK stored the bytes already
             if array_nbytes(name, spec["dtype"], spec["shape"], limit) != spec["nbytes"]:
                 raise SampleError(
@@ -84,27 +82,52 @@ def _prepare(received: Received, store: Store, now: datetime) -> tuple[SampleDoc
                 )
             if not record.get("sample_id"):
                 raise SampleError(f"array {name!r} is a claim check, so the record needs the sample_id its blob was uploaded for")
-            entry = {
+            arrays[name] = {
                 "dtype": spec["dtype"], "claim_check": True, "shape": [int(size) for size in spec["shape"]],
                 "nbytes": spec["nbytes"], "sha256": spec["sha256"], "blob_id": ObjectId(spec["blob_id"]),
             }  # fmt: skip
         else:
             data, shape = inline_bytes(name, spec, limit)
-            digest = hashlib.sha256(data).hexdigest()
-            entry = {
-                "dtype": spec["dtype"], "claim_check": False, "shape": shape, "nbytes": len(data), "sha256": digest,
-                "xxh3": xxh3_hex(data), "blob_id": blob_id(store.project, sample_id, name),
-            }  # fmt: skip
-            blobs.append(
-                (
-                    entry["blob_id"],
-                    f"{record['dataset']}/{sample_id}/{name}",
-                    data,
-                    {"kind": "sample-array", "sha256": digest, "sample_id": sample_id},
-                )
-            )
-        arrays[name] = entry
-        total += entry["nbytes"]
+            arrays[name], blob = inline_array(store, record["dataset"], sample_id, name, spec["dtype"], shape, data)
+            blobs.append(blob)
+    origin: SampleOrigin = {"topic": received.topic, "partition": received.partition, "offset": received.offset}
+    return sample_document(store, record, sample_id, arrays, now, origin), blobs
+
+
+def inline_array(
+    store: Store, dataset: str, sample_id: str, name: str, dtype: str, shape: list[int], data: bytes
+) -> tuple[StoredArray, Blob]:
+    """How an array whose bytes are in hand is stored: its entry in the sample document and its
+    blob (under the deterministic :func:`blob_id`)."""
+    digest = hashlib.sha256(data).hexdigest()
+    entry: StoredArray = {
+        "dtype": dtype, "claim_check": False, "shape": shape, "nbytes": len(data), "sha256": digest,
+        "xxh3": xxh3_hex(data), "blob_id": blob_id(store.project, sample_id, name),
+    }  # fmt: skip
+    return entry, (
+        entry["blob_id"],
+        f"{dataset}/{sample_id}/{name}",
+        data,
+        {"kind": "sample-array", "sha256": digest, "sample_id": sample_id},
+    )
+
+
+def sample_document(
+    store: Store,
+    fields: Mapping[str, Any],
+    sample_id: str,
+    arrays: dict[str, StoredArray],
+    now: datetime,
+    origin: SampleOrigin,
+    announced: bool = False,
+) -> SampleDocument:
+    """The metadata document of one sample: ``fields`` as in a ``sample/1`` record (dataset, version,
+    labels, metadata, tags, source, published_at, lineage), its stored ``arrays`` and where it came
+    from; refused with a :class:`~tensordb.errors.SampleError` if it cannot be stored whole."""
+    for field in ("labels", "metadata"):
+        check_storable(field, fields.get(field, {}))
+    limit = store.settings.max_sample_bytes
+    total = sum(entry["nbytes"] for entry in arrays.values())
     if total > limit:
         raise SampleError(
             f"the sample's arrays hold {total} bytes together, over the {limit}-byte sample limit "
@@ -113,23 +136,23 @@ def _prepare(received: Received, store: Store, now: datetime) -> tuple[SampleDoc
     document: SampleDocument = {
         "_id": sample_id,
         "project": store.project,
-        "dataset": record["dataset"],
-        "version": record.get("version"),
+        "dataset": fields["dataset"],
+        "version": fields.get("version"),
         "arrays": arrays,
-        "labels": record.get("labels", {}),
-        "metadata": record.get("metadata", {}),
-        "tags": record.get("tags", []),
-        "source": record.get("source", "kafka"),
-        "published_at": record.get("published_at"),
+        "labels": fields.get("labels", {}),
+        "metadata": fields.get("metadata", {}),
+        "tags": fields.get("tags", []),
+        "source": fields.get("source", "kafka"),
+        "published_at": fields.get("published_at"),
         "imported_at": now,
         "split_key": split_key(sample_id),
-        "origin": {"topic": received.topic, "partition": received.partition, "offset": received.offset},
-        "announced": False,
+        "origin": origin,
+        "announced": announced,
     }
-    if "lineage" in record:
-        document["lineage"] = record["lineage"]
+    if "lineage" in fields:
+        document["lineage"] = fields["lineage"]
     document["fingerprint"] = fingerprint(document)
-    return document, blobs
+    return document
 
 
 def _check_claims(store: Store, documents: list[SampleDocument]) -> dict[int, str]:
@@ -175,34 +198,43 @@ def _check_claims(store: Store, documents: list[SampleDocument]) -> dict[int, st
 
 def handle_samples(context: ProcessorContext, batch: list[Received]) -> None:
     """Persist a batch of valid sample records and announce them (see the module docstring)."""
-    store: Store = context.store
     now = datetime.now(UTC)
-    prepared: list[tuple[Received, SampleDocument, list[Blob]]] = []
+    prepared: list[Prepared] = []
     for received in batch:
         try:
-            prepared.append((received, *_prepare(received, store, now)))
+            prepared.append((received, *_prepare(received, context.store, now)))
         except SampleError as exc:
             context.dead_letters.divert(received, exc)
-    broken = _check_claims(store, [document for _, document, _ in prepared])
-    accepted = []
-    for position, (received, document, blobs) in enumerate(prepared):
-        if position in broken:
-            context.dead_letters.divert(received, SampleError(broken[position]))
-        else:
-            accepted.append((received, document, blobs))
-    if not accepted:
-        return
-    store.write_blobs([blob for _, _, blobs in accepted for blob in blobs])
-    duplicates, refused = insert_new(store[SAMPLES], [document for _, document, _ in accepted])  # first delivery wins
+    broken = _check_claims(context.store, [document for _, document, _ in prepared])
+    for position in broken:
+        context.dead_letters.divert(prepared[position][0], SampleError(broken[position]))
+    stored = store_samples(context, [item for position, item in enumerate(prepared) if position not in broken])
+    announce(context, stored, now, only_unannounced=True)
+
+
+#: A sample ready to store: what its dead letter would quote, its document and its blobs.
+Prepared = tuple[Received, SampleDocument, list[Blob]]
+
+
+def store_samples(context: ProcessorContext, prepared: list[Prepared]) -> dict[str, str]:
+    """Write the blobs and insert the documents of ``prepared``, each once: an id already stored with
+    the same content is a redelivery (kept, and counted as stored); with other content, or refused by
+    MongoDB, the sample is dead-lettered with the reason. Returns the ids stored, with their datasets."""
+    if not prepared:
+        return {}
+    store: Store = context.store
+    store.write_blobs([blob for _, _, blobs in prepared for blob in blobs])
+    duplicates, refused = insert_new(store[SAMPLES], [document for _, document, _ in prepared])  # first delivery wins
     for index, reason in refused.items():
-        received, document, blobs = accepted[index]
+        received, document, blobs = prepared[index]
         context.dead_letters.divert(received, StorageError(reason))
         store.delete_blobs([blob[0] for blob in blobs])  # only the inline arrays' blobs, written above
     positions = sorted(duplicates)
-    for position, reason in _reused_ids(store, [accepted[index][1] for index in positions]).items():
-        context.dead_letters.divert(accepted[positions[position]][0], SampleError(reason))
-    stored = [document["_id"] for index, (_, document, _) in enumerate(accepted) if index not in refused]
-    announce(context, stored, now)
+    reused = _reused_ids(store, [prepared[index][1] for index in positions])
+    for position, reason in reused.items():
+        context.dead_letters.divert(prepared[positions[position]][0], SampleError(reason))
+    dropped = set(refused) | {positions[position] for position in reused}
+    return {document["_id"]: document["dataset"] for index, (_, document, _) in enumerate(prepared) if index not in dropped}
 
 
 def _reused_ids(store: Store, duplicates: list[SampleDocument]) -> dict[int, str]:
@@ -228,25 +260,44 @@ def _reused_ids(store: Store, duplicates: list[SampleDocument]) -> dict[int, str
     }
 
 
-def announce(context: ProcessorContext, sample_ids: list[str], now: datetime) -> None:
-    """Publish one ``data-imported`` event for those of ``sample_ids`` stored and not yet announced."""
+#: Sample ids per ``data-imported`` event: small enough that a large batch's events spread over the
+#: topic's partitions (and so over the instances of a stage's consumer group).
+ANNOUNCE_CHUNK = 250
+
+
+def announce(context: ProcessorContext, stored: Mapping[str, str], now: datetime, only_unannounced: bool) -> None:
+    """Publish ``data-imported`` events for the ``stored`` samples (id → dataset), in chunks of
+    :data:`ANNOUNCE_CHUNK` keyed by their first id.
+
+    With ``only_unannounced``, only those not yet announced, which are then marked announced once
+    the events are acknowledged: ingest's records, each announced once although a redelivery may
+    come much later. Without it, all of them (a stage's derived samples: a redelivered source
+    re-derives the same ids and announces them again, and every reader counts a sample once).
+    """
     store: Store = context.store
-    pending = list(store[SAMPLES].find({"_id": {"$in": sample_ids}, "announced": False}, {"dataset": 1}))
-    if not pending:
+    if only_unannounced and stored:
+        unannounced = store[SAMPLES].find({"_id": {"$in": list(stored)}, "announced": False}, {"_id": 1})
+        ids = sorted(document["_id"] for document in unannounced)
+    else:
+        ids = sorted(stored)
+    for start in range(0, len(ids), ANNOUNCE_CHUNK):
+        chunk = ids[start : start + ANNOUNCE_CHUNK]
+        context.publisher.publish(
+            Topic.DATA_IMPORTED,
+            {
+                "schema": Schema.DATA_IMPORTED,
+                "batch_id": "import-" + hashlib.sha256("\n".join(chunk).encode()).hexdigest()[:32],
+                "sample_ids": chunk,
+                "datasets": sorted({stored[sample_id] for sample_id in chunk}),
+                "imported_at": now.isoformat(),
+            },
+            key=chunk[0],
+        )
+    if not ids:
         return
-    ids = sorted(document["_id"] for document in pending)
-    context.publisher.publish(
-        Topic.DATA_IMPORTED,
-        {
-            "schema": Schema.DATA_IMPORTED,
-            "batch_id": "import-" + hashlib.sha256("\n".join(ids).encode()).hexdigest()[:32],
-            "sample_ids": ids,
-            "datasets": sorted({document["dataset"] for document in pending}),
-            "imported_at": now.isoformat(),
-        },
-    )
-    context.publisher.flush()  # announced only once the event is acknowledged
-    store[SAMPLES].update_many({"_id": {"$in": ids}}, {"$set": {"announced": True}})
+    context.publisher.flush()  # announced only once the events are acknowledged
+    if only_unannounced:
+        store[SAMPLES].update_many({"_id": {"$in": ids}}, {"$set": {"announced": True}})
 
 
 #: How old an unreferenced sample blob must be before :func:`sweep_sample_blobs` removes it: long

@@ -16,21 +16,29 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 
 from streams.consumer import TopicProcessor
-from streams.ingest import handle_samples
+from streams.ingest import Prepared, announce, inline_array, sample_document, store_samples
 from streams.processing import Handler, ProcessorContext, Stopping
 from tensordb.config import Settings, Topic
 from tensordb.data.loader import sample_arrays
-from tensordb.data.samples import SAMPLES
-from tensordb.errors import EntryPointError, IntegrityError, StageFunctionError, StageNotFoundError, UntrustedCodeError
+from tensordb.data.samples import SAMPLES, SampleOrigin, StoredArray, array_nbytes
+from tensordb.errors import (
+    EntryPointError,
+    IntegrityError,
+    SampleError,
+    StageFunctionError,
+    StageNotFoundError,
+    UntrustedCodeError,
+)
 from tensordb.infra.bus import Received
+from tensordb.infra.store import Blob
 from tensordb.infra.trusted import load_entry_point
-from tensordb.stages.derive import derive
+from tensordb.stages.derive import DerivedSample, derive
 from tensordb.stages.spec import parse_stage
 from tensordb.stages.stages import Stages, live_query, source_collection, source_query
 
@@ -60,8 +68,9 @@ def apply_stage(context: ProcessorContext, stage: dict[str, Any], sources: list[
     returns (derived, failed). Idempotent: derived ids are deterministic."""
     spec = parse_stage(stage["spec"])
     function = load_entry_point(spec.function, context.settings)
-    derived: list[dict[str, Any]] = []
+    prepared: list[Prepared] = []
     failures: list[tuple[dict[str, Any], Exception]] = []
+    now = datetime.now(UTC)
     for start in range(0, len(sources), CHUNK):
         chunk = sources[start : start + CHUNK]
         arrays = _read(context, [document for document, _ in chunk], failures)
@@ -69,21 +78,36 @@ def apply_stage(context: ProcessorContext, stage: dict[str, Any], sources: list[
             if document["_id"] not in arrays:
                 continue
             try:
-                derived.extend(derive(context.store, spec, function, document, arrays[document["_id"]], prediction))
-            except StageFunctionError as exc:
+                derived = derive(spec, function, document, arrays[document["_id"]], prediction)
+                prepared.extend([_prepared(context, spec.name, spec.version, sample, now) for sample in derived])
+            except (StageFunctionError, SampleError) as exc:
                 failures.append((document, exc))
-    topic = _stage_topic(spec.name)
-    received = [
-        Received(topic, spec.version, index, record["sample_id"].encode(), orjson.dumps(record), record, None)
-        for index, record in enumerate(derived)
-    ]
-    if received:
-        handle_samples(context, received)  # stored once each, announced: the next stages and triggers see them
+    if prepared:  # stored once each, announced: the next stages and triggers see them
+        announce(context, store_samples(context, prepared), now, only_unannounced=False)
     if failures:
         context.dead_letters.divert_many(
             [(_source_letter(spec.name, spec.version, document), error) for document, error in failures]
         )
-    return len(derived), len(failures)
+    return len(prepared), len(failures)
+
+
+def _prepared(context: ProcessorContext, stage: str, version: int, sample: DerivedSample, now: datetime) -> Prepared:
+    """A derived sample's document and blobs, built from its bytes as ingest builds a record's,
+    with the dead letter that would report it if MongoDB refused it."""
+    store, fields = context.store, sample.fields
+    arrays: dict[str, StoredArray] = {}
+    blobs: list[Blob] = []
+    for name, array in sample.arrays.items():
+        shape = list(array.shape)
+        array_nbytes(name, array.dtype.name, shape, store.settings.max_sample_bytes)
+        arrays[name], blob = inline_array(
+            store, fields["dataset"], sample.sample_id, name, array.dtype.name, shape, array.tobytes()
+        )
+        blobs.append(blob)
+    origin: SampleOrigin = {"topic": _stage_topic(stage), "partition": version, "offset": 0}  # lineage says the rest
+    document = sample_document(store, fields, sample.sample_id, arrays, now, origin, announced=True)  # announced below
+    letter = orjson.dumps({"stage": stage, "stage_version": version, "sample_id": sample.sample_id, **fields})
+    return Received(_stage_topic(stage), version, 0, sample.sample_id.encode(), letter, None, None), document, blobs
 
 
 def _read(

@@ -101,6 +101,37 @@ def _label_value(value: Any) -> Any:
     return value.tolist() if isinstance(value, np.ndarray | np.generic) else value
 
 
+def named_arrays(arrays: ArrayLike) -> dict[str, np.ndarray]:
+    """One array (named ``x``) or a dict of named arrays, each contiguous and little-endian: the
+    bytes a sample stores."""
+    return {name: _little_endian(np.asarray(array)) for name, array in _named(arrays, "x").items()}
+
+
+def sample_fields(
+    *,
+    dataset: str,
+    labels: Any = None,
+    metadata: Mapping[str, Any] | None = None,
+    tags: Iterable[str] = (),
+    version: str | int | None = None,
+    source: str = "tensordb-sdk",
+    lineage: SampleLineage | None = None,
+) -> dict[str, Any]:
+    """What a ``sample/1`` record says about its sample besides its id and arrays (see :func:`build_sample`)."""
+    fields: dict[str, Any] = {"dataset": dataset, "source": source, "published_at": datetime.now(UTC).isoformat()}
+    if labels is not None:
+        fields["labels"] = {name: _label_value(value) for name, value in _named(labels, "y").items()}
+    if metadata:
+        fields["metadata"] = dict(metadata)
+    if tags:
+        fields["tags"] = list(tags)
+    if version is not None:
+        fields["version"] = version
+    if lineage is not None:
+        fields["lineage"] = dict(lineage)
+    return fields
+
+
 def build_sample(
     store: Store,
     arrays: ArrayLike,
@@ -112,14 +143,13 @@ def build_sample(
     version: str | int | None = None,
     sample_id: str | None = None,
     source: str = "tensordb-sdk",
-    lineage: SampleLineage | None = None,
 ) -> dict[str, Any]:
     """A ``sample/1`` record for ``arrays`` (one array, named ``x``, or a dict of named arrays).
 
-    ``labels`` is one value (named ``y``) or a dict; ``lineage`` is set by transform stages. Arrays beyond the inline limit are uploaded
+    ``labels`` is one value (named ``y``) or a dict. Arrays beyond the inline limit are uploaded
     to GridFS now and referenced; the smallest arrays are kept inline first.
     """
-    named = {name: _little_endian(np.asarray(array)) for name, array in _named(arrays, "x").items()}
+    named = named_arrays(arrays)
     sample_id = sample_id or uuid.uuid4().hex
     specs: dict[str, dict[str, Any]] = {}
     inline_budget = store.settings.inline_limit_bytes
@@ -142,25 +172,9 @@ def build_sample(
             )  # the claim check is bound to this upload: ingest compares all of these
             spec.update(blob_id=str(blob_id), sha256=digest, nbytes=len(data))
         specs[name] = spec
-    record: dict[str, Any] = {
-        "schema": Schema.SAMPLE,
-        "sample_id": sample_id,
-        "dataset": dataset,
-        "arrays": {name: specs[name] for name in named},  # keep the caller's order
-        "source": source,
-        "published_at": datetime.now(UTC).isoformat(),
-    }
-    if labels is not None:
-        record["labels"] = {name: _label_value(value) for name, value in _named(labels, "y").items()}
-    if metadata:
-        record["metadata"] = dict(metadata)
-    if tags:
-        record["tags"] = list(tags)
-    if version is not None:
-        record["version"] = version
-    if lineage is not None:
-        record["lineage"] = dict(lineage)
-    return record
+    fields = sample_fields(dataset=dataset, labels=labels, metadata=metadata, tags=tags, version=version, source=source)
+    arrays_in_order = {name: specs[name] for name in named}  # keep the caller's order
+    return {"schema": Schema.SAMPLE, "sample_id": sample_id, "arrays": arrays_in_order, **fields}
 
 
 def publish_samples(publisher: Publisher, store: Store, samples: Iterable[Mapping[str, Any]]) -> list[str]:

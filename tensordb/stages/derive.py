@@ -9,18 +9,23 @@ derived sample of a source always gets the same id (:func:`derived_id`), so a re
 source, a retried batch or a backfill stores it once. Anything else it returns, or any exception
 it raises, is a :class:`~tensordb.errors.StageFunctionError` naming the stage, the source sample
 and what was wrong: the processors dead-letter that source sample and go on.
+
+Derived samples never travel the bus: the processors store their bytes as they are (no base64
+either way), after the same checks a ``sample/1`` record gets.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from tensordb import records
-from tensordb.data.samples import build_sample
+from tensordb.data.samples import named_arrays, sample_fields
 from tensordb.errors import StageFunctionError, TensorDBError
-from tensordb.infra.store import Store
 from tensordb.records import Schema
 from tensordb.stages.spec import StageSpec
 
@@ -35,6 +40,17 @@ def derived_id(stage: str, version: int, source_id: str, index: int) -> str:
     if len(readable) <= _MAX_ID:
         return readable
     return f"{stage}.v{version}:h" + hashlib.sha256(f"{source_id}\0{index}".encode()).hexdigest()[:40]
+
+
+@dataclass(frozen=True)
+class DerivedSample:
+    """A derived sample, checked and ready to store: its id, what a ``sample/1`` record would say
+    about it besides its arrays (:func:`~tensordb.data.samples.sample_fields`), and its arrays
+    (contiguous, little-endian)."""
+
+    sample_id: str
+    fields: dict[str, Any]
+    arrays: dict[str, np.ndarray]
 
 
 def source_view(
@@ -59,19 +75,16 @@ def source_view(
 
 
 def derive(
-    store: Store,
     stage: StageSpec,
     function: Callable[[dict[str, Any]], Any],
     document: Mapping[str, Any],
     arrays: dict[str, Any],
     prediction: Mapping[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """The ``sample/1`` records ``function`` derives from one source sample (see the module docstring).
+) -> list[DerivedSample]:
+    """The samples ``function`` derives from one source sample (see the module docstring).
 
     Parameters
     ----------
-    store : Store
-        Where arrays too large to travel inline are uploaded (claim checks bound to the derived id).
     stage : StageSpec
         The stage: its name, version and output dataset.
     function : callable
@@ -110,20 +123,29 @@ def derive(
                 f"{where}: derived sample {index} has unknown fields {unknown}; allowed: arrays, labels, metadata, tags"
             )
         try:
-            record = build_sample(
-                store,
-                output["arrays"],
-                dataset=stage.output.dataset,
-                labels=output.get("labels"),
-                metadata=output.get("metadata"),
-                tags=output.get("tags") or (),
-                version=stage.output.version,
-                sample_id=derived_id(stage.name, stage.version, key, index),
-                source=f"stage:{stage.name}",
-                lineage={"derived_from": source, "stage": stage.name, "stage_version": stage.version},
+            sample = DerivedSample(
+                derived_id(stage.name, stage.version, key, index),
+                sample_fields(
+                    dataset=stage.output.dataset,
+                    labels=output.get("labels"),
+                    metadata=output.get("metadata"),
+                    tags=output.get("tags") or (),
+                    version=stage.output.version,
+                    source=f"stage:{stage.name}",
+                    lineage={"derived_from": source, "stage": stage.name, "stage_version": stage.version},
+                ),
+                named_arrays(output["arrays"]),
             )
-            records.validate(record, Schema.SAMPLE)
+            records.validate(_described(sample), Schema.SAMPLE)
         except (TypeError, ValueError, TensorDBError) as exc:
             raise StageFunctionError(f"{where}: derived sample {index} cannot be stored: {exc}") from exc
-        derived.append(record)
+        derived.append(sample)
     return derived
+
+
+def _described(sample: DerivedSample) -> dict[str, Any]:
+    """The ``sample/1`` record of ``sample`` with its arrays' bytes left out (``data`` empty), so the
+    schema checks everything else a published record is checked for (names, dtypes, shapes, labels,
+    tags) without encoding the bytes; their size is checked against dtype and shape when stored."""
+    arrays = {name: {"dtype": array.dtype.name, "shape": list(array.shape), "data": ""} for name, array in sample.arrays.items()}
+    return {"schema": Schema.SAMPLE, "sample_id": sample.sample_id, "arrays": arrays, **sample.fields}

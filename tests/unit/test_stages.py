@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from tensordb.cli import main
-from tensordb.config import Settings
 from tensordb.errors import StageFunctionError, StageSpecError
 from tensordb.stages.derive import derive, derived_id
 from tensordb.stages.spec import parse_stage
@@ -23,7 +21,6 @@ SPEC = {
 }
 SOURCE = {"_id": "raw-1", "dataset": "raw", "labels": {"y": 3}, "metadata": {"site": "a"}, "tags": ["t"]}
 ARRAYS = {"x": np.arange(64, dtype=np.uint8).reshape(8, 8)}
-STORE = SimpleNamespace(settings=Settings())  # small arrays stay inline: nothing is uploaded
 
 
 @pytest.mark.parametrize(
@@ -49,12 +46,13 @@ def test_derived_ids_are_deterministic_readable_and_bounded() -> None:
     assert long != derived_id("halve", 1, "x" * 128, 4)
 
 
-def test_a_derived_record_has_its_id_lineage_dataset_and_the_function_s_arrays() -> None:
-    (record,) = derive(STORE, parse_stage(SPEC), functions.halve, SOURCE, ARRAYS)
-    assert record["sample_id"] == "halve.v1:raw-1:0" and record["dataset"] == "small" and record["labels"] == {"y": 3}
-    assert record["lineage"] == {"derived_from": "raw-1", "stage": "halve", "stage_version": 1}
-    assert record["arrays"]["x"]["shape"] == [4, 4] and record["source"] == "stage:halve"
-    assert [r["sample_id"] for r in derive(STORE, parse_stage(SPEC), functions.mirror_pair, SOURCE, ARRAYS)] == [
+def test_a_derived_sample_has_its_id_lineage_dataset_and_the_function_s_arrays() -> None:
+    (sample,) = derive(parse_stage(SPEC), functions.halve, SOURCE, ARRAYS)
+    fields = sample.fields
+    assert sample.sample_id == "halve.v1:raw-1:0" and fields["dataset"] == "small" and fields["labels"] == {"y": 3}
+    assert fields["lineage"] == {"derived_from": "raw-1", "stage": "halve", "stage_version": 1}
+    assert sample.arrays["x"].shape == (4, 4) and fields["source"] == "stage:halve"
+    assert [s.sample_id for s in derive(parse_stage(SPEC), functions.mirror_pair, SOURCE, ARRAYS)] == [
         "halve.v1:raw-1:0", "halve.v1:raw-1:1",
     ]  # fmt: skip
 
@@ -67,18 +65,21 @@ def test_a_derived_record_has_its_id_lineage_dataset_and_the_function_s_arrays()
         (lambda sample: [{"x": 1}], "derived sample 0 is dict without 'arrays'"),
         (lambda sample: {"arrays": sample["arrays"], "weights": 1}, r"unknown fields \['weights'\]"),
         (lambda sample: {"arrays": {"x": np.array(["a", "b"])}}, "derived sample 0 cannot be stored"),
+        (lambda sample: {"arrays": {"x": np.array([object()])}}, "derived sample 0 cannot be stored: arrays of Python objects"),
+        (lambda sample: {"arrays": {"bad name": np.zeros(2)}}, "derived sample 0 cannot be stored"),
+        (lambda sample: {"arrays": sample["arrays"], "tags": [""]}, "derived sample 0 cannot be stored"),
         (lambda sample: [{"arrays": sample["arrays"]}] * 1001, "at most 1000"),
     ],
 )
 def test_a_function_that_raises_or_returns_garbage_is_a_stage_function_error_naming_the_sample(function, message) -> None:
     with pytest.raises(StageFunctionError, match=message) as raised:
-        derive(STORE, parse_stage(SPEC), function, SOURCE, ARRAYS)
+        derive(parse_stage(SPEC), function, SOURCE, ARRAYS)
     assert "stage 'halve' v1" in str(raised.value) and "'raw-1'" in str(raised.value)
 
 
 def test_nothing_derived_is_an_empty_list() -> None:
-    assert derive(STORE, parse_stage(SPEC), lambda sample: None, SOURCE, ARRAYS) == []
-    assert derive(STORE, parse_stage(SPEC), lambda sample: [], SOURCE, ARRAYS) == []
+    assert derive(parse_stage(SPEC), lambda sample: None, SOURCE, ARRAYS) == []
+    assert derive(parse_stage(SPEC), lambda sample: [], SOURCE, ARRAYS) == []
 
 
 def test_the_cli_refuses_a_bad_stage_file_before_connecting(tmp_path, capsys) -> None:
