@@ -10,9 +10,10 @@ predictions topic (and on the request's reply topic, which must be one of the pr
 Exactly one answer per request id: each answer is stored in the ``predictions`` collection
 (``_id`` = request id) before it is published, and offsets are committed only after that, so a
 request redelivered after a crash (or sent twice) is answered from the record of its first answer
-(same outputs, same version), never recomputed by another version. The stored answer remembers
-that it was published, so a redelivery publishes it again only if the first publication may not
-have happened. A batch is answered by the version that was current when it started: a promotion
+(same outputs, same version): it is computed again, but the stored answer wins. The stored answer
+is marked published once it is (off the batch's path, asynchronously), so a redelivery publishes
+it again only if the first publication may not have happened; where a crash lost that mark, the
+same answer is published twice, never a different one. A batch is answered by the version that was current when it started: a promotion
 swaps the model between batches, after the new version is loaded and warmed up. Instances of the
 wrong shape get an answer with ``error`` instead of outputs; they never fail the batch.
 
@@ -22,11 +23,12 @@ version); requests for other models are left to their predictors.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -92,6 +94,7 @@ class Predictor:
         self.answers = self.store[PREDICTIONS]
         self.holder = ModelHolder(self.runtime.registry, model, pinned=version)
         self.answered = 0  # requests answered (stored and published) by this process
+        self._marker = ThreadPoolExecutor(1, thread_name_prefix="tensordb-published")  # marks answers published
         self._stop = threading.Event()
 
     @property
@@ -131,6 +134,7 @@ class Predictor:
             consumer.close()
             if follower is not None:
                 follower.join(timeout=5)
+            self._marker.shutdown(wait=True)
             self.runtime.close()
 
     def _load_first(self, wait: bool) -> None:
@@ -169,19 +173,20 @@ class Predictor:
         requests: dict[str, Received] = {}
         for received in batch:
             requests.setdefault(received.valid_record["request_id"], received)  # a request sent twice in one batch
-        stored = {document["_id"]: document for document in self.answers.find({"_id": {"$in": list(requests)}})}
-        fresh = [received for request_id, received in requests.items() if request_id not in stored]
-        if fresh:
-            serving = self.holder.current  # one version answers the whole batch
-            assert serving is not None  # run() waits for one
-            now = datetime.now(UTC)
-            documents = [{**answer, "_id": answer["request_id"], "project": self.store.project, "published": False, "stored_at": now}
-                         for answer in self._compute(serving, fresh)]  # fmt: skip
-            duplicates, _ = insert_new(self.answers, documents)  # first answer wins: another predictor may have raced
-            if duplicates:
-                ids = [documents[index]["_id"] for index in duplicates]
-                stored |= {document["_id"]: document for document in self.answers.find({"_id": {"$in": ids}})}
-            stored |= {document["_id"]: document for index, document in enumerate(documents) if index not in duplicates}
+        if not requests:
+            return []
+        serving = self.holder.current  # one version answers the whole batch
+        assert serving is not None  # run() waits for one
+        now = datetime.now(UTC)
+        documents = [{**answer, "_id": answer["request_id"], "project": self.store.project, "published": False, "stored_at": now}
+                     for answer in self._compute(serving, list(requests.values()))]  # fmt: skip
+        # first answer wins: a request answered before (redelivered after a crash, sent twice, raced by
+        # another predictor) keeps its stored answer, and this one is dropped
+        duplicates, _ = insert_new(self.answers, documents)
+        stored = {document["_id"]: document for index, document in enumerate(documents) if index not in duplicates}
+        if duplicates:
+            earlier = self.answers.find({"_id": {"$in": [documents[index]["_id"] for index in duplicates]}})
+            stored |= {document["_id"]: document for document in earlier}
         answers = [stored[request_id] for request_id in requests]
         unpublished = [(answer, requests[answer["_id"]]) for answer in answers if not answer.get("published")]
         for answer, received in unpublished:
@@ -191,10 +196,9 @@ class Predictor:
             if reply and reply.startswith(reply_topics(self.settings)):
                 self.publisher.publish_bytes(reply, records.encode(record, Schema.PREDICTION), key=answer["_id"])
         self.publisher.flush()
-        if unpublished:
-            self.answers.update_many(
-                {"_id": {"$in": [answer["_id"] for answer, _ in unpublished]}}, {"$set": {"published": True}}
-            )
+        if unpublished:  # off the batch's path: if it is lost, a redelivery publishes the same answer again
+            ids = [answer["_id"] for answer, _ in unpublished]
+            self._marker.submit(self.answers.update_many, {"_id": {"$in": ids}}, {"$set": {"published": True}})
         self.answered += len(unpublished)
         return [_record(answer) for answer in answers]
 
@@ -244,11 +248,10 @@ class Predictor:
         if "array" in request:
             spec = request["array"]
             try:
-                flat = np.frombuffer(
-                    base64.b64decode(spec["data"], validate=True), dtype=np.dtype(spec["dtype"]).newbyteorder("<")
-                )
+                data = binascii.a2b_base64(spec["data"], strict_mode=True)
+                flat = np.frombuffer(data, dtype=np.dtype(spec["dtype"]).newbyteorder("<"))
                 array = flat.reshape(spec["shape"])
-            except ValueError as exc:
+            except (ValueError, binascii.Error) as exc:
                 raise BadInputError(f"array: its bytes do not hold {spec['dtype']}{spec['shape']} ({exc})") from None
             return array_batch(array, serving.model)
         sample = request["sample"]
