@@ -145,6 +145,10 @@ class Cohort:
         restarted job reads the same samples in the same order."""
         return replace(self, as_of=as_of or datetime.now(UTC))
 
+    def with_store(self, store: Store) -> Cohort:
+        """This cohort read through another connection (a data loader worker's own client)."""
+        return replace(self, store=store)
+
     def train_validation(self, validation_fraction: float = 0.2) -> tuple[Cohort, Cohort]:
         """Disjoint (train, validation) cohorts by hash of the sample id; stable as data arrives."""
         if not 0 < validation_fraction < 1:
