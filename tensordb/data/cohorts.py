@@ -24,6 +24,8 @@ from tensordb.infra.store import Store
 if TYPE_CHECKING:
     import tensorflow as tf
 
+    from tensordb.data.pytorch import CohortDataset
+
 
 COHORTS = "cohorts"
 JAVASCRIPT_OPERATORS = {"$where", "$function", "$accumulator"}
@@ -175,6 +177,13 @@ class Cohort:
     def to_tf_dataset(self, batch_size: int = 32, **options: Any) -> tf.data.Dataset:
         """A ``tf.data.Dataset`` of ``(x, y)`` batches that ``model.fit`` consumes directly."""
         return to_tf_dataset(self, batch_size, **options)
+
+    def to_torch_dataset(self, batch_size: int = 32, **options: Any) -> CohortDataset:
+        """A PyTorch ``IterableDataset`` of ``(x, y)`` tensor batches (``DataLoader(..., batch_size=None)``);
+        see :class:`tensordb.data.pytorch.CohortDataset`. Needs ``pip install 'tensordb[torch]'``."""
+        from tensordb.data.pytorch import CohortDataset
+
+        return CohortDataset(self, batch_size, **options)
 
     # -- saving -------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
