@@ -619,7 +619,8 @@ def resume_row(cohort: Cohort, settings: Settings, state: dict[str, Any], rank: 
         ms(seconds),
         goal=f"≤ {RESUME_GOAL_SECONDS:.0f} s",
         met=seconds <= RESUME_GOAL_SECONDS,
-        limits=f"snapshot load + permutation {ms(loaded - began)} (one document, one blob); first batch {ms(seconds - (loaded - began))}",
+        limits=f"client + snapshot load {ms(loaded - began)} (one document, one blob, parse); "
+        f"first batch {ms(seconds - (loaded - began))} (permutation, one metadata query, one bytes query)",
     )
 
 
