@@ -7,7 +7,10 @@ sides of a ratio see the same CPU, load and caches (the passes of the two sides 
 1. streaming a cohort (``Cohort.stream``) vs ``np.load`` of one ``.npy`` file per sample, for
    28×28 and 256×256×3 uint8 images (goals: ≥ 1.0× and ≥ 0.7× the local throughput);
 2. ingest, publish → persisted through Kafka and the stream processors, vs direct pymongo inserts
-   of the same documents and blobs (goal: TensorDB within 2× of the direct inserts).
+   of the same documents and blobs (goal: TensorDB within 2× of the direct inserts);
+3. the global order: shuffle quality (rank correlation between cohort order and stream order) of
+   the global shuffle next to the window buffer's, and resuming a 1,000,000-sample cohort's stream
+   from its state at any position (goal: first batch ≤ 1 s), with the member snapshot's creation.
 
 Next to each figure it prints the CPU each process used, in cores: that is what shows the limit
 on a small machine (a process at ~1.0 core is CPU-bound; none near 1.0 means time spent waiting).
@@ -34,12 +37,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from harness import Pids, Timing, children_cwd, interleaved, make_console, project, servers
+from bson import ObjectId
+from harness import GoalRow, Pids, Timing, children_cwd, interleaved, make_console, ms, print_goal_rows, project, servers
 from rich.table import Table
 
 from streams.ingest import _prepare, handle_samples
@@ -50,8 +54,11 @@ from tensordb.config import Settings, Topic
 from tensordb.data import loader
 from tensordb.data.cohorts import Cohort
 from tensordb.data.loader import CohortStream
-from tensordb.data.samples import SAMPLES
+from tensordb.data.order import epoch_order
+from tensordb.data.samples import SAMPLES, SPLIT_KEY_RANGE
+from tensordb.data.snapshots import SNAPSHOTS, take_snapshot
 from tensordb.infra.bus import Received
+from tensordb.infra.codecs import xxh3_hex
 from tensordb.infra.store import BLOB_BUCKET, Store
 from tensordb.testing import ChildProcess, processors_process
 
@@ -60,6 +67,10 @@ INGEST_CHUNK = 500  # records per process_batch / insert_many call
 TIMED_PASSES = 3
 POLL_SECONDS = 0.05
 SMALL, LARGE = (28, 28), (256, 256, 3)
+SHUFFLE_SAMPLES = 20_000
+RESUME_MEMBERS = 1_000_000
+RESUME_GOAL_SECONDS = 1.0
+TINY_CHUNK = 10_000  # documents per insert_many of the tiny cohorts
 console = make_console(180)
 
 
@@ -522,6 +533,137 @@ def bench_ingest(base: Settings, pids: Pids, count: int, log_dir: Path) -> list[
     ]
 
 
+# -- 3. the global order: shuffle quality and resume ------------------------------------------------
+
+
+def tiny_cohort(store: Store, count: int) -> Cohort:
+    """``count`` sample documents with only the fields the loader reads, inserted straight into
+    ``samples``, all pointing at one shared 4-byte blob: these rows measure a cohort's size, not
+    its bytes. Labels are the sample numbers; cohort order (newest first) is descending."""
+    data = bytes(4)
+    blob_id = ObjectId()
+    store.write_blobs([(blob_id, "tiny", data, {"kind": "sample-array"})])
+    spec = {"dtype": "uint8", "shape": [4], "nbytes": len(data), "blob_id": blob_id, "xxh3": xxh3_hex(data)}
+    began = datetime(2026, 1, 1, tzinfo=UTC)
+    for start in range(0, count, TINY_CHUNK):
+        store[SAMPLES].insert_many(
+            [
+                {
+                    "_id": f"tiny-{i:07d}",
+                    "dataset": "tiny",
+                    "imported_at": began + timedelta(milliseconds=i),
+                    "split_key": i % SPLIT_KEY_RANGE,
+                    "arrays": {"x": spec},
+                    "labels": {"y": i},
+                }
+                for i in range(start, min(count, start + TINY_CHUNK))
+            ],
+            ordered=False,
+        )
+    return Cohort(store, filter={"dataset": "tiny"})
+
+
+def rank_correlation(cohort_ids: list[str], stream_ids: list[str]) -> float:
+    """Spearman's ρ between cohort order and stream order (both are permutations of the members,
+    so it is Pearson's r of the positions): 1 = unshuffled, ≈ 0 = no trace of the cohort order."""
+    where = {sample: index for index, sample in enumerate(cohort_ids)}
+    return float(np.corrcoef(np.arange(len(stream_ids)), [where[sample] for sample in stream_ids])[0, 1])
+
+
+def bench_shuffle(base: Settings, count: int) -> list[GoalRow]:
+    """ρ of the window buffer (the trainer's default 1024, and 4096) and of the global shuffle,
+    from the ids each yields (no bytes read)."""
+    with project(base, "shuffle") as settings, Store(settings) as store:
+        store.ensure_indexes()
+        cohort = tiny_cohort(store, count).pinned()
+        cohort_ids = cohort.ids()
+        rows = []
+        for label, options in (
+            ("window buffer 1024 (the trainer's default)", {"shuffle_buffer": 1024}),
+            ("window buffer 4096", {"shuffle_buffer": 4096}),
+            ("global shuffle (epoch 0)", {"shuffle": True}),
+            ("global shuffle (epoch 1)", {"shuffle": True, "epoch": 1}),
+        ):
+            began = time.perf_counter()
+            rho = rank_correlation(cohort_ids, cohort.stream(64, seed=1, **options).sample_ids())
+            global_shuffle = "shuffle" in options
+            rows.append(
+                GoalRow(
+                    f"shuffle quality, {label}, n={count:,}",
+                    f"ρ = {rho:+.3f}",
+                    goal="|ρ| ≤ 0.05" if global_shuffle else "",
+                    met=abs(rho) <= 0.05 if global_shuffle else None,
+                    limits=f"order of {count:,} ids in {ms(time.perf_counter() - began)}"
+                    + ("" if global_shuffle else f"; a window of {options['shuffle_buffer']} keeps the cohort order beyond it"),
+                )
+            )
+        console.print(f"\n[bold]shuffle quality[/]: {len(rows)} orders of {count:,} samples")
+    return rows
+
+
+def resume_row(cohort: Cohort, settings: Settings, state: dict[str, Any], rank: int = 0, world_size: int = 1) -> GoalRow:
+    """From a fresh client and an unpinned cohort to the first batch at ``state``'s position,
+    checked to be the samples the global order puts there."""
+    began = time.perf_counter()
+    with Store(settings) as store:
+        stream = Cohort(store, filter=cohort.filter).stream(64, shuffle=True, rank=rank, world_size=world_size, state=state)
+        members = stream.members()
+        loaded = time.perf_counter()
+        _x, y = next(iter(stream))
+        seconds = time.perf_counter() - began
+    share = epoch_order(len(members.ids), True, 0, 0)[rank::world_size]
+    expected = [int(members.ids[index].removeprefix("tiny-")) for index in share[state["position"] : state["position"] + 64]]
+    assert y is not None and y.tolist() == expected, "the resumed stream did not start at its position"
+    return GoalRow(
+        f"resume to first batch at position {state['position']:,}" + (f" of rank {rank}/{world_size}" if world_size > 1 else ""),
+        ms(seconds),
+        goal=f"≤ {RESUME_GOAL_SECONDS:.0f} s",
+        met=seconds <= RESUME_GOAL_SECONDS,
+        limits=f"client + snapshot load {ms(loaded - began)} (one document, one blob, parse); "
+        f"first batch {ms(seconds - (loaded - began))} (permutation, one metadata query, one bytes query)",
+    )
+
+
+def bench_resume(base: Settings, count: int) -> list[GoalRow]:
+    """The member snapshot of a ``count``-sample cohort, then resumes at its start, middle and end
+    (and near the end of a rank's share), against a cursor stream's ``start=`` at the middle."""
+    with project(base, "resume") as settings, Store(settings) as store:
+        store.ensure_indexes()
+        console.print(f"\n[bold]resume[/]: inserting {count:,} tiny sample documents …")
+        began = time.perf_counter()
+        cohort = tiny_cohort(store, count).pinned()
+        built = time.perf_counter() - began
+        began = time.perf_counter()
+        snapshot = take_snapshot(cohort)
+        created = time.perf_counter() - began
+        blob_mb = store[SNAPSHOTS].find_one({"_id": snapshot.id})["nbytes"] / 2**20
+        rows = [
+            GoalRow(f"build the cohort (insert_many, n={count:,})", f"{built:.1f} s", limits="setup, not a result"),
+            GoalRow(
+                f"member snapshot creation, n={count:,}",
+                f"{created:.2f} s",
+                limits=f"one pass of the cohort's id cursor + a {blob_mb:.1f} MiB GridFS blob; once per pinned cohort",
+            ),
+        ]
+        state = cohort.stream(64, shuffle=True, world_size=1).state()
+        for position in (0, count // 2, count - 1000):
+            rows.append(resume_row(cohort, settings, {**state, "position": position}))
+        ranks = 8
+        ranked = {**state, "world_size": ranks, "rank": ranks - 1, "position": count // ranks - 1000}
+        rows.append(resume_row(cohort, settings, ranked, rank=ranks - 1, world_size=ranks))
+        began = time.perf_counter()
+        next(iter(cohort.stream(64, start=count // 2)))
+        cursor = time.perf_counter() - began
+        rows.append(
+            GoalRow(
+                f"cursor stream start={count // 2:,} to first batch (before: re-reads skipped metadata)",
+                f"{cursor:.2f} s",
+                limits="context: what resuming cost without a snapshot",
+            )
+        )
+    return rows
+
+
 # -- output -----------------------------------------------------------------------------------------
 
 
@@ -569,7 +711,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, help=f"samples per measurement (default {ISSUE_SAMPLES}, 600 with --quick)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer loader settings: a smoke run")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one loader pass per shape")
-    parser.add_argument("--skip", choices=["stream", "ingest"], action="append", default=[], help="leave a part out")
+    parser.add_argument(
+        "--members", type=int, default=RESUME_MEMBERS, help=f"the resume cohort's size (default {RESUME_MEMBERS:,})"
+    )
+    parser.add_argument(
+        "--skip", choices=["stream", "ingest", "shuffle", "resume"], action="append", default=[], help="leave a part out"
+    )
     args = parser.parse_args(argv)
     args.samples = args.samples or (600 if args.quick else ISSUE_SAMPLES)
     if args.samples < 64:
@@ -598,10 +745,16 @@ def main(argv: list[str] | None = None) -> int:
                 )
         if "ingest" not in args.skip:
             rows += bench_ingest(found.settings, found.pids, args.samples, log_dir)
+        order_rows = [] if "shuffle" in args.skip else bench_shuffle(found.settings, SHUFFLE_SAMPLES)
+        if "resume" not in args.skip:
+            order_rows += bench_resume(found.settings, args.members)
     shutil.rmtree(log_dir, ignore_errors=True)  # kept when a step fails: the processors' log is there
     console.print()
-    print_table(rows)
-    print_summary(rows)
+    if rows:
+        print_table(rows)
+        print_summary(rows)
+    if order_rows:
+        print_goal_rows(console, order_rows, "Global order: shuffle quality and resume")
     print(f"wall time {time.perf_counter() - began:.0f} s; load average {os.getloadavg()[0]:.2f} at the end")
     return 0
 

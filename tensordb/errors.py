@@ -86,6 +86,10 @@ class QueryError(BadInputError):
     """A query, filter or cohort definition is malformed or uses a forbidden operator."""
 
 
+class StreamStateError(BadInputError):
+    """A saved stream state does not fit the stream it is resumed into (another cohort, world size...)."""
+
+
 #: What to do about the refusals MongoDB answers for a document, by its error code.
 _MONGO_REFUSALS = {
     2: "a value MongoDB cannot store: check metadata and labels",

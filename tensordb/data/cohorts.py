@@ -24,6 +24,8 @@ from tensordb.infra.store import Store
 if TYPE_CHECKING:
     import tensorflow as tf
 
+    from tensordb.data.pytorch import CohortDataset
+
 
 COHORTS = "cohorts"
 JAVASCRIPT_OPERATORS = {"$where", "$function", "$accumulator"}
@@ -145,6 +147,10 @@ class Cohort:
         restarted job reads the same samples in the same order."""
         return replace(self, as_of=as_of or datetime.now(UTC))
 
+    def with_store(self, store: Store) -> Cohort:
+        """This cohort read through another connection (a data loader worker's own client)."""
+        return replace(self, store=store)
+
     def train_validation(self, validation_fraction: float = 0.2) -> tuple[Cohort, Cohort]:
         """Disjoint (train, validation) cohorts by hash of the sample id; stable as data arrives."""
         if not 0 < validation_fraction < 1:
@@ -171,6 +177,13 @@ class Cohort:
     def to_tf_dataset(self, batch_size: int = 32, **options: Any) -> tf.data.Dataset:
         """A ``tf.data.Dataset`` of ``(x, y)`` batches that ``model.fit`` consumes directly."""
         return to_tf_dataset(self, batch_size, **options)
+
+    def to_torch_dataset(self, batch_size: int = 32, **options: Any) -> CohortDataset:
+        """A PyTorch ``IterableDataset`` of ``(x, y)`` tensor batches (``DataLoader(..., batch_size=None)``);
+        see :class:`tensordb.data.pytorch.CohortDataset`. Needs ``pip install 'tensordb[torch]'``."""
+        from tensordb.data.pytorch import CohortDataset
+
+        return CohortDataset(self, batch_size, **options)
 
     # -- saving -------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

@@ -1,24 +1,31 @@
 """The lazy streaming loader: a cohort as a stream of ``(x, y)`` NumPy batches.
 
-Nothing is materialised: metadata documents arrive through one MongoDB cursor; a bounded shuffle
-buffer holds metadata only; each batch's bytes are fetched with one query over the GridFS chunks
-of its samples (one round trip per batch, not one per sample), in background threads, ``prefetch``
-batches ahead. Memory is bounded by ``batch_size × (prefetch + 1)`` samples plus the shuffle
-buffer's metadata. The position (samples yielded so far) lets a restarted job resume.
+Nothing is materialised: metadata documents arrive through one MongoDB cursor (a bounded shuffle
+buffer holds metadata only), or, for a global shuffle, sharding and resuming, by id from a member
+snapshot (one query per batch); each batch's bytes are fetched with one query over the GridFS
+chunks of its samples (one round trip per batch, not one per sample), in background threads,
+``prefetch`` batches ahead. Memory is bounded by ``batch_size × (prefetch + 1)`` samples plus the
+shuffle buffer's metadata or the snapshot's ids. ``position`` and :meth:`CohortStream.state` let a
+restarted job resume.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Protocol
+from datetime import UTC, datetime
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tensordb.data.samples import to_array
-from tensordb.errors import IntegrityError, QueryError
+from tensordb.data.order import StreamState, epoch_order, rank_share
+from tensordb.data.samples import SAMPLES, to_array
+from tensordb.data.snapshots import Snapshot, snapshot_id, take_snapshot
+from tensordb.data.sources import SampleSource
+from tensordb.errors import IntegrityError, NotFoundError, QueryError, StreamStateError
 from tensordb.infra.codecs import xxh3_hex
 from tensordb.infra.store import Store
 
@@ -26,21 +33,6 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 Batch = tuple[np.ndarray, np.ndarray | None]
-
-
-class SampleSource(Protocol):
-    """What the loader reads: a cohort (:class:`tensordb.data.cohorts.Cohort`), which builds its
-    streams from this module; the loader needs only its documents, store and array names (read-only:
-    a cohort is frozen)."""
-
-    @property
-    def store(self) -> Store: ...
-    @property
-    def x(self) -> str: ...
-    @property
-    def y(self) -> str | None: ...
-
-    def documents(self, projection: Mapping[str, Any] | None = None, batch_size: int = 1000) -> Iterator[dict]: ...
 
 
 def content_matches(data: bytes, spec: dict[str, Any]) -> bool:
@@ -87,11 +79,20 @@ def sample_arrays(store: Store, documents: Sequence[Mapping[str, Any]]) -> list[
 
 
 class CohortStream:
-    """Iterate to get batches; ``position`` counts the samples yielded (pass it back as ``start``).
+    """Iterate to get one epoch's batches; iterating again gives the next epoch.
 
-    Options: ``shuffle_buffer`` (0 = cohort order), ``seed``, ``prefetch`` (batches fetched ahead),
-    ``start`` (samples to skip, for resuming; skipped samples' bytes are never read),
-    ``drop_remainder`` (omit a last short batch), ``fetch_threads``.
+    Two readers, chosen by the options:
+
+    - **the cohort's cursor** (the default): cohort order, or ``shuffle_buffer`` samples shuffled
+      through a window; ``start`` skips samples of the first epoch, re-reading their metadata;
+    - **a member snapshot** (:mod:`tensordb.data.snapshots`) when ``shuffle=True``, ``rank`` /
+      ``world_size`` or ``state`` is given: one global order per epoch (:mod:`tensordb.data.order`),
+      this rank's share of it, and :meth:`state` to resume at any position without reading what
+      is skipped. An unpinned cohort is pinned now (the state records the pin); ranks of a job must
+      share the pin, so ``world_size > 1`` needs a pinned cohort or a state.
+
+    ``position`` counts the samples of this epoch (of this rank's share) yielded so far; ``epoch``
+    seeds the shuffles with ``seed``.
     """
 
     def __init__(
@@ -99,25 +100,133 @@ class CohortStream:
         cohort: SampleSource,
         batch_size: int,
         *,
+        shuffle: bool = False,
         shuffle_buffer: int = 0,
         seed: int = 0,
+        epoch: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        state: Mapping[str, Any] | None = None,
         prefetch: int = 2,
         start: int = 0,
         drop_remainder: bool = False,
         fetch_threads: int = 2,
     ) -> None:
-        if batch_size < 1 or prefetch < 1 or shuffle_buffer < 0 or start < 0 or fetch_threads < 1:
-            raise QueryError("batch_size, prefetch and fetch_threads must be >= 1; shuffle_buffer and start >= 0")
-        self.cohort = cohort
+        """
+        Parameters
+        ----------
+        cohort : SampleSource
+            The cohort to read (:class:`tensordb.data.cohorts.Cohort`).
+        batch_size : int
+            Samples per batch.
+        shuffle : bool
+            A seeded permutation of all members each epoch (global shuffle), instead of cohort order.
+        shuffle_buffer : int
+            Shuffle through a window of this many samples over cohort order (0: none); not with ``shuffle``.
+        seed, epoch : int
+            The shuffles of epoch ``epoch`` are seeded by ``(seed, epoch)``; ``epoch`` is the first one read.
+        rank, world_size : int
+            This process's share of the global order: positions ``rank``, ``rank + world_size``, ...
+        state : dict
+            What :meth:`state` returned: resume there (the other arguments must be those it was saved with).
+        prefetch, fetch_threads : int
+            Batches fetched ahead, by this many threads.
+        start : int
+            Samples of the first epoch to skip (their bytes are never read).
+        drop_remainder : bool
+            Omit a last short batch.
+        """
+        if batch_size < 1 or prefetch < 1 or shuffle_buffer < 0 or start < 0 or fetch_threads < 1 or epoch < 0:
+            raise QueryError("batch_size, prefetch and fetch_threads must be >= 1; shuffle_buffer, start and epoch >= 0")
+        if shuffle and shuffle_buffer:
+            raise QueryError("shuffle=True permutes the whole cohort: leave shuffle_buffer at 0 (it is the windowed shuffle)")
         self.batch_size = batch_size
+        self.shuffle = shuffle
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.epoch = epoch
         self.prefetch = prefetch
-        self.start = start
+        self.position = start
         self.drop_remainder = drop_remainder
         self.fetch_threads = fetch_threads
-        self.position = start
+        self.from_snapshot = shuffle or rank is not None or world_size is not None or state is not None
+        self.rank, self.world_size = rank or 0, world_size or 1
+        if not 0 <= self.rank < self.world_size:
+            raise QueryError(f"rank must be in [0, world_size), got rank {rank} of world_size {world_size}")
+        self._snapshot: Snapshot | None = None
+        self.cohort = self._pin(cohort, None if state is None else self._resume(state))
 
+    def _resume(self, state: Mapping[str, Any]) -> StreamState:
+        resumed = StreamState.from_dict(state)
+        resumed.check_fits(
+            shuffle=self.shuffle, seed=self.seed, rank=self.rank, world_size=self.world_size, batch_size=self.batch_size
+        )
+        self.epoch, self.position = resumed.epoch, resumed.position
+        return resumed
+
+    def _pin(self, cohort: SampleSource, resumed: StreamState | None) -> SampleSource:
+        """The cohort this stream reads: as given for the cursor; pinned for a snapshot (at the
+        state's pin when resuming), checked against the state's snapshot."""
+        if not self.from_snapshot or (cohort.as_of is not None and resumed is None):
+            return cohort
+        if resumed is not None:
+            pinned = cohort if cohort.as_of is not None else cohort.pinned(datetime.fromisoformat(resumed.as_of))
+            if snapshot_id(pinned) != resumed.snapshot:
+                raise StreamStateError(
+                    f"this stream state belongs to another cohort (snapshot {resumed.snapshot}, pinned at {resumed.as_of}): "
+                    "resume it with the cohort it was saved from"
+                )
+            return pinned
+        if self.world_size > 1:
+            raise QueryError(
+                "the ranks of a sharded stream must read the same members: pin the cohort at one time on every rank "
+                "(cohort.pinned(as_of), e.g. the job's start time), or pass every rank a state saved by stream.state()"
+            )
+        now = datetime.now(UTC)
+        return cohort.pinned(now.replace(microsecond=now.microsecond // 1000 * 1000))  # MongoDB keeps milliseconds
+
+    # -- the member snapshot ------------------------------------------------------------------------
+    def members(self) -> Snapshot:
+        """The cohort's member snapshot (taken on first use, then loaded: one document and one blob)."""
+        if not self.from_snapshot:
+            raise QueryError(
+                "this stream reads the cohort's cursor: pass shuffle=True, rank/world_size or state to use a snapshot"
+            )
+        if self._snapshot is None:
+            self._snapshot = take_snapshot(self.cohort)
+        return self._snapshot
+
+    def state(self) -> dict[str, Any]:
+        """Where this stream is, as a small JSON-able dict (see :class:`tensordb.data.order.StreamState`):
+        save it with a checkpoint and pass it back as ``cohort.stream(..., state=...)`` to go on
+        with exactly the samples not yet yielded."""
+        if not self.from_snapshot:
+            raise QueryError(
+                "state() needs a stream over a member snapshot: pass shuffle=True, or rank and world_size "
+                "(world_size=1 for one process); a cursor stream resumes with start=position"
+            )
+        as_of = self.cohort.as_of
+        assert as_of is not None  # pinned in __init__
+        return StreamState(
+            snapshot=snapshot_id(self.cohort),
+            as_of=as_of.isoformat(),
+            members=len(self.members().ids),
+            shuffle=self.shuffle,
+            seed=self.seed,
+            epoch=self.epoch,
+            position=self.position,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+        ).as_dict()
+
+    def sample_ids(self) -> list[str]:
+        """The ids of the samples the rest of this epoch yields, in order (no bytes read)."""
+        if self.from_snapshot:
+            return [sample for batch in self._batches_of_ids(0, 1) for sample in batch]
+        return [document["_id"] for batch in self._batches_of_metadata() for document in batch]
+
+    # -- what each batch holds ----------------------------------------------------------------------
     def _projection(self) -> dict[str, int]:
         projection = {f"arrays.{self.cohort.x}": 1}
         if self.cohort.y is not None:
@@ -130,7 +239,7 @@ class CohortStream:
         if not self.shuffle_buffer:
             yield from documents
             return
-        rng = np.random.default_rng(self.seed)
+        rng = np.random.default_rng([self.seed, self.epoch])
         buffer: list[dict[str, Any]] = []
         for document in documents:
             if len(buffer) < self.shuffle_buffer:
@@ -143,9 +252,10 @@ class CohortStream:
         yield from buffer
 
     def _batches_of_metadata(self) -> Iterator[list[dict[str, Any]]]:
+        start = self.position
         batch: list[dict[str, Any]] = []
         for index, document in enumerate(self._ordered()):
-            if index < self.start:
+            if index < start:
                 continue
             batch.append(document)
             if len(batch) == self.batch_size:
@@ -153,6 +263,29 @@ class CohortStream:
                 batch = []
         if batch and not self.drop_remainder:
             yield batch
+
+    def _batches_of_ids(self, worker: int, workers: int) -> Iterator[list[str]]:
+        """This rank's share of the epoch's global order from ``position``, batch by batch; with
+        ``workers`` > 1, only every ``workers``-th batch from ``worker`` on."""
+        ids = self.members().ids
+        share = rank_share(epoch_order(len(ids), self.shuffle, self.seed, self.epoch), self.rank, self.world_size)
+        for index, begin in enumerate(range(self.position, len(share), self.batch_size)):
+            positions = share[begin : begin + self.batch_size]
+            if index % workers == worker and (len(positions) == self.batch_size or not self.drop_remainder):
+                yield [ids[position] for position in positions]
+
+    def _fetch_ids(self, ids: list[str]) -> Batch:
+        """Read one batch's metadata (one query by id) and bytes (one query), in the order of ``ids``."""
+        found = {
+            document["_id"]: document for document in self.cohort.store[SAMPLES].find({"_id": {"$in": ids}}, self._projection())
+        }
+        missing = [sample for sample in ids if sample not in found]
+        if missing:
+            raise NotFoundError(
+                f"sample {missing[0]!r} of this cohort's member snapshot was deleted after the pin "
+                f"({self.cohort.as_of}): stream the cohort pinned at a later time (a new snapshot)"
+            )
+        return self._fetch([found[sample] for sample in ids])
 
     def _fetch(self, metadata: list[dict[str, Any]]) -> Batch:
         """Read one batch's bytes in one query and assemble the arrays."""
@@ -183,11 +316,25 @@ class CohortStream:
         return x, y
 
     def __iter__(self) -> Iterator[Batch]:
+        return self.batches()
+
+    def batches(self, worker: int = 0, workers: int = 1) -> Iterator[Batch]:
+        """The rest of this epoch's batches, then the next epoch starts (``position`` 0).
+
+        Parameters
+        ----------
+        worker, workers : int
+            Yield only every ``workers``-th batch from ``worker`` on (a snapshot's stream split
+            between data loader workers without duplicates; they take turns, so the batches in
+            turn are those of one reader).
+        """
+        if workers > 1 and not self.from_snapshot:
+            raise QueryError("splitting a stream between workers needs a member snapshot: pass shuffle=True or rank/world_size")
         in_flight: deque[Future[Batch]] = deque()
         with ThreadPoolExecutor(self.fetch_threads, thread_name_prefix="tensordb-fetch") as pool:
             try:
-                for metadata in self._batches_of_metadata():
-                    in_flight.append(pool.submit(self._fetch, metadata))
+                for fetch in self._fetches(worker, workers):
+                    in_flight.append(pool.submit(fetch))
                     if len(in_flight) > self.prefetch:
                         yield self._deliver(in_flight.popleft())
                 while in_flight:
@@ -195,6 +342,13 @@ class CohortStream:
             finally:
                 for future in in_flight:
                     future.cancel()
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def _fetches(self, worker: int, workers: int) -> Iterator[Callable[[], Batch]]:
+        """One call per batch that reads it (run in the fetch threads)."""
+        if self.from_snapshot:
+            return (partial(self._fetch_ids, ids) for ids in self._batches_of_ids(worker, workers))
+        return (partial(self._fetch, metadata) for metadata in self._batches_of_metadata())
 
     def _deliver(self, future: Future[Batch]) -> Batch:
         batch = future.result()
@@ -212,7 +366,7 @@ def to_tf_dataset(cohort: SampleSource, batch_size: int = 32, **options: Any) ->
     """The cohort as a ``tf.data.Dataset`` of ``(x, y)`` batches, with an exact ``element_spec``.
 
     Shapes and dtypes come from the first sample's metadata (no bytes read). Each pass over the
-    dataset (each epoch) re-reads the cohort lazily.
+    dataset reads the stream's next epoch (a new permutation with ``shuffle=True``), lazily.
     """
     import tensorflow as tf
 
@@ -228,8 +382,10 @@ def to_tf_dataset(cohort: SampleSource, batch_size: int = 32, **options: Any) ->
         y_shape, y_dtype = _label_spec(first["labels"][cohort.y])
         signature = (x_spec, tf.TensorSpec((None, *y_shape), tf.as_dtype(y_dtype)))
 
+    stream = CohortStream(cohort, batch_size, **options)  # one stream: each pass reads its next epoch
+
     def batches() -> Iterator[Any]:
-        for x, y in CohortStream(cohort, batch_size, **options):
+        for x, y in stream:
             yield x if y is None else (x, y.astype(signature[1].dtype.as_numpy_dtype))
 
     return tf.data.Dataset.from_generator(batches, output_signature=signature)

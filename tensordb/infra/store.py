@@ -40,6 +40,8 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("project", ASCENDING), ("tags", ASCENDING), ("imported_at", DESCENDING)]),
         IndexModel([("project", ASCENDING), ("split_key", ASCENDING)]),
     ],
+    # member snapshots of pinned cohorts (tensordb.data.snapshots): found by id, listed newest first
+    "cohort_snapshots": [IndexModel([("project", ASCENDING), ("created_at", DESCENDING)])],
     # the job queue: claims take the most urgent pending job; the reaper scans expired leases
     "jobs": [
         IndexModel([("project", ASCENDING), ("status", ASCENDING), ("priority", DESCENDING), ("submitted_at", ASCENDING)]),
