@@ -293,13 +293,14 @@ def bench_backfill(base: Settings, pids: Pids, log_dir: Path, count: int) -> tup
 def stage_breakdown(settings: Settings, store: Store, count: int) -> tuple[dict[str, float], dict[str, float]]:
     """Seconds per sample of the steps of ``apply_stage`` run here, 200 samples at a time on the
     stored ``raw`` samples (a stage of its own, so everything is derived anew): reading the
-    documents and arrays (as the backfill does), the function alone, ``derive`` (the function, the derived record with its arrays in
-    base64, validated) and ``handle_samples`` (ingest's code: base64 decoded, hashes, fingerprint,
-    blobs and documents written, the ``data-imported`` event published and flushed); and the parts
-    of ``handle_samples`` (timed through wrappers)."""
+    documents and arrays (as the backfill does), the function alone, ``derive`` (the function and
+    the derived samples' checks), preparing their documents and blobs (hashes, fingerprint),
+    ``store_samples`` (blobs and documents written) and ``announce`` (the ``data-imported`` events
+    published and flushed); and the parts of ``store_samples`` (timed through wrappers)."""
     import streams.ingest as ingest
-    from streams.ingest import handle_samples
+    from streams.ingest import announce, store_samples
     from streams.processing import ProcessorContext
+    from streams.stages import _prepared
     from tensordb.stages.derive import derive
     from tensordb.stages.spec import parse_stage
 
@@ -307,11 +308,10 @@ def stage_breakdown(settings: Settings, store: Store, count: int) -> tuple[dict[
         {"name": "here", "input": {"filter": {"dataset": "raw"}}, "function": RESIZE, "output": {"dataset": "here"}}
     )
     context = ProcessorContext(settings, processor="bench")
-    parts = {"read": 0.0, "function": 0.0, "derive (incl. function)": 0.0, "store + announce": 0.0}
+    parts = {"read": 0.0, "function": 0.0, "derive (incl. function)": 0.0, "prepare": 0.0, "store": 0.0, "announce": 0.0}
     timed = Timed()
-    originals = {name: getattr(ingest, name) for name in ("_prepare", "insert_new", "announce")}
-    for name, function in originals.items():
-        setattr(ingest, name, timed.wrap(name, function))
+    original_insert = ingest.insert_new
+    ingest.insert_new = timed.wrap("insert_new", original_insert)
     context.store.write_blobs = timed.wrap("write_blobs", context.store.write_blobs)  # type: ignore[method-assign]
 
     def apply(query: dict[str, Any], counted: bool) -> str | None:
@@ -324,15 +324,18 @@ def stage_breakdown(settings: Settings, store: Store, count: int) -> tuple[dict[
         for document, read_arrays in zip(chunk, arrays, strict=True):
             resize(source_view(document, read_arrays))
         function = time.perf_counter()
-        derived = [record for document, read_arrays in zip(chunk, arrays, strict=True)
-                   for record in derive(store, spec, resize, document, read_arrays)]  # fmt: skip
+        derived = [sample for document, read_arrays in zip(chunk, arrays, strict=True)
+                   for sample in derive(spec, resize, document, read_arrays)]  # fmt: skip
         derived_at = time.perf_counter()
-        handle_samples(context, [
-            Received("stage:here", 1, index, record["sample_id"].encode(), orjson.dumps(record), record, None)
-            for index, record in enumerate(derived)
-        ])  # fmt: skip
+        now = datetime.now(UTC)
+        prepared = [_prepared(context, "here", 1, sample, now) for sample in derived]
+        prepared_at = time.perf_counter()
+        stored = store_samples(context, prepared)
+        stored_at = time.perf_counter()
+        announce(context, stored, now, only_unannounced=False)
         if counted:
-            took = (read - clock, function - read, derived_at - function, time.perf_counter() - derived_at)
+            took = (read - clock, function - read, derived_at - function, prepared_at - derived_at, stored_at - prepared_at,
+                    time.perf_counter() - stored_at)  # fmt: skip
             for name, seconds in zip(parts, took, strict=True):
                 parts[name] += seconds
         return chunk[-1]["_id"]
@@ -347,8 +350,7 @@ def stage_breakdown(settings: Settings, store: Store, count: int) -> tuple[dict[
             after = apply({"dataset": "raw", "_id": {"$gt": after}}, counted=True)
             done += LOOP_CHUNK
     finally:
-        for name, function in originals.items():
-            setattr(ingest, name, function)
+        ingest.insert_new = original_insert
         context.close()
     done = min(done, count)
     return {name: seconds / done for name, seconds in parts.items()}, {
@@ -469,11 +471,10 @@ def stage_rows(backfill: StageRun, baseline: Timing, ingest: StageRun, live: Sta
         "per sample, the loop: " + " + ".join(f"{name} {us(value)}" for name, value in loop_parts.items())
         + f" = {us(loop_total)}; the stage's steps run here: read {us(stage_parts['read'])} + derive "
         f"{us(stage_parts['derive (incl. function)'])} (the function {us(stage_parts['function'])}; the rest: the derived "
-        f"record, its array in base64, validated) + store and announce {us(stage_parts['store + announce'])} (ingest's code: "
-        f"_prepare {us(store_parts.get('_prepare', math.nan))}: base64 decoded, sha256 + xxh3, fingerprint; write_blobs "
-        f"{us(store_parts.get('write_blobs', math.nan))}; insert_new {us(store_parts.get('insert_new', math.nan))}; announce "
-        f"{us(store_parts.get('announce', math.nan))}: find the unannounced, publish + flush the event, update_many "
-        f"announced) = {us(stage_total)}: {loop_total / stage_total:.2f}× the loop's rate in one process"
+        f"samples checked) + prepare {us(stage_parts['prepare'])} (documents and blobs: sha256 + xxh3, fingerprint) + store "
+        f"{us(stage_parts['store'])} (write_blobs {us(store_parts.get('write_blobs', math.nan))}; insert_new "
+        f"{us(store_parts.get('insert_new', math.nan))}) + announce {us(stage_parts['announce'])} (publish + flush the events) "
+        f"= {us(stage_total)}: {loop_total / stage_total:.2f}× the loop's rate in one process"
     )  # fmt: skip
     rows = [
         GoalRow(

@@ -44,8 +44,13 @@ from tensordb.stages.stages import Stages, live_query, source_collection, source
 
 log = logging.getLogger(__name__)
 
-#: Source samples read, derived and stored at a time.
+#: Source samples whose arrays are read at a time.
 CHUNK = 200
+#: Source samples a backfill derives, stores and records as one step (its writes and its progress
+#: are journaled once per step, so larger steps wait less per sample).
+BACKFILL_STEP = 500
+#: How often an idle backfill runner looks for a backfill to do (a query that finds nothing, when none is asked for).
+BACKFILL_POLL_SECONDS = 0.2
 #: How long a backfill stays a processor's without progress before another one takes it over.
 BACKFILL_LEASE = timedelta(seconds=30)
 
@@ -247,7 +252,7 @@ class StageProcessors:
                         lambda: Stages(context.store).claim_backfill(self.holder, BACKFILL_LEASE), "claiming backfills"
                     )
                     if claimed is None:
-                        self._stop.wait(1.0)
+                        self._stop.wait(BACKFILL_POLL_SECONDS)
                         continue
                     context.wait_out(
                         lambda: backfill(context, claimed, self.holder, self._stop), f"backfilling stage {claimed['_id']}"
@@ -274,7 +279,7 @@ def backfill(context: ProcessorContext, stage: dict[str, Any], holder: str, stop
     collection = context.store[source_collection(stage)]
     while not stop.is_set():
         query = source_query(stage) if after is None else {"$and": [source_query(stage), {"_id": {"$gt": after}}]}
-        found = list(collection.find(query).sort("_id", 1).limit(CHUNK))
+        found = list(collection.find(query).sort("_id", 1).limit(BACKFILL_STEP))
         if not found:
             stages.finish_backfill(name, holder)
             log.info("backfill of stage %s v%s done", name, stage["version"])
