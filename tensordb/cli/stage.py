@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tensordb.cli.study import read_json_file
+from tensordb.cli.files import read_json_file
 from tensordb.config import load_settings
 from tensordb.errors import StageSpecError
 from tensordb.stages.spec import parse_stage

@@ -8,14 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from tensordb.cli.files import read_json_file
 from tensordb.config import load_settings
-from tensordb.errors import BadInputError, StudySpecError
+from tensordb.errors import StudySpecError
 from tensordb.studies.spec import parse_study
 
 
@@ -50,19 +50,6 @@ def best_line(best: Mapping[str, Any] | None, metric: str) -> str:
     version = f"; model {model['name']} v{model['version']} (alias best, trial {model['trial']})" if model else ""
     settings = ", ".join(f"{name}={_number(value)}" for name, value in best["hyperparameters"].items())
     return f"best: configuration {best['configuration']} ({settings}): {metric} {best['objective']:.4g}{spread}{version}"
-
-
-def read_json_file(path: str, what: str, error: type[BadInputError]) -> dict[str, Any]:
-    """The JSON object in ``path`` (a study's or a stage's); raises ``error`` when it cannot be read or parsed."""
-    try:
-        spec = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise error(f"cannot read {what} file {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise error(f"{what} file {path} is not JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
-    if not isinstance(spec, dict):
-        raise error(f"{what} file {path} must hold one JSON object, got {type(spec).__name__}")
-    return spec
 
 
 def _study(args: argparse.Namespace) -> int:
