@@ -3,9 +3,10 @@ arrive (one consumer group per stage on ``data-imported``, or on ``predictions``
 model's answers, so processor instances share the work by partition) and, on request, from those stored before (a backfill, advanced in batches under a
 lease, so a killed processor's backfill resumes where it stopped).
 
-Derived samples are stored by the ingest processor's own code, in process (no second Kafka hop):
-validated, stored once under their deterministic ids, and announced on ``data-imported``, so
-stages chain and retrain triggers count derived samples like any others. A source sample whose
+Derived samples are stored by the ingest processor's own code, in process (no second Kafka hop),
+straight from their bytes (no base64 record in between): checked, stored once under their
+deterministic ids, and announced on ``data-imported``, so stages chain and retrain triggers count
+derived samples like any others. A source sample whose
 function raises or returns something that is not samples is dead-lettered with the stage's error
 (topic ``stage:NAME``), and the others go on. A function the processors do not trust pauses the
 stage with the reason, and its events wait, unread, for ``tensordb stage resume``.
