@@ -1,6 +1,9 @@
 """One settings object for every TensorDB process, read from ``TENSORDB_*`` environment variables.
 
-Values may also come from a TOML file named by ``TENSORDB_CONFIG`` (environment variables win).
+Values may also come from files named like the variables in the directory ``TENSORDB_SECRETS_DIR``
+names (compose or Kubernetes secrets, e.g. ``/run/secrets/TENSORDB_DASHBOARD_TOKEN``), and from a
+TOML file named by ``TENSORDB_CONFIG``. Precedence: a secret file, then the environment, then the
+TOML file, then the default. An empty variable counts as unset (``KEY=`` in an env file is the default).
 Nothing else in TensorDB hard-codes an address: the same code runs against the embedded local
 services, a production Kafka cluster and a MongoDB replica set by changing these settings only.
 """
@@ -19,6 +22,7 @@ from pydantic_settings import (
     BaseSettings,
     NoDecode,
     PydanticBaseSettingsSource,
+    SecretsSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
@@ -31,6 +35,8 @@ _SECRET_OPTION = re.compile(r"(password|secret|token|credentials?)$", re.IGNOREC
 _MODULE_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _URI_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@/\s]*@")
 MASK = "***"
+#: Variables that say where settings come from; every other ``TENSORDB_*`` variable is a field of Settings.
+SOURCE_VARIABLES = ("TENSORDB_CONFIG", "TENSORDB_SECRETS_DIR")
 
 
 def mask_uri(uri: str) -> str:
@@ -76,7 +82,9 @@ class Settings(BaseSettings):
     """Connection settings, names and limits shared by the SDK, processors, workers and CLI."""
 
     # hide_input_in_errors: a malformed value (e.g. TENSORDB_KAFKA_OPTIONS with a password) is never echoed
-    model_config = SettingsConfigDict(env_prefix="TENSORDB_", extra="forbid", frozen=True, hide_input_in_errors=True)
+    model_config = SettingsConfigDict(
+        env_prefix="TENSORDB_", env_ignore_empty=True, extra="forbid", frozen=True, hide_input_in_errors=True
+    )
 
     project: str = Field("default", description="Project name; namespaces topics and documents.")
 
@@ -133,6 +141,7 @@ class Settings(BaseSettings):
     # -- HTTP endpoints: the model server and the dashboard ----------------------------------------
     serve_host: str = Field("127.0.0.1", description="Address `tensordb serve` binds; beyond loopback it needs serve_token.")
     serve_port: int = Field(8000, ge=1, le=65535, description="Port `tensordb serve` listens on.")
+    serve_policy: str | None = Field(None, description="Policy `tensordb serve` serves when --policy is not given.")
     predictions_sample_rate: float = Field(
         1.0, ge=0.0, le=1.0,
         description="Share of POST /predict answers also published on the predictions topic (where the streaming "
@@ -204,7 +213,17 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings,)
+        secrets_dir = os.environ.get("TENSORDB_SECRETS_DIR")
+        if secrets_dir:
+            # before the environment: a mounted secret file is the operator's explicit choice, and an
+            # empty variable from an env file must not hide it
+            if not Path(secrets_dir).is_dir():
+                raise ConfigurationError(
+                    f"TENSORDB_SECRETS_DIR names {secrets_dir!r}, which is not a directory: fix the path or unset it"
+                )
+            sources += (SecretsSettingsSource(settings_cls, secrets_dir=secrets_dir),)
+        sources += (env_settings,)
         config_file = os.environ.get("TENSORDB_CONFIG")
         if config_file:
             if not Path(config_file).is_file():

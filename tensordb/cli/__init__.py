@@ -18,7 +18,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tensordb.cli import commands, stage, study
+    from tensordb.cli import commands, healthcheck, stage, study
     from tensordb.services import commands as service_commands
 
     parser = argparse.ArgumentParser(
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_commands(subparsers)
     study.add_commands(subparsers)
     stage.add_commands(subparsers)
+    healthcheck.add_commands(subparsers)
     return parser
 
 

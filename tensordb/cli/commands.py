@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Callable
 
 from tensordb.config import load_settings
+from tensordb.errors import ConfigurationError
 
 
 def _topics_create(args: argparse.Namespace) -> int:
@@ -53,7 +54,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings()
-    run(settings, args.policy, args.host or settings.serve_host, args.port or settings.serve_port, args.token)
+    policy = args.policy or settings.serve_policy
+    if not policy:
+        raise ConfigurationError("`tensordb serve` needs a policy: pass --policy NAME or set TENSORDB_SERVE_POLICY")
+    run(settings, policy, args.host or settings.serve_host, args.port or settings.serve_port, args.token)
     return 0
 
 
@@ -178,7 +182,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     predictor.set_defaults(handler=_predictor)
 
     serve = subparsers.add_parser("serve", help="serve a policy's production model over HTTP")
-    serve.add_argument("--policy", required=True, help="policy (model) name whose production version to serve")
+    serve.add_argument(
+        "--policy", default=None, help="policy (model) name whose production version to serve (default: TENSORDB_SERVE_POLICY)"
+    )
     _add_http_arguments(serve, "SERVE", 8000)
     serve.set_defaults(handler=_serve)
 
