@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test services-install services-down system-packages dashboard chromium constraints clean
+.PHONY: demo test services-install services-down system-packages dashboard chromium dist constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 services-install: $(STAMP)
 	$(BIN)/tensordb services install
 
-# kcat is the non-Python Kafka client the tests publish with (Debian package).
+# kcat is the non-Python Kafka client the tests publish with; docker-compose (1.x, no engine needed)
+# validates docker-compose.yml in tests/unit/test_compose.py (Debian packages).
 system-packages:
 	@command -v kcat >/dev/null || sh .ci/apt-install kcat
+	@command -v docker-compose >/dev/null || sh .ci/apt-install docker-compose
 
 # The dashboard's front end: uPlot from npm (package-lock.json), our ES modules copied next to it
 # into dashboard/static (git-ignored), which `tensordb dashboard` serves. Rebuilt when a source changes.
@@ -33,6 +35,10 @@ dashboard/static/.built: $(WEB)/node_modules/.package-lock.json $(WEB)/build.mjs
 	touch $@
 
 dashboard: dashboard/static/.built
+
+# The wheel and the sdist in dist/; both carry the built front end, so it is built first.
+dist: $(STAMP) dashboard
+	$(BIN)/python -m build --outdir dist .
 
 # Debian's Chromium, which the dashboard's browser tests drive through Playwright (no browser download).
 chromium:
@@ -57,4 +63,4 @@ constraints: $(STAMP)
 	 $(BIN)/python -m pip freeze --exclude-editable | grep -v -E "^(pip|setuptools|wheel)==" | sort -f) > constraints.txt
 
 clean: services-down
-	rm -rf $(VENV) .tensordb dashboard/static $(WEB)/node_modules
+	rm -rf $(VENV) .tensordb dashboard/static $(WEB)/node_modules dist build
