@@ -7,9 +7,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test services-install services-down system-packages dashboard chromium dist constraints clean
 
+# setuptools and wheel: tests/integration/test_package.py builds the wheel with them (no build isolation).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24" "setuptools>=77" wheel
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,torch]"
 	touch $(STAMP)
 
