@@ -7,7 +7,10 @@ it), with a throwaway CA and certificate made by ``openssl``; MongoDB is the ses
 
 from __future__ import annotations
 
+import argparse
 import gc
+import json
+import shlex
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,12 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from confluent_kafka.admin import AdminClient
 
 from tensordb.client import TensorDB
 from tensordb.config import Settings, Topic
 from tensordb.data.samples import SAMPLES
 from tensordb.errors import DeliveryError, UnreachableError
 from tensordb.infra.bus import Publisher, create_topics, make_consumer, receive
+from tensordb.services.commands import add_commands
 from tensordb.services.process import ManagedProcess, free_port
 from tensordb.services.tansu import MEMORY_STORAGE, Tansu
 from tensordb.services.tls import TlsFiles, make_certificates
@@ -147,3 +152,40 @@ def test_tansu_0_6_authentication_accepts_no_sasl_mechanism_librdkafka_speaks(tm
         assert "NoSharedMechanism" in broker.log_path.read_text(errors="replace")
     finally:
         broker.stop()
+
+
+def test_services_up_tls_makes_a_ca_starts_the_broker_behind_tls_and_prints_the_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    services_dir = tmp_path / "services"  # state of its own; the installed programs are shared
+    services_dir.mkdir()
+    for name in ("bin", "npm"):
+        (services_dir / name).symlink_to((REPO / ".tensordb" / name).resolve())
+    kafka = f"127.0.0.1:{free_port('127.0.0.1')}"
+    monkeypatch.setenv("TENSORDB_SERVICES_DIR", str(services_dir))
+    monkeypatch.setenv("TENSORDB_KAFKA_BOOTSTRAP", kafka)
+    monkeypatch.setenv("TENSORDB_MONGO_URI", f"mongodb://127.0.0.1:{free_port('127.0.0.1')}/")
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+
+    def run(*argv: str) -> int:
+        args = parser.parse_args(["services", *argv])
+        return args.handler(args)
+
+    try:
+        assert run("up", "--tls") == 0
+        out = capsys.readouterr().out
+        exported = next(line for line in out.splitlines() if "export TENSORDB_KAFKA_OPTIONS=" in line)
+        options = json.loads(shlex.split(exported.split("=", 1)[1])[0])
+        ca = services_dir / "run" / "tls" / "ca.pem"
+        assert options == {"security.protocol": "SSL", "ssl.ca.location": str(ca)} and ca.is_file()
+        assert (ca.parent / "ca.key").stat().st_mode & 0o077 == 0  # the CA's key is the owner's only
+        topics = AdminClient({"bootstrap.servers": kafka, **options}).list_topics(timeout=10).topics
+        assert Settings().topic(Topic.INGEST) in topics  # `up` created the topics over TLS
+        with pytest.raises(UnreachableError):
+            create_topics(Settings(), timeout=2)  # without the options: refused
+        assert run("status") == 0
+        assert "TLS" in capsys.readouterr().out
+    finally:
+        assert run("down") == 0
+    assert not any(path.read_text().strip() for path in (services_dir / "run" / "pids").glob("*.pid"))
