@@ -22,6 +22,7 @@ services-install: $(STAMP)
 system-packages:
 	@command -v kcat >/dev/null || sh .ci/apt-install kcat
 	@command -v docker-compose >/dev/null || sh .ci/apt-install docker-compose
+	@command -v openssl >/dev/null || sh .ci/apt-install openssl
 
 # The dashboard's front end: uPlot from npm (package-lock.json), our ES modules copied next to it
 # into dashboard/static (git-ignored), which `tensordb dashboard` serves. Rebuilt when a source changes.

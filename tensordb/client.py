@@ -12,14 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pymongo.errors import OperationFailure
-
 from tensordb.config import Settings, Topic, load_settings
 from tensordb.data import cohorts
 from tensordb.data.cohorts import Cohort
 from tensordb.data.datasets import Datasets
 from tensordb.data.samples import ArrayLike, build_sample, publish_samples
-from tensordb.errors import ConfigurationError
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store
 from tensordb.jobs.queue import JobDocument, JobKind, Jobs
@@ -32,8 +29,6 @@ from tensordb.runs.queries import delete_logs, read_logs
 from tensordb.stages.spec import StageSpec
 from tensordb.stages.stages import Stages
 from tensordb.studies.studies import Studies, Study
-
-AUTHENTICATION_FAILED = 18  # MongoDB's error code
 
 
 class TensorDB:
@@ -55,13 +50,9 @@ class TensorDB:
         self.settings = settings.with_changes(**overrides) if settings else load_settings(**overrides)
         self.store = Store(self.settings)
         try:
-            self.store.ensure_indexes()
-        except OperationFailure as exc:
+            self.store.ensure_indexes()  # raises ConfigurationError when MongoDB rejects the credentials
+        except BaseException:
             self.store.close()
-            if exc.code == AUTHENTICATION_FAILED:
-                raise ConfigurationError(
-                    "MongoDB rejected the username or password: check them (and the authSource in the URI)"
-                ) from exc
             raise
         self._publisher: Publisher | None = None
         self._models: ModelRegistry | None = None

@@ -30,8 +30,8 @@ from pydantic_settings import (
 from tensordb.errors import ConfigurationError
 
 _PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-#: librdkafka options that hold secrets (sasl.password, ssl.key.password, sasl.oauthbearer.client.secret...).
-_SECRET_OPTION = re.compile(r"(password|secret|token|credentials?)$", re.IGNORECASE)
+#: librdkafka options that hold secrets (sasl.password, ssl.key.password, ssl.key.pem, sasl.oauthbearer.client.secret...).
+_SECRET_OPTION = re.compile(r"(password|secret|token|credentials?|ssl\.key\.pem|sasl\.oauthbearer\.config)$", re.IGNORECASE)
 _MODULE_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _URI_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@/\s]*@")
 MASK = "***"

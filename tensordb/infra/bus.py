@@ -39,13 +39,17 @@ def create_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
 
     Topics are always created explicitly: brokers that auto-create use their own partition count.
     """
-    admin = AdminClient(settings.kafka_config())
+    client_errors: list[KafkaError] = []  # the connection's own errors (a TLS handshake's, SASL's) say why
+    admin = AdminClient(settings.kafka_config(error_cb=client_errors.append))
     try:
         existing = admin.list_topics(timeout=timeout).topics
     except KafkaException as exc:
+        admin.poll(0.1)  # serves error_cb
         raise UnreachableError(
-            f"cannot reach Kafka at {settings.kafka_bootstrap} ({exc.args[0].str()}): start the local services "
-            "with `tensordb services up`, or set TENSORDB_KAFKA_BOOTSTRAP to your brokers"
+            f"cannot reach Kafka at {settings.kafka_bootstrap} ({_connection_reason(exc.args[0], client_errors)}): "
+            "start the local services with `tensordb services up`, or set TENSORDB_KAFKA_BOOTSTRAP to your brokers; "
+            "brokers that need TLS or SASL need TENSORDB_KAFKA_OPTIONS (security.protocol, ssl.ca.location, "
+            "sasl.mechanism, sasl.username, sasl.password)"
         ) from exc
     wanted = [
         NewTopic(name, num_partitions=settings.topic_partitions, replication_factor=settings.topic_replication)
@@ -66,6 +70,12 @@ def create_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
                     "and that TENSORDB_TOPIC_REPLICATION does not exceed its brokers"
                 ) from exc
     return created
+
+
+def _connection_reason(error: KafkaError, client_errors: list[KafkaError]) -> str:
+    """What failed: the client's most telling error (a TLS or SASL failure) over the generic one."""
+    telling = [e.str() for e in client_errors if e.code() != KafkaError._ALL_BROKERS_DOWN]
+    return telling[-1] if telling else error.str()
 
 
 def _client_failure(error: SystemError) -> DeliveryError:
@@ -111,6 +121,7 @@ class Publisher:
         # inside the C extension once left such a lock held, and the next flush waited forever)
         self._failures: deque[str] = deque()
         self._fatal: KafkaError | None = None
+        self._connection_error: str | None = None
         self.delivered = 0
         self._producer = self._new_producer()
 
@@ -132,6 +143,8 @@ class Publisher:
     def _on_error(self, error: KafkaError) -> None:
         if error.fatal():
             self._fatal = error
+        elif error.code() != KafkaError._ALL_BROKERS_DOWN:
+            self._connection_error = error.str()  # e.g. a TLS handshake or SASL failure, named by flush
 
     def _check_fatal(self) -> None:
         if self._fatal is not None:
@@ -229,7 +242,8 @@ class Publisher:
         while self._failures:
             failures.append(self._failures.popleft())
         if remaining:
-            failures.append(f"{remaining} records still unacknowledged after {timeout} s")
+            reason = f" (last connection error: {self._connection_error})" if self._connection_error else ""
+            failures.append(f"{remaining} records still unacknowledged after {timeout} s{reason}")
         if failures:
             raise DeliveryError(
                 f"{len(failures)} record(s) were not delivered; check the broker at "

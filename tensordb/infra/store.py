@@ -16,11 +16,18 @@ from bson import Binary, ObjectId
 from pymongo import ASCENDING, DESCENDING, IndexModel, MongoClient
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError, CollectionInvalid, OperationFailure, WriteConcernError
+from pymongo.errors import BulkWriteError, CollectionInvalid, OperationFailure, ServerSelectionTimeoutError, WriteConcernError
 from pymongo.uri_parser import parse_uri
 
-from tensordb.config import Settings
-from tensordb.errors import IntegrityError, ProjectScopeError, StorageError, mongo_refusal
+from tensordb.config import Settings, mask_uri
+from tensordb.errors import (
+    ConfigurationError,
+    IntegrityError,
+    ProjectScopeError,
+    StorageError,
+    UnreachableError,
+    mongo_refusal,
+)
 from tensordb.infra.codecs import array_to_npy, npy_to_array, sha256_hex
 from tensordb.infra.migrations import migrate
 from tensordb.infra.project_scope import ProjectCollection
@@ -111,6 +118,7 @@ Blob = tuple[ObjectId, str, bytes, dict[str, Any]]
 Insertable = ProjectCollection | Collection[Mapping[str, Any]]
 DUPLICATE_KEY = 11000
 NAMESPACE_EXISTS = 48
+AUTHENTICATION_FAILED = 18
 
 
 class Store:
@@ -163,7 +171,7 @@ class Store:
         transaction. Safe when several processes start at once: a collection another one created
         meanwhile is taken as it is.
         """
-        existing = set(self.db.list_collection_names())
+        existing = self._collection_names()
         if not names:
             migrate(self.db)  # documents of earlier versions first, so nothing is written beside them
         for name in names or INDEXES:
@@ -177,6 +185,26 @@ class Store:
                     if exc.code != NAMESPACE_EXISTS:
                         raise
             self.db[name].create_indexes(indexes)
+
+    def _collection_names(self) -> set[str]:
+        """The database's collections; the first call of a process, so connection failures get
+        TensorDB's words: rejected credentials, a TLS handshake that failed, no answer."""
+        uri = mask_uri(self.settings.mongo_uri)
+        try:
+            return set(self.db.list_collection_names())
+        except OperationFailure as exc:
+            if exc.code == AUTHENTICATION_FAILED:
+                raise ConfigurationError(
+                    f"MongoDB at {uri} rejected the username or password in TENSORDB_MONGO_URI: check them "
+                    "(and the authSource in the URI: the database the user was created in)"
+                ) from exc
+            raise
+        except ServerSelectionTimeoutError as exc:
+            raise UnreachableError(
+                f"MongoDB at {uri} did not answer ({mask_uri(str(exc).split(', Timeout:')[0])}): start it (`tensordb "
+                "services up`) or fix TENSORDB_MONGO_URI; a server that requires TLS needs tls=true and, for a private CA, "
+                "tlsCAFile=PATH in the URI"
+            ) from exc
 
     def put_bytes(self, data: bytes, filename: str, **metadata: Any) -> tuple[ObjectId, str]:
         """Store bytes as a GridFS blob tagged with the project and sha256; returns (id, sha256)."""

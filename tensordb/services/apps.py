@@ -75,6 +75,6 @@ class AppProcess:
 
 def running_apps(run_dir: Path, settings: Settings) -> list[AppProcess]:
     """The apps whose pid files are in ``run_dir`` (whether or not they still run)."""
-    servers = {"tansu", "mongod"}
+    servers = {"tansu", "tansu-tls", "mongod"}
     names = sorted(path.stem for path in (run_dir / "pids").glob("*.pid") if path.stem not in servers)
     return [AppProcess(name, [name], settings, run_dir) for name in names]

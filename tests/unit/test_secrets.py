@@ -45,6 +45,15 @@ def test_mask_options_masks_only_secret_options() -> None:
     }
 
 
+def test_every_tls_and_sasl_secret_option_is_masked_and_the_paths_are_not() -> None:
+    secrets = ("sasl.password", "ssl.key.password", "ssl.keystore.password", "ssl.key.pem", "sasl.oauthbearer.config")
+    shown = {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "tensordb",
+             "ssl.ca.location": "/etc/tensordb/ca.pem", "ssl.certificate.location": "/etc/tensordb/client.pem"}  # fmt: skip
+    settings = Settings(kafka_options={**dict.fromkeys(secrets, PASSWORD), **shown})
+    assert PASSWORD not in repr(settings) and PASSWORD not in str(settings)
+    assert mask_options(settings.kafka_options) == {**dict.fromkeys(secrets, "***"), **shown}
+
+
 def test_configuration_errors_do_not_echo_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TENSORDB_KAFKA_OPTIONS", f'{{"sasl.password": "{PASSWORD}"')  # malformed JSON
     with pytest.raises(ConfigurationError) as error:
