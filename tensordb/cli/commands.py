@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from pydantic import SecretStr
+
 from tensordb.config import Settings, load_settings
 from tensordb.errors import ConfigurationError
 
@@ -29,6 +31,14 @@ def _operated(args: argparse.Namespace, kind: str) -> Settings:
     configure_logging(settings, level=getattr(args, "loglevel", None))
     start_metrics(settings, kind, port=args.metrics_port)
     return settings
+
+
+def _check_binding(host: str, token: str | None, setting: SecretStr | None, command: str) -> None:
+    """Refuse an HTTP endpoint beyond loopback without a token before anything starts (the metrics endpoint included)."""
+    from tensordb.infra.http_guard import check_binding
+
+    token = token or (setting.get_secret_value() if setting is not None else None)
+    check_binding(host, token, f"tensordb {command}", f"TENSORDB_{command.upper()}_TOKEN")
 
 
 def _processors(args: argparse.Namespace) -> int:
@@ -61,6 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
     policy = args.policy or settings.serve_policy
     if not policy:
         raise ConfigurationError("`tensordb serve` needs a policy: pass --policy NAME or set TENSORDB_SERVE_POLICY")
+    _check_binding(args.host or settings.serve_host, args.token, settings.serve_token, "serve")
     settings = _operated(args, "serve")
     run(settings, policy, args.host or settings.serve_host, args.port or settings.serve_port, args.token)
     return 0
@@ -69,6 +80,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _dashboard(args: argparse.Namespace) -> int:
     from dashboard.app import run
 
+    settings = load_settings()
+    _check_binding(args.host or settings.dashboard_host, args.token, settings.dashboard_token, "dashboard")
     settings = _operated(args, "dashboard")
     run(settings, args.host or settings.dashboard_host, args.port or settings.dashboard_port, args.token)
     return 0
