@@ -57,6 +57,7 @@ from dashboard import actions, catalog, curves, run_index, studies
 from dashboard.live import RESET, LiveHub
 from tensordb.config import Settings
 from tensordb.errors import StudyNotFoundError
+from tensordb.infra import metrics
 from tensordb.infra.bus import create_topics
 from tensordb.infra.http_guard import Guard, check_binding, server
 from tensordb.infra.store import Store
@@ -385,4 +386,5 @@ def run(settings: Settings, host: str = "127.0.0.1", port: int = 8050, token: st
     # never the token itself: this line lands in terminals and log files
     signing_in = "  (open it once with ?token=TOKEN added, TOKEN being the one it was started with)" if token else ""
     print(f"dashboard of project {settings.project!r}: {address}{signing_in}", flush=True)
-    server(create_app(settings, token, host, port), host, port, timeout_graceful_shutdown=2).run()
+    app = metrics.instrument(create_app(settings, token, host, port), "dashboard")
+    server(app, host, port, timeout_graceful_shutdown=2, log_config=None).run()  # uvicorn logs through tensordb.infra.logging

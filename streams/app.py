@@ -47,6 +47,7 @@ from streams.retrain import handle_imports, run_timed_triggers
 from streams.stages import StageProcessors
 from streams.studies import reconcile_studies, study_processors
 from tensordb.config import PROCESSOR_TOPICS, Settings
+from tensordb.infra.logging import configure_logging
 from tensordb.stages.stages import Stages
 
 log = logging.getLogger(__name__)
@@ -141,9 +142,9 @@ class Processors:
         self.stages.stop(wait=lambda thread: None)  # run() waits for them
 
 
-def run(settings: Settings, loglevel: str = "info") -> None:
+def run(settings: Settings, loglevel: str | None = None) -> None:
     """Run the processors in the foreground until SIGTERM or SIGINT (``tensordb processors``)."""
-    logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s] [%(levelname)s] %(name)s: %(message)s")
+    configure_logging(settings, level=loglevel)
     tune_gc_for_batches()
     processors = Processors(settings)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack: where a processor waits

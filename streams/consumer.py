@@ -38,6 +38,7 @@ from streams.processing import Handler, ProcessorContext, Stopping, process_batc
 from tensordb import records
 from tensordb.config import Settings, Topic
 from tensordb.errors import FatalClientError
+from tensordb.infra import metrics
 from tensordb.infra.bus import Received, make_consumer, receive
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,9 @@ class TopicProcessor:
         self.consumer = self._new_consumer()
 
     def _new_consumer(self) -> Consumer:
-        return make_consumer(self.settings, self.group, [self.topic], **self._client_options)
+        return make_consumer(
+            self.settings, self.group, [self.topic], **metrics.lag_statistics(self.group), **self._client_options
+        )
 
     def _current_topic_id(self) -> str | None:
         """The topic's id (new for each creation of a topic of that name), or None if unknown now."""

@@ -91,13 +91,20 @@ def tune_gc_for_batches() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m streams.logs``: run a log sink for the project in TENSORDB_* settings."""
     from tensordb.config import load_settings
+    from tensordb.infra.logging import configure_logging
+    from tensordb.infra.metrics import start_metrics
 
     parser = argparse.ArgumentParser(description="Persist the project's log records to MongoDB in bulk.")
     parser.add_argument("--batch-size", type=int, default=10_000)
+    parser.add_argument(
+        "--metrics-port", type=int, default=None, help="metrics port (default: TENSORDB_METRICS_PORT, else 9470; 0: none)"
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] [%(levelname)s] %(message)s")
+    settings = load_settings()
+    configure_logging(settings)
+    start_metrics(settings, "processors", port=args.metrics_port)
     tune_gc_for_batches()
-    sink = log_sink(load_settings(), batch_size=args.batch_size)
+    sink = log_sink(settings, batch_size=args.batch_size)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: sink.stop())
     sink.run(on_ready=lambda: _log.info("log sink ready (group %s)", sink.group))

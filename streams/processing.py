@@ -23,6 +23,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure, WriteConcernErro
 
 from tensordb.config import Settings
 from tensordb.errors import DeliveryError
+from tensordb.infra import metrics
 from tensordb.infra.bus import Publisher, Received
 from tensordb.infra.dead_letters import DeadLetters
 from tensordb.infra.store import PROGRESS, Store
@@ -165,6 +166,7 @@ def process_batch(context: ProcessorContext, batch: list[Received], handler: Han
 
 
 def _process_once(context: ProcessorContext, batch: list[Received], handler: Handler | None) -> None:
+    started = time.monotonic()
     invalid = [(received, received.error) for received in batch if received.error is not None]
     if invalid:
         context.dead_letters.divert_many(invalid)
@@ -174,6 +176,7 @@ def _process_once(context: ProcessorContext, batch: list[Received], handler: Han
     context.publisher.flush()
     if context.counts_progress:
         record_progress(context.store, batch)
+    metrics.observe_batch(context.processor, batch, time.monotonic() - started)
 
 
 def _handle(context: ProcessorContext, valid: list[Received], handler: Handler) -> None:

@@ -15,7 +15,7 @@ import os
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -171,6 +171,25 @@ class Settings(BaseSettings):
         description="The endpoints sit behind a TLS-terminating proxy that sets X-Forwarded-Proto: "
         "trust it, so session cookies are marked Secure.",
     )
+
+    # -- operators: metrics, health and logs (tensordb.infra.metrics, tensordb.infra.logging) -----
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address every long-running process binds its metrics endpoint to (/metrics, /health, /ready); "
+        "beyond loopback it needs metrics_token.",
+    )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Port of the metrics endpoint; unset: the default of each kind of process (processors 9470, "
+        "worker 9471, serve 9472, predictor 9473, dashboard 9474); 0: no endpoint. --metrics-port overrides it.",
+    )  # fmt: skip
+    metrics_token: SecretStr | None = Field(
+        None, description="Token (Authorization: Bearer) every metrics request must carry; required beyond loopback."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as plain text, or as JSON objects, one a line (for log shippers)."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe log level written.")
 
     @field_validator("trusted_modules", "task_script_dirs", "http_allowed_hosts", mode="before")
     @classmethod

@@ -40,6 +40,7 @@ from tensordb.config import Settings, Topic
 from tensordb.data.loader import sample_arrays
 from tensordb.data.samples import SAMPLES
 from tensordb.errors import BadInputError, TensorDBError
+from tensordb.infra import metrics
 from tensordb.infra.bus import Received, make_consumer, receive
 from tensordb.infra.store import insert_new
 from tensordb.models.predictions import PREDICTIONS
@@ -177,6 +178,7 @@ class Predictor:
             return []
         serving = self.holder.current  # one version answers the whole batch
         assert serving is not None  # run() waits for one
+        started = time.monotonic()
         now = datetime.now(UTC)
         documents = [{**answer, "_id": answer["request_id"], "project": self.store.project, "published": False, "stored_at": now}
                      for answer in self._compute(serving, list(requests.values()))]  # fmt: skip
@@ -200,6 +202,7 @@ class Predictor:
             ids = [answer["_id"] for answer, _ in unpublished]
             self._marker.submit(self.answers.update_many, {"_id": {"$in": ids}}, {"$set": {"published": True}})
         self.answered += len(unpublished)
+        metrics.observe_predictions(self.model, "kafka", _instances_in(batch), time.monotonic() - started)
         return [_record(answer) for answer in answers]
 
     def _compute(self, serving: Serving, requests: list[Received]) -> list[dict[str, Any]]:

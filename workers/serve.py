@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 
 from tensordb.config import Settings, Topic
 from tensordb.errors import InputShapeError, TensorDBError
+from tensordb.infra import metrics
 from tensordb.infra.bus import Publisher, make_consumer, receive
 from tensordb.infra.http_guard import CSP, Guard, check_binding, server
 from tensordb.loop.promotion import PRODUCTION
@@ -90,6 +91,7 @@ class ModelHolder:
             model = load_version(self.registry, self.name, version)  # warmed up off the request path
             self.current = Serving(model, model.tensordb_info, datetime.now(UTC))
             self.swaps += 1
+        metrics.model_served(self.name, version)
         log.info("serving %s version %s", self.name, version)
         return True
 
@@ -154,6 +156,7 @@ def create_app(
         response: dict[str, Any] = {"model": holder.name, "version": current.version, **predictions(current.model, batch)}
         if publisher is not None and random.random() < settings.predictions_sample_rate:
             publish_answer(publisher, holder.name, response, started)
+        metrics.observe_predictions(holder.name, "http", len(request.instances), time.monotonic() - started)
         return response
 
     hint = "send the header 'Authorization: Bearer TOKEN' (the token `tensordb serve` was started with)"
@@ -216,7 +219,8 @@ def run(settings: Settings, model_name: str, host: str, port: int, token: str | 
     follower = threading.Thread(target=follow_promotions, args=(settings, holder, stop), name="tensordb-follow", daemon=True)
     follower.start()
     try:
-        server(create_app(holder, settings, token, host, port, runtime.publisher), host, port).run()
+        app = metrics.instrument(create_app(holder, settings, token, host, port, runtime.publisher), "serve")
+        server(app, host, port, log_config=None).run()  # log_config=None: uvicorn logs through tensordb.infra.logging
     finally:
         stop.set()
         follower.join(timeout=5)

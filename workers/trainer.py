@@ -25,8 +25,9 @@ from confluent_kafka import Consumer
 
 from tensordb.config import Settings, Topic
 from tensordb.errors import UntrustedCodeError
+from tensordb.infra import metrics
 from tensordb.infra.bus import make_consumer, receive
-from tensordb.jobs.queue import JobDocument, JobEvent, JobKind, JobResources, Jobs, resources_of
+from tensordb.jobs.queue import STATUSES, JobDocument, JobEvent, JobKind, JobResources, Jobs, resources_of
 from tensordb.jobs.workers import ADVERTISE_SECONDS, Workers, capacity
 from tensordb.models.registry import ModelRegistry
 from tensordb.records import Schema
@@ -290,6 +291,7 @@ def run(settings: Settings, lease_seconds: float | None = None, slots: int = 1, 
     import signal
 
     worker = Worker(settings, lease_seconds=lease_seconds or settings.worker_lease_seconds, slots=slots, gpus=gpus)
+    metrics.watch_jobs(worker.jobs.collection, STATUSES)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: worker.stop())
     worker.run()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from tensordb.config import load_settings
+from pydantic import SecretStr
+
+from tensordb.config import Settings, load_settings
 from tensordb.errors import ConfigurationError
 
 
@@ -19,55 +21,68 @@ def _topics_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operated(args: argparse.Namespace, kind: str) -> Settings:
+    """The settings of a long-running command, once its logging is set up and its metrics endpoint
+    (``--metrics-port``) started: before it opens its MongoDB clients, whose writes are timed."""
+    from tensordb.infra.logging import configure_logging
+    from tensordb.infra.metrics import start_metrics
+
+    settings = load_settings()
+    configure_logging(settings, level=getattr(args, "loglevel", None))
+    start_metrics(settings, kind, port=args.metrics_port)
+    return settings
+
+
+def _check_binding(host: str, token: str | None, setting: SecretStr | None, command: str) -> None:
+    """Refuse an HTTP endpoint beyond loopback without a token before anything starts (the metrics endpoint included)."""
+    from tensordb.infra.http_guard import check_binding
+
+    token = token or (setting.get_secret_value() if setting is not None else None)
+    check_binding(host, token, f"tensordb {command}", f"TENSORDB_{command.upper()}_TOKEN")
+
+
 def _processors(args: argparse.Namespace) -> int:
     from streams.app import run
 
-    run(load_settings(), loglevel=args.loglevel)
+    settings = _operated(args, "processors")
+    run(settings, loglevel=args.loglevel or settings.log_level)
     return 0
 
 
 def _worker(args: argparse.Namespace) -> int:
-    import logging
-
     from workers.trainer import run
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = load_settings()
+    settings = _operated(args, "worker")
     run(settings, lease_seconds=args.lease or settings.worker_lease_seconds, slots=args.slots, gpus=args.gpus)
     return 0
 
 
 def _predictor(args: argparse.Namespace) -> int:
-    import logging
-
     from workers.predictor import run
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(load_settings(), args.policy, args.version, args.max_batch, args.max_wait_ms)
+    run(_operated(args, "predictor"), args.policy, args.version, args.max_batch, args.max_wait_ms)
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
-
     from workers.serve import run
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings()
     policy = args.policy or settings.serve_policy
     if not policy:
         raise ConfigurationError("`tensordb serve` needs a policy: pass --policy NAME or set TENSORDB_SERVE_POLICY")
+    _check_binding(args.host or settings.serve_host, args.token, settings.serve_token, "serve")
+    settings = _operated(args, "serve")
     run(settings, policy, args.host or settings.serve_host, args.port or settings.serve_port, args.token)
     return 0
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    import logging
-
     from dashboard.app import run
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings()
+    _check_binding(args.host or settings.dashboard_host, args.token, settings.dashboard_token, "dashboard")
+    settings = _operated(args, "dashboard")
     run(settings, args.host or settings.dashboard_host, args.port or settings.dashboard_port, args.token)
     return 0
 
@@ -139,6 +154,19 @@ def _add_http_arguments(parser: argparse.ArgumentParser, setting: str, port: int
     parser.add_argument("--token", default=None, help=f"token every request must carry (default: $TENSORDB_{setting}_TOKEN)")
 
 
+def _add_metrics_argument(parser: argparse.ArgumentParser, kind: str) -> None:
+    """``--metrics-port`` of a long-running command (README, "Operating")."""
+    from tensordb.infra.metrics import DEFAULT_PORTS
+
+    parser.add_argument(
+        "--metrics-port",
+        type=_whole_number(0),
+        default=None,
+        help=f"port of /metrics, /health and /ready on TENSORDB_METRICS_HOST (default: TENSORDB_METRICS_PORT, else "
+        f"{DEFAULT_PORTS[kind]}; 0: none)",
+    )
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     topics = subparsers.add_parser("topics", help="manage the project's Kafka topics")
     topic_commands = topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
@@ -146,7 +174,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     create.set_defaults(handler=_topics_create)
 
     processors = subparsers.add_parser("processors", help="run the stream processors in the foreground")
-    processors.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])
+    processors.add_argument(
+        "--loglevel", default=None, choices=["debug", "info", "warning", "error"], help="default: TENSORDB_LOG_LEVEL, info"
+    )
+    _add_metrics_argument(processors, "processors")
     processors.set_defaults(handler=_processors)
 
     worker = subparsers.add_parser("worker", help="run a trainer worker: claims and runs jobs until stopped")
@@ -168,6 +199,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="GPUs offered to jobs that ask for some (default: those of CUDA_VISIBLE_DEVICES, else of nvidia-smi -L, else 0)",
     )
+    _add_metrics_argument(worker, "worker")
     worker.set_defaults(handler=_worker)
 
     predictor = subparsers.add_parser("predictor", help="answer predict requests from Kafka with a policy's production model")
@@ -179,6 +211,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     predictor.add_argument(
         "--max-wait-ms", type=float, default=5.0, help="how long to wait for more requests once one arrived (default: 5)"
     )
+    _add_metrics_argument(predictor, "predictor")
     predictor.set_defaults(handler=_predictor)
 
     serve = subparsers.add_parser("serve", help="serve a policy's production model over HTTP")
@@ -186,10 +219,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--policy", default=None, help="policy (model) name whose production version to serve (default: TENSORDB_SERVE_POLICY)"
     )
     _add_http_arguments(serve, "SERVE", 8000)
+    _add_metrics_argument(serve, "serve")
     serve.set_defaults(handler=_serve)
 
     dashboard = subparsers.add_parser("dashboard", help="serve the live dashboard: runs, curves, models, data")
     _add_http_arguments(dashboard, "DASHBOARD", 8050)
+    _add_metrics_argument(dashboard, "dashboard")
     dashboard.set_defaults(handler=_dashboard)
 
     policy = subparsers.add_parser("policy", help="manage continuous-training policies")

@@ -24,6 +24,7 @@ from bson import ObjectId
 
 from tensordb.config import Topic
 from tensordb.errors import describe_error
+from tensordb.infra import metrics
 from tensordb.infra.bus import Publisher, Received
 from tensordb.infra.store import Store, insert_ignoring_duplicates
 from tensordb.records import Schema
@@ -79,6 +80,7 @@ class DeadLetters:
         blobs = [blob for _, blob in built if blob is not None]
         self.store.write_blobs(blobs)  # before the letters that reference them
         insert_ignoring_duplicates(self.store[COLLECTION], documents)
+        metrics.count_dead_letters(self.processor, letters)
         return [letter for letter, _ in built]
 
     def _record(self, received: Received, error: BaseException, now: datetime) -> tuple[dict[str, Any], tuple | None]:

@@ -29,6 +29,7 @@ from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from tensordb import records
 from tensordb.config import Topic
 from tensordb.errors import JobError, JobNotFoundError, QueryError
+from tensordb.infra import metrics
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store
 from tensordb.infra.trusted import check_submitted_job
@@ -483,7 +484,7 @@ class Jobs:
         if fitting:
             query["$and"] = fitting
         order = [("submitted_at" if key == "time" else key, direction) for key, direction in sort or CLAIM_ORDER]
-        now = _now()
+        now, started = _now(), time.monotonic()
         job = self.collection.find_one_and_update(
             query,
             {
@@ -500,6 +501,7 @@ class Jobs:
             sort=order,
             return_document=ReturnDocument.AFTER,
         )
+        metrics.observe_claim(time.monotonic() - started, job)
         if job is not None:
             self.event(job["_id"], JobEvent.CLAIMED, attempt=job["attempts"], worker=worker)
         return cast(JobDocument | None, job)

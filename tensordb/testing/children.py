@@ -73,44 +73,67 @@ class ChildProcess:
         self.stop()
 
 
-def processors_process(settings: Settings, log_path: Path) -> ChildProcess:
-    """``tensordb processors``: the stream processors."""
-    return ChildProcess(["processors"], READY_LINES["processors"], settings, log_path)
+def _metrics(port: int) -> list[str]:
+    """``--metrics-port``: 0 (no endpoint) unless a test asks for one, on a free port it chose."""
+    return ["--metrics-port", str(port)]
+
+
+def processors_process(settings: Settings, log_path: Path, metrics_port: int = 0) -> ChildProcess:
+    """``tensordb processors``: the stream processors (metrics on ``metrics_port``; 0: none)."""
+    return ChildProcess(["processors", *_metrics(metrics_port)], READY_LINES["processors"], settings, log_path)
 
 
 def worker_process(
-    settings: Settings, log_path: Path, lease_seconds: float = 30.0, slots: int = 1, gpus: int | None = None
+    settings: Settings,
+    log_path: Path,
+    lease_seconds: float = 30.0,
+    slots: int = 1,
+    gpus: int | None = None,
+    metrics_port: int = 0,
 ) -> ChildProcess:
     """``tensordb worker``: a trainer worker running up to ``slots`` jobs at once, offering ``gpus``
     GPUs (default: those it detects)."""
     options = ["--lease", str(lease_seconds), "--slots", str(slots), *(["--gpus", str(gpus)] if gpus is not None else [])]
-    return ChildProcess(["worker", *options], READY_LINES["worker"], settings, log_path)
+    return ChildProcess(["worker", *options, *_metrics(metrics_port)], READY_LINES["worker"], settings, log_path)
 
 
 def predictor_process(
-    settings: Settings, log_path: Path, model: str, version: int | None = None, max_batch: int = 64
+    settings: Settings, log_path: Path, model: str, version: int | None = None, max_batch: int = 64, metrics_port: int = 0
 ) -> ChildProcess:
     """``tensordb predictor``: the streaming predictor of ``model`` (its production version, or ``version``)."""
     arguments = ["predictor", "--policy", model, "--max-batch", str(max_batch), *(["--version", str(version)] if version else [])]
+    arguments += _metrics(metrics_port)
     return ChildProcess(arguments, READY_LINES["predictor"], settings, log_path)
 
 
 def server_process(
-    settings: Settings, log_path: Path, policy: str, port: int, host: str = "127.0.0.1", token: str | None = None
+    settings: Settings,
+    log_path: Path,
+    policy: str,
+    port: int,
+    host: str = "127.0.0.1",
+    token: str | None = None,
+    metrics_port: int = 0,
 ) -> ChildProcess:
     """``tensordb serve``: the model server of ``policy`` on ``host``:``port``."""
     return ChildProcess(
-        ["serve", "--policy", policy, "--host", host, "--port", str(port), *(["--token", token] if token else [])],
+        ["serve", "--policy", policy, "--host", host, "--port", str(port), *(["--token", token] if token else []),
+         *_metrics(metrics_port)],
         READY_LINES["serve"], settings, log_path,
     )  # fmt: skip
 
 
 def dashboard_process(
-    settings: Settings, log_path: Path, port: int, host: str = "127.0.0.1", token: str | None = None
+    settings: Settings,
+    log_path: Path,
+    port: int,
+    host: str = "127.0.0.1",
+    token: str | None = None,
+    metrics_port: int = 0,
 ) -> ChildProcess:
     """``tensordb dashboard``: the live dashboard on ``host``:``port``."""
     return ChildProcess(
-        ["dashboard", "--host", host, "--port", str(port), *(["--token", token] if token else [])],
+        ["dashboard", "--host", host, "--port", str(port), *(["--token", token] if token else []), *_metrics(metrics_port)],
         READY_LINES["dashboard"],
         settings,
         log_path,

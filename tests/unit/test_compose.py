@@ -358,9 +358,15 @@ def test_env_example_holds_the_defaults_and_no_secret(monkeypatch: pytest.Monkey
     assert Settings() == Settings.model_construct(
         **{name: field.get_default(call_default_factory=True) for name, field in Settings.model_fields.items()}
     )
-    for key in ("TENSORDB_DASHBOARD_TOKEN", "TENSORDB_SERVE_TOKEN", "TENSORDB_MONGO_URI", "TENSORDB_KAFKA_OPTIONS"):
+    for key in (
+        "TENSORDB_DASHBOARD_TOKEN",
+        "TENSORDB_SERVE_TOKEN",
+        "TENSORDB_METRICS_TOKEN",
+        "TENSORDB_MONGO_URI",
+        "TENSORDB_KAFKA_OPTIONS",
+    ):
         assert "@" not in EXAMPLE[key] and "password" not in EXAMPLE[key].lower()
-    assert EXAMPLE["TENSORDB_DASHBOARD_TOKEN"] == EXAMPLE["TENSORDB_SERVE_TOKEN"] == ""
+    assert EXAMPLE["TENSORDB_DASHBOARD_TOKEN"] == EXAMPLE["TENSORDB_SERVE_TOKEN"] == EXAMPLE["TENSORDB_METRICS_TOKEN"] == ""
 
 
 # -- a real compose implementation ----------------------------------------------------------------
@@ -417,3 +423,13 @@ def test_dockerfile_copies_files_that_exist() -> None:
             *sources, _destination = [arg for arg in args.split() if not arg.startswith("--")]
             for source in sources:
                 assert (REPO / source).exists(), f"the Dockerfile copies {source}, which the repository lacks"
+
+
+@pytest.mark.parametrize("service", sorted(set(TENSORDB_SERVICES) - ONE_SHOTS))
+def test_metrics_ports_are_exposed_on_the_compose_network_only(service: str) -> None:
+    port = environment(service)[f"{PREFIX}METRICS_PORT"]
+    assert [str(exposed) for exposed in SERVICES[service].get("expose", [])] == [port]
+    assert all(str(mapping).rsplit(":", 1)[-1] != port for mapping in SERVICES[service].get("ports", [])), "never published"
+    # beyond the container's loopback the endpoint needs a token: it comes from .env, never a default
+    raw = yaml.safe_load((REPO / COMPOSE_FILE).read_text())["x-tensordb-env"]
+    assert raw[f"{PREFIX}METRICS_TOKEN"] == f"${{{PREFIX}METRICS_TOKEN:-}}"
