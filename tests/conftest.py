@@ -23,6 +23,10 @@ from tensordb.testing import ChildProcess, fresh_project, processors_process, wo
 from tensordb.testing import servers as local_or_configured_servers
 from tests import REPO, TASK_SCRIPTS, TESTS
 
+# Every process the tests start inherits this: no metrics endpoint on the fixed default ports (tests
+# bind only free ports; the metrics tests pass --metrics-port with one).
+os.environ["TENSORDB_METRICS_PORT"] = "0"
+
 #: Folders whose tests all get the marker of that name (``pytest -m unit``, or ``pytest tests/unit``).
 LAYER_FOLDERS = ("unit", "integration", "e2e")
 #: What the session's settings trust: the tests' own code (tests.security.reexports...) and the kit's builders.
