@@ -146,7 +146,13 @@ def test_versions_are_promoted_rolled_back_and_tried_from_the_models_page(stack,
     assert "v2 trained one more epoch" in row.text_content() and "by dashboard" in row.text_content()
     tab.screenshot("actions-promoted")
 
+    held: list[Any] = []  # the page's next refresh, held until a confirmation is open: its data must not remove it
+    page.route("**/api/models", lambda route: held.append(route))
+    wait_for(lambda: page.wait_for_timeout(50) or held, timeout=15, what="the page's next refresh")
     card.locator("button.rollback").click()
+    held[0].continue_()
+    page.unroute("**/api/models")
+    page.wait_for_timeout(500)
     card.locator(".confirm button.confirm-no").click()  # cancelled: nothing happens
     assert not card.locator(".confirm").count()
     card.locator("button.rollback").click()

@@ -509,6 +509,7 @@ function modelsPage() {
   const load = async () => {
     if (confirming) return;
     const [{ models }, data] = await Promise.all([getJSON("/api/models"), getJSON("/api/data")]);
+    if (confirming) return;  // opened while the data was on its way: rebuilding now would remove it
     trying.update(models, data.cohorts);
     clear(body);
     if (!models.length) put(body, h("p", { class: "muted" }, "no models or policies yet"));
