@@ -37,7 +37,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from streams.processing import Handler, ProcessorContext, Stopping, process_batch
+from streams.processing import Handler, ProcessorContext, Stopping, last_offsets, process_batch
 from tensordb import records
 from tensordb.config import Settings, Topic
 from tensordb.errors import FatalClientError
@@ -243,11 +243,7 @@ class TopicProcessor:
                 continue  # stopping: not committed (nor any batch after it), read again after a restart
             with self._processed_lock:
                 self.processed += len(batch)
-            last: dict[tuple[str, int], int] = {}
-            for received in batch:
-                key = (received.topic, received.partition)
-                last[key] = max(last.get(key, -1), received.offset)
-            self._persisted_offsets.put((sequence, incarnation, last))
+            self._persisted_offsets.put((sequence, incarnation, last_offsets(batch)))
 
     def _persist(self, batch: list[Received]) -> bool:
         """Process ``batch`` until it is done (True) or the processor stops (False).

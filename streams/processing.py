@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -124,17 +125,24 @@ class ProcessorContext:
             log.warning("%s processor closed with undelivered records: %s", self.processor, exc)
 
 
+def last_offsets(batch: list[Received]) -> dict[tuple[str, int], int]:
+    """The last offset of each topic partition in ``batch`` (a consumer delivers a partition's
+    records in offset order, so the last one seen is the highest)."""
+    return {(received.topic, received.partition): received.offset for received in batch}
+
+
 def record_progress(store: Store, batch: list[Received]) -> None:
     """Count valid and invalid records and the last offset processed, per topic partition.
 
     ``processor_progress`` shows that a processor keeps up (ingest rates on the dashboard) and
     lets operators see how far each partition has been processed.
     """
-    totals: dict[tuple[str, int], dict[str, int]] = {}
-    for received in batch:
-        entry = totals.setdefault((received.topic, received.partition), {"valid": 0, "invalid": 0, "offset": -1})
-        entry["valid" if received.error is None else "invalid"] += 1
-        entry["offset"] = max(entry["offset"], received.offset)
+    records = Counter((received.topic, received.partition) for received in batch)
+    invalid = Counter((received.topic, received.partition) for received in batch if received.error is not None)
+    last = last_offsets(batch)
+    totals = {
+        key: {"valid": count - invalid[key], "invalid": invalid[key], "offset": last[key]} for key, count in records.items()
+    }
     now = datetime.now(UTC)
     updates: list[tuple[Mapping[str, Any], Mapping[str, Any]]] = [
         (
