@@ -30,6 +30,10 @@ from tensordb.errors import (
 )
 
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
+#: ``publish`` serves delivery reports (``poll``) once per this many records, not after each one:
+#: a poll per record cost ~1 µs of a logging producer's ~7 µs. Reports of records still waiting are
+#: served by the next poll, by ``flush``, or when the local queue is full.
+SERVE_EVERY = 100
 _log = logging.getLogger(__name__)
 
 
@@ -111,6 +115,7 @@ class Publisher:
         self._failures: deque[str] = deque()
         self._fatal: KafkaError | None = None
         self.delivered = 0
+        self._unserved = 0  # records published since callbacks were last served
         self._producer = self._new_producer()
 
     def _new_producer(self) -> Producer:
@@ -205,10 +210,13 @@ class Publisher:
                 self._serve_callbacks(0.05)
             except SystemError as exc:
                 raise _client_failure(exc) from exc
-        self._serve_callbacks(0)
+        self._unserved += 1
+        if self._unserved >= SERVE_EVERY:
+            self._serve_callbacks(0)
 
     def _serve_callbacks(self, timeout: float) -> None:
         """Run pending delivery reports and error callbacks (``poll``)."""
+        self._unserved = 0
         try:
             self._producer.poll(timeout)
         except SystemError as exc:
