@@ -607,7 +607,7 @@ def loop_rows(results: list[Round], load: Stats, meter: CpuMeter, poller: Predic
     decision_hop = stats([r.extra.get("decision_hop") for r in results])
     hop = (
         f"the processors are TensorDB's batched librdkafka consumers (streams.consumer.TopicProcessor) with "
-        f"fetch.wait.max.ms {FETCH_WAIT_MS}: Tansu holds every fetch to the end of its wait (part 3, the broker hop rows); "
+        f"fetch.wait.max.ms {FETCH_WAIT_MS}: Tansu answers a pending fetch late, up to its whole wait (part 3, the broker hop rows); "
         "then the handler's batch: the ingest handler stores the wave and publishes data-imported, the retrain handler "
         "counts the samples and submits the job"
     )
@@ -779,14 +779,14 @@ def bench_broker_hop(base: Settings, pids: Pids, count: int, seed: int) -> list[
             "TensorDB's processors, workers, predictor, model server",
             "the broker's short hold",
             notes="A TensorDB consumer (make_consumer, read with receive() as a TopicProcessor reads) per fetch wait, all "
-            "reading the same records. Tansu does not answer a pending fetch when a record arrives: it holds it to the "
-            "end of fetch.wait.max.ms, so the wait is the hop's latency (Apache Kafka answers as soon as a record is "
-            "there). A short wait costs the broker CPU for the empty fetches of idle consumers (the last column: measured "
+            "reading the same records. Tansu does not answer a pending fetch when a record arrives: it answers at a "
+            "later check, whose delay grows with fetch.wait.max.ms (up to the whole wait), so the wait bounds the hop's "
+            "latency (Apache Kafka answers as soon as a record is there). A short wait costs the broker CPU for the empty fetches of idle consumers (the last column: measured "
             f"with {IDLE_CONSUMERS} consumers polling an empty topic for {IDLE_SECONDS:.0f} s, less the broker's CPU with none): "
             "the processors that only validate a topic keep librdkafka's 500 ms",
         ),
         row(50, "a middle value", "the broker's hold"),
-        row(LIBRDKAFKA_FETCH_WAIT_MS, "librdkafka's default", "the broker holds the fetch to the end of its wait"),
+        row(LIBRDKAFKA_FETCH_WAIT_MS, "librdkafka's default", "the broker answers late, up to the whole wait"),
     ]
 
 

@@ -47,9 +47,10 @@ log = logging.getLogger(__name__)
 #: How often a processor checks whether its topic was recreated.
 TOPIC_CHECK_SECONDS = 3.0
 #: How long the broker may hold a fetch of a processor that acts on its records (librdkafka's
-#: ``fetch.wait.max.ms``). Tansu holds every fetch this long even when records are waiting, so at
-#: librdkafka's default of 500 ms every hop cost up to half a second; Apache Kafka answers as soon
-#: as a record is there, and only an idle consumer's empty fetches come back sooner.
+#: ``fetch.wait.max.ms``). Tansu answers a pending fetch not when a record arrives but at a later
+#: check, up to this long, so at librdkafka's default of 500 ms a hop cost up to half a second
+#: (bench/loop_latency.py, the broker hop rows); Apache Kafka answers as soon as a record is there,
+#: and a short wait only makes an idle consumer's empty fetches more frequent.
 FETCH_WAIT_MS = 10
 #: The same for the processors that only validate a topic (nothing waits on them): fewer fetches
 #: for the broker to serve.
