@@ -6,8 +6,10 @@ sides of a ratio see the same CPU, load and caches (the passes of the two sides 
 
 1. streaming a cohort (``Cohort.stream``) vs ``np.load`` of one ``.npy`` file per sample, for
    28×28 and 256×256×3 uint8 images (goals: ≥ 1.0× and ≥ 0.7× the local throughput);
-2. ingest, publish → persisted through Kafka and the stream processors, vs direct pymongo inserts
-   of the same documents and blobs (goal: TensorDB within 2× of the direct inserts);
+2. ingest, publish → persisted through Kafka and the stream processors (TensorDB's batched
+   librdkafka consumers), vs direct pymongo inserts of the same documents and blobs, for 28×28 and
+   64×64×3 uint8 samples (goals: TensorDB within 1.5× of the direct inserts; the first sample
+   persisted ≤ 100 ms after the first publish);
 3. the global order: shuffle quality (rank correlation between cohort order and stream order) of
    the global shuffle next to the window buffer's, and resuming a 1,000,000-sample cohort's stream
    from its state at any position (goal: first batch ≤ 1 s), with the member snapshot's creation;
@@ -39,6 +41,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -86,6 +89,10 @@ INGEST_CHUNK = 500  # records per process_batch / insert_many call
 TIMED_PASSES = 3
 POLL_SECONDS = 0.05
 SMALL, LARGE = (28, 28), (256, 256, 3)
+INGEST_SHAPES = {"28×28": (28, 28), "64×64×3": (64, 64, 3)}
+INGEST_GOAL = 1.5  # direct / TensorDB
+FIRST_GOAL_SECONDS = 0.100  # first publish → first sample persisted
+FIRST_POLL_SECONDS = 0.005
 SHUFFLE_SAMPLES = 20_000
 RESUME_MEMBERS = 1_000_000
 RESUME_GOAL_SECONDS = 1.0
@@ -107,6 +114,7 @@ class Row:
     met: bool | None  # None: an informational row without a goal
     limit: str
     samples: int
+    unit: str = "/s"  # of tensordb and baseline: samples/s, or " ms" for a latency row
 
 
 # -- sample data ------------------------------------------------------------------------------------
@@ -404,6 +412,28 @@ def wait_for_count(collection: Any, query: dict[str, Any], wanted: int, timeout:
     return first_seen or time.perf_counter()
 
 
+class FirstSeen(threading.Thread):
+    """Polls every 5 ms from the first publish until one document matches: when the first sample
+    was persisted (``wait_for_count`` starts only when ``publish_samples`` has returned)."""
+
+    def __init__(self, collection: Any, query: dict[str, Any]) -> None:
+        super().__init__(name="first-seen", daemon=True)
+        self.collection, self.query = collection, query
+        self.at: float | None = None
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            if self.collection.find_one(self.query, {"_id": 1}) is not None:
+                self.at = time.perf_counter()
+                return
+            self.stopping.wait(FIRST_POLL_SECONDS)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(5)
+
+
 @dataclass
 class EndToEnd:
     timing: Timing
@@ -418,7 +448,7 @@ class EndToEnd:
 
 def publish_to_persisted(base: Settings, pids: Pids, images: np.ndarray, log_dir: Path) -> EndToEnd:
     """Samples/s from the first publish until the samples collection holds them all, through the
-    real path: SDK → Kafka → faust processors (a child process) → MongoDB."""
+    real path: SDK → Kafka → the ingest processor (``tensordb processors``, a child process) → MongoDB."""
     with project(base, "ingest") as settings:
         processors = processors_process(settings, log_dir / f"processors-{settings.project}.log")
         processors.start()
@@ -435,11 +465,14 @@ def publish_to_persisted(base: Settings, pids: Pids, images: np.ndarray, log_dir
                 marks: dict[str, float] = {}
 
                 def publish_and_wait() -> int:
+                    first = FirstSeen(samples, {"dataset": "timed"})
+                    first.start()
                     began = time.perf_counter()
                     db.publish_samples(to_publish)
                     marks["published"] = time.perf_counter() - began
-                    first = wait_for_count(samples, {"dataset": "timed"}, len(images), max(120, len(images) / 20), processors)
-                    marks["first"] = first - began
+                    done = wait_for_count(samples, {"dataset": "timed"}, len(images), max(120, len(images) / 20), processors)
+                    first.stop()
+                    marks["first"] = (first.at or done) - began
                     return len(images)
 
                 timing = Timing({**pids, "processors": processors.process.pid if processors.process else None})
@@ -474,7 +507,7 @@ def direct_inserts(base: Settings, pids: Pids, images: np.ndarray, with_blobs: b
 
 
 def in_process_handler(base: Settings, pids: Pids, images: np.ndarray) -> Timing:
-    """The ingest handler without the Kafka/faust hop: ``process_batch`` on decoded records, 500 at
+    """The ingest handler without the Kafka hop: ``process_batch`` on decoded records, 500 at
     a time. It separates the cost of the hop from the cost of the handler's writes."""
     with project(base, "handler") as settings:
         context = ProcessorContext(settings)
@@ -498,14 +531,14 @@ def in_process_handler(base: Settings, pids: Pids, images: np.ndarray) -> Timing
     return timing
 
 
-def bench_ingest(base: Settings, pids: Pids, count: int, log_dir: Path) -> list[Row]:
-    images = random_images(7, count, SMALL)
-    console.print(f"\n[bold]ingest 28×28[/]: {count} samples; starting the processors …")
+def bench_ingest(base: Settings, pids: Pids, count: int, log_dir: Path, label: str, shape: tuple[int, ...]) -> list[Row]:
+    images = random_images(7, count, shape)
+    console.print(f"\n[bold]ingest {label}[/]: {count} samples; starting the processors …")
     end_to_end = publish_to_persisted(base, pids, images, log_dir)
     ours = end_to_end.timing
     console.print(
         f"  publish → persisted                {ours.rate:>7,.0f}/s in {ours.seconds[0]:.2f} s: publish_samples returned after "
-        f"{end_to_end.published:.2f} s, first sample persisted after {end_to_end.first:.2f} s, "
+        f"{end_to_end.published:.2f} s, first sample persisted after {end_to_end.first * 1e3:.0f} ms, "
         f"then {end_to_end.steady()}; {ours.describe()}"
     )
     full = direct_inserts(base, pids, images, with_blobs=True)
@@ -517,28 +550,43 @@ def bench_ingest(base: Settings, pids: Pids, count: int, log_dir: Path) -> list[
     micros = {name: 1e6 / timing.rate for name, timing in (("ours", ours), ("full", full), ("handler", handler))}
     console.print(
         f"  per sample: direct writes {micros['full']:.0f} µs; ingest handler {micros['handler']:.0f} µs "
-        f"(+{micros['handler'] - micros['full']:.0f}: upserts, sha256, progress, data-imported event); end to end "
-        f"{micros['ours']:.0f} µs (+{micros['ours'] - micros['handler']:.0f}: publish, Kafka, faust, first-fetch wait)"
+        f"(+{micros['handler'] - micros['full']:.0f}: decoding, sha256, progress, data-imported event); end to end "
+        f"{micros['ours']:.0f} µs ({micros['ours'] - micros['handler']:+.0f}: publish, Kafka, the processor's fetch wait, "
+        "less what its reader and writers overlap)"
     )
     limit = (
-        f"{ours.describe()}; 1st sample persisted after {end_to_end.first:.2f} s, then {end_to_end.steady()}; "
-        f"handler alone {handler.rate:,.0f}/s"
+        f"{ours.describe()}; publish_samples returned after {end_to_end.published:.2f} s; 1st sample persisted after "
+        f"{end_to_end.first * 1e3:.0f} ms, then {end_to_end.steady()}; handler alone {handler.rate:,.0f}/s"
     )
     return [
         Row(
-            "ingest 28×28, publish → persisted",
+            f"ingest {label}, publish → persisted",
             ours.rate,
             full.rate,
             "insert_many docs + write_blobs",
             full.rate / ours.rate,
             "direct / TensorDB",
-            "≤ 2.0×",
-            full.rate / ours.rate <= 2.0,
+            f"≤ {INGEST_GOAL:.1f}×",
+            full.rate / ours.rate <= INGEST_GOAL,
             limit,
             count,
         ),
         Row(
-            "ingest 28×28, vs metadata-only inserts",
+            f"ingest {label}, first publish → first sample persisted",
+            end_to_end.first * 1e3,
+            FIRST_GOAL_SECONDS * 1e3,
+            "goal, ms",
+            end_to_end.first / FIRST_GOAL_SECONDS,
+            "TensorDB / goal (ms, not samples/s)",
+            f"≤ {FIRST_GOAL_SECONDS * 1e3:.0f} ms",
+            end_to_end.first <= FIRST_GOAL_SECONDS,
+            f"polled every {FIRST_POLL_SECONDS * 1e3:.0f} ms from the first publish; the first batch's writes "
+            "(journaled) and the processor's fetch wait",
+            count,
+            " ms",
+        ),
+        Row(
+            f"ingest {label}, vs metadata-only inserts",
             ours.rate,
             meta.rate,
             "insert_many docs, no blobs",
@@ -1019,8 +1067,8 @@ def print_table(rows: list[Row]) -> None:
         met = "-" if row.met is None else ("[green]yes[/]" if row.met else "[red]NO[/]")
         table.add_row(
             f"{row.measure}\n[dim]n={row.samples}; baseline: {row.baseline_label}[/]",
-            f"{row.tensordb:,.0f}",
-            f"{row.baseline:,.0f}",
+            f"{row.tensordb:,.0f}{row.unit.replace('/s', '')}",
+            f"{row.baseline:,.0f}{row.unit.replace('/s', '')}",
             f"{row.ratio:.2f}×\n[dim]{row.ratio_label}[/]",
             row.goal,
             met,
@@ -1034,8 +1082,8 @@ def print_summary(rows: list[Row]) -> None:
     for row in rows:
         met = "n/a" if row.met is None else ("met" if row.met else "MISSED")
         print(
-            f"RESULT {row.measure} | n={row.samples} | tensordb {row.tensordb:,.0f}/s | baseline ({row.baseline_label}) "
-            f"{row.baseline:,.0f}/s | ratio {row.ratio:.2f}x ({row.ratio_label}) | goal {row.goal} {met} | {row.limit}"
+            f"RESULT {row.measure} | n={row.samples} | tensordb {row.tensordb:,.0f}{row.unit} | baseline ({row.baseline_label}) "
+            f"{row.baseline:,.0f}{row.unit} | ratio {row.ratio:.2f}x ({row.ratio_label}) | goal {row.goal} {met} | {row.limit}"
         )
     disturbed = sum("disturbed" in row.limit for row in rows)
     if disturbed:
@@ -1081,7 +1129,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
         feeding = [] if "feed" in args.skip else bench_feed(found.settings, found.pids, args.samples, args.quick)
         if "ingest" not in args.skip:
-            rows += bench_ingest(found.settings, found.pids, args.samples, log_dir)
+            for label, shape in INGEST_SHAPES.items():
+                rows += bench_ingest(found.settings, found.pids, args.samples, log_dir, label, shape)
         order_rows = [] if "shuffle" in args.skip else bench_shuffle(found.settings, SHUFFLE_SAMPLES)
         if "resume" not in args.skip:
             order_rows += bench_resume(found.settings, args.members)

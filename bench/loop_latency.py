@@ -20,8 +20,10 @@ TENSORDB_KAFKA_BOOTSTRAP and TENSORDB_MONGO_URI), each part in its own throwaway
    written by ``ModelRegistry.promote``) → first ``POST /predict`` answered by the new version,
    polled from here. Each round trains on more data for more epochs, so the candidate usually beats
    production; a round that is not promoted counts for (a) only.
-3. The broker hop alone: records produced one at a time, received by aiokafka consumers (faust's
-   client) with faust's fetch_max_wait_ms (1500) and with 100 ms: what each faust hop costs.
+3. The broker hop alone: records produced one at a time, received by TensorDB consumers
+   (``make_consumer`` + ``receive``, as a ``TopicProcessor`` reads) with the processors' fetch wait
+   (``streams.consumer.FETCH_WAIT_MS``), a middle value and librdkafka's default 500 ms: what each
+   hop costs; and the broker's CPU per idle consumer at each wait (goal: hop p50 ≤ 100 ms).
 
 The table's last column says what dominates each figure; the notes under it say why.
 
@@ -31,7 +33,6 @@ The table's last column says what dominates each figure; the notes under it say 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import math
 import os
 import random
@@ -50,15 +51,17 @@ from typing import Any
 
 import httpx
 import numpy as np
+from confluent_kafka import Producer
 from harness import BENCH, CpuMeter, Pids, children_cwd, free_port, make_console, project, servers, wait_for
 from rich.table import Table
 from sklearn.datasets import load_digits
 
+from streams.consumer import FETCH_WAIT_MS
 from tensordb import records
 from tensordb.client import TensorDB
 from tensordb.config import Settings, Topic
 from tensordb.data.samples import SAMPLES
-from tensordb.infra.bus import Publisher, make_consumer
+from tensordb.infra.bus import Publisher, make_consumer, receive
 from tensordb.infra.store import Store
 from tensordb.jobs.queue import UNFINISHED, Jobs, JobStatus
 from tensordb.loop.policies import Policies, Policy
@@ -77,7 +80,11 @@ WARMUP_JOBS = 2  # per side: consumer-group join, first task subprocess
 IDLE_SCAN = 2.0  # the worker's idle_scan_seconds: how long its loop waits for a doorbell
 
 # -- 3. the broker hop
-FAUST_FETCH_MAX_WAIT_MS = 1500  # hard-coded in faust/transport/drivers/aiokafka.py
+LIBRDKAFKA_FETCH_WAIT_MS = 500  # librdkafka's default fetch.wait.max.ms
+HOP_GOAL_SECONDS = 0.100  # issue 14: every hop p50 ≤ 100 ms
+LOOP_GOAL_SECONDS = 0.300  # issue 14: data published → retrain job started p50 ≤ 300 ms
+IDLE_CONSUMERS = 10  # idle consumers whose empty fetches the broker serves, per fetch wait
+IDLE_SECONDS = 5.0
 
 # -- 2. the loop
 POLICY = "digits"
@@ -446,6 +453,12 @@ def one_round(db: TensorDB, policies: Policies, poller: PredictPoller, models: W
     try:
         decision = wait_for(lambda: db.store[DECISIONS].find_one({"_id": evaluation}), timeout=300, what="the decision")
         result = Round(number, epochs, published, persisted, job["submitted_at"], job["started_at"], decision)
+        ended = {document["_id"]: document for document in jobs.collection.find({"_id": {"$in": [job["_id"], evaluation]}})}
+        trained, evaluated = ended[job["_id"]].get("finished_at"), ended[evaluation].get("finished_at")
+        if trained is not None:  # the `finished` job event → the lifecycle processor submits the evaluation
+            result.extra["evaluation_hop"] = since(ended[evaluation]["submitted_at"], trained)
+        if evaluated is not None:  # the evaluation's `finished` event → the lifecycle processor decides
+            result.extra["decision_hop"] = since(decision["at"], evaluated)
         if result.promoted:
             candidate = decision["candidate"]["version"]
             alias = db.models.alias_info(POLICY, PRODUCTION)
@@ -566,6 +579,12 @@ def bench_loop(base: Settings, pids: Pids, rounds: int, budget: float, log_dir: 
     return loop_rows(results, load, meter, poller)
 
 
+def hop_row(measure: str, stats: Stats, dominant: str) -> Row:
+    """A row for one hop of the loop, against the issue's goal for every hop."""
+    goal = f"p50 ≤ {ms(HOP_GOAL_SECONDS)}"
+    return Row(measure, stats, goal=goal, met=stats.p50 <= HOP_GOAL_SECONDS if stats else None, dominant=dominant)
+
+
 def loop_rows(results: list[Round], load: Stats, meter: CpuMeter, poller: PredictPoller) -> list[Row]:
     def stats(values: list[float | None]) -> Stats:
         return Stats([value for value in values if value is not None])
@@ -584,31 +603,41 @@ def loop_rows(results: list[Round], load: Stats, meter: CpuMeter, poller: Predic
     after_load = stats([since(r.served, r.loaded) for r in swaps if r.loaded is not None])
     windows = stats([r.window for r in swaps])
     first = next((r for r in results if r.promoted and r.served is not None and r.promotion is not None), None)
-    faust = (
-        "faust's aiokafka consumer hard-codes fetch_max_wait_ms=1500 (faust/transport/drivers/aiokafka.py), and Tansu "
-        "answers a pending fetch at a later check, not when the record arrives (part 3, the broker hop rows); then the "
-        "agent's take_events(within=0.2 s) batching and the handler. A record produced just after the consumer sent "
-        "its next fetch, as data-imported is (right after the ingest batch was fetched), waits for that whole delay"
+    evaluation_hop = stats([r.extra.get("evaluation_hop") for r in results])
+    decision_hop = stats([r.extra.get("decision_hop") for r in results])
+    hop = (
+        f"the processors are TensorDB's batched librdkafka consumers (streams.consumer.TopicProcessor) with "
+        f"fetch.wait.max.ms {FETCH_WAIT_MS}: Tansu answers a pending fetch late, up to its whole wait (part 3, the broker hop rows); "
+        "then the handler's batch: the ingest handler stores the wave and publishes data-imported, the retrain handler "
+        "counts the samples and submits the job"
     )
     rows = [
         Row(
             f"loop (a): data published → retrain job submitted ({len(results)} rounds)",
             to_submitted,
-            dominant="two faust hops (ingest, then data-imported)",
+            goal=f"p50 ≤ {ms(HOP_GOAL_SECONDS * 2)}",
+            met=to_submitted.p50 <= HOP_GOAL_SECONDS * 2,
+            dominant="two processor hops (ingest, then data-imported)",
             notes=f"published → wave persisted {ms(ingest_hop.p50)} p50, persisted → job submitted {ms(trigger_hop.p50)} "
-            f"p50 (the ingest handler publishes data-imported, the retrain handler counts and submits). Each hop: {faust}.",
+            f"p50. Each hop: {hop}.",
         ),
         Row(
             f"loop (a): data published → retrain job started ({len(results)} rounds)",
             to_started,
-            dominant="the faust hops + the worker's doorbell",
+            goal=f"p50 ≤ {ms(LOOP_GOAL_SECONDS)}",
+            met=to_started.p50 <= LOOP_GOAL_SECONDS,
+            dominant="the processor hops + the worker's doorbell",
             notes=f"the hops above, then submitted → started {ms(doorbell.p50)} p50 (max {ms(doorbell.max)}): "
             "the worker's doorbell, as in dispatch",
         ),
-        Row("  part: published → wave persisted (ingest hop)", ingest_hop, dominant="faust fetch wait + batching"),
-        Row("  part: persisted → job submitted (data-imported hop)", trigger_hop, dominant="faust fetch wait + batching"),
-        Row("  part: submitted → started (worker doorbell)", doorbell, dominant="the job request's broker hop"),
+        hop_row("  part: published → wave persisted (ingest hop)", ingest_hop, "fetch wait + the ingest batch's writes"),
+        hop_row("  part: persisted → job submitted (data-imported hop)", trigger_hop, "fetch wait + counting + submit"),
+        hop_row("  part: submitted → started (worker doorbell)", doorbell, "the job request's broker hop + the claim"),
+        hop_row("job events: train job finished → evaluation submitted", evaluation_hop, "fetch wait + the lifecycle handler"),
+        hop_row("job events: evaluation finished → decision", decision_hop, "fetch wait + deciding (model load, promote)"),
     ]
+    if seen:
+        rows.append(hop_row("model events: promoted → event received (eager consumer here)", seen, "the model-events hop"))
     if served:
         rows.append(Row(
             f"loop (b): promotion → first prediction by the new version ({len(served.values)} swaps)", served,
@@ -634,82 +663,130 @@ def loop_rows(results: list[Round], load: Stats, meter: CpuMeter, poller: Predic
 # -- 3. the broker hop alone --------------------------------------------------------------------------
 
 
-async def _hop_latencies(settings: Settings, waits: tuple[int, ...], count: int, rng: random.Random) -> dict[int, list[float]]:
-    """Produce ``count`` records one at a time (random pauses) to one topic, read by one aiokafka
-    consumer per ``fetch_max_wait_ms`` in ``waits``; returns arrival − produce per wait."""
-    from aiokafka import AIOKafkaConsumer
-    from confluent_kafka import Producer
-
+def _hop_latencies(settings: Settings, waits: tuple[int, ...], count: int, rng: random.Random) -> dict[int, list[float]]:
+    """Produce ``count`` records one at a time (random pauses) to one topic, read by one consumer
+    per ``fetch.wait.max.ms`` in ``waits``, each a TensorDB consumer (``make_consumer``) read with
+    ``receive`` as a :class:`~streams.consumer.TopicProcessor` reads; returns arrival − produce per wait."""
     topic = settings.topic(Topic.JOB_REQUESTS)
-    consumers = {
-        wait: AIOKafkaConsumer(
-            topic, bootstrap_servers=settings.kafka_bootstrap, group_id=f"bench-hop-{wait}-{uuid.uuid4().hex[:6]}",
-            auto_offset_reset="earliest", fetch_max_wait_ms=wait, session_timeout_ms=6000, heartbeat_interval_ms=1000,
-        )
-        for wait in waits
-    }  # fmt: skip
     sent: dict[bytes, float] = {}
     arrived: dict[int, dict[bytes, float]] = {wait: {} for wait in waits}
-    stopping = asyncio.Event()
+    stopping = threading.Event()
+    consumers = {
+        wait: make_consumer(settings, f"bench-hop-{wait}-{uuid.uuid4().hex[:6]}", [Topic.JOB_REQUESTS], **{"fetch.wait.max.ms": wait})
+        for wait in waits
+    }  # fmt: skip
 
-    async def consume(wait: int) -> None:
+    joined = {wait: threading.Event() for wait in waits}
+
+    def consume(wait: int) -> None:  # each consumer is used by its own thread only
+        consumer = consumers[wait]
         while not stopping.is_set():
-            for messages in (await consumers[wait].getmany(timeout_ms=100)).values():
-                for message in messages:
-                    arrived[wait].setdefault(message.value, time.time())
+            for received in receive(consumer, Schema.JOB_REQUEST, timeout=0.1, max_messages=500):
+                arrived[wait].setdefault(received.value or b"", time.time())
+            if not joined[wait].is_set() and consumer.assignment():
+                joined[wait].set()
 
-    for consumer in consumers.values():
-        await consumer.start()
-    tasks = [asyncio.create_task(consume(wait)) for wait in waits]
+    threads = [threading.Thread(target=consume, args=(wait,), daemon=True) for wait in waits]
+    for thread in threads:
+        thread.start()
     producer = Producer(settings.kafka_config(**{"linger.ms": 0}))
     try:
-
-        async def joined() -> None:
-            while not all(consumer.assignment() for consumer in consumers.values()):
-                await asyncio.sleep(0.1)
-
-        await asyncio.wait_for(joined(), 60)
-        await asyncio.sleep(1.0)
+        wait_for(lambda: all(event.is_set() for event in joined.values()), timeout=60, what="the hop consumers to join")
+        time.sleep(1.0)
         for number in range(-2, count):  # two untimed records first: every connection open
-            await asyncio.sleep(rng.uniform(0.2, 1.2))
+            time.sleep(rng.uniform(0.2, 1.2))
             value = str(number).encode()
             sent[value] = time.time()
             producer.produce(topic, value)
             producer.poll(0)
             deadline = time.monotonic() + 10
             while not all(value in arrived[wait] for wait in waits) and time.monotonic() < deadline:
-                await asyncio.sleep(0.005)
+                time.sleep(0.002)
     finally:
         producer.flush(10)
         stopping.set()
-        await asyncio.gather(*tasks)
+        for thread in threads:
+            thread.join(5)
         for consumer in consumers.values():
-            await consumer.stop()
+            consumer.close()
     timed = [str(number).encode() for number in range(count)]
     return {wait: [arrived[wait][v] - sent[v] for v in timed if v in arrived[wait]] for wait in waits}
 
 
-def bench_broker_hop(base: Settings, count: int, seed: int) -> list[Row]:
-    console.print(f"\n[bold]3. the broker hop alone[/]: {count} records, one at a time, to aiokafka consumers (faust's client)")
-    with project(base, "hop") as settings:
-        hops = asyncio.run(_hop_latencies(settings, (FAUST_FETCH_MAX_WAIT_MS, 100), count, random.Random(seed)))
-    faust, short = Stats(hops[FAUST_FETCH_MAX_WAIT_MS]), Stats(hops[100])
+def _idle_broker_cpu(settings: Settings, pids: Pids, wait: int, consumers: int, seconds: float) -> float:
+    """Cores the broker uses per idle consumer polling an empty topic with ``fetch.wait.max.ms`` ``wait``
+    (the broker's CPU with ``consumers`` of them, less its CPU with none, over ``seconds`` each)."""
+    stopping = threading.Event()
+    members = [
+        make_consumer(settings, f"bench-idle-{wait}-{n}-{uuid.uuid4().hex[:6]}", [Topic.JOB_REQUESTS], **{"fetch.wait.max.ms": wait})
+        for n in range(consumers)
+    ]  # fmt: skip
+
+    joined = [threading.Event() for _ in members]
+
+    def poll(number: int) -> None:  # each consumer is used by its own thread only
+        while not stopping.is_set():
+            members[number].poll(0.1)
+            if not joined[number].is_set() and members[number].assignment():
+                joined[number].set()
+
+    threads = [threading.Thread(target=poll, args=(number,), daemon=True) for number in range(len(members))]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: all(event.is_set() for event in joined), timeout=60, what="the idle consumers to join")
+        time.sleep(1.0)
+        with CpuMeter({"tansu": pids.get("tansu")}) as busy:
+            time.sleep(seconds)
+    finally:
+        stopping.set()
+        for thread in threads:
+            thread.join(5)
+        for consumer in members:
+            consumer.close()
+    time.sleep(1.0)
+    with CpuMeter({"tansu": pids.get("tansu")}) as quiet:
+        time.sleep(seconds)
+    return (busy.cores.get("tansu", math.nan) - quiet.cores.get("tansu", math.nan)) / consumers
+
+
+def bench_broker_hop(base: Settings, pids: Pids, count: int, seed: int) -> list[Row]:
+    waits = (FETCH_WAIT_MS, 50, LIBRDKAFKA_FETCH_WAIT_MS)
     console.print(
-        f"  fetch_max_wait_ms {FAUST_FETCH_MAX_WAIT_MS}: p50 {ms(faust.p50)}, max {ms(faust.max)}; "
-        f"100: p50 {ms(short.p50)}, max {ms(short.max)}"
+        f"\n[bold]3. the broker hop alone[/]: {count} records, one at a time, to TensorDB consumers (librdkafka) "
+        f"with fetch.wait.max.ms {', '.join(map(str, waits))}"
     )
+    with project(base, "hop") as settings:
+        hops = _hop_latencies(settings, waits, count, random.Random(seed))
+        idle = {wait: _idle_broker_cpu(settings, pids, wait, IDLE_CONSUMERS, IDLE_SECONDS) for wait in waits}
+    stats = {wait: Stats(hops[wait]) for wait in waits}
+    console.print(
+        "  " + "; ".join(f"{wait} ms: p50 {ms(stats[wait].p50)}, max {ms(stats[wait].max)}, broker "
+                         f"{idle[wait] * 1e3:.1f} milli-cores per idle consumer" for wait in waits)
+    )  # fmt: skip
+
+    def row(wait: int, label: str, dominant: str, notes: str = "") -> Row:
+        return Row(
+            f"broker hop: produced → received, fetch.wait.max.ms={wait} ({label})", stats[wait],
+            goal=f"p50 ≤ {ms(HOP_GOAL_SECONDS)}" if wait == FETCH_WAIT_MS else "",
+            met=stats[wait].p50 <= HOP_GOAL_SECONDS if wait == FETCH_WAIT_MS else None,
+            dominant=f"{dominant}; idle, the broker spends {idle[wait] * 1e3:.1f} milli-cores per consumer", notes=notes,
+        )  # fmt: skip
+
     return [
-        Row(
-            f"broker hop: produced → received by an aiokafka consumer, fetch_max_wait_ms={FAUST_FETCH_MAX_WAIT_MS} (faust's)",
-            faust,
-            dominant="the broker answers a pending fetch late, after a part of its max wait",
-            notes=f"Tansu does not answer a pending fetch when a record arrives: it answers at a later check whose delay grows "
-            f"with the fetch's max wait (here up to {ms(faust.max)} with faust's hard-coded 1500 ms, against {ms(short.max)} "
-            "with 100 ms, for the same records). faust does not let fetch_max_wait_ms be configured "
-            "(faust/transport/drivers/aiokafka.py passes 1500): every faust hop pays this. Apache Kafka answers a fetch "
-            "as soon as min_bytes are there",
-        ),  # fmt: skip
-        Row("broker hop: the same records, fetch_max_wait_ms=100", short, dominant="the broker's shorter wait"),
+        row(
+            FETCH_WAIT_MS,
+            "TensorDB's processors, workers, predictor, model server",
+            "the broker's short hold",
+            notes="A TensorDB consumer (make_consumer, read with receive() as a TopicProcessor reads) per fetch wait, all "
+            "reading the same records. Tansu does not answer a pending fetch when a record arrives: it answers at a "
+            "later check, whose delay grows with fetch.wait.max.ms (up to the whole wait), so the wait bounds the hop's "
+            "latency (Apache Kafka answers as soon as a record is there). A short wait costs the broker CPU for the empty fetches of idle consumers (the last column: measured "
+            f"with {IDLE_CONSUMERS} consumers polling an empty topic for {IDLE_SECONDS:.0f} s, less the broker's CPU with none): "
+            "the processors that only validate a topic keep librdkafka's 500 ms",
+        ),
+        row(50, "a middle value", "the broker's hold"),
+        row(LIBRDKAFKA_FETCH_WAIT_MS, "librdkafka's default", "the broker answers late, up to the whole wait"),
     ]
 
 
@@ -791,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
         if "loop" not in args.skip:
             rows += bench_loop(base, found.pids, args.rounds, args.budget, log_dir)
         if "hop" not in args.skip:
-            rows += bench_broker_hop(base, args.hops, args.seed)
+            rows += bench_broker_hop(base, found.pids, args.hops, args.seed)
     shutil.rmtree(log_dir, ignore_errors=True)  # kept when a step fails: the children's logs are there
     console.print()
     print_table(rows, found.description)

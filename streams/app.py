@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from streams.consumer import TopicProcessor
+from streams.consumer import FETCH_WAIT_MS, VALIDATION_FETCH_WAIT_MS, TopicProcessor
 from streams.ingest import handle_samples, sweep_sample_blobs
 from streams.lifecycle import handle_job_events
 from streams.logs import log_sink, tune_gc_for_batches
@@ -62,6 +62,9 @@ HANDLERS: dict[str, tuple[Handler | None, int]] = {
     "predict-requests": (None, 2000),
     "predictions": (None, 2000),
 }
+#: Batches persisted at once, for kinds whose batches may be stored in any order (see
+#: :class:`~streams.consumer.TopicProcessor`): one batch's Python work overlaps another's wait for MongoDB.
+WRITERS: dict[str, int] = {"ingest": 2}
 TIMER_SECONDS = 5.0
 SWEEP_SECONDS = 3600.0
 READY_LINE = "processors ready"
@@ -74,9 +77,12 @@ class Processors:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.processors = [
-            TopicProcessor(settings, kind, PROCESSOR_TOPICS[kind], handler, batch_size)
+            TopicProcessor(
+                settings, kind, PROCESSOR_TOPICS[kind], handler, batch_size, writers=WRITERS.get(kind, 1),
+                fetch_wait_ms=FETCH_WAIT_MS if handler is not None else VALIDATION_FETCH_WAIT_MS,
+            )
             for kind, (handler, batch_size) in HANDLERS.items()
-        ] + [log_sink(settings), *study_processors(settings)]
+        ] + [log_sink(settings), *study_processors(settings)]  # fmt: skip
         self.timers = ProcessorContext(settings, processor="timers")
         self.stages = StageProcessors(settings, holder=f"{socket.gethostname()}-{os.getpid()}")
         self._stop = threading.Event()

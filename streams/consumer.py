@@ -4,12 +4,15 @@ Every instance of a kind (``tensordb processors`` started several times, for one
 sharing a database) joins the kind's consumer group, ``PREFIX-PROJECT-KIND``, so instances share
 the topic's partitions and take over those of an instance that dies.
 
-Two threads per processor: the reader polls batches of up to ``batch_size`` records (returning as
-soon as one arrives), validates them and commits the offsets of batches already persisted; the
-writer persists each batch with :func:`~streams.processing.process_batch`, which returns only when
-every record is stored or dead-lettered durably. Offsets are committed after that, never before,
-so a crash or a stop in the middle of a batch leaves it to be read again (at-least-once; every
-handler is idempotent). A consumer that fails fatally is replaced; a broker outage is waited out.
+Two threads per processor (or more): the reader polls batches of up to ``batch_size`` records
+(returning as soon as one arrives), validates them and commits the offsets of batches already
+persisted; the writer persists each batch with :func:`~streams.processing.process_batch`, which
+returns only when every record is stored or dead-lettered durably. Offsets are committed after
+that, never before, so a crash or a stop in the middle of a batch leaves it to be read again
+(at-least-once; every handler is idempotent). A kind whose batches are independent of each other
+(ingest, logs) may run several writers, so that one batch's Python work overlaps another's wait
+for MongoDB's journaled writes; offsets are still committed in the order the batches were read,
+and only up to the first batch not persisted yet. A consumer that fails fatally is replaced; a broker outage is waited out.
 
 A topic that is recreated (a memory broker that restarted, or a topic deleted and created again)
 starts its offsets at 0 again, below the consumer's positions: the processor notices the topic's
@@ -34,7 +37,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from streams.processing import Handler, ProcessorContext, Stopping, process_batch
+from streams.processing import Handler, ProcessorContext, Stopping, last_offsets, process_batch
 from tensordb import records
 from tensordb.config import Settings, Topic
 from tensordb.errors import FatalClientError
@@ -44,6 +47,15 @@ from tensordb.infra.bus import Received, make_consumer, receive
 log = logging.getLogger(__name__)
 #: How often a processor checks whether its topic was recreated.
 TOPIC_CHECK_SECONDS = 3.0
+#: How long the broker may hold a fetch of a processor that acts on its records (librdkafka's
+#: ``fetch.wait.max.ms``). Tansu answers a pending fetch not when a record arrives but at a later
+#: check, up to this long, so at librdkafka's default of 500 ms a hop cost up to half a second
+#: (bench/loop_latency.py, the broker hop rows); Apache Kafka answers as soon as a record is there,
+#: and a short wait only makes an idle consumer's empty fetches more frequent.
+FETCH_WAIT_MS = 10
+#: The same for the processors that only validate a topic (nothing waits on them): fewer fetches
+#: for the broker to serve.
+VALIDATION_FETCH_WAIT_MS = 500
 
 
 class TopicProcessor:
@@ -66,6 +78,14 @@ class TopicProcessor:
         committed), for a processor that reads a few records of a busy topic.
     counts_progress:
         Whether batches count in ``processor_progress`` (False for a second reader of a topic).
+    writers:
+        Batches persisted at once (threads); more than 1 only for handlers whose batches may be
+        stored in any order.
+    fetch_wait_ms:
+        How long the broker may hold a fetch (:data:`FETCH_WAIT_MS`): what a record waits at most
+        on a broker that answers at the end of the wait.
+    client_options:
+        librdkafka consumer options, over :func:`~tensordb.infra.bus.make_consumer`'s.
     """
 
     def __init__(
@@ -78,6 +98,8 @@ class TopicProcessor:
         poll_timeout: float = 0.1,
         select: Callable[[bytes | None], bool] | None = None,
         counts_progress: bool = True,
+        writers: int = 1,
+        fetch_wait_ms: int = FETCH_WAIT_MS,
         **client_options: Any,
     ) -> None:
         self.settings = settings
@@ -88,12 +110,18 @@ class TopicProcessor:
         self.poll_timeout = poll_timeout
         self.select = select
         self.group = settings.processor_group(kind)
-        self._client_options = client_options
+        self._client_options = {"fetch.wait.max.ms": fetch_wait_ms, **client_options}
         self.context = ProcessorContext(settings, processor=kind, counts_progress=counts_progress)
         self.processed = 0  # records handled so far, stored or dead-lettered
+        self.writers = writers
         self._stop = self.context.stopping
-        self._batches: queue.Queue[tuple[int, list[Received]] | None] = queue.Queue(maxsize=2)
-        self._persisted_offsets: queue.Queue[tuple[int, dict[tuple[str, int], int]]] = queue.Queue()
+        self._processed_lock = threading.Lock()
+        # (sequence number, incarnation, batch): the sequence orders the commits of several writers
+        self._batches: queue.Queue[tuple[int, int, list[Received]] | None] = queue.Queue(maxsize=max(2, writers))
+        self._read = 0  # batches handed to the writers so far: the next batch's sequence number
+        self._persisted_offsets: queue.Queue[tuple[int, int, dict[tuple[str, int], int]]] = queue.Queue()
+        self._persisted: dict[int, tuple[int, dict[tuple[str, int], int]]] = {}  # persisted, not yet committable
+        self._committed = 0  # sequence number of the first batch whose offsets are not committed
         self._admin = AdminClient(settings.kafka_config())
         self._topic_id = self._current_topic_id()
         self._incarnation = 0  # how often the topic was found recreated; tags batches and their offsets
@@ -156,8 +184,12 @@ class TopicProcessor:
         ``on_ready`` is called once the consumer has joined its group and has partitions.
         """
         schema = records.TOPIC_RECORDS[self.topic]
-        writer = threading.Thread(target=self._write_batches, name=f"tensordb-{self.kind}-writer", daemon=True)
-        writer.start()
+        writers = [
+            threading.Thread(target=self._write_batches, name=f"tensordb-{self.kind}-writer-{number}", daemon=True)
+            for number in range(self.writers)
+        ]
+        for writer in writers:
+            writer.start()
         delay = 0.2
         try:
             while not self._stop.is_set():
@@ -186,16 +218,20 @@ class TopicProcessor:
                 self._commit_persisted(asynchronous=True)
                 while batch and not self._stop.is_set():
                     try:
-                        self._batches.put((self._incarnation, batch), timeout=0.5)  # bounded: back-pressure from MongoDB
+                        self._batches.put((self._read, self._incarnation, batch), timeout=0.5)  # bounded: back-pressure
+                        self._read += 1
                         break
                     except queue.Full:
                         self._commit_persisted(asynchronous=True)
         finally:
+            deadline = time.monotonic() + 15.0
             try:
-                self._batches.put(None, timeout=15.0)  # the writer skips what is queued once stopping
+                for _ in writers:  # each writer skips what is queued once stopping
+                    self._batches.put(None, timeout=max(0.0, deadline - time.monotonic()))
             except queue.Full:
-                log.error("%s processor: the writer did not stop; uncommitted batches will be read again", self.kind)
-            writer.join(timeout=15.0)
+                log.error("%s processor: a writer did not stop; uncommitted batches will be read again", self.kind)
+            for writer in writers:
+                writer.join(timeout=max(0.0, deadline - time.monotonic()))
             self._commit_persisted(asynchronous=False)
             self._close_consumer()
             self.context.close()
@@ -206,15 +242,12 @@ class TopicProcessor:
 
     def _write_batches(self) -> None:
         while (item := self._batches.get()) is not None:
-            incarnation, batch = item
+            sequence, incarnation, batch = item
             if not self._persist(batch):
-                continue  # stopping: not committed, read again after a restart
-            self.processed += len(batch)
-            last: dict[tuple[str, int], int] = {}
-            for received in batch:
-                key = (received.topic, received.partition)
-                last[key] = max(last.get(key, -1), received.offset)
-            self._persisted_offsets.put((incarnation, last))
+                continue  # stopping: not committed (nor any batch after it), read again after a restart
+            with self._processed_lock:
+                self.processed += len(batch)
+            self._persisted_offsets.put((sequence, incarnation, last_offsets(batch)))
 
     def _persist(self, batch: list[Received]) -> bool:
         """Process ``batch`` until it is done (True) or the processor stops (False).
@@ -236,17 +269,21 @@ class TopicProcessor:
         return False
 
     def _commit_persisted(self, asynchronous: bool) -> None:
-        """Commit the offsets of the batches the writer has persisted, from the consuming thread.
+        """Commit the offsets of the batches the writers have persisted, from the consuming thread.
 
         Only this thread uses the consumer: a synchronous commit from another thread while this
         one polls was seen to wait for seconds (until polling stopped).
         """
-        offsets: dict[tuple[str, int], int] = {}
         while True:
             try:
-                incarnation, done = self._persisted_offsets.get_nowait()
+                sequence, incarnation, done = self._persisted_offsets.get_nowait()
             except queue.Empty:
                 break
+            self._persisted[sequence] = (incarnation, done)
+        offsets: dict[tuple[str, int], int] = {}
+        while self._committed in self._persisted:  # in reading order, up to the first batch still in hand
+            incarnation, done = self._persisted.pop(self._committed)
+            self._committed += 1
             if incarnation != self._incarnation:
                 continue  # offsets of a topic since recreated: meaningless for the new one
             for key, offset in done.items():

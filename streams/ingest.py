@@ -208,18 +208,20 @@ def handle_samples(context: ProcessorContext, batch: list[Received]) -> None:
     broken = _check_claims(context.store, [document for _, document, _ in prepared])
     for position in broken:
         context.dead_letters.divert(prepared[position][0], SampleError(broken[position]))
-    stored = store_samples(context, [item for position, item in enumerate(prepared) if position not in broken])
-    announce(context, stored, now, only_unannounced=True)
+    inserted: set[str] = set()
+    stored = store_samples(context, [item for position, item in enumerate(prepared) if position not in broken], inserted)
+    announce(context, stored, now, only_unannounced=True, unannounced=inserted)
 
 
 #: A sample ready to store: what its dead letter would quote, its document and its blobs.
 Prepared = tuple[Received, SampleDocument, list[Blob]]
 
 
-def store_samples(context: ProcessorContext, prepared: list[Prepared]) -> dict[str, str]:
+def store_samples(context: ProcessorContext, prepared: list[Prepared], inserted: set[str] | None = None) -> dict[str, str]:
     """Write the blobs and insert the documents of ``prepared``, each once: an id already stored with
     the same content is a redelivery (kept, and counted as stored); with other content, or refused by
-    MongoDB, the sample is dead-lettered with the reason. Returns the ids stored, with their datasets."""
+    MongoDB, the sample is dead-lettered with the reason. Returns the ids stored, with their datasets;
+    ``inserted``, if given, receives the ids whose documents this call inserted (not redeliveries)."""
     if not prepared:
         return {}
     store: Store = context.store
@@ -234,6 +236,10 @@ def store_samples(context: ProcessorContext, prepared: list[Prepared]) -> dict[s
     for position, reason in reused.items():
         context.dead_letters.divert(prepared[positions[position]][0], SampleError(reason))
     dropped = set(refused) | {positions[position] for position in reused}
+    if inserted is not None:
+        inserted.update(
+            document["_id"] for index, (_, document, _) in enumerate(prepared) if index not in refused and index not in duplicates
+        )
     return {document["_id"]: document["dataset"] for index, (_, document, _) in enumerate(prepared) if index not in dropped}
 
 
@@ -265,19 +271,29 @@ def _reused_ids(store: Store, duplicates: list[SampleDocument]) -> dict[int, str
 ANNOUNCE_CHUNK = 250
 
 
-def announce(context: ProcessorContext, stored: Mapping[str, str], now: datetime, only_unannounced: bool) -> None:
+def announce(
+    context: ProcessorContext,
+    stored: Mapping[str, str],
+    now: datetime,
+    only_unannounced: bool,
+    unannounced: set[str] | frozenset[str] = frozenset(),
+) -> None:
     """Publish ``data-imported`` events for the ``stored`` samples (id → dataset), in chunks of
     :data:`ANNOUNCE_CHUNK` keyed by their first id.
 
     With ``only_unannounced``, only those not yet announced, which are then marked announced once
     the events are acknowledged: ingest's records, each announced once although a redelivery may
-    come much later. Without it, all of them (a stage's derived samples: a redelivered source
+    come much later. ``unannounced`` names those known to be (just inserted, with ``announced:
+    false``): only the others are looked up. Without it, all of them (a stage's derived samples: a redelivered source
     re-derives the same ids and announces them again, and every reader counts a sample once).
     """
     store: Store = context.store
     if only_unannounced and stored:
-        unannounced = store[SAMPLES].find({"_id": {"$in": list(stored)}, "announced": False}, {"_id": 1})
-        ids = sorted(document["_id"] for document in unannounced)
+        ids = [sample_id for sample_id in stored if sample_id in unannounced]
+        others = [sample_id for sample_id in stored if sample_id not in unannounced]  # redeliveries: announced yet?
+        if others:
+            ids += [document["_id"] for document in store[SAMPLES].find({"_id": {"$in": others}, "announced": False}, {"_id": 1})]
+        ids.sort()
     else:
         ids = sorted(stored)
     for start in range(0, len(ids), ANNOUNCE_CHUNK):

@@ -33,6 +33,10 @@ from tensordb.runs.logger import LOGS, log_id
 #: works on two chunks at once (measured on 2 cores: ~81,000/s against ~65,000/s for one call).
 INSERT_CHUNK = 2500
 _inserts = ThreadPoolExecutor(2, thread_name_prefix="tensordb-log-insert")
+#: Batches persisted at once (logs may be stored in any order: the first write of a step wins):
+#: while one batch waits for its journaled inserts, the next one's documents are built. Measured on
+#: 2 cores, draining 200,000 queued records: ~45,000/s with one writer, 66,000-75,000/s with two.
+WRITERS = 2
 _log = logging.getLogger(__name__)
 
 
@@ -75,7 +79,7 @@ def _insert_chunk(context: ProcessorContext, chunk: list[Received]) -> None:
 def log_sink(settings: Settings, batch_size: int = 10_000) -> TopicProcessor:
     """The ``log-sink`` processor: large batches, large fetches (see the module docstring)."""
     fetch: dict[str, Any] = {"fetch.max.bytes": 64 * 1024 * 1024, "max.partition.fetch.bytes": 16 * 1024 * 1024}
-    return TopicProcessor(settings, "log-sink", Topic.LOGS, handle_logs, batch_size=batch_size, **fetch)
+    return TopicProcessor(settings, "log-sink", Topic.LOGS, handle_logs, batch_size=batch_size, writers=WRITERS, **fetch)
 
 
 def tune_gc_for_batches() -> None:

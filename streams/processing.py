@@ -13,20 +13,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from confluent_kafka import KafkaException
-from pymongo.errors import ConnectionFailure, OperationFailure, WriteConcernError
+from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, WriteConcernError
 
 from tensordb.config import Settings
 from tensordb.errors import DeliveryError
 from tensordb.infra import metrics
 from tensordb.infra.bus import Publisher, Received
 from tensordb.infra.dead_letters import DeadLetters
-from tensordb.infra.store import PROGRESS, Store
+from tensordb.infra.store import DUPLICATE_KEY, PROGRESS, Store
 from tensordb.models.registry import ModelRegistry
 from tensordb.runtime import Runtime
 
@@ -125,33 +126,47 @@ class ProcessorContext:
             log.warning("%s processor closed with undelivered records: %s", self.processor, exc)
 
 
+def last_offsets(batch: list[Received]) -> dict[tuple[str, int], int]:
+    """The last offset of each topic partition in ``batch`` (a consumer delivers a partition's
+    records in offset order, so the last one seen is the highest)."""
+    return {(received.topic, received.partition): received.offset for received in batch}
+
+
 def record_progress(store: Store, batch: list[Received]) -> None:
     """Count valid and invalid records and the last offset processed, per topic partition.
 
     ``processor_progress`` shows that a processor keeps up (ingest rates on the dashboard) and
     lets operators see how far each partition has been processed.
     """
-    totals: dict[tuple[str, int], dict[str, int]] = {}
-    for received in batch:
-        entry = totals.setdefault((received.topic, received.partition), {"valid": 0, "invalid": 0, "offset": -1})
-        entry["valid" if received.error is None else "invalid"] += 1
-        entry["offset"] = max(entry["offset"], received.offset)
+    records = Counter((received.topic, received.partition) for received in batch)
+    invalid = Counter((received.topic, received.partition) for received in batch if received.error is not None)
+    last = last_offsets(batch)
+    totals = {
+        key: {"valid": count - invalid[key], "invalid": invalid[key], "offset": last[key]} for key, count in records.items()
+    }
     now = datetime.now(UTC)
-    store[PROGRESS].upsert_many(
-        [
-            (
-                {"_id": f"{topic}:{partition}"},
-                {
-                    "$set": {
-                        "project": store.project, "topic": topic, "partition": partition, "updated_at": now,
-                        "last_offset": entry["offset"],  # the latest, even after the broker's offsets restart
-                    },
-                    "$inc": {"valid": entry["valid"], "invalid": entry["invalid"]},
+    updates: list[tuple[Mapping[str, Any], Mapping[str, Any]]] = [
+        (
+            {"_id": f"{topic}:{partition}"},
+            {
+                "$set": {
+                    "project": store.project, "topic": topic, "partition": partition, "updated_at": now,
+                    "last_offset": entry["offset"],  # the latest, even after the broker's offsets restart
                 },
-            )
-            for (topic, partition), entry in totals.items()
-        ]
-    )  # fmt: skip
+                "$inc": {"valid": entry["valid"], "invalid": entry["invalid"]},
+            },
+        )
+        for (topic, partition), entry in totals.items()
+    ]  # fmt: skip
+    for attempt in range(3):
+        try:
+            store[PROGRESS].upsert_many(updates)
+            return
+        except BulkWriteError as exc:  # two writers of a processor raced to create a partition's document
+            errors = exc.details.get("writeErrors", [])
+            if attempt == 2 or exc.details.get("writeConcernErrors") or any(e["code"] != DUPLICATE_KEY for e in errors):
+                raise
+            updates = updates[errors[0]["index"] :]  # an ordered bulk write: those before it were applied
 
 
 def process_batch(context: ProcessorContext, batch: list[Received], handler: Handler | None) -> None:

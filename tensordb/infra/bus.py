@@ -11,8 +11,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -31,6 +30,10 @@ from tensordb.errors import (
 )
 
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
+#: ``publish`` serves delivery reports (``poll``) once per this many records, not after each one:
+#: a poll per record cost ~1 µs of a logging producer's ~7 µs. Reports of records still waiting are
+#: served by the next poll, by ``flush``, or when the local queue is full.
+SERVE_EVERY = 100
 _log = logging.getLogger(__name__)
 
 
@@ -123,6 +126,7 @@ class Publisher:
         self._fatal: KafkaError | None = None
         self._connection_error: str | None = None
         self.delivered = 0
+        self._unserved = 0  # records published since callbacks were last served
         self._producer = self._new_producer()
 
     def _new_producer(self) -> Producer:
@@ -219,10 +223,13 @@ class Publisher:
                 self._serve_callbacks(0.05)
             except SystemError as exc:
                 raise _client_failure(exc) from exc
-        self._serve_callbacks(0)
+        self._unserved += 1
+        if self._unserved >= SERVE_EVERY:
+            self._serve_callbacks(0)
 
     def _serve_callbacks(self, timeout: float) -> None:
         """Run pending delivery reports and error callbacks (``poll``)."""
+        self._unserved = 0
         try:
             self._producer.poll(timeout)
         except SystemError as exc:
@@ -283,9 +290,12 @@ def make_consumer(settings: Settings, group: str, topics: list[Topic], **client_
     return consumer
 
 
-@dataclass(frozen=True)
-class Received:
-    """One consumed message: its position, raw bytes, and either the valid record or the error."""
+class Received(NamedTuple):
+    """One consumed message: its position, raw bytes, and either the valid record or the error.
+
+    A named tuple, not a frozen dataclass: as immutable, and made ~5× faster (0.3 against 1.6 µs),
+    which counts at tens of thousands of records a second.
+    """
 
     topic: str
     partition: int
