@@ -7,7 +7,6 @@ it), with a throwaway CA and certificate made by ``openssl``; MongoDB is the ses
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import shlex
@@ -25,12 +24,12 @@ from tensordb.config import Settings, Topic
 from tensordb.data.samples import SAMPLES
 from tensordb.errors import DeliveryError, UnreachableError
 from tensordb.infra.bus import Publisher, create_topics, make_consumer, receive
-from tensordb.services.commands import add_commands
 from tensordb.services.process import ManagedProcess, free_port
 from tensordb.services.tansu import MEMORY_STORAGE, Tansu
 from tensordb.services.tls import TlsFiles, make_certificates
 from tensordb.testing import fresh_project, processors_process, wait_for
 from tests import REPO
+from tests.services_cli import services_cli
 
 TANSU = REPO / ".tensordb" / "bin" / "tansu"
 #: How long a client that cannot connect may take to say so (librdkafka retries until the timeout given).
@@ -157,20 +156,8 @@ def test_tansu_0_6_authentication_accepts_no_sasl_mechanism_librdkafka_speaks(tm
 def test_services_up_tls_makes_a_ca_starts_the_broker_behind_tls_and_prints_the_options(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    services_dir = tmp_path / "services"  # state of its own; the installed programs are shared
-    services_dir.mkdir()
-    for name in ("bin", "npm"):
-        (services_dir / name).symlink_to((REPO / ".tensordb" / name).resolve())
     kafka = f"127.0.0.1:{free_port('127.0.0.1')}"
-    monkeypatch.setenv("TENSORDB_SERVICES_DIR", str(services_dir))
-    monkeypatch.setenv("TENSORDB_KAFKA_BOOTSTRAP", kafka)
-    monkeypatch.setenv("TENSORDB_MONGO_URI", f"mongodb://127.0.0.1:{free_port('127.0.0.1')}/")
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers())
-
-    def run(*argv: str) -> int:
-        args = parser.parse_args(["services", *argv])
-        return args.handler(args)
+    services_dir, run = services_cli(tmp_path, monkeypatch, kafka, f"mongodb://127.0.0.1:{free_port('127.0.0.1')}/")
 
     try:
         assert run("up", "--tls") == 0

@@ -6,7 +6,6 @@ in its own temporary run directory and stops every process it started.
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import time
@@ -22,11 +21,9 @@ from pymongo import MongoClient
 from tensordb.config import Settings, Topic
 from tensordb.errors import ServiceError
 from tensordb.services import LocalServices, ServiceStatus
-from tensordb.services.commands import add_commands
 from tensordb.services.process import free_port, port_is_free
-from tests import REPO
+from tests.services_cli import SERVICES_DIR, services_cli
 
-SERVICES_DIR = Path(os.environ.get("TENSORDB_SERVICES_DIR", REPO / ".tensordb"))
 HOST = "127.0.0.1"
 
 
@@ -198,21 +195,8 @@ def test_mongodb_data_survives_a_change_of_port(services: LocalServices) -> None
 
 
 def test_command_line_up_status_down(installed: None, tmp_path: Path, monkeypatch, capsys) -> None:
-    # A services dir of its own (state), whose programs are the shared installed ones.
-    services_dir = tmp_path / "services"
-    services_dir.mkdir()
-    for name in ("bin", "npm"):
-        (services_dir / name).symlink_to(SERVICES_DIR.resolve() / name)
     settings = _settings()
-    monkeypatch.setenv("TENSORDB_SERVICES_DIR", str(services_dir))
-    monkeypatch.setenv("TENSORDB_KAFKA_BOOTSTRAP", settings.kafka_bootstrap)
-    monkeypatch.setenv("TENSORDB_MONGO_URI", settings.mongo_uri)
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers())
-
-    def run(*argv: str) -> int:
-        args = parser.parse_args(["services", *argv])
-        return args.handler(args)
+    services_dir, run = services_cli(tmp_path, monkeypatch, settings.kafka_bootstrap, settings.mongo_uri)
 
     try:
         assert run("up") == 0
