@@ -226,7 +226,7 @@ def store_samples(context: ProcessorContext, prepared: list[Prepared], inserted:
         return {}
     store: Store = context.store
     store.write_blobs([blob for _, _, blobs in prepared for blob in blobs])
-    duplicates, refused = insert_new(store[SAMPLES], [document for _, document, _ in prepared])  # first delivery wins
+    duplicates, refused = insert_new(store[SAMPLES], [document for _, document, _ in prepared])  # the first stored wins
     for index, reason in refused.items():
         received, document, blobs = prepared[index]
         context.dead_letters.divert(received, StorageError(reason))
