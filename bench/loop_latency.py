@@ -22,7 +22,7 @@ TENSORDB_KAFKA_BOOTSTRAP and TENSORDB_MONGO_URI), each part in its own throwaway
    production; a round that is not promoted counts for (a) only.
 3. The broker hop alone: records produced one at a time, received by TensorDB consumers
    (``make_consumer`` + ``receive``, as a ``TopicProcessor`` reads) with the processors' fetch wait
-   (``streams.consumer.FETCH_WAIT_MS``), a middle value and librdkafka's default 500 ms: what each
+   (``tensordb.infra.bus.FETCH_WAIT_MS``), a middle value and librdkafka's default 500 ms: what each
    hop costs; and the broker's CPU per idle consumer at each wait (goal: hop p50 ≤ 100 ms).
 
 The table's last column says what dominates each figure; the notes under it say why.
@@ -56,12 +56,11 @@ from harness import BENCH, CpuMeter, Pids, children_cwd, free_port, make_console
 from rich.table import Table
 from sklearn.datasets import load_digits
 
-from streams.consumer import FETCH_WAIT_MS
 from tensordb import records
 from tensordb.client import TensorDB
 from tensordb.config import Settings, Topic
 from tensordb.data.samples import SAMPLES
-from tensordb.infra.bus import Publisher, make_consumer, receive
+from tensordb.infra.bus import FETCH_WAIT_MS, Publisher, make_consumer, receive
 from tensordb.infra.store import Store
 from tensordb.jobs.queue import UNFINISHED, Jobs, JobStatus
 from tensordb.loop.policies import Policies, Policy

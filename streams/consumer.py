@@ -42,19 +42,14 @@ from tensordb import records
 from tensordb.config import Settings, Topic
 from tensordb.errors import FatalClientError
 from tensordb.infra import metrics
-from tensordb.infra.bus import Received, make_consumer, receive
+from tensordb.infra.bus import FETCH_WAIT_MS, Received, make_consumer, receive
 
 log = logging.getLogger(__name__)
 #: How often a processor checks whether its topic was recreated.
 TOPIC_CHECK_SECONDS = 3.0
-#: How long the broker may hold a fetch of a processor that acts on its records (librdkafka's
-#: ``fetch.wait.max.ms``). Tansu answers a pending fetch not when a record arrives but at a later
-#: check, up to this long, so at librdkafka's default of 500 ms a hop cost up to half a second
-#: (bench/loop_latency.py, the broker hop rows); Apache Kafka answers as soon as a record is there,
-#: and a short wait only makes an idle consumer's empty fetches more frequent.
-FETCH_WAIT_MS = 10
-#: The same for the processors that only validate a topic (nothing waits on them): fewer fetches
-#: for the broker to serve.
+#: How long the broker may hold a fetch of the processors that only validate a topic (nothing waits
+#: on them): fewer fetches for the broker to serve than the short :data:`~tensordb.infra.bus.FETCH_WAIT_MS`
+#: of those that act on their records.
 VALIDATION_FETCH_WAIT_MS = 500
 
 

@@ -22,10 +22,6 @@ from tensordb.studies.scheduler import StudyScheduler
 
 TRIAL_PREFIX = b"trial-"
 ENDED = frozenset({JobEvent.FINISHED, JobEvent.FAILED, JobEvent.CANCELLED})
-#: The broker may hold a fetch this long before answering even when a record is there (Tansu does,
-#: at librdkafka's default of 500 ms): p99 decision latency 348 ms at the default, 60 ms at 10 ms
-#: (bench/studies.py), for some idle broker CPU.
-FETCH_WAIT_MS = 10
 
 
 def is_trial_key(key: bytes | None) -> bool:
@@ -52,13 +48,11 @@ def handle_trial_events(context: ProcessorContext, batch: list[Received]) -> Non
 
 
 def study_processors(settings: Settings) -> list[TopicProcessor]:
-    """The scheduler's two processor kinds (see the module docstring), fetching with a short broker
-    wait (:data:`FETCH_WAIT_MS`): a verdict or the next trial is decided milliseconds after its record."""
-    fetch = {"fetch.wait.max.ms": FETCH_WAIT_MS}
+    """The scheduler's two processor kinds (see the module docstring), fetching with the processors'
+    short broker wait: a verdict or the next trial is decided milliseconds after its record (p99
+    decision latency 348 ms at librdkafka's default wait, 60 ms at 10 ms: bench/studies.py)."""
     return [
-        TopicProcessor(
-            settings, "study-rungs", Topic.LOGS, handle_trial_logs, 500, select=is_trial_key, counts_progress=False, **fetch
-        ),
+        TopicProcessor(settings, "study-rungs", Topic.LOGS, handle_trial_logs, 500, select=is_trial_key, counts_progress=False),
         TopicProcessor(
             settings,
             "study-trials",
@@ -67,7 +61,6 @@ def study_processors(settings: Settings) -> list[TopicProcessor]:
             200,
             select=is_trial_key,
             counts_progress=False,
-            **fetch,
         ),
     ]
 

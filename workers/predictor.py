@@ -52,9 +52,6 @@ from workers.serve import ModelHolder, Serving, follow_promotions
 log = logging.getLogger(__name__)
 
 READY_LINE = "predictor ready"
-#: The broker may hold a fetch this long before answering even when a request is there (Tansu does,
-#: at librdkafka's default of 500 ms): short, so that a request waits milliseconds, not a fetch.
-FETCH_WAIT_MS = 10
 
 
 def reply_topics(settings: Settings) -> str:
@@ -108,7 +105,7 @@ class Predictor:
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Answer requests until :meth:`stop` (SIGTERM or SIGINT through the CLI)."""
-        consumer = make_consumer(self.settings, self.group, [Topic.PREDICT_REQUESTS], **{"fetch.wait.max.ms": FETCH_WAIT_MS})
+        consumer = make_consumer(self.settings, self.group, [Topic.PREDICT_REQUESTS])
         follower = None
         if self.version is None:
             follower = threading.Thread(

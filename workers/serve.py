@@ -40,9 +40,6 @@ from tensordb.runtime import Runtime
 log = logging.getLogger(__name__)
 MAX_INSTANCES = 1024
 ALIAS_CHECK_SECONDS = 5.0
-#: The broker may hold a fetch this long before answering even when a record is there (Tansu does,
-#: at librdkafka's default of 500 ms): short, so that a promotion reaches the server in milliseconds.
-FETCH_WAIT_MS = 10
 #: With ``http_docs`` on, /docs loads Swagger UI from its CDN and starts it from an inline script.
 DOCS_CSP = (
     CSP.replace("script-src 'self'", "script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net")
@@ -187,7 +184,6 @@ def follow_promotions(settings: Settings, holder: ModelHolder, stop: threading.E
         settings,
         f"{settings.topic_prefix}-{settings.project}-serve-{uuid.uuid4().hex[:8]}",
         [Topic.MODEL_EVENTS],
-        **{"fetch.wait.max.ms": FETCH_WAIT_MS},
     )
     last_check = time.monotonic()
     try:

@@ -44,9 +44,6 @@ log = logging.getLogger(__name__)
 BUSY_POLL_SECONDS = 0.25
 #: The loop's poll step: a slot freed by a finished job is refilled within about this.
 POLL_STEP_SECONDS = 0.02
-#: The broker may hold a fetch this long before answering even when a record is there (Tansu does
-#: at the default 500 ms): short, so that a job request reaches its worker in milliseconds.
-FETCH_WAIT_MS = 10
 
 
 def runners() -> dict[str, Runner]:
@@ -132,7 +129,6 @@ class Worker:
             self.settings,
             f"{self.settings.topic_prefix}-{self.settings.project}-workers",
             [Topic.JOB_REQUESTS],
-            **{"fetch.wait.max.ms": FETCH_WAIT_MS},
         )
         reaper = threading.Thread(target=self._reap_forever, name="tensordb-reaper", daemon=True)
         reaper.start()

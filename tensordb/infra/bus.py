@@ -268,8 +268,17 @@ class Publisher:
         self.close()
 
 
+#: How long the broker may hold a fetch of TensorDB's consumers (librdkafka's ``fetch.wait.max.ms``,
+#: 500 ms by default). Tansu answers a pending fetch not when a record arrives but at a later check,
+#: up to this long, so at the default a hop cost up to half a second (bench/loop_latency.py, the
+#: broker hop rows); Apache Kafka answers as soon as a record is there, and a short wait only makes
+#: an idle consumer's empty fetches more frequent.
+FETCH_WAIT_MS = 10
+
+
 def make_consumer(settings: Settings, group: str, topics: list[Topic], **client_options: Any) -> Consumer:
-    """A consumer-group member subscribed to ``topics``, committing offsets only when told to.
+    """A consumer-group member subscribed to ``topics``, committing offsets only when told to,
+    fetching with :data:`FETCH_WAIT_MS` unless ``client_options`` say otherwise.
 
     Offsets are committed after processing (at-least-once); TensorDB's writes are idempotent, so a
     redelivery after a crash is harmless.
@@ -282,6 +291,7 @@ def make_consumer(settings: Settings, group: str, topics: list[Topic], **client_
                 "enable.auto.commit": False,
                 "session.timeout.ms": 6000,
                 "heartbeat.interval.ms": 1000,
+                "fetch.wait.max.ms": FETCH_WAIT_MS,
                 **client_options,
             }
         )
