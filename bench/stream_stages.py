@@ -330,9 +330,9 @@ def stage_breakdown(settings: Settings, store: Store, count: int) -> tuple[dict[
         now = datetime.now(UTC)
         prepared = [_prepared(context, "here", 1, sample, now) for sample in derived]
         prepared_at = time.perf_counter()
-        stored = store_samples(context, prepared)
+        stored, _ = store_samples(context, prepared)
         stored_at = time.perf_counter()
-        announce(context, stored, now, only_unannounced=False)
+        announce(context, stored, now, mark=False)
         if counted:
             took = (read - clock, function - read, derived_at - function, prepared_at - derived_at, stored_at - prepared_at,
                     time.perf_counter() - stored_at)  # fmt: skip

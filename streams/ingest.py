@@ -208,22 +208,32 @@ def handle_samples(context: ProcessorContext, batch: list[Received]) -> None:
     broken = _check_claims(context.store, [document for _, document, _ in prepared])
     for position in broken:
         context.dead_letters.divert(prepared[position][0], SampleError(broken[position]))
-    inserted: set[str] = set()
-    stored = store_samples(context, [item for position, item in enumerate(prepared) if position not in broken], inserted)
-    announce(context, stored, now, only_unannounced=True, unannounced=inserted)
+    stored, inserted = store_samples(context, [item for position, item in enumerate(prepared) if position not in broken])
+    announce(context, _unannounced(context.store, stored, inserted), now, mark=True)
+
+
+def _unannounced(store: Store, stored: dict[str, str], inserted: set[str]) -> dict[str, str]:
+    """Those of the ``stored`` samples no ``data-imported`` event announced yet: the ones just
+    inserted (``announced: false`` by construction), and redelivered ones still unannounced (a
+    crash between storing and announcing), which only MongoDB knows."""
+    redelivered = [sample_id for sample_id in stored if sample_id not in inserted]
+    if redelivered:
+        found = store[SAMPLES].find({"_id": {"$in": redelivered}, "announced": False}, {"_id": 1})
+        inserted = inserted | {document["_id"] for document in found}
+    return {sample_id: dataset for sample_id, dataset in stored.items() if sample_id in inserted}
 
 
 #: A sample ready to store: what its dead letter would quote, its document and its blobs.
 Prepared = tuple[Received, SampleDocument, list[Blob]]
 
 
-def store_samples(context: ProcessorContext, prepared: list[Prepared], inserted: set[str] | None = None) -> dict[str, str]:
+def store_samples(context: ProcessorContext, prepared: list[Prepared]) -> tuple[dict[str, str], set[str]]:
     """Write the blobs and insert the documents of ``prepared``, each once: an id already stored with
     the same content is a redelivery (kept, and counted as stored); with other content, or refused by
-    MongoDB, the sample is dead-lettered with the reason. Returns the ids stored, with their datasets;
-    ``inserted``, if given, receives the ids whose documents this call inserted (not redeliveries)."""
+    MongoDB, the sample is dead-lettered with the reason. Returns the ids stored, with their datasets,
+    and those whose documents this call inserted (the others were redeliveries)."""
     if not prepared:
-        return {}
+        return {}, set()
     store: Store = context.store
     store.write_blobs([blob for _, _, blobs in prepared for blob in blobs])
     duplicates, refused = insert_new(store[SAMPLES], [document for _, document, _ in prepared])  # the first stored wins
@@ -236,11 +246,11 @@ def store_samples(context: ProcessorContext, prepared: list[Prepared], inserted:
     for position, reason in reused.items():
         context.dead_letters.divert(prepared[positions[position]][0], SampleError(reason))
     dropped = set(refused) | {positions[position] for position in reused}
-    if inserted is not None:
-        inserted.update(
-            document["_id"] for index, (_, document, _) in enumerate(prepared) if index not in refused and index not in duplicates
-        )
-    return {document["_id"]: document["dataset"] for index, (_, document, _) in enumerate(prepared) if index not in dropped}
+    stored = {document["_id"]: document["dataset"] for index, (_, document, _) in enumerate(prepared) if index not in dropped}
+    inserted = {
+        document["_id"] for index, (_, document, _) in enumerate(prepared) if index not in refused and index not in duplicates
+    }
+    return stored, inserted
 
 
 def _reused_ids(store: Store, duplicates: list[SampleDocument]) -> dict[int, str]:
@@ -271,31 +281,14 @@ def _reused_ids(store: Store, duplicates: list[SampleDocument]) -> dict[int, str
 ANNOUNCE_CHUNK = 250
 
 
-def announce(
-    context: ProcessorContext,
-    stored: Mapping[str, str],
-    now: datetime,
-    only_unannounced: bool,
-    unannounced: set[str] | frozenset[str] = frozenset(),
-) -> None:
-    """Publish ``data-imported`` events for the ``stored`` samples (id → dataset), in chunks of
-    :data:`ANNOUNCE_CHUNK` keyed by their first id.
-
-    With ``only_unannounced``, only those not yet announced, which are then marked announced once
-    the events are acknowledged: ingest's records, each announced once although a redelivery may
-    come much later. ``unannounced`` names those known to be (just inserted, with ``announced:
-    false``): only the others are looked up. Without it, all of them (a stage's derived samples: a redelivered source
-    re-derives the same ids and announces them again, and every reader counts a sample once).
+def announce(context: ProcessorContext, samples: Mapping[str, str], now: datetime, mark: bool) -> None:
+    """Publish ``data-imported`` events for ``samples`` (id → dataset), in chunks of
+    :data:`ANNOUNCE_CHUNK` keyed by their first id; with ``mark``, record them announced once the
+    events are acknowledged (ingest's records, each announced once although a redelivery may come
+    much later). A stage's derived samples are not marked: a redelivered source re-derives the same
+    ids and announces them again, and every reader counts a sample once.
     """
-    store: Store = context.store
-    if only_unannounced and stored:
-        ids = [sample_id for sample_id in stored if sample_id in unannounced]
-        others = [sample_id for sample_id in stored if sample_id not in unannounced]  # redeliveries: announced yet?
-        if others:
-            ids += [document["_id"] for document in store[SAMPLES].find({"_id": {"$in": others}, "announced": False}, {"_id": 1})]
-        ids.sort()
-    else:
-        ids = sorted(stored)
+    ids = sorted(samples)
     for start in range(0, len(ids), ANNOUNCE_CHUNK):
         chunk = ids[start : start + ANNOUNCE_CHUNK]
         context.publisher.publish(
@@ -304,7 +297,7 @@ def announce(
                 "schema": Schema.DATA_IMPORTED,
                 "batch_id": "import-" + hashlib.sha256("\n".join(chunk).encode()).hexdigest()[:32],
                 "sample_ids": chunk,
-                "datasets": sorted({stored[sample_id] for sample_id in chunk}),
+                "datasets": sorted({samples[sample_id] for sample_id in chunk}),
                 "imported_at": now.isoformat(),
             },
             key=chunk[0],
@@ -312,8 +305,8 @@ def announce(
     if not ids:
         return
     context.publisher.flush()  # announced only once the events are acknowledged
-    if only_unannounced:
-        store[SAMPLES].update_many({"_id": {"$in": ids}}, {"$set": {"announced": True}})
+    if mark:
+        context.store[SAMPLES].update_many({"_id": {"$in": ids}}, {"$set": {"announced": True}})
 
 
 #: How old an unreferenced sample blob must be before :func:`sweep_sample_blobs` removes it: long

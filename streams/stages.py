@@ -89,7 +89,8 @@ def apply_stage(context: ProcessorContext, stage: dict[str, Any], sources: list[
             except (StageFunctionError, SampleError) as exc:
                 failures.append((document, exc))
     if prepared:  # stored once each, announced: the next stages and triggers see them
-        announce(context, store_samples(context, prepared), now, only_unannounced=False)
+        stored, _ = store_samples(context, prepared)
+        announce(context, stored, now, mark=False)
     if failures:
         context.dead_letters.divert_many(
             [(_source_letter(spec.name, spec.version, document), error) for document, error in failures]
