@@ -33,6 +33,7 @@ from tensordb.models.registry import ModelRegistry
 from tensordb.records import Schema
 from tensordb.runs.logger import RunLogger
 from tensordb.runtime import Runtime
+from tensordb.studies.scheduler import StudyScheduler
 from workers.context import JobCancelled, JobContext, Runner
 from workers.evaluation import run_evaluation
 from workers.tasks import run_task
@@ -250,8 +251,19 @@ class Worker:
                 registry.close()  # uploads of a failed job: waited for, their errors only logged
             except Exception:  # noqa: BLE001 - the job's outcome is recorded already
                 log.warning("a model upload of job %s failed", job["_id"], exc_info=True)
+            if (study := (job.get("labels") or {}).get("study")) and not self._stopping.is_set():
+                self._fill_study(study)
             self._running.pop(job["_id"], None)
             self._slot_freed.set()
+
+    def _fill_study(self, study: str) -> None:
+        """Submit the study's next trial before freeing the slot, so that this worker claims it at
+        once, without waiting for the scheduler to hear of the job's end over the bus (which it
+        still does, and finds the slot filled: fills are idempotent and take turns)."""
+        try:
+            StudyScheduler(self.store, self.publisher, self.registry).fill(study)
+        except Exception:  # noqa: BLE001 - the scheduler's processor fills the slot anyway
+            log.warning("could not submit study %s's next trial here; the scheduler will", study, exc_info=True)
 
     def _heartbeat(self, context: JobContext) -> None:
         while not context.stop.wait(min(self.lease_seconds / 3, 1.0)):  # also how fast a cancel is seen

@@ -19,7 +19,11 @@ from __future__ import annotations
 
 import logging
 import statistics
-from datetime import UTC, datetime
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -43,6 +47,11 @@ DECISIONS = "study_decisions"
 LAST_TRIAL = [("configuration", -1), ("fold", -1)]
 #: The alias that points at the best trial's final version once a study finishes.
 BEST_ALIAS = "best"
+#: How long one :meth:`StudyScheduler.fill` may hold a study's fill lock: another filler takes it
+#: over after this if the holder died mid-fill (a fill submits a few trials in milliseconds).
+FILL_LEASE = timedelta(seconds=10)
+#: How often a filler waiting for the lock looks again.
+FILL_WAIT_SECONDS = 0.002
 
 
 class StudyStatus(StrEnum):
@@ -117,7 +126,33 @@ class StudyScheduler:
 
     def fill(self, name: str) -> list[str]:
         """Submit trials until the study holds ``max_concurrent`` unfinished ones or has none left;
-        returns the ids submitted. Safe to run anywhere, any number of times, concurrently."""
+        returns the ids submitted. Safe to run anywhere, any number of times, concurrently: fills
+        of one study take turns (:meth:`_filling`), so two of them never both count a free slot
+        and the study never holds more than ``max_concurrent`` unfinished trials."""
+        with self._filling(name):
+            return self._fill(name)
+
+    @contextmanager
+    def _filling(self, name: str) -> Iterator[None]:
+        """Hold the study's fill lock (a lease on its document) while the body runs. The worker
+        that ended a trial and the scheduler both fill; a fill that counted before the other's
+        trial ended would leave its slot empty, so a filler waits for its turn instead of skipping."""
+        token = uuid.uuid4().hex
+        while True:
+            now = _now()
+            taken = self.studies.update_one(
+                {"_id": name, "$or": [{"filling": None}, {"filling.until": {"$lt": now}}]},
+                {"$set": {"filling": {"by": token, "until": now + FILL_LEASE}}},
+            )
+            if taken.modified_count or not self.studies.count_documents({"_id": name}, limit=1):
+                break  # ours; or no such study (the body says so)
+            time.sleep(FILL_WAIT_SECONDS)
+        try:
+            yield
+        finally:
+            self.studies.update_one({"_id": name, "filling.by": token}, {"$set": {"filling": None}})
+
+    def _fill(self, name: str) -> list[str]:
         submitted: list[str] = []
         while self._running(name):
             spec = self.spec(name)

@@ -69,13 +69,13 @@ class Studies:
     def get(self, name: str) -> dict[str, Any]:
         """The study's document (spec, status, best once finished); raises ``StudyNotFoundError``."""
         self.scheduler.spec(name)  # the clear error for an unknown name
-        study = self.collection.find_one({"_id": name})
+        study = self.collection.find_one({"_id": name}, {"filling": 0})
         assert study is not None
         return study
 
     def list(self) -> builtins.list[dict[str, Any]]:
         """Every study of the project, newest first, with how many trials each has run and holds."""
-        studies = list(self.collection.find({}, {"spec": 0}).sort("created_at", DESCENDING))
+        studies = list(self.collection.find({}, {"spec": 0, "filling": 0}).sort("created_at", DESCENDING))
         for study in studies:
             study["trials"] = self.scheduler.trials.count_documents({"study": study["_id"]})
             study["unfinished"] = self.scheduler.unfinished_trials(study["_id"])

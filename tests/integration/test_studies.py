@@ -213,3 +213,52 @@ def test_asha_with_folds_judges_a_configuration_by_the_mean_of_its_folds(setting
             assert len(verdicts[(number, 0)]["trials"]) == 2
         rows = study.configurations()
         assert [row["status"] for row in rows] == ["finished", "finished", "stopped"]
+
+
+def test_fills_at_the_same_moment_never_hold_more_than_max_concurrent_trials(settings) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with TensorDB(settings) as db:
+        db.create_study(
+            name="racing", model=CURVE, objective=OBJECTIVE, space={"x": {"uniform": [0, 1]}},
+            searcher={"name": "random"}, max_trials=40, max_concurrent=3,
+        )  # fmt: skip
+        scheduler = db.studies.scheduler
+        for round_ in range(4):  # no worker: the jobs stay pending until cancelled here
+            for job in trial_jobs(db, "racing")[:2]:
+                if job["status"] == "pending":
+                    db.cancel_job(job["_id"])
+            with ThreadPoolExecutor(6) as pool:
+                list(pool.map(lambda _: scheduler.fill("racing"), range(6)))
+            jobs = trial_jobs(db, "racing")
+            assert sum(job["status"] == "pending" for job in jobs) == 3, (round_, [(j["_id"], j["status"]) for j in jobs])
+        numbers = sorted(trial["configuration"] for trial in db.study("racing").trials())
+        assert numbers == list(range(len(numbers)))  # each trial number once, none skipped
+
+
+def test_a_fill_lock_left_by_a_dead_filler_is_taken_over_after_its_lease(settings) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    with TensorDB(settings) as db:
+        db.create_study(name="orphaned", model=CURVE, objective=OBJECTIVE, space={"x": {"uniform": [0, 1]}},
+                        searcher={"name": "random"}, max_trials=5, max_concurrent=1)  # fmt: skip
+        db.cancel_job(trial_jobs(db, "orphaned")[0]["_id"])
+        until = datetime.now(UTC) + timedelta(seconds=0.5)
+        db.studies.collection.update_one({"_id": "orphaned"}, {"$set": {"filling": {"by": "killed", "until": until}}})
+        started = time.monotonic()
+        assert len(db.studies.scheduler.fill("orphaned")) == 1
+        assert time.monotonic() - started >= 0.3  # it waited for the lease to run out
+        assert "filling" not in db.studies.get("orphaned")
+
+
+def test_a_worker_submits_the_next_trial_itself_when_one_ends(settings, start_worker) -> None:
+    """No scheduler runs here: the worker that ended a trial fills its study's slot, and claims it."""
+    start_worker()
+    with TensorDB(settings) as db:
+        db.create_study(name="self-filled", model=CURVE, objective=OBJECTIVE, space={"x": {"uniform": [0, 1]}},
+                        searcher={"name": "random"}, max_trials=3, max_concurrent=1, hyperparameters={"seconds": 0.05})  # fmt: skip
+        jobs = wait_for(lambda: (jobs := trial_jobs(db, "self-filled")) and all(j["status"] == "finished" for j in jobs)
+                        and len(jobs) == 3 and jobs)  # fmt: skip
+        starts = sorted(job["started_at"] for job in jobs)
+        ends = sorted(job["finished_at"] for job in jobs)
+        assert all(start >= end for start, end in zip(starts[1:], ends, strict=False))  # one at a time
