@@ -102,6 +102,10 @@ class Worker:
         # list() copies are atomic, so no lock: stop() runs in signal handlers, where a lock could deadlock.
         self._running: dict[str, JobContext] = {}
         self._slot_freed = threading.Event()  # set by a job's thread when it ends
+        # Claims come from the loop and from a job's thread that just freed its slot: one at a time,
+        # so that two never both count the same free slot.
+        self._claiming = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None  # the job threads, while run() runs
         self._advertised: frozenset[str] | None = None  # the running job ids last advertised...
         self._advertised_at = 0.0  # ...and when (time.monotonic())
 
@@ -136,12 +140,12 @@ class Worker:
         self._advertise()
         log.info("worker ready: %s (%d slots, %d GPUs)", self.worker_id, self.slots, self.gpus)
         try:
-            with ThreadPoolExecutor(self.slots, thread_name_prefix="tensordb-job") as executor:
+            with ThreadPoolExecutor(self.slots, thread_name_prefix="tensordb-job") as self._executor:
                 try:
                     while not self._stopping.is_set():
                         if self._doorbell_rang(consumer):
                             consumer.commit(asynchronous=True)  # requests are doorbells; the jobs collection is the queue
-                        self._claim_while_free(executor)
+                        self._claim_while_free()
                         self._advertise_if_due()
                 finally:
                     self._hand_back_running()  # also after an error in the loop; the executor waits for them
@@ -167,17 +171,19 @@ class Worker:
         self._slot_freed.clear()
         return False
 
-    def _claim_while_free(self, executor: ThreadPoolExecutor) -> None:
+    def _claim_while_free(self) -> None:
         """Claim pending jobs that fit the free slots and GPUs, each started on a thread of its own,
         until none fits (a job asking for more than this worker has is left to others)."""
-        while not self._stopping.is_set():
-            free = self._free()
-            if free["slots"] < 1:
-                return
-            job = self.jobs.claim(self.worker_id, self.lease_seconds, free_slots=free["slots"], free_gpus=free["gpus"])
-            if job is None:
-                return
-            executor.submit(self._run_in_slot, self._start_context(job))
+        assert self._executor is not None, "claims start jobs on run()'s threads"
+        with self._claiming:
+            while not self._stopping.is_set():
+                free = self._free()
+                if free["slots"] < 1:
+                    return
+                job = self.jobs.claim(self.worker_id, self.lease_seconds, free_slots=free["slots"], free_gpus=free["gpus"])
+                if job is None:
+                    return
+                self._executor.submit(self._run_in_slot, self._start_context(job))
 
     def _free(self) -> JobResources:
         """The slots and GPUs no running job occupies."""
@@ -215,11 +221,16 @@ class Worker:
         return context
 
     def _run_in_slot(self, context: JobContext) -> None:
-        """A job's thread: a failure to record the outcome is logged, never ends the worker."""
+        """A job's thread: a failure to record the outcome is logged, never ends the worker. The
+        thread then refills the slot it freed at once, rather than when the loop next wakes."""
         try:
             self._run_job(context)
         except Exception:  # noqa: BLE001 - the other jobs keep running
             log.exception("could not record the outcome of job %s: its lease will expire and it is re-queued", context.job_id)
+        try:
+            self._claim_while_free()
+        except Exception:  # noqa: BLE001 - the loop claims it at its next pass
+            log.warning("could not claim a job after %s ended; the worker's loop will", context.job_id, exc_info=True)
 
     def _run_job(self, context: JobContext) -> None:
         job, registry, logger = context.job, context.registry, context.logger
