@@ -1,11 +1,12 @@
 """The lazy streaming loader: a cohort as a stream of ``(x, y)`` NumPy batches.
 
-Nothing is materialised: metadata documents arrive through one MongoDB cursor (a bounded shuffle
-buffer holds metadata only), or, for a global shuffle, sharding and resuming, by id from a member
-snapshot (one query per batch); each batch's bytes are fetched with one query over the GridFS
-chunks of its samples (one round trip per batch, not one per sample), in background threads,
+Nothing is materialised: sample documents arrive through one MongoDB cursor (a bounded shuffle
+buffer holds documents only), or, for a global shuffle, sharding and resuming, by id from a member
+snapshot (one query per batch). Small arrays' bytes come inside those documents; larger ones (and
+samples stored before arrays were kept inline) are fetched with one query over the GridFS chunks of
+the batch's samples (one round trip per batch, not one per sample), in background threads,
 ``prefetch`` batches ahead. Memory is bounded by ``batch_size × (prefetch + 1)`` samples plus the
-shuffle buffer's metadata or the snapshot's ids. ``position`` and :meth:`CohortStream.state` let a
+shuffle buffer's documents or the snapshot's ids. ``position`` and :meth:`CohortStream.state` let a
 restarted job resume.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
@@ -39,7 +40,7 @@ TF_GROUP_BATCHES = 16
 TF_GROUP_BYTES = 4 * 2**20
 
 
-def content_matches(data: bytes, spec: dict[str, Any]) -> bool:
+def content_matches(data: bytes, spec: Mapping[str, Any]) -> bool:
     """Whether ``data`` is the bytes stored for an array: its xxh3 checksum (recorded when it was
     written; samples stored by earlier versions have only their sha256, checked instead).
 
@@ -51,22 +52,31 @@ def content_matches(data: bytes, spec: dict[str, Any]) -> bool:
     return hashlib.sha256(data).hexdigest() == spec["sha256"]
 
 
+def read_blobs(store: Store, specs: Iterable[Mapping[str, Any]]) -> dict[Any, bytes]:
+    """The GridFS bytes of those array entries that are not inline, in one query (none if all are)."""
+    blob_ids = [spec["blob_id"] for spec in specs if "blob_id" in spec]
+    return store.read_blobs(blob_ids) if blob_ids else {}
+
+
 def checked_bytes(blobs: Mapping[Any, bytes], sample_id: str, name: str, spec: Mapping[str, Any]) -> bytes:
-    """The bytes of array ``name`` of a sample, read in ``blobs``; raises :class:`IntegrityError`
-    when they are missing or do not match the size and checksum recorded when they were stored."""
-    data = blobs.get(spec["blob_id"])
-    if data is None or len(data) != spec["nbytes"] or not content_matches(data, dict(spec)):
+    """The bytes of array ``name`` of a sample: inline in its entry, or read in ``blobs``; raises
+    :class:`IntegrityError` when they are missing or do not match the size and checksum recorded
+    when they were stored."""
+    inline = "data" in spec
+    data = spec["data"] if inline else blobs.get(spec["blob_id"])
+    if data is None or len(data) != spec["nbytes"] or not content_matches(data, spec):
         raise IntegrityError(
             f"the bytes of array {name!r} of sample {sample_id!r} are "
             + ("missing" if data is None else "not those stored (checksum mismatch)")
-            + " in GridFS: re-publish the sample, or restore the blobs collection from a backup"
+            + (" in its sample document" if inline else " in GridFS")
+            + ": re-publish the sample, or restore the samples and blobs collections from a backup"
         )
     return data
 
 
 def sample_arrays(store: Store, documents: Sequence[Mapping[str, Any]]) -> list[dict[str, np.ndarray]]:
-    """Every array of each sample document, read in one query and checked (transform stages read
-    whole samples this way).
+    """Every array of each sample document, checked; the arrays in GridFS are read in one query
+    (transform stages and the predictor read whole samples this way).
 
     Parameters
     ----------
@@ -75,7 +85,7 @@ def sample_arrays(store: Store, documents: Sequence[Mapping[str, Any]]) -> list[
     documents : list of mapping
         Sample documents with their ``arrays`` field.
     """
-    blobs = store.read_blobs([spec["blob_id"] for document in documents for spec in document["arrays"].values()])
+    blobs = read_blobs(store, (spec for document in documents for spec in document["arrays"].values()))
     return [
         {name: to_array(checked_bytes(blobs, document["_id"], name, spec), spec) for name, spec in document["arrays"].items()}
         for document in documents
@@ -228,7 +238,7 @@ class CohortStream:
         """The ids of the samples the rest of this epoch yields, in order (no bytes read)."""
         if self.from_snapshot:
             return [sample for batch in self._batches_of_ids(0, 1) for sample in batch]
-        return [document["_id"] for batch in self._batches_of_metadata() for document in batch]
+        return [document["_id"] for batch in self._batches_of_metadata({"_id": 1}) for document in batch]
 
     # -- what each batch holds ----------------------------------------------------------------------
     def _projection(self) -> dict[str, int]:
@@ -237,9 +247,10 @@ class CohortStream:
             projection[f"labels.{self.cohort.y}"] = 1
         return projection
 
-    def _ordered(self) -> Iterator[dict[str, Any]]:
-        """Metadata documents in cohort order, or shuffled through a bounded buffer."""
-        documents = self.cohort.documents(self._projection())
+    def _ordered(self, projection: Mapping[str, int]) -> Iterator[dict[str, Any]]:
+        """Sample documents in cohort order, or shuffled through a bounded buffer (the same order
+        whatever the ``projection``)."""
+        documents = self.cohort.documents(projection)
         if not self.shuffle_buffer:
             yield from documents
             return
@@ -255,10 +266,10 @@ class CohortStream:
         rng.shuffle(buffer)
         yield from buffer
 
-    def _batches_of_metadata(self) -> Iterator[list[dict[str, Any]]]:
+    def _batches_of_metadata(self, projection: Mapping[str, int] | None = None) -> Iterator[list[dict[str, Any]]]:
         start = self.position
         batch: list[dict[str, Any]] = []
-        for index, document in enumerate(self._ordered()):
+        for index, document in enumerate(self._ordered(projection or self._projection())):
             if index < start:
                 continue
             batch.append(document)
@@ -279,7 +290,7 @@ class CohortStream:
                 yield [ids[position] for position in positions]
 
     def _fetch_ids(self, ids: list[str]) -> Batch:
-        """Read one batch's metadata (one query by id) and bytes (one query), in the order of ``ids``."""
+        """Read one batch's documents (one query by id) and its bytes in GridFS (one query), in the order of ``ids``."""
         found = {
             document["_id"]: document for document in self.cohort.store[SAMPLES].find({"_id": {"$in": ids}}, self._projection())
         }
@@ -292,7 +303,7 @@ class CohortStream:
         return self._fetch([found[sample] for sample in ids])
 
     def _fetch(self, metadata: list[dict[str, Any]]) -> Batch:
-        """Read one batch's bytes in one query and assemble the arrays."""
+        """Assemble one batch's arrays: bytes kept inline come with ``metadata``, those in GridFS in one query."""
         x_name, y_name = self.cohort.x, self.cohort.y
         try:
             specs = [document["arrays"][x_name] for document in metadata]
@@ -301,7 +312,7 @@ class CohortStream:
                 f"a sample of this cohort has no array {x_name!r}: filter the cohort to samples that have it "
                 f"(e.g. {{'arrays.{x_name}': {{'$exists': true}}}}) or choose another x"
             ) from None
-        blobs = self.cohort.store.read_blobs([spec["blob_id"] for spec in specs])
+        blobs = read_blobs(self.cohort.store, specs)
         first = specs[0]
         shape, dtype = first["shape"], first["dtype"]
         # Stored bytes are little-endian; the batch is one array they are copied into once each,
@@ -372,14 +383,16 @@ def _label_spec(value: Any) -> tuple[tuple[int, ...], np.dtype]:
 def to_tf_dataset(cohort: SampleSource, batch_size: int = 32, **options: Any) -> tf.data.Dataset:
     """The cohort as a ``tf.data.Dataset`` of ``(x, y)`` batches, with an exact ``element_spec``.
 
-    Shapes and dtypes come from the first sample's metadata (no bytes read). Each pass over the
+    Shapes and dtypes come from the first sample's array entry (no bytes read). Each pass over the
     dataset reads the stream's next epoch (a new permutation with ``shuffle=True``), lazily.
     Batches of small samples are fetched several at a time (up to 16 batches, 4 MiB) and cut to
     ``batch_size`` in tf.data; ``options`` are :class:`CohortStream`'s.
     """
     import tensorflow as tf
 
-    projection = {f"arrays.{cohort.x}": 1, **({f"labels.{cohort.y}": 1} if cohort.y else {})}
+    projection = {f"arrays.{cohort.x}.{field}": 1 for field in ("dtype", "shape", "nbytes")}
+    if cohort.y:
+        projection[f"labels.{cohort.y}"] = 1
     first = next(iter(cohort.documents(projection, batch_size=1)), None)
     if first is None:
         raise QueryError("this cohort has no samples yet: publish data or widen its filter")
