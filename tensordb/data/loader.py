@@ -1,12 +1,13 @@
 """The lazy streaming loader: a cohort as a stream of ``(x, y)`` NumPy batches.
 
 Nothing is materialised: sample documents arrive through one MongoDB cursor (a bounded shuffle
-buffer holds documents only), or, for a global shuffle, sharding and resuming, by id from a member
-snapshot (one query per batch). Small arrays' bytes come inside those documents; larger ones (and
-samples stored before arrays were kept inline) are fetched with one query over the GridFS chunks of
-the batch's samples (one round trip per batch, not one per sample), in background threads,
-``prefetch`` batches ahead. Memory is bounded by ``batch_size × (prefetch + 1)`` samples plus the
-shuffle buffer's documents or the snapshot's ids. ``position`` and :meth:`CohortStream.state` let a
+buffer holds their ids, each batch then read by id), or, for a global shuffle, sharding and
+resuming, by id from a member snapshot (one query per batch). Small arrays' bytes come inside
+those documents; larger ones (and those of samples stored before arrays were kept inline) are
+fetched with one query over the GridFS chunks of the batch's samples (one round trip per batch, not
+one per sample), in background threads, ``prefetch`` batches ahead. Memory is bounded by about
+twice ``batch_size × (prefetch + 1)`` samples (the batches in flight and the cursor's read-ahead)
+plus the shuffle buffer's or the snapshot's ids. ``position`` and :meth:`CohortStream.state` let a
 restarted job resume.
 """
 
@@ -63,7 +64,7 @@ def checked_bytes(blobs: Mapping[Any, bytes], sample_id: str, name: str, spec: M
     :class:`IntegrityError` when they are missing or do not match the size and checksum recorded
     when they were stored."""
     inline = "data" in spec
-    data = spec["data"] if inline else blobs.get(spec["blob_id"])
+    data = spec["data"] if inline else blobs.get(spec.get("blob_id"))
     if data is None or len(data) != spec["nbytes"] or not content_matches(data, spec):
         raise IntegrityError(
             f"the bytes of array {name!r} of sample {sample_id!r} are "
@@ -98,7 +99,7 @@ class CohortStream:
     Two readers, chosen by the options:
 
     - **the cohort's cursor** (the default): cohort order, or ``shuffle_buffer`` samples shuffled
-      through a window; ``start`` skips samples of the first epoch, re-reading their metadata;
+      through a window; ``start`` skips samples of the first epoch, re-reading their documents;
     - **a member snapshot** (:mod:`tensordb.data.snapshots`) when ``shuffle=True``, ``rank`` /
       ``world_size`` or ``state`` is given: one global order per epoch (:mod:`tensordb.data.order`),
       this rank's share of it, and :meth:`state` to resume at any position without reading what
@@ -146,7 +147,7 @@ class CohortStream:
         prefetch, fetch_threads : int
             Batches fetched ahead, by this many threads.
         start : int
-            Samples of the first epoch to skip (their bytes are never read).
+            Samples of the first epoch to skip (their bytes in GridFS are never read).
         drop_remainder : bool
             Omit a last short batch.
         """
@@ -247,10 +248,14 @@ class CohortStream:
             projection[f"labels.{self.cohort.y}"] = 1
         return projection
 
-    def _ordered(self, projection: Mapping[str, int]) -> Iterator[dict[str, Any]]:
+    def _ordered(self, projection: Mapping[str, int] | None) -> Iterator[dict[str, Any]]:
         """Sample documents in cohort order, or shuffled through a bounded buffer (the same order
-        whatever the ``projection``)."""
-        documents = self.cohort.documents(projection)
+        whatever the ``projection``). Whole documents (``projection`` None) carry their inline
+        bytes, so the cursor then reads only the batches in flight at a time, not 1,000 documents."""
+        if projection is None:
+            documents = self.cohort.documents(self._projection(), batch_size=self.batch_size * (self.prefetch + 1))
+        else:
+            documents = self.cohort.documents(projection)
         if not self.shuffle_buffer:
             yield from documents
             return
@@ -269,7 +274,7 @@ class CohortStream:
     def _batches_of_metadata(self, projection: Mapping[str, int] | None = None) -> Iterator[list[dict[str, Any]]]:
         start = self.position
         batch: list[dict[str, Any]] = []
-        for index, document in enumerate(self._ordered(projection or self._projection())):
+        for index, document in enumerate(self._ordered(projection)):
             if index < start:
                 continue
             batch.append(document)
@@ -297,8 +302,8 @@ class CohortStream:
         missing = [sample for sample in ids if sample not in found]
         if missing:
             raise NotFoundError(
-                f"sample {missing[0]!r} of this cohort's member snapshot was deleted after the pin "
-                f"({self.cohort.as_of}): stream the cohort pinned at a later time (a new snapshot)"
+                f"sample {missing[0]!r} of this cohort was deleted while the stream read it (pinned at "
+                f"{self.cohort.as_of}): stream the cohort again, pinned at a later time (a new snapshot)"
             )
         return self._fetch([found[sample] for sample in ids])
 
@@ -366,6 +371,9 @@ class CohortStream:
         """One call per batch that reads it (run in the fetch threads)."""
         if self.from_snapshot:
             return (partial(self._fetch_ids, ids) for ids in self._batches_of_ids(worker, workers))
+        if self.shuffle_buffer:  # the buffer holds ids, not inline bytes: each batch is read by id
+            batches = self._batches_of_metadata({"_id": 1})
+            return (partial(self._fetch_ids, [document["_id"] for document in batch]) for batch in batches)
         return (partial(self._fetch, metadata) for metadata in self._batches_of_metadata())
 
     def _deliver(self, future: Future[Batch]) -> Batch:
