@@ -1,4 +1,6 @@
-"""The ingest processor: sample records become GridFS blobs plus one metadata document each.
+"""The ingest processor: each sample record becomes one document, holding small arrays' bytes
+(up to :data:`~tensordb.data.samples.INLINE_MAX_BYTES` together) and referring to GridFS blobs
+for the larger ones.
 
 Idempotent by construction: a sample's id comes from the record (or its content), its blobs' ids
 from the project, sample id and array name, and documents are inserted only if absent, so a
@@ -31,6 +33,7 @@ from bson import ObjectId
 from streams.processing import ProcessorContext
 from tensordb.config import Topic
 from tensordb.data.samples import (
+    INLINE_MAX_BYTES,
     SAMPLES,
     SampleDocument,
     SampleOrigin,
@@ -49,8 +52,8 @@ from tensordb.records import Schema
 
 
 def blob_id(project: str, sample_id: str, array_name: str) -> ObjectId:
-    """The deterministic GridFS id of an inline array, so a redelivery cannot write a second blob
-    (and the same sample id in two projects names two blobs)."""
+    """The deterministic id of an array ingest writes to GridFS, so a redelivery cannot write a
+    second blob (and the same sample id in two projects names two blobs)."""
     return ObjectId(hashlib.sha256(f"{project}\0{sample_id}\0{array_name}".encode()).digest()[:12])
 
 
@@ -67,11 +70,11 @@ def fingerprint(document: Mapping[str, Any]) -> str:
 
 
 def _prepare(received: Received, store: Store, now: datetime) -> tuple[SampleDocument, list[Blob]]:
-    """The metadata document and the blobs to write for one valid sample record."""
+    """The document and the blobs to write for one valid sample record."""
     record = received.valid_record
     sample_id = record.get("sample_id") or content_id(record)
-    arrays: dict[str, StoredArray] = {}
-    blobs: list[Blob] = []
+    claimed: dict[str, StoredArray] = {}
+    in_hand: dict[str, ArrayBytes] = {}
     limit = store.settings.max_sample_bytes
     for name, spec in record["arrays"].items():
         if "blob_id" in spec:  # claim check: the SDK stored the bytes already
@@ -82,34 +85,52 @@ def _prepare(received: Received, store: Store, now: datetime) -> tuple[SampleDoc
                 )
             if not record.get("sample_id"):
                 raise SampleError(f"array {name!r} is a claim check, so the record needs the sample_id its blob was uploaded for")
-            arrays[name] = {
+            claimed[name] = {
                 "dtype": spec["dtype"], "claim_check": True, "shape": [int(size) for size in spec["shape"]],
                 "nbytes": spec["nbytes"], "sha256": spec["sha256"], "blob_id": ObjectId(spec["blob_id"]),
             }  # fmt: skip
         else:
             data, shape = inline_bytes(name, spec, limit)
-            arrays[name], blob = inline_array(store, record["dataset"], sample_id, name, spec["dtype"], shape, data)
-            blobs.append(blob)
+            in_hand[name] = (spec["dtype"], shape, data)
+    stored, blobs = stored_arrays(store, record["dataset"], sample_id, in_hand)
+    arrays = {name: claimed[name] if name in claimed else stored[name] for name in record["arrays"]}
     origin: SampleOrigin = {"topic": received.topic, "partition": received.partition, "offset": received.offset}
     return sample_document(store, record, sample_id, arrays, now, origin), blobs
 
 
-def inline_array(
-    store: Store, dataset: str, sample_id: str, name: str, dtype: str, shape: list[int], data: bytes
-) -> tuple[StoredArray, Blob]:
-    """How an array whose bytes are in hand is stored: its entry in the sample document and its
-    blob (under the deterministic :func:`blob_id`)."""
-    digest = hashlib.sha256(data).hexdigest()
-    entry: StoredArray = {
-        "dtype": dtype, "claim_check": False, "shape": shape, "nbytes": len(data), "sha256": digest,
-        "xxh3": xxh3_hex(data), "blob_id": blob_id(store.project, sample_id, name),
-    }  # fmt: skip
-    return entry, (
-        entry["blob_id"],
-        f"{dataset}/{sample_id}/{name}",
-        data,
-        {"kind": "sample-array", "sha256": digest, "sample_id": sample_id},
-    )
+#: An array whose bytes are in hand: its dtype, shape and raw little-endian bytes.
+ArrayBytes = tuple[str, list[int], bytes]
+
+
+def stored_arrays(
+    store: Store, dataset: str, sample_id: str, arrays: Mapping[str, ArrayBytes]
+) -> tuple[dict[str, StoredArray], list[Blob]]:
+    """How arrays whose bytes are in hand are stored: their entries in the sample document, and
+    the blobs to write. The smallest arrays keep their bytes in their entries, up to
+    :data:`INLINE_MAX_BYTES` together; each other one is a blob under the deterministic :func:`blob_id`."""
+    entries: dict[str, StoredArray] = {}
+    blobs: list[Blob] = []
+    budget = INLINE_MAX_BYTES
+    for name, (dtype, shape, data) in sorted(arrays.items(), key=lambda item: len(item[1][2])):
+        digest = hashlib.sha256(data).hexdigest()
+        entry: StoredArray = {
+            "dtype": dtype, "claim_check": False, "shape": shape, "nbytes": len(data), "sha256": digest, "xxh3": xxh3_hex(data),
+        }  # fmt: skip
+        if len(data) <= budget:
+            budget -= len(data)
+            entry["data"] = data
+        else:
+            entry["blob_id"] = blob_id(store.project, sample_id, name)
+            blobs.append(
+                (
+                    entry["blob_id"],
+                    f"{dataset}/{sample_id}/{name}",
+                    data,
+                    {"kind": "sample-array", "sha256": digest, "sample_id": sample_id},
+                )
+            )
+        entries[name] = entry
+    return {name: entries[name] for name in arrays}, blobs
 
 
 def sample_document(
@@ -240,7 +261,7 @@ def store_samples(context: ProcessorContext, prepared: list[Prepared]) -> tuple[
     for index, reason in refused.items():
         received, document, blobs = prepared[index]
         context.dead_letters.divert(received, StorageError(reason))
-        store.delete_blobs([blob[0] for blob in blobs])  # only the inline arrays' blobs, written above
+        store.delete_blobs([blob[0] for blob in blobs])  # the blobs written above, never a claim check's
     positions = sorted(duplicates)
     reused = _reused_ids(store, [prepared[index][1] for index in positions])
     for position, reason in reused.items():
@@ -342,6 +363,7 @@ def sweep_sample_blobs(store: Store, grace: timedelta = SAMPLE_BLOB_GRACE) -> in
             entry["blob_id"]
             for document in store[SAMPLES].find({"_id": {"$in": chunk}}, {"arrays": 1})
             for entry in document["arrays"].values()
+            if "blob_id" in entry  # not an array kept inline
         }
         orphans += [blob for sample_id in chunk for blob in candidates[sample_id] if blob not in referenced]
     store.delete_blobs(orphans)

@@ -23,11 +23,11 @@ from typing import Any
 import orjson
 
 from streams.consumer import TopicProcessor
-from streams.ingest import Prepared, announce, inline_array, sample_document, store_samples
+from streams.ingest import ArrayBytes, Prepared, announce, sample_document, store_samples, stored_arrays
 from streams.processing import Handler, ProcessorContext, Stopping
 from tensordb.config import Settings, Topic
 from tensordb.data.loader import sample_arrays
-from tensordb.data.samples import SAMPLES, SampleOrigin, StoredArray, array_nbytes
+from tensordb.data.samples import SAMPLES, SampleOrigin, array_nbytes
 from tensordb.errors import (
     EntryPointError,
     IntegrityError,
@@ -37,7 +37,6 @@ from tensordb.errors import (
     UntrustedCodeError,
 )
 from tensordb.infra.bus import Received
-from tensordb.infra.store import Blob
 from tensordb.infra.trusted import load_entry_point
 from tensordb.stages.derive import DerivedSample, derive
 from tensordb.stages.spec import parse_stage
@@ -102,15 +101,12 @@ def _prepared(context: ProcessorContext, stage: str, version: int, sample: Deriv
     """A derived sample's document and blobs, built from its bytes as ingest builds a record's,
     with the dead letter that would report it if MongoDB refused it."""
     store, fields = context.store, sample.fields
-    arrays: dict[str, StoredArray] = {}
-    blobs: list[Blob] = []
+    in_hand: dict[str, ArrayBytes] = {}
     for name, array in sample.arrays.items():
         shape = list(array.shape)
         array_nbytes(name, array.dtype.name, shape, store.settings.max_sample_bytes)
-        arrays[name], blob = inline_array(
-            store, fields["dataset"], sample.sample_id, name, array.dtype.name, shape, array.tobytes()
-        )
-        blobs.append(blob)
+        in_hand[name] = (array.dtype.name, shape, array.tobytes())
+    arrays, blobs = stored_arrays(store, fields["dataset"], sample.sample_id, in_hand)
     origin: SampleOrigin = {"topic": _stage_topic(stage), "partition": version, "offset": 0}  # lineage says the rest
     document = sample_document(store, fields, sample.sample_id, arrays, now, origin, announced=True)  # announced below
     letter = orjson.dumps({"stage": stage, "stage_version": version, "sample_id": sample.sample_id, **fields})

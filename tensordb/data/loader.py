@@ -1,11 +1,13 @@
 """The lazy streaming loader: a cohort as a stream of ``(x, y)`` NumPy batches.
 
-Nothing is materialised: metadata documents arrive through one MongoDB cursor (a bounded shuffle
-buffer holds metadata only), or, for a global shuffle, sharding and resuming, by id from a member
-snapshot (one query per batch); each batch's bytes are fetched with one query over the GridFS
-chunks of its samples (one round trip per batch, not one per sample), in background threads,
-``prefetch`` batches ahead. Memory is bounded by ``batch_size × (prefetch + 1)`` samples plus the
-shuffle buffer's metadata or the snapshot's ids. ``position`` and :meth:`CohortStream.state` let a
+Nothing is materialised: sample documents arrive through one MongoDB cursor (a bounded shuffle
+buffer holds their ids, each batch then read by id), or, for a global shuffle, sharding and
+resuming, by id from a member snapshot (one query per batch). Small arrays' bytes come inside
+those documents; larger ones (and those of samples stored before arrays were kept inline) are
+fetched with one query over the GridFS chunks of the batch's samples (one round trip per batch, not
+one per sample), in background threads, ``prefetch`` batches ahead. Memory is bounded by about
+twice ``batch_size × (prefetch + 1)`` samples (the batches in flight and the cursor's read-ahead)
+plus the shuffle buffer's or the snapshot's ids. ``position`` and :meth:`CohortStream.state` let a
 restarted job resume.
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
@@ -39,7 +41,7 @@ TF_GROUP_BATCHES = 16
 TF_GROUP_BYTES = 4 * 2**20
 
 
-def content_matches(data: bytes, spec: dict[str, Any]) -> bool:
+def content_matches(data: bytes, spec: Mapping[str, Any]) -> bool:
     """Whether ``data`` is the bytes stored for an array: its xxh3 checksum (recorded when it was
     written; samples stored by earlier versions have only their sha256, checked instead).
 
@@ -51,22 +53,31 @@ def content_matches(data: bytes, spec: dict[str, Any]) -> bool:
     return hashlib.sha256(data).hexdigest() == spec["sha256"]
 
 
+def read_blobs(store: Store, specs: Iterable[Mapping[str, Any]]) -> dict[Any, bytes]:
+    """The GridFS bytes of those array entries that are not inline, in one query (none if all are)."""
+    blob_ids = [spec["blob_id"] for spec in specs if "blob_id" in spec]
+    return store.read_blobs(blob_ids) if blob_ids else {}
+
+
 def checked_bytes(blobs: Mapping[Any, bytes], sample_id: str, name: str, spec: Mapping[str, Any]) -> bytes:
-    """The bytes of array ``name`` of a sample, read in ``blobs``; raises :class:`IntegrityError`
-    when they are missing or do not match the size and checksum recorded when they were stored."""
-    data = blobs.get(spec["blob_id"])
-    if data is None or len(data) != spec["nbytes"] or not content_matches(data, dict(spec)):
+    """The bytes of array ``name`` of a sample: inline in its entry, or read in ``blobs``; raises
+    :class:`IntegrityError` when they are missing or do not match the size and checksum recorded
+    when they were stored."""
+    inline = "data" in spec
+    data = spec["data"] if inline else blobs.get(spec.get("blob_id"))
+    if data is None or len(data) != spec["nbytes"] or not content_matches(data, spec):
         raise IntegrityError(
             f"the bytes of array {name!r} of sample {sample_id!r} are "
             + ("missing" if data is None else "not those stored (checksum mismatch)")
-            + " in GridFS: re-publish the sample, or restore the blobs collection from a backup"
+            + (" in its sample document" if inline else " in GridFS")
+            + ": re-publish the sample, or restore the samples and blobs collections from a backup"
         )
     return data
 
 
 def sample_arrays(store: Store, documents: Sequence[Mapping[str, Any]]) -> list[dict[str, np.ndarray]]:
-    """Every array of each sample document, read in one query and checked (transform stages read
-    whole samples this way).
+    """Every array of each sample document, checked; the arrays in GridFS are read in one query
+    (transform stages and the predictor read whole samples this way).
 
     Parameters
     ----------
@@ -75,7 +86,7 @@ def sample_arrays(store: Store, documents: Sequence[Mapping[str, Any]]) -> list[
     documents : list of mapping
         Sample documents with their ``arrays`` field.
     """
-    blobs = store.read_blobs([spec["blob_id"] for document in documents for spec in document["arrays"].values()])
+    blobs = read_blobs(store, (spec for document in documents for spec in document["arrays"].values()))
     return [
         {name: to_array(checked_bytes(blobs, document["_id"], name, spec), spec) for name, spec in document["arrays"].items()}
         for document in documents
@@ -88,7 +99,7 @@ class CohortStream:
     Two readers, chosen by the options:
 
     - **the cohort's cursor** (the default): cohort order, or ``shuffle_buffer`` samples shuffled
-      through a window; ``start`` skips samples of the first epoch, re-reading their metadata;
+      through a window; ``start`` skips samples of the first epoch, re-reading their documents;
     - **a member snapshot** (:mod:`tensordb.data.snapshots`) when ``shuffle=True``, ``rank`` /
       ``world_size`` or ``state`` is given: one global order per epoch (:mod:`tensordb.data.order`),
       this rank's share of it, and :meth:`state` to resume at any position without reading what
@@ -136,7 +147,7 @@ class CohortStream:
         prefetch, fetch_threads : int
             Batches fetched ahead, by this many threads.
         start : int
-            Samples of the first epoch to skip (their bytes are never read).
+            Samples of the first epoch to skip (their bytes in GridFS are never read).
         drop_remainder : bool
             Omit a last short batch.
         """
@@ -228,7 +239,7 @@ class CohortStream:
         """The ids of the samples the rest of this epoch yields, in order (no bytes read)."""
         if self.from_snapshot:
             return [sample for batch in self._batches_of_ids(0, 1) for sample in batch]
-        return [document["_id"] for batch in self._batches_of_metadata() for document in batch]
+        return [document["_id"] for batch in self._batches_of_metadata({"_id": 1}) for document in batch]
 
     # -- what each batch holds ----------------------------------------------------------------------
     def _projection(self) -> dict[str, int]:
@@ -237,9 +248,14 @@ class CohortStream:
             projection[f"labels.{self.cohort.y}"] = 1
         return projection
 
-    def _ordered(self) -> Iterator[dict[str, Any]]:
-        """Metadata documents in cohort order, or shuffled through a bounded buffer."""
-        documents = self.cohort.documents(self._projection())
+    def _ordered(self, projection: Mapping[str, int] | None) -> Iterator[dict[str, Any]]:
+        """Sample documents in cohort order, or shuffled through a bounded buffer (the same order
+        whatever the ``projection``). Whole documents (``projection`` None) carry their inline
+        bytes, so the cursor then reads only the batches in flight at a time, not 1,000 documents."""
+        if projection is None:
+            documents = self.cohort.documents(self._projection(), batch_size=self.batch_size * (self.prefetch + 1))
+        else:
+            documents = self.cohort.documents(projection)
         if not self.shuffle_buffer:
             yield from documents
             return
@@ -255,10 +271,10 @@ class CohortStream:
         rng.shuffle(buffer)
         yield from buffer
 
-    def _batches_of_metadata(self) -> Iterator[list[dict[str, Any]]]:
+    def _batches_of_metadata(self, projection: Mapping[str, int] | None = None) -> Iterator[list[dict[str, Any]]]:
         start = self.position
         batch: list[dict[str, Any]] = []
-        for index, document in enumerate(self._ordered()):
+        for index, document in enumerate(self._ordered(projection)):
             if index < start:
                 continue
             batch.append(document)
@@ -279,20 +295,20 @@ class CohortStream:
                 yield [ids[position] for position in positions]
 
     def _fetch_ids(self, ids: list[str]) -> Batch:
-        """Read one batch's metadata (one query by id) and bytes (one query), in the order of ``ids``."""
+        """Read one batch's documents (one query by id) and its bytes in GridFS (one query), in the order of ``ids``."""
         found = {
             document["_id"]: document for document in self.cohort.store[SAMPLES].find({"_id": {"$in": ids}}, self._projection())
         }
         missing = [sample for sample in ids if sample not in found]
         if missing:
             raise NotFoundError(
-                f"sample {missing[0]!r} of this cohort's member snapshot was deleted after the pin "
-                f"({self.cohort.as_of}): stream the cohort pinned at a later time (a new snapshot)"
+                f"sample {missing[0]!r} of this cohort was deleted while the stream read it (pinned at "
+                f"{self.cohort.as_of}): stream the cohort again, pinned at a later time (a new snapshot)"
             )
         return self._fetch([found[sample] for sample in ids])
 
     def _fetch(self, metadata: list[dict[str, Any]]) -> Batch:
-        """Read one batch's bytes in one query and assemble the arrays."""
+        """Assemble one batch's arrays: bytes kept inline come with ``metadata``, those in GridFS in one query."""
         x_name, y_name = self.cohort.x, self.cohort.y
         try:
             specs = [document["arrays"][x_name] for document in metadata]
@@ -301,7 +317,7 @@ class CohortStream:
                 f"a sample of this cohort has no array {x_name!r}: filter the cohort to samples that have it "
                 f"(e.g. {{'arrays.{x_name}': {{'$exists': true}}}}) or choose another x"
             ) from None
-        blobs = self.cohort.store.read_blobs([spec["blob_id"] for spec in specs])
+        blobs = read_blobs(self.cohort.store, specs)
         first = specs[0]
         shape, dtype = first["shape"], first["dtype"]
         # Stored bytes are little-endian; the batch is one array they are copied into once each,
@@ -355,6 +371,9 @@ class CohortStream:
         """One call per batch that reads it (run in the fetch threads)."""
         if self.from_snapshot:
             return (partial(self._fetch_ids, ids) for ids in self._batches_of_ids(worker, workers))
+        if self.shuffle_buffer:  # the buffer holds ids, not inline bytes: each batch is read by id
+            batches = self._batches_of_metadata({"_id": 1})
+            return (partial(self._fetch_ids, [document["_id"] for document in batch]) for batch in batches)
         return (partial(self._fetch, metadata) for metadata in self._batches_of_metadata())
 
     def _deliver(self, future: Future[Batch]) -> Batch:
@@ -372,14 +391,16 @@ def _label_spec(value: Any) -> tuple[tuple[int, ...], np.dtype]:
 def to_tf_dataset(cohort: SampleSource, batch_size: int = 32, **options: Any) -> tf.data.Dataset:
     """The cohort as a ``tf.data.Dataset`` of ``(x, y)`` batches, with an exact ``element_spec``.
 
-    Shapes and dtypes come from the first sample's metadata (no bytes read). Each pass over the
+    Shapes and dtypes come from the first sample's array entry (no bytes read). Each pass over the
     dataset reads the stream's next epoch (a new permutation with ``shuffle=True``), lazily.
     Batches of small samples are fetched several at a time (up to 16 batches, 4 MiB) and cut to
     ``batch_size`` in tf.data; ``options`` are :class:`CohortStream`'s.
     """
     import tensorflow as tf
 
-    projection = {f"arrays.{cohort.x}": 1, **({f"labels.{cohort.y}": 1} if cohort.y else {})}
+    projection = {f"arrays.{cohort.x}.{field}": 1 for field in ("dtype", "shape", "nbytes")}
+    if cohort.y:
+        projection[f"labels.{cohort.y}"] = 1
     first = next(iter(cohort.documents(projection, batch_size=1)), None)
     if first is None:
         raise QueryError("this cohort has no samples yet: publish data or widen its filter")

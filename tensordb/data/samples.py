@@ -32,15 +32,25 @@ SPLIT_KEY_RANGE = 1_000_000
 SAMPLES = "samples"
 
 
+#: The most bytes of a sample's arrays kept inside its document, as BSON binaries (``data``),
+#: instead of in GridFS: a small sample is then one document written and one read, where GridFS
+#: takes a file and a chunk document more. Larger arrays stay in GridFS, so a sample document
+#: stays far below MongoDB's 16 MiB limit and queries over metadata stay light.
+INLINE_MAX_BYTES = 64 * 1024
+
+
 class StoredArray(TypedDict):
-    """One array of a stored sample: its bytes are the GridFS blob ``blob_id``."""
+    """One array of a stored sample: its bytes are ``data`` (small arrays, see
+    :data:`INLINE_MAX_BYTES`) or the GridFS blob ``blob_id``. Samples stored before arrays were
+    kept inline all have ``blob_id``; every reader takes both, so they need no migration."""
 
     dtype: str
     shape: list[int]
     nbytes: int
     sha256: str
-    blob_id: ObjectId
-    #: whether the SDK uploaded the blob before publishing (else ingest wrote it from inline bytes)
+    data: NotRequired[bytes]
+    blob_id: NotRequired[ObjectId]
+    #: whether the SDK uploaded the blob before publishing (else ingest stored the bytes the record carried)
     claim_check: bool
     #: recorded at upload; reads check it instead of the slower sha256 (absent on older samples)
     xxh3: NotRequired[str]

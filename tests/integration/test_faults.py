@@ -28,7 +28,7 @@ from streams.processing import ProcessorContext, process_batch
 from streams.retrain import handle_imports
 from tensordb import records
 from tensordb.config import Settings, Topic
-from tensordb.data.samples import SAMPLES, content_id
+from tensordb.data.samples import INLINE_MAX_BYTES, SAMPLES, content_id
 from tensordb.errors import DecodeError, FatalClientError, SampleError, ValidationError
 from tensordb.infra.bus import Publisher, Received, create_topics, make_consumer, receive
 from tensordb.infra.dead_letters import COLLECTION as DEAD_LETTERS
@@ -44,10 +44,11 @@ BUG = "TensorDB bug"  # the words of a reason that is a raw processing failure, 
 EXAMPLES = int(os.environ.get("TENSORDB_PROPERTY_EXAMPLES", "150"))  # records generated per schema
 
 
-def sample(sample_id: str, dataset: str = "d", **fields: object) -> dict:
-    data = base64.b64encode(np.arange(4, dtype=np.uint8).tobytes()).decode()
+def sample(sample_id: str, dataset: str = "d", size: int = 4, **fields: object) -> dict:
+    """A sample record of ``size`` bytes: kept inline in its document, or in GridFS past INLINE_MAX_BYTES."""
+    data = base64.b64encode((np.arange(size) % 251).astype(np.uint8).tobytes()).decode()
     return {"schema": "sample/1", "sample_id": sample_id, "dataset": dataset,
-            "arrays": {"x": {"dtype": "uint8", "shape": [4], "data": data}}, **fields}  # fmt: skip
+            "arrays": {"x": {"dtype": "uint8", "shape": [size], "data": data}}, **fields}  # fmt: skip
 
 
 def _json(record: dict) -> bytes:
@@ -140,15 +141,14 @@ def test_a_record_mongodb_refuses_is_dead_lettered_alone_and_the_rest_stored_and
     settings: Settings, context: ProcessorContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("tensordb.data.samples.MAX_NESTING", 1000)  # let the deep record reach MongoDB
-    batch = [sample(f"good-{i}") for i in range(5)] + [sample("deep", metadata=nested(185))]
+    batch = [sample(f"good-{i}") for i in range(5)] + [sample("deep", size=INLINE_MAX_BYTES + 1, metadata=nested(185))]
     process_batch(context, received_batch(settings, batch), handle_samples)
     store = context.store
     assert sorted(d["_id"] for d in store[SAMPLES].find()) == [f"good-{i}" for i in range(5)]
     assert store[SAMPLES].count_documents({"announced": True}) == 5
     letter = store[DEAD_LETTERS].find_one()
     assert "MongoDB refused to store the record" in letter["reason"] and "nest" in letter["reason"]
-    assert store["blobs.files"].count_documents({"metadata.sample_id": "deep"}) == 0  # its blob is removed
-    assert store["blobs.files"].count_documents({}) == 5
+    assert store["blobs.files"].count_documents({}) == 0  # the deep sample's blob is removed; the good ones are inline
     process_batch(context, received_batch(settings, batch), handle_samples)  # redelivered: nothing new
     assert store[DEAD_LETTERS].count_documents({}) == 1
     assert sorted(announced_ids(settings, 5)) == [f"good-{i}" for i in range(5)]
@@ -326,7 +326,7 @@ def test_processor_instances_start_together_share_the_work_and_survive_a_sigkill
             wait_for(lambda: store[SAMPLES].count_documents({"announced": True}) == 3000, what="every sample announced")
             wait_for(lambda: Policies(store).document("all")["samples_counted"] == 3000, what="the policy counter")
             assert store[DEAD_LETTERS].count_documents({}) == 0
-            assert store["blobs.files"].count_documents({}) == 3000
+            assert store[SAMPLES].count_documents({"arrays.x.data": {"$exists": True}}) == 3000  # one document each
         assert sorted(set(announced_ids(settings, 3000))) == ids
         assert instances[1].process is not None and instances[1].process.poll() is None
     finally:
@@ -410,7 +410,7 @@ def test_a_mongod_outage_longer_than_the_driver_timeout_loses_nothing(
             wait_for(lambda: db[SAMPLES].count_documents({}) == 2000, timeout=90, what="every sample after the outage")
             wait_for(lambda: db[SAMPLES].count_documents({"announced": True}) == 2000, what="every sample announced")
             assert db[DEAD_LETTERS].count_documents({}) == 1
-            assert db["blobs.files"].count_documents({}) == 2000
+            assert db[SAMPLES].count_documents({"arrays.x.data": {"$exists": True}}) == 2000  # one document each
         assert processors.process is not None and processors.process.poll() is None
     finally:
         processors.stop()
@@ -436,11 +436,12 @@ def test_a_mongod_sigkill_between_blob_and_document_writes_leaves_no_sample_with
 
     monkeypatch.setattr(streams.ingest, "insert_new", crash_then_insert)
     try:
-        process_batch(context, received_batch(settings, [sample(f"s{i}") for i in range(500)]), handle_samples)
+        batch = [sample(f"s{i}", size=INLINE_MAX_BYTES + 1) for i in range(200)]  # arrays in GridFS
+        process_batch(context, received_batch(settings, batch), handle_samples)
         store = context.store
-        assert store[SAMPLES].count_documents({}) == 500
+        assert store[SAMPLES].count_documents({}) == 200
         blob_ids = [d["arrays"]["x"]["blob_id"] for d in store[SAMPLES].find()]
-        assert len(store.read_blobs(blob_ids)) == 500
+        assert len(store.read_blobs(blob_ids)) == 200
     finally:
         context.close()
 

@@ -15,7 +15,8 @@ import orjson
 
 from tensordb.client import TensorDB
 from tensordb.config import Settings, Topic
-from tensordb.data.samples import SAMPLES
+from tensordb.data.loader import sample_arrays
+from tensordb.data.samples import INLINE_MAX_BYTES, SAMPLES
 from tensordb.infra.bus import Publisher, make_consumer, receive
 from tensordb.infra.dead_letters import COLLECTION as DEAD_LETTERS
 from tensordb.testing import ChildProcess, wait_for
@@ -53,7 +54,7 @@ def test_published_sample_is_queryable_with_metadata_and_identical_bytes(setting
         assert y.tolist() == [1]
 
 
-def test_a_record_delivered_twice_is_stored_once_with_one_blob(settings: Settings, processors: ChildProcess) -> None:
+def test_a_record_delivered_twice_is_stored_once_as_one_document(settings: Settings, processors: ChildProcess) -> None:
     record = {
         "schema": "sample/1",
         "sample_id": "twice",
@@ -68,8 +69,8 @@ def test_a_record_delivered_twice_is_stored_once_with_one_blob(settings: Setting
     with TensorDB(settings) as db:
         wait_for(lambda: _stored(db, "after"), what="the sample after the duplicate")
         assert db.store[SAMPLES].count_documents({"_id": "twice"}) == 1
-        assert db.store["blobs.files"].count_documents({"metadata.sample_id": "twice"}) == 1
-        assert db.store.db["blobs.chunks"].count_documents({}) == 2
+        assert _stored(db, "twice")["arrays"]["x"]["data"] == np.ones(3, np.float32).tobytes()  # small: inline
+        assert db.store["blobs.files"].count_documents({}) == db.store.db["blobs.chunks"].count_documents({}) == 0
     # the data-imported events name each new sample exactly once
     consumer = make_consumer(settings, "imported-reader", [Topic.DATA_IMPORTED])
     try:
@@ -98,6 +99,41 @@ def test_five_megabyte_array_goes_through_the_claim_check_and_comes_back_identic
         x, y = next(iter(db.cohort({"dataset": "big"}).stream(batch_size=1)))
         np.testing.assert_array_equal(x[0], big)
         assert y.tolist() == [0.5]
+
+
+def test_small_arrays_are_kept_in_the_sample_document_and_larger_ones_in_gridfs(settings: Settings, ingest) -> None:
+    """Up to INLINE_MAX_BYTES of a sample's arrays, smallest first, are kept in its document; the
+    rest are GridFS blobs, as every array was before (and samples stored then are still read)."""
+
+    def record(sample_id: str, **sizes: int) -> dict:
+        arrays = {name: np.full(size, len(name), np.uint8) for name, size in sizes.items()}
+        specs = {
+            name: {"dtype": "uint8", "shape": [a.size], "data": base64.b64encode(a.tobytes()).decode()}
+            for name, a in arrays.items()
+        }
+        return {"schema": "sample/1", "sample_id": sample_id, "dataset": "sizes", "arrays": specs}
+
+    ingest(
+        [
+            record("at-limit", x=INLINE_MAX_BYTES),
+            record("over-limit", x=INLINE_MAX_BYTES + 1),
+            record("two", x=INLINE_MAX_BYTES // 2 + 1, xx=INLINE_MAX_BYTES // 2),  # together over the limit
+        ]
+    )
+    with TensorDB(settings) as db:
+        stored = {document["_id"]: document["arrays"] for document in db.store[SAMPLES].find()}
+        files = db.store["blobs.files"]
+        assert "data" in stored["at-limit"]["x"] and "blob_id" not in stored["at-limit"]["x"]
+        assert (
+            "data" not in stored["over-limit"]["x"] and files.count_documents({"_id": stored["over-limit"]["x"]["blob_id"]}) == 1
+        )
+        assert "data" in stored["two"]["xx"] and "blob_id" in stored["two"]["x"]  # the smaller one inline
+        assert files.count_documents({}) == 2
+        for sample_id in stored:
+            ((x, _),) = db.cohort({"_id": sample_id}, y=None).stream(batch_size=1)
+            assert x[0].tolist() == [1] * x.shape[1]
+        reread = sample_arrays(db.store, list(db.store[SAMPLES].find({"_id": "two"})))
+        assert reread[0]["xx"].tolist() == [2] * (INLINE_MAX_BYTES // 2)
 
 
 def test_inconsistent_arrays_and_broken_references_become_dead_letters(settings: Settings, processors: ChildProcess) -> None:

@@ -8,9 +8,11 @@ import gc
 import tracemalloc
 
 import numpy as np
+import pytest
 
 from tensordb.client import TensorDB
 from tensordb.config import Settings
+from tensordb.data.samples import SAMPLES
 
 
 def images(start: int, count: int, shape: tuple[int, ...] = (8, 8)) -> list[dict]:
@@ -39,6 +41,25 @@ def test_stream_yields_every_sample_once_in_cohort_order_with_its_bytes(settings
     x = np.concatenate([x for x, _ in batches])
     assert x.shape == (250, 8, 8) and x.dtype == np.uint8
     assert all((x[i] == i % 251).all() for i in range(250))
+
+
+def test_a_cohort_of_inline_samples_and_samples_in_gridfs_streams_each_with_its_bytes(
+    settings: Settings, ingest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Samples stored before arrays were kept inline (their bytes in GridFS) and those stored
+    since, in one cohort and in the same batches: both read, in order, by cursor and by snapshot."""
+    monkeypatch.setattr("streams.ingest.INLINE_MAX_BYTES", 0)  # every array to GridFS, as before
+    ingest(images(0, 50))
+    monkeypatch.undo()
+    ingest(images(50, 50))
+    with TensorDB(settings) as db:
+        stored = {document["_id"]: document["arrays"]["x"] for document in db.store[SAMPLES].find()}
+        assert sum("blob_id" in entry for entry in stored.values()) == sum("data" in entry for entry in stored.values()) == 50
+        cohort = db.cohort({"dataset": "images"}, sort=[("labels.y", 1)])
+        for stream in (cohort.stream(batch_size=32), cohort.stream(batch_size=32, shuffle=True)):
+            x, y = (np.concatenate(parts) for parts in zip(*stream, strict=True))
+            assert sorted(y.tolist()) == list(range(100))
+            assert all((image == label % 251).all() for image, label in zip(x, y, strict=True))
 
 
 def test_shuffle_is_a_seeded_permutation(settings: Settings, ingest) -> None:

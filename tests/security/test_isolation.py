@@ -24,7 +24,7 @@ from tensordb import records
 from tensordb.client import TensorDB
 from tensordb.compat.tensorhub import TensorHub
 from tensordb.config import Settings, Topic
-from tensordb.data.samples import SAMPLES, build_sample
+from tensordb.data.samples import INLINE_MAX_BYTES, SAMPLES, build_sample
 from tensordb.errors import IntegrityError, ProjectScopeError
 from tensordb.infra.bus import Publisher, Received, create_topics
 from tensordb.infra.codecs import xxh3_hex
@@ -141,6 +141,7 @@ def test_a_sample_id_reused_with_other_content_is_dead_lettered_and_the_stored_s
     [reason] = ingest_a.reasons()
     assert "sample id 'scan-7' is already stored" in reason and "different content" in reason
     assert streamed(ingest_a.store, {"_id": "scan-7"}) == [[1, 2]]
+    assert "data" in ingest_a.store[SAMPLES].find_one({"_id": "scan-7"})["arrays"]["x"]  # kept inline: one document
     assert streamed(ingest_a.store, {"_id": "scan-8"}) == [[3, 3]]  # the rest of the batch is stored
 
 
@@ -189,15 +190,16 @@ def test_orphaned_sample_blobs_are_swept_after_the_grace_period_and_only_this_pr
     settings: Settings, neighbour: Settings, ingest_a: Ingest, ingest_b: Ingest
 ) -> None:
     pixels = np.ones((600, 500), dtype=np.uint8)
-    kept = _claim_check(settings, ingest_a.store, pixels, "kept")
+    kept = build_sample(ingest_a.store, {"x": pixels, "tiny": np.ones(2)}, dataset="big", sample_id="kept")
+    assert "blob_id" in kept["arrays"]["x"] and "data" in kept["arrays"]["tiny"]  # a claim check, and an array kept inline
     ingest_a(kept, inline("small", [1]))
     _claim_check(settings, ingest_a.store, pixels, "never-published")
     _claim_check(neighbour, ingest_b.store, pixels, "theirs-never-published")
     files = ingest_a.store.db[f"{BLOB_BUCKET}.files"]
-    assert files.count_documents({}) == 4  # kept, small (inline), never-published, theirs
+    assert files.count_documents({}) == 3  # kept, never-published, theirs; small and tiny are inline
     assert sweep_sample_blobs(ingest_a.store) == 0  # all younger than the grace period
     assert sweep_sample_blobs(ingest_a.store, grace=timedelta(0)) == 1
-    assert {file["metadata"]["sample_id"] for file in files.find({})} == {"kept", "small", "theirs-never-published"}
+    assert {file["metadata"]["sample_id"] for file in files.find({})} == {"kept", "theirs-never-published"}
     assert sorted(len(row) for row in streamed(ingest_a.store, {"dataset": "scans"})) == [1]
 
 
@@ -272,16 +274,23 @@ def test_a_forged_finished_event_does_not_evaluate_a_running_jobs_checkpoint(set
 # -- 5. reads are verified -----------------------------------------------------------------------
 
 
-def test_a_corrupted_or_replaced_blob_is_an_integrity_error_naming_the_sample(ingest_a: Ingest) -> None:
-    ingest_a(inline("good", [1, 2, 3]), inline("victim", [4, 5, 6]))
+@pytest.mark.parametrize("length", [3, INLINE_MAX_BYTES // 2 + 1], ids=["inline", "gridfs"])  # int16 values
+def test_corrupted_or_replaced_bytes_are_an_integrity_error_naming_the_sample(ingest_a: Ingest, length: int) -> None:
+    ingest_a(inline("good", [1, 2, 3]), inline("victim", [4] * length))
     store = ingest_a.store
-    victim = store[SAMPLES].find_one({"_id": "victim"})
-    chunks = store.db[f"{BLOB_BUCKET}.chunks"]
-    # a stale blob under the id: other bytes of the same length
-    chunks.update_one({"files_id": victim["arrays"]["x"]["blob_id"]}, {"$set": {"data": np.array([7, 8, 9], np.int16).tobytes()}})
+    entry = store[SAMPLES].find_one({"_id": "victim"})["arrays"]["x"]
+    stale = np.full(length, 7, np.int16).tobytes()  # other bytes of the same length under the same id
+    if length == 3:
+        assert "data" in entry
+        store[SAMPLES].update_one({"_id": "victim"}, {"$set": {"arrays.x.data": stale}})
+    else:
+        store.db[f"{BLOB_BUCKET}.chunks"].update_one({"files_id": entry["blob_id"]}, {"$set": {"data": stale}})
     with pytest.raises(IntegrityError, match="sample 'victim'.*checksum mismatch"):
         streamed(store)
-    chunks.delete_many({"files_id": victim["arrays"]["x"]["blob_id"]})
+    if length == 3:
+        store[SAMPLES].update_one({"_id": "victim"}, {"$unset": {"arrays.x.data": ""}})
+    else:
+        store.db[f"{BLOB_BUCKET}.chunks"].delete_many({"files_id": entry["blob_id"]})
     with pytest.raises(IntegrityError, match="sample 'victim'.*missing"):
         streamed(store)
     assert streamed(store, {"_id": "good"}) == [[1, 2, 3]]
