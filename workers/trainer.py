@@ -237,9 +237,13 @@ class Worker:
         heartbeat = threading.Thread(target=self._heartbeat, args=(context,), name="tensordb-heartbeat", daemon=True)
         heartbeat.start()
         log.info("running %s job %s (attempt %s)", job["kind"], job["_id"], job["attempts"])
+        study = (job.get("labels") or {}).get("study")
         try:
             self.jobs.event(job["_id"], JobEvent.STARTED, attempt=job["attempts"], worker=self.worker_id)
             result = self.runners[job["kind"]](context)
+            if study:  # the trial's work is done: its successor waits in the queue while its end is recorded
+                self._fill_study(study, ending=job["_id"])
+                study = None
             logger.close()
             registry.wait()
             self.jobs.finish(job["_id"], self.worker_id, result)
@@ -262,17 +266,17 @@ class Worker:
                 registry.close()  # uploads of a failed job: waited for, their errors only logged
             except Exception:  # noqa: BLE001 - the job's outcome is recorded already
                 log.warning("a model upload of job %s failed", job["_id"], exc_info=True)
-            if (study := (job.get("labels") or {}).get("study")) and not self._stopping.is_set():
+            if study and not self._stopping.is_set():  # a trial that failed or was cancelled
                 self._fill_study(study)
             self._running.pop(job["_id"], None)
             self._slot_freed.set()
 
-    def _fill_study(self, study: str) -> None:
+    def _fill_study(self, study: str, ending: str | None = None) -> None:
         """Submit the study's next trial before freeing the slot, so that this worker claims it at
         once, without waiting for the scheduler to hear of the job's end over the bus (which it
         still does, and finds the slot filled: fills are idempotent and take turns)."""
         try:
-            StudyScheduler(self.store, self.publisher, self.registry).fill(study)
+            StudyScheduler(self.store, self.publisher, self.registry).fill(study, ending=ending)
         except Exception:  # noqa: BLE001 - the scheduler's processor fills the slot anyway
             log.warning("could not submit study %s's next trial here; the scheduler will", study, exc_info=True)
 

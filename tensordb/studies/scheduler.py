@@ -114,9 +114,13 @@ class StudyScheduler:
         self._specs.pop(name, None)
 
     # -- submitting trials -----------------------------------------------------------------------
-    def unfinished_trials(self, name: str) -> int:
-        """How many of the study's trial jobs are pending or running (the slots it holds)."""
-        return self.jobs.collection.count_documents({"labels.study": name, "status": {"$in": list(UNFINISHED)}})
+    def unfinished_trials(self, name: str, ending: str | None = None) -> int:
+        """How many of the study's trial jobs are pending or running (the slots it holds), not
+        counting the job ``ending`` (one whose work is done while its end is being recorded)."""
+        query: dict[str, Any] = {"labels.study": name, "status": {"$in": list(UNFINISHED)}}
+        if ending is not None:
+            query["_id"] = {"$ne": ending}
+        return self.jobs.collection.count_documents(query)
 
     def next_trial(self, spec: StudySpec) -> int:
         """The index of the study's next trial (configuration × folds + fold): one after its last
@@ -124,13 +128,25 @@ class StudyScheduler:
         last = self.trials.find_one({"study": spec.name}, {"configuration": 1, "fold": 1}, sort=LAST_TRIAL)
         return 0 if last is None else last["configuration"] * spec.folds_or_one + (last["fold"] or 0) + 1
 
-    def fill(self, name: str) -> list[str]:
+    def fill(self, name: str, ending: str | None = None) -> list[str]:
         """Submit trials until the study holds ``max_concurrent`` unfinished ones or has none left;
         returns the ids submitted. Safe to run anywhere, any number of times, concurrently: fills
         of one study take turns (:meth:`_filling`), so two of them never both count a free slot
-        and the study never holds more than ``max_concurrent`` unfinished trials."""
+        and the study never holds more than ``max_concurrent`` unfinished trials.
+
+        Parameters
+        ----------
+        name : str
+            The study.
+        ending : str, optional
+            A trial job of the study whose work is done and whose end its worker is recording
+            now: its slot is counted as free already, so that the next trial is waiting when the
+            slot frees. If its end is not recorded after all (its worker killed in those
+            milliseconds, or a model upload failing), the study holds one trial over
+            ``max_concurrent`` until that trial, re-queued, ends.
+        """
         with self._filling(name):
-            return self._fill(name)
+            return self._fill(name, ending)
 
     @contextmanager
     def _filling(self, name: str) -> Iterator[None]:
@@ -152,11 +168,11 @@ class StudyScheduler:
         finally:
             self.studies.update_one({"_id": name, "filling.by": token}, {"$set": {"filling": None}})
 
-    def _fill(self, name: str) -> list[str]:
+    def _fill(self, name: str, ending: str | None) -> list[str]:
         submitted: list[str] = []
         while self._running(name):
             spec = self.spec(name)
-            if self.unfinished_trials(name) >= spec.max_concurrent:
+            if self.unfinished_trials(name, ending) >= spec.max_concurrent:
                 break
             number, fold = divmod(self.next_trial(spec), spec.folds_or_one)
             hyperparameters = configuration(spec, number)
