@@ -146,6 +146,7 @@ class Store:
         self.settings = settings
         self.project = settings.project
         self._owns_client = client is None
+        self._ensured: set[str] = set()  # collections ensure_indexes created with their indexes
         self.client: MongoClient = client or MongoClient(
             settings.mongo_uri,
             tz_aware=True,
@@ -169,8 +170,11 @@ class Store:
 
         Collections are created explicitly because MongoDB 4.0 cannot create them inside a
         transaction. Safe when several processes start at once: a collection another one created
-        meanwhile is taken as it is.
+        meanwhile is taken as it is. Named collections this store has ensured already are not
+        asked about again (a worker opens a model registry, which names its own, for every job).
         """
+        if names and self._ensured.issuperset(names):
+            return
         existing = self._collection_names()
         if not names:
             migrate(self.db)  # documents of earlier versions first, so nothing is written beside them
@@ -185,6 +189,7 @@ class Store:
                     if exc.code != NAMESPACE_EXISTS:
                         raise
             self.db[name].create_indexes(indexes)
+        self._ensured.update(names or INDEXES)
 
     def _collection_names(self) -> set[str]:
         """The database's collections; the first call of a process, so connection failures get

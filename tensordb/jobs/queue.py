@@ -216,6 +216,7 @@ class Jobs:
         labels: Mapping[str, Any] | None = None,
         slots: int = 1,
         gpus: int = 0,
+        flush: bool = True,
     ) -> str:
         """Record a job as pending and announce it on the job-request topic; returns its id.
 
@@ -264,6 +265,11 @@ class Jobs:
             to its ``--slots``, and only a worker with this many free slots claims the job.
         gpus : int
             GPUs the job needs (0 to 16): only a worker with this many free GPUs claims it.
+        flush : bool
+            Wait until the announcement and the ``submitted`` event are acknowledged (default).
+            False leaves them to the producer's next flush, for a caller that flushes soon after
+            anyway (a worker submitting a study's next trial while it records a job's end); the
+            job itself is stored either way.
 
         Raises ``JobError`` (unknown kind, task without script, slots or GPUs out of range),
         ``ValidationError`` (the request breaks
@@ -328,7 +334,8 @@ class Jobs:
         self.collection.insert_one(document)
         self.publisher.publish(Topic.JOB_REQUESTS, request, key=job_id)
         self.event(job_id, JobEvent.SUBMITTED, attempt=0)
-        self.publisher.flush()
+        if flush:
+            self.publisher.flush()
         return job_id
 
     def get(self, job_id: str) -> JobDocument:

@@ -145,66 +145,79 @@ class StudyScheduler:
             milliseconds, or a model upload failing), the study holds one trial over
             ``max_concurrent`` until that trial, re-queued, ends.
         """
-        with self._filling(name):
-            return self._fill(name, ending)
+        with self._filling(name) as running:
+            return self._fill(name, ending) if running else []
 
     @contextmanager
-    def _filling(self, name: str) -> Iterator[None]:
-        """Hold the study's fill lock (a lease on its document) while the body runs. The worker
-        that ended a trial and the scheduler both fill; a fill that counted before the other's
-        trial ended would leave its slot empty, so a filler waits for its turn instead of skipping."""
+    def _filling(self, name: str) -> Iterator[bool]:
+        """Hold the study's fill lock (a lease on its document) while the body runs; yields whether
+        the study takes trials (if not, no lock is needed). The worker that ended a trial and the
+        scheduler both fill; a fill that counted before the other's trial ended would leave its
+        slot empty, so a filler waits for its turn instead of skipping."""
         token = uuid.uuid4().hex
         while True:
             now = _now()
             taken = self.studies.update_one(
-                {"_id": name, "$or": [{"filling": None}, {"filling.until": {"$lt": now}}]},
+                {"_id": name, "status": StudyStatus.RUNNING, "$or": [{"filling": None}, {"filling.until": {"$lt": now}}]},
                 {"$set": {"filling": {"by": token, "until": now + FILL_LEASE}}},
             )
-            if taken.modified_count or not self.studies.count_documents({"_id": name}, limit=1):
-                break  # ours; or no such study (the body says so)
+            if taken.modified_count:
+                break
+            if not self._running(name):
+                yield False
+                return
             time.sleep(FILL_WAIT_SECONDS)
         try:
-            yield
+            yield True
         finally:
             self.studies.update_one({"_id": name, "filling.by": token}, {"$set": {"filling": None}})
 
     def _fill(self, name: str, ending: str | None) -> list[str]:
+        """Submit the trials that fit (counted once: no other fill runs meanwhile, and a trial
+        ending meanwhile makes its own fill, which waits for this one)."""
+        spec = self.spec(name)
+        free = spec.max_concurrent - self.unfinished_trials(name, ending)
+        first = self.next_trial(spec)
         submitted: list[str] = []
-        while self._running(name):
-            spec = self.spec(name)
-            if self.unfinished_trials(name, ending) >= spec.max_concurrent:
-                break
-            number, fold = divmod(self.next_trial(spec), spec.folds_or_one)
+        for index in range(first, first + max(free, 0)):
+            number, fold = divmod(index, spec.folds_or_one)
             hyperparameters = configuration(spec, number)
             if hyperparameters is None:
                 break
+            trial_fold = fold if spec.folds else None
             try:
-                submitted.append(self._submit(spec, number, fold if spec.folds else None, hyperparameters))
+                # a worker recording the end of `ending` flushes the producer right after
+                running = self._submit(spec, number, trial_fold, hyperparameters, flush=ending is None)
             except (BadInputError, UntrustedCodeError) as exc:  # refused for good here: say so on the study
-                self.studies.update_one(
-                    {"_id": name, "status": StudyStatus.RUNNING},
-                    {
-                        "$set": {
-                            "status": StudyStatus.FAILED,
-                            "error": f"trial {number} was refused: {exc}",
-                            "finished_at": _now(),
-                        }
-                    },
-                )
-                log.error("study %s failed: trial %s was refused: %s", name, number, exc)
-                for job in self.jobs.collection.find({"labels.study": name, "status": {"$in": list(UNFINISHED)}}, {"_id": 1}):
-                    self.jobs.cancel(job["_id"])
+                self._fail(name, f"trial {number} was refused: {exc}")
+                break
+            submitted.append(trial_id(name, number, trial_fold))
+            if not running:
                 break
         return submitted
+
+    def _fail(self, name: str, error: str) -> None:
+        """End the study ``failed`` with ``error`` and cancel its unfinished trials."""
+        self.studies.update_one(
+            {"_id": name, "status": StudyStatus.RUNNING},
+            {"$set": {"status": StudyStatus.FAILED, "error": error, "finished_at": _now()}},
+        )
+        log.error("study %s failed: %s", name, error)
+        for job in self.jobs.collection.find({"labels.study": name, "status": {"$in": list(UNFINISHED)}}, {"_id": 1}):
+            self.jobs.cancel(job["_id"])
 
     def _running(self, name: str) -> bool:
         """Whether the study still takes trials (another process may have stopped or failed it)."""
         return self.studies.find_one({"_id": name, "status": StudyStatus.RUNNING}, {"_id": 1}) is not None
 
-    def _submit(self, spec: StudySpec, number: int, fold: int | None, hyperparameters: dict[str, Any]) -> str:
+    def _submit(
+        self, spec: StudySpec, number: int, fold: int | None, hyperparameters: dict[str, Any], flush: bool = True
+    ) -> bool:
         """The trial document first, then its job: the document is there before the job's first
         validation record can arrive, and a crash between the two leaves a trial without a job,
-        which :meth:`reconcile` submits (the same id: never twice)."""
+        which :meth:`reconcile` submits (the same id: never twice). Returns whether the study
+        still takes trials (if another process stopped or failed it meanwhile, the job is
+        cancelled at once); ``flush`` as for :meth:`~tensordb.jobs.queue.Jobs.submit`."""
         job_id = trial_id(spec.name, number, fold)
         self._add_trial(spec.name, job_id, number, fold, hyperparameters)
         data: dict[str, Any] = dict(spec.data or {})
@@ -224,12 +237,14 @@ class StudyScheduler:
                 job_id=job_id,
                 labels={"study": spec.name, "configuration": number, "fold": fold},
                 description=f"study {spec.name}: configuration {number}" + (f", fold {fold}" if fold is not None else ""),
+                flush=flush,
             )
         except DuplicateKeyError:
             pass  # submitted before a crash, or by another scheduler: the job is there
-        if not self._running(spec.name):
-            self.jobs.cancel(job_id)  # the study was stopped or failed meanwhile (by another process)
-        return job_id
+        if self._running(spec.name):
+            return True
+        self.jobs.cancel(job_id)  # the study was stopped or failed meanwhile (by another process)
+        return False
 
     def _add_trial(self, study: str, job_id: str, number: int, fold: int | None, hyperparameters: dict[str, Any]) -> None:
         try:
