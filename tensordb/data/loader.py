@@ -39,7 +39,9 @@ if TYPE_CHECKING:
 Batch = tuple[np.ndarray, np.ndarray | None]
 
 #: :func:`to_tf_dataset` reads up to this many batches of small samples at once, up to this many bytes.
-TF_GROUP_BATCHES = 16
+#: Four, not more: with the cursor read ahead, groups of 16 batches of 64 (1,024-sample reads) ran
+#: at 18,000–41,000 samples/s against 41,000–44,000 for groups of 4 (28×28, bench/loader_and_ingest.py).
+TF_GROUP_BATCHES = 4
 TF_GROUP_BYTES = 4 * 2**20
 
 
@@ -435,7 +437,7 @@ def to_tf_dataset(cohort: SampleSource, batch_size: int = 32, **options: Any) ->
 
     Shapes and dtypes come from the first sample's array entry (no bytes read). Each pass over the
     dataset reads the stream's next epoch (a new permutation with ``shuffle=True``), lazily.
-    Batches of small samples are fetched several at a time (up to 16 batches, 4 MiB) and cut to
+    Batches of small samples are fetched several at a time (up to 4 batches, 4 MiB) and cut to
     ``batch_size`` in tf.data, and batches are read ahead (``prefetch``); ``options`` are
     :class:`CohortStream`'s.
     """
