@@ -838,7 +838,7 @@ def feed_case(base: Settings, pids: Pids, label: str, shape: tuple[int, ...], co
 
 #: what each side does per batch: round trips, copies of the bytes and the Python work
 FEED_PATHS = {
-    "stream": "the cursor (1 getMore per 3 batches; samples ≤ 64 KiB carry their bytes: 1 BSON document each), "
+    "stream": "the cursor, read ahead by a thread (1 getMore per 3 batches; samples ≤ 64 KiB carry their bytes: 1 BSON document each), "
     "larger samples + 1 query per batch for their GridFS chunks (2 documents each); bytes copied socket → bytes → "
     "batch; xxh3 checked per sample, in Python",
     "stream(shuffle=True)": "1 query per batch for the documents by id (+ 1 for GridFS chunks of larger samples) + the "
