@@ -181,7 +181,7 @@ def build_sample(
         spec: dict[str, Any] = {"dtype": dtype_name(array.dtype), "shape": list(array.shape)}
         if array.nbytes <= inline_budget:
             inline_budget -= array.nbytes
-            spec["data"] = binascii.b2a_base64(array, newline=False).decode()  # from the array's buffer: no copy first
+            spec["data"] = binascii.b2a_base64(array.data, newline=False).decode()  # from the array's buffer: no copy first
         else:
             data = array.tobytes()
             blob_id, digest = store.put_bytes(
