@@ -11,8 +11,9 @@ TENSORDB_KAFKA_BOOTSTRAP and TENSORDB_MONGO_URI), with real ``tensordb processor
    until its status is ``done``) and live (samples published after registration, first publish →
    all derived: the ingest of the sources is part of it). Baseline: the same function in a plain
    loop in this process that reads the source documents and their arrays from MongoDB
-   (``sample_arrays``), calls it, and writes the derived documents and their blobs
-   (``Store.write_blobs`` + ``insert_many``, 200 at a time). Goal ≥ 0.7×. Then live with two
+   (``sample_arrays``), calls it, and writes exactly what the stage stores (``stored_arrays`` and
+   ``sample_document`` of ``streams.ingest``: 56×56 float32 is 12 KiB, kept inline in the document;
+   ``Store.write_blobs`` of larger arrays + ``insert_many``, 200 at a time). Goal ≥ 0.7×. Then live with two
    processor instances against one (the stage's consumer group shares ``data-imported``'s
    partitions).
 2. Streaming inference at batch 64: N requests of 64 instances (``array``: base64 bytes; and fewer
@@ -36,7 +37,6 @@ from __future__ import annotations
 import argparse
 import base64
 import gc
-import hashlib
 import math
 import os
 import shutil
@@ -55,7 +55,6 @@ from typing import Any
 
 import numpy as np
 import orjson
-from bson import ObjectId
 from harness import (
     CpuMeter,
     GoalRow,
@@ -72,13 +71,13 @@ from harness import (
     us,
 )
 
+from streams.ingest import sample_document, stored_arrays
 from tensordb import records
 from tensordb.client import TensorDB
 from tensordb.config import Settings, Topic
 from tensordb.data.loader import sample_arrays
-from tensordb.data.samples import SAMPLES, split_key
+from tensordb.data.samples import SAMPLES, SampleLineage, SampleOrigin, dtype_name, sample_fields
 from tensordb.infra.bus import Publisher, Received, make_consumer
-from tensordb.infra.codecs import xxh3_hex
 from tensordb.infra.store import Store
 from tensordb.models.registry import ModelRegistry
 from tensordb.models.serving import load_version
@@ -166,8 +165,9 @@ def publish_images(db: TensorDB, dataset: str, prefix: str, pixels: np.ndarray) 
 def resize_loop(store: Store, source: str, output: str, parts: dict[str, float] | None = None, prefix: str = "loop") -> int:
     """The baseline: what a user writes without stages. Read the source samples 200 at a time in
     ``_id`` order with their arrays (``sample_arrays``), call the function, and write the derived
-    documents (the fields ingest writes, so TensorDB reads them back) and their blobs."""
+    documents and blobs exactly as the stage builds them (``stored_arrays``, ``sample_document``)."""
     collection, after, done = store[SAMPLES], None, 0
+    origin: SampleOrigin = {"topic": "bench-loop", "partition": 0, "offset": 0}
     while True:
         query = {"dataset": source} if after is None else {"dataset": source, "_id": {"$gt": after}}
         clock = time.perf_counter()
@@ -183,19 +183,14 @@ def resize_loop(store: Store, source: str, output: str, parts: dict[str, float] 
             started = time.perf_counter()
             out = resize(source_view(document, arrays))
             function += time.perf_counter() - started
-            x = np.ascontiguousarray(out["arrays"]["x"])
-            data, sample_id, blob = x.tobytes(), f"{prefix}:{document['_id']}", ObjectId()
-            digest = hashlib.sha256(data).hexdigest()
-            blobs.append(
-                (blob, f"{output}/{sample_id}/x", data, {"kind": "sample-array", "sha256": digest, "sample_id": sample_id})
+            x, sample_id = np.ascontiguousarray(out["arrays"]["x"]), f"{prefix}:{document['_id']}"
+            lineage: SampleLineage = {"derived_from": document["_id"], "stage": "loop", "stage_version": 1}
+            fields = sample_fields(dataset=output, labels=out["labels"], source="bench-loop", lineage=lineage)
+            stored, sample_blobs = stored_arrays(
+                store, output, sample_id, {"x": (dtype_name(x.dtype), list(x.shape), x.tobytes())}
             )
-            derived.append({
-                "_id": sample_id, "project": store.project, "dataset": output, "version": None,
-                "arrays": {"x": {"dtype": x.dtype.name, "claim_check": False, "shape": list(x.shape), "nbytes": len(data),
-                                 "sha256": digest, "xxh3": xxh3_hex(data), "blob_id": blob}},
-                "labels": out["labels"], "metadata": {}, "tags": [], "source": "bench-loop", "imported_at": now,
-                "split_key": split_key(sample_id), "lineage": {"derived_from": document["_id"], "stage": "loop", "stage_version": 1},
-            })  # fmt: skip
+            blobs += sample_blobs
+            derived.append(sample_document(store, fields, sample_id, stored, now, origin, announced=True))
         built = time.perf_counter()
         store.write_blobs(blobs)
         collection.insert_many(derived, ordered=False)

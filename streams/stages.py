@@ -27,7 +27,7 @@ from streams.ingest import ArrayBytes, Prepared, announce, sample_document, stor
 from streams.processing import Handler, ProcessorContext, Stopping
 from tensordb.config import Settings, Topic
 from tensordb.data.loader import sample_arrays
-from tensordb.data.samples import SAMPLES, SampleOrigin, array_nbytes
+from tensordb.data.samples import SAMPLES, SampleOrigin, array_nbytes, dtype_name
 from tensordb.errors import (
     EntryPointError,
     IntegrityError,
@@ -104,8 +104,9 @@ def _prepared(context: ProcessorContext, stage: str, version: int, sample: Deriv
     in_hand: dict[str, ArrayBytes] = {}
     for name, array in sample.arrays.items():
         shape = list(array.shape)
-        array_nbytes(name, array.dtype.name, shape, store.settings.max_sample_bytes)
-        in_hand[name] = (array.dtype.name, shape, array.tobytes())
+        kind = dtype_name(array.dtype)
+        array_nbytes(name, kind, shape, store.settings.max_sample_bytes)
+        in_hand[name] = (kind, shape, array.tobytes())
     arrays, blobs = stored_arrays(store, fields["dataset"], sample.sample_id, in_hand)
     origin: SampleOrigin = {"topic": _stage_topic(stage), "partition": version, "offset": 0}  # lineage says the rest
     document = sample_document(store, fields, sample.sample_id, arrays, now, origin, announced=True)  # announced below

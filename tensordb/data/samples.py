@@ -8,12 +8,13 @@ Any Kafka client may also send arrays as nested JSON lists (``"values"``).
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import math
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any, NotRequired, TypedDict
 
 import numpy as np
@@ -94,6 +95,19 @@ class SampleDocument(TypedDict):
     lineage: NotRequired[SampleLineage]
 
 
+@cache
+def record_dtype(name: str) -> np.dtype[Any]:
+    """The little-endian dtype a record's ``dtype`` names; cached, as it is looked up per array of
+    every sample stored or read."""
+    return np.dtype(name).newbyteorder("<")
+
+
+@cache
+def dtype_name(dtype: np.dtype[Any]) -> str:
+    """``dtype.name`` (a record's ``dtype``), cached: NumPy computes it in Python, ~2.5 µs a call."""
+    return dtype.name
+
+
 def _named(value: Any, default_name: str) -> dict[str, Any]:
     return dict(value) if isinstance(value, Mapping) else {default_name: value}
 
@@ -164,12 +178,12 @@ def build_sample(
     specs: dict[str, dict[str, Any]] = {}
     inline_budget = store.settings.inline_limit_bytes
     for name, array in sorted(named.items(), key=lambda item: item[1].nbytes):
-        data = array.tobytes()
-        spec: dict[str, Any] = {"dtype": array.dtype.name, "shape": list(array.shape)}
-        if len(data) <= inline_budget:
-            inline_budget -= len(data)
-            spec["data"] = base64.b64encode(data).decode()
+        spec: dict[str, Any] = {"dtype": dtype_name(array.dtype), "shape": list(array.shape)}
+        if array.nbytes <= inline_budget:
+            inline_budget -= array.nbytes
+            spec["data"] = binascii.b2a_base64(array.data, newline=False).decode()  # from the array's buffer: no copy first
         else:
+            data = array.tobytes()
             blob_id, digest = store.put_bytes(
                 data,
                 f"{dataset}/{sample_id}/{name}",
@@ -220,7 +234,7 @@ INT64 = (-(2**63), 2**63 - 1)
 def array_nbytes(name: str, dtype_name: str, shape: list[int], max_bytes: int) -> int:
     """The size in bytes of an array of ``shape``, refusing shapes past ``max_bytes`` (no overflow:
     Python integers, so a shape like ``[2**32, 2**32]`` is refused, never wrapped round to a small size)."""
-    nbytes = math.prod(shape) * np.dtype(dtype_name).itemsize
+    nbytes = math.prod(shape) * record_dtype(dtype_name).itemsize
     if nbytes > max_bytes:
         raise SampleError(
             f"array {name!r}: shape {shape} of {dtype_name} is {nbytes} bytes, over the {max_bytes}-byte sample limit "
@@ -267,31 +281,32 @@ def inline_bytes(name: str, spec: Mapping[str, Any], max_bytes: int = 2**63) -> 
     max_bytes:
         The largest array accepted (the settings' ``max_sample_bytes``).
     """
-    dtype = np.dtype(spec["dtype"]).newbyteorder("<")
+    dtype = record_dtype(spec["dtype"])
+    kind = dtype_name(dtype)
     if "data" in spec:
         shape = [int(size) for size in spec["shape"]]  # JSON may spell 2 as 2.0
-        expected = array_nbytes(name, dtype.name, shape, max_bytes)
-        try:
-            data = base64.b64decode(spec["data"], validate=True)
+        expected = array_nbytes(name, kind, shape, max_bytes)
+        try:  # what base64.b64decode(validate=True) does, without its wrapper
+            data = binascii.a2b_base64(spec["data"], strict_mode=True)
         except ValueError as exc:
             raise SampleError(f"array {name!r}: 'data' is not valid base64 ({exc})") from exc
     else:
         if "shape" in spec:
-            array_nbytes(name, dtype.name, list(spec["shape"]), max_bytes)
+            array_nbytes(name, kind, list(spec["shape"]), max_bytes)
         try:
             with np.errstate(over="raise", invalid="raise"):  # 1e300 as float16 is an error, not inf
                 values = np.asarray(spec["values"], dtype=dtype)
         except (ValueError, TypeError, OverflowError, FloatingPointError) as exc:
             raise SampleError(
-                f"array {name!r}: 'values' do not form a regular {dtype.name} array ({exc}): "
-                f"send equal-length lists of numbers that fit {dtype.name}"
+                f"array {name!r}: 'values' do not form a regular {kind} array ({exc}): "
+                f"send equal-length lists of numbers that fit {kind}"
             ) from exc
         shape = [int(size) for size in spec.get("shape", values.shape)]
         data = values.tobytes()
-        expected = array_nbytes(name, dtype.name, shape, max_bytes)
+        expected = array_nbytes(name, kind, shape, max_bytes)
     if len(data) != expected:
         raise SampleError(
-            f"array {name!r}: {len(data)} bytes do not fit shape {list(shape)} of {dtype.name} "
+            f"array {name!r}: {len(data)} bytes do not fit shape {list(shape)} of {kind} "
             f"({expected} bytes expected); fix the shape or the data"
         )
     return data, shape
@@ -299,4 +314,4 @@ def inline_bytes(name: str, spec: Mapping[str, Any], max_bytes: int = 2**63) -> 
 
 def to_array(data: bytes, spec: Mapping[str, Any]) -> np.ndarray:
     """A read-only array over stored bytes (no copy)."""
-    return np.frombuffer(data, dtype=np.dtype(spec["dtype"]).newbyteorder("<")).reshape(spec["shape"])
+    return np.frombuffer(data, dtype=record_dtype(spec["dtype"])).reshape(spec["shape"])

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from tensordb import records
-from tensordb.data.samples import named_arrays, sample_fields
+from tensordb.data.samples import dtype_name, named_arrays, sample_fields
 from tensordb.errors import StageFunctionError, TensorDBError
 from tensordb.records import Schema
 from tensordb.stages.spec import StageSpec
@@ -147,5 +147,7 @@ def _described(sample: DerivedSample) -> dict[str, Any]:
     """The ``sample/1`` record of ``sample`` with its arrays' bytes left out (``data`` empty), so the
     schema checks everything else a published record is checked for (names, dtypes, shapes, labels,
     tags) without encoding the bytes; their size is checked against dtype and shape when stored."""
-    arrays = {name: {"dtype": array.dtype.name, "shape": list(array.shape), "data": ""} for name, array in sample.arrays.items()}
+    arrays = {
+        name: {"dtype": dtype_name(array.dtype), "shape": list(array.shape), "data": ""} for name, array in sample.arrays.items()
+    }
     return {"schema": Schema.SAMPLE, "sample_id": sample.sample_id, "arrays": arrays, **sample.fields}
