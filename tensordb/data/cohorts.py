@@ -120,8 +120,9 @@ class Cohort:
         return [*self.sort, ("_id", self.sort[-1][1] if self.sort else 1)]
 
     def documents(self, projection: Mapping[str, Any] | None = None, batch_size: int = 1000) -> Iterator[dict]:
-        """Sample metadata documents in cohort order; a split of a limited cohort is applied here,
-        after the limit, so its folds partition exactly the cohort's members."""
+        """Sample documents in cohort order (whole, small arrays' bytes included, unless ``projection``
+        leaves them out); a split of a limited cohort is applied here, after the limit, so its folds
+        partition exactly the cohort's members."""
         wanted = dict(projection) if projection is not None else None
         if wanted is not None and self.split is not None:
             wanted["split_key"] = 1
