@@ -22,6 +22,7 @@ from one aggregation, run when scraped (cached a few seconds).
 
 from __future__ import annotations
 
+import collections
 import hmac
 import json
 import logging
@@ -101,23 +102,20 @@ HTTP_SECONDS = Histogram("tensordb_http_request_seconds", "Seconds to answer an 
 
 
 # -- hooks -------------------------------------------------------------------------------------------
+def _count_per_topic(counter: Counter, processor: str, records: Iterable[Received]) -> None:
+    for topic, count in collections.Counter(received.topic for received in records).items():
+        counter.labels(processor, topic).inc(count)
+
+
 def observe_batch(processor: str, batch: Sequence[Received], seconds: float) -> None:
     """A processor made ``batch`` durable in ``seconds``."""
     HANDLER_SECONDS.labels(processor).observe(seconds)
-    counts: dict[str, int] = {}
-    for received in batch:
-        counts[received.topic] = counts.get(received.topic, 0) + 1
-    for topic, count in counts.items():
-        RECORDS_PROCESSED.labels(processor, topic).inc(count)
+    _count_per_topic(RECORDS_PROCESSED, processor, batch)
 
 
 def count_dead_letters(processor: str, letters: Iterable[tuple[Received, BaseException]]) -> None:
     """``letters`` were dead-lettered durably (a redelivered record counts again)."""
-    counts: dict[str, int] = {}
-    for received, _ in letters:
-        counts[received.topic] = counts.get(received.topic, 0) + 1
-    for topic, count in counts.items():
-        RECORDS_DEAD_LETTERED.labels(processor, topic).inc(count)
+    _count_per_topic(RECORDS_DEAD_LETTERED, processor, (received for received, _ in letters))
 
 
 def observe_claim(seconds: float, job: Mapping[str, Any] | None) -> None:
