@@ -20,22 +20,9 @@ TIMEOUT_SECONDS = 5.0
 
 
 def _processors(settings: Settings) -> str | None:
-    from confluent_kafka.admin import AdminClient
-    from confluent_kafka.error import KafkaException
-    from pymongo.errors import PyMongoError
+    from tensordb.infra.metrics import connectivity
 
-    from tensordb.infra.store import Store
-
-    try:
-        AdminClient(settings.kafka_config(log_level=0)).list_topics(timeout=TIMEOUT_SECONDS)  # no librdkafka log lines
-    except KafkaException as exc:
-        return f"Kafka at {settings.kafka_bootstrap} did not answer: {exc}"
-    try:
-        with Store(settings, server_wait_ms=int(TIMEOUT_SECONDS * 1000)) as store:
-            store.client.admin.command("ping")
-    except PyMongoError as exc:
-        return f"MongoDB did not answer: {type(exc).__name__}"
-    return None
+    return connectivity(settings, TIMEOUT_SECONDS)()  # what the processors' /ready answers
 
 
 def _worker(settings: Settings) -> str | None:
