@@ -6,8 +6,8 @@ resuming, by id from a member snapshot (one query per batch). Small arrays' byte
 those documents; larger ones (and those of samples stored before arrays were kept inline) are
 fetched with one query over the GridFS chunks of the batch's samples (one round trip per batch, not
 one per sample), in background threads, ``prefetch`` batches ahead. Memory is bounded by about
-twice ``batch_size × (prefetch + 1)`` samples (the batches in flight and the cursor's read-ahead)
-plus the shuffle buffer's or the snapshot's ids. ``position`` and :meth:`CohortStream.state` let a
+three times ``batch_size × (prefetch + 1)`` samples (the batches in flight, those the reading
+thread holds ahead, and the cursor's own batch) plus the shuffle buffer's or the snapshot's ids. ``position`` and :meth:`CohortStream.state` let a
 restarted job resume.
 """
 
