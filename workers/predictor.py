@@ -23,7 +23,6 @@ version); requests for other models are left to their predictors.
 
 from __future__ import annotations
 
-import binascii
 import logging
 import threading
 import time
@@ -42,6 +41,7 @@ from tensordb.data.samples import SAMPLES
 from tensordb.errors import BadInputError, TensorDBError
 from tensordb.infra import metrics
 from tensordb.infra.bus import Received, make_consumer, receive
+from tensordb.infra.codecs import from_base64
 from tensordb.infra.store import insert_new
 from tensordb.models.predictions import PREDICTIONS
 from tensordb.models.serving import array_batch, instances_batch
@@ -248,10 +248,10 @@ class Predictor:
         if "array" in request:
             spec = request["array"]
             try:
-                data = binascii.a2b_base64(spec["data"], strict_mode=True)
+                data = from_base64(spec["data"])
                 flat = np.frombuffer(data, dtype=np.dtype(spec["dtype"]).newbyteorder("<"))
                 array = flat.reshape(spec["shape"])
-            except (ValueError, binascii.Error) as exc:
+            except ValueError as exc:
                 raise BadInputError(f"array: its bytes do not hold {spec['dtype']}{spec['shape']} ({exc})") from None
             return array_batch(array, serving.model)
         sample = request["sample"]

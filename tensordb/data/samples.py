@@ -8,7 +8,6 @@ Any Kafka client may also send arrays as nested JSON lists (``"values"``).
 
 from __future__ import annotations
 
-import binascii
 import hashlib
 import math
 import uuid
@@ -24,7 +23,7 @@ from bson import ObjectId
 from tensordb.config import Topic
 from tensordb.errors import SampleError
 from tensordb.infra.bus import Publisher
-from tensordb.infra.codecs import xxh3_hex
+from tensordb.infra.codecs import from_base64, to_base64, xxh3_hex
 from tensordb.infra.store import Store
 from tensordb.records import Schema
 
@@ -181,7 +180,7 @@ def build_sample(
         spec: dict[str, Any] = {"dtype": dtype_name(array.dtype), "shape": list(array.shape)}
         if array.nbytes <= inline_budget:
             inline_budget -= array.nbytes
-            spec["data"] = binascii.b2a_base64(array.data, newline=False).decode()  # from the array's buffer: no copy first
+            spec["data"] = to_base64(array.data)
         else:
             data = array.tobytes()
             blob_id, digest = store.put_bytes(
@@ -286,8 +285,8 @@ def inline_bytes(name: str, spec: Mapping[str, Any], max_bytes: int = 2**63) -> 
     if "data" in spec:
         shape = [int(size) for size in spec["shape"]]  # JSON may spell 2 as 2.0
         expected = array_nbytes(name, kind, shape, max_bytes)
-        try:  # what base64.b64decode(validate=True) does, without its wrapper
-            data = binascii.a2b_base64(spec["data"], strict_mode=True)
+        try:
+            data = from_base64(spec["data"])
         except ValueError as exc:
             raise SampleError(f"array {name!r}: 'data' is not valid base64 ({exc})") from exc
     else:
