@@ -490,7 +490,7 @@ def direct_inserts(base: Settings, pids: Pids, images: np.ndarray) -> Timing:
     with project(base, "direct") as settings, Store(settings) as store:
         store.ensure_indexes()
         now = datetime.now(UTC)
-        prepared = [_prepare(r, store, now) for r in as_received(settings, 0, sample_records("timed", 0, images))]
+        prepared = [_prepare(r, store, now, ObjectId()) for r in as_received(settings, 0, sample_records("timed", 0, images))]
 
         def insert_all() -> int:
             for start in range(0, len(prepared), INGEST_CHUNK):
@@ -736,7 +736,9 @@ def store_cohort(store: Store, dataset: str, images: np.ndarray) -> Cohort:
     now = datetime.now(UTC)
     for start in range(0, len(images), INGEST_CHUNK):
         chunk = images[start : start + INGEST_CHUNK]
-        prepared = [_prepare(r, store, now) for r in as_received(store.settings, start, sample_records(dataset, start, chunk))]
+        prepared = [
+            _prepare(r, store, now, ObjectId()) for r in as_received(store.settings, start, sample_records(dataset, start, chunk))
+        ]
         store.write_blobs([blob for _, blobs in prepared for blob in blobs])
         store[SAMPLES].insert_many([document for document, _ in prepared], ordered=False)
     return Cohort(store, filter={"dataset": dataset})

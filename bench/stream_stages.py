@@ -327,7 +327,7 @@ def stage_breakdown(settings: Settings, store: Store, count: int) -> tuple[dict[
         prepared_at = time.perf_counter()
         stored, _ = store_samples(context, prepared)
         stored_at = time.perf_counter()
-        announce(context, stored, now, mark=False)
+        announce(context, stored, now)
         if counted:
             took = (read - clock, function - read, derived_at - function, prepared_at - derived_at, stored_at - prepared_at,
                     time.perf_counter() - stored_at)  # fmt: skip

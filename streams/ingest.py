@@ -12,11 +12,14 @@ A claim check (an array the SDK uploaded to GridFS beforehand) is accepted only 
 uploaded in this project for this sample id and matches the record's size, sha256, dtype and
 shape: a reference copied from another project's topic, or to another sample's bytes, is refused.
 
-Announced by what is stored: each batch publishes ``data-imported`` events (a few hundred ids each,
-keyed, so they spread over the partitions) for its samples that are stored but not yet announced
-(``announced: false``), then marks them announced. A retry or a
-redelivery after a crash between storing and announcing therefore announces what the earlier
-attempt stored, and the retrain trigger counts each sample once however often it is announced.
+Announced by what is stored: each batch is one import, with an id that every document it inserts
+carries (``import_id``). The batch publishes ``data-imported`` events (a few hundred ids each,
+keyed, so they spread over the partitions) for the samples it inserted, and once the broker has
+acknowledged them records the import announced: one small document in ``sample_imports``, not a
+second write of every sample. A redelivered sample whose import was never recorded (a crash
+between storing and announcing) is announced by the batch that meets it again, and then marked
+``announced: true`` on its own, so each sample is announced once; the retrain trigger would
+count it once anyway, however often it is announced.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from streams.processing import ProcessorContext
 from tensordb.config import Topic
 from tensordb.data.samples import (
     INLINE_MAX_BYTES,
+    SAMPLE_IMPORTS,
     SAMPLES,
     SampleDocument,
     SampleOrigin,
@@ -69,8 +73,8 @@ def fingerprint(document: Mapping[str, Any]) -> str:
     return hashlib.sha256(encoded).hexdigest()
 
 
-def _prepare(received: Received, store: Store, now: datetime) -> tuple[SampleDocument, list[Blob]]:
-    """The document and the blobs to write for one valid sample record."""
+def _prepare(received: Received, store: Store, now: datetime, import_id: ObjectId) -> tuple[SampleDocument, list[Blob]]:
+    """The document and the blobs to write for one valid sample record, imported by ``import_id``."""
     record = received.valid_record
     sample_id = record.get("sample_id") or content_id(record)
     claimed: dict[str, StoredArray] = {}
@@ -95,7 +99,9 @@ def _prepare(received: Received, store: Store, now: datetime) -> tuple[SampleDoc
     stored, blobs = stored_arrays(store, record["dataset"], sample_id, in_hand)
     arrays = {name: claimed[name] if name in claimed else stored[name] for name in record["arrays"]}
     origin: SampleOrigin = {"topic": received.topic, "partition": received.partition, "offset": received.offset}
-    return sample_document(store, record, sample_id, arrays, now, origin), blobs
+    document = sample_document(store, record, sample_id, arrays, now, origin)
+    document["import_id"] = import_id
+    return document, blobs
 
 
 #: An array whose bytes are in hand: its dtype, shape and raw little-endian bytes.
@@ -220,28 +226,53 @@ def _check_claims(store: Store, documents: list[SampleDocument]) -> dict[int, st
 def handle_samples(context: ProcessorContext, batch: list[Received]) -> None:
     """Persist a batch of valid sample records and announce them (see the module docstring)."""
     now = datetime.now(UTC)
+    import_id = ObjectId()
     prepared: list[Prepared] = []
     for received in batch:
         try:
-            prepared.append((received, *_prepare(received, context.store, now)))
+            prepared.append((received, *_prepare(received, context.store, now, import_id)))
         except SampleError as exc:
             context.dead_letters.divert(received, exc)
     broken = _check_claims(context.store, [document for _, document, _ in prepared])
     for position in broken:
         context.dead_letters.divert(prepared[position][0], SampleError(broken[position]))
     stored, inserted = store_samples(context, [item for position, item in enumerate(prepared) if position not in broken])
-    announce(context, _unannounced(context.store, stored, inserted), now, mark=True)
+    announce_import(context, import_id, stored, inserted, _unannounced(context.store, stored, inserted), now)
 
 
-def _unannounced(store: Store, stored: dict[str, str], inserted: set[str]) -> dict[str, str]:
-    """Those of the ``stored`` samples no ``data-imported`` event announced yet: the ones just
-    inserted (``announced: false`` by construction), and redelivered ones still unannounced (a
-    crash between storing and announcing), which only MongoDB knows."""
-    redelivered = [sample_id for sample_id in stored if sample_id not in inserted]
+def announce_import(
+    context: ProcessorContext,
+    import_id: ObjectId,
+    stored: Mapping[str, str],
+    inserted: set[str],
+    redelivered: set[str],
+    now: datetime,
+) -> None:
+    """Announce the samples of ``stored`` (id → dataset) that the import ``import_id`` inserted, and
+    those ``redelivered`` that no event announced yet; then record them announced: the import as a
+    whole, the redelivered ones each on its own."""
+    announce(
+        context,
+        {sample_id: dataset for sample_id, dataset in stored.items() if sample_id in inserted or sample_id in redelivered},
+        now,
+    )
+    if inserted:
+        context.store[SAMPLE_IMPORTS].insert_one({"_id": import_id, "samples": len(inserted), "announced_at": datetime.now(UTC)})
     if redelivered:
-        found = store[SAMPLES].find({"_id": {"$in": redelivered}, "announced": False}, {"_id": 1})
-        inserted = inserted | {document["_id"] for document in found}
-    return {sample_id: dataset for sample_id, dataset in stored.items() if sample_id in inserted}
+        context.store[SAMPLES].update_many({"_id": {"$in": sorted(redelivered)}}, {"$set": {"announced": True}})
+
+
+def _unannounced(store: Store, stored: Mapping[str, str], inserted: set[str]) -> set[str]:
+    """Those of the ``stored`` samples this batch did not insert (redeliveries) that no
+    ``data-imported`` event announced yet: neither marked announced nor inserted by an import
+    recorded announced. Only MongoDB knows them; a batch of new samples asks nothing."""
+    redelivered = [sample_id for sample_id in stored if sample_id not in inserted]
+    if not redelivered:
+        return set()
+    found = list(store[SAMPLES].find({"_id": {"$in": redelivered}, "announced": {"$ne": True}}, {"import_id": 1}))
+    imports = list({document["import_id"] for document in found if "import_id" in document})
+    recorded = {document["_id"] for document in store[SAMPLE_IMPORTS].find({"_id": {"$in": imports}}, {"_id": 1})}
+    return {document["_id"] for document in found if document.get("import_id") not in recorded}
 
 
 #: A sample ready to store: what its dead letter would quote, its document and its blobs.
@@ -302,12 +333,13 @@ def _reused_ids(store: Store, duplicates: list[SampleDocument]) -> dict[int, str
 ANNOUNCE_CHUNK = 250
 
 
-def announce(context: ProcessorContext, samples: Mapping[str, str], now: datetime, mark: bool) -> None:
+def announce(context: ProcessorContext, samples: Mapping[str, str], now: datetime) -> None:
     """Publish ``data-imported`` events for ``samples`` (id → dataset), in chunks of
-    :data:`ANNOUNCE_CHUNK` keyed by their first id; with ``mark``, record them announced once the
-    events are acknowledged (ingest's records, each announced once although a redelivery may come
-    much later). A stage's derived samples are not marked: a redelivered source re-derives the same
-    ids and announces them again, and every reader counts a sample once.
+    :data:`ANNOUNCE_CHUNK` keyed by their first id, and wait until the broker has acknowledged them.
+
+    Ingest then records them announced (:func:`announce_import`). A stage's derived samples are
+    not recorded: a redelivered source re-derives the same ids and announces them again, and every
+    reader counts a sample once.
     """
     ids = sorted(samples)
     for start in range(0, len(ids), ANNOUNCE_CHUNK):
@@ -323,11 +355,8 @@ def announce(context: ProcessorContext, samples: Mapping[str, str], now: datetim
             },
             key=chunk[0],
         )
-    if not ids:
-        return
-    context.publisher.flush()  # announced only once the events are acknowledged
-    if mark:
-        context.store[SAMPLES].update_many({"_id": {"$in": ids}}, {"$set": {"announced": True}})
+    if ids:
+        context.publisher.flush()  # announced only once the events are acknowledged
 
 
 #: How old an unreferenced sample blob must be before :func:`sweep_sample_blobs` removes it: long

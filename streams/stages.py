@@ -89,7 +89,7 @@ def apply_stage(context: ProcessorContext, stage: dict[str, Any], sources: list[
                 failures.append((document, exc))
     if prepared:  # stored once each, announced: the next stages and triggers see them
         stored, _ = store_samples(context, prepared)
-        announce(context, stored, now, mark=False)
+        announce(context, stored, now)
     if failures:
         context.dead_letters.divert_many(
             [(_source_letter(spec.name, spec.version, document), error) for document, error in failures]

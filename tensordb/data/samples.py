@@ -30,6 +30,9 @@ from tensordb.records import Schema
 ArrayLike = np.ndarray | Mapping[str, np.ndarray]
 SPLIT_KEY_RANGE = 1_000_000
 SAMPLES = "samples"
+#: The ingest batches whose ``data-imported`` events the broker acknowledged, one document each
+#: (see :mod:`streams.ingest`).
+SAMPLE_IMPORTS = "sample_imports"
 
 
 #: The most bytes of a sample's arrays kept inside its document, as BSON binaries (``data``),
@@ -86,8 +89,11 @@ class SampleDocument(TypedDict):
     imported_at: datetime
     split_key: int
     origin: SampleOrigin
-    #: whether a ``data-imported`` event announced it (see :mod:`streams.ingest`)
+    #: True once a ``data-imported`` event announced it, where that is recorded per sample (derived
+    #: samples, redeliveries); the import that stored it is recorded instead (see :mod:`streams.ingest`)
     announced: bool
+    #: the ingest batch that stored it: announced once ``sample_imports`` holds this id
+    import_id: NotRequired[ObjectId]
     #: the sha256 of what the sample holds, computed from the rest when it is stored
     fingerprint: NotRequired[str]
     #: a derived sample's source, stage and stage version (see :mod:`tensordb.stages`)

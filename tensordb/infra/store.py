@@ -47,6 +47,8 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("project", ASCENDING), ("tags", ASCENDING), ("imported_at", DESCENDING)]),
         IndexModel([("project", ASCENDING), ("split_key", ASCENDING)]),
     ],
+    # ingest batches recorded announced (streams.ingest): read by id only
+    "sample_imports": [],
     # member snapshots of pinned cohorts (tensordb.data.snapshots): found by id, listed newest first
     "cohort_snapshots": [IndexModel([("project", ASCENDING), ("created_at", DESCENDING)])],
     # the job queue: claims take the most urgent pending job; the reaper scans expired leases
@@ -188,7 +190,8 @@ class Store:
                 except OperationFailure as exc:
                     if exc.code != NAMESPACE_EXISTS:
                         raise
-            self.db[name].create_indexes(indexes)
+            if indexes:
+                self.db[name].create_indexes(indexes)
         self._ensured.update(names or INDEXES)
 
     def _collection_names(self) -> set[str]:

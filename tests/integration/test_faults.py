@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -28,7 +29,7 @@ from streams.processing import ProcessorContext, process_batch
 from streams.retrain import handle_imports
 from tensordb import records
 from tensordb.config import Settings, Topic
-from tensordb.data.samples import INLINE_MAX_BYTES, SAMPLES, content_id
+from tensordb.data.samples import INLINE_MAX_BYTES, SAMPLE_IMPORTS, SAMPLES, content_id
 from tensordb.errors import DecodeError, FatalClientError, SampleError, ValidationError
 from tensordb.infra.bus import Publisher, Received, create_topics, make_consumer, receive
 from tensordb.infra.dead_letters import COLLECTION as DEAD_LETTERS
@@ -80,6 +81,13 @@ def announced_ids(settings: Settings, expected: int, timeout: float = 30.0) -> l
     finally:
         consumer.close()
     return ids
+
+
+def count_announced(samples: Any, imports: Any) -> int:
+    """Stored samples a ``data-imported`` event announced: marked one by one, or stored by an
+    import recorded announced (``samples`` and ``imports``: the two collections, scoped or raw)."""
+    recorded = [document["_id"] for document in imports.find({}, {"_id": 1})]
+    return samples.count_documents({"$or": [{"announced": True}, {"import_id": {"$in": recorded}}]})
 
 
 def received_batch(settings: Settings, batch: list[dict], first_offset: int = 0) -> list[Received]:
@@ -145,7 +153,7 @@ def test_a_record_mongodb_refuses_is_dead_lettered_alone_and_the_rest_stored_and
     process_batch(context, received_batch(settings, batch), handle_samples)
     store = context.store
     assert sorted(d["_id"] for d in store[SAMPLES].find()) == [f"good-{i}" for i in range(5)]
-    assert store[SAMPLES].count_documents({"announced": True}) == 5
+    assert count_announced(store[SAMPLES], store[SAMPLE_IMPORTS]) == 5
     letter = store[DEAD_LETTERS].find_one()
     assert "MongoDB refused to store the record" in letter["reason"] and "nest" in letter["reason"]
     assert store["blobs.files"].count_documents({}) == 0  # the deep sample's blob is removed; the good ones are inline
@@ -158,13 +166,34 @@ def test_samples_stored_but_not_announced_before_a_crash_are_announced_on_redeli
     settings: Settings, context: ProcessorContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     batch = received_batch(settings, [sample(f"s{i}") for i in range(20)])
-    monkeypatch.setattr("streams.ingest.announce", lambda *args: None)  # the crash: stored, never announced
+    monkeypatch.setattr("streams.ingest.announce_import", lambda *args: None)  # the crash: stored, never announced
     process_batch(context, batch[:10], handle_samples)
     monkeypatch.undo()
-    process_batch(context, batch, handle_samples)  # the redelivery after the restart, with more records
+    assert count_announced(context.store[SAMPLES], context.store[SAMPLE_IMPORTS]) == 0
+    process_batch(context, batch[5:], handle_samples)  # the redelivery after the restart, cut elsewhere, with more records
+    process_batch(context, batch, handle_samples)  # and the whole batch again: only s0-s4 left to announce
     process_batch(context, batch, handle_samples)  # and once more: nothing left to announce
     ids = announced_ids(settings, 20)
     assert sorted(ids) == sorted(f"s{i}" for i in range(20))
+    assert count_announced(context.store[SAMPLES], context.store[SAMPLE_IMPORTS]) == 20
+    assert context.store[SAMPLES].count_documents({"announced": True}) == 10  # the redelivered ones, marked one by one
+
+
+def test_samples_stored_before_imports_were_recorded_are_announced_once_when_redelivered(
+    settings: Settings, context: ProcessorContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Documents of earlier versions carry ``announced`` and no ``import_id``."""
+    batch = received_batch(settings, [sample(f"old{i}") for i in range(4)])
+    monkeypatch.setattr("streams.ingest.announce_import", lambda *args: None)
+    process_batch(context, batch[:2], handle_samples)
+    monkeypatch.undo()
+    samples = context.store[SAMPLES]
+    samples.update_many({}, {"$set": {"announced": False}, "$unset": {"import_id": ""}})  # as an earlier version stored them
+    samples.update_one({"_id": "old1"}, {"$set": {"announced": True}})  # announced by that version
+    process_batch(context, batch, handle_samples)
+    process_batch(context, batch, handle_samples)
+    assert sorted(announced_ids(settings, 3)) == ["old0", "old2", "old3"]
+    assert count_announced(samples, context.store[SAMPLE_IMPORTS]) == 4
 
 
 def test_every_kind_of_poison_is_dead_lettered_with_a_clear_reason(settings: Settings, processors: ChildProcess) -> None:
@@ -266,7 +295,7 @@ def test_a_fatal_producer_error_is_reported_at_once_and_the_processor_recreates_
         context.publisher.flush(timeout=5.0)
     assert time.monotonic() - started < 1.0
     process_batch(context, received_batch(settings, [sample("after-fatal")]), handle_samples)
-    assert context.store[SAMPLES].count_documents({"announced": True}) == 1
+    assert count_announced(context.store[SAMPLES], context.store[SAMPLE_IMPORTS]) == 1
     assert announced_ids(settings, 1) == ["after-fatal"]
 
 
@@ -323,7 +352,7 @@ def test_processor_instances_start_together_share_the_work_and_survive_a_sigkill
             for thread in publishing:
                 thread.join()
             wait_for(lambda: store[SAMPLES].count_documents({}) == 3000, timeout=60, what="every sample")
-            wait_for(lambda: store[SAMPLES].count_documents({"announced": True}) == 3000, what="every sample announced")
+            wait_for(lambda: count_announced(store[SAMPLES], store[SAMPLE_IMPORTS]) == 3000, what="every sample announced")
             wait_for(lambda: Policies(store).document("all")["samples_counted"] == 3000, what="the policy counter")
             assert store[DEAD_LETTERS].count_documents({}) == 0
             assert store[SAMPLES].count_documents({"arrays.x.data": {"$exists": True}}) == 3000  # one document each
@@ -408,7 +437,7 @@ def test_a_mongod_outage_longer_than_the_driver_timeout_loses_nothing(
         with MongoClient(settings.mongo_uri) as client:
             db = client[settings.mongo_database]
             wait_for(lambda: db[SAMPLES].count_documents({}) == 2000, timeout=90, what="every sample after the outage")
-            wait_for(lambda: db[SAMPLES].count_documents({"announced": True}) == 2000, what="every sample announced")
+            wait_for(lambda: count_announced(db[SAMPLES], db[SAMPLE_IMPORTS]) == 2000, what="every sample announced")
             assert db[DEAD_LETTERS].count_documents({}) == 1
             assert db[SAMPLES].count_documents({"arrays.x.data": {"$exists": True}}) == 2000  # one document each
         assert processors.process is not None and processors.process.poll() is None
@@ -545,7 +574,7 @@ def test_records_published_after_a_memory_broker_restart_are_all_stored(
             wait_for(
                 lambda: store[SAMPLES].count_documents({}) == 3000, timeout=60, what="every sample published after the restart"
             )
-            wait_for(lambda: store[SAMPLES].count_documents({"announced": True}) == 3000, what="every sample announced")
+            wait_for(lambda: count_announced(store[SAMPLES], store[SAMPLE_IMPORTS]) == 3000, what="every sample announced")
         assert processors.process is not None and processors.process.poll() is None
     finally:
         processors.stop()
