@@ -89,8 +89,9 @@ class SampleDocument(TypedDict):
     imported_at: datetime
     split_key: int
     origin: SampleOrigin
-    #: True once a ``data-imported`` event announced it, where that is recorded per sample (derived
-    #: samples, redeliveries); the import that stored it is recorded instead (see :mod:`streams.ingest`)
+    #: True where the sample's announcement is recorded on the sample itself (derived samples, and a
+    #: redelivered one announced after a crash); False for one that ingest stored, whose announcement
+    #: is recorded with its import (see :mod:`streams.ingest`)
     announced: bool
     #: the ingest batch that stored it: announced once ``sample_imports`` holds this id
     import_id: NotRequired[ObjectId]
