@@ -38,10 +38,10 @@ if TYPE_CHECKING:
 
 Batch = tuple[np.ndarray, np.ndarray | None]
 
-#: :func:`to_tf_dataset` reads up to this many batches of small samples at once, up to this many bytes.
-#: Four, not more: with the cursor read ahead, groups of 16 batches of 64 (1,024-sample reads) ran
-#: at 18,000–41,000 samples/s against 41,000–44,000 for groups of 4 (28×28, bench/loader_and_ingest.py).
-TF_GROUP_BATCHES = 4
+#: :func:`to_tf_dataset` hands tf.data up to this many batches of small samples as one element, up
+#: to this many bytes: ``from_generator`` costs ~0.65 ms of Python per element, whatever its size.
+#: 28×28, batch 64, 6,000 samples (2 cores, loaded): groups of 16 76,900/s, of 8 or 4 69,100/s.
+TF_GROUP_BATCHES = 16
 TF_GROUP_BYTES = 4 * 2**20
 
 
@@ -437,8 +437,8 @@ def to_tf_dataset(cohort: SampleSource, batch_size: int = 32, **options: Any) ->
 
     Shapes and dtypes come from the first sample's array entry (no bytes read). Each pass over the
     dataset reads the stream's next epoch (a new permutation with ``shuffle=True``), lazily.
-    Batches of small samples are fetched several at a time (up to 4 batches, 4 MiB) and cut to
-    ``batch_size`` in tf.data, and batches are read ahead (``prefetch``); ``options`` are
+    Batches of small samples are handed to tf.data several at a time (up to 16 batches, 4 MiB) and
+    cut back to ``batch_size`` there, and batches are read ahead (``prefetch``); ``options`` are
     :class:`CohortStream`'s.
     """
     import tensorflow as tf
@@ -457,20 +457,39 @@ def to_tf_dataset(cohort: SampleSource, batch_size: int = 32, **options: Any) ->
         y_shape, y_dtype = _label_spec(first["labels"][cohort.y])
         signature = (x_spec, tf.TensorSpec((None, *y_shape), tf.as_dtype(y_dtype)))
 
-    # Small samples are read in groups of batches and cut back to ``batch_size`` inside tf.data
-    # (``rebatch``: slices, in C++): each element handed over by ``from_generator`` costs ~0.7 ms
-    # of Python, which would dominate batches of small samples. Same samples in the same order.
-    group = 1 if "state" in options else max(1, min(TF_GROUP_BATCHES, TF_GROUP_BYTES // max(1, batch_size * spec["nbytes"])))
-    drop_remainder = bool(options.pop("drop_remainder", False))
-    stream = CohortStream(cohort, batch_size * group, drop_remainder=drop_remainder and group == 1, **options)
+    # The stream reads batches of ``batch_size``, and ``group`` of them are joined into one element,
+    # cut back by ``rebatch`` (slices, in C++): same samples, same order. Reading larger batches
+    # instead kept more documents alive (4 container objects each), which survived the young
+    # collections and set off a full one, ~0.19 s with TensorFlow's ~385,000 objects, in 3 to 5 of
+    # 7 passes of 30,000 28×28 samples (none to 2 of 7 this way).
+    group = max(1, min(TF_GROUP_BATCHES, TF_GROUP_BYTES // max(1, batch_size * spec["nbytes"])))
+    stream = CohortStream(cohort, batch_size, **options)
 
-    def batches() -> Iterator[Any]:  # one stream: each pass reads its next epoch
-        for x, y in stream:
-            yield x if y is None else (x, y.astype(signature[1].dtype.as_numpy_dtype))
+    def element(batches: list[Batch]) -> Any:
+        x = np.concatenate([x for x, _ in batches]) if len(batches) > 1 else batches[0][0]
+        if cohort.y is None:
+            return x
+        y = np.concatenate([y for _, y in batches if y is not None])
+        return x, y.astype(signature[1].dtype.as_numpy_dtype, copy=False)
 
-    dataset = tf.data.Dataset.from_generator(batches, output_signature=signature)
+    def elements() -> Iterator[Any]:  # one stream: each pass reads its next epoch
+        batches: list[Batch] = []
+        for batch in stream:
+            batches.append(batch)
+            if len(batches) == group:
+                yield element(batches)
+                batches = []
+        if batches:
+            yield element(batches)
+
+    dataset = tf.data.Dataset.from_generator(elements, output_signature=signature)
     if group > 1:
-        dataset = dataset.rebatch(batch_size, drop_remainder=drop_remainder)
+        dataset = dataset.rebatch(batch_size)
+    # Without autotuning: deleting an autotuned iterator (at the end of each pass, each Keras epoch)
+    # waited 0.1–0.6 s in some passes for tf.data's threads (none of 15 without it). The prefetch
+    # buffer still adapts; a caller turns autotuning back on with ``with_options``.
+    untuned = tf.data.Options()
+    untuned.autotune.enabled = False
     # the generator reads ahead on tf.data's thread while the training step runs (28×28: 50,000 →
     # 70,000 samples/s read in bench/loader_and_ingest.py); it stays within the pass being read
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE).with_options(untuned)

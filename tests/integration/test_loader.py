@@ -144,17 +144,24 @@ def test_keras_trains_an_epoch_from_to_tf_dataset(settings: Settings, ingest) ->
     assert len(history.history["loss"]) == 1 and np.isfinite(history.history["loss"][0])
 
 
-def test_to_tf_dataset_yields_the_streams_batches_though_it_reads_them_in_groups(settings: Settings, ingest) -> None:
-    """Small samples are fetched several batches at a time and cut back in tf.data: the batches,
-    their order and the epochs are those of the stream."""
+def test_to_tf_dataset_yields_the_streams_batches_though_it_hands_them_over_in_groups(settings: Settings, ingest) -> None:
+    """Small samples' batches are handed to tf.data several at a time and cut back there: the
+    batches, their order, the epochs and a resumed stream's rest are those of the stream."""
     ingest(images(0, 150))
     with TensorDB(settings) as db:
         cohort = db.cohort({"dataset": "images"}).pinned()
         expected = [[y.tolist() for _, y in cohort.stream(16, shuffle=True, seed=3, epoch=epoch)] for epoch in (0, 1)]
         dataset = cohort.to_tf_dataset(16, shuffle=True, seed=3)
         epochs = [[y.numpy().tolist() for _, y in dataset] for _ in range(2)]
+        stream = cohort.stream(16, shuffle=True, seed=3)
+        read = iter(stream)
+        for _ in range(3):
+            next(read)
+        state = stream.state()
+        resumed = [y.numpy().tolist() for _, y in cohort.to_tf_dataset(16, shuffle=True, seed=3, state=state)]
         dropped = [int(x.shape[0]) for x, _ in cohort.to_tf_dataset(16, drop_remainder=True)]
         x, _ = next(iter(cohort.to_tf_dataset(16)))
     assert epochs == expected and [len(batch) for batch in epochs[0]] == [16] * 9 + [6]
+    assert resumed == expected[0][3:]
     assert dropped == [16] * 9
     assert x.shape == (16, 8, 8) and x.dtype.name == "uint8"
