@@ -867,8 +867,8 @@ FEED_PATHS = {
     "batch; xxh3 checked per sample, in Python",
     "stream(shuffle=True)": "1 query per batch for the documents by id (+ 1 for GridFS chunks of larger samples) + the "
     "snapshot's ids; copies as stream",
-    "to_tf_dataset": "stream's work + from_generator (~0.7 ms per element; small samples read 4 batches at a time and "
-    "rebatched) + 1 copy into a tensor",
+    "to_tf_dataset": "stream's work + from_generator (~0.7 ms per element; small samples' batches joined 16 at a time "
+    "and rebatched) + 1 copy into a tensor",
 }
 
 
