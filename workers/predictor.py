@@ -37,7 +37,7 @@ from confluent_kafka import TopicPartition
 from tensordb import records
 from tensordb.config import Settings, Topic
 from tensordb.data.loader import sample_arrays
-from tensordb.data.samples import SAMPLES
+from tensordb.data.samples import SAMPLES, to_array
 from tensordb.errors import BadInputError, TensorDBError
 from tensordb.infra import metrics
 from tensordb.infra.bus import Received, make_consumer, receive
@@ -248,9 +248,7 @@ class Predictor:
         if "array" in request:
             spec = request["array"]
             try:
-                data = from_base64(spec["data"])
-                flat = np.frombuffer(data, dtype=np.dtype(spec["dtype"]).newbyteorder("<"))
-                array = flat.reshape(spec["shape"])
+                array = to_array(from_base64(spec["data"]), spec)
             except ValueError as exc:
                 raise BadInputError(f"array: its bytes do not hold {spec['dtype']}{spec['shape']} ({exc})") from None
             return array_batch(array, serving.model)

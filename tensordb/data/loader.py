@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tensordb.data.order import StreamState, epoch_order, rank_share
-from tensordb.data.samples import SAMPLES, to_array
+from tensordb.data.samples import SAMPLES, record_dtype, to_array
 from tensordb.data.snapshots import Snapshot, snapshot_id, take_snapshot
 from tensordb.data.sources import SampleSource
 from tensordb.errors import IntegrityError, NotFoundError, QueryError, StreamStateError
@@ -326,7 +326,7 @@ class CohortStream:
         shape, dtype = first["shape"], first["dtype"]
         # Stored bytes are little-endian; the batch is one array they are copied into once each,
         # through a flat byte view (no per-sample array objects).
-        x = np.empty((len(specs), *shape), dtype=np.dtype(dtype).newbyteorder("<"))
+        x = np.empty((len(specs), *shape), dtype=record_dtype(dtype))
         flat, size = x.reshape(-1).view(np.uint8).data, x.itemsize * int(np.prod(shape, dtype=np.int64))
         for slot, (document, spec) in enumerate(zip(metadata, specs, strict=True)):
             if spec["shape"] != shape or spec["dtype"] != dtype:
