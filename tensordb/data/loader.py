@@ -7,8 +7,8 @@ those documents; larger ones (and those of samples stored before arrays were kep
 fetched with one query over the GridFS chunks of the batch's samples (one round trip per batch, not
 one per sample), in background threads, ``prefetch`` batches ahead. Memory is bounded by about
 three times ``batch_size × (prefetch + 1)`` samples (the batches in flight, those the reading
-thread holds ahead, and the cursor's own batch) plus the shuffle buffer's or the snapshot's ids. ``position`` and :meth:`CohortStream.state` let a
-restarted job resume.
+thread holds ahead, and the cursor's own batch) plus the shuffle buffer's or the snapshot's ids.
+``position`` and :meth:`CohortStream.state` let a restarted job resume.
 """
 
 from __future__ import annotations
