@@ -296,6 +296,22 @@ def test_corrupted_or_replaced_bytes_are_an_integrity_error_naming_the_sample(in
     assert streamed(store, {"_id": "good"}) == [[1, 2, 3]]
 
 
+@pytest.mark.parametrize("length", [3, INLINE_MAX_BYTES // 2 + 1], ids=["inline", "gridfs"])
+def test_samples_stored_before_the_xxh3_was_recorded_are_checked_against_their_sha256(ingest_a: Ingest, length: int) -> None:
+    ingest_a(inline("newer", [4] * length), inline("older", [5] * length))
+    store = ingest_a.store
+    store[SAMPLES].update_one({"_id": "older"}, {"$unset": {"arrays.x.xxh3": ""}})  # as earlier versions stored it
+    assert sorted(streamed(store)) == [[4] * length, [5] * length]
+    entry = store[SAMPLES].find_one({"_id": "older"})["arrays"]["x"]
+    stale = np.full(length, 7, np.int16).tobytes()
+    if length == 3:
+        store[SAMPLES].update_one({"_id": "older"}, {"$set": {"arrays.x.data": stale}})
+    else:
+        store.db[f"{BLOB_BUCKET}.chunks"].update_one({"files_id": entry["blob_id"]}, {"$set": {"data": stale}})
+    with pytest.raises(IntegrityError, match="sample 'older'.*checksum mismatch"):
+        streamed(store)
+
+
 def test_stored_ids_carry_the_project_so_raw_tools_see_which_project_owns_a_document(
     ingest_a: Ingest, settings: Settings
 ) -> None:
