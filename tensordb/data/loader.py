@@ -30,6 +30,7 @@ from tensordb.data.samples import SAMPLES, record_dtype, to_array
 from tensordb.data.snapshots import Snapshot, snapshot_id, take_snapshot
 from tensordb.data.sources import SampleSource
 from tensordb.errors import IntegrityError, NotFoundError, QueryError, StreamStateError
+from tensordb.infra.allocator import GLIBC_MMAP_THRESHOLD_MAX, restore_large_allocations
 from tensordb.infra.codecs import xxh3_hex
 from tensordb.infra.store import Store
 
@@ -447,18 +448,39 @@ def _label_spec(value: Any) -> tuple[tuple[int, ...], np.dtype]:
     return array.shape, dtype
 
 
-def to_tf_dataset(cohort: SampleSource, batch_size: int = 32, **options: Any) -> tf.data.Dataset:
+def to_tf_dataset(
+    cohort: SampleSource, batch_size: int = 32, *, mmap_threshold: int | None = GLIBC_MMAP_THRESHOLD_MAX, **options: Any
+) -> tf.data.Dataset:
     """The cohort as a ``tf.data.Dataset`` of ``(x, y)`` batches, with an exact ``element_spec``.
 
     Shapes and dtypes come from the first sample's array entry (no bytes read). Each pass over the
     dataset reads the stream's next epoch (a new permutation with ``shuffle=True``), lazily.
     Batches of small samples are handed to tf.data several at a time (up to 16 batches, 4 MiB) and
-    cut back to ``batch_size`` there, and batches are read ahead (``prefetch``); ``options`` are
-    :class:`CohortStream`'s. tf.data's autotuning is off on the dataset returned, and so on what
-    is chained after it (deleting an autotuned iterator, at the end of each pass, stalled for
-    0.1–0.6 s); ``dataset.with_options(options)`` with ``options.autotune.enabled = True`` turns it on.
+    cut back to ``batch_size`` there, and batches are read ahead (``prefetch``). tf.data's
+    autotuning is off on the dataset returned, and so on what is chained after it (deleting an
+    autotuned iterator, at the end of each pass, stalled for 0.1–0.6 s);
+    ``dataset.with_options(options)`` with ``options.autotune.enabled = True`` turns it on.
+
+    Parameters
+    ----------
+    cohort : SampleSource
+        The cohort to read.
+    batch_size : int
+        Samples per batch.
+    mmap_threshold : int or None
+        Each pass first undoes, for the whole process, the allocator setting TensorFlow's
+        ``from_generator`` makes (:mod:`tensordb.infra.allocator`: large samples read 2.3× faster):
+        allocations from this size on (at most 32 MiB) get their own ``mmap``. None keeps TensorFlow's.
+    **options
+        :class:`CohortStream`'s options (``shuffle``, ``rank``, ``state``, ``prefetch``...).
     """
     import tensorflow as tf
+
+    if mmap_threshold is not None and not 0 < mmap_threshold <= GLIBC_MMAP_THRESHOLD_MAX:
+        raise QueryError(
+            f"mmap_threshold must be between 1 and {GLIBC_MMAP_THRESHOLD_MAX} bytes (the ceiling of glibc's own adaptive "
+            "threshold), or None to keep TensorFlow's setting"
+        )
 
     projection = {f"arrays.{cohort.x}.{field}": 1 for field in ("dtype", "shape", "nbytes")}
     if cohort.y:
@@ -490,6 +512,8 @@ def to_tf_dataset(cohort: SampleSource, batch_size: int = 32, **options: Any) ->
         return x, y.astype(signature[1].dtype.as_numpy_dtype, copy=False)
 
     def elements() -> Iterator[Any]:  # one stream: each pass reads its next epoch
+        if mmap_threshold is not None:  # TensorFlow sets its own once, when a from_generator first runs
+            restore_large_allocations(mmap_threshold)
         batches: list[Batch] = []
         for batch in stream:
             batches.append(batch)
