@@ -51,6 +51,28 @@ TF_GROUP_BYTES = 4 * 2**20
 BATCH_FIELDS = ("data", "blob_id", "dtype", "shape", "nbytes", "xxh3")
 
 
+def entry_projection(parent: str, name: str, fields: Iterable[str] = ()) -> dict[str, int]:
+    """The projection that reads entry ``name`` of a sample's ``parent`` (``arrays``, ``labels``), only
+    its ``fields`` when given. MongoDB reads a dot in a path as one more level, so an entry whose
+    name holds a dot (the sample schema allows it: ``img.v1``) is read through its whole parent."""
+    if "." in name:
+        return {parent: 1}
+    return {f"{parent}.{name}.{field}": 1 for field in fields} if fields else {f"{parent}.{name}": 1}
+
+
+def _missing_array(name: str) -> QueryError:
+    """The error for a cohort sample without the array the loader reads."""
+    example = f" (e.g. {{'arrays.{name}': {{'$exists': true}}}})" if "." not in name else ""
+    return QueryError(
+        f"a sample of this cohort has no array {name!r}: filter the cohort to samples that have it{example} or choose another x"
+    )
+
+
+def _missing_label(name: str) -> QueryError:
+    """The error for cohort samples without the label the loader reads."""
+    return QueryError(f"some samples of this cohort have no label {name!r}: filter them out or set y=None")
+
+
 def content_matches(data: bytes, spec: Mapping[str, Any]) -> bool:
     """Whether ``data`` is the bytes stored for an array: its xxh3 checksum (recorded when it was
     written; samples stored by earlier versions have only their sha256, checked instead).
@@ -253,9 +275,9 @@ class CohortStream:
 
     # -- what each batch holds ----------------------------------------------------------------------
     def _projection(self) -> dict[str, int]:
-        projection = {f"arrays.{self.cohort.x}.{field}": 1 for field in BATCH_FIELDS}
+        projection = entry_projection("arrays", self.cohort.x, BATCH_FIELDS)
         if self.cohort.y is not None:
-            projection[f"labels.{self.cohort.y}"] = 1
+            projection.update(entry_projection("labels", self.cohort.y))
         return projection
 
     def _ordered(self, projection: Mapping[str, int] | None) -> Iterator[dict[str, Any]]:
@@ -323,10 +345,7 @@ class CohortStream:
         try:
             specs = [document["arrays"][x_name] for document in metadata]
         except KeyError:
-            raise QueryError(
-                f"a sample of this cohort has no array {x_name!r}: filter the cohort to samples that have it "
-                f"(e.g. {{'arrays.{x_name}': {{'$exists': true}}}}) or choose another x"
-            ) from None
+            raise _missing_array(x_name) from None
         self._read_sha256(metadata, specs)
         blobs = read_blobs(self.cohort.store, specs)
         first = specs[0]
@@ -346,7 +365,7 @@ class CohortStream:
             return x, None
         y = np.asarray([document.get("labels", {}).get(y_name) for document in metadata])
         if y.dtype == object:
-            raise QueryError(f"some samples of this cohort have no label {y_name!r}: filter them out or set y=None")
+            raise _missing_label(y_name)
         return x, y
 
     def _read_sha256(self, metadata: list[dict[str, Any]], specs: list[dict[str, Any]]) -> None:
@@ -354,8 +373,8 @@ class CohortStream:
         none for the others): :data:`BATCH_FIELDS` leaves it out to decode less."""
         older = {document["_id"]: spec for document, spec in zip(metadata, specs, strict=True) if "xxh3" not in spec}
         if older:
-            path = f"arrays.{self.cohort.x}.sha256"
-            for document in self.cohort.store[SAMPLES].find({"_id": {"$in": list(older)}}, {path: 1}):
+            projection = entry_projection("arrays", self.cohort.x, ("sha256",))
+            for document in self.cohort.store[SAMPLES].find({"_id": {"$in": list(older)}}, projection):
                 older[document["_id"]]["sha256"] = document["arrays"][self.cohort.x]["sha256"]
 
     def __iter__(self) -> Iterator[Batch]:
@@ -482,18 +501,23 @@ def to_tf_dataset(
             "threshold), or None to keep TensorFlow's setting"
         )
 
-    projection = {f"arrays.{cohort.x}.{field}": 1 for field in ("dtype", "shape", "nbytes")}
+    projection = entry_projection("arrays", cohort.x, ("dtype", "shape", "nbytes"))
     if cohort.y:
-        projection[f"labels.{cohort.y}"] = 1
+        projection.update(entry_projection("labels", cohort.y))
     first = next(iter(cohort.documents(projection, batch_size=1)), None)
     if first is None:
         raise QueryError("this cohort has no samples yet: publish data or widen its filter")
-    spec = first["arrays"][cohort.x]
+    spec = first.get("arrays", {}).get(cohort.x)
+    if spec is None:
+        raise _missing_array(cohort.x)
     x_spec = tf.TensorSpec((None, *spec["shape"]), tf.as_dtype(np.dtype(spec["dtype"])))
     if cohort.y is None:
         signature: Any = x_spec
     else:
-        y_shape, y_dtype = _label_spec(first["labels"][cohort.y])
+        label = first.get("labels", {}).get(cohort.y)
+        if label is None:
+            raise _missing_label(cohort.y)
+        y_shape, y_dtype = _label_spec(label)
         signature = (x_spec, tf.TensorSpec((None, *y_shape), tf.as_dtype(y_dtype)))
 
     # The stream reads batches of ``batch_size``, and ``group`` of them are joined into one element,

@@ -196,3 +196,27 @@ def test_each_pass_of_to_tf_dataset_undoes_tensorflows_allocator_setting_unless_
         assert not large_array_is_mapped()
         with pytest.raises(QueryError, match="mmap_threshold must be between 1 and 33554432"):
             cohort.to_tf_dataset(16, mmap_threshold=64 * 2**20)
+
+
+def test_an_array_whose_name_holds_a_dot_streams_like_any_other(settings: Settings, ingest) -> None:
+    """The sample schema allows dots in array names (``img.v1``), which MongoDB paths read as levels."""
+    records = images(0, 20)
+    for record in records:
+        record["arrays"] = {"img.v1": record["arrays"]["x"]}
+    ingest(records)
+    with TensorDB(settings) as db:
+        cohort = db.cohort({"dataset": "images"}, x="img.v1")
+        streamed = list(cohort.stream(8))
+        shuffled = sorted(int(label) for _, y in cohort.stream(8, shuffle=True) for label in y)
+        x, y = next(iter(cohort.to_tf_dataset(8)))
+        with pytest.raises(QueryError, match=r"no array 'nope': .*\{'arrays.nope': \{'\$exists': true\}\}"):
+            next(iter(db.cohort({"dataset": "images"}, x="nope", y=None).stream(8)))
+        with pytest.raises(QueryError, match="no array 'no.pe': filter the cohort to samples that have it or choose"):
+            db.cohort({"dataset": "images"}, x="no.pe").to_tf_dataset(8)
+        with pytest.raises(QueryError, match="no label 'nope'"):
+            db.cohort({"dataset": "images"}, x="img.v1", y="nope").to_tf_dataset(8)
+    labels = [int(label) for _, y in streamed for label in y]
+    assert sorted(labels) == list(range(20)) and shuffled == list(range(20))
+    for images_x, images_y in streamed:
+        assert [int(row[0, 0]) for row in images_x] == [int(label) % 251 for label in images_y]
+    assert x.shape == (8, 8, 8) and y.dtype.name == "int64"
