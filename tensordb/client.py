@@ -30,6 +30,9 @@ from tensordb.stages.spec import StageSpec
 from tensordb.stages.stages import Stages
 from tensordb.studies.studies import Studies, Study
 
+#: How long :meth:`TensorDB.flush` and :meth:`TensorDB.close` wait by default for the broker's acknowledgements.
+FLUSH_SECONDS = 60.0
+
 
 class TensorDB:
     """One project's connection to Kafka and MongoDB. Close it (or use ``with``) to flush.
@@ -108,7 +111,7 @@ class TensorDB:
         """
         return publish_samples(self.publisher, self.store, samples)
 
-    def flush(self, timeout: float = 60.0) -> None:
+    def flush(self, timeout: float = FLUSH_SECONDS) -> None:
         """Wait up to ``timeout`` seconds until the broker acknowledged everything published so far."""
         if self._publisher is not None:
             self._publisher.flush(timeout)
@@ -338,7 +341,8 @@ class TensorDB:
         try:
             if self._models is not None:
                 self._models.close()
-            self.flush()
+            if self._publisher is not None:
+                self._publisher.close(FLUSH_SECONDS)
         finally:
             self.store.close()
 

@@ -91,6 +91,16 @@ def _client_failure(error: SystemError) -> DeliveryError:
     )
 
 
+def _disconnect(producer: Producer) -> None:
+    """Drop what ``producer`` has not delivered and stop its threads now (``close`` alone would wait
+    for the undelivered records, up to librdkafka's message timeout)."""
+    try:
+        producer.purge(in_queue=True, in_flight=True)
+        producer.close()
+    except (KafkaException, RuntimeError):
+        pass  # a fatal or closed producer may refuse: it is dropped all the same
+
+
 class Publisher:
     """A validating, idempotent, asynchronous producer for TensorDB records.
 
@@ -127,6 +137,7 @@ class Publisher:
         self._connection_error: str | None = None
         self.delivered = 0
         self._unserved = 0  # records published since callbacks were last served
+        self._closed = False
         self._producer = self._new_producer()
 
     def _new_producer(self) -> Producer:
@@ -151,6 +162,8 @@ class Publisher:
             self._connection_error = error.str()  # e.g. a TLS handshake or SASL failure, named by flush
 
     def _check_fatal(self) -> None:
+        if self._closed:
+            raise DeliveryError("this publisher is closed: publish through a new one (or a new TensorDB client)")
         if self._fatal is not None:
             raise FatalClientError(
                 f"the Kafka producer failed fatally ({self._fatal.str()}); records queued since were not "
@@ -161,12 +174,7 @@ class Publisher:
         """Replace the producer (after a fatal error, or one that cannot get its records
         acknowledged, e.g. by a broker that restarted and forgot its producer id). Records it had
         not delivered are dropped: the caller publishes them again."""
-        old = self._producer
-        try:
-            old.purge(in_queue=True, in_flight=True)
-            old.poll(0)
-        except (KafkaException, RuntimeError):
-            pass  # a fatal producer may refuse: it is dropped all the same
+        _disconnect(self._producer)
         self._producer = self._new_producer()
         self._fatal = None
         self._failures.clear()
@@ -258,8 +266,17 @@ class Publisher:
             )
 
     def close(self, timeout: float | None = None) -> None:
-        """Flush (raising what :meth:`flush` raises, within ``timeout``)."""
-        self.flush(timeout)
+        """Flush (raising what :meth:`flush` raises, within ``timeout``), then disconnect: records
+        still unacknowledged are dropped (the error says how many), and the client's threads stop
+        rather than reconnect, until garbage collection, to a broker that may be gone. Closing
+        again does nothing."""
+        if self._closed:
+            return
+        try:
+            self.flush(timeout)
+        finally:
+            _disconnect(self._producer)
+            self._closed = True
 
     def __enter__(self) -> Publisher:
         return self

@@ -8,8 +8,9 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from tensordb.config import Settings, Topic
-from tensordb.errors import RecordTooLargeError, ValidationError
+from tensordb.errors import DeliveryError, RecordTooLargeError, ValidationError
 from tensordb.infra.bus import Publisher, create_topics, make_consumer, receive
+from tensordb.testing.helpers import free_port
 
 
 def _log(step: int) -> dict:
@@ -53,6 +54,26 @@ def test_produce_consume_round_trip_keeps_every_record_and_its_content(settings:
     assert all(r.error is None and r.key == b"run-1" for r in received)
     # one key -> one partition -> offsets consecutive: nothing lost, nothing duplicated
     assert sorted(r.offset for r in received) == list(range(200))
+
+
+def test_a_closed_publisher_refuses_records_and_closing_again_does_nothing(settings: Settings) -> None:
+    publisher = Publisher(settings)
+    publisher.publish(Topic.LOGS, _log(0), key="run-1")
+    publisher.close()
+    assert publisher.delivered == 1
+    with pytest.raises(DeliveryError, match="this publisher is closed"):
+        publisher.publish(Topic.LOGS, _log(1), key="run-1")
+    publisher.close()
+
+
+def test_closing_with_the_broker_gone_drops_what_is_unacknowledged_within_the_timeout(settings: Settings) -> None:
+    gone = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{free_port()}"})  # nothing listens there
+    publisher = Publisher(gone)
+    publisher.publish(Topic.LOGS, _log(0), key="run-1")
+    began = time.monotonic()
+    with pytest.raises(DeliveryError, match="1 records still unacknowledged after 1.0 s"):
+        publisher.close(timeout=1.0)
+    assert time.monotonic() - began < 10  # not librdkafka's message timeout (300 s)
 
 
 def test_invalid_record_is_refused_by_the_sdk_before_it_reaches_the_broker(settings: Settings) -> None:
