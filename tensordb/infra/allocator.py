@@ -78,12 +78,22 @@ def restore_large_allocations(mmap_threshold: int = GLIBC_MMAP_THRESHOLD_MAX) ->
     return done
 
 
-def mmapped_bytes() -> int | None:
-    """The bytes glibc holds in allocations mapped on their own (``mallinfo2().hblkhd``), or None
-    without glibc 2.33+: whether an allocation took the heap or an ``mmap`` shows in it."""
+def large_allocations_are_mapped() -> bool | None:
+    """Whether an allocation too large for the heap's free memory, and under 32 MiB, gets its own
+    ``mmap`` now: True under TensorFlow's setting, False after :func:`restore_large_allocations`.
+    None without glibc 2.33+ (``mallinfo2``), or when the heap holds 31 MiB free or more (then no
+    such allocation is sure to need new memory). Only the threshold decides it: malloc takes
+    memory it already holds first."""
     try:
         mallinfo2 = ctypes.CDLL(None).mallinfo2
     except (OSError, AttributeError):
         return None
     mallinfo2.restype = _MallInfo2
-    return int(mallinfo2().hblkhd)
+    size = int(mallinfo2().fordblks) + 2**20
+    if size >= GLIBC_MMAP_THRESHOLD_MAX:
+        return None
+    mapped_before = int(mallinfo2().hblkhd)
+    block = b"\x01" * size
+    mapped = int(mallinfo2().hblkhd) - mapped_before >= len(block)
+    del block
+    return mapped

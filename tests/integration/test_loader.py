@@ -4,8 +4,10 @@ resumable, memory-bounded, and consumable by Keras."""
 from __future__ import annotations
 
 import base64
-import ctypes
 import gc
+import os
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -15,7 +17,6 @@ from tensordb.client import TensorDB
 from tensordb.config import Settings
 from tensordb.data.samples import SAMPLES
 from tensordb.errors import QueryError
-from tensordb.infra.allocator import M_MMAP_THRESHOLD, mmapped_bytes
 
 
 def images(start: int, count: int, shape: tuple[int, ...] = (8, 8)) -> list[dict]:
@@ -170,32 +171,36 @@ def test_to_tf_dataset_yields_the_streams_batches_though_it_hands_them_over_in_g
     assert x.shape == (16, 8, 8) and x.dtype.name == "uint8"
 
 
+#: Run in a fresh interpreter (see tests/unit/test_allocator.py): a pass over each dataset, then
+#: whether a large allocation gets its own mmap.
+ALLOCATOR_SCRIPT = """
+import ctypes
+from tensordb.client import TensorDB
+from tensordb.infra import allocator
+with TensorDB() as db:
+    cohort = db.cohort({"dataset": "images"})
+    kept, restored = cohort.to_tf_dataset(16, mmap_threshold=None), cohort.to_tf_dataset(16)
+    ctypes.CDLL(None).mallopt(allocator.M_MMAP_THRESHOLD, 128 * 1024)  # what TensorFlow sets, once per process
+    for dataset in (kept, restored):
+        print(sum(int(x.shape[0]) for x, _ in dataset), allocator.large_allocations_are_mapped())
+"""
+
+
 def test_each_pass_of_to_tf_dataset_undoes_tensorflows_allocator_setting_unless_told_not_to(settings: Settings, ingest) -> None:
     """TensorFlow's from_generator makes every allocation of 128 KiB or more its own mmap; a pass
     of to_tf_dataset sets glibc's thresholds back, so a large array comes from the heap again."""
-    if mmapped_bytes() is None:
-        pytest.skip("needs glibc 2.33+ (mallinfo2)")
     ingest(images(0, 40))
-
-    def large_array_is_mapped() -> bool:
-        before = mmapped_bytes()
-        array = np.ones(2**20, np.uint8)
-        mapped = mmapped_bytes() - before >= array.nbytes
-        del array
-        return mapped
-
-    with TensorDB(settings) as db:
-        cohort = db.cohort({"dataset": "images"})
-        kept = cohort.to_tf_dataset(16, mmap_threshold=None)
-        restored = cohort.to_tf_dataset(16)
-        mallopt = ctypes.CDLL(None).mallopt
-        mallopt(M_MMAP_THRESHOLD, 128 * 1024)  # what TensorFlow sets, once per process
-        assert sum(int(x.shape[0]) for x, _ in kept) == 40
-        assert large_array_is_mapped()
-        assert sum(int(x.shape[0]) for x, _ in restored) == 40
-        assert not large_array_is_mapped()
-        with pytest.raises(QueryError, match="mmap_threshold must be between 1 and 33554432"):
-            cohort.to_tf_dataset(16, mmap_threshold=64 * 2**20)
+    result = subprocess.run(
+        [sys.executable, "-c", ALLOCATOR_SCRIPT],
+        env={**os.environ, **settings.as_environment()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["40", "True", "40", "False"]
+    with TensorDB(settings) as db, pytest.raises(QueryError, match="mmap_threshold must be between 1 and 33554432"):
+        db.cohort({"dataset": "images"}).to_tf_dataset(16, mmap_threshold=64 * 2**20)
 
 
 def test_an_array_whose_name_holds_a_dot_streams_like_any_other(settings: Settings, ingest) -> None:
