@@ -9,6 +9,7 @@ stream cohorts, log runs, register models and submit jobs.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -58,6 +59,7 @@ class TensorDB:
             self.store.close()
             raise
         self._publisher: Publisher | None = None
+        self._loggers: weakref.WeakSet[RunLogger] = weakref.WeakSet()  # closed before the publisher
         self._models: ModelRegistry | None = None
         self._studies: Studies | None = None
         self.datasets = Datasets(self.store)
@@ -189,7 +191,9 @@ class TensorDB:
         **tags
             Stored with every record, to filter on in :meth:`read_logs`.
         """
-        return RunLogger(self.publisher, run_id, job_id=job_id, tags=tags or None)
+        logger = RunLogger(self.publisher, run_id, job_id=job_id, tags=tags or None)
+        self._loggers.add(logger)
+        return logger
 
     def read_logs(self, run_id: str | None = None, **filters: Any) -> Any:
         """Stored log records as a pandas DataFrame, one row per (run, phase, step).
@@ -337,8 +341,11 @@ class TensorDB:
         return evaluate_study_best(self.jobs, self.models, self.studies, Policies(self.store).get(policy), study)
 
     def close(self) -> None:
-        """Wait for model uploads, flush what is queued, close the connections."""
+        """Close the run loggers this client made (what they hold is published), wait for model
+        uploads, flush what is queued, close the connections."""
         try:
+            for logger in list(self._loggers):
+                logger.close()
             if self._models is not None:
                 self._models.close()
             if self._publisher is not None:

@@ -10,8 +10,11 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pytest
 
+from tensordb.client import TensorDB
 from tensordb.config import Settings, Topic
+from tensordb.errors import BadInputError
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store
 from tensordb.runs.logger import BASE_COLUMNS, LOGS, RunLogger, log_id
@@ -24,6 +27,18 @@ def _persisted(store: Store, expected: int, **query: Any) -> int:
     wait_for(lambda: store[LOGS].count_documents(query) >= expected, timeout=60, what=f"{expected} log documents")
     time.sleep(1.0)  # anything still in flight would show up now
     return store[LOGS].count_documents(query)
+
+
+def test_closing_the_client_closes_its_loggers_before_its_publisher(settings: Settings) -> None:
+    """A logger left open inside ``with TensorDB()`` still delivers what it holds."""
+    with TensorDB(settings) as db:
+        logger = db.logger("run-left-open")
+        for step in range(100):
+            logger.log(step, loss=1.0)
+        publisher = db.publisher
+    assert publisher.delivered == 100
+    with pytest.raises(BadInputError, match="is closed"):
+        logger.log(100, loss=1.0)
 
 
 # -- end to end: broker, processors, mongod --------------------------------------------------------
