@@ -161,7 +161,8 @@ class Publisher:
         elif error.code() != KafkaError._ALL_BROKERS_DOWN:
             self._connection_error = error.str()  # e.g. a TLS handshake or SASL failure, named by flush
 
-    def _check_fatal(self) -> None:
+    def _check_usable(self) -> None:
+        """Refuse to go on with a closed publisher, or with a producer that failed fatally."""
         if self._closed:
             raise DeliveryError("this publisher is closed: publish through a new one (or a new TensorDB client)")
         if self._fatal is not None:
@@ -212,7 +213,7 @@ class Publisher:
         callback = on_delivery or self._on_delivery
         deadline = time.monotonic() + self.queue_timeout
         while True:
-            self._check_fatal()
+            self._check_usable()
             try:
                 self._producer.produce(topic_name, value, key=key, on_delivery=callback)
                 break
@@ -220,7 +221,7 @@ class Publisher:
                 error = exc.args[0]
                 if error.fatal() or error.code() == KafkaError._FATAL:  # raised here before error_cb has run
                     self._fatal = error
-                    self._check_fatal()
+                    self._check_usable()
                 raise
             except BufferError:  # local queue full: serve delivery reports to make room, then retry
                 if time.monotonic() > deadline:
@@ -247,12 +248,12 @@ class Publisher:
         """Wait up to ``timeout`` (default: ``flush_timeout``) until every queued record is
         acknowledged; raise :class:`DeliveryError` if any was not."""
         timeout = self.flush_timeout if timeout is None else timeout
-        self._check_fatal()
+        self._check_usable()
         try:
             remaining = self._producer.flush(timeout)
         except SystemError as exc:
             raise _client_failure(exc) from exc
-        self._check_fatal()
+        self._check_usable()
         failures = []
         while self._failures:
             failures.append(self._failures.popleft())
