@@ -114,6 +114,13 @@ PROGRESS = "processor_progress"
 #: Chunk size of blobs TensorDB writes: one chunk (one document) for all but the largest arrays,
 #: so reading a batch of samples costs one query instead of one per sample.
 CHUNK_BYTES = 4 * 1024 * 1024
+#: About how many bytes of chunks :meth:`Store.read_blobs` asks mongod for per reply. Its default
+#: first reply holds up to 16 MiB, built by growing (copying) one buffer, then copied through the
+#: socket and pymongo's decoding, presumably out of the CPUs' caches. Reading batches of 64, one
+#: after another, replies of ~1.5 MiB cut mongod's CPU per 256×256×3 sample from 147–160 µs to
+#: 100 µs and read 6,600 samples/s instead of 4,800–5,000 (150×150×3: 12,900–14,100/s instead of
+#: 10,600–11,400; 512×512×3: 1,560–1,610/s instead of 1,390–1,450).
+BLOB_REPLY_BYTES = 3 * 2**19
 #: A blob to write: (id, filename, bytes, metadata).
 Blob = tuple[ObjectId, str, bytes, dict[str, Any]]
 #: Where :func:`insert_new` writes: a project's view, or a raw collection (blob chunks carry no project).
@@ -272,16 +279,26 @@ class Store:
         insert_ignoring_duplicates(self.db[f"{BLOB_BUCKET}.chunks"], chunks)
         insert_ignoring_duplicates(self.db[f"{BLOB_BUCKET}.files"], files)
 
-    def read_blobs(self, blob_ids: list[ObjectId]) -> dict[ObjectId, bytes]:
+    def read_blobs(self, blob_ids: list[ObjectId], blob_bytes: int | None = None) -> dict[ObjectId, bytes]:
         """The bytes of many blobs in one query over their chunks (no per-file round trips).
 
         Chunks carry no project: callers pass ids from this project's documents and check the bytes
         against the sha256 recorded there (as the loader does), so no other project's bytes can
         be returned as this project's.
+
+        Parameters
+        ----------
+        blob_ids : list of ObjectId
+            The blobs to read.
+        blob_bytes : int, optional
+            The size of the largest of them, when known: mongod then sends about
+            :data:`BLOB_REPLY_BYTES` per reply instead of its default first batch of up to 16 MiB.
         """
         parts: dict[ObjectId, list[bytes]] = {}
         # no projection: mongod 4.0 would rebuild every projected chunk document (~13 % slower)
         cursor = self.db[f"{BLOB_BUCKET}.chunks"].find({"files_id": {"$in": blob_ids}}, sort=[("files_id", 1), ("n", 1)])
+        if blob_bytes:
+            cursor = cursor.batch_size(max(1, BLOB_REPLY_BYTES // min(blob_bytes, CHUNK_BYTES)))
         for chunk in cursor:
             parts.setdefault(chunk["files_id"], []).append(chunk["data"])
         return {blob_id: b"".join(pieces) if len(pieces) > 1 else pieces[0] for blob_id, pieces in parts.items()}

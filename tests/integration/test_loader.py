@@ -15,8 +15,10 @@ import pytest
 
 from tensordb.client import TensorDB
 from tensordb.config import Settings
+from tensordb.data.loader import BATCH_ALIGNMENT
 from tensordb.data.samples import SAMPLES
 from tensordb.errors import QueryError
+from tensordb.infra.store import BLOB_BUCKET
 
 
 def images(start: int, count: int, shape: tuple[int, ...] = (8, 8)) -> list[dict]:
@@ -45,6 +47,25 @@ def test_stream_yields_every_sample_once_in_cohort_order_with_its_bytes(settings
     x = np.concatenate([x for x, _ in batches])
     assert x.shape == (250, 8, 8) and x.dtype == np.uint8
     assert all((x[i] == i % 251).all() for i in range(250))
+    assert all(x.ctypes.data % BATCH_ALIGNMENT == 0 for x, _ in batches)  # tf.data takes them without a copy
+
+
+def test_blobs_of_several_chunks_read_over_several_replies_arrive_whole(
+    settings: Settings, ingest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each batch's blobs come in small replies (BLOB_REPLY_BYTES), which may split a blob's chunks
+    between two replies: every sample still gets exactly its bytes, by cursor and by snapshot."""
+    monkeypatch.setattr("streams.ingest.INLINE_MAX_BYTES", 0)
+    monkeypatch.setattr("tensordb.infra.store.CHUNK_BYTES", 100)  # a 16×16 image is 3 chunks
+    monkeypatch.setattr("tensordb.infra.store.BLOB_REPLY_BYTES", 250)  # 2 chunks per reply
+    ingest(images(0, 40, shape=(16, 16)))
+    with TensorDB(settings) as db:
+        assert db.store.db[f"{BLOB_BUCKET}.chunks"].count_documents({}) == 120
+        cohort = db.cohort({"dataset": "images"}, sort=[("labels.y", 1)])
+        for stream in (cohort.stream(batch_size=16), cohort.stream(batch_size=16, shuffle=True)):
+            x, y = (np.concatenate(parts) for parts in zip(*stream, strict=True))
+            assert sorted(y.tolist()) == list(range(40)) and x.shape == (40, 16, 16)
+            assert all((image == label % 251).all() for image, label in zip(x, y, strict=True))
 
 
 def test_a_cohort_of_inline_samples_and_samples_in_gridfs_streams_each_with_its_bytes(
