@@ -4,10 +4,11 @@ Nothing is materialised: sample documents arrive through one MongoDB cursor (a b
 buffer holds their ids, each batch then read by id), or, for a global shuffle, sharding and
 resuming, by id from a member snapshot (one query per batch). Small arrays' bytes come inside
 those documents; larger ones (and those of samples stored before arrays were kept inline) are
-fetched with one query over the GridFS chunks of the batch's samples (one round trip per batch, not
-one per sample), in background threads, ``prefetch`` batches ahead. Memory is bounded by about
-three times ``batch_size × (prefetch + 1)`` samples (the batches in flight, those the reading
-thread holds ahead, and the cursor's own batch) plus the shuffle buffer's or the snapshot's ids.
+fetched with one query over the GridFS chunks of the batch's samples (not one per sample; mongod
+sends them in replies of about 1.5 MiB), in background threads, ``prefetch`` batches ahead. Memory
+is bounded by about three times ``batch_size × (prefetch + 1)`` samples (the batches in flight,
+those the reading thread holds ahead, and the cursor's own batch) plus the shuffle buffer's or the
+snapshot's ids.
 ``position`` and :meth:`CohortStream.state` let a restarted job resume.
 """
 
@@ -50,10 +51,10 @@ TF_GROUP_BYTES = 4 * 2**20
 #: the claim-check flag cuts decoding a 28×28 sample's document from 2.1 to 1.4 µs.
 BATCH_FIELDS = ("data", "blob_id", "dtype", "shape", "nbytes", "xxh3")
 
-#: Batches start at a multiple of this many bytes: TensorFlow's alignment (``Allocator::kAllocatorAlignment``),
-#: at which a NumPy array yielded to ``from_generator`` becomes a tensor without a copy (it is
-#: copied otherwise, and malloc aligns only to 16): 256×256×3 batches of 64 cost tf.data 4–6 µs of
-#: CPU per sample instead of 23–33 µs.
+#: Batches start at a multiple of this many bytes: TensorFlow copies a NumPy array into a new tensor
+#: unless its data is aligned for Eigen (``EIGEN_MAX_ALIGN_BYTES``, 64 at most; ``TF_NewTensor``),
+#: and malloc aligns only to 16. Aligned, a batch yielded to ``from_generator`` becomes a tensor
+#: without a copy: 256×256×3 batches of 64 cost tf.data 4–6 µs of CPU per sample instead of 23–33 µs.
 BATCH_ALIGNMENT = 64
 
 
