@@ -59,7 +59,15 @@ BATCH_ALIGNMENT = 64
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised array whose data starts at a multiple of :data:`BATCH_ALIGNMENT` bytes."""
+    """An uninitialised C-contiguous array whose data starts at a multiple of :data:`BATCH_ALIGNMENT` bytes.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        The array's shape (at least one element: NumPy gives an empty view no particular address).
+    dtype : numpy.dtype
+        Its element type.
+    """
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     buffer = np.empty(nbytes + BATCH_ALIGNMENT, np.uint8)
     offset = -buffer.ctypes.data % BATCH_ALIGNMENT
