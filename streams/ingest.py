@@ -118,23 +118,24 @@ def stored_arrays(
     blobs: list[Blob] = []
     budget = INLINE_MAX_BYTES
     for name, (dtype, shape, data) in sorted(arrays.items(), key=lambda item: len(item[1][2])):
-        digest = hashlib.sha256(data).hexdigest()
-        entry: StoredArray = {
-            "dtype": dtype, "claim_check": False, "shape": shape, "nbytes": len(data), "sha256": digest, "xxh3": xxh3_hex(data),
-        }  # fmt: skip
         if len(data) <= budget:
             budget -= len(data)
-            entry["data"] = data
-        else:
-            entry["blob_id"] = blob_id(store.project, sample_id, name)
-            blobs.append(
-                (
-                    entry["blob_id"],
-                    f"{dataset}/{sample_id}/{name}",
-                    data,
-                    {"kind": "sample-array", "sha256": digest, "sample_id": sample_id},
-                )
+            entry: StoredArray = {
+                "dtype": dtype, "claim_check": False, "shape": shape, "nbytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(), "xxh3": xxh3_hex(data), "data": data,
+            }  # fmt: skip
+        else:  # the blob computes the digests the entry records
+            blob = Blob(
+                blob_id(store.project, sample_id, name),
+                f"{dataset}/{sample_id}/{name}",
+                data,
+                {"kind": "sample-array", "sample_id": sample_id},
             )
+            entry = {
+                "dtype": dtype, "claim_check": False, "shape": shape, "nbytes": len(data),
+                "sha256": blob.sha256, "xxh3": blob.xxh3, "blob_id": blob.id,
+            }  # fmt: skip
+            blobs.append(blob)
         entries[name] = entry
     return {name: entries[name] for name in arrays}, blobs
 
@@ -292,7 +293,7 @@ def store_samples(context: ProcessorContext, prepared: list[Prepared]) -> tuple[
     for index, reason in refused.items():
         received, document, blobs = prepared[index]
         context.dead_letters.divert(received, StorageError(reason))
-        store.delete_blobs([blob[0] for blob in blobs])  # the blobs written above, never a claim check's
+        store.delete_blobs([blob.id for blob in blobs])  # the blobs written above, never a claim check's
     positions = sorted(duplicates)
     reused = _reused_ids(store, [prepared[index][1] for index in positions])
     for position, reason in reused.items():

@@ -23,7 +23,7 @@ from bson import ObjectId
 from tensordb.config import Topic
 from tensordb.errors import SampleError
 from tensordb.infra.bus import Publisher
-from tensordb.infra.codecs import from_base64, to_base64, xxh3_hex
+from tensordb.infra.codecs import from_base64, to_base64
 from tensordb.infra.store import Store
 from tensordb.records import Schema
 
@@ -198,8 +198,7 @@ def build_sample(
                 sample_id=sample_id,
                 dtype=spec["dtype"],
                 shape=spec["shape"],
-                xxh3=xxh3_hex(data),
-            )  # the claim check is bound to this upload: ingest compares all of these
+            )  # the claim check is bound to this upload: ingest compares all of these, and the digests the store records
             spec.update(blob_id=str(blob_id), sha256=digest, nbytes=len(data))
         specs[name] = spec
     fields = sample_fields(dataset=dataset, labels=labels, metadata=metadata, tags=tags, version=version, source=source)

@@ -20,7 +20,7 @@ from bson import ObjectId
 
 from tensordb.errors import IntegrityError, QueryError
 from tensordb.infra.codecs import xxh3_hex
-from tensordb.infra.store import Store, insert_ignoring_duplicates
+from tensordb.infra.store import Blob, Store, insert_ignoring_duplicates
 
 if TYPE_CHECKING:
     from tensordb.data.sources import SampleSource
@@ -65,7 +65,7 @@ def _create(cohort: SampleSource) -> Snapshot:
     data = orjson.dumps(ids)
     digest = xxh3_hex(data)
     blob_id = _blob_id(snapshot, digest)
-    store.write_blobs([(blob_id, f"cohort-snapshot/{snapshot}", data, {"kind": BLOB_KIND, "snapshot": snapshot})])
+    store.write_blobs([Blob(blob_id, f"cohort-snapshot/{snapshot}", data, {"kind": BLOB_KIND, "snapshot": snapshot})])
     document = {
         "_id": snapshot,
         "project": store.project,

@@ -26,7 +26,7 @@ from tensordb.config import Topic
 from tensordb.errors import describe_error
 from tensordb.infra import metrics
 from tensordb.infra.bus import Publisher, Received
-from tensordb.infra.store import Store, insert_ignoring_duplicates
+from tensordb.infra.store import Blob, Store, insert_ignoring_duplicates
 from tensordb.records import Schema
 
 COLLECTION = "dead_letters"
@@ -83,7 +83,7 @@ class DeadLetters:
         metrics.count_dead_letters(self.processor, letters)
         return [letter for letter, _ in built]
 
-    def _record(self, received: Received, error: BaseException, now: datetime) -> tuple[dict[str, Any], tuple | None]:
+    def _record(self, received: Received, error: BaseException, now: datetime) -> tuple[dict[str, Any], Blob | None]:
         identifier = letter_id(received)
         original = received.value or b""
         record: dict[str, Any] = {
@@ -99,19 +99,14 @@ class DeadLetters:
             "processor": self.processor,
             "at": now.isoformat(),
         }
-        blob = None
+        blob: Blob | None = None
         if len(original) <= self.inline_limit:
             record["original_b64"] = base64.b64encode(original).decode()
         else:  # too large to travel in a record: keep the bytes in GridFS
             blob_id = ObjectId(bytes.fromhex(identifier[:24]))
             record["original_b64"] = None
             record["original_blob_id"] = str(blob_id)
-            blob = (
-                blob_id,
-                f"dead-letters/{identifier}",
-                original,
-                {"kind": "dead-letter", "sha256": hashlib.sha256(original).hexdigest()},
-            )
+            blob = Blob(blob_id, f"dead-letters/{identifier}", original, {"kind": "dead-letter"})
         return record, blob
 
     def flush(self, timeout: float = 30.0) -> None:

@@ -2,11 +2,17 @@
 
 MongoDB holds everything that is known (metadata, jobs, logs, models); GridFS holds the bytes.
 Every blob carries its sha256, checked on read, so corruption is an error, never silent.
+
+Blobs belong to a project like documents do: a blob's GridFS files document records its project
+(``metadata.project``) and its digests, both set here and never by a caller's metadata, and every
+blob method refuses ids whose files document belongs to another project. Chunks carry no project,
+so they are only reached through the ids of this project's files documents.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,7 +34,7 @@ from tensordb.errors import (
     UnreachableError,
     mongo_refusal,
 )
-from tensordb.infra.codecs import array_to_npy, npy_to_array, sha256_hex
+from tensordb.infra.codecs import array_to_npy, npy_to_array, sha256_hex, xxh3_hex
 from tensordb.infra.migrations import migrate
 from tensordb.infra.project_scope import ProjectCollection
 
@@ -121,13 +127,53 @@ CHUNK_BYTES = 4 * 1024 * 1024
 #: 100 µs and read 6,600 samples/s instead of 4,800–5,000 (150×150×3: 12,900–14,100/s instead of
 #: 10,600–11,400; 512×512×3: 1,560–1,610/s instead of 1,390–1,450).
 BLOB_REPLY_BYTES = 3 * 2**19
-#: A blob to write: (id, filename, bytes, metadata).
-Blob = tuple[ObjectId, str, bytes, dict[str, Any]]
+#: Blob metadata the store records itself: a caller's metadata never names a blob's project or digests.
+RESERVED_BLOB_METADATA = frozenset({"project", "sha256", "xxh3"})
 #: Where :func:`insert_new` writes: a project's view, or a raw collection (blob chunks carry no project).
 Insertable = ProjectCollection | Collection[Mapping[str, Any]]
 DUPLICATE_KEY = 11000
 NAMESPACE_EXISTS = 48
 AUTHENTICATION_FAILED = 18
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A blob for :meth:`Store.write_blobs`: its digests are computed here from its bytes, never given,
+    so the ``sha256`` and ``xxh3`` recorded with it describe the bytes stored.
+
+    Parameters
+    ----------
+    id:
+        The blob's id, chosen by the caller (deterministic ids make a rewrite a no-op).
+    filename:
+        The GridFS filename (for people and tools; TensorDB reads blobs by id).
+    data:
+        The bytes.
+    metadata:
+        More fields of the files document's ``metadata`` (not ``project`` or a digest).
+    """
+
+    id: ObjectId
+    filename: str
+    data: bytes
+    metadata: Mapping[str, Any]
+    sha256: str = field(init=False)
+    xxh3: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        check_blob_metadata(self.metadata)
+        object.__setattr__(self, "sha256", sha256_hex(self.data))
+        object.__setattr__(self, "xxh3", xxh3_hex(self.data))
+
+
+def check_blob_metadata(metadata: Mapping[str, Any]) -> None:
+    """Refuse metadata that would choose a blob's project or digests (the store records them)."""
+    reserved = sorted(RESERVED_BLOB_METADATA.intersection(metadata))
+    if reserved:
+        raise ProjectScopeError(
+            f"blob metadata cannot set {', '.join(map(repr, reserved))}: the store records a blob's project and "
+            "digests itself, from the project it belongs to and the bytes stored; leave those keys out"
+        )
 
 
 class Store:
@@ -222,9 +268,22 @@ class Store:
             ) from exc
 
     def put_bytes(self, data: bytes, filename: str, **metadata: Any) -> tuple[ObjectId, str]:
-        """Store bytes as a GridFS blob tagged with the project and sha256; returns (id, sha256)."""
+        """Store bytes as a GridFS blob of this project; returns (id, sha256).
+
+        Parameters
+        ----------
+        data:
+            The bytes.
+        filename:
+            The GridFS filename.
+        **metadata:
+            More fields of the blob's metadata; ``project``, ``sha256`` and ``xxh3`` are refused with
+            a :class:`~tensordb.errors.ProjectScopeError` (the store records them itself).
+        """
+        check_blob_metadata(metadata)
         digest = sha256_hex(data)
-        blob_id = self.blobs.upload_from_stream(filename, data, metadata={"project": self.project, "sha256": digest, **metadata})
+        recorded = {**metadata, "project": self.project, "sha256": digest, "xxh3": xxh3_hex(data)}
+        blob_id = self.blobs.upload_from_stream(filename, data, metadata=recorded)
         return blob_id, digest
 
     def get_bytes(self, blob_id: ObjectId | str, sha256: str | None = None) -> bytes:
@@ -250,41 +309,59 @@ class Store:
     def get_array(self, blob_id: ObjectId | str, sha256: str | None = None) -> np.ndarray:
         return npy_to_array(self.get_bytes(blob_id, sha256))
 
-    def write_blobs(self, blobs: list[Blob]) -> None:
+    def write_blobs(self, blobs: list[Blob]) -> set[ObjectId]:
         """Write many small blobs in two round trips, as standard GridFS files readable by any tool.
 
-        Each blob is (id, filename, bytes, metadata). Ids are chosen by the caller (deterministic),
-        and a blob that already exists is left as it is, so writing the same batch twice (a
-        redelivery) stores each blob once.
+        Ids are chosen by the caller (deterministic), and a blob of this project that already exists
+        is left as it is, so writing the same batch twice (a redelivery) stores each blob once. An id
+        that belongs to another project is refused (:class:`~tensordb.errors.ProjectScopeError`),
+        before anything is written.
+
+        Parameters
+        ----------
+        blobs:
+            The blobs to write.
+
+        Returns
+        -------
+        set of ObjectId
+            The ids this call stored (the others existed already): only those are its to remove
+            again when what references them cannot be stored.
         """
-        if not blobs:
-            return
+        existing = self._owned(self._owners(blob.id for blob in blobs), "write")
+        new = [blob for blob in blobs if blob.id not in existing]
+        if not new:
+            return set()
         now = datetime.now(UTC)
         chunks, files = [], []
-        for blob_id, filename, data, metadata in blobs:
-            view = memoryview(data)
-            for n, start in enumerate(range(0, max(len(data), 1), CHUNK_BYTES)):
-                chunks.append({"files_id": blob_id, "n": n, "data": Binary(bytes(view[start : start + CHUNK_BYTES]))})
+        for blob in new:
+            view = memoryview(blob.data)
+            for n, start in enumerate(range(0, max(len(blob.data), 1), CHUNK_BYTES)):
+                chunks.append({"files_id": blob.id, "n": n, "data": Binary(bytes(view[start : start + CHUNK_BYTES]))})
+            metadata = {**blob.metadata, "project": self.project, "sha256": blob.sha256, "xxh3": blob.xxh3}
             files.append(
                 {
-                    "_id": blob_id,
-                    "length": len(data),
+                    "_id": blob.id,
+                    "length": len(blob.data),
                     "chunkSize": CHUNK_BYTES,
                     "uploadDate": now,
-                    "filename": filename,
-                    "metadata": {"project": self.project, **metadata},
+                    "filename": blob.filename,
+                    "metadata": metadata,
                 }
             )
         # chunks first: a files document is only visible once its bytes are all there
         insert_ignoring_duplicates(self.db[f"{BLOB_BUCKET}.chunks"], chunks)
-        insert_ignoring_duplicates(self.db[f"{BLOB_BUCKET}.files"], files)
+        raced = {new[index].id for index in insert_ignoring_duplicates(self.db[f"{BLOB_BUCKET}.files"], files)}
+        self._owned(self._owners(raced), "write")  # written meanwhile by another process: ours, or refused
+        return {blob.id for blob in new} - raced
 
     def read_blobs(self, blob_ids: list[ObjectId], blob_bytes: int | None = None) -> dict[ObjectId, bytes]:
-        """The bytes of many blobs in one query over their chunks (no per-file round trips).
+        """The bytes of many of this project's blobs in one query over their chunks (no per-file
+        round trips), after one query that checks whose they are.
 
-        Chunks carry no project: callers pass ids from this project's documents and check the bytes
-        against the sha256 recorded there (as the loader does), so no other project's bytes can
-        be returned as this project's.
+        Callers check the bytes against the checksums recorded in their own documents (as the loader
+        does). An id of another project's blob is refused with a
+        :class:`~tensordb.errors.ProjectScopeError`; one that does not exist is left out.
 
         Parameters
         ----------
@@ -294,9 +371,10 @@ class Store:
             The size of the largest of them, when known: mongod then sends about
             :data:`BLOB_REPLY_BYTES` per reply instead of its default first batch of up to 16 MiB.
         """
+        owned = list(self._owned(self._owners(blob_ids), "read"))
         parts: dict[ObjectId, list[bytes]] = {}
         # no projection: mongod 4.0 would rebuild every projected chunk document (~13 % slower)
-        cursor = self.db[f"{BLOB_BUCKET}.chunks"].find({"files_id": {"$in": blob_ids}}, sort=[("files_id", 1), ("n", 1)])
+        cursor = self.db[f"{BLOB_BUCKET}.chunks"].find({"files_id": {"$in": owned}}, sort=[("files_id", 1), ("n", 1)])
         if blob_bytes:
             cursor = cursor.batch_size(max(1, BLOB_REPLY_BYTES // min(blob_bytes, CHUNK_BYTES)))
         for chunk in cursor:
@@ -304,12 +382,38 @@ class Store:
         return {blob_id: b"".join(pieces) if len(pieces) > 1 else pieces[0] for blob_id, pieces in parts.items()}
 
     def delete_blobs(self, blob_ids: list[ObjectId]) -> None:
-        """Delete blobs by id; ids already gone are ignored so deletion can be retried safely."""
-        for blob_id in blob_ids:
-            try:
-                self.blobs.delete(blob_id)
-            except gridfs.errors.NoFile:
-                pass
+        """Delete this project's blobs by id; ids already gone are ignored so deletion can be retried
+        safely, and an id of another project's blob is refused before anything is deleted.
+
+        Parameters
+        ----------
+        blob_ids:
+            The blobs to delete.
+        """
+        owned = list(self._owned(self._owners(blob_ids), "delete"))
+        if owned:  # as GridFS deletes: the files document first, so no reader finds a blob without its bytes
+            self.db[f"{BLOB_BUCKET}.files"].delete_many({"_id": {"$in": owned}, "metadata.project": self.project})
+            self.db[f"{BLOB_BUCKET}.chunks"].delete_many({"files_id": {"$in": owned}})
+
+    def _owners(self, blob_ids: Iterable[ObjectId]) -> dict[ObjectId, Any]:
+        """The project of each of ``blob_ids`` that has a files document (the others do not exist)."""
+        ids = list(set(blob_ids))
+        if not ids:
+            return {}
+        found = self.db[f"{BLOB_BUCKET}.files"].find({"_id": {"$in": ids}}, {"metadata.project": 1})
+        return {file["_id"]: (file.get("metadata") or {}).get("project") for file in found}
+
+    def _owned(self, owners: Mapping[ObjectId, Any], what: str) -> set[ObjectId]:
+        """The ids of ``owners`` (see :meth:`_owners`), refusing any that belongs to another project."""
+        foreign = sorted(str(blob_id) for blob_id, owner in owners.items() if owner != self.project)
+        if foreign:
+            raise ProjectScopeError(
+                f"cannot {what} blob {foreign[0]}"
+                + (f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else "")
+                + f": it does not belong to project {self.project!r}; a store only reads and writes its own "
+                "project's blobs (ids come from this project's documents)"
+            )
+        return set(owners)
 
     def close(self) -> None:
         if self._owns_client:

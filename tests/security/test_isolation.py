@@ -16,8 +16,9 @@ import gridfs
 import numpy as np
 import orjson
 import pytest
+from bson import ObjectId
 
-from streams.ingest import handle_samples, sweep_sample_blobs
+from streams.ingest import blob_id, handle_samples, sweep_sample_blobs
 from streams.lifecycle import handle_job_events
 from streams.processing import ProcessorContext, process_batch
 from tensordb import records
@@ -27,9 +28,9 @@ from tensordb.config import Settings, Topic
 from tensordb.data.samples import INLINE_MAX_BYTES, SAMPLES, build_sample
 from tensordb.errors import IntegrityError, ProjectScopeError
 from tensordb.infra.bus import Publisher, Received, create_topics
-from tensordb.infra.codecs import xxh3_hex
+from tensordb.infra.codecs import sha256_hex, xxh3_hex
 from tensordb.infra.dead_letters import COLLECTION as DEAD_LETTERS
-from tensordb.infra.store import BLOB_BUCKET, Store
+from tensordb.infra.store import BLOB_BUCKET, Blob, Store
 from tensordb.jobs.queue import JOBS, JobStatus
 from tensordb.loop.policies import Policies, Policy
 from tensordb.testing import ChildProcess, processors_process, wait_for
@@ -203,6 +204,64 @@ def test_orphaned_sample_blobs_are_swept_after_the_grace_period_and_only_this_pr
     assert sorted(len(row) for row in streamed(ingest_a.store, {"dataset": "scans"})) == [1]
 
 
+def test_blob_ids_of_another_project_cannot_be_read_deleted_or_overwritten(
+    settings: Settings, neighbour: Settings, ingest_a: Ingest, ingest_b: Ingest
+) -> None:
+    """Ingest's blob ids are predictable from project, sample id and array name: knowing them gives
+    another project nothing (issue 24, finding 2)."""
+    large = INLINE_MAX_BYTES // 2 + 1  # int16 values: a blob, not inline
+    ingest_b(inline("b-scan", [9] * large))
+    theirs = blob_id(neighbour.project, "b-scan", "x")
+    a = ingest_a.store
+    with pytest.raises(ProjectScopeError, match=f"cannot read blob {theirs}: it does not belong to project"):
+        a.read_blobs([theirs])
+    with pytest.raises(ProjectScopeError, match="cannot delete blob"):
+        a.delete_blobs([theirs])
+    with pytest.raises(ProjectScopeError, match="cannot write blob"):
+        a.write_blobs([Blob(theirs, "planted", b"\0" * 8, {"kind": "sample-array"})])
+    assert streamed(ingest_b.store) == [[9] * large]  # B's bytes, whole and unchanged
+
+
+def test_a_blob_id_another_project_took_first_dead_letters_only_that_sample(
+    neighbour: Settings, ingest_a: Ingest, ingest_b: Ingest
+) -> None:
+    """An id planted before its owner writes it is refused to the owner: that sample is dead-lettered
+    with the reason, the rest of its batch stored (the servers' access control, per-project databases,
+    prevents the planting itself)."""
+    large = INLINE_MAX_BYTES // 2 + 1
+    planted = blob_id(neighbour.project, "b-next", "x")
+    assert ingest_a.store.write_blobs([Blob(planted, "planted", b"\0" * 8, {"kind": "sample-array"})]) == {planted}
+    ingest_b(inline("b-next", [7] * large), inline("b-other", [8] * large))
+    assert streamed(ingest_b.store) == [[8] * large]
+    assert ingest_b.reasons() == [
+        f"cannot write blob {planted}: it does not belong to project {neighbour.project!r}; a store only "
+        "reads and writes its own project's blobs (ids come from this project's documents)"
+    ]
+
+
+@pytest.mark.parametrize("key", ["project", "sha256", "xxh3"])
+def test_blob_metadata_cannot_choose_the_project_or_the_digests(settings: Settings, neighbour: Settings, key: str) -> None:
+    with Store(settings) as a, Store(neighbour) as b:
+        forged = {"project": neighbour.project, "sha256": "0" * 64, "xxh3": "0" * 32}[key]
+        with pytest.raises(ProjectScopeError, match=f"blob metadata cannot set '{key}'"):
+            a.put_bytes(b"bytes", "f", **{key: forged})
+        with pytest.raises(ProjectScopeError, match=f"blob metadata cannot set '{key}'"):
+            Blob(ObjectId(), "f", b"bytes", {key: forged})
+        assert b[f"{BLOB_BUCKET}.files"].count_documents({}) == a[f"{BLOB_BUCKET}.files"].count_documents({}) == 0
+
+
+def test_a_claim_checks_recorded_digests_are_those_of_its_bytes(settings: Settings, ingest_a: Ingest) -> None:
+    """The digests a claim check is checked against are the store's, of the bytes uploaded: an
+    upload cannot claim another array's sha256 (issue 24, finding 15)."""
+    pixels = np.arange(300_000, dtype=np.uint8).reshape(600, 500)
+    record = _claim_check(settings, ingest_a.store, pixels, "a-scan")
+    file = ingest_a.store[f"{BLOB_BUCKET}.files"].find_one({"_id": ObjectId(record["arrays"]["x"]["blob_id"])})
+    assert file["metadata"]["sha256"] == sha256_hex(pixels.tobytes()) == record["arrays"]["x"]["sha256"]
+    assert file["metadata"]["xxh3"] == xxh3_hex(pixels.tobytes())
+    ingest_a(record)
+    assert ingest_a.store[SAMPLES].find_one({"_id": "a-scan"})["arrays"]["x"]["xxh3"] == xxh3_hex(pixels.tobytes())
+
+
 # -- 3. callers cannot widen their filters; events act on their own project's jobs ---------------
 
 
@@ -225,6 +284,39 @@ def test_filters_naming_another_project_are_refused_and_cannot_delete_running_jo
         assert hub.delete_tasks(status="pending") == 0  # a status filter narrows; it never deletes unfinished jobs
         assert hub.delete_tasks(status=JobStatus.RUNNING) == 0
         assert sorted(job["status"] for job in b.list_jobs()) == ["pending", "running"]
+
+
+@pytest.mark.parametrize(
+    "stage",
+    [
+        {"$lookup": {"from": SAMPLES, "pipeline": [], "as": "all"}},
+        {"$lookup": {"from": f"{BLOB_BUCKET}.chunks", "localField": "x", "foreignField": "y", "as": "all"}},
+        {"$unionWith": {"coll": SAMPLES}},
+        {"$graphLookup": {"from": SAMPLES, "startWith": "$x", "connectFromField": "x", "connectToField": "x", "as": "all"}},
+        {"$facet": {"inner": [{"$unionWith": SAMPLES}]}},
+    ],
+    ids=["lookup-pipeline", "lookup-chunks", "unionWith", "graphLookup", "nested-facet"],
+)
+def test_a_facet_sub_pipeline_cannot_read_other_collections(ingest_a: Ingest, ingest_b: Ingest, stage: dict[str, Any]) -> None:
+    """Issue 24, finding 1: stages that read other collections were refused only at the top level."""
+    ingest_a(inline("a-1", [1]))
+    ingest_b(inline("b-1", [2]))
+    with pytest.raises(ProjectScopeError, match="is not allowed, since it could read or write outside"):
+        list(ingest_a.store[SAMPLES].aggregate([{"$facet": {"leak": [stage]}}]))
+    with pytest.raises(ProjectScopeError, match="is not allowed"):
+        list(ingest_a.store[SAMPLES].aggregate([{"$match": {}}, stage]))
+
+
+def test_a_facet_of_allowed_stages_sees_only_this_projects_documents(ingest_a: Ingest, ingest_b: Ingest) -> None:
+    ingest_a(inline("a-1", [1]), inline("a-2", [2]))
+    ingest_b(inline("b-1", [3]))
+    pipeline = [
+        {"$facet": {"ids": [{"$match": {"_id": {"$in": ["a-1", "b-1"]}}}, {"$project": {"_id": 1}}], "n": [{"$count": "n"}]}}
+    ]
+    (result,) = ingest_a.store[SAMPLES].aggregate(pipeline)
+    assert result["ids"] == [{"_id": f"{ingest_a.settings.project}:a-1"}] and result["n"] == [{"n": 2}]
+    with pytest.raises(ProjectScopeError, match="names the project"):
+        list(ingest_a.store[SAMPLES].aggregate([{"$facet": {"x": [{"$match": {"project": ingest_b.settings.project}}]}}]))
 
 
 def test_a_job_id_chosen_in_one_project_does_not_touch_the_neighbours_job_of_that_id(
