@@ -1,10 +1,12 @@
-"""Property tests: no filter, however built, reads or deletes another project's documents.
+"""Property tests: no filter or pipeline, however built, reads or deletes another project's documents.
 
 Hypothesis generates operator trees (``$or``/``$and``/``$nor`` over conditions on the project, on
 ids, on ordinary fields, with comparison, set, regex and code-running operators) and feeds them to
-every entry point that takes a caller's filter. Against the real mongod holding two projects'
-documents, each call either refuses the filter with a TensorDB error (or a MongoDB refusal of a
-malformed query), or returns and changes only the caller's project's documents.
+every entry point that takes a caller's filter; and aggregation pipelines of those filters and of
+stages that reshape, group, nest (``$facet``) or read other collections (``$lookup``,
+``$unionWith``...) at any depth. Against the real mongod holding two projects' documents, each call
+either refuses the filter with a TensorDB error (or a MongoDB refusal of a malformed query), or
+returns and changes only the caller's project's documents.
 """
 
 from __future__ import annotations
@@ -87,6 +89,46 @@ FILTERS = st.recursive(
 )
 
 
+#: Stages of generated pipelines: those that reshape what they are given, and those that reach other
+#: collections or the server (a third of the stages each, the last third ``$facet``).
+OTHER_COLLECTIONS = st.sampled_from([JOBS, SAMPLES, LOGS, "blobs.files", "blobs.chunks"])
+SHAPERS = st.one_of(
+    FILTERS.map(lambda query: {"$match": query}),
+    st.just({"$project": {"_id": 1, "name": 1, "project": 1}}),
+    st.just({"$group": {"_id": "$project", "names": {"$push": "$name"}}}),
+    st.just({"$sort": {"name": 1}}),
+    st.just({"$replaceRoot": {"newRoot": {"p": "$project", "n": "$name"}}}),
+)
+READERS = st.one_of(
+    OTHER_COLLECTIONS.map(lambda other: {"$lookup": {"from": other, "pipeline": [], "as": "joined"}}),
+    OTHER_COLLECTIONS.map(lambda other: {"$lookup": {"from": other, "localField": "tags", "foreignField": "tags", "as": "j"}}),
+    OTHER_COLLECTIONS.map(lambda other: {"$unionWith": {"coll": other}}),
+    OTHER_COLLECTIONS.map(
+        lambda other: {
+            "$graphLookup": {"from": other, "startWith": "$tags", "connectFromField": "tags", "connectToField": "tags", "as": "g"}
+        }
+    ),
+    st.just({"$out": "stolen"}),
+    st.just({"$collStats": {"count": {}}}),
+)
+
+
+def _pipelines(depth: int) -> st.SearchStrategy[list[dict[str, Any]]]:
+    """Pipelines of shapers, readers and (above depth 0) ``$facet`` stages, in equal parts."""
+    kinds = ["shape", "read"] + (["facet"] if depth else [])
+    stage = st.sampled_from(kinds).flatmap(
+        lambda kind: _facets(depth - 1) if kind == "facet" else {"shape": SHAPERS, "read": READERS}[kind]
+    )
+    return st.lists(stage, min_size=1, max_size=2)
+
+
+def _facets(depth: int) -> st.SearchStrategy[dict[str, Any]]:
+    return st.dictionaries(st.sampled_from(["x", "y"]), _pipelines(depth), min_size=1, max_size=2).map(lambda f: {"$facet": f})
+
+
+PIPELINES = _pipelines(2)
+
+
 def _populate(settings: Settings) -> dict[str, int]:
     """Jobs, samples and logs of both projects, written raw (as any client could); returns B's counts."""
     db = Store(settings).db
@@ -143,3 +185,19 @@ def test_no_generated_filter_reaches_another_projects_documents(settings: Settin
         assert raw[JOBS].count_documents({"project": B, "touched": True}) == 0, query
 
     every_filter()
+
+
+def test_no_generated_pipeline_reaches_another_projects_documents(settings: Settings) -> None:
+    _populate(settings)
+    store = Store(settings.with_changes(project=A))
+
+    @hypothesis_settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(PIPELINES)
+    def every_pipeline(pipeline: list[dict[str, Any]]) -> None:
+        for name in (JOBS, SAMPLES, LOGS):
+            found = _refused_or_own(lambda name=name: list(store[name].aggregate(pipeline)))
+            # B's documents hold its project's name and its ids' prefix; A's never do
+            assert found is None or B not in repr(found) and "b-" not in repr(found), pipeline
+        assert "stolen" not in store.db.list_collection_names(), pipeline
+
+    every_pipeline()
