@@ -146,7 +146,8 @@ def run(settings: Settings, mongod_pid: int | None, millions: float, repeat: int
     workdir = Path(tempfile.mkdtemp(prefix="tensordb-bench-npz-"))
     local = workdir / "checkpoint.npz"
     store = Store(settings)
-    journaled_store = Store(settings, client=MongoClient(settings.mongo_uri, tz_aware=True, journal=True))
+    journaled_client = MongoClient(settings.mongo_uri, tz_aware=True, journal=True)
+    journaled_store = Store(settings, client=journaled_client)
     publisher = Publisher(settings)
     registry = ModelRegistry(store, publisher)
     journaled = ModelRegistry(journaled_store)
@@ -216,7 +217,7 @@ def run(settings: Settings, mongod_pid: int | None, millions: float, repeat: int
         journaled.close()
         publisher.close()
         store.close()
-        journaled_store.client.close()
+        journaled_client.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
     rows = [

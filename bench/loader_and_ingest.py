@@ -82,7 +82,7 @@ from tensordb.infra.bus import Received
 from tensordb.infra.codecs import xxh3_hex
 from tensordb.infra.store import BLOB_BUCKET, Store
 from tensordb.services.mongod import REPLICA_SET, Mongod
-from tensordb.testing import ChildProcess, processors_process
+from tensordb.testing import ChildProcess, processors_process, raw_database
 
 ISSUE_SAMPLES = 6000
 INGEST_CHUNK = 500  # records per process_batch / insert_many call
@@ -220,7 +220,8 @@ def metadata_pass(cohort: Cohort) -> int:
 
 
 def wiredtiger_cache(store: Store) -> dict[str, float]:
-    cache = store.client.admin.command("serverStatus")["wiredTiger"]["cache"]
+    with raw_database(store.settings) as raw:
+        cache = raw.client.admin.command("serverStatus")["wiredTiger"]["cache"]
     return {
         "max": cache["maximum bytes configured"],
         "used": cache["bytes currently in the cache"],
@@ -231,7 +232,8 @@ def wiredtiger_cache(store: Store) -> dict[str, float]:
 def check_cache(store: Store) -> None:
     """Say whether the database fits in WiredTiger's cache (mongod's default: 50% of RAM - 1 GB);
     if it did not, the TensorDB side would read from disk while the local side reads page cache."""
-    cache, stats = wiredtiger_cache(store), store.db.command("dbstats")
+    with raw_database(store.settings) as raw:
+        cache, stats = wiredtiger_cache(store), raw.command("dbstats")
     fits = stats["dataSize"] < 0.8 * cache["max"]
     console.print(
         f"  WiredTiger cache {cache['max'] / 2**30:.1f} GiB configured, {cache['used'] / 2**30:.2f} GiB in use; "
@@ -1019,7 +1021,8 @@ def bigger_than_cache_rows(base: Settings, factor: float) -> list[GoalRow]:
         feed_case(settings, {"mongod": pid}, "256×256×3", LARGE, count) as case,
     ):
         with Store(case.cohort.store.settings) as store:
-            cache, data = wiredtiger_cache(store), store.db.command("dbstats")["dataSize"]
+            with raw_database(store.settings) as raw:
+                cache, data = wiredtiger_cache(store), raw.command("dbstats")["dataSize"]
         runs = {
             "(a) memory-mapped .npy": lambda: mmap_pass(case.npy, case.labels, FEED_BATCH),
             "stream": lambda: stream_pass(case.cohort, default_setting(FEED_BATCH)),

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 from harness import REPO, CpuMeter, children_cwd, make_console, project, servers
+from pymongo.collection import Collection
 from rich.table import Table
 
 from streams.logs import log_document
@@ -46,7 +47,7 @@ from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store, insert_ignoring_duplicates
 from tensordb.runs.logger import LOGS, SCHEMA, RunLogger
 from tensordb.runs.queries import read_logs
-from tensordb.testing import ChildProcess, processors_process
+from tensordb.testing import ChildProcess, processors_process, raw_database
 
 PAPER_STEP_MS = 1.5
 THROUGHPUT_GOAL = 60_000  # records/s into MongoDB, zero loss (issue 14)
@@ -209,7 +210,11 @@ class Sink:
 
 def wait_for_count(store: Store, wanted: int, timeout: float, sink: Sink) -> float:
     """Poll until the logs collection holds ``wanted`` documents; returns the perf_counter time."""
-    collection = store.db[LOGS]  # raw: an O(1) count of the whole collection
+    with raw_database(store.settings) as raw:  # an O(1) count of the whole collection
+        return _wait_for_count(raw[LOGS], wanted, timeout, sink)
+
+
+def _wait_for_count(collection: Collection, wanted: int, timeout: float, sink: Sink) -> float:
     deadline = time.monotonic() + timeout
     while True:
         count = collection.estimated_document_count()  # O(1): fine while only this run writes

@@ -84,7 +84,7 @@ from tensordb.studies.scheduler import DECISIONS, LAST_TRIAL, STUDIES, TRIALS, S
 from tensordb.studies.searchers import configuration
 from tensordb.studies.spec import parse_study
 from tensordb.studies.studies import Studies
-from tensordb.testing import ChildProcess, processors_process, worker_process
+from tensordb.testing import ChildProcess, processors_process, raw_database, worker_process
 from tensordb.testing.synthetic import ceiling, learning_curve
 
 console = make_console(200)
@@ -657,14 +657,15 @@ def bench_suggest(base: Settings, trials: int, pairs: int, window: int, reps: in
                     tenths.setdefault(number * 10 // trials, []).append(seconds)
         # the step of fill that once grew with the study (a count of its trials): the next trial's
         # number, now read from the last trial document through the index
-        plan = store.db.command(
-            "explain",
-            {
-                "find": TRIALS, "filter": {"project": settings.project, "study": late.name},
-                "projection": {"configuration": 1, "fold": 1}, "sort": dict(LAST_TRIAL), "limit": 1,
-            },
-            verbosity="executionStats",
-        )  # fmt: skip
+        with raw_database(settings) as raw:
+            plan = raw.command(
+                "explain",
+                {
+                    "find": TRIALS, "filter": {"project": settings.project, "study": late.name},
+                    "projection": {"configuration": 1, "fold": 1}, "sort": dict(LAST_TRIAL), "limit": 1,
+                },
+                verbosity="executionStats",
+            )  # fmt: skip
         keys = plan["executionStats"]["totalKeysExamined"]
     console.print(
         "  fill p50 by tenth of the late studies (not interleaved: drift in the machine's load shows here too): "

@@ -16,10 +16,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pymongo.database import Database
 
 from tensordb.config import Settings
 from tensordb.infra.store import Store
-from tensordb.testing import ChildProcess, fresh_project, processors_process, worker_process
+from tensordb.testing import ChildProcess, fresh_project, processors_process, raw_database, worker_process
 from tensordb.testing import servers as local_or_configured_servers
 from tests import REPO, TASK_SCRIPTS, TESTS
 
@@ -96,6 +97,14 @@ def store(settings: Settings) -> Iterator[Store]:
     with Store(settings) as store:
         store.ensure_indexes()
         yield store
+
+
+@pytest.fixture
+def raw_db(settings: Settings) -> Iterator[Database]:
+    """This test's database through a plain pymongo client, as any client holding the credentials
+    sees it: for corrupting, planting or counting what the store keeps to itself (blob chunks)."""
+    with raw_database(settings) as database:
+        yield database
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import numpy as np
 import orjson
+from pymongo import MongoClient
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -105,8 +106,9 @@ def fresh_start(settings: Settings, services: LocalServices) -> None:
     """Stop the demo's processes from a previous run and drop its database: every run starts clean."""
     for app in running_apps(services.run_dir, settings):
         app.stop()
-    with TensorDB(settings) as db:
-        db.store.client.drop_database(settings.mongo_database)
+    client: MongoClient = MongoClient(settings.mongo_uri, serverSelectionTimeoutMS=30_000)
+    with client:  # the demo's own database
+        client.drop_database(settings.mongo_database)
     create_topics(settings)
 
 

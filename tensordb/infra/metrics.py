@@ -290,7 +290,7 @@ def connectivity(settings: Settings, timeout: float = 3.0) -> Callable[[], str |
         try:
             if "mongo" not in clients:
                 clients["mongo"] = Store(settings, server_wait_ms=int(timeout * 1000))
-            clients["mongo"].client.admin.command("ping")
+            clients["mongo"].ping()
         except PyMongoError as exc:
             return f"MongoDB does not answer: {type(exc).__name__}"
         return None

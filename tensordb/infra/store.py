@@ -179,6 +179,9 @@ def check_blob_metadata(metadata: Mapping[str, Any]) -> None:
 class Store:
     """A project's view of the MongoDB database: collections, indexes and the GridFS blob bucket.
 
+    The client, database and bucket it holds are private: every document is reached through
+    :meth:`__getitem__` and every blob through the blob methods, which keep to the project.
+
     Every write is acknowledged only once it survives a mongod crash: journaled, and on a replica
     set by a majority (``w="majority", j=True``), so nothing TensorDB acknowledges or commits
     offsets for can be forgotten by a restarted server. A ``w`` or ``journal`` option in
@@ -202,22 +205,24 @@ class Store:
         self.project = settings.project
         self._owns_client = client is None
         self._ensured: set[str] = set()  # collections ensure_indexes created with their indexes
-        self.client: MongoClient = client or MongoClient(
+        self._client: MongoClient = client or MongoClient(
             settings.mongo_uri,
             tz_aware=True,
             appname=f"tensordb-{settings.project}",
             serverSelectionTimeoutMS=server_wait_ms,
             **durable_writes(settings.mongo_uri),
         )
-        self.db: Database = self.client[settings.mongo_database]
-        self.blobs = gridfs.GridFSBucket(self.db, bucket_name=BLOB_BUCKET, chunk_size_bytes=CHUNK_BYTES)
+        self._db: Database = self._client[settings.mongo_database]
+        self._bucket = gridfs.GridFSBucket(self._db, bucket_name=BLOB_BUCKET, chunk_size_bytes=CHUNK_BYTES)
 
     def __getitem__(self, name: str) -> ProjectCollection:
         """The collection ``name`` as this project sees it: the only way to its documents
         (see :mod:`tensordb.infra.project_scope`)."""
         if name == f"{BLOB_BUCKET}.chunks":
             raise ProjectScopeError("blob chunks carry no project: read and write blobs through the Store's blob methods")
-        return ProjectCollection(self.db[name], self.project, "metadata.project" if name == f"{BLOB_BUCKET}.files" else "project")
+        return ProjectCollection(
+            self._db[name], self.project, "metadata.project" if name == f"{BLOB_BUCKET}.files" else "project"
+        )
 
     def ensure_indexes(self, *names: str) -> None:
         """Create the collections ``names`` (default: all, after upgrading documents of earlier
@@ -232,19 +237,19 @@ class Store:
             return
         existing = self._collection_names()
         if not names:
-            migrate(self.db)  # documents of earlier versions first, so nothing is written beside them
+            migrate(self._db)  # documents of earlier versions first, so nothing is written beside them
         for name in names or INDEXES:
             indexes = INDEXES[name]
             if name not in existing:
                 try:
-                    self.db.create_collection(name)
+                    self._db.create_collection(name)
                 except CollectionInvalid:
                     pass  # created by another process since list_collection_names
                 except OperationFailure as exc:
                     if exc.code != NAMESPACE_EXISTS:
                         raise
             if indexes:
-                self.db[name].create_indexes(indexes)
+                self._db[name].create_indexes(indexes)
         self._ensured.update(names or INDEXES)
 
     def _collection_names(self) -> set[str]:
@@ -252,7 +257,7 @@ class Store:
         TensorDB's words: rejected credentials, a TLS handshake that failed, no answer."""
         uri = mask_uri(self.settings.mongo_uri)
         try:
-            return set(self.db.list_collection_names())
+            return set(self._db.list_collection_names())
         except OperationFailure as exc:
             if exc.code == AUTHENTICATION_FAILED:
                 raise ConfigurationError(
@@ -283,12 +288,12 @@ class Store:
         check_blob_metadata(metadata)
         digest = sha256_hex(data)
         recorded = {**metadata, "project": self.project, "sha256": digest, "xxh3": xxh3_hex(data)}
-        blob_id = self.blobs.upload_from_stream(filename, data, metadata=recorded)
+        blob_id = self._bucket.upload_from_stream(filename, data, metadata=recorded)
         return blob_id, digest
 
     def get_bytes(self, blob_id: ObjectId | str, sha256: str | None = None) -> bytes:
         """Read a blob, verifying it against ``sha256`` (or the digest stored with it)."""
-        with self.blobs.open_download_stream(ObjectId(blob_id)) as stream:
+        with self._bucket.open_download_stream(ObjectId(blob_id)) as stream:
             if (stream.metadata or {}).get("project") != self.project:
                 raise gridfs.errors.NoFile(f"no blob {blob_id} in project {self.project!r}")
             expected = sha256 or (stream.metadata or {}).get("sha256")
@@ -350,8 +355,8 @@ class Store:
                 }
             )
         # chunks first: a files document is only visible once its bytes are all there
-        insert_ignoring_duplicates(self.db[f"{BLOB_BUCKET}.chunks"], chunks)
-        raced = {new[index].id for index in insert_ignoring_duplicates(self.db[f"{BLOB_BUCKET}.files"], files)}
+        insert_ignoring_duplicates(self._db[f"{BLOB_BUCKET}.chunks"], chunks)
+        raced = {new[index].id for index in insert_ignoring_duplicates(self._db[f"{BLOB_BUCKET}.files"], files)}
         self._owned(self._owners(raced), "write")  # written meanwhile by another process: ours, or refused
         return {blob.id for blob in new} - raced
 
@@ -374,7 +379,7 @@ class Store:
         owned = list(self._owned(self._owners(blob_ids), "read"))
         parts: dict[ObjectId, list[bytes]] = {}
         # no projection: mongod 4.0 would rebuild every projected chunk document (~13 % slower)
-        cursor = self.db[f"{BLOB_BUCKET}.chunks"].find({"files_id": {"$in": owned}}, sort=[("files_id", 1), ("n", 1)])
+        cursor = self._db[f"{BLOB_BUCKET}.chunks"].find({"files_id": {"$in": owned}}, sort=[("files_id", 1), ("n", 1)])
         if blob_bytes:
             cursor = cursor.batch_size(max(1, BLOB_REPLY_BYTES // min(blob_bytes, CHUNK_BYTES)))
         for chunk in cursor:
@@ -392,15 +397,15 @@ class Store:
         """
         owned = list(self._owned(self._owners(blob_ids), "delete"))
         if owned:  # as GridFS deletes: the files document first, so no reader finds a blob without its bytes
-            self.db[f"{BLOB_BUCKET}.files"].delete_many({"_id": {"$in": owned}, "metadata.project": self.project})
-            self.db[f"{BLOB_BUCKET}.chunks"].delete_many({"files_id": {"$in": owned}})
+            self._db[f"{BLOB_BUCKET}.files"].delete_many({"_id": {"$in": owned}, "metadata.project": self.project})
+            self._db[f"{BLOB_BUCKET}.chunks"].delete_many({"files_id": {"$in": owned}})
 
     def _owners(self, blob_ids: Iterable[ObjectId]) -> dict[ObjectId, Any]:
         """The project of each of ``blob_ids`` that has a files document (the others do not exist)."""
         ids = list(set(blob_ids))
         if not ids:
             return {}
-        found = self.db[f"{BLOB_BUCKET}.files"].find({"_id": {"$in": ids}}, {"metadata.project": 1})
+        found = self._db[f"{BLOB_BUCKET}.files"].find({"_id": {"$in": ids}}, {"metadata.project": 1})
         return {file["_id"]: (file.get("metadata") or {}).get("project") for file in found}
 
     def _owned(self, owners: Mapping[ObjectId, Any], what: str) -> set[ObjectId]:
@@ -415,9 +420,18 @@ class Store:
             )
         return set(owners)
 
+    def ping(self) -> None:
+        """Have the server answer (health checks); raises pymongo's error when it does not."""
+        self._client.admin.command("ping")
+
+    def authenticated_user(self) -> str | None:
+        """The MongoDB user this store's connections are authenticated as (None without authentication)."""
+        users = self._client.admin.command("connectionStatus")["authInfo"]["authenticatedUsers"]
+        return users[0]["user"] if users else None
+
     def close(self) -> None:
         if self._owns_client:
-            self.client.close()
+            self._client.close()
 
     def __enter__(self) -> Store:
         return self

@@ -6,7 +6,7 @@ against real servers.
 - :mod:`~tensordb.testing.children`: ``tensordb processors``, ``worker``, ``predictor``, ``serve``
   and ``dashboard`` as child processes that are ready when ``start`` returns; ``Dashboard``, a
   running dashboard with an HTTP client;
-- :mod:`~tensordb.testing.helpers`: ``free_port``, ``wait_for``;
+- :mod:`~tensordb.testing.helpers`: ``free_port``, ``wait_for``, ``raw_database``;
 - :mod:`~tensordb.testing.samples`: synthetic ``sample/1`` records;
 - :mod:`~tensordb.testing.studies`: ``insert_study``, a finished study of any size written straight
   into MongoDB (for readers' tests and benchmarks);
@@ -27,7 +27,7 @@ from tensordb.testing.children import (
     server_process,
     worker_process,
 )
-from tensordb.testing.helpers import free_port, wait_for
+from tensordb.testing.helpers import free_port, raw_database, wait_for
 from tensordb.testing.samples import image_samples
 from tensordb.testing.servers import Servers, fresh_project, servers
 from tensordb.testing.studies import insert_study
@@ -39,6 +39,7 @@ __all__ = [
     "dashboard_process",
     "predictor_process",
     "processors_process",
+    "raw_database",
     "server_process",
     "worker_process",
     "free_port",

@@ -9,11 +9,13 @@ from datetime import timedelta
 import numpy as np
 import pytest
 from bson.errors import InvalidDocument
+from pymongo.database import Database
 
 from tensordb.config import Settings
 from tensordb.data.datasets import COLLECTION, Datasets
 from tensordb.errors import ArrayCodecError, IntegrityError, QueryError
 from tensordb.infra.store import BLOB_BUCKET, Store
+from tensordb.testing import raw_database
 
 RNG = np.random.default_rng(7)
 MNIST_LIKE = (
@@ -32,7 +34,8 @@ def datasets(store: Store) -> Datasets:
 def blob_counts(store: Store) -> tuple[int, int]:
     """GridFS files of this project, and all chunks (each test has a database of its own)."""
     files = store[f"{BLOB_BUCKET}.files"].count_documents({"metadata.project": store.project})
-    return files, store.db[f"{BLOB_BUCKET}.chunks"].count_documents({})
+    with raw_database(store.settings) as raw:
+        return files, raw[f"{BLOB_BUCKET}.chunks"].count_documents({})
 
 
 def assert_identical(loaded: np.ndarray, saved: np.ndarray) -> None:
@@ -213,17 +216,17 @@ def test_sweeping_spares_the_blobs_of_a_save_in_progress(datasets: Datasets, sto
     assert blob_counts(store) == before
 
 
-def test_a_corrupted_blob_is_an_error_not_silent(datasets: Datasets, store: Store) -> None:
+def test_a_corrupted_blob_is_an_error_not_silent(datasets: Datasets, raw_db: Database) -> None:
     document = datasets.save(np.arange(8, dtype=np.int64), "mnist")
     blob_id = document["arrays"][0]["blob"]
-    chunk = store.db[f"{BLOB_BUCKET}.chunks"].find_one({"files_id": blob_id})
+    chunk = raw_db[f"{BLOB_BUCKET}.chunks"].find_one({"files_id": blob_id})
     flipped = bytes(chunk["data"][:-1]) + bytes([chunk["data"][-1] ^ 1])
-    store.db[f"{BLOB_BUCKET}.chunks"].update_one({"_id": chunk["_id"]}, {"$set": {"data": flipped}})
+    raw_db[f"{BLOB_BUCKET}.chunks"].update_one({"_id": chunk["_id"]}, {"$set": {"data": flipped}})
 
     with pytest.raises(IntegrityError, match="sha256"):
         datasets.find("mnist")
 
 
-def test_the_datasets_indexes_exist(store: Store) -> None:
-    keys = [list(index["key"]) for index in store.db[COLLECTION].list_indexes()]
+def test_the_datasets_indexes_exist(store: Store, raw_db: Database) -> None:
+    keys = [list(index["key"]) for index in raw_db[COLLECTION].list_indexes()]
     assert ["project", "name", "time", "_id"] in keys and ["project", "name", "version"] in keys

@@ -79,7 +79,7 @@ def test_username_and_password_are_used_not_ignored(settings: Settings) -> None:
     try:
         with _hub(settings, username=user, password="right-password") as db:
             db.save_training_log(loss=1.0)
-            assert db.store.client.admin.command("connectionStatus")["authInfo"]["authenticatedUsers"][0]["user"] == user
+            assert db.store.authenticated_user() == user
         with pytest.raises(ConfigurationError, match="rejected the username or password"):
             _hub(settings, username=user, password="wrong-password")
     finally:

@@ -19,6 +19,7 @@ from tensordb.data.loader import BATCH_ALIGNMENT
 from tensordb.data.samples import SAMPLES
 from tensordb.errors import QueryError
 from tensordb.infra.store import BLOB_BUCKET
+from tensordb.testing import raw_database
 
 
 def images(start: int, count: int, shape: tuple[int, ...] = (8, 8)) -> list[dict]:
@@ -60,7 +61,8 @@ def test_blobs_of_several_chunks_read_over_several_replies_arrive_whole(
     monkeypatch.setattr("tensordb.infra.store.BLOB_REPLY_BYTES", 250)  # 2 chunks per reply
     ingest(images(0, 40, shape=(16, 16)))
     with TensorDB(settings) as db:
-        assert db.store.db[f"{BLOB_BUCKET}.chunks"].count_documents({}) == 120
+        with raw_database(settings) as raw:
+            assert raw[f"{BLOB_BUCKET}.chunks"].count_documents({}) == 120
         cohort = db.cohort({"dataset": "images"}, sort=[("labels.y", 1)])
         for stream in (cohort.stream(batch_size=16), cohort.stream(batch_size=16, shuffle=True)):
             x, y = (np.concatenate(parts) for parts in zip(*stream, strict=True))

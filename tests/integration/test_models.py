@@ -14,6 +14,7 @@ from datetime import timedelta
 import keras
 import numpy as np
 import pytest
+from pymongo.database import Database
 
 from tensordb.config import Settings, Topic
 from tensordb.errors import IntegrityError, ModelFormatError, ModelNotFoundError, QueryError
@@ -21,7 +22,7 @@ from tensordb.infra.bus import Publisher, make_consumer, receive
 from tensordb.infra.store import BLOB_BUCKET, Store
 from tensordb.models.keras_format import npz_to_weights, private_weights, weights_to_npz
 from tensordb.models.registry import ALIASES, BLOB_KIND, COLLECTION, ModelRegistry
-from tensordb.testing import wait_for
+from tensordb.testing import raw_database, wait_for
 from tensordb.testing.models import two_tower
 
 X = np.random.default_rng(3).standard_normal((16, 8)).astype(np.float32)
@@ -52,7 +53,8 @@ def small_model(seed: int = 0, compiled: bool = True) -> keras.Model:
 def blob_counts(store: Store) -> tuple[int, int]:
     """GridFS files of this project, and all chunks (each test has a database of its own)."""
     files = store[f"{BLOB_BUCKET}.files"].count_documents({"metadata.project": store.project})
-    return files, store.db[f"{BLOB_BUCKET}.chunks"].count_documents({})
+    with raw_database(store.settings) as raw:
+        return files, raw[f"{BLOB_BUCKET}.chunks"].count_documents({})
 
 
 def assert_same_weights(loaded: keras.Model, saved: keras.Model) -> None:
@@ -360,19 +362,19 @@ def test_operator_filters_and_reserved_fields_are_refused(registry: ModelRegistr
     assert blob_counts(store) == before and len(registry.versions("mnist")) == 1
 
 
-def test_a_corrupted_parameter_blob_is_an_error_not_silent(registry: ModelRegistry, store: Store) -> None:
+def test_a_corrupted_parameter_blob_is_an_error_not_silent(registry: ModelRegistry, raw_db: Database) -> None:
     info = registry.save(small_model(), "mnist")
-    chunk = store.db[f"{BLOB_BUCKET}.chunks"].find_one({"files_id": info["parameters"]["blob"]})
+    chunk = raw_db[f"{BLOB_BUCKET}.chunks"].find_one({"files_id": info["parameters"]["blob"]})
     flipped = bytes(chunk["data"][:-1]) + bytes([chunk["data"][-1] ^ 1])
-    store.db[f"{BLOB_BUCKET}.chunks"].update_one({"_id": chunk["_id"]}, {"$set": {"data": flipped}})
+    raw_db[f"{BLOB_BUCKET}.chunks"].update_one({"_id": chunk["_id"]}, {"$set": {"data": flipped}})
 
     with pytest.raises(IntegrityError, match="sha256"):
         registry.find(name="mnist")
 
 
-def test_the_model_indexes_exist(registry: ModelRegistry, store: Store) -> None:
-    indexes = {tuple(index["key"]): index.get("unique", False) for index in store.db[COLLECTION].list_indexes()}
+def test_the_model_indexes_exist(registry: ModelRegistry, raw_db: Database) -> None:
+    indexes = {tuple(index["key"]): index.get("unique", False) for index in raw_db[COLLECTION].list_indexes()}
     assert indexes[("project", "name", "version")] is True
     assert ("project", "name", "time") in indexes and ("project", "job_id") in indexes
-    aliases = {tuple(index["key"]): index.get("unique", False) for index in store.db[ALIASES].list_indexes()}
+    aliases = {tuple(index["key"]): index.get("unique", False) for index in raw_db[ALIASES].list_indexes()}
     assert aliases[("project", "name", "alias")] is True

@@ -17,6 +17,7 @@ from typing import Any
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from pymongo.database import Database
 from pymongo.errors import OperationFailure
 
 from tensordb.config import Settings
@@ -27,6 +28,7 @@ from tensordb.infra.store import Store
 from tensordb.jobs.queue import JOBS, Jobs
 from tensordb.runs.logger import LOGS
 from tensordb.runs.queries import delete_logs, read_logs
+from tensordb.testing import raw_database
 
 EXAMPLES = int(os.environ.get("TENSORDB_PROPERTY_EXAMPLES", "150"))
 A, B = "alpha", "beta"
@@ -131,7 +133,12 @@ PIPELINES = _pipelines(2)
 
 def _populate(settings: Settings) -> dict[str, int]:
     """Jobs, samples and logs of both projects, written raw (as any client could); returns B's counts."""
-    db = Store(settings).db
+    with raw_database(settings) as db:
+        return _insert_both(db)
+
+
+def _insert_both(db: Database) -> dict[str, int]:
+    """The documents of :func:`_populate`, written through ``db``; returns B's counts."""
     for project, prefix in ((A, "a"), (B, "b")):
         for index in range(3):
             local = f"{prefix}-{index}"
@@ -159,7 +166,7 @@ def _refused_or_own(call: Any) -> Any:
         return None
 
 
-def test_no_generated_filter_reaches_another_projects_documents(settings: Settings) -> None:
+def test_no_generated_filter_reaches_another_projects_documents(settings: Settings, raw_db: Database) -> None:
     theirs = _populate(settings)
     store = Store(settings.with_changes(project=A))
     jobs = Jobs(store, publisher=None)  # type: ignore[arg-type]  # listing and deleting publish nothing
@@ -180,14 +187,14 @@ def test_no_generated_filter_reaches_another_projects_documents(settings: Settin
         _refused_or_own(lambda: jobs.delete(**query))
         _refused_or_own(lambda: delete_logs(store, **query))
         _refused_or_own(lambda: store[SAMPLES].delete_many(query))
-        raw = store.db
+        raw = raw_db
         assert {name: raw[name].count_documents({"project": B}) for name in theirs} == theirs, query
         assert raw[JOBS].count_documents({"project": B, "touched": True}) == 0, query
 
     every_filter()
 
 
-def test_no_generated_pipeline_reaches_another_projects_documents(settings: Settings) -> None:
+def test_no_generated_pipeline_reaches_another_projects_documents(settings: Settings, raw_db: Database) -> None:
     _populate(settings)
     store = Store(settings.with_changes(project=A))
 
@@ -198,6 +205,6 @@ def test_no_generated_pipeline_reaches_another_projects_documents(settings: Sett
             found = _refused_or_own(lambda name=name: list(store[name].aggregate(pipeline)))
             # B's documents hold its project's name and its ids' prefix; A's never do
             assert found is None or B not in repr(found) and "b-" not in repr(found), pipeline
-        assert "stolen" not in store.db.list_collection_names(), pipeline
+        assert "stolen" not in raw_db.list_collection_names(), pipeline
 
     every_pipeline()

@@ -17,6 +17,7 @@ import numpy as np
 import orjson
 import pytest
 from bson import ObjectId
+from pymongo.database import Database
 
 from streams.ingest import blob_id, handle_samples, sweep_sample_blobs
 from streams.lifecycle import handle_job_events
@@ -196,7 +197,7 @@ def test_orphaned_sample_blobs_are_swept_after_the_grace_period_and_only_this_pr
     ingest_a(kept, inline("small", [1]))
     _claim_check(settings, ingest_a.store, pixels, "never-published")
     _claim_check(neighbour, ingest_b.store, pixels, "theirs-never-published")
-    files = ingest_a.store.db[f"{BLOB_BUCKET}.files"]
+    files = ingest_a.store[f"{BLOB_BUCKET}.files"]
     assert files.count_documents({}) == 3  # kept, never-published, theirs; small and tiny are inline
     assert sweep_sample_blobs(ingest_a.store) == 0  # all younger than the grace period
     assert sweep_sample_blobs(ingest_a.store, grace=timedelta(0)) == 1
@@ -367,7 +368,9 @@ def test_a_forged_finished_event_does_not_evaluate_a_running_jobs_checkpoint(set
 
 
 @pytest.mark.parametrize("length", [3, INLINE_MAX_BYTES // 2 + 1], ids=["inline", "gridfs"])  # int16 values
-def test_corrupted_or_replaced_bytes_are_an_integrity_error_naming_the_sample(ingest_a: Ingest, length: int) -> None:
+def test_corrupted_or_replaced_bytes_are_an_integrity_error_naming_the_sample(
+    ingest_a: Ingest, raw_db: Database, length: int
+) -> None:
     ingest_a(inline("good", [1, 2, 3]), inline("victim", [4] * length))
     store = ingest_a.store
     entry = store[SAMPLES].find_one({"_id": "victim"})["arrays"]["x"]
@@ -376,20 +379,22 @@ def test_corrupted_or_replaced_bytes_are_an_integrity_error_naming_the_sample(in
         assert "data" in entry
         store[SAMPLES].update_one({"_id": "victim"}, {"$set": {"arrays.x.data": stale}})
     else:
-        store.db[f"{BLOB_BUCKET}.chunks"].update_one({"files_id": entry["blob_id"]}, {"$set": {"data": stale}})
+        raw_db[f"{BLOB_BUCKET}.chunks"].update_one({"files_id": entry["blob_id"]}, {"$set": {"data": stale}})
     with pytest.raises(IntegrityError, match="sample 'victim'.*checksum mismatch"):
         streamed(store)
     if length == 3:
         store[SAMPLES].update_one({"_id": "victim"}, {"$unset": {"arrays.x.data": ""}})
     else:
-        store.db[f"{BLOB_BUCKET}.chunks"].delete_many({"files_id": entry["blob_id"]})
+        raw_db[f"{BLOB_BUCKET}.chunks"].delete_many({"files_id": entry["blob_id"]})
     with pytest.raises(IntegrityError, match="sample 'victim'.*missing"):
         streamed(store)
     assert streamed(store, {"_id": "good"}) == [[1, 2, 3]]
 
 
 @pytest.mark.parametrize("length", [3, INLINE_MAX_BYTES // 2 + 1], ids=["inline", "gridfs"])
-def test_samples_stored_before_the_xxh3_was_recorded_are_checked_against_their_sha256(ingest_a: Ingest, length: int) -> None:
+def test_samples_stored_before_the_xxh3_was_recorded_are_checked_against_their_sha256(
+    ingest_a: Ingest, raw_db: Database, length: int
+) -> None:
     ingest_a(inline("newer", [4] * length), inline("older", [5] * length))
     store = ingest_a.store
     store[SAMPLES].update_one({"_id": "older"}, {"$unset": {"arrays.x.xxh3": ""}})  # as earlier versions stored it
@@ -399,15 +404,15 @@ def test_samples_stored_before_the_xxh3_was_recorded_are_checked_against_their_s
     if length == 3:
         store[SAMPLES].update_one({"_id": "older"}, {"$set": {"arrays.x.data": stale}})
     else:
-        store.db[f"{BLOB_BUCKET}.chunks"].update_one({"files_id": entry["blob_id"]}, {"$set": {"data": stale}})
+        raw_db[f"{BLOB_BUCKET}.chunks"].update_one({"files_id": entry["blob_id"]}, {"$set": {"data": stale}})
     with pytest.raises(IntegrityError, match="sample 'older'.*checksum mismatch"):
         streamed(store)
 
 
 def test_stored_ids_carry_the_project_so_raw_tools_see_which_project_owns_a_document(
-    ingest_a: Ingest, settings: Settings
+    ingest_a: Ingest, settings: Settings, raw_db: Database
 ) -> None:
     ingest_a(inline("scan-1", [1]))
-    raw = ingest_a.store.db[SAMPLES].find_one({})
+    raw = raw_db[SAMPLES].find_one({})
     assert raw["_id"] == f"{settings.project}:scan-1" and raw["project"] == settings.project
     assert ingest_a.store[SAMPLES].find_one({})["_id"] == "scan-1"
