@@ -189,7 +189,7 @@ def test_a_blob_of_another_project_cannot_be_read_by_id(settings: Settings, neig
 
 
 def test_orphaned_sample_blobs_are_swept_after_the_grace_period_and_only_this_projects(
-    settings: Settings, neighbour: Settings, ingest_a: Ingest, ingest_b: Ingest
+    settings: Settings, neighbour: Settings, ingest_a: Ingest, ingest_b: Ingest, raw_db: Database
 ) -> None:
     pixels = np.ones((600, 500), dtype=np.uint8)
     kept = build_sample(ingest_a.store, {"x": pixels, "tiny": np.ones(2)}, dataset="big", sample_id="kept")
@@ -197,7 +197,7 @@ def test_orphaned_sample_blobs_are_swept_after_the_grace_period_and_only_this_pr
     ingest_a(kept, inline("small", [1]))
     _claim_check(settings, ingest_a.store, pixels, "never-published")
     _claim_check(neighbour, ingest_b.store, pixels, "theirs-never-published")
-    files = ingest_a.store[f"{BLOB_BUCKET}.files"]
+    files = raw_db[f"{BLOB_BUCKET}.files"]
     assert files.count_documents({}) == 3  # kept, never-published, theirs; small and tiny are inline
     assert sweep_sample_blobs(ingest_a.store) == 0  # all younger than the grace period
     assert sweep_sample_blobs(ingest_a.store, grace=timedelta(0)) == 1

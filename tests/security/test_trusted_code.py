@@ -33,7 +33,7 @@ from tensordb.infra.trusted import (
 )
 from tensordb.jobs.queue import Jobs, JobStatus
 from tensordb.loop.policies import Policies, Policy
-from tensordb.testing import worker_process
+from tensordb.testing import raw_database, worker_process
 from tensordb.testing.models import two_tower
 from tests import TASK_SCRIPTS
 from workers.trainer import Worker
@@ -281,7 +281,7 @@ def test_a_task_script_gets_neither_the_database_password_nor_the_worker_s_envir
     if "@" in settings.mongo_uri:
         pytest.skip("the servers' URI already carries credentials")
     user = f"worker_{settings.project}"
-    with Store(settings) as admin:
+    with raw_database(settings) as admin:
         admin.client.admin.command("createUser", user, pwd=PASSWORD, roles=[{"role": "readWrite", "db": settings.mongo_database}])
     try:
         authenticated = settings.with_changes(
@@ -300,7 +300,7 @@ def test_a_task_script_gets_neither_the_database_password_nor_the_worker_s_envir
         with Store(settings) as store:
             job = store["jobs"].find_one({"_id": job_id})
     finally:
-        with Store(settings) as admin:
+        with raw_database(settings) as admin:
             admin.client.admin.command("dropUser", user)
     assert job["status"] == JobStatus.FINISHED, job["error"]
     environment = job["result"]["environment"]
