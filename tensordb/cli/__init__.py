@@ -45,8 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tensordb: error: {exc}", file=sys.stderr)
         return 1
     except ServerSelectionTimeoutError:
-        from tensordb.config import load_settings
-        from tensordb.infra.trusted import uri_without_credentials
+        from tensordb.config import load_settings, uri_without_credentials
 
         uri = uri_without_credentials(load_settings().mongo_uri)
         print(
