@@ -1,0 +1,55 @@
+"""Issue 24, finding 10: a failed job's stored error is read by anyone who can read jobs, so it is
+masked and in TensorDB's terms, never a storage driver's repr of its client (which spells out the
+MongoDB URI's options, secrets included)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import pytest
+from pymongo import MongoClient
+
+from tensordb.client import TensorDB
+from tensordb.config import Settings
+from tensordb.infra.bus import Publisher
+from tensordb.infra.store import BLOB_BUCKET, Store
+from tensordb.jobs.queue import Jobs, JobStatus
+from tensordb.models.registry import COLLECTION
+from tensordb.testing import worker_process
+
+PASSWORD, SESSION_TOKEN = "hunter2-user-s3cret", "aws-session-token-s3cret"
+
+
+def test_a_job_failed_on_a_missing_blob_stores_no_secret_and_no_driver_repr(settings: Settings, tmp_path: Path) -> None:
+    """A real worker, whose MongoDB URI carries a password and a secret auth property, evaluates a
+    model version whose parameters were deleted from GridFS behind TensorDB's back: pymongo's NoFile
+    quotes its client, options and all."""
+    if "@" in settings.mongo_uri:
+        pytest.skip("the servers' URI already carries credentials")
+    user = f"jobs_{settings.project}"
+    separator = "&" if "?" in settings.mongo_uri else "?"
+    worker_settings = settings.with_changes(
+        mongo_uri=settings.mongo_uri.replace("mongodb://", f"mongodb://{user}:{PASSWORD}@", 1)
+        + f"{separator}authMechanism=SCRAM-SHA-256&authMechanismProperties=AWS_SESSION_TOKEN:{SESSION_TOKEN}"
+    )
+    with TensorDB(settings) as db:
+        db.models.save(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]), "vanished")
+    with MongoClient(settings.mongo_uri) as raw:  # as anyone with database access could
+        raw.admin.command("createUser", user, pwd=PASSWORD, roles=[{"role": "readWrite", "db": settings.mongo_database}])
+        database = raw[settings.mongo_database]
+        blob = database[COLLECTION].find_one({"name": "vanished"})["parameters"]["blob"]
+        assert database[f"{BLOB_BUCKET}.files"].delete_one({"_id": blob}).deleted_count == 1
+        try:
+            with Store(settings) as store, Publisher(settings) as publisher:
+                jobs = Jobs(store, publisher)
+                job_id = jobs.submit("evaluate", model={"name": "vanished", "versions": [1]}, data={"filter": {}}, max_attempts=1)
+                with worker_process(worker_settings, tmp_path / "worker.log"):
+                    job = jobs.wait([job_id], timeout=120)[0]
+        finally:
+            raw.admin.command("dropUser", user)
+    assert job["status"] == JobStatus.FAILED, job
+    stored = f"{job['error']} {job.get('history')}"
+    assert SESSION_TOKEN not in stored and PASSWORD not in stored and "MongoClient(" not in stored, stored
+    assert job["error"]["message"].startswith(f"NotFoundError: stored bytes this job reads are missing (GridFS file {blob})")
+    assert f"collection {settings.mongo_database}.{BLOB_BUCKET}.files" in job["error"]["traceback"]  # what the repr named
