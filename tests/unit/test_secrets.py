@@ -139,3 +139,25 @@ def test_an_unreachable_mongodb_error_masks_the_uri_s_secret_options() -> None:
         store.ensure_indexes()
     assert not [secret for secret in FINDING_9_SECRETS if secret in str(error.value)], str(error.value)
     assert "tlsCertificateKeyFilePassword=***" in str(error.value)
+
+
+def test_a_command_that_fails_unforeseen_prints_its_traceback_without_secrets(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A driver's error quoting its client (options and all) escapes a command: the traceback printed is masked."""
+    from tensordb.cli import commands, main
+
+    client = MongoClient(URI_WITH_SECRETS, connect=False)
+
+    def fails(args: object) -> int:
+        raise RuntimeError(f"no file in gridfs collection {client!r}")
+
+    monkeypatch.setenv("TENSORDB_MONGO_URI", URI_WITH_SECRETS)
+    monkeypatch.setattr(commands, "_policy", fails)
+    try:
+        assert main(["policy", "list"]) == 1
+    finally:
+        client.close()
+    printed = capsys.readouterr().err
+    assert "RuntimeError: no file in gridfs collection MongoClient(" in printed
+    assert not [secret for secret in FINDING_9_SECRETS if secret in printed], printed
