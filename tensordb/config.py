@@ -65,10 +65,12 @@ def is_secret_name(name: str) -> bool:
 
 
 def _mask_named(match: re.Match[str]) -> str:
-    if not is_secret_name(match["name"]) or not (match["quoted"] or match["value"]):
-        return match[0]
     quote = match["quote"] or ""
-    return f"{match['name']}{match['sep']}{quote}{MASK}{quote}"
+    if is_secret_name(match["name"]) and (match["quoted"] or match["value"]):
+        return f"{match['name']}{match['sep']}{quote}{MASK}{quote}"
+    if match["quoted"]:  # a quoted value may quote more: {'mongo_uri': 'mongodb://h/?tlsCertificateKeyFilePassword=x'}
+        return f"{match['name']}{match['sep']}{quote}{_NAMED_VALUE.sub(_mask_named, match['quoted'])}{quote}"
+    return match[0]
 
 
 def _mask_properties(match: re.Match[str]) -> str:

@@ -105,6 +105,8 @@ def test_repr_of_settings_masks_uri_secret_options_and_jwt_assertion_options() -
         ("mongodb://h/?authMechanismProperties=AWS_SESSION_TOKEN%3Aabcd&w=1", "mongodb://h/?authMechanismProperties=AWS_SESSION_TOKEN%3A***&w=1"),
         ("tlscertificatekeyfilepassword='a\"b', authmechanismproperties={'AWS_SESSION_TOKEN': 'abc'}",
          "tlscertificatekeyfilepassword='***', authmechanismproperties={'AWS_SESSION_TOKEN': '***'}"),
+        ("{'mongo_uri': 'mongodb://h/?tlsCertificateKeyFilePassword=abcd&w=1'}",
+         "{'mongo_uri': 'mongodb://h/?tlsCertificateKeyFilePassword=***&w=1'}"),  # a secret quoted inside a value
         ("ENVIRONMENT:azure,TOKEN_RESOURCE:api://x the token: stays", "ENVIRONMENT:azure,TOKEN_RESOURCE:api://x the token: stays"),
     ],
 )  # fmt: skip
