@@ -347,7 +347,7 @@ class Settings(BaseSettings):
         return sources
 
     def __repr_args__(self) -> Any:
-        """Fields as ``repr()`` shows them: the MongoDB password and Kafka secrets masked."""
+        """Fields as ``repr()`` shows them: the MongoDB URI's password and secret options, and Kafka's secret options, masked."""
         for name, value in super().__repr_args__():
             if name == "mongo_uri":
                 value = mask_uri(value)
