@@ -41,12 +41,13 @@ TASK_ENVIRONMENT = frozenset(
     {"PATH", "HOME", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "LD_LIBRARY_PATH", "KERAS_BACKEND", "CUDA_VISIBLE_DEVICES"}
 )
 #: librdkafka options a task script gets without ``task_secrets``: how to reach and trust the brokers
-#: and who it is, never a credential or a credential's file (key, keystore, keytab, JWT assertion).
+#: and who it is, never a credential, a credential's file (key, keystore, keytab, JWT assertion) or a
+#: URL that may carry one (the OAuth token endpoint). An allowlist: an option added later stays out.
 PUBLIC_KAFKA_OPTIONS = frozenset(
     {
         "security.protocol", "sasl.mechanism", "sasl.mechanisms", "sasl.username", "sasl.kerberos.service.name",
         "sasl.kerberos.principal", "sasl.oauthbearer.method", "sasl.oauthbearer.client.id", "sasl.oauthbearer.scope",
-        "sasl.oauthbearer.token.endpoint.url", "ssl.ca.location", "ssl.ca.pem", "ssl.ca.certificate.stores",
+        "ssl.ca.location", "ssl.ca.pem", "ssl.ca.certificate.stores",
         "ssl.crl.location", "ssl.endpoint.identification.algorithm", "enable.ssl.certificate.verification",
         "ssl.cipher.suites", "ssl.curves.list", "ssl.sigalgs.list", "broker.address.family", "client.id", "client.rack",
         "socket.keepalive.enable", "message.max.bytes", "api.version.request",
