@@ -9,12 +9,14 @@ from pathlib import Path
 import keras
 import pytest
 from pymongo import MongoClient
+from pymongo.errors import OperationFailure
 
 from tensordb.client import TensorDB
 from tensordb.config import Settings
+from tensordb.errors import JobSpecError
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import BLOB_BUCKET, Store
-from tensordb.jobs.queue import Jobs, JobStatus
+from tensordb.jobs.queue import Jobs, JobStatus, describe_job_error
 from tensordb.models.registry import COLLECTION
 from tensordb.testing import worker_process
 
@@ -53,3 +55,17 @@ def test_a_job_failed_on_a_missing_blob_stores_no_secret_and_no_driver_repr(sett
     assert SESSION_TOKEN not in stored and PASSWORD not in stored and "MongoClient(" not in stored, stored
     assert job["error"]["message"].startswith(f"NotFoundError: stored bytes this job reads are missing (GridFS file {blob})")
     assert f"collection {settings.mongo_database}.{BLOB_BUCKET}.files" in job["error"]["traceback"]  # what the repr named
+
+
+def test_driver_errors_are_described_in_tensordb_s_terms_without_the_driver_s_objects() -> None:
+    options = f"authMechanism=SCRAM-SHA-256&authMechanismProperties=AWS_SESSION_TOKEN:{SESSION_TOKEN}"
+    client = MongoClient(f"mongodb://u:p@127.0.0.1:1/?{options}", connect=False)
+    try:
+        failure = OperationFailure(f"not authorized on {client['db']!r} to execute find", code=13)
+        described = describe_job_error(failure)
+        assert described.startswith("MongoDB failed the job's request (OperationFailure: not authorized on database db")
+        assert SESSION_TOKEN not in described and "MongoClient(" not in described
+        assert describe_job_error(ValueError(f"bad {client['db']['c']!r}")) == "ValueError: bad collection db.c"
+        assert describe_job_error(JobSpecError("an evaluate job's model names a registered model")).startswith("JobSpecError: ")
+    finally:
+        client.close()
