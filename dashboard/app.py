@@ -28,8 +28,8 @@ Routes that act (POST, JSON bodies, the CSRF token in ``X-CSRF-Token``; see :mod
 ``version``, ``reason``), ``/api/models/rollback`` (``model``, ``reason``) and ``/api/try`` (a model's
 versions side by side on a cohort's samples or pasted instances).
 
-Bound to 127.0.0.1 by default. Bound to any other address it needs a token (``--token`` or
-``TENSORDB_DASHBOARD_TOKEN``), which every request then carries (``Authorization: Bearer``,
+Bound to 127.0.0.1 by default. Bound to any other address it needs a token (``TENSORDB_DASHBOARD_TOKEN``
+or ``--token-file``; never on the command line, which every local user can read), which every request then carries (``Authorization: Bearer``,
 ``X-TensorDB-Token``, or the session cookie set when a page is opened with ``?token=``); without one
 it refuses to start. Host names, body size and headers are checked by :mod:`tensordb.infra.http_guard`.
 """

@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
+from contextvars import ContextVar
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -30,23 +33,114 @@ from pydantic_settings import (
 from tensordb.errors import ConfigurationError
 
 _PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-#: librdkafka options that hold secrets (sasl.password, ssl.key.password, ssl.key.pem, sasl.oauthbearer.client.secret...).
-_SECRET_OPTION = re.compile(r"(password|secret|token|credentials?|ssl\.key\.pem|sasl\.oauthbearer\.config)$", re.IGNORECASE)
+#: What is secret, defined once: a librdkafka option, a MongoDB URI option or an ``authMechanismProperties``
+#: entry whose name ends like this holds a secret value (``sasl.password``, ``ssl.key.pem``,
+#: ``sasl.oauthbearer.client.credentials.client.secret``, ``sasl.oauthbearer.assertion.private.key.passphrase``
+#: and ``...private.key.pem``, ``tlsCertificateKeyFilePassword``, ``AWS_SESSION_TOKEN``...); the fields of
+#: :class:`Settings` that hold one are ``SecretStr``, and a URI's user info holds its password.
+_SECRET_NAME = re.compile(
+    r"(password|passphrase|secret|token|credentials?|key\.pem|sasl\.oauthbearer\.config|sasl\.jaas\.config)$", re.IGNORECASE
+)
 _MODULE_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _URI_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@/\s]*@")
+#: ``name=value`` (a URI's query), ``name='value'`` (a driver's repr) and ``'name': 'value'`` (a dict's repr).
+_NAMED_VALUE = re.compile(
+    r"""(?P<name>[A-Za-z][\w.-]*)(?P<sep>=|['"]:\s*)(?:(?P<quote>['"])(?P<quoted>.*?)(?P=quote)|(?P<value>[^&,;\s'"]*))"""
+)
+#: ``authMechanismProperties=AWS_SESSION_TOKEN:VALUE,SERVICE_NAME:x``: one URI option holding named values.
+_PROPERTY_LIST = re.compile(r"(?P<option>authMechanismProperties=)(?P<properties>[^&\s'\"]*)", re.IGNORECASE)
+_PROPERTY = re.compile(r"(?P<name>[^,:%]+)(?P<sep>:|%3A)(?P<value>[^,]*)", re.IGNORECASE)
 MASK = "***"
+#: Secrets shorter than this are masked only where named, not by value (see :func:`secret_values`).
+MIN_SECRET_CHARS = 4
+#: Set while :meth:`Settings.with_changes` builds a copy: no source but the values given is read.
+_GIVEN_ONLY: ContextVar[bool] = ContextVar("tensordb_settings_given_only", default=False)
 #: Variables that say where settings come from; every other ``TENSORDB_*`` variable is a field of Settings.
 SOURCE_VARIABLES = ("TENSORDB_CONFIG", "TENSORDB_SECRETS_DIR")
 
 
-def mask_uri(uri: str) -> str:
-    """``uri`` with the password of its user info replaced by ``***``, for printing and logging."""
-    return _URI_PASSWORD.sub(lambda match: f"{match['scheme']}{MASK}@", uri)
+def is_secret_name(name: str) -> bool:
+    """Whether an option or property of this name (Kafka, a MongoDB URI) holds a secret value."""
+    return bool(_SECRET_NAME.search(name))
+
+
+def _mask_named(match: re.Match[str]) -> str:
+    quote = match["quote"] or ""
+    if is_secret_name(match["name"]) and (match["quoted"] or match["value"]):
+        return f"{match['name']}{match['sep']}{quote}{MASK}{quote}"
+    if match["quoted"]:  # a quoted value may quote more: {'mongo_uri': 'mongodb://h/?tlsCertificateKeyFilePassword=x'}
+        return f"{match['name']}{match['sep']}{quote}{_NAMED_VALUE.sub(_mask_named, match['quoted'])}{quote}"
+    return match[0]
+
+
+def _mask_properties(match: re.Match[str]) -> str:
+    def mask(entry: re.Match[str]) -> str:
+        return f"{entry['name']}{entry['sep']}{MASK}" if is_secret_name(entry["name"]) else entry[0]
+
+    return match["option"] + _PROPERTY.sub(mask, match["properties"])
+
+
+def mask_uri(text: str) -> str:
+    """``text`` (a URI, or any text quoting URIs or a MongoDB client's repr) with the secrets it
+    shows replaced by ``***``: the password of a URI's user info, and the value of every option or
+    property whose name says it is secret (``tlsCertificateKeyFilePassword=***``,
+    ``authMechanismProperties=AWS_SESSION_TOKEN:***``, ``tlscertificatekeyfilepassword='***'``)."""
+    text = _URI_PASSWORD.sub(lambda match: f"{match['scheme']}{MASK}@", text)
+    text = _PROPERTY_LIST.sub(_mask_properties, text)
+    return _NAMED_VALUE.sub(_mask_named, text)
+
+
+def uri_without_credentials(uri: str) -> str:
+    """A MongoDB URI without its user info and secret options (passwords, tokens, auth properties)."""
+    parts = urlsplit(uri)
+    options = [
+        item
+        for item in parts.query.split("&")
+        if item and not (is_secret_name(name := item.split("=", 1)[0]) or name.lower() == "authmechanismproperties")
+    ]
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query="&".join(options)))
 
 
 def mask_options(options: dict[str, str]) -> dict[str, str]:
     """Kafka client options with secret values replaced by ``***``, for printing and logging."""
-    return {key: MASK if _SECRET_OPTION.search(key) else value for key, value in options.items()}
+    return {key: MASK if is_secret_name(key) else value for key, value in options.items()}
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """The secret values ``settings`` hold, longest first: the MongoDB password (as written and
+    decoded) and the values of its URI's secret options, Kafka's secret options, the tokens.
+
+    Values shorter than :data:`MIN_SECRET_CHARS` are left out (masking a one-character "password"
+    would mask every such letter); the patterns of :func:`mask_uri` still mask them where named.
+    """
+    found: list[str] = []
+    try:
+        parts = urlsplit(settings.mongo_uri)
+        password = parts.password
+    except ValueError:  # a URI urlsplit cannot parse: its password is still masked by mask_uri
+        parts, password = None, None
+    if password:
+        found += [password, unquote(password)]
+    for name, value in parse_qsl(parts.query if parts else "", keep_blank_values=True):
+        if name.lower() == "authmechanismproperties":
+            found += [item.partition(":")[2] for item in value.split(",") if is_secret_name(item.partition(":")[0])]
+        elif is_secret_name(name):
+            found.append(value)
+    found += [value for key, value in settings.kafka_options.items() if is_secret_name(key)]
+    for _name, value in settings:
+        if isinstance(value, SecretStr):
+            found.append(value.get_secret_value())
+    return sorted({secret for secret in found if len(secret) >= MIN_SECRET_CHARS}, key=len, reverse=True)
+
+
+def mask_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` as it may be printed, logged or stored for others to read: what :func:`mask_uri`
+    masks, and each of ``secrets`` (see :func:`secret_values`) wherever it appears."""
+    text = mask_uri(text)
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
 
 
 class Topic(str, Enum):
@@ -233,6 +327,8 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings,)
+        if _GIVEN_ONLY.get():  # with_changes: the values given, nothing else
+            return sources
         secrets_dir = os.environ.get("TENSORDB_SECRETS_DIR")
         if secrets_dir:
             # before the environment: a mounted secret file is the operator's explicit choice, and an
@@ -251,7 +347,7 @@ class Settings(BaseSettings):
         return sources
 
     def __repr_args__(self) -> Any:
-        """Fields as ``repr()`` shows them: the MongoDB password and Kafka secrets masked."""
+        """Fields as ``repr()`` shows them: the MongoDB URI's password and secret options, and Kafka's secret options, masked."""
         for name, value in super().__repr_args__():
             if name == "mongo_uri":
                 value = mask_uri(value)
@@ -276,23 +372,36 @@ class Settings(BaseSettings):
         return {"bootstrap.servers": self.kafka_bootstrap, **self.kafka_options, **overrides}
 
     def with_changes(self, **changes: Any) -> Settings:
-        """A validated copy with some fields replaced (settings are immutable)."""
-        return Settings(**{**self.model_dump(), **changes})
+        """A validated copy with some fields replaced (settings are immutable).
+
+        Only these settings and ``changes`` count: nothing is read again from the environment, the
+        secrets directory or the TOML file, which would merge dropped Kafka options back in.
+        """
+        given_only = _GIVEN_ONLY.set(True)
+        try:
+            return type(self)(**{**dict(self), **changes})
+        finally:
+            _GIVEN_ONLY.reset(given_only)
 
     def as_environment(self) -> dict[str, str]:
         """These settings as ``TENSORDB_*`` variables, to hand to a child process or print."""
-        env = {}
-        for name, value in self.model_dump().items():
-            if value is None:
-                continue
-            if isinstance(value, SecretStr):
-                value = value.get_secret_value()
-            elif isinstance(value, dict):
-                value = json.dumps(value)
-            elif isinstance(value, tuple):
-                value = ",".join(str(part) for part in value)
-            env[f"TENSORDB_{name.upper()}"] = str(value)
-        return env
+        return environment_variables(dict(self))
+
+
+def environment_variables(fields: dict[str, Any]) -> dict[str, str]:
+    """Values of :class:`Settings` fields as the ``TENSORDB_*`` variables that set them (``None`` left out)."""
+    env = {}
+    for name, value in fields.items():
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, dict):
+            value = json.dumps(value)
+        elif isinstance(value, tuple):
+            value = ",".join(str(part) for part in value)
+        env[f"TENSORDB_{name.upper()}"] = str(value)
+    return env
 
 
 def load_settings(**overrides: Any) -> Settings:

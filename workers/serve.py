@@ -5,8 +5,8 @@ alias every few seconds in case an event was missed), loads a newly promoted ver
 background and swaps it in with one reference assignment. A request takes the current model once
 when it starts, so requests in flight finish on the version they started with: none is dropped.
 
-Bound to 127.0.0.1 by default; beyond it every request must carry a token (``--token`` or
-``TENSORDB_SERVE_TOKEN``). Host names, body size and headers are checked by
+Bound to 127.0.0.1 by default; beyond it every request must carry a token (``TENSORDB_SERVE_TOKEN``
+or ``--token-file``; never on the command line, which every local user can read). Host names, body size and headers are checked by
 :mod:`tensordb.infra.http_guard`; a request's instances are checked against the model's input shape
 before any array is built.
 """

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from pymongo.errors import ServerSelectionTimeoutError
@@ -42,11 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except TensorDBError as exc:
-        print(f"tensordb: error: {exc}", file=sys.stderr)
+        print(f"tensordb: error: {_masked(str(exc))}", file=sys.stderr)
         return 1
     except ServerSelectionTimeoutError:
-        from tensordb.config import load_settings
-        from tensordb.infra.trusted import uri_without_credentials
+        from tensordb.config import load_settings, uri_without_credentials
 
         uri = uri_without_credentials(load_settings().mongo_uri)
         print(
@@ -56,3 +56,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception:  # noqa: BLE001 - a failure TensorDB did not foresee: its traceback, without secrets
+        print(_masked(traceback.format_exc()), file=sys.stderr, end="")
+        return 1
+
+
+def _masked(text: str) -> str:
+    """``text`` as a command prints it: masked like every log line, with this process's settings'
+    secrets when they load (a driver's error may quote its client's options)."""
+    from tensordb.config import load_settings, mask_text, secret_values
+
+    try:
+        secrets = secret_values(load_settings())
+    except TensorDBError:  # the settings themselves are wrong: the patterns still mask what is named
+        secrets = []
+    return mask_text(text, secrets)

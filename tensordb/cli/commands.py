@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 
 from pydantic import SecretStr
 
@@ -21,24 +22,38 @@ def _topics_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def _operated(args: argparse.Namespace, kind: str) -> Settings:
-    """The settings of a long-running command, once its logging is set up and its metrics endpoint
-    (``--metrics-port``) started: before it opens its MongoDB clients, whose writes are timed."""
+def _operated(args: argparse.Namespace, kind: str, **changes: str) -> Settings:
+    """The settings of a long-running command (``changes`` on top), once its logging is set up and
+    its metrics endpoint (``--metrics-port``) started: before it opens its MongoDB clients, whose
+    writes are timed."""
     from tensordb.infra.logging import configure_logging
     from tensordb.infra.metrics import start_metrics
 
-    settings = load_settings()
+    settings = load_settings(**changes)
     configure_logging(settings, level=getattr(args, "loglevel", None))
     start_metrics(settings, kind, port=args.metrics_port)
     return settings
 
 
-def _check_binding(host: str, token: str | None, setting: SecretStr | None, command: str) -> None:
+def _token_file(args: argparse.Namespace, field: str) -> dict[str, str]:
+    """``{field: token}`` from the file ``--token-file`` names (its content, whitespace around it
+    removed), or nothing without the option: a token never travels in the command line."""
+    if args.token_file is None:
+        return {}
+    try:
+        token = Path(args.token_file).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"cannot read the token file {args.token_file} ({exc}): fix --token-file") from exc
+    if not token:
+        raise ConfigurationError(f"the token file {args.token_file} is empty: write the token into it")
+    return {field: token}
+
+
+def _check_binding(host: str, token: SecretStr | None, command: str) -> None:
     """Refuse an HTTP endpoint beyond loopback without a token before anything starts (the metrics endpoint included)."""
     from tensordb.infra.http_guard import check_binding
 
-    token = token or (setting.get_secret_value() if setting is not None else None)
-    check_binding(host, token, f"tensordb {command}", f"TENSORDB_{command.upper()}_TOKEN")
+    check_binding(host, token.get_secret_value() if token else None, f"tensordb {command}", f"TENSORDB_{command.upper()}_TOKEN")
 
 
 def _processors(args: argparse.Namespace) -> int:
@@ -67,23 +82,25 @@ def _predictor(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from workers.serve import run
 
-    settings = load_settings()
+    token = _token_file(args, "serve_token")
+    settings = load_settings(**token)
     policy = args.policy or settings.serve_policy
     if not policy:
         raise ConfigurationError("`tensordb serve` needs a policy: pass --policy NAME or set TENSORDB_SERVE_POLICY")
-    _check_binding(args.host or settings.serve_host, args.token, settings.serve_token, "serve")
-    settings = _operated(args, "serve")
-    run(settings, policy, args.host or settings.serve_host, args.port or settings.serve_port, args.token)
+    _check_binding(args.host or settings.serve_host, settings.serve_token, "serve")
+    settings = _operated(args, "serve", **token)
+    run(settings, policy, args.host or settings.serve_host, args.port or settings.serve_port)
     return 0
 
 
 def _dashboard(args: argparse.Namespace) -> int:
     from dashboard.app import run
 
-    settings = load_settings()
-    _check_binding(args.host or settings.dashboard_host, args.token, settings.dashboard_token, "dashboard")
-    settings = _operated(args, "dashboard")
-    run(settings, args.host or settings.dashboard_host, args.port or settings.dashboard_port, args.token)
+    token = _token_file(args, "dashboard_token")
+    settings = load_settings(**token)
+    _check_binding(args.host or settings.dashboard_host, settings.dashboard_token, "dashboard")
+    settings = _operated(args, "dashboard", **token)
+    run(settings, args.host or settings.dashboard_host, args.port or settings.dashboard_port)
     return 0
 
 
@@ -144,14 +161,34 @@ def _whole_number(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+class _RefusedTokenOption(argparse.Action):
+    """The former ``--token TOKEN``, refused with what to use instead: every user of the machine
+    reads a process's command line (``ps``), so a token there is no secret."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option: str | None = None
+    ) -> None:
+        parser.error(
+            f"--token is no longer accepted: a command line is visible to every user of this machine (ps); "
+            f"set {self.const} in the environment (or a file of that name in TENSORDB_SECRETS_DIR), or pass --token-file PATH"
+        )
+
+
 def _add_http_arguments(parser: argparse.ArgumentParser, setting: str, port: int) -> None:
-    """``--host``, ``--port`` and ``--token`` of an HTTP endpoint, defaulting to its settings
-    (``TENSORDB_<SETTING>_HOST``, ``_PORT``, ``_TOKEN``)."""
+    """``--host``, ``--port`` and ``--token-file`` of an HTTP endpoint, defaulting to its settings
+    (``TENSORDB_<SETTING>_HOST``, ``_PORT``, ``_TOKEN``); the old ``--token`` is refused."""
+    variable = f"TENSORDB_{setting}_TOKEN"
     parser.add_argument(
-        "--host", default=None, help=f"address to bind (default: TENSORDB_{setting}_HOST, 127.0.0.1; any other needs --token)"
+        "--host", default=None, help=f"address to bind (default: TENSORDB_{setting}_HOST, 127.0.0.1; any other needs a token)"
     )
     parser.add_argument("--port", type=int, default=None, help=f"port (default: TENSORDB_{setting}_PORT, {port})")
-    parser.add_argument("--token", default=None, help=f"token every request must carry (default: $TENSORDB_{setting}_TOKEN)")
+    parser.add_argument(
+        "--token-file",
+        default=None,
+        metavar="PATH",
+        help=f"file holding the token every request must carry (default: ${variable}; never on the command line)",
+    )
+    parser.add_argument("--token", nargs="?", const=variable, action=_RefusedTokenOption, help=argparse.SUPPRESS)
 
 
 def _add_metrics_argument(parser: argparse.ArgumentParser, kind: str) -> None:

@@ -90,12 +90,12 @@ def check_binding(host: str, token: str | None, what: str, variable: str) -> Non
         host: the address it is about to bind.
         token: its token, if any.
         what: the command, for the message (``tensordb serve``).
-        variable: the environment variable that may hold the token instead of ``--token``.
+        variable: the environment variable that holds the token (``--token-file`` names a file instead).
     """
     if not is_loopback(host) and not token:
         raise ConfigurationError(
-            f"`{what}` bound to {host} would be open to the network: pass --token TOKEN (or set {variable}), "
-            f"e.g. --token {secrets.token_urlsafe(16)}"
+            f"`{what}` bound to {host} would be open to the network: set {variable} to a token (e.g. "
+            f"{secrets.token_urlsafe(16)}) or pass --token-file PATH, a file only you can read that holds it"
         )
 
 

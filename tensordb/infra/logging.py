@@ -6,8 +6,10 @@ streams.logs``) call :func:`configure_logging` once at start-up; ``TENSORDB_LOG_
 ``TENSORDB_LOG_LEVEL`` the least severe level written. Every line goes to stderr.
 
 No secret reaches a line, whatever a caller logs: the formatter replaces the password of every
-URI (``mongodb://user:PASSWORD@...``) and each secret value of the settings (the MongoDB password,
-Kafka's secret options, the endpoints' tokens) with ``***``, in the message and in tracebacks.
+URI (``mongodb://user:PASSWORD@...``), every value named as a secret (``tlsCertificateKeyFilePassword=``,
+``AWS_SESSION_TOKEN:``, a driver repr's ``...password='...'``) and each secret value of the settings
+(the MongoDB password and URI secret options, Kafka's secret options, the tokens) with ``***``, in the
+message and in tracebacks (:func:`tensordb.config.mask_text`).
 """
 
 from __future__ import annotations
@@ -18,46 +20,21 @@ import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, TextIO
-from urllib.parse import unquote, urlsplit
 
-from tensordb.config import MASK, Settings, mask_options, mask_uri
+from tensordb.config import Settings, mask_text, secret_values
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Attributes every LogRecord has; anything else on a record came from ``extra=`` and goes into the JSON object.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
-#: Secrets shorter than this are not masked by value (a one-character "password" would mask every such letter).
-MIN_SECRET_CHARS = 4
-
-
-def settings_secrets(settings: Settings) -> list[str]:
-    """The secret values ``settings`` hold: the MongoDB password (as written and decoded), Kafka's
-    secret options, the tokens."""
-    found: list[str] = []
-    try:
-        password = urlsplit(settings.mongo_uri).password
-    except ValueError:  # a URI urlsplit cannot parse: its password is still masked by mask_uri
-        password = None
-    if password:
-        found += [password, unquote(password)]
-    masked = mask_options(settings.kafka_options)
-    found += [value for key, value in settings.kafka_options.items() if masked[key] == MASK]
-    for name, value in settings:
-        if hasattr(value, "get_secret_value") and value.get_secret_value():
-            found.append(value.get_secret_value())
-    return sorted({secret for secret in found if len(secret) >= MIN_SECRET_CHARS}, key=len, reverse=True)
 
 
 class _Masking:
-    """Masks URI passwords and known secret values in formatted text."""
+    """Masks what :func:`~tensordb.config.mask_text` masks: URI passwords, named secret options, known secret values."""
 
     secrets: tuple[str, ...] = ()
 
     def mask(self, text: str) -> str:
-        text = mask_uri(text)
-        for secret in self.secrets:
-            if secret in text:
-                text = text.replace(secret, MASK)
-        return text
+        return mask_text(text, self.secrets)
 
 
 class TextFormatter(_Masking, logging.Formatter):
@@ -103,7 +80,7 @@ class JsonFormatter(_Masking, logging.Formatter):
 
 def formatter(settings: Settings) -> logging.Formatter:
     """The formatter ``settings.log_format`` names, masking the settings' secrets."""
-    secrets = settings_secrets(settings)
+    secrets = secret_values(settings)
     return JsonFormatter(secrets) if settings.log_format == "json" else TextFormatter(secrets)
 
 

@@ -25,9 +25,10 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-from tensordb.config import MASK, Settings, mask_options
+from pydantic import SecretStr
+
+from tensordb.config import Settings, environment_variables, uri_without_credentials
 from tensordb.errors import EntryPointError, UntrustedCodeError
 
 #: TensorDB's own example builders, trusted without configuration (never the whole package).
@@ -39,10 +40,21 @@ ALWAYS_TRUSTED = frozenset(
 TASK_ENVIRONMENT = frozenset(
     {"PATH", "HOME", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "LD_LIBRARY_PATH", "KERAS_BACKEND", "CUDA_VISIBLE_DEVICES"}
 )
+#: librdkafka options a task script gets without ``task_secrets``: how to reach and trust the brokers
+#: and who it is, never a credential, a credential's file (key, keystore, keytab, JWT assertion) or a
+#: URL that may carry one (the OAuth token endpoint). An allowlist: an option added later stays out.
+PUBLIC_KAFKA_OPTIONS = frozenset(
+    {
+        "security.protocol", "sasl.mechanism", "sasl.mechanisms", "sasl.username", "sasl.kerberos.service.name",
+        "sasl.kerberos.principal", "sasl.oauthbearer.method", "sasl.oauthbearer.client.id", "sasl.oauthbearer.scope",
+        "ssl.ca.location", "ssl.ca.pem", "ssl.ca.certificate.stores",
+        "ssl.crl.location", "ssl.endpoint.identification.algorithm", "enable.ssl.certificate.verification",
+        "ssl.cipher.suites", "ssl.curves.list", "ssl.sigalgs.list", "broker.address.family", "client.id", "client.rack",
+        "socket.keepalive.enable", "message.max.bytes", "api.version.request",
+    }
+)  # fmt: skip
 #: ``package.module:function``: dotted identifiers, one colon, one identifier.
 _ENTRY_POINT = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
-#: MongoDB URI options that hold secrets (tlsCertificateKeyFilePassword, AWS session tokens...).
-_SECRET_URI_OPTION = re.compile(r"(password|secret|token|credentials?|authMechanismProperties)$", re.IGNORECASE)
 
 
 def trusts(module: str, prefixes: tuple[str, ...]) -> bool:
@@ -215,25 +227,21 @@ def resolve_task_script(script: str, settings: Settings) -> Path:
 
 
 def task_environment(settings: Settings, job_id: str, parent: Mapping[str, str]) -> dict[str, str]:
-    """The whole environment of a task script's process.
+    """The whole environment of a task script's process, built from nothing but its arguments.
 
-    From ``parent`` (the worker's environment) only :data:`TASK_ENVIRONMENT` and ``LC_*``; then the
-    ``TENSORDB_*`` settings, so the script can connect back, without the MongoDB URI's credentials,
-    Kafka's secret options and the HTTP tokens unless ``settings.task_secrets``; then
-    ``TENSORDB_JOB_ID``.
+    Parameters:
+        settings: the worker's settings. Handed on as ``TENSORDB_*`` variables so that the script
+            can connect back, never with the HTTP and metrics tokens (every ``SecretStr`` field)
+            and, unless ``settings.task_secrets``, with the MongoDB URI's user info and secret
+            options removed and only :data:`PUBLIC_KAFKA_OPTIONS` of the Kafka options.
+        job_id: the job, as ``TENSORDB_JOB_ID``.
+        parent: the worker's environment, of which only :data:`TASK_ENVIRONMENT` and ``LC_*`` pass.
+
+    Nothing is read again from the environment (where ``TENSORDB_KAFKA_OPTIONS`` holds the secrets).
     """
     environment = {key: value for key, value in parent.items() if key in TASK_ENVIRONMENT or key.startswith("LC_")}
-    shared = settings.with_changes(dashboard_token=None, serve_token=None)
+    fields = {name: value for name, value in settings if not isinstance(value, SecretStr)}
     if not settings.task_secrets:
-        shared = shared.with_changes(
-            mongo_uri=uri_without_credentials(settings.mongo_uri),
-            kafka_options={key: value for key, value in mask_options(settings.kafka_options).items() if value != MASK},
-        )
-    return {**environment, **shared.as_environment(), "TENSORDB_JOB_ID": job_id}
-
-
-def uri_without_credentials(uri: str) -> str:
-    """A MongoDB URI without its user info and secret options (passwords, tokens)."""
-    parts = urlsplit(uri)
-    options = [item for item in parts.query.split("&") if item and not _SECRET_URI_OPTION.search(item.split("=", 1)[0])]
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query="&".join(options)))
+        fields["mongo_uri"] = uri_without_credentials(settings.mongo_uri)
+        fields["kafka_options"] = {key: value for key, value in settings.kafka_options.items() if key in PUBLIC_KAFKA_OPTIONS}
+    return {**environment, **environment_variables(fields), "TENSORDB_JOB_ID": job_id}

@@ -15,6 +15,7 @@ the reaper and resumes from its last saved epoch. Lifecycle::
 from __future__ import annotations
 
 import builtins
+import re
 import socket
 import time
 import traceback as traceback_module
@@ -24,10 +25,12 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Literal, TypedDict, cast
 
+import gridfs.errors
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo.errors import PyMongoError
 
 from tensordb import records
-from tensordb.config import Topic
+from tensordb.config import Topic, mask_text, secret_values
 from tensordb.errors import JobError, JobNotFoundError, QueryError
 from tensordb.infra import metrics
 from tensordb.infra.bus import Publisher
@@ -35,6 +38,8 @@ from tensordb.infra.store import Store
 from tensordb.infra.trusted import check_submitted_job
 
 JOBS = "jobs"
+#: The file id in GridFS's NoFile messages (``... with _id ObjectId('...')`` or ``no blob ID in project``).
+_GRIDFS_ID = re.compile(r"(?:_id ObjectId\('|no blob )(?P<id>[0-9a-f]{24})")
 
 
 class JobKind(StrEnum):
@@ -186,6 +191,40 @@ def _fitting(free_slots: int | None, free_gpus: int | None) -> list[dict[str, An
         fits = {f"resources.{field}": {"$lte": free}}
         conditions.append({"$or": [fits, {"resources": {"$exists": False}}]} if default <= free else fits)
     return conditions
+
+
+#: pymongo's reprs of its objects, which spell out the client's options: ``Collection(Database(MongoClient(...), 'db'), 'c')``.
+_COLLECTION_REPR = re.compile(r"Collection\(Database\(MongoClient\(.*?\), '(?P<database>[^']*)'\), '(?P<collection>[^']*)'\)")
+_DATABASE_REPR = re.compile(r"Database\(MongoClient\(.*?\), '(?P<database>[^']*)'\)")
+_CLIENT_REPR = re.compile(r"MongoClient\(host=(?P<hosts>\[[^\]]*\]).*?\)(?=[,)\s]|$)")
+
+
+def _short_reprs(text: str) -> str:
+    """``text`` with pymongo's object reprs replaced by what they name (a collection, a database, hosts)."""
+    text = _COLLECTION_REPR.sub(lambda match: f"collection {match['database']}.{match['collection']}", text)
+    text = _DATABASE_REPR.sub(lambda match: f"database {match['database']}", text)
+    return _CLIENT_REPR.sub(lambda match: f"MongoDB at {match['hosts']}", text)
+
+
+def describe_job_error(error: BaseException) -> str:
+    """Why a job failed, as stored in its ``error`` and read by anyone who can read jobs.
+
+    TensorDB's errors and the job's own code's say it already (``Type: message``); the storage
+    driver's are put in TensorDB's terms, without the driver objects they quote.
+    """
+    if isinstance(error, gridfs.errors.NoFile):
+        found = _GRIDFS_ID.search(str(error))
+        blob = f" (GridFS file {found['id']})" if found else ""
+        return (
+            f"NotFoundError: stored bytes this job reads are missing{blob}: they were deleted, or belong to another "
+            "project; save the model version or re-publish the samples again, then retry the job"
+        )
+    if isinstance(error, PyMongoError):
+        return (
+            f"MongoDB failed the job's request ({type(error).__name__}: {_short_reprs(str(error))}): check that MongoDB is "
+            "up and that the worker's user may do this, then retry the job"
+        )
+    return f"{type(error).__name__}: {_short_reprs(str(error))}"
 
 
 class Jobs:
@@ -547,9 +586,7 @@ class Jobs:
 
     def fail(self, job_id: str, worker: str, error: BaseException | str, retryable: bool = True) -> JobStatus | Literal["lost"]:
         """Record a failure; re-queue the job if attempts remain. Returns the new status, or :data:`LOST`."""
-        message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-        trace = "" if isinstance(error, str) else "".join(traceback_module.format_exception(error))
-        failure = {"error": {"message": message, "traceback": trace, "at": _now(), "worker": worker}}
+        failure = {"error": {**self._readable(error), "at": _now(), "worker": worker}}
         job = self.collection.find_one(
             {"_id": job_id, "worker": worker, "status": JobStatus.RUNNING}, {"attempts": 1, "max_attempts": 1}
         )
@@ -608,6 +645,16 @@ class Jobs:
                     )
 
     # -- internals ---------------------------------------------------------------------------
+    def _readable(self, error: BaseException | str) -> dict[str, str]:
+        """A failure's ``message`` and ``traceback`` as stored for everyone who reads jobs: in
+        TensorDB's terms (:func:`describe_job_error`), driver objects' reprs shortened, and every
+        secret of this process's settings (or named as one) masked."""
+        secrets = secret_values(self.store.settings)
+        if isinstance(error, str):
+            return {"message": mask_text(error, secrets), "traceback": ""}
+        trace = "".join(traceback_module.format_exception(error))
+        return {"message": mask_text(describe_job_error(error), secrets), "traceback": mask_text(_short_reprs(trace), secrets)}
+
     def _requeue(self, guard: dict[str, Any], failure: dict[str, Any], event: JobEvent, refund_attempt: bool = False) -> bool:
         update: dict[str, Any] = {
             "$set": {"status": JobStatus.PENDING, "worker": None, "lease_until": None, **failure},

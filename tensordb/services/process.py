@@ -18,7 +18,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tensordb.config import MASK
 from tensordb.errors import ServiceError
 
 # Children started by this Python process. They are polled (reaped) here: an exited child that is
@@ -115,7 +114,7 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [str(self.executable), *arguments]
         with self.log_path.open("ab") as log:
-            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(_masked(command))}\n".encode())
+            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n".encode())
             log.flush()
             child = subprocess.Popen(
                 command,
@@ -173,11 +172,6 @@ class ManagedProcess:
     def last_log_line(self) -> str:
         lines = tail(self.log_path, 1)
         return lines[0] if lines else "no output"
-
-
-def _masked(command: Sequence[str]) -> list[str]:
-    """``command`` as written to logs: the value of a ``--token`` option masked."""
-    return [MASK if index and command[index - 1] == "--token" else part for index, part in enumerate(command)]
 
 
 def log_since(path: Path, offset: int) -> str:

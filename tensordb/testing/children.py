@@ -115,11 +115,10 @@ def server_process(
     token: str | None = None,
     metrics_port: int = 0,
 ) -> ChildProcess:
-    """``tensordb serve``: the model server of ``policy`` on ``host``:``port``."""
+    """``tensordb serve``: the model server of ``policy`` on ``host``:``port`` (``token`` through its environment)."""
     return ChildProcess(
-        ["serve", "--policy", policy, "--host", host, "--port", str(port), *(["--token", token] if token else []),
-         *_metrics(metrics_port)],
-        READY_LINES["serve"], settings, log_path,
+        ["serve", "--policy", policy, "--host", host, "--port", str(port), *_metrics(metrics_port)],
+        READY_LINES["serve"], settings.with_changes(serve_token=token) if token else settings, log_path,
     )  # fmt: skip
 
 
@@ -131,11 +130,11 @@ def dashboard_process(
     token: str | None = None,
     metrics_port: int = 0,
 ) -> ChildProcess:
-    """``tensordb dashboard``: the live dashboard on ``host``:``port``."""
+    """``tensordb dashboard``: the live dashboard on ``host``:``port`` (``token`` through its environment)."""
     return ChildProcess(
-        ["dashboard", "--host", host, "--port", str(port), *(["--token", token] if token else []), *_metrics(metrics_port)],
+        ["dashboard", "--host", host, "--port", str(port), *_metrics(metrics_port)],
         READY_LINES["dashboard"],
-        settings,
+        settings.with_changes(dashboard_token=token) if token else settings,
         log_path,
     )
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from confluent_kafka.admin import AdminClient
 from pymongo import MongoClient
 
-from tensordb.config import Settings
+from tensordb.config import Settings, mask_uri
 from tensordb.infra.bus import create_topics
 from tensordb.testing.helpers import free_port
 
@@ -50,7 +50,7 @@ def servers(run_dir: Path, services_dir: Path, project: str = "session") -> Iter
     """
     if os.environ.get("TENSORDB_KAFKA_BOOTSTRAP") and os.environ.get("TENSORDB_MONGO_URI"):
         settings = Settings()
-        yield Servers(settings, f"existing servers {settings.kafka_bootstrap} / {settings.mongo_uri}")
+        yield Servers(settings, f"existing servers {settings.kafka_bootstrap} / {mask_uri(settings.mongo_uri)}")
         return
     from tensordb.services import LocalServices
 

@@ -28,6 +28,7 @@ import pytest
 
 from tensordb.config import Settings
 from tensordb.infra.http_guard import redact_token, server
+from tensordb.services.apps import READY_LINES
 from tensordb.testing import ChildProcess, Dashboard, dashboard_process, free_port, server_process
 from tests import REPO
 from workers import serve
@@ -178,7 +179,10 @@ def test_the_model_server_refuses_to_start_beyond_loopback_without_a_token() -> 
         capture_output=True, text=True, timeout=60, cwd=REPO, env={"PATH": "/usr/bin:/bin", "TENSORDB_PROJECT": "nothing"},
     )  # fmt: skip
     assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and "--token" in result.stderr and "0.0.0.0" in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "0.0.0.0" in result.stderr, result.stderr
+    assert (
+        "set TENSORDB_SERVE_TOKEN" in result.stderr and "--token-file PATH" in result.stderr and "--token " not in result.stderr
+    )
 
 
 def test_with_a_token_every_model_server_request_needs_it(model_server) -> None:
@@ -208,6 +212,50 @@ def test_tensordb_serve_beyond_loopback_takes_its_token_and_never_prints_it(sett
     finally:
         process.stop()
     assert "token=***" in process.log() and TOKEN not in process.log() and "s3cret" not in process.log()
+
+
+def test_tensordb_serve_takes_its_token_from_a_file_and_never_from_the_command_line(settings, tmp_path) -> None:
+    """Issue 24, finding 11: every user of the machine reads a process's command line (``ps``), so
+    the token comes from a file (or the environment), and the old ``--token`` is refused."""
+    token_file = tmp_path / "serve-token"
+    token_file.write_text(f"{TOKEN}\n")
+    token_file.chmod(0o600)
+    port = free_port()
+    arguments = [
+        "serve",
+        "--policy",
+        "nothing-promoted",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(port),
+        "--token-file",
+        str(token_file),
+    ]
+    process = ChildProcess([*arguments, "--metrics-port", "0"], READY_LINES["serve"], settings, tmp_path / "serve.log")
+    process.start()
+    try:
+        assert process.process is not None
+        assert TOKEN.encode() not in Path(f"/proc/{process.process.pid}/cmdline").read_bytes()
+        url = f"http://127.0.0.1:{port}/health"
+        assert httpx.get(url).status_code == 401
+        assert httpx.get(url, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 503  # in, but no model yet
+    finally:
+        process.stop()
+    assert TOKEN not in process.log()
+    refused = subprocess.run(
+        [sys.executable, "-m", "tensordb.cli", "serve", "--policy", "digits", "--token", TOKEN],
+        capture_output=True, text=True, timeout=60, cwd=REPO, env={"PATH": "/usr/bin:/bin", "TENSORDB_PROJECT": "nothing"},
+    )  # fmt: skip
+    assert refused.returncode == 2 and "--token is no longer accepted" in refused.stderr, refused.stderr
+    assert "TENSORDB_SERVE_TOKEN" in refused.stderr and "--token-file PATH" in refused.stderr
+    empty = tmp_path / "empty-token"
+    empty.write_text("\n")
+    refused = subprocess.run(
+        [sys.executable, "-m", "tensordb.cli", "serve", "--policy", "digits", "--token-file", str(empty)],
+        capture_output=True, text=True, timeout=60, cwd=REPO, env={"PATH": "/usr/bin:/bin", "TENSORDB_PROJECT": "nothing"},
+    )  # fmt: skip
+    assert refused.returncode == 1 and f"the token file {empty} is empty" in refused.stderr, refused.stderr
 
 
 def test_openapi_and_docs_are_off_unless_asked_for(model_server) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from tensordb.client import TensorDB
 from tensordb.compat.tensorhub import TensorHub
-from tensordb.config import Settings
+from tensordb.config import Settings, load_settings, uri_without_credentials
 from tensordb.errors import EntryPointError, ModelFormatError, UntrustedCodeError
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store
@@ -29,7 +29,6 @@ from tensordb.infra.trusted import (
     resolve_task_script,
     task_environment,
     trusts,
-    uri_without_credentials,
 )
 from tensordb.jobs.queue import Jobs, JobStatus
 from tensordb.loop.policies import Policies, Policy
@@ -40,6 +39,14 @@ from workers.trainer import Worker
 
 PASSWORD = "hunter2-s3cret"
 TRAIN_DATA = {"filter": {"dataset": "train"}}
+#: librdkafka's credentials, the JWT-assertion key among them: none may reach a task script.
+KAFKA_SECRETS = {
+    "sasl.password": PASSWORD,
+    "sasl.oauthbearer.assertion.private.key.passphrase": f"{PASSWORD}-passphrase",
+    "sasl.oauthbearer.assertion.private.key.pem": f"-----BEGIN ENCRYPTED PRIVATE KEY-----{PASSWORD}-----END",
+    "sasl.oauthbearer.client.credentials.client.secret": f"{PASSWORD}-client",
+    "ssl.key.location": f"/etc/tensordb/{PASSWORD}.key",  # a credential's file is left out too
+}
 
 
 @keras.saving.register_keras_serializable(package="tensordb_security_tests")
@@ -160,6 +167,23 @@ def test_a_task_environment_carries_no_secrets_unless_the_operator_says_so() -> 
     assert json.loads(with_secrets["TENSORDB_KAFKA_OPTIONS"]) == settings.kafka_options
     assert "TENSORDB_DASHBOARD_TOKEN" not in with_secrets and "AWS_SECRET_ACCESS_KEY" not in with_secrets
     assert uri_without_credentials("mongodb+srv://u:p@cluster.example.com/db") == "mongodb+srv://cluster.example.com/db"
+
+
+def test_a_task_environment_reads_nothing_back_from_the_worker_s_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 24, finding 3: the worker's ``TENSORDB_KAFKA_OPTIONS`` (where its secrets are) must not be
+    merged back into the filtered options, and the metrics token is a token like the others."""
+    monkeypatch.setenv("TENSORDB_KAFKA_OPTIONS", json.dumps({"sasl.username": "tensordb", **KAFKA_SECRETS}))
+    monkeypatch.setenv("TENSORDB_METRICS_TOKEN", f"{PASSWORD}-metrics")
+    monkeypatch.setenv("TENSORDB_SERVE_TOKEN", f"{PASSWORD}-serve")
+    settings = load_settings()
+    environment = task_environment(settings, "job-1", {"PATH": "/usr/bin"})
+    assert not [key for key, value in environment.items() if PASSWORD in value]
+    assert json.loads(environment["TENSORDB_KAFKA_OPTIONS"]) == {"sasl.username": "tensordb"}
+    assert "TENSORDB_METRICS_TOKEN" not in environment and "TENSORDB_SERVE_TOKEN" not in environment
+    with_secrets = task_environment(settings.with_changes(task_secrets=True), "job-1", {})
+    assert json.loads(with_secrets["TENSORDB_KAFKA_OPTIONS"]) == {"sasl.username": "tensordb", **KAFKA_SECRETS}
+    assert "TENSORDB_METRICS_TOKEN" not in with_secrets  # tokens never, even with task_secrets
+    assert settings.with_changes(kafka_options={}).kafka_options == {}  # a copy is the values given, nothing re-read
 
 
 # -- against the real services -----------------------------------------------------------------------
@@ -307,3 +331,28 @@ def test_a_task_script_gets_neither_the_database_password_nor_the_worker_s_envir
     assert not [key for key, value in environment.items() if PASSWORD in value]
     assert "AWS_SECRET_ACCESS_KEY" not in environment
     assert environment["TENSORDB_MONGO_URI"] == settings.mongo_uri and environment["TENSORDB_JOB_ID"] == job_id
+
+
+def test_a_task_script_run_by_a_worker_process_gets_none_of_its_kafka_secrets_or_tokens(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Issue 24, finding 3, end to end: a real ``tensordb worker`` whose environment holds Kafka
+    credentials (SASL, the JWT-assertion key and passphrase, a client secret) and every token runs a
+    task script that reports its whole environment."""
+    worker_settings = settings.with_changes(
+        kafka_options={"sasl.username": "tensordb", "client.id": "tensordb-worker", **KAFKA_SECRETS},
+        metrics_token=f"{PASSWORD}-metrics", serve_token=f"{PASSWORD}-serve", dashboard_token=f"{PASSWORD}-dashboard",
+    )  # fmt: skip
+    with Store(settings) as store, Publisher(settings) as publisher:
+        jobs = Jobs(store, publisher)
+        job_id = jobs.submit("task", script=str(TASK_SCRIPTS / "dump_environment.py"), save_keys=["environment"])
+        with worker_process(worker_settings, tmp_path / "worker.log") as worker:
+            job = jobs.wait([job_id], timeout=120)[0]
+            log = worker.log()
+    assert job["status"] == JobStatus.FINISHED, job["error"]
+    environment = job["result"]["environment"]
+    assert not [key for key, value in environment.items() if PASSWORD in value]
+    assert json.loads(environment["TENSORDB_KAFKA_OPTIONS"]) == {"sasl.username": "tensordb", "client.id": "tensordb-worker"}
+    assert not {"TENSORDB_METRICS_TOKEN", "TENSORDB_SERVE_TOKEN", "TENSORDB_DASHBOARD_TOKEN"} & set(environment)
+    assert environment["TENSORDB_KAFKA_BOOTSTRAP"] == settings.kafka_bootstrap and environment["TENSORDB_JOB_ID"] == job_id
+    assert PASSWORD not in log

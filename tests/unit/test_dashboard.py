@@ -80,4 +80,21 @@ def test_binding_beyond_this_machine_without_a_token_is_refused_with_one_line() 
         capture_output=True, text=True, timeout=60, cwd=REPO, env={"PATH": "/usr/bin:/bin", "TENSORDB_PROJECT": "nothing"},
     )  # fmt: skip
     assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and "--token" in result.stderr and "0.0.0.0" in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "0.0.0.0" in result.stderr, result.stderr
+    # issue 24, finding 11: the way out it names keeps the token off the command line
+    assert (
+        "set TENSORDB_DASHBOARD_TOKEN" in result.stderr
+        and "--token-file PATH" in result.stderr
+        and "--token " not in result.stderr
+    )
+
+
+def test_a_token_on_the_command_line_is_refused_with_where_it_goes_instead() -> None:
+    """Issue 24, finding 11: every user of the machine reads a process's command line (``ps``)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tensordb.cli", "dashboard", "--host", "0.0.0.0", "--token", "s3cret-in-argv"],
+        capture_output=True, text=True, timeout=60, cwd=REPO, env={"PATH": "/usr/bin:/bin", "TENSORDB_PROJECT": "nothing"},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "--token is no longer accepted" in result.stderr and "TENSORDB_DASHBOARD_TOKEN" in result.stderr, result.stderr
+    assert "--token-file PATH" in result.stderr
