@@ -58,7 +58,8 @@ def fit_to_file_limit(connections: int, what: str, files_each: int = 1) -> int:
 
     Raises the process's soft ``RLIMIT_NOFILE`` (up to its hard limit) so that the caps of every
     listener of this process, the files open now and :data:`RESERVED_FILES` fit; when even the hard
-    limit is too low, the cap is lowered to what fits and a warning says how to raise the limit.
+    limit is too low, the cap is lowered to half of what is left (the process may open more
+    listeners) and a warning says how to raise the limit.
 
     Parameters:
         connections: the configured cap.
@@ -81,12 +82,12 @@ def fit_to_file_limit(connections: int, what: str, files_each: int = 1) -> int:
             log.debug("could not raise the open-file limit to %d: %s", raised, exc)
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return connections
-    fitted = max(MIN_CONNECTIONS, (soft - others) // files_each)
+    fitted = max(MIN_CONNECTIONS, (soft - others) // (2 * files_each))  # half: leave room for the next listener
     log.warning(
         "%s holds at most %d connections, not %d: the open-file limit (ulimit -n) is %d; raise it (hard limit %s) "
         "or lower the cap", what, fitted, connections, soft, "unlimited" if hard == resource.RLIM_INFINITY else hard,
     )  # fmt: skip
-    return fitted
+    return min(fitted, connections)
 
 
 class Connections:
