@@ -481,17 +481,19 @@ class _Exchange:
 
 
 def _bounded_protocol(connections: Connections, header_timeout: float) -> type[asyncio.Protocol]:
-    """uvicorn's h11 protocol with a header timer and a connection cap (:mod:`tensordb.infra.listeners`).
+    """uvicorn's h11 protocol with timers and a connection cap (:mod:`tensordb.infra.listeners`).
 
     A connection waits for a request head from its opening, and again from the end of each answer:
     when the head is not complete within ``header_timeout``, the connection is closed (uvicorn's own
     keep-alive timer is reset by every byte, so a client sending one byte now and then would be kept
-    forever). While it waits, ``connections`` may close it to admit a new one.
+    forever). Then, while the body comes, at most ``header_timeout`` may pass between two of its
+    chunks. Until the whole request is in, ``connections`` may close it to admit a new one (so a
+    client dripping its body holds no place a new client needs); once it is, the app works for it.
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class BoundedH11Protocol(H11Protocol):
-        _header_timer: asyncio.TimerHandle | None = None
+        _timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -502,19 +504,24 @@ def _bounded_protocol(connections: Connections, header_timeout: float) -> type[a
 
         def connection_lost(self, exc: Exception | None) -> None:
             connections.closed(self)
-            self._stop_header_timer()
+            self._stop_timer()
             super().connection_lost(exc)
 
         def close(self) -> None:
             """Closed to make room for a new connection."""
-            self._stop_header_timer()
+            self._stop_timer()
             if not self.transport.is_closing():
                 self.transport.close()
 
         def handle_events(self) -> None:
             super().handle_events()
-            if self._header_timer is not None and self.cycle is not None and not self.cycle.response_complete:
-                self._stop_header_timer()  # a request head arrived: the app works for it
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete or self.transport.is_closing():
+                return  # still waiting for a request head: its timer runs
+            if cycle.more_body:
+                self._start_timer("no chunk of its request body")  # re-armed by each chunk
+            else:
+                self._stop_timer()  # the whole request is in: the app works for it
                 connections.busy(self)
 
         def on_response_complete(self) -> None:
@@ -523,19 +530,22 @@ def _bounded_protocol(connections: Connections, header_timeout: float) -> type[a
             super().on_response_complete()
 
         def _wait_for_request(self) -> None:
-            self._stop_header_timer()
-            self._header_timer = self.loop.call_later(header_timeout, self._header_timed_out)
+            self._start_timer("no complete request head")
             connections.wait(self)
 
-        def _stop_header_timer(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
+        def _start_timer(self, missing: str) -> None:
+            self._stop_timer()
+            self._timer = self.loop.call_later(header_timeout, self._timed_out, missing)
 
-        def _header_timed_out(self) -> None:
-            self._header_timer = None
+        def _stop_timer(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _timed_out(self, missing: str) -> None:
+            self._timer = None
             if not self.transport.is_closing():
-                log.debug("closed a connection that sent no complete request head within %s s", header_timeout)
+                log.debug("closed a connection that sent %s within %s s", missing, header_timeout)
                 self.transport.close()
 
     return BoundedH11Protocol
@@ -555,7 +565,7 @@ def server(app: ASGIApp, host: str, port: int, *, settings: Settings, what: str,
         options: more :class:`uvicorn.Config` options.
 
     At most ``http_max_connections`` connections are open (fitted to the open-file limit); at the
-    cap, the one waiting longest for a request is closed for a new one. uvicorn's
+    cap, the one waiting longest for (the rest of) a request is closed for a new one. uvicorn's
     ``limit_concurrency`` is one above the cap (it counts the connections too): beyond it, requests
     still running for clients that left are answered 503. Neither endpoint speaks WebSocket, so
     upgrades are off.

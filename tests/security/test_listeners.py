@@ -9,6 +9,7 @@ the servers in this process with short timeouts and small caps.
 
 from __future__ import annotations
 
+import json
 import resource
 import socket
 import ssl
@@ -93,6 +94,24 @@ def closed_by_server(sock: socket.socket, within: float) -> bool:
 
 def closed_now(sock: socket.socket) -> bool:
     return closed_by_server(sock, 0.01)
+
+
+def read_to_end(sock: socket.socket, within: float) -> bytes:
+    """Everything the server sends until it closes ``sock``, which must be within ``within`` seconds."""
+    sock.settimeout(within)
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except TimeoutError:
+        pytest.fail(f"the server kept the connection open more than {within} s (after {answer[:40]!r})")
+    return answer
+
+
+def predict_head(port: int, length: int) -> bytes:
+    return (
+        f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
 
 
 # -- a thousand idle connections, a real request ------------------------------------------------------
@@ -180,14 +199,19 @@ def test_the_http_endpoints_close_a_silent_or_slow_client_after_the_header_timeo
         # after an answer, a keep-alive connection that sends nothing more is closed too
         with socket.create_connection(("127.0.0.1", model.port)) as kept:
             kept.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{model.port}\r\n\r\n".encode())
-            kept.settimeout(3)
-            answer = b""
-            try:
-                while chunk := kept.recv(65536):  # the answer, then the end of the stream
-                    answer += chunk
-            except TimeoutError:
-                pytest.fail("a keep-alive connection is still open 3 s after its answer")
-            assert answer.startswith(b"HTTP/1.1 200")
+            assert read_to_end(kept, 3).startswith(b"HTTP/1.1 200")
+        # a body that stops coming is given up; one that keeps coming, however slowly, is answered
+        body = json.dumps({"instances": [[1, 2, 3, 4]] * 4}).encode()
+        head = predict_head(model.port, len(body))
+        with socket.create_connection(("127.0.0.1", model.port)) as stalled:
+            stalled.sendall(head + body[:10])
+            assert closed_by_server(stalled, 3), "a request whose body stopped coming is still open after 3 s"
+        with socket.create_connection(("127.0.0.1", model.port)) as slow_body:
+            slow_body.sendall(head)
+            for start in range(0, len(body), len(body) // 4 + 1):  # 2 s in all, 0.5 s between chunks
+                time.sleep(0.5)
+                slow_body.sendall(body[start : start + len(body) // 4 + 1])
+            assert read_to_end(slow_body, 3).startswith(b"HTTP/1.1 200")
     finally:
         model.stop()
 
@@ -197,14 +221,20 @@ def test_at_the_cap_the_connections_waiting_longest_are_closed_and_a_request_is_
 ) -> None:
     model = ModelServer(Settings(http_max_connections=16), None)
     try:
-        for port, path in ((model.port, "/health"), (metrics_server.port, "/health")):
+        for port in (model.port, metrics_server.port):
             with idle_connections(port, 100) as held:
-                answer = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=ANSWER_SECONDS)
+                answer = httpx.get(f"http://127.0.0.1:{port}/health", timeout=ANSWER_SECONDS)
                 assert answer.status_code == 200
                 time.sleep(0.2)
                 closed = [closed_now(sock) for sock in held]
             assert 100 - 16 <= sum(closed) <= 100, f"port {port}: {sum(closed)} of 100 idle connections closed"
             assert closed == sorted(closed, reverse=True), f"port {port}: not the oldest ones were closed"
+        # a request whose body has not all come holds no place a new client needs
+        with socket.create_connection(("127.0.0.1", model.port)) as uploading:
+            uploading.sendall(predict_head(model.port, 1000) + b"{")
+            time.sleep(0.2)
+            with idle_connections(model.port, 16):
+                assert closed_by_server(uploading, 1), "a request still receiving its body was kept at the cap"
     finally:
         model.stop()
 
