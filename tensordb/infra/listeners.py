@@ -10,7 +10,7 @@ open-file limit, and a real request was then refused ("Too many open files"). So
   close them only pushes out its own, and a request that arrives is served;
 - closes a connection whose client does not send a complete request head within a deadline (the
   listener's own timer: uvicorn's keep-alive timer is reset by every byte, and starts only after
-  the first answer);
+  the first answer), or, for a relay, that moved no byte for a while;
 - fits its cap to the process's open-file limit (:func:`fit_to_file_limit`), raising the soft limit
   towards the hard one when it is too low, and lowering the cap (with a warning) when even that
   does not fit.
