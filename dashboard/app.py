@@ -387,4 +387,5 @@ def run(settings: Settings, host: str = "127.0.0.1", port: int = 8050, token: st
     signing_in = "  (open it once with ?token=TOKEN added, TOKEN being the one it was started with)" if token else ""
     print(f"dashboard of project {settings.project!r}: {address}{signing_in}", flush=True)
     app = metrics.instrument(create_app(settings, token, host, port), "dashboard")
-    server(app, host, port, timeout_graceful_shutdown=2, log_config=None).run()  # uvicorn logs through tensordb.infra.logging
+    # log_config=None: uvicorn logs through tensordb.infra.logging
+    server(app, host, port, settings=settings, what="the dashboard", timeout_graceful_shutdown=2, log_config=None).run()

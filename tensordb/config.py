@@ -259,6 +259,19 @@ class Settings(BaseSettings):
     http_max_body_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="Largest request body the HTTP endpoints accept (413 otherwise)."
     )
+    http_max_connections: int = Field(
+        1000, ge=16, le=1_000_000,
+        description="Connections each HTTP endpoint (model server, dashboard, metrics) holds at once, lowered to fit "
+        "the open-file limit; at the cap, the connection waiting longest for a request is closed to admit a new one.",
+    )  # fmt: skip
+    http_header_timeout_seconds: float = Field(
+        10.0, gt=0, le=3600,
+        description="Seconds a client of an HTTP endpoint has to send a whole request head, from its connection or "
+        "from the end of the previous answer; then the connection is closed.",
+    )  # fmt: skip
+    http_keep_alive_seconds: int = Field(
+        5, ge=1, le=3600, description="Seconds an HTTP connection is kept open after an answer without a byte of a new request."
+    )
     http_docs: bool = Field(False, description="Serve the model server's OpenAPI schema and /docs pages.")
     http_forwarded_tls: bool = Field(
         False,

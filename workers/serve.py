@@ -222,7 +222,8 @@ def run(settings: Settings, model_name: str, host: str, port: int, token: str | 
     follower.start()
     try:
         app = metrics.instrument(create_app(holder, settings, token, host, port, runtime.publisher), "serve")
-        server(app, host, port, log_config=None).run()  # log_config=None: uvicorn logs through tensordb.infra.logging
+        # log_config=None: uvicorn logs through tensordb.infra.logging
+        server(app, host, port, settings=settings, what="the model server", log_config=None).run()
     finally:
         stop.set()
         follower.join(timeout=5)

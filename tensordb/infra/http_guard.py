@@ -19,17 +19,19 @@ Every request passes, in order:
    Refusals are 403 with a JSON ``{"detail", "error": "csrf"}``.
 
 Every response carries the security headers (CSP and friends). :func:`server` runs an app under
-uvicorn with the token masked in its access log.
+uvicorn with the token masked in its access log, a header timer and a connection cap.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
 import json
 import logging
 import secrets
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
@@ -38,6 +40,7 @@ from urllib.parse import unquote_plus, urlsplit
 
 from tensordb.config import MASK, Settings
 from tensordb.errors import ConfigurationError
+from tensordb.infra.listeners import ACCEPT_BACKLOG, Connections
 
 if TYPE_CHECKING:
     import uvicorn
@@ -50,6 +53,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
+log = logging.getLogger(__name__)
+
 TOKEN_PARAM = "token"
 #: The header that carries the CSRF token of a state-changing request.
 CSRF_HEADER = "X-CSRF-Token"
@@ -59,6 +64,8 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 MAX_SESSIONS = 1024
 #: A session cookie is honoured this long after the login that created it.
 SESSION_SECONDS = 12 * 3600
+#: The largest request head (request line and headers) read (h11's default); a larger one is answered 400.
+MAX_HEAD_BYTES = 16 * 1024
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'"
@@ -473,13 +480,114 @@ class _Exchange:
         await self._send(message)
 
 
-def server(app: ASGIApp, host: str, port: int, **options: Any) -> uvicorn.Server:
+def _bounded_protocol(connections: Connections, header_timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol with timers and a connection cap (:mod:`tensordb.infra.listeners`).
+
+    A connection waits for a request head from its opening, and again from the end of each answer:
+    when the head is not complete within ``header_timeout``, the connection is closed (uvicorn's own
+    keep-alive timer is reset by every byte, so a client sending one byte now and then would be kept
+    forever). Then, while the body comes, at most ``header_timeout`` may pass between two of its
+    chunks. Until the whole request is in, ``connections`` may close it to admit a new one (so a
+    client dripping its body holds no place a new client needs); once it is, the app works for it.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class BoundedH11Protocol(H11Protocol):
+        _timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if connections.admit(self):
+                self._wait_for_request()
+            else:
+                transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            connections.closed(self)
+            self._stop_timer()
+            super().connection_lost(exc)
+
+        def close(self) -> None:
+            """Closed to make room for a new connection."""
+            self._stop_timer()
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete or self.transport.is_closing():
+                return  # still waiting for a request head: its timer runs
+            if cycle.more_body:
+                self._start_timer("no chunk of its request body")  # re-armed by each chunk
+            else:
+                self._stop_timer()  # the whole request is in: the app works for it
+                connections.busy(self)
+
+        def on_response_complete(self) -> None:
+            if not self.transport.is_closing():
+                self._wait_for_request()  # before super(): it handles a pipelined request at once
+            super().on_response_complete()
+
+        def _wait_for_request(self) -> None:
+            self._start_timer("no complete request head")
+            connections.wait(self)
+
+        def _start_timer(self, missing: str) -> None:
+            self._stop_timer()
+            self._timer = self.loop.call_later(header_timeout, self._timed_out, missing)
+
+        def _stop_timer(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _timed_out(self, missing: str) -> None:
+            self._timer = None
+            if not self.transport.is_closing():
+                log.debug("closed a connection that sent %s within %s s", missing, header_timeout)
+                self.transport.close()
+
+    return BoundedH11Protocol
+
+
+def server(app: ASGIApp, host: str, port: int, *, settings: Settings, what: str, **options: Any) -> uvicorn.Server:
     """A uvicorn server for a guarded app: the token masked in the access log, no proxy headers
-    trusted by uvicorn (the guard reads ``X-Forwarded-Proto`` only when ``http_forwarded_tls``)."""
+    trusted by uvicorn (the guard reads ``X-Forwarded-Proto`` only when ``http_forwarded_tls``), and
+    bounded resources.
+
+    Parameters:
+        app: the guarded app.
+        host, port: the address to bind.
+        settings: ``http_max_connections``, ``http_header_timeout_seconds`` and
+            ``http_keep_alive_seconds`` are read (see :mod:`tensordb.infra.listeners`).
+        what: the endpoint, for the warnings (``the dashboard``).
+        options: more :class:`uvicorn.Config` options.
+
+    At most ``http_max_connections`` connections are open (fitted to the open-file limit); at the
+    cap, the one waiting longest for (the rest of) a request is closed for a new one. uvicorn's
+    ``limit_concurrency`` is one above the cap (it counts the connections too): beyond it, requests
+    still running for clients that left are answered 503. Neither endpoint speaks WebSocket, so
+    upgrades are off.
+    """
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", proxy_headers=False, server_header=False, **options)
+    connections = Connections(settings.http_max_connections, what)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="info", proxy_headers=False, server_header=False,
+        http=_bounded_protocol(connections, settings.http_header_timeout_seconds), ws="none",
+        timeout_keep_alive=settings.http_keep_alive_seconds, limit_concurrency=connections.limit + 1,
+        backlog=ACCEPT_BACKLOG, h11_max_incomplete_event_size=MAX_HEAD_BYTES, **options,
+    )  # fmt: skip
     access = logging.getLogger("uvicorn.access")  # configured (by Config) before the filter goes on
     if not any(isinstance(existing, _RedactTokenInAccessLog) for existing in access.filters):
         access.addFilter(_RedactTokenInAccessLog())
-    return uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            try:
+                await super().shutdown(sockets)
+            finally:
+                connections.retire()
+
+    return Server(config)

@@ -12,7 +12,9 @@ one machine do not collide; 0 turns it off) answers
 
 Bound beyond loopback it needs ``TENSORDB_METRICS_TOKEN`` (``Authorization: Bearer TOKEN``) and
 refuses to start without one; on loopback without a token, a request naming a Host other than
-``TENSORDB_HTTP_ALLOWED_HOSTS`` is refused (DNS rebinding).
+``TENSORDB_HTTP_ALLOWED_HOSTS`` is refused (DNS rebinding). Like the other HTTP endpoints it holds at
+most ``TENSORDB_HTTP_MAX_CONNECTIONS`` connections and closes a client that sends no complete
+request head within ``TENSORDB_HTTP_HEADER_TIMEOUT_SECONDS`` (:mod:`tensordb.infra.listeners`).
 
 The metrics are module globals, updated by one-line hooks where the work happens (a batch made
 durable, a record dead-lettered, a job claimed, a prediction answered); MongoDB write latency comes
@@ -22,16 +24,21 @@ from one aggregation, run when scraped (cached a few seconds).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hmac
+import http.client
+import io
 import json
 import logging
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from email.message import Message
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
@@ -42,7 +49,8 @@ from pymongo import monitoring
 
 from tensordb.config import Settings
 from tensordb.errors import ConfigurationError
-from tensordb.infra.http_guard import is_loopback
+from tensordb.infra.http_guard import MAX_HEAD_BYTES, is_loopback
+from tensordb.infra.listeners import ACCEPT_BACKLOG, Connections
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -54,6 +62,8 @@ log = logging.getLogger(__name__)
 
 #: The metrics port of each kind of process when neither --metrics-port nor TENSORDB_METRICS_PORT says.
 DEFAULT_PORTS = {"processors": 9470, "worker": 9471, "serve": 9472, "predictor": 9473, "dashboard": 9474}
+#: Threads answering metrics requests (collecting the metrics and the readiness probe block).
+ANSWER_THREADS = 4
 #: How long a /ready answer and the jobs-by-status counts are reused.
 CACHE_SECONDS = 5.0
 #: How often librdkafka reports a consumer's lag (statistics.interval.ms).
@@ -309,20 +319,56 @@ def refuse_open_binding(host: str, token: str | None) -> None:
 
 
 class MetricsServer:
-    """The HTTP endpoint of :func:`start_metrics` (see the module docstring); ``close`` stops it."""
+    """The HTTP endpoint of :func:`start_metrics` (see the module docstring); ``close`` stops it.
+
+    Connections are read by an event loop in one thread, so a client that sends nothing costs a
+    file descriptor, not a thread: its request head must arrive within ``http_header_timeout_seconds``,
+    at most ``http_max_connections`` are open (at the cap, the one waiting longest is closed), and
+    requests are answered by :data:`ANSWER_THREADS` threads (collecting the metrics and the readiness
+    probe block). One request per connection.
+    """
 
     def __init__(self, settings: Settings, host: str, port: int, ready: Callable[[], str | None], token: str | None) -> None:
         refuse_open_binding(host, token)
         self.ready = ready
         self.token = token
         self.allowed_hosts = {*settings.http_allowed_hosts, host.strip("[]")}
+        self.header_timeout = settings.http_header_timeout_seconds
         self._ready_at, self._ready_answer = float("-inf"), None  # type: tuple[float, str | None]
         self._ready_lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer((host, port), self._handler())
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="tensordb-metrics", daemon=True)
+        self.connections = Connections(settings.http_max_connections, "the metrics endpoint")
+        self._answering = ThreadPoolExecutor(ANSWER_THREADS, thread_name_prefix="tensordb-metrics-answer")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="tensordb-metrics", daemon=True)
         self._thread.start()
+        try:
+            self._server = asyncio.run_coroutine_threadsafe(self._listen(host, port), self._loop).result()
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.port: int = self._server.sockets[0].getsockname()[1]
+
+    async def _listen(self, host: str, port: int) -> asyncio.Server:
+        return await asyncio.start_server(self._serve, host, port, backlog=ACCEPT_BACKLOG, limit=MAX_HEAD_BYTES)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.connections.admit(writer):
+            writer.close()
+            return
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.header_timeout)
+            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                return  # silent, too slow, too large or gone: nothing worth an answer
+            self.connections.busy(writer)
+            answer = await asyncio.get_running_loop().run_in_executor(self._answering, self.answer, head)
+            writer.write(answer)
+            await asyncio.wait_for(writer.drain(), self.header_timeout)
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            self.connections.closed(writer)
+            writer.close()
 
     def readiness(self) -> str | None:
         with self._ready_lock:
@@ -334,56 +380,76 @@ class MetricsServer:
                 self._ready_at = time.monotonic()
             return self._ready_answer
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        server = self
+    def answer(self, head: bytes) -> bytes:
+        """The whole response (status line, headers, body) to one request ``head``."""
+        line, _, fields = head.partition(b"\r\n")
+        parts = line.decode("latin-1").split()
+        try:
+            headers = http.client.parse_headers(io.BytesIO(fields))
+        except http.client.HTTPException:
+            headers = None
+        if len(parts) != 3 or not parts[2].startswith("HTTP/") or headers is None:
+            return _response(400, b'{"detail": "not an HTTP request"}')
+        method, target = parts[0], parts[1]
+        refused = self._refused(headers)
+        path = target.split("?", 1)[0]
+        if refused:
+            return _response(401 if self.token is not None else 421, json.dumps({"detail": refused}).encode())
+        if method != "GET":
+            return _response(405, b'{"detail": "only GET is answered"}', extra=[("Allow", "GET")])
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(headers.get("Accept", ""))
+            return _response(200, encoder(REGISTRY), content_type)
+        if path == "/health":
+            return _response(200, b'{"status": "ok"}')
+        if path == "/ready":
+            problem = self.readiness()
+            body = {"status": "ready"} if problem is None else {"status": "not ready", "reason": problem}
+            return _response(200 if problem is None else 503, json.dumps(body).encode())
+        return _response(404, b'{"detail": "not found: /metrics, /health and /ready are"}')
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-                log.debug("metrics endpoint: " + format, *args)
-
-            def _answer(self, code: int, body: bytes, content_type: str = "application/json") -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                self.send_header("X-Content-Type-Options", "nosniff")
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _refused(self) -> str | None:
-                if server.token is not None:
-                    given = self.headers.get("Authorization", "")
-                    if not hmac.compare_digest(given.encode(), f"Bearer {server.token}".encode()):
-                        return "send the header 'Authorization: Bearer TOKEN' (TENSORDB_METRICS_TOKEN)"
-                    return None
-                host = self.headers.get("Host", "")
-                name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-                if name.strip("[]") not in server.allowed_hosts:
-                    return f"unknown Host {host!r}: add it to TENSORDB_HTTP_ALLOWED_HOSTS"
-                return None
-
-            def do_GET(self) -> None:  # noqa: N802 - the base class's name
-                refused = self._refused()
-                path = self.path.split("?", 1)[0]
-                if refused:
-                    self._answer(401 if server.token is not None else 421, json.dumps({"detail": refused}).encode())
-                elif path == "/metrics":
-                    encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-                    self._answer(200, encoder(REGISTRY), content_type)
-                elif path == "/health":
-                    self._answer(200, b'{"status": "ok"}')
-                elif path == "/ready":
-                    problem = server.readiness()
-                    body = {"status": "ready"} if problem is None else {"status": "not ready", "reason": problem}
-                    self._answer(200 if problem is None else 503, json.dumps(body).encode())
-                else:
-                    self._answer(404, b'{"detail": "not found: /metrics, /health and /ready are"}')
-
-        return Handler
+    def _refused(self, headers: Message) -> str | None:
+        if self.token is not None:
+            given = headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode("latin-1", "replace"), f"Bearer {self.token}".encode()):
+                return "send the header 'Authorization: Bearer TOKEN' (TENSORDB_METRICS_TOKEN)"
+            return None
+        host = headers.get("Host", "")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if name.strip("[]") not in self.allowed_hosts:
+            return f"unknown Host {host!r}: add it to TENSORDB_HTTP_ALLOWED_HOSTS"
+        return None
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        async def stop() -> None:
+            self._server.close()
+            for connection in list(self.connections.open):
+                connection.close()
+            current = asyncio.current_task()
+            tasks = [task for task in asyncio.all_tasks() if task is not current]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(timeout=10)
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+        self._answering.shutdown(wait=False)
+        self.connections.retire()
+
+
+def _response(code: int, body: bytes, content_type: str = "application/json", extra: Iterable[tuple[str, str]] = ()) -> bytes:
+    """An HTTP/1.1 response that closes its connection."""
+    headers = [
+        ("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", "no-store"),
+        ("X-Content-Type-Options", "nosniff"), ("Connection", "close"), *extra,
+    ]  # fmt: skip
+    lines = [f"HTTP/1.1 {code} {HTTPStatus(code).phrase}", *(f"{name}: {value}" for name, value in headers)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 def start_metrics(

@@ -10,7 +10,9 @@ this terminator on the configured one; Tansu advertises the terminator's address
 only ever connect with TLS. The internal port stays plain on loopback: this proves and exercises
 the clients' TLS settings, it does not protect the local broker from other users of this machine.
 
-Run as ``python -m tensordb.services.tls --listen HOST:PORT --upstream HOST:PORT --cert C --key K``.
+Run as ``python -m tensordb.services.tls --listen HOST:PORT --upstream HOST:PORT --cert C --key K``
+(``--max-connections``, ``--idle-timeout`` and ``--connect-timeout`` bound what silent clients can
+hold: see :class:`RelayLimits` and :mod:`tensordb.infra.listeners`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import contextlib
 import shutil
 import ssl
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tensordb.errors import ServiceError
+from tensordb.infra.listeners import ACCEPT_BACKLOG, Connections
 
 #: Days the generated certificates are valid: long enough for a development machine.
 VALID_DAYS = 825
@@ -89,29 +93,82 @@ def _is_address(host: str) -> bool:
 
 # -- the terminator ---------------------------------------------------------------------------------
 
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(1 << 16):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, ssl.SSLError, OSError):
-        pass
-    finally:
-        with contextlib.suppress(Exception):
-            writer.close()
+#: Clients relayed at once (each holds two descriptors: the client's and the upstream one).
+MAX_CONNECTIONS = 1000
+#: Seconds a relay may move no byte either way before both ends are closed (Apache Kafka's brokers
+#: close idle connections after 10 minutes, ``connections.max.idle.ms``; clients reconnect).
+IDLE_SECONDS = 600.0
+#: Seconds to connect to the upstream server.
+CONNECT_SECONDS = 10.0
+#: Seconds a client has for its TLS handshake.
+HANDSHAKE_SECONDS = 10.0
 
 
-async def _serve(listen: tuple[str, int], upstream: tuple[str, int], context: ssl.SSLContext) -> None:
+@dataclass(frozen=True)
+class RelayLimits:
+    """What bounds the terminator's resources (the command's options)."""
+
+    max_connections: int = MAX_CONNECTIONS  #: at the cap, the relay idle longest is closed for a new client
+    idle_seconds: float = IDLE_SECONDS  #: a relay that moved no byte this long is closed
+    connect_seconds: float = CONNECT_SECONDS  #: to reach the upstream server
+
+
+class _Relay:
+    """One client and its upstream connection, closed together."""
+
+    def __init__(self, client: asyncio.StreamWriter) -> None:
+        self.writers = [client]
+        self.last = time.monotonic()
+
+    def close(self) -> None:
+        for writer in self.writers:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connections: Connections) -> None:
+        with contextlib.suppress(ConnectionError, ssl.SSLError, OSError):
+            while data := await reader.read(1 << 16):
+                self.last = time.monotonic()
+                connections.wait(self)  # the most recently active: the last to be closed for room
+                writer.write(data)
+                await writer.drain()
+
+    async def idle(self, seconds: float) -> None:
+        """Return once the relay has moved no byte for ``seconds``."""
+        while (left := self.last + seconds - time.monotonic()) > 0:
+            await asyncio.sleep(left)
+
+
+async def _serve(listen: tuple[str, int], upstream: tuple[str, int], context: ssl.SSLContext, limits: RelayLimits) -> None:
+    connections = Connections(limits.max_connections, "the TLS terminator", files_each=2)
+
     async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        try:
-            server_reader, server_writer = await asyncio.open_connection(*upstream)
-        except OSError:
+        relay = _Relay(client_writer)
+        if not connections.admit(relay):
             client_writer.close()
             return
-        await asyncio.gather(_pipe(client_reader, server_writer), _pipe(server_reader, client_writer))
+        try:
+            await client_writer.start_tls(context, ssl_handshake_timeout=HANDSHAKE_SECONDS)
+            server_reader, server_writer = await asyncio.wait_for(asyncio.open_connection(*upstream), limits.connect_seconds)
+            relay.writers.append(server_writer)
+            relay.last = time.monotonic()
+            tasks = [
+                asyncio.ensure_future(relay.pipe(client_reader, server_writer, connections)),
+                asyncio.ensure_future(relay.pipe(server_reader, client_writer, connections)),
+                asyncio.ensure_future(relay.idle(limits.idle_seconds)),
+            ]
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)  # one side closed, or idle
+            finally:
+                for task in tasks:
+                    task.cancel()
+        except (OSError, TimeoutError, ssl.SSLError):
+            pass  # a failed handshake, an unreachable upstream: the client sees its connection closed
+        finally:
+            connections.closed(relay)
+            relay.close()
 
-    server = await asyncio.start_server(relay, *listen, ssl=context, ssl_handshake_timeout=10)
+    server = await asyncio.start_server(relay, *listen, backlog=ACCEPT_BACKLOG)
     print(f"{READY_LINE}: {listen[0]}:{listen[1]} -> {upstream[0]}:{upstream[1]}", flush=True)
     async with server:
         await server.serve_forever()
@@ -128,12 +185,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--upstream", required=True, help="HOST:PORT of the plain server")
     parser.add_argument("--cert", required=True, type=Path, help="the server certificate (PEM)")
     parser.add_argument("--key", required=True, type=Path, help="its private key (PEM)")
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        help="clients relayed at once; at the cap the one idle longest is closed (default %(default)s)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=IDLE_SECONDS,
+        help="seconds a relay may move no byte before it is closed (default %(default)s)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=CONNECT_SECONDS,
+        help="seconds to connect to the upstream server (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(args.cert, args.key)
+    limits = RelayLimits(args.max_connections, args.idle_timeout, args.connect_timeout)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(_address(args.listen), _address(args.upstream), context))
+        asyncio.run(_serve(_address(args.listen), _address(args.upstream), context, limits))
 
 
 if __name__ == "__main__":

@@ -64,7 +64,13 @@ class ModelServer:
         self.port = free_port()
         holder = serve.ModelHolder(registry=None, name="stub")  # type: ignore[arg-type] - never refreshed
         holder.current = serve.Serving(StubModel(), {"version": 1}, datetime.now(UTC))
-        self.server = server(serve.create_app(holder, settings, token, "127.0.0.1", self.port), "127.0.0.1", self.port)
+        self.server = server(
+            serve.create_app(holder, settings, token, "127.0.0.1", self.port),
+            "127.0.0.1",
+            self.port,
+            settings=settings,
+            what="the model server",
+        )
         self.log = AccessLog()
         logging.getLogger("uvicorn.access").addHandler(self.log)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
