@@ -141,7 +141,7 @@ class LiveHub:
     ) -> None:
         self.settings = settings
         self.topic = settings.topic(Topic.LOGS)
-        self.group = f"{settings.topic_prefix}-{settings.project}-dashboard-{uuid.uuid4().hex[:12]}"
+        self.group = settings.consumer_group(f"dashboard-{uuid.uuid4().hex[:12]}")
         self.fetch_wait_ms = fetch_wait_ms
         self.buffer_limit = buffer_limit
         self.subscriber_limit = subscriber_limit

@@ -261,12 +261,22 @@ class Settings(BaseSettings):
 
     def topic(self, kind: Topic) -> str:
         """The Kafka topic name for one kind of record in this project."""
-        return f"{self.topic_prefix}.{self.project}.{kind.value}"
+        return f"{self.acl_prefix()}{kind.value}"
+
+    def acl_prefix(self) -> str:
+        """``PREFIX.PROJECT.``: the start of every topic and consumer group name of this project, and
+        of no other project's, because project names cannot contain ``.`` (one prefixed Kafka ACL per
+        project covers exactly its own topics and groups)."""
+        return f"{self.topic_prefix}.{self.project}."
+
+    def consumer_group(self, name: str) -> str:
+        """A consumer group of this project, ``PREFIX.PROJECT.NAME`` (under :meth:`acl_prefix`)."""
+        return f"{self.acl_prefix()}{name}"
 
     def processor_group(self, kind: str) -> str:
         """The consumer group of one processor kind of this project (``ingest``, ``log-sink``...):
         every instance of the kind joins it, so instances share the topic's partitions."""
-        return f"{self.topic_prefix}-{self.project}-{kind}"
+        return self.consumer_group(kind)
 
     def all_topics(self) -> dict[Topic, str]:
         return {kind: self.topic(kind) for kind in Topic}
