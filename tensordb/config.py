@@ -115,6 +115,11 @@ class Settings(BaseSettings):
 
     services_dir: Path = Field(Path(".tensordb"), description="Binaries, data and logs of local services.")
     services_host: str = Field("127.0.0.1", description="Address the local services bind to.")
+    services_allow_remote: bool = Field(
+        False,
+        description="Let the local services bind beyond loopback (services_host). They have no authentication "
+        "and MongoDB no TLS: only on a network where everyone who can connect may read and change every project.",
+    )
 
     # -- what code may run (see SECURITY.md) ------------------------------------------------------
     trusted_modules: Annotated[tuple[str, ...], NoDecode] = Field(
