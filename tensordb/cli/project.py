@@ -1,4 +1,4 @@
-"""``tensordb project create NAME | delete NAME --yes | list``: projects isolated by MongoDB and Kafka.
+"""``tensordb project create NAME | delete NAME --yes | list | carry-offsets NAME``: projects isolated by MongoDB and Kafka.
 
 Run with an administrator's settings (see :mod:`tensordb.infra.provisioning`); ``create`` prints
 the settings of the new project once, password included, or writes them to ``--secrets-file``.
@@ -104,6 +104,18 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _carry_offsets(args: argparse.Namespace) -> int:
+    from tensordb.infra.legacy_groups import carry_offsets, legacy_group_prefix
+
+    settings = load_settings().with_changes(project=args.name)
+    carried = carry_offsets(settings)
+    if not carried:
+        print(f"no consumer group {legacy_group_prefix(settings)}* holds offsets of this project: nothing to carry")
+    for group, partitions in carried.items():
+        print(f"{group}: {partitions} partitions carried" if partitions else f"{group}: already has its offsets")
+    return 0
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     project = subparsers.add_parser(
         "project",
@@ -126,3 +138,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     delete.add_argument("--yes", action="store_true", help="confirm: the project's data is deleted")
     delete.set_defaults(handler=_delete)
     actions.add_parser("list", help="the projects made by `project create`").set_defaults(handler=_list)
+    carry = actions.add_parser(
+        "carry-offsets",
+        help="once, when upgrading: copy the committed offsets of the groups named PREFIX-NAME-KIND before to PREFIX.NAME.KIND",
+        description="Consumer groups are now PREFIX.PROJECT.KIND. Stop every process of the project, run this, then "
+        "start the new version: its groups resume where the old ones stopped instead of at the earliest record.",
+    )
+    carry.add_argument("name")
+    carry.set_defaults(handler=_carry_offsets)
