@@ -15,7 +15,7 @@ import json
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -93,8 +93,9 @@ class ProvisionedProject:
     acls: AclOutcome
     #: Whether MongoDB refused the new user what its role does not allow (False: mongod runs without --auth).
     access_control: bool
-    #: ``TENSORDB_*`` variables for the project; ``TENSORDB_MONGO_URI`` holds the password: show it once.
-    environment: dict[str, str]
+    #: ``TENSORDB_*`` variables for the project; ``TENSORDB_MONGO_URI`` holds the password: show it once
+    #: (left out of ``repr``, so a logged or printed result never shows it).
+    environment: dict[str, str] = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,9 @@ def create_project(admin: Settings, name: str, database: str | None = None, prin
 
 
 def delete_project(admin: Settings, name: str) -> list[str]:
-    """Remove project ``name``: its MongoDB user (first, so its access ends at once), database,
-    topics and ACLs; returns what was removed, one line each.
+    """Remove project ``name``: its topics and ACLs, then its MongoDB user and database (its data);
+    returns what was removed, one line each. The user goes last, so a Kafka failure leaves a project
+    that ``delete`` finds again.
 
     Parameters
     ----------
@@ -181,18 +183,18 @@ def delete_project(admin: Settings, name: str) -> list[str]:
                 "`tensordb project list` shows them"
             )
         settings = project_settings(admin, name, user["customData"][MARK]["database"])
+        kafka = AdminClient(settings.kafka_config())
+        with _kafka_errors(settings, "delete the project's topics"):
+            topics = [topic for topic in kafka.list_topics(timeout=_TIMEOUT).topics if topic.startswith(settings.acl_prefix())]
+            if topics:
+                for future in kafka.delete_topics(topics, operation_timeout=_TIMEOUT, request_timeout=_TIMEOUT).values():
+                    future.result()
+        refusal = _delete_acls(kafka, settings, principal=None)
         users.command("dropUser", name)
         users.client.drop_database(settings.mongo_database)
-    removed = [f"MongoDB user {name}", f"MongoDB database {settings.mongo_database}"]
-    kafka = AdminClient(settings.kafka_config())
-    topics = [topic for topic in kafka.list_topics(timeout=_TIMEOUT).topics if topic.startswith(settings.acl_prefix())]
-    if topics:
-        for future in kafka.delete_topics(topics, operation_timeout=_TIMEOUT, request_timeout=_TIMEOUT).values():
-            future.result()
-        removed.append(f"{len(topics)} topics {settings.acl_prefix()}*")
-    refusal = _delete_acls(kafka, settings, principal=None)
+    removed = [f"{len(topics)} topics {settings.acl_prefix()}*"] if topics else []
     removed.append(f"not removed: Kafka ACLs, because {refusal}" if refusal else f"Kafka ACLs on {settings.acl_prefix()}*")
-    return removed
+    return [*removed, f"MongoDB user {name}", f"MongoDB database {settings.mongo_database}"]
 
 
 def list_projects(admin: Settings) -> list[ProjectRecord]:
@@ -200,7 +202,8 @@ def list_projects(admin: Settings) -> list[ProjectRecord]:
     with _admin_database(admin, "list users") as users:
         found = users.command("usersInfo", 1, filter={f"customData.{MARK}": {"$exists": True}})["users"]
         databases = set(users.client.list_database_names())
-    topics = AdminClient(admin.kafka_config()).list_topics(timeout=_TIMEOUT).topics
+    with _kafka_errors(admin, "list the topics"):
+        topics = AdminClient(admin.kafka_config()).list_topics(timeout=_TIMEOUT).topics
     records = []
     for user in sorted(found, key=lambda user: user["user"]):
         mark = user["customData"][MARK]
@@ -321,6 +324,18 @@ def _access_control(project_uri: str) -> bool:
                 return True
             raise
     return False
+
+
+@contextmanager
+def _kafka_errors(settings: Settings, what: str) -> Iterator[None]:
+    """A Kafka failure in TensorDB's words (the MongoDB part, done first, is said to be done)."""
+    try:
+        yield
+    except KafkaException as exc:
+        raise ConfigurationError(
+            f"could not {what} on Kafka at {settings.kafka_bootstrap} ({exc.args[0].str()}): check that the broker answers "
+            "and that the principal of TENSORDB_KAFKA_OPTIONS may describe and delete topics, then run the command again"
+        ) from exc
 
 
 def _find_user(users: Database, name: str) -> dict[str, Any] | None:

@@ -34,6 +34,10 @@ def test_one_projects_acl_prefix_covers_all_of_its_names_and_none_of_the_others(
         assert covered == [], f"{own.project}'s ACL prefix {own.acl_prefix()!r} covers {other.project}'s {covered}"
 
 
+#: Settings, and the upgrade that reads the groups of earlier versions by their old names.
+NAMED_HERE = {"tensordb/config.py", "tensordb/infra/legacy_groups.py"}
+
+
 def test_no_code_names_a_group_or_topic_by_hand() -> None:
     """Names built from ``topic_prefix`` outside Settings would escape the ACL prefix's guarantee."""
     by_hand = re.compile(r"\{[\w.]*topic_prefix\}")  # an f-string field
@@ -41,7 +45,7 @@ def test_no_code_names_a_group_or_topic_by_hand() -> None:
         f"{path.relative_to(REPO)}:{number}"
         for folder in ("tensordb", "streams", "workers", "dashboard", "bench")
         for path in (REPO / folder).rglob("*.py")
-        if path != REPO / "tensordb" / "config.py"
+        if path.relative_to(REPO).as_posix() not in NAMED_HERE
         for number, line in enumerate(path.read_text().splitlines(), 1)
         if by_hand.search(line)
     ]
