@@ -102,8 +102,7 @@ class ProvisionedProject:
 class ProjectRecord:
     """A provisioned project as ``project list`` shows it."""
 
-    project: str
-    user: str
+    project: str  # also its MongoDB user's name
     database: str
     principal: str
     created_at: str
@@ -210,7 +209,7 @@ def list_projects(admin: Settings) -> list[ProjectRecord]:
         prefix = project_settings(admin, user["user"], mark["database"]).acl_prefix()
         records.append(
             ProjectRecord(
-                user["user"], user["user"], mark["database"], mark["principal"], mark["created_at"],
+                user["user"], mark["database"], mark["principal"], mark["created_at"],
                 mark["database"] in databases, sum(1 for topic in topics if topic.startswith(prefix)),
             )
         )  # fmt: skip
