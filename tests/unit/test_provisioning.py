@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from confluent_kafka.admin import AclOperation, AclPermissionType, ResourcePatternType, ResourceType
 from pymongo.uri_parser import parse_uri
 
+from tensordb.cli import main
 from tensordb.cli.project import settings_block
 from tensordb.config import Settings
 from tensordb.infra.provisioning import acl_bindings, project_environment, project_uri
@@ -54,3 +56,13 @@ def test_the_acls_allow_the_principal_its_own_prefix_only() -> None:
     assert {AclOperation.READ, AclOperation.WRITE, AclOperation.DESCRIBE} <= topic_operations
     assert AclOperation.ALL not in topic_operations and AclOperation.ALTER not in topic_operations
     assert {b.operation for b in bindings if b.restype == ResourceType.GROUP} >= {AclOperation.READ, AclOperation.DESCRIBE}
+
+
+def test_an_existing_secrets_file_is_refused_before_anything_is_made(tmp_path: Path, capsys) -> None:
+    existing = tmp_path / "radiology.env"
+    existing.write_text("kept\n")
+    # an unreachable MongoDB: had the command gone on, it would fail differently after 10 s
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TENSORDB_MONGO_URI", "mongodb://127.0.0.1:9/")
+        assert main(["project", "create", "radiology", "--secrets-file", str(existing)]) == 1
+    assert "already exists" in capsys.readouterr().err and existing.read_text() == "kept\n"
