@@ -179,6 +179,18 @@ def test_project_a_cannot_read_write_or_delete_project_b_s_data(projects: Projec
         assert as_b[b.mongo_database].list_collection_names()  # "planted" never arrived, nothing dropped
 
 
+def _groups_on_the_broker(settings: Settings, *kinds: str) -> list[str]:
+    """The consumer groups the broker knows that name the project, checked to lie under its ACL prefix
+    (finding 8: a group ``tensordb-A-...`` was also under project ``A-research``'s prefix)."""
+    admin = AdminClient(settings.kafka_config())  # held until the answer is in: a collected client cancels it
+    listed = admin.list_consumer_groups(request_timeout=10).result().valid
+    groups = sorted(group.group_id for group in listed if settings.project in group.group_id)
+    assert groups and all(group.startswith(settings.acl_prefix()) for group in groups), groups
+    for kind in kinds:
+        assert any(group.startswith(settings.consumer_group(kind)) for group in groups), (kind, groups)
+    return groups
+
+
 def test_every_process_of_a_project_works_with_its_own_credentials(projects: Projects, tmp_path: Path) -> None:
     """The SDK (indexes, publishing, cohorts, jobs), ``tensordb processors`` (and its /ready),
     ``tensordb worker`` and ``tensordb dashboard`` need nothing beyond readWrite on the project's own database."""
@@ -211,9 +223,38 @@ def test_every_process_of_a_project_works_with_its_own_credentials(projects: Pro
         assert "scans" in json.dumps(dashboard.get("/api/data"))
     with MongoClient(a.mongo_uri) as as_a:
         assert as_a[a.mongo_database]["samples"].count_documents({}) >= 1
+    _groups_on_the_broker(a, "ingest", "job-requests")  # groups that surely committed (Tansu lists no others)
 
 
-def test_list_then_delete_removes_the_user_database_and_topics_of_one_project_only(
+def test_the_registry_model_server_and_predictor_of_a_project_work_with_its_own_credentials(
+    projects: Projects, tmp_path: Path
+) -> None:
+    """Saving and promoting a model (GridFS, aliases, events), ``tensordb serve`` and ``tensordb
+    predictor`` with readWrite on the project's own database only."""
+    from tests.integration.test_predictor import MODEL, Answers, instances, request, save_version
+
+    a = projects.a
+    version = save_version(a, 1)
+    port, rng = free_port("127.0.0.1"), np.random.default_rng(3)
+    answers = Answers(a)
+    try:
+        with (
+            server_process(a, tmp_path / "serve.log", MODEL, port),
+            predictor_process(a, tmp_path / "predictor.log", MODEL),
+            Publisher(a) as publisher,
+        ):
+            body = httpx.post(f"http://127.0.0.1:{port}/predict", json={"instances": instances(rng, 2)}, timeout=30).json()
+            assert body["version"] == version and len(body["predictions"]) == 2
+            publisher.publish(Topic.PREDICT_REQUESTS, request("streamed", instances=instances(rng, 3)), key="streamed")
+            publisher.flush()
+            (answer,) = answers.wait_for({"streamed"})["streamed"]
+    finally:
+        answers.close()
+    assert answer["version"] == version and len(answer["outputs"]) == 3
+    _groups_on_the_broker(a, f"predictor-{MODEL}")
+
+
+def test_list_then_delete_removes_the_user_database_and_topics_of_one_project_only(  # last: it deletes A
     cluster: Cluster, projects: Projects, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     a, b = projects.a, projects.b
@@ -254,30 +295,3 @@ def test_a_mongod_without_access_control_is_said_plainly(
         assert f"export TENSORDB_PROJECT={name}" in said.out
     finally:
         assert _run(servers, monkeypatch, "project", "delete", name, "--yes") == 0
-
-
-def test_the_registry_model_server_and_predictor_of_a_project_work_with_its_own_credentials(
-    projects: Projects, tmp_path: Path
-) -> None:
-    """Saving and promoting a model (GridFS, aliases, events), ``tensordb serve`` and ``tensordb
-    predictor`` with readWrite on the project's own database only."""
-    from tests.integration.test_predictor import MODEL, Answers, instances, request, save_version
-
-    a = projects.a
-    version = save_version(a, 1)
-    port, rng = free_port("127.0.0.1"), np.random.default_rng(3)
-    answers = Answers(a)
-    try:
-        with (
-            server_process(a, tmp_path / "serve.log", MODEL, port),
-            predictor_process(a, tmp_path / "predictor.log", MODEL),
-            Publisher(a) as publisher,
-        ):
-            body = httpx.post(f"http://127.0.0.1:{port}/predict", json={"instances": instances(rng, 2)}, timeout=30).json()
-            assert body["version"] == version and len(body["predictions"]) == 2
-            publisher.publish(Topic.PREDICT_REQUESTS, request("streamed", instances=instances(rng, 3)), key="streamed")
-            publisher.flush()
-            (answer,) = answers.wait_for({"streamed"})["streamed"]
-    finally:
-        answers.close()
-    assert answer["version"] == version and len(answer["outputs"]) == 3
