@@ -130,7 +130,8 @@ def create_project(admin: Settings, name: str, database: str | None = None, prin
     name:
         The project (the MongoDB user gets this name).
     database:
-        The project's database; default ``ADMIN_DATABASE_NAME`` (e.g. ``tensordb_radiology``). It must not exist yet.
+        The project's database; default the administrator's ``mongo_database`` + ``_NAME`` (e.g.
+        ``tensordb_radiology``). It must not exist yet.
     principal:
         The Kafka principal of the project's clients; default ``User:NAME``.
     """
@@ -138,10 +139,13 @@ def create_project(admin: Settings, name: str, database: str | None = None, prin
     principal = principal or f"User:{name}"
     password = secrets.token_urlsafe(32)  # URL-safe: goes into the URI unquoted
     with _admin_database(admin, "create users") as users:
-        if _find_user(users, name) is not None:
+        existing = _find_user(users, name)
+        if existing is not None:
+            made_here = MARK in existing.get("customData", {})
             raise ProvisioningError(
-                f"MongoDB already has a user {name!r}: delete the project first (`tensordb project delete {name} --yes`) "
-                "or choose another name"
+                f"project {name!r} exists: delete it first (`tensordb project delete {name} --yes`) or choose another name"
+                if made_here
+                else f"MongoDB already has a user {name!r}, not made by `tensordb project create`: choose another project name"
             )
         if settings.mongo_database in users.client.list_database_names():
             raise ProvisioningError(

@@ -262,6 +262,13 @@ def test_list_then_delete_removes_the_user_database_and_topics_of_one_project_on
     listed = capsys.readouterr().out
     assert a.project in listed and b.project in listed and a.mongo_database in listed
 
+    assert _run(cluster, monkeypatch, "project", "create", a.project) == 1
+    assert "exists: delete it first" in capsys.readouterr().err
+    password_a = a.mongo_uri.split(":")[2].split("@")[0]
+    assert _run(cluster.admin.with_changes(mongo_uri=a.mongo_uri), monkeypatch, "project", "create", "intruder") == 1
+    refused = capsys.readouterr().err
+    assert "may not create users" in refused and "administrator's URI" in refused and password_a not in refused
+
     assert _run(cluster, monkeypatch, "project", "delete", a.project) == 2  # asks for --yes
     assert "--yes" in capsys.readouterr().err
     assert _run(cluster, monkeypatch, "project", "delete", a.project, "--yes") == 0
