@@ -205,7 +205,7 @@ class Runner(threading.Thread):
         self.worker_id = f"bench-runner-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.consumer = None
         if doorbell is not None:
-            group = f"{doorbell.topic_prefix}-{doorbell.project}-workers"  # the worker's own group name
+            group = doorbell.consumer_group("workers")  # the worker's own group name
             self.consumer = make_consumer(doorbell, group, [Topic.JOB_REQUESTS])
         self.stopping = threading.Event()
 

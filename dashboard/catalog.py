@@ -96,7 +96,7 @@ class ProgressRates:
         self._lock = threading.Lock()
 
     def rows(self, store: Store) -> list[dict[str, Any]]:
-        prefix = f"{store.settings.topic_prefix}.{store.project}."
+        prefix = store.settings.acl_prefix()
         rows = list(store[PROGRESS].find({"project": store.project}, sort=[("topic", ASCENDING), ("partition", ASCENDING)]))
         now = time.monotonic()
         with self._lock:

@@ -7,7 +7,7 @@ every dashboard sees every record) and hands each batch to the browsers subscrib
 The seam between history and live points. A page shows a run by subscribing first and reading
 MongoDB second, then merging the two by step. That is gap-free only if every point the hub
 consumed *before* the subscription is in MongoDB by the time of the read. The log sink
-(``streams/logs.py``, group ``PREFIX-PROJECT-log-sink``) commits a record's offset only after
+(``streams/logs.py``, group ``PREFIX.PROJECT.log-sink``) commits a record's offset only after
 the record is persisted, so the hub keeps each point it consumed in a per-run buffer until the
 sink's committed offset for its partition has passed it, and a new subscription first receives
 the buffered points of its runs. Every point is then either replayed, or live, or committed (so
@@ -141,7 +141,7 @@ class LiveHub:
     ) -> None:
         self.settings = settings
         self.topic = settings.topic(Topic.LOGS)
-        self.group = f"{settings.topic_prefix}-{settings.project}-dashboard-{uuid.uuid4().hex[:12]}"
+        self.group = settings.consumer_group(f"dashboard-{uuid.uuid4().hex[:12]}")
         self.fetch_wait_ms = fetch_wait_ms
         self.buffer_limit = buffer_limit
         self.subscriber_limit = subscriber_limit

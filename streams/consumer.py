@@ -1,7 +1,7 @@
 """One processor kind on one topic: a batched librdkafka consumer that commits only what is durable.
 
 Every instance of a kind (``tensordb processors`` started several times, for one project or several
-sharing a database) joins the kind's consumer group, ``PREFIX-PROJECT-KIND``, so instances share
+sharing a database) joins the kind's consumer group, ``PREFIX.PROJECT.KIND``, so instances share
 the topic's partitions and take over those of an instance that dies.
 
 Two threads per processor (or more): the reader polls batches of up to ``batch_size`` records

@@ -6,7 +6,7 @@ a step logged twice, is stored once (the first write wins) and the rest of the b
 A record MongoDB refuses (a metric name with a '.' or '$'...) is dead-lettered on its own.
 
 ``tensordb processors`` runs it as its ``log-sink`` processor kind (batches of 10,000 records);
-``python -m streams.logs`` runs more sinks alone (same group ``PREFIX-PROJECT-log-sink``: they
+``python -m streams.logs`` runs more sinks alone (same group ``PREFIX.PROJECT.log-sink``: they
 share the partitions).
 """
 

@@ -209,6 +209,11 @@ class Settings(BaseSettings):
 
     services_dir: Path = Field(Path(".tensordb"), description="Binaries, data and logs of local services.")
     services_host: str = Field("127.0.0.1", description="Address the local services bind to.")
+    services_allow_remote: bool = Field(
+        False,
+        description="Let the local services bind beyond loopback (services_host). They have no authentication "
+        "and MongoDB no TLS: only on a network where everyone who can connect may read and change every project.",
+    )
 
     # -- what code may run (see SECURITY.md) ------------------------------------------------------
     trusted_modules: Annotated[tuple[str, ...], NoDecode] = Field(
@@ -370,12 +375,22 @@ class Settings(BaseSettings):
 
     def topic(self, kind: Topic) -> str:
         """The Kafka topic name for one kind of record in this project."""
-        return f"{self.topic_prefix}.{self.project}.{kind.value}"
+        return f"{self.acl_prefix()}{kind.value}"
+
+    def acl_prefix(self) -> str:
+        """``PREFIX.PROJECT.``: the start of every topic and consumer group name of this project, and
+        of no other project's, because project names cannot contain ``.`` (one prefixed Kafka ACL per
+        project covers exactly its own topics and groups)."""
+        return f"{self.topic_prefix}.{self.project}."
+
+    def consumer_group(self, name: str) -> str:
+        """A consumer group of this project, ``PREFIX.PROJECT.NAME`` (under :meth:`acl_prefix`)."""
+        return f"{self.acl_prefix()}{name}"
 
     def processor_group(self, kind: str) -> str:
         """The consumer group of one processor kind of this project (``ingest``, ``log-sink``...):
         every instance of the kind joins it, so instances share the topic's partitions."""
-        return f"{self.topic_prefix}-{self.project}-{kind}"
+        return self.consumer_group(kind)
 
     def all_topics(self) -> dict[Topic, str]:
         return {kind: self.topic(kind) for kind in Topic}

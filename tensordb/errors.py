@@ -220,3 +220,7 @@ class StageError(TensorDBError):
 
 class StageFunctionError(BadInputError):
     """A transform stage's function raised, or returned something that is not samples, for one source sample."""
+
+
+class ProvisioningError(TensorDBError):
+    """A project cannot be provisioned or removed on the servers as asked (it exists already, or it was not made by TensorDB)."""

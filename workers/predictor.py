@@ -56,7 +56,7 @@ READY_LINE = "predictor ready"
 
 def reply_topics(settings: Settings) -> str:
     """The prefix every reply topic must have: the project's own ``replies`` topics."""
-    return f"{settings.topic_prefix}.{settings.project}.replies."
+    return f"{settings.acl_prefix()}replies."
 
 
 class Predictor:

@@ -182,7 +182,7 @@ def follow_promotions(settings: Settings, holder: ModelHolder, stop: threading.E
     """Swap on each ``promoted`` event for the served model; check the alias now and then too."""
     consumer = make_consumer(
         settings,
-        f"{settings.topic_prefix}-{settings.project}-serve-{uuid.uuid4().hex[:8]}",
+        settings.consumer_group(f"serve-{uuid.uuid4().hex[:8]}"),
         [Topic.MODEL_EVENTS],
     )
     last_check = time.monotonic()

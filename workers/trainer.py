@@ -132,7 +132,7 @@ class Worker:
         advertise the worker, repeat."""
         consumer = make_consumer(
             self.settings,
-            f"{self.settings.topic_prefix}-{self.settings.project}-workers",
+            self.settings.consumer_group("workers"),
             [Topic.JOB_REQUESTS],
         )
         reaper = threading.Thread(target=self._reap_forever, name="tensordb-reaper", daemon=True)

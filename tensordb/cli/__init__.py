@@ -19,7 +19,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tensordb.cli import commands, healthcheck, stage, study
+    from tensordb.cli import commands, healthcheck, project, stage, study
     from tensordb.services import commands as service_commands
 
     parser = argparse.ArgumentParser(
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_commands(subparsers)
     stage.add_commands(subparsers)
     healthcheck.add_commands(subparsers)
+    project.add_commands(subparsers)
     return parser
 
 

@@ -41,6 +41,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="clients reach the broker only with TLS: a local CA and certificate are made with openssl "
         "(kept under the run folder) and the client settings to export are printed",
     )
+    up.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="bind beyond loopback when TENSORDB_SERVICES_HOST says so, although the services have no authentication "
+        "and MongoDB no TLS (refused otherwise; also TENSORDB_SERVICES_ALLOW_REMOTE=true)",
+    )
     up.set_defaults(handler=_up)
 
     down = actions.add_parser(
@@ -69,7 +75,10 @@ def _install(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    services = LocalServices(load_settings(), tls=args.tls)
+    settings = load_settings()
+    if args.allow_remote:
+        settings = settings.with_changes(services_allow_remote=True)
+    services = LocalServices(settings, tls=args.tls)
     statuses = services.up()
     _print_table(statuses, ("started", "already running"))
     if not any(status.changed for status in statuses):

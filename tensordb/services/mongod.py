@@ -24,11 +24,22 @@ _INVALID_CONFIG = 93  # replSetGetStatus: the stored configuration does not name
 class Mongod:
     """mongod on ``host:port`` with its data in ``RUN/mongo/data`` (kept across restarts)."""
 
-    def __init__(self, executable: Path, run_dir: Path, host: str, port: int) -> None:
+    def __init__(self, executable: Path, run_dir: Path, host: str, port: int, auth: bool = False) -> None:
+        """
+        Parameters
+        ----------
+        executable, run_dir, host, port:
+            The mongod program, the folder of its data, log and pid file, and where it listens.
+        auth:
+            Require credentials (``--auth``). The first start initiates the replica set through the
+            localhost exception; the caller then creates the first user the same way (tests of
+            ``tensordb project``), and stops mongod with signals unless it runs ``shutdown`` itself.
+        """
         self.process = ManagedProcess("mongod", executable, run_dir)
         self.data_dir = run_dir / "mongo" / "data"
         self.host = host
         self.port = port
+        self.auth = auth
 
     @property
     def address(self) -> str:
@@ -40,6 +51,7 @@ class Mongod:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.process.start(
             ["--bind_ip", self.host, "--port", str(self.port), "--dbpath", str(self.data_dir), "--replSet", REPLICA_SET]
+            + (["--auth"] if self.auth else [])
         )
         self.process.wait_ready(self._answers, timeout=60)
         self._become_primary(timeout=60)

@@ -134,6 +134,34 @@ def test_settings_that_point_at_external_servers_start_nothing(change: dict, set
         local.up()
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.10", "db.example.com"])
+def test_services_beyond_loopback_are_refused_without_an_explicit_flag(host: str, tmp_path: Path) -> None:
+    """mongod without --auth and the broker without authentication must not reach the network by accident (finding 14)."""
+    local = LocalServices(_settings(services_host=host), run_dir=tmp_path)
+    with pytest.raises(ServiceError, match=f"TENSORDB_SERVICES_HOST={host} .* no authentication .* --allow-remote"):
+        local.up()
+    assert not any(status.running for status in local.status())  # refused before starting anything
+
+    # with the flag the refusal is gone: up goes on to its next check (a leftover folder, so nothing starts here)
+    allowed = LocalServices(_settings(services_host=host, services_allow_remote=True), run_dir=tmp_path)
+    (tmp_path / "s3rver").mkdir()
+    with pytest.raises(ServiceError, match="--durable`, which was removed"):
+        allowed.up()
+
+
+def test_command_line_up_refuses_a_remote_host_and_says_how_to_allow_it(tmp_path: Path, monkeypatch, capsys) -> None:
+    from tensordb.cli import main
+
+    settings = _settings()
+    services_cli(tmp_path, monkeypatch, settings.kafka_bootstrap, settings.mongo_uri)
+    monkeypatch.setenv("TENSORDB_SERVICES_HOST", "0.0.0.0")
+    assert main(["services", "up"]) == 1
+    assert "no authentication" in capsys.readouterr().err
+    (tmp_path / "services" / "run" / "s3rver").mkdir(parents=True)  # stops `up` at its next check, before starting anything
+    assert main(["services", "up", "--allow-remote"]) == 1
+    assert "--durable`, which was removed" in capsys.readouterr().err
+
+
 def test_a_pid_file_naming_another_program_is_never_trusted(tmp_path: Path) -> None:
     local = LocalServices(_settings(), run_dir=tmp_path)
     pid_file = local.tansu.process.pid_path
