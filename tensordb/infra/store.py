@@ -250,15 +250,16 @@ class Store:
     def get_array(self, blob_id: ObjectId | str, sha256: str | None = None) -> np.ndarray:
         return npy_to_array(self.get_bytes(blob_id, sha256))
 
-    def write_blobs(self, blobs: list[Blob]) -> None:
+    def write_blobs(self, blobs: list[Blob]) -> set[ObjectId]:
         """Write many small blobs in two round trips, as standard GridFS files readable by any tool.
 
         Each blob is (id, filename, bytes, metadata). Ids are chosen by the caller (deterministic),
         and a blob that already exists is left as it is, so writing the same batch twice (a
-        redelivery) stores each blob once.
+        redelivery) stores each blob once. Returns the ids this call inserted: only those are the
+        caller's to remove again (the others belong to whatever wrote them first).
         """
         if not blobs:
-            return
+            return set()
         now = datetime.now(UTC)
         chunks, files = [], []
         for blob_id, filename, data, metadata in blobs:
@@ -277,7 +278,8 @@ class Store:
             )
         # chunks first: a files document is only visible once its bytes are all there
         insert_ignoring_duplicates(self.db[f"{BLOB_BUCKET}.chunks"], chunks)
-        insert_ignoring_duplicates(self.db[f"{BLOB_BUCKET}.files"], files)
+        existing = insert_ignoring_duplicates(self.db[f"{BLOB_BUCKET}.files"], files)
+        return {file["_id"] for index, file in enumerate(files) if index not in existing}
 
     def read_blobs(self, blob_ids: list[ObjectId], blob_bytes: int | None = None) -> dict[ObjectId, bytes]:
         """The bytes of many blobs in one query over their chunks (no per-file round trips).
