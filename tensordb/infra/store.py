@@ -29,7 +29,7 @@ from tensordb.errors import (
     mongo_refusal,
 )
 from tensordb.infra.codecs import array_to_npy, npy_to_array, sha256_hex
-from tensordb.infra.migrations import migrate
+from tensordb.infra.migrations import UpgradeReport, check_version, upgrade
 from tensordb.infra.project_scope import ProjectCollection
 
 #: Indexes created at start-up, per collection. Each area adds the ones its queries need.
@@ -174,8 +174,8 @@ class Store:
         return ProjectCollection(self.db[name], self.project, "metadata.project" if name == f"{BLOB_BUCKET}.files" else "project")
 
     def ensure_indexes(self, *names: str) -> None:
-        """Create the collections ``names`` (default: all, after upgrading documents of earlier
-        versions: :mod:`tensordb.infra.migrations`) and their indexes (idempotent; cheap when they exist).
+        """Create the collections ``names`` (default: all, after checking the database's schema
+        version: :mod:`tensordb.infra.migrations`) and their indexes (idempotent; cheap when they exist).
 
         Collections are created explicitly because MongoDB 4.0 cannot create them inside a
         transaction. Safe when several processes start at once: a collection another one created
@@ -186,7 +186,7 @@ class Store:
             return
         existing = self._collection_names()
         if not names:
-            migrate(self.db)  # documents of earlier versions first, so nothing is written beside them
+            check_version(self.db)  # never write beside documents of another version
         for name in names or INDEXES:
             indexes = INDEXES[name]
             if name not in existing:
@@ -200,6 +200,14 @@ class Store:
             if indexes:
                 self.db[name].create_indexes(indexes)
         self._ensured.update(names or INDEXES)
+
+    def upgrade(self) -> UpgradeReport:
+        """Upgrade documents of earlier TensorDB versions (``tensordb db upgrade``; see
+        :func:`tensordb.infra.migrations.upgrade`), then create the collections and indexes."""
+        self._collection_names()  # unreachable servers and rejected credentials in TensorDB's words
+        report = upgrade(self.db)
+        self.ensure_indexes()
+        return report
 
     def _collection_names(self) -> set[str]:
         """The database's collections; the first call of a process, so connection failures get
@@ -279,7 +287,7 @@ class Store:
         # chunks first: a files document is only visible once its bytes are all there
         insert_ignoring_duplicates(self.db[f"{BLOB_BUCKET}.chunks"], chunks)
         existing = insert_ignoring_duplicates(self.db[f"{BLOB_BUCKET}.files"], files)
-        return {file["_id"] for index, file in enumerate(files) if index not in existing}
+        return {blob[0] for index, blob in enumerate(blobs) if index not in existing}  # one files document per blob
 
     def read_blobs(self, blob_ids: list[ObjectId], blob_bytes: int | None = None) -> dict[ObjectId, bytes]:
         """The bytes of many blobs in one query over their chunks (no per-file round trips).
