@@ -10,13 +10,22 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import bson
 import gridfs
 import numpy as np
 from bson import Binary, ObjectId
+from bson.errors import InvalidDocument
 from pymongo import ASCENDING, DESCENDING, IndexModel, MongoClient
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError, CollectionInvalid, OperationFailure, ServerSelectionTimeoutError, WriteConcernError
+from pymongo.errors import (
+    BulkWriteError,
+    CollectionInvalid,
+    DocumentTooLarge,
+    OperationFailure,
+    ServerSelectionTimeoutError,
+    WriteConcernError,
+)
 from pymongo.uri_parser import parse_uri
 
 from tensordb.config import Settings, mask_uri
@@ -26,6 +35,7 @@ from tensordb.errors import (
     ProjectScopeError,
     StorageError,
     UnreachableError,
+    describe_error,
     mongo_refusal,
 )
 from tensordb.infra.codecs import array_to_npy, npy_to_array, sha256_hex
@@ -126,6 +136,8 @@ Blob = tuple[ObjectId, str, bytes, dict[str, Any]]
 #: Where :func:`insert_new` writes: a project's view, or a raw collection (blob chunks carry no project).
 Insertable = ProjectCollection | Collection[Mapping[str, Any]]
 DUPLICATE_KEY = 11000
+#: The largest document MongoDB stores.
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 NAMESPACE_EXISTS = 48
 AUTHENTICATION_FAILED = 18
 
@@ -346,7 +358,33 @@ def insert_new(collection: Insertable, documents: Sequence[Mapping[str, Any]]) -
     A document whose unique key exists already is a duplicate (skipped: idempotent writes); one
     MongoDB refuses (too deep, bad field name...) is returned with the reason, in TensorDB's terms,
     and the others are stored all the same. Plain inserts are ~3x faster than upserts.
+
+    A document that cannot even be encoded (an integer beyond 64 bits, a key BSON refuses, over
+    16 MB) makes pymongo refuse the whole call before sending it: the documents are then checked
+    one by one in memory and the others inserted in one more call, so a few such documents cost
+    one extra pass over the batch, never a write per document.
     """
+    try:
+        return _insert_many(collection, documents)
+    except (OverflowError, InvalidDocument, DocumentTooLarge):
+        pass  # documents before the one that failed may be stored already: duplicates on the next try
+    refused = {index: reason for index, document in enumerate(documents) if (reason := unencodable(document))}
+    rest = [index for index in range(len(documents)) if index not in refused]
+    duplicates, refused_by_mongo = _insert_many(collection, [documents[index] for index in rest])
+    refused.update({rest[position]: reason for position, reason in refused_by_mongo.items()})
+    return {rest[position] for position in duplicates}, refused
+
+
+def unencodable(document: Mapping[str, Any]) -> str | None:
+    """Why MongoDB cannot store ``document`` as it is (in TensorDB's terms), or None if it can."""
+    try:
+        size = len(bson.encode(document))
+    except (OverflowError, InvalidDocument) as exc:
+        return describe_error(exc)
+    return mongo_refusal(10334, f"{size} bytes of BSON") if size > MAX_DOCUMENT_BYTES else None
+
+
+def _insert_many(collection: Insertable, documents: Sequence[Mapping[str, Any]]) -> tuple[set[int], dict[int, str]]:
     if not documents:
         return set(), {}
     try:
