@@ -368,7 +368,16 @@ def receive(
     first = consumer.poll(timeout)  # returns as soon as one message arrives (consume() waited for all)
     if first is None:
         return
-    for message in [first, *consumer.consume(max_messages - 1, 0)] if max_messages > 1 else [first]:
+    messages = [first]
+    if max_messages > 1:
+        try:
+            messages += consumer.consume(max_messages - 1, 0)
+        except KafkaException as exc:
+            # the consumer's position is past ``first`` already: raising would drop it while the
+            # caller keeps the consumer (and commits later offsets), so it is yielded; a lasting
+            # error raises again from the next poll, before anything is taken
+            _log.warning("Kafka consumer: %s; handing on the message already received", exc)
+    for message in messages:
         error = message.error()
         if error:
             if error.fatal():
