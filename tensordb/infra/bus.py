@@ -363,7 +363,8 @@ def receive(
 
     Invalid records are yielded with ``error`` set rather than raised, so the caller can divert
     them to dead letters and keep going. A fatal consumer error raises :class:`FatalClientError`
-    (recreate the consumer: it resumes from the committed offsets); other client errors are logged.
+    (recreate the consumer: it resumes from the committed offsets), and so does a failure after a
+    message was taken (its position is past messages nobody will see); other client errors are logged.
     """
     first = consumer.poll(timeout)  # returns as soon as one message arrives (consume() waited for all)
     if first is None:
@@ -372,11 +373,12 @@ def receive(
     if max_messages > 1:
         try:
             messages += consumer.consume(max_messages - 1, 0)
-        except KafkaException as exc:
-            # the consumer's position is past ``first`` already: raising would drop it while the
-            # caller keeps the consumer (and commits later offsets), so it is yielded; a lasting
-            # error raises again from the next poll, before anything is taken
-            _log.warning("Kafka consumer: %s; handing on the message already received", exc)
+        except Exception as exc:  # e.g. a callback that raised: the messages it took are destroyed
+            # the consumer's position is past ``first`` and those messages: going on with it would
+            # skip them (and commit past them), so it must be replaced, resuming from its commits
+            raise FatalClientError(
+                f"the Kafka consumer failed while handing over messages ({type(exc).__name__}: {exc}): recreate it"
+            ) from exc
     for message in messages:
         error = message.error()
         if error:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from tensordb.config import Settings, Topic
@@ -100,42 +99,3 @@ def test_consumer_group_resumes_after_the_committed_offset(settings: Settings) -
         publisher.publish(Topic.LOGS, _log(10), key="run-1")
     second = _consume(settings, Topic.LOGS, 1, group="resume")
     assert [r.record["step"] for r in second] == [10]
-
-
-def test_a_client_error_while_a_batch_is_taken_never_drops_a_message_already_received(settings: Settings) -> None:
-    """``consume`` raising after ``poll`` handed a message (the consumer's position is past it
-    then): the message is still yielded, so a caller that keeps the consumer (as the processors do
-    for client errors) neither skips it nor commits past it (issue 24, finding 18)."""
-    with Publisher(settings) as publisher:
-        for step in range(20):
-            publisher.publish(Topic.LOGS, _log(step), key="run-1")
-
-    class FailingOnce:
-        """A real consumer whose first ``consume`` fails as librdkafka's can (a forced timing)."""
-
-        def __init__(self) -> None:
-            self.consumer = make_consumer(settings, "failing-once", [Topic.LOGS])
-            self.failed = False
-
-        def poll(self, timeout: float) -> object:
-            return self.consumer.poll(timeout)
-
-        def consume(self, count: int, timeout: float) -> list:
-            if not self.failed:
-                self.failed = True
-                raise KafkaException(KafkaError(KafkaError._TRANSPORT, "injected: broker connection lost"))
-            return self.consumer.consume(count, timeout)
-
-    flaky = FailingOnce()
-    steps: list[int] = []
-    deadline = time.monotonic() + 30
-    try:
-        while len(steps) < 20 and time.monotonic() < deadline:
-            try:
-                steps.extend(received.record["step"] for received in receive(flaky, "log/1", timeout=0.5, max_messages=5))
-            except KafkaException:
-                continue  # what TopicProcessor.run does: wait, and go on with the same consumer
-    finally:
-        flaky.consumer.close()
-    assert flaky.failed
-    assert sorted(steps) == list(range(20))

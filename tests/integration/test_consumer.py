@@ -8,7 +8,7 @@ import sys
 import threading
 from typing import Any
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from streams.consumer import TopicProcessor
 from streams.processing import ProcessorContext
@@ -153,3 +153,54 @@ def test_a_partition_revoked_while_its_batch_is_persisted_then_its_new_owner_kil
         processor.stop()
         thread.join(30)
     assert sorted(handled) == list(range(330)), sorted(set(range(330)) - handled)
+
+
+class FailingOnce:
+    """A real consumer whose first ``consume`` fails after ``poll`` handed a message, as
+    confluent_kafka's does when a callback raised (it destroys the messages it took): a forced timing."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self.failed = False
+
+    def consume(self, count: int, timeout: float) -> list:
+        if not self.failed:
+            self.failed = True
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "injected: failed while handing over messages"))
+        return self.consumer.consume(count, timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.consumer, name)
+
+
+def test_a_consumer_failing_after_it_took_messages_is_replaced_and_nothing_skipped(settings: Settings) -> None:
+    """The consumer's position is past the messages it took when ``consume`` fails: the processor
+    replaces it (resuming from the committed offsets) instead of going on past them (issue 24,
+    finding 18: the old code waited and kept the consumer, skipping the batch's first message)."""
+    handled: set[int] = set()
+    lock = threading.Lock()
+
+    def handler(context: ProcessorContext, batch: list[Received]) -> None:
+        with lock:
+            handled.update(received.valid_record["step"] for received in batch)
+
+    class Processor(TopicProcessor):
+        def _new_consumer(self) -> Any:
+            consumer = super()._new_consumer()
+            return FailingOnce(consumer) if not hasattr(self, "consumer") else consumer  # only the first one fails
+
+    processor = Processor(settings, "failing-once", Topic.LOGS, handler, batch_size=10)
+    first = processor.consumer
+    ready = threading.Event()
+    thread = threading.Thread(target=processor.run, kwargs={"on_ready": ready.set}, daemon=True)
+    thread.start()
+    try:
+        with Publisher(settings) as publisher, RunLogger(publisher, run_id="failing-once") as logger:
+            for step in range(40):
+                logger.log(step, loss=0.5)
+        wait_for(lambda: len(handled) == 40, timeout=60, what="every record handled")
+    finally:
+        processor.stop()
+        thread.join(30)
+    assert first.failed and processor.consumer is not first
+    assert sorted(handled) == list(range(40))
