@@ -8,6 +8,7 @@ import sys
 import threading
 from typing import Any
 
+import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from streams.consumer import TopicProcessor
@@ -156,27 +157,35 @@ def test_a_partition_revoked_while_its_batch_is_persisted_then_its_new_owner_kil
 
 
 class FailingOnce:
-    """A real consumer whose first ``consume`` fails after ``poll`` handed a message, as
+    """A real consumer whose first ``poll`` or ``consume`` that takes messages fails, as
     confluent_kafka's does when a callback raised (it destroys the messages it took): a forced timing."""
 
-    def __init__(self, consumer: Any) -> None:
-        self.consumer = consumer
+    def __init__(self, consumer: Any, method: str) -> None:
+        self.consumer, self.method = consumer, method
         self.failed = False
 
+    def _taken(self, method: str, messages: list) -> list:
+        if method == self.method and not self.failed and any(not message.error() for message in messages):
+            self.failed = True  # the messages are gone, the position is past them
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, f"injected: {method} failed after taking messages"))
+        return messages
+
+    def poll(self, timeout: float) -> Any:
+        message = self.consumer.poll(timeout)
+        return None if message is None else self._taken("poll", [message])[0]
+
     def consume(self, count: int, timeout: float) -> list:
-        if not self.failed:
-            self.failed = True
-            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "injected: failed while handing over messages"))
-        return self.consumer.consume(count, timeout)
+        return self._taken("consume", self.consumer.consume(count, timeout))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.consumer, name)
 
 
-def test_a_consumer_failing_after_it_took_messages_is_replaced_and_nothing_skipped(settings: Settings) -> None:
-    """The consumer's position is past the messages it took when ``consume`` fails: the processor
-    replaces it (resuming from the committed offsets) instead of going on past them (issue 24,
-    finding 18: the old code waited and kept the consumer, skipping the batch's first message)."""
+@pytest.mark.parametrize("method", ["poll", "consume"])
+def test_a_consumer_failing_after_it_took_messages_is_replaced_and_nothing_skipped(settings: Settings, method: str) -> None:
+    """The consumer's position is past the messages it took when ``poll`` or ``consume`` fails:
+    the processor replaces it (resuming from the committed offsets) instead of going on past them
+    (issue 24, finding 18: the old code waited and kept the consumer, skipping those messages)."""
     handled: set[int] = set()
     lock = threading.Lock()
 
@@ -187,12 +196,11 @@ def test_a_consumer_failing_after_it_took_messages_is_replaced_and_nothing_skipp
     class Processor(TopicProcessor):
         def _new_consumer(self) -> Any:
             consumer = super()._new_consumer()
-            return FailingOnce(consumer) if not hasattr(self, "consumer") else consumer  # only the first one fails
+            return FailingOnce(consumer, method) if not hasattr(self, "consumer") else consumer  # only the first fails
 
     processor = Processor(settings, "failing-once", Topic.LOGS, handler, batch_size=10)
     first = processor.consumer
-    ready = threading.Event()
-    thread = threading.Thread(target=processor.run, kwargs={"on_ready": ready.set}, daemon=True)
+    thread = threading.Thread(target=processor.run, daemon=True)
     thread.start()
     try:
         with Publisher(settings) as publisher, RunLogger(publisher, run_id="failing-once") as logger:
