@@ -4,8 +4,9 @@ The contract, for every topic: each record of a batch ends stored (by the topic'
 dead-lettered with a reason, and :func:`process_batch` returns only when that is durable, so the
 caller may then commit the batch's offsets. Outages of MongoDB or Kafka of any length are waited
 out with bounded back-off (every call: handler, dead letters, flush, progress), a fatal producer is
-replaced, and a record the handler cannot process is set aside alone (the batch is halved until it is). When the processor is asked
-to stop while waiting, :class:`Stopping` is raised and the batch stays uncommitted (redelivered).
+replaced, and a record the handler cannot process is set aside alone (the batch is halved until it
+is). When the processor is asked to stop while waiting, :class:`Stopping` is raised and the batch
+stays uncommitted (redelivered).
 """
 
 from __future__ import annotations
