@@ -80,7 +80,7 @@ from tensordb.data.samples import SAMPLES, SPLIT_KEY_RANGE
 from tensordb.data.snapshots import SNAPSHOTS, take_snapshot
 from tensordb.infra.bus import Received
 from tensordb.infra.codecs import xxh3_hex
-from tensordb.infra.store import BLOB_BUCKET, Store
+from tensordb.infra.store import BLOB_BUCKET, Blob, Store
 from tensordb.services.mongod import REPLICA_SET, Mongod
 from tensordb.testing import ChildProcess, processors_process, raw_database
 
@@ -619,7 +619,7 @@ def tiny_cohort(store: Store, count: int) -> Cohort:
     its bytes. Labels are the sample numbers; cohort order (newest first) is descending."""
     data = bytes(4)
     blob_id = ObjectId()
-    store.write_blobs([(blob_id, "tiny", data, {"kind": "sample-array"})])
+    store.write_blobs([Blob(blob_id, "tiny", data, {"kind": "sample-array"})])
     spec = {"dtype": "uint8", "shape": [4], "nbytes": len(data), "blob_id": blob_id, "xxh3": xxh3_hex(data)}
     began = datetime(2026, 1, 1, tzinfo=UTC)
     for start in range(0, count, TINY_CHUNK):

@@ -6,7 +6,8 @@ Idempotent by construction: a sample's id comes from the record (or its content)
 from the project, sample id and array name, and documents are inserted only if absent, so a
 redelivered record changes nothing. A sample id already stored with different content is
 dead-lettered with the reason (never dropped, never replaced). A record MongoDB refuses is
-dead-lettered on its own and its blobs removed; the rest of the batch is stored.
+dead-lettered on its own and the blobs written for it removed (only those this batch wrote and no
+document it stored refers to: never another sample's); the rest of the batch is stored.
 
 A claim check (an array the SDK uploaded to GridFS beforehand) is accepted only if its blob was
 uploaded in this project for this sample id and matches the record's size, sha256, dtype and
@@ -288,12 +289,13 @@ def store_samples(context: ProcessorContext, prepared: list[Prepared]) -> tuple[
     if not prepared:
         return {}, set()
     store: Store = context.store
-    store.write_blobs([blob for _, _, blobs in prepared for blob in blobs])
+    written = store.write_blobs([blob for _, _, blobs in prepared for blob in blobs])
     duplicates, refused = insert_new(store[SAMPLES], [document for _, document, _ in prepared])  # the first stored wins
     for index, reason in refused.items():
-        received, document, blobs = prepared[index]
-        context.dead_letters.divert(received, StorageError(reason))
-        store.delete_blobs([blob.id for blob in blobs])  # the blobs written above, never a claim check's
+        context.dead_letters.divert(prepared[index][0], StorageError(reason))
+    kept = {blob.id for index, (_, _, blobs) in enumerate(prepared) if index not in refused for blob in blobs}
+    # only blobs this call wrote, for no document it kept: a stored sample of that id keeps its own
+    store.delete_blobs(sorted(({blob.id for index in refused for blob in prepared[index][2]} & written) - kept))
     positions = sorted(duplicates)
     reused = _reused_ids(store, [prepared[index][1] for index in positions])
     for position, reason in reused.items():

@@ -46,7 +46,8 @@ class TensorDB:
     **overrides
         Settings to change, e.g. ``project="radiology"``, ``mongo_uri=...``.
 
-    Raises ``ConfigurationError`` when a setting is malformed or MongoDB rejects the credentials.
+    Raises ``ConfigurationError`` when a setting is malformed or MongoDB rejects the credentials,
+    ``DatabaseVersionError`` when the database needs ``tensordb db upgrade``.
     Kafka is connected on first use: reading data needs MongoDB only.
     """
 

@@ -9,6 +9,7 @@ They form one tree under :class:`TensorDBError`, by what the caller can do about
 - :class:`UnreachableError`: Kafka or MongoDB did not answer or acknowledge: retry, check the servers;
 - :class:`NotFoundError` (also a ``LookupError``): what was named does not exist in this project;
 - :class:`IntegrityError`: stored bytes do not match their checksum: restore or re-publish;
+- :class:`DatabaseVersionError`: the database is of another TensorDB version: upgrade it (or TensorDB);
 - the rest (``StorageError``, ``ServiceError``, ``JobError``, ``TaskScriptError``, ``DrainError``)
   are failures of one operation, explained by their message.
 """
@@ -76,6 +77,10 @@ class StorageError(TensorDBError):
 
 class IntegrityError(TensorDBError):
     """Stored bytes do not match their recorded checksum."""
+
+
+class DatabaseVersionError(TensorDBError):
+    """The database was written by another TensorDB version: run the command the message names."""
 
 
 class ProjectScopeError(BadInputError):

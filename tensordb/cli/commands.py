@@ -136,6 +136,21 @@ def _policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _db_upgrade(args: argparse.Namespace) -> int:
+    """Upgrade the database; exit 1 if documents were kept under their old ids (collisions)."""
+    import sys
+
+    from tensordb.infra.store import Store
+
+    with Store(load_settings()) as store:
+        report = store.upgrade()
+    print(f"database {store.settings.mongo_database!r}: schema {report.from_version} -> {report.to_version}, "
+          f"{report.renamed} documents renamed to project-scoped ids")  # fmt: skip
+    for collision in report.collisions:
+        print(f"tensordb: collision: {collision}", file=sys.stderr)
+    return 1 if report.collisions else 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     if args.study:
         from tensordb.cli.demo_study import run_study_demo
@@ -272,6 +287,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     for action in ("show", "pause", "resume", "delete"):
         actions.add_parser(action, help=f"{action} a policy").add_argument("name")
     policy.set_defaults(handler=_policy)
+
+    database = subparsers.add_parser("db", help="manage the MongoDB database's schema version")
+    db_commands = database.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_commands.add_parser(
+        "upgrade", help="upgrade documents written by earlier TensorDB versions (once, with their processes stopped)"
+    ).set_defaults(handler=_db_upgrade)
 
     demo = subparsers.add_parser("demo", help="run the demo against the running services")
     demo.add_argument("--study", action="store_true", help="run the hyper-parameter study demo (ASHA on the digits) instead")

@@ -363,12 +363,22 @@ def receive(
 
     Invalid records are yielded with ``error`` set rather than raised, so the caller can divert
     them to dead letters and keep going. A fatal consumer error raises :class:`FatalClientError`
-    (recreate the consumer: it resumes from the committed offsets); other client errors are logged.
+    (recreate the consumer: it resumes from the committed offsets), and so does a failure of the
+    client's calls (its position may be past messages nobody will see); other client errors are logged.
     """
-    first = consumer.poll(timeout)  # returns as soon as one message arrives (consume() waited for all)
-    if first is None:
-        return
-    for message in [first, *consumer.consume(max_messages - 1, 0)] if max_messages > 1 else [first]:
+    try:
+        first = consumer.poll(timeout)  # returns as soon as one message arrives (consume() waited for all)
+        if first is None:
+            return
+        messages = [first, *consumer.consume(max_messages - 1, 0)] if max_messages > 1 else [first]
+    except Exception as exc:
+        # confluent_kafka raises here when a callback raised, after destroying the messages it had
+        # taken: the consumer's position is past them, so going on with it would skip them (and
+        # commit past them); replaced, a consumer resumes from the committed offsets
+        raise FatalClientError(
+            f"the Kafka consumer failed while handing over messages ({type(exc).__name__}: {exc}): recreate it"
+        ) from exc
+    for message in messages:
         error = message.error()
         if error:
             if error.fatal():

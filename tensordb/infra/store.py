@@ -16,13 +16,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import bson
 import gridfs
 import numpy as np
 from bson import Binary, ObjectId
+from bson.errors import InvalidDocument
 from pymongo import ASCENDING, DESCENDING, IndexModel, MongoClient
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError, CollectionInvalid, OperationFailure, ServerSelectionTimeoutError, WriteConcernError
+from pymongo.errors import (
+    BulkWriteError,
+    CollectionInvalid,
+    DocumentTooLarge,
+    OperationFailure,
+    ServerSelectionTimeoutError,
+    WriteConcernError,
+)
 from pymongo.uri_parser import parse_uri
 
 from tensordb.config import Settings, mask_uri
@@ -32,10 +41,11 @@ from tensordb.errors import (
     ProjectScopeError,
     StorageError,
     UnreachableError,
+    describe_error,
     mongo_refusal,
 )
 from tensordb.infra.codecs import array_to_npy, npy_to_array, sha256_hex, xxh3_hex
-from tensordb.infra.migrations import migrate
+from tensordb.infra.migrations import UpgradeReport, check_version, upgrade
 from tensordb.infra.project_scope import ProjectCollection
 
 #: Indexes created at start-up, per collection. Each area adds the ones its queries need.
@@ -132,6 +142,8 @@ RESERVED_BLOB_METADATA = frozenset({"project", "sha256", "xxh3"})
 #: Where :func:`insert_new` writes: a project's view, or a raw collection (blob chunks carry no project).
 Insertable = ProjectCollection | Collection[Mapping[str, Any]]
 DUPLICATE_KEY = 11000
+#: The largest document MongoDB stores.
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 NAMESPACE_EXISTS = 48
 AUTHENTICATION_FAILED = 18
 
@@ -225,8 +237,8 @@ class Store:
         )
 
     def ensure_indexes(self, *names: str) -> None:
-        """Create the collections ``names`` (default: all, after upgrading documents of earlier
-        versions: :mod:`tensordb.infra.migrations`) and their indexes (idempotent; cheap when they exist).
+        """Create the collections ``names`` (default: all, after checking the database's schema
+        version: :mod:`tensordb.infra.migrations`) and their indexes (idempotent; cheap when they exist).
 
         Collections are created explicitly because MongoDB 4.0 cannot create them inside a
         transaction. Safe when several processes start at once: a collection another one created
@@ -237,7 +249,7 @@ class Store:
             return
         existing = self._collection_names()
         if not names:
-            migrate(self._db)  # documents of earlier versions first, so nothing is written beside them
+            check_version(self._db)  # never write beside documents of another version
         for name in names or INDEXES:
             indexes = INDEXES[name]
             if name not in existing:
@@ -251,6 +263,14 @@ class Store:
             if indexes:
                 self._db[name].create_indexes(indexes)
         self._ensured.update(names or INDEXES)
+
+    def upgrade(self) -> UpgradeReport:
+        """Upgrade documents of earlier TensorDB versions (``tensordb db upgrade``; see
+        :func:`tensordb.infra.migrations.upgrade`), then create the collections and indexes."""
+        self._collection_names()  # unreachable servers and rejected credentials in TensorDB's words
+        report = upgrade(self._db)
+        self.ensure_indexes()
+        return report
 
     def _collection_names(self) -> set[str]:
         """The database's collections; the first call of a process, so connection failures get
@@ -454,7 +474,33 @@ def insert_new(collection: Insertable, documents: Sequence[Mapping[str, Any]]) -
     A document whose unique key exists already is a duplicate (skipped: idempotent writes); one
     MongoDB refuses (too deep, bad field name...) is returned with the reason, in TensorDB's terms,
     and the others are stored all the same. Plain inserts are ~3x faster than upserts.
+
+    A document that cannot even be encoded (an integer beyond 64 bits, a key BSON refuses, over
+    16 MB) makes pymongo refuse the whole call before sending it: the documents are then checked
+    one by one in memory and the others inserted in one more call, so a few such documents cost
+    one extra pass over the batch, never a write per document.
     """
+    try:
+        return _insert_many(collection, documents)
+    except (OverflowError, InvalidDocument, DocumentTooLarge):
+        pass  # documents before the one that failed may be stored already: duplicates on the next try
+    refused = {index: reason for index, document in enumerate(documents) if (reason := unencodable(document))}
+    rest = [index for index in range(len(documents)) if index not in refused]
+    duplicates, refused_by_mongo = _insert_many(collection, [documents[index] for index in rest])
+    refused.update({rest[position]: reason for position, reason in refused_by_mongo.items()})
+    return {rest[position] for position in duplicates}, refused
+
+
+def unencodable(document: Mapping[str, Any]) -> str | None:
+    """Why MongoDB cannot store ``document`` as it is (in TensorDB's terms), or None if it can."""
+    try:
+        size = len(bson.encode(document))
+    except (OverflowError, InvalidDocument) as exc:
+        return describe_error(exc)
+    return mongo_refusal(10334, f"{size} bytes of BSON") if size > MAX_DOCUMENT_BYTES else None
+
+
+def _insert_many(collection: Insertable, documents: Sequence[Mapping[str, Any]]) -> tuple[set[int], dict[int, str]]:
     if not documents:
         return set(), {}
     try:

@@ -8,16 +8,19 @@ import hashlib
 import os
 import shutil
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import orjson
 
+from streams.ingest import sample_document, store_samples, stored_arrays
+from streams.processing import ProcessorContext
 from tensordb.client import TensorDB
 from tensordb.config import Settings, Topic
 from tensordb.data.loader import sample_arrays
 from tensordb.data.samples import INLINE_MAX_BYTES, SAMPLES
-from tensordb.infra.bus import Publisher, make_consumer, receive
+from tensordb.infra.bus import Publisher, Received, make_consumer, receive
 from tensordb.infra.dead_letters import COLLECTION as DEAD_LETTERS
 from tensordb.testing import ChildProcess, raw_database, wait_for
 
@@ -195,3 +198,27 @@ def test_a_sample_published_with_kcat_is_persisted(settings: Settings, processor
         assert doc["source"] == "kafka" and doc["labels"] == {"y": 7}
         x, _ = next(iter(db.cohort({"dataset": "cli"}).stream(batch_size=1)))
         assert x.dtype == np.int16 and x[0].tolist() == [-1, 300]
+
+
+def test_a_refused_document_never_removes_the_blobs_of_a_sample_stored_under_its_id(settings: Settings) -> None:
+    """MongoDB refuses one of two documents of a sample id in a batch (a tag too long for its
+    4.0 index, a stand-in for any refusal): the blobs, written once for both, stay with the one stored."""
+    context = ProcessorContext(settings)
+    try:
+        data = np.arange(INLINE_MAX_BYTES + 1, dtype=np.uint64).astype(np.uint8).tobytes()
+        prepared = []
+        for offset, tag in enumerate(["t" * 1100, "ok"]):  # the refused one first: it wrote the blob
+            arrays, blobs = stored_arrays(context.store, "d", "shared-id", {"x": ("uint8", [len(data)], data)})
+            origin = {"topic": settings.topic(Topic.INGEST), "partition": 0, "offset": offset}
+            document = sample_document(
+                context.store, {"dataset": "d", "tags": [tag]}, "shared-id", arrays, datetime.now(UTC), origin
+            )
+            received = Received(origin["topic"], 0, offset, None, orjson.dumps({"tag": tag}), {}, None)
+            prepared.append((received, document, blobs))
+        stored, inserted = store_samples(context, prepared)
+        assert inserted == {"shared-id"}
+        assert context.store[DEAD_LETTERS].count_documents({}) == 1
+        (arrays,) = sample_arrays(context.store, list(context.store[SAMPLES].find({"_id": "shared-id"})))
+        assert arrays["x"].tobytes() == data  # old code: the refused document's cleanup deleted the stored sample's blob
+    finally:
+        context.close()

@@ -70,3 +70,27 @@ def test_numpy_scalars_serialise_as_json_numbers() -> None:
     log = {"schema": "log/1", "run_id": "r", "phase": "train", "step": 1, "metrics": {"loss": 0.5}, "wall_time": 1.0}
     encoded = records.encode({**log, "metrics": {"loss": np.float32(0.5)}}, "log/1")
     assert json.loads(encoded)["metrics"]["loss"] == 0.5
+
+
+def _integer_fields(schema: object, path: str = "$") -> list[tuple[str, dict]]:
+    """Every subschema of ``schema`` that admits integers, with where it is."""
+    if isinstance(schema, list):
+        return [found for index, item in enumerate(schema) for found in _integer_fields(item, f"{path}[{index}]")]
+    if not isinstance(schema, dict):
+        return []
+    kinds = schema.get("type", [])
+    here = [(path, schema)] if "integer" in (kinds if isinstance(kinds, list) else [kinds]) else []
+    return here + [found for key, value in schema.items() for found in _integer_fields(value, f"{path}.{key}")]
+
+
+def test_every_integer_field_is_bounded_to_what_mongodb_stores() -> None:
+    """An integer beyond 64 bits is refused by validation, naming the field (MongoDB would refuse
+    the whole insert); labels hold any number and are checked before insert instead."""
+    unbounded = []
+    for path in sorted(SCHEMA_DIR.glob("*.json")):
+        for where, field in _integer_fields(json.loads(path.read_text())):
+            if "number" in field["type"]:
+                continue  # floats beyond 2**63 are storable: checked before insert (check_storable, insert_new)
+            if not (-(2**63) <= field.get("minimum", -(2**64)) and field.get("maximum", 2**64) <= 2**63 - 1):
+                unbounded.append(f"{path.name} {where}")
+    assert unbounded == []
