@@ -28,7 +28,7 @@ from tensordb.infra import metrics
 from tensordb.infra.bus import Publisher, Received
 from tensordb.infra.dead_letters import DeadLetters
 from tensordb.infra.store import DUPLICATE_KEY, PROGRESS, Store
-from tensordb.infra.supervision import FLUSH_SECONDS, SERVER_WAIT_MS, Supervisor, is_transient
+from tensordb.infra.supervision import FLUSH_SECONDS, SERVER_WAIT_MS, Stopping, Supervisor, is_transient
 from tensordb.models.registry import ModelRegistry
 from tensordb.runtime import Runtime
 
@@ -166,13 +166,13 @@ def _handle(context: ProcessorContext, valid: list[Received], handler: Handler) 
 
     Handlers are idempotent, so a batch that failed can be retried record by record: only the
     records that fail on their own become dead letters, with the error. Outages propagate, so the
-    caller waits them out and retries the batch.
+    caller waits them out and retries the batch; so does a stop (the batch stays uncommitted).
     """
     try:
         handler(context, valid)
         return
     except Exception as exc:
-        if is_transient(exc):
+        if _not_the_records(exc):
             raise
         log.warning("%s processor: a batch of %d records failed (%s: %s); processing them one by one",
                     context.processor, len(valid), type(exc).__name__, exc)  # fmt: skip
@@ -180,6 +180,13 @@ def _handle(context: ProcessorContext, valid: list[Received], handler: Handler) 
         try:
             handler(context, [received])
         except Exception as exc:
-            if is_transient(exc):
+            if _not_the_records(exc):
                 raise
             context.dead_letters.divert(received, exc)  # set aside, never lost
+
+
+def _not_the_records(error: BaseException) -> bool:
+    """Whether ``error`` says nothing about the records: an outage (waited out), or a stop while the
+    handler waited (a stage that paused itself waits like one a person paused: the batch stays
+    uncommitted and is derived after ``resume``), never a reason to dead-letter them."""
+    return is_transient(error) or isinstance(error, Stopping)
