@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupTopicPartitions, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from tensordb.config import Settings, Topic
@@ -172,6 +172,8 @@ class LiveHub:
         self._thread: threading.Thread | None = None
         self._pruner: threading.Thread | None = None
         self._admin = AdminClient(settings.kafka_config())
+        self._offsets_lock = threading.Lock()  # the feed's thread and the pruner both ask
+        self._offsets = self._offsets_reader()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -194,6 +196,7 @@ class LiveHub:
         for thread in (self._thread, self._pruner):
             if thread is not None:
                 thread.join(timeout=10)
+        close_consumer(self._offsets)
         with self._lock:
             subscriptions = set(self._everything).union(*self._by_run.values()) if self._by_run else set(self._everything)
             self._by_run.clear()
@@ -312,12 +315,23 @@ class LiveHub:
             raise ConfigurationError(f"topic {self.topic} does not exist: run `tensordb topics create`")
         return sorted(topics[self.topic].partitions)
 
+    def _offsets_reader(self) -> Consumer:
+        """A client of the sink's group that never joins it (nothing subscribed) nor commits: it reads
+        the sink's committed offsets. Not AdminClient's ``list_consumer_group_offsets``: librdkafka
+        aborts the whole process when a broker connection drops during that coordinator request
+        (``rd_kafka_enq_once_del_source_return: Assertion 'eonce->refcnt > 0' failed``, librdkafka
+        issue 4605), which a dashboard asking every ``prune_seconds`` met in a broker restart."""
+        return Consumer(
+            self.settings.kafka_config(
+                **{"group.id": sink_group(self.settings), "enable.auto.commit": False, "enable.auto.offset.store": False}
+            )
+        )
+
     def _sink_offsets(self, partitions: list[int]) -> dict[int, int]:
         """The log sink's committed offset per partition (absent: never committed)."""
-        request = ConsumerGroupTopicPartitions(sink_group(self.settings), [TopicPartition(self.topic, p) for p in partitions])
-        futures = self._admin.list_consumer_group_offsets([request], request_timeout=10)
-        result = next(iter(futures.values())).result()
-        return {tp.partition: tp.offset for tp in result.topic_partitions if tp.offset >= 0 and tp.error is None}
+        with self._offsets_lock:
+            found = self._offsets.committed([TopicPartition(self.topic, p) for p in partitions], timeout=10)
+        return {tp.partition: tp.offset for tp in found if tp.offset >= 0 and tp.error is None}
 
     def _consume(self, messages: list) -> None:
         if not messages:
