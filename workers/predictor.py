@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from tensordb import records
 from tensordb.config import Settings, Topic
@@ -107,7 +107,7 @@ class Predictor:
         self.holder = ModelHolder(self.runtime.registry, model, pinned=version)
         self.answered = 0  # requests answered (stored and published) by this process
         self._marker = ThreadPoolExecutor(1, thread_name_prefix="tensordb-published")  # marks answers published
-        self._consumer: Any = None
+        self._consumer: Consumer | None = None  # while run() runs
 
     @property
     def group(self) -> str:
@@ -127,7 +127,7 @@ class Predictor:
                 on_ready()
             self._load_first(wait=True)  # none yet: requests sent meanwhile wait in Kafka
             while not self._stop.is_set():
-                batch = self.supervisor.wait_out(self._read, "reading predict requests")
+                batch = self.supervisor.wait_out(self._read, "reading predict requests", retry_failures=True)
                 if not batch:
                     continue
                 mine = [received for received in batch if self._mine(received)]
@@ -138,7 +138,8 @@ class Predictor:
             pass  # the batch in hand is not committed: read again, and answered from the store
         finally:
             self._stop.set()
-            close_consumer(self._consumer)
+            if self._consumer is not None:
+                close_consumer(self._consumer)
             if follower is not None:
                 follower.join(timeout=5)
             self._marker.shutdown(wait=True)
@@ -150,6 +151,7 @@ class Predictor:
     def _read(self) -> list[Received]:
         """The next batch of requests; a consumer that failed is replaced (it resumes from the
         committed offsets, so no request polled by the old one is skipped)."""
+        assert self._consumer is not None, "run() reads"
         try:
             return self._next_batch(self._consumer)
         except Exception:
@@ -160,6 +162,7 @@ class Predictor:
     def _commit(self, batch: list[Received]) -> None:
         """Commit a batch that is answered (asynchronously: every answer is stored first, so a
         request read again is answered from the store)."""
+        assert self._consumer is not None, "run() commits"
         try:
             self._consumer.commit(
                 offsets=[TopicPartition(r.topic, r.partition, r.offset + 1) for r in _last_per_partition(batch)],
