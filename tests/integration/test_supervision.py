@@ -177,6 +177,7 @@ def test_the_model_servers_promotion_follower_is_restarted_when_it_dies_and_says
     import threading
 
     from confluent_kafka import KafkaError, KafkaException
+    from starlette.testclient import TestClient
 
     from tensordb.infra import metrics
     from tensordb.models.registry import ModelRegistry
@@ -200,14 +201,18 @@ def test_the_model_servers_promotion_follower_is_restarted_when_it_dies_and_says
         holder.refresh()
         assert holder.current is not None and holder.current.version == first
         thread = serve.start_follower(settings, holder, stop)
+        http = TestClient(serve.create_app(holder, settings), base_url="http://127.0.0.1")
         try:
             assert holder.following is not None
             wait_for(lambda: "died (KafkaException" in holder.following.status, what="the follower's death, said")
             assert f"follower-{MODEL}" in (metrics.loop_problems() or "")
+            health = http.get("/health").json()
+            assert health["status"] == "degraded" and "injected consumer failure" in health["following"], health
             failing.clear()
             registry.promote(MODEL, second)
             wait_for(lambda: holder.current.version == second, timeout=30, what="the promotion, followed again")
             wait_for(lambda: holder.following.status == "ok", what="the follower's recovery, said")
+            assert http.get("/health").json() == {"status": "ok", "model": MODEL, "version": second, "following": "ok"}
             assert metrics.loop_problems() is None or f"follower-{MODEL}" not in metrics.loop_problems()
         finally:
             stop.set()
