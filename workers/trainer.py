@@ -257,7 +257,7 @@ class Worker:
         log.info("running %s job %s (attempt %s)", job["kind"], job["_id"], job["attempts"])
         study = (job.get("labels") or {}).get("study")
         try:
-            self.jobs.event(job["_id"], JobEvent.STARTED, attempt=job["attempts"], worker=self.worker_id)
+            self.jobs.event(job["_id"], JobEvent.STARTED, attempt=job["attempts"], worker=self.worker_id, wait=True)
             result = self.runners[job["kind"]](context)
             if study:  # the trial's work is done: its successor waits in the queue while its end is recorded
                 self._fill_study(study, ending=job["_id"])

@@ -660,9 +660,29 @@ class Jobs:
             self.publisher.flush()
 
     def event(
-        self, job_id: str, event: JobEvent, attempt: int, worker: str | None = None, detail: dict[str, Any] | None = None
+        self,
+        job_id: str,
+        event: JobEvent,
+        attempt: int,
+        worker: str | None = None,
+        detail: dict[str, Any] | None = None,
+        wait: bool = False,
     ) -> None:
-        """Publish a job event for dashboards (non-blocking)."""
+        """Publish a job event for dashboards and the processors.
+
+        Parameters
+        ----------
+        job_id, event, attempt, worker, detail
+            What the event says.
+        wait : bool
+            Return once the broker acknowledged it (publishing it again if a failed producer
+            dropped it), as a worker does before it runs a job: a producer that a restarted broker
+            no longer acknowledges is then replaced before the job's own records need it, rather
+            than failing the attempt. Otherwise it is only queued.
+        """
+        if wait:
+            self._deliver(lambda: self.event(job_id, event, attempt, worker, detail))
+            return
         record: dict[str, Any] = {
             "schema": records.Schema.JOB_EVENT,
             "job_id": job_id,
