@@ -87,6 +87,7 @@ class ProcessorContext:
 
     def close(self) -> None:
         """Flush (5 s at most: a stop must not wait on a broker that is down) and disconnect."""
+        self.supervisor.close()
         try:
             self.runtime.close(timeout=5.0)
         except DeliveryError as exc:  # their batches' offsets were not committed: read again after a restart

@@ -143,6 +143,7 @@ class Predictor:
             if follower is not None:
                 follower.join(timeout=5)
             self._marker.shutdown(wait=True)
+            self.supervisor.close()
             try:
                 self.runtime.close(timeout=5.0)
             except TensorDBError as exc:  # answers not delivered are published again when their requests are read again

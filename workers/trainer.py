@@ -157,6 +157,7 @@ class Worker:
             close_consumer(self._consumer)
             reaper.join(timeout=5)
             self._withdraw()
+            self.supervisor.close()
             self.close()
 
     # -- the loop's steps ----------------------------------------------------------------------

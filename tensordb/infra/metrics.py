@@ -158,6 +158,15 @@ def loop_state(loop: str, problem: str | None) -> None:
         _loop_problems.pop(loop, None)
 
 
+def forget_loop(loop: str) -> None:
+    """Drop the state of a loop that ended (a stopped stage's consumer is no problem of the process)."""
+    _loop_problems.pop(loop, None)
+    try:
+        LOOP_OK.remove(loop)
+    except KeyError:  # never reported
+        pass
+
+
 def loop_problems() -> str | None:
     """The loops of this process that do not work now and why, or None when every one does."""
     problems = dict(_loop_problems)  # a copy: loops change it from their own threads

@@ -125,6 +125,10 @@ class Supervisor:
                 self.status = "ok"
             return result
 
+    def close(self) -> None:
+        """The loop ended: its state no longer counts (``/ready``, ``tensordb_loop_ok``)."""
+        metrics.forget_loop(self.loop)
+
     def working(self) -> None:
         """Say the loop works again (a supervised thread calls it after each pass that succeeded)."""
         if self.status != "ok":
@@ -134,9 +138,15 @@ class Supervisor:
     def start_thread(self, target: Callable[[], None], name: str) -> threading.Thread:
         """Run the loop ``target`` on a daemon thread, started again (after bounded back-off)
         whenever it raises or returns before :attr:`stopping` is set. Until ``target`` calls
-        :meth:`working`, the loop's status says it died and why."""
+        :meth:`working`, the loop's status says it died and why; once stopped, the loop is closed."""
 
         def forever() -> None:
+            try:
+                restart_forever()
+            finally:
+                self.close()
+
+        def restart_forever() -> None:
             delay = 0.2
             while not self.stopping.is_set():
                 began = time.monotonic()
