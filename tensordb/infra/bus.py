@@ -209,7 +209,12 @@ class Publisher:
         self._generation += 1
         self._fatal = None
         self._failures.clear()
-        _disconnect(old)
+        try:
+            old.purge(in_queue=True, in_flight=True)
+        except (KafkaException, RuntimeError):
+            pass  # a fatal producer may refuse: it is dropped all the same
+        # not closed here: another thread may still be inside its flush or produce (its records are
+        # reported by its mark); the last reference gone, garbage collection destroys it
 
     def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
         if error is None:
