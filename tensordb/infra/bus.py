@@ -102,6 +102,10 @@ def _disconnect(producer: Producer) -> None:
         pass  # a fatal or closed producer may refuse: it is dropped all the same
 
 
+#: Delivery errors of records purged from a replaced producer.
+_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
+
+
 class Publisher:
     """A validating, idempotent, asynchronous producer for TensorDB records.
 
@@ -111,8 +115,9 @@ class Publisher:
     A producer that failed is replaced by a fresh one, by the publisher itself, so that a
     long-running process never needs a restart to publish again: after a fatal error (the
     idempotent producer's unrecoverable states, raised once as :class:`FatalClientError`), a
-    failure inside the client, or a flush that timed out with records unacknowledged (a broker that
-    restarted and forgot this producer's id keeps them so forever). Its undelivered records are
+    failure inside the client, or a flush that found records refused or still unacknowledged (a
+    broker that restarted fences or forgets this producer's id: it refuses, or never acknowledges,
+    every later record of it). Its undelivered records are
     dropped; every thread that had published some since its last flush gets a
     :class:`DeliveryError` from its next :meth:`flush` (or from the call that noticed the failure),
     so it publishes them again: a publisher shared by threads never loses one thread's records
@@ -220,6 +225,8 @@ class Publisher:
         if error is None:
             self.delivered += 1
             return
+        if error.code() in _PURGED:
+            return  # dropped with a replaced producer: the publishing thread's mark reports it
         self._failures.append(f"{message.topic()}: {error.str()}")
 
     def publish(
@@ -307,15 +314,19 @@ class Publisher:
             failures.append(self._failures.popleft())
         if remaining:
             reason = f" (last connection error: {self._connection_error})" if self._connection_error else ""
-            failures.append(f"{remaining} records still unacknowledged after {timeout} s{reason}; the publisher "
-                            "replaced its producer: publish them again")  # fmt: skip
-            self._replace(generation)  # stuck (a broker that forgot this producer?): the next records go to a fresh one
-        elif mark is not None and mark != self._generation:
-            failures.append("the producer failed and was replaced while records of this thread were queued: publish them again")
+            failures.append(f"{remaining} records still unacknowledged after {timeout} s{reason}")
         if failures:
+            # stuck, or refused (a broker that restarted fences or forgets this producer's id and
+            # refuses every later record of it): the next records go to a fresh producer
+            self._replace(generation)
             raise DeliveryError(
-                f"{len(failures)} record(s) were not delivered; check the broker at "
-                f"{self.settings.kafka_bootstrap}: " + "; ".join(failures[:5])
+                f"{len(failures)} record(s) were not delivered; check the broker at {self.settings.kafka_bootstrap}: "
+                + "; ".join(failures[:5])
+                + "; the publisher replaced its producer: publish them again"
+            )
+        if mark is not None and mark != self._generation:
+            raise DeliveryError(
+                "the producer failed and was replaced while records of this thread were queued: publish them again"
             )
 
     def close(self, timeout: float | None = None) -> None:
