@@ -16,6 +16,12 @@ a record counts as acknowledged when the broker confirmed its delivery.
   of the records acknowledged, after having fallen behind (0 if they never fell behind).
 - The two "no fault" rows measure the throughput cost of durable writes (journaled, majority) in
   this run: the same stream with ``w=1&journal=false`` in the MongoDB URI.
+- The "predictor" and "worker" rows put the other supervised loops through the same faults (a
+  ``tensordb predictor`` or ``tensordb worker`` child process, never restarted): records are predict
+  requests or jobs; stored = requests answered with outputs (their answer stored and published) or
+  jobs finished; dead-lettered = requests answered with an error (the poisoned ones: a sample whose
+  stored bytes fail their checksum); lost = acknowledged requests without an answer, or jobs not
+  finished; duplicated = requests with two different answers, or job scripts run twice.
 
     .venv/bin/python bench/faults.py           # full scale (~4 minutes on 2 cores)
     .venv/bin/python bench/faults.py --quick   # every scenario at a small scale, under 5 minutes
@@ -431,6 +437,138 @@ def broker_kill(lab: Lab, count: int) -> Row:
                 process.stop()
 
 
+MODEL = "faults-model"
+
+
+def predictor_faults(lab: Lab, fault: str, count: int, per_second: float = 20.0) -> Row:
+    """A ``tensordb predictor`` answers ``count`` requests sent at ``per_second`` while ``fault``
+    happens: ``poison`` (every 10th request names a sample whose stored bytes fail their checksum),
+    ``mongod outage`` (35 s) or ``broker restart`` (before the second half: a memory broker forgets
+    the records it held, so the halves are sent on each side of the restart)."""
+    import keras
+
+    from streams.ingest import handle_samples
+    from streams.processing import ProcessorContext, process_batch
+    from tensordb import records
+    from tensordb.infra.bus import Received
+    from tensordb.models.registry import ModelRegistry
+    from tensordb.testing import image_samples, predictor_process
+    from tensordb.testing.models import small_classifier
+
+    with lab.project(f"predictor-{fault.split()[0]}") as settings:
+        settings = settings.with_changes(trusted_modules=("tensordb.testing.models",))
+        keras.utils.set_random_seed(0)
+        with Store(settings) as store, Publisher(settings) as publisher, ModelRegistry(store, publisher) as registry:
+            registry.promote(MODEL, registry.save(small_classifier(units=4), MODEL)["version"])
+        context = ProcessorContext(settings, processor="bench")
+        samples = [records.validate(record, Schema.SAMPLE) for record in image_samples(2, dataset="flow")]
+        process_batch(context, [Received("bench", 0, i, None, None, r, None) for i, r in enumerate(samples)], handle_samples)
+        context.close()
+        with MongoClient(settings.mongo_uri) as client:  # img00001's bytes no longer match their checksum
+            samples_collection = client[settings.mongo_database]["samples"]
+            poisoned = samples_collection.find_one({"_id": {"$regex": "img00001$"}})
+            data = poisoned["arrays"]["x"]["data"]
+            samples_collection.update_one({"_id": poisoned["_id"]}, {"$set": {"arrays.x.data": bytes(255 - b for b in data)}})
+        predictor = predictor_process(settings, lab.run_dir / "logs" / f"{settings.project}-predictor.log", MODEL)
+        with children_cwd(lab.run_dir / "cwd"):
+            predictor.start()
+        acknowledged: set[str] = set()
+        rng = np.random.default_rng(0)
+        started = time.monotonic()
+
+        def send(first: int, last: int) -> None:
+            with Publisher(settings) as publisher:
+                for number in range(first, last):
+                    request_id = f"r{number:05d}"
+                    inputs = ({"sample": {"id": "img00001" if fault == "poison" else "img00000", "x": "x"}} if number % 10 == 5
+                              else {"instances": rng.integers(0, 255, (1, 8, 8)).tolist()})  # fmt: skip
+                    record = {"schema": Schema.PREDICT_REQUEST, "request_id": request_id, "model": MODEL, **inputs}
+                    publisher.publish(Topic.PREDICT_REQUESTS, record, key=request_id,
+                                      on_delivery=lambda error, _, i=request_id: error is None and acknowledged.add(i))  # fmt: skip
+                    publisher.flush()
+                    time.sleep(1 / per_second)
+
+        store = Store(settings)
+        answers = store["predictions"]  # an answer is stored before it is published, and its request committed after
+        try:
+            if fault == "broker restart":
+                send(0, count // 2)
+                wait_for(lambda: answers.count_documents({}) >= len(acknowledged), timeout=120, what="the first half")
+                lab.kill("tansu")
+                lab.restart("tansu")
+                create_topics(settings)
+                send(count // 2, count)
+            else:
+                sender = threading.Thread(target=send, args=(0, count))
+                sender.start()
+                if fault == "mongod outage":
+                    time.sleep(count / per_second / 4)
+                    lab.kill("mongod")
+                    time.sleep(35)
+                    lab.restart("mongod")
+                sender.join()
+            try:
+                wait_for(lambda: answers.count_documents({}) >= len(acknowledged), timeout=120, interval=0.5,
+                         what="every acknowledged request answered")  # fmt: skip
+            except AssertionError as exc:
+                console.print(f"[red]{exc}[/]")
+            answered = {answer["request_id"]: answer for answer in answers.find()}
+        finally:
+            predictor.stop()
+            store.close()
+        errors = sum(1 for answer in answered.values() if "error" in answer)
+        alive = (
+            ""
+            if predictor.process is None or predictor.process.returncode in (0, -15)
+            else f"; exited {predictor.process.returncode}"
+        )
+        return Row(f"predictor: {fault}", count, len(acknowledged), len(answered) - errors, errors,
+                   len(acknowledged - set(answered)), 0, None, len(answered) / (time.monotonic() - started),
+                   "requests; one stored answer per id, so never two different ones" + alive)  # fmt: skip
+
+
+def worker_faults(lab: Lab, fault: str, count: int) -> Row:
+    """A ``tensordb worker`` runs ``count`` task jobs, submitted one a second, while ``fault``
+    happens: ``mongod outage`` (35 s) or ``broker restart`` (Tansu SIGKILLed and started again)."""
+    from tensordb.jobs.queue import Jobs, JobStatus
+    from tensordb.testing import worker_process
+
+    with lab.project(f"worker-{fault.split()[0]}") as settings:
+        settings = settings.with_changes(task_script_dirs=(REPO / "tests" / "task_scripts",))
+        marker = lab.run_dir / f"{settings.project}-runs.txt"
+        worker = worker_process(settings, lab.run_dir / "logs" / f"{settings.project}-worker.log")
+        with children_cwd(lab.run_dir / "cwd"):
+            worker.start()
+        started = time.monotonic()
+        submitted: list[str] = []
+        try:
+            for number in range(count):
+                if number == count // 3:
+                    lab.kill("mongod" if fault == "mongod outage" else "tansu")
+                    if fault == "mongod outage":
+                        time.sleep(35)
+                    lab.restart("mongod" if fault == "mongod outage" else "tansu")
+                    create_topics(settings)
+                with Store(settings) as store, Publisher(settings) as publisher:  # new clients: the servers may have restarted
+                    submitted.append(Jobs(store, publisher).submit(
+                        "task", name="faults", script=str(REPO / "tests" / "task_scripts" / "record_run.py"),
+                        hyperparameters={"marker_file": str(marker), "value": number}, save_keys=["doubled"]))  # fmt: skip
+                time.sleep(1.0)
+            with Store(settings) as store, Publisher(settings) as publisher:
+                jobs = Jobs(store, publisher)
+                try:
+                    jobs.wait(submitted, timeout=180)
+                except Exception as exc:  # noqa: BLE001 - reported as lost
+                    console.print(f"[red]{exc}[/]")
+                finished = [job_id for job_id in submitted if jobs.get(job_id)["status"] == JobStatus.FINISHED]
+        finally:
+            worker.stop()
+        runs = marker.read_text().split() if marker.exists() else []
+        return Row(f"worker: {fault}", count, len(submitted), len(finished), 0, len(submitted) - len(finished),
+                   len(runs) - len(set(runs)), None, len(finished) / (time.monotonic() - started),
+                   "task jobs; duplicated = scripts run twice (an attempt failed and was retried)")  # fmt: skip
+
+
 def scenarios(lab: Lab, quick: bool) -> dict[str, Callable[[], Row]]:
     """Each scenario by name, to run in this order."""
     n = 4000 if quick else 20_000
@@ -464,6 +602,11 @@ def scenarios(lab: Lab, quick: bool) -> dict[str, Callable[[], Row]]:
         f"mongod outage {outage} s": lambda: run_flow(lab, f"mongod outage {outage} s", int(rate * (outage + 20)), fault=mongod_down(outage),
                                                       fault_after=0.1, per_second=rate, note="longer than pymongo's 30 s server selection timeout"),
         "broker SIGKILL + restart": lambda: broker_kill(lab, n),
+        "predictor: poison": lambda: predictor_faults(lab, "poison", 200),
+        "predictor: mongod outage": lambda: predictor_faults(lab, "mongod outage", 1200),
+        "predictor: broker restart": lambda: predictor_faults(lab, "broker restart", 200),
+        "worker: mongod outage": lambda: worker_faults(lab, "mongod outage", 6),
+        "worker: broker restart": lambda: worker_faults(lab, "broker restart", 6),
     }  # fmt: skip
 
 

@@ -18,6 +18,12 @@ before is in MongoDB), or at the beginning of a partition the sink never committ
 depends on ``auto.offset.reset=latest`` or high watermarks, which the embedded broker (Tansu)
 under-reports. ``fetch.wait.max.ms`` is kept low because Tansu holds a fetch on an empty
 partition for that long before answering, which would delay live points on the others.
+
+The consumer runs under the contract of every loop (:mod:`tensordb.infra.supervision`): when it
+fails (a broker outage or restart, an error of the client), it is closed and started again after
+bounded back-off, from the sink's committed offsets, so the seam holds across the restart (points
+sent twice are harmless); the state is in :meth:`LiveHub.status` (shown on the dashboard), on
+``/ready`` and in ``tensordb_loop_ok{loop="dashboard-live"}``.
 """
 
 from __future__ import annotations
@@ -34,11 +40,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from tensordb.config import Settings, Topic
-from tensordb.errors import ConfigurationError, TensorDBError, UnreachableError
+from tensordb.errors import ConfigurationError, UnreachableError
+from tensordb.infra.bus import close_consumer
+from tensordb.infra.supervision import Supervisor
 from tensordb.runs.logger import METRIC_NAME, PHASES
 
 log = logging.getLogger(__name__)
@@ -158,29 +166,37 @@ class LiveHub:
         self._committed: dict[int, int] = {}
         self._partitions_followed: list[int] = []
         self._stop = threading.Event()
+        self._supervisor = Supervisor("dashboard-live", self._stop)
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._pruner: threading.Thread | None = None
         self._admin = AdminClient(settings.kafka_config())
+        self._offsets_lock = threading.Lock()  # the feed's thread and the pruner both ask
+        self._offsets = self._offsets_reader()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def start(self, timeout: float = 30.0) -> None:
         """Start consuming; returns once the partitions are assigned at their starting offsets."""
-        self._thread = threading.Thread(target=self._run, name="tensordb-dashboard-live", daemon=True)
-        self._thread.start()
+        self._thread = self._supervisor.start_thread(self._follow, "tensordb-dashboard-live")
         if not self._ready.wait(timeout):
             self.stop()
             raise UnreachableError(
                 f"the dashboard could not start reading {self.topic} within {timeout} s: is Kafka at {self.settings.kafka_bootstrap} up?"
             )
         if self._error is not None:
+            self.stop()
             raise UnreachableError(f"the dashboard could not read {self.topic}: {self._error}") from self._error
+        self._pruner = threading.Thread(target=self._prune_forever, name="tensordb-dashboard-prune", daemon=True)
+        self._pruner.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        for thread in (self._thread, self._pruner):
+            if thread is not None:
+                thread.join(timeout=10)
+        close_consumer(self._offsets)
         with self._lock:
             subscriptions = set(self._everything).union(*self._by_run.values()) if self._by_run else set(self._everything)
             self._by_run.clear()
@@ -230,56 +246,63 @@ class LiveHub:
                 "topic": self.topic, "group": self.group, "consumed": self.consumed, "skipped": self.skipped,
                 "buffered": self._buffered, "subscribers": len(self._everything) + len({s for subs in self._by_run.values() for s in subs}),
                 "last_record_at": self.last_record_at, "sink_committed": dict(self._committed),
+                "state": self._supervisor.status,
             }  # fmt: skip
 
     # -- the consumer thread -----------------------------------------------------------------------
 
-    def _run(self) -> None:
-        consumer: Consumer | None = None
+    def _follow(self) -> None:
+        """Consume until stopped. Raises when the consumer fails: the supervisor starts it again,
+        from the sink's committed offsets. A failure of the first start is reported by :meth:`start`."""
         try:
-            consumer = Consumer(
-                self.settings.kafka_config(
-                    **{
-                        "group.id": self.group,
-                        "enable.auto.commit": False,
-                        "auto.offset.reset": "earliest",
-                        "fetch.wait.max.ms": self.fetch_wait_ms,
-                        "fetch.error.backoff.ms": 50,
-                        "enable.partition.eof": False,
-                    }
-                )  # fmt: skip
-            )
-            partitions = self._partitions()
-            self._committed = self._sink_offsets(partitions)
-            consumer.assign([TopicPartition(self.topic, p, self._committed.get(p, OFFSET_BEGINNING)) for p in partitions])
-            log.info(
-                "following %s from the log sink's committed offsets %s", self.topic, self._committed or "(none: from the start)"
-            )
-        except BaseException as exc:  # noqa: BLE001 - reported by start()
+            consumer, partitions = self._new_consumer()
+        except Exception as exc:
+            if self._ready.is_set():
+                raise
             self._error = exc
             self._ready.set()
-            if consumer is not None:
-                consumer.close()
             return
         self._ready.set()
         self._partitions_followed = partitions
-        pruner = threading.Thread(target=self._prune_forever, name="tensordb-dashboard-prune", daemon=True)
-        pruner.start()
         last_metadata = time.monotonic()
         try:
             while not self._stop.is_set():
                 self._consume(consumer.consume(2000, 0.1))
+                self._supervisor.working()
                 if time.monotonic() - last_metadata >= 30:  # partitions added to the topic
                     last_metadata = time.monotonic()
                     added = [p for p in self._partitions() if p not in partitions]
                     if added:
                         consumer.incremental_assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in added])
                         self._partitions_followed = partitions = partitions + added
-        except Exception:  # pragma: no cover - logged; the page shows the hub as stopped
-            log.exception("the dashboard's log consumer stopped")
         finally:
-            consumer.close()
-            pruner.join(timeout=10)
+            close_consumer(consumer)
+
+    def _new_consumer(self) -> tuple[Consumer, list[int]]:
+        """A consumer assigned every partition of the topic at the sink's committed offsets."""
+        consumer = Consumer(
+            self.settings.kafka_config(
+                **{
+                    "group.id": self.group,
+                    "enable.auto.commit": False,
+                    "auto.offset.reset": "earliest",
+                    "fetch.wait.max.ms": self.fetch_wait_ms,
+                    "fetch.error.backoff.ms": 50,
+                    "enable.partition.eof": False,
+                }
+            )  # fmt: skip
+        )
+        try:
+            partitions = self._partitions()
+            committed = self._sink_offsets(partitions)
+            with self._lock:
+                self._committed = committed
+            consumer.assign([TopicPartition(self.topic, p, committed.get(p, OFFSET_BEGINNING)) for p in partitions])
+        except BaseException:
+            close_consumer(consumer)
+            raise
+        log.info("following %s from the log sink's committed offsets %s", self.topic, committed or "(none: from the start)")
+        return consumer, partitions
 
     def _prune_forever(self) -> None:
         """Every ``prune_seconds``, in its own thread so a slow answer never delays live points."""
@@ -292,12 +315,23 @@ class LiveHub:
             raise ConfigurationError(f"topic {self.topic} does not exist: run `tensordb topics create`")
         return sorted(topics[self.topic].partitions)
 
+    def _offsets_reader(self) -> Consumer:
+        """A client of the sink's group that never joins it (nothing subscribed) nor commits: it reads
+        the sink's committed offsets. Not AdminClient's ``list_consumer_group_offsets``: librdkafka
+        aborts the whole process when a broker connection drops during that coordinator request
+        (``rd_kafka_enq_once_del_source_return: Assertion 'eonce->refcnt > 0' failed``, librdkafka
+        issue 4605), which a dashboard asking every ``prune_seconds`` met in a broker restart."""
+        return Consumer(
+            self.settings.kafka_config(
+                **{"group.id": sink_group(self.settings), "enable.auto.commit": False, "enable.auto.offset.store": False}
+            )
+        )
+
     def _sink_offsets(self, partitions: list[int]) -> dict[int, int]:
         """The log sink's committed offset per partition (absent: never committed)."""
-        request = ConsumerGroupTopicPartitions(sink_group(self.settings), [TopicPartition(self.topic, p) for p in partitions])
-        futures = self._admin.list_consumer_group_offsets([request], request_timeout=10)
-        result = next(iter(futures.values())).result()
-        return {tp.partition: tp.offset for tp in result.topic_partitions if tp.offset >= 0 and tp.error is None}
+        with self._offsets_lock:
+            found = self._offsets.committed([TopicPartition(self.topic, p) for p in partitions], timeout=10)
+        return {tp.partition: tp.offset for tp in found if tp.offset >= 0 and tp.error is None}
 
     def _consume(self, messages: list) -> None:
         if not messages:
@@ -347,7 +381,7 @@ class LiveHub:
         """Forget buffered points the log sink has committed (so they are in MongoDB)."""
         try:
             committed = self._sink_offsets(partitions)
-        except (KafkaException, TensorDBError) as exc:
+        except Exception as exc:  # noqa: BLE001 - the broker is away: prune at the next pass
             log.warning("could not read the log sink's offsets (%s); keeping buffered points", exc)
             return
         with self._lock:

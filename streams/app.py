@@ -42,13 +42,14 @@ from streams.consumer import VALIDATION_FETCH_WAIT_MS, TopicProcessor
 from streams.ingest import handle_samples, sweep_sample_blobs
 from streams.lifecycle import handle_job_events
 from streams.logs import log_sink, tune_gc_for_batches
-from streams.processing import Handler, ProcessorContext, Stopping
+from streams.processing import Handler, ProcessorContext
 from streams.retrain import handle_imports, run_timed_triggers
 from streams.stages import StageProcessors
 from streams.studies import reconcile_studies, study_processors
 from tensordb.config import PROCESSOR_TOPICS, Settings
 from tensordb.infra.bus import FETCH_WAIT_MS
 from tensordb.infra.logging import configure_logging
+from tensordb.infra.supervision import Stopping
 from tensordb.stages.stages import Stages
 
 log = logging.getLogger(__name__)

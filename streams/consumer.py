@@ -37,12 +37,13 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from streams.processing import Handler, ProcessorContext, Stopping, last_offsets, process_batch
+from streams.processing import Handler, ProcessorContext, last_offsets, process_batch
 from tensordb import records
 from tensordb.config import Settings, Topic
 from tensordb.errors import FatalClientError
 from tensordb.infra import metrics
-from tensordb.infra.bus import FETCH_WAIT_MS, Received, make_consumer, receive
+from tensordb.infra.bus import FETCH_WAIT_MS, Received, close_consumer, make_consumer, receive
+from tensordb.infra.supervision import Stopping
 
 log = logging.getLogger(__name__)
 #: How often a processor checks whether its topic was recreated.
@@ -294,19 +295,5 @@ class TopicProcessor:
         except KafkaException as exc:  # e.g. the partition moved to another instance: it re-reads, idempotently
             log.warning("%s processor could not commit offsets (%s); those records may be processed again", self.kind, exc)
 
-    def _close_consumer(self, wait: float = 5.0) -> None:
-        """Leave the group and close, waiting at most ``wait`` seconds: against a broker that
-        restarted, librdkafka's close can wait for a coordinator that no longer knows the group."""
-        consumer = self.consumer
-
-        def close() -> None:
-            try:
-                consumer.close()
-            except (KafkaException, RuntimeError) as exc:
-                log.warning("%s processor: closing the consumer failed: %s", self.kind, exc)
-
-        closing = threading.Thread(target=close, name=f"tensordb-{self.kind}-close", daemon=True)
-        closing.start()
-        closing.join(wait)
-        if closing.is_alive():
-            log.warning("%s processor: the old consumer did not close within %.0f s; going on without it", self.kind, wait)
+    def _close_consumer(self) -> None:
+        close_consumer(self.consumer)

@@ -3,9 +3,10 @@
 The contract, for every topic: each record of a batch ends stored (by the topic's handler) or
 dead-lettered with a reason, and :func:`process_batch` returns only when that is durable, so the
 caller may then commit the batch's offsets. Outages of MongoDB or Kafka of any length are waited
-out with bounded back-off (every call: handler, dead letters, flush, progress), a fatal producer is
-replaced, and a record the handler cannot process is set aside alone (the batch is halved until it
-is). When the processor is asked to stop while waiting, :class:`Stopping` is raised and the batch
+out with bounded back-off (every call: handler, dead letters, flush, progress; the contract every
+loop shares, :mod:`tensordb.infra.supervision`), a failed producer is replaced, and a record the
+handler cannot process is set aside alone (the batch is halved until it is). When the processor is
+asked to stop while waiting, :class:`~tensordb.infra.supervision.Stopping` is raised and the batch
 stays uncommitted (redelivered).
 """
 
@@ -20,8 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from confluent_kafka import KafkaException
-from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, WriteConcernError
+from pymongo.errors import BulkWriteError
 
 from tensordb.config import Settings
 from tensordb.errors import DeliveryError
@@ -29,6 +29,7 @@ from tensordb.infra import metrics
 from tensordb.infra.bus import Publisher, Received
 from tensordb.infra.dead_letters import DeadLetters
 from tensordb.infra.store import DUPLICATE_KEY, PROGRESS, Store
+from tensordb.infra.supervision import FLUSH_SECONDS, SERVER_WAIT_MS, Stopping, Supervisor, is_transient
 from tensordb.models.registry import ModelRegistry
 from tensordb.runtime import Runtime
 
@@ -38,34 +39,12 @@ log = logging.getLogger(__name__)
 Handler = Callable[["ProcessorContext", list[Received]], None]
 T = TypeVar("T")
 
-#: MongoDB error codes of a server that is shutting down, starting, or changing primary.
-_TRANSIENT_CODES = {6, 7, 89, 91, 189, 9001, 10107, 11600, 11602, 13435, 13436}
-#: How long a processor's MongoDB calls wait for a server before counting as an outage, so that a
-#: stop request is noticed within seconds even in the middle of one.
-SERVER_WAIT_MS = 5000
-MAX_BACKOFF = 5.0
-FLUSH_SECONDS = 8.0
-
-
-class Stopping(Exception):
-    """The processor was asked to stop while waiting out an outage; the batch was not completed."""
-
-
-def is_transient(error: BaseException) -> bool:
-    """Whether ``error`` means "unreachable now" (wait it out) rather than "this record is bad"."""
-    if isinstance(error, ConnectionFailure | KafkaException | DeliveryError | WriteConcernError):
-        return True
-    if isinstance(error, OperationFailure):
-        return error.code in _TRANSIENT_CODES or error.has_error_label("RetryableWriteError")
-    return False
-
 
 @dataclass
 class ProcessorContext:
     """What every handler needs: settings, the store, a publisher, the dead-letter path, the registry.
 
     ``stopping`` is set when the processor should stop; waits for an outage end early then.
-    ``status`` says what the processor is doing now ("ok", or what it waits for), for operators.
     """
 
     settings: Settings
@@ -74,7 +53,7 @@ class ProcessorContext:
     #: second reader of a topic, like the study scheduler's, does not count its records twice)
     counts_progress: bool = True
     stopping: threading.Event = field(default_factory=threading.Event)
-    status: str = "ok"
+    supervisor: Supervisor = field(init=False)
     store: Store = field(init=False)
     publisher: Publisher = field(init=False)
     dead_letters: DeadLetters = field(init=False)
@@ -82,6 +61,7 @@ class ProcessorContext:
     runtime: Runtime = field(init=False)
 
     def __post_init__(self) -> None:
+        self.supervisor = Supervisor(self.processor, self.stopping)
         # a flush that takes more than seconds means a broker that is down or forgot this producer
         self.runtime = self.wait_out(
             lambda: Runtime.open(self.settings, server_wait_ms=SERVER_WAIT_MS, flush_timeout=FLUSH_SECONDS),
@@ -92,35 +72,23 @@ class ProcessorContext:
         self.dead_letters = DeadLetters(self.store, self.publisher, processor=self.processor)
 
     def wait_out(self, call: Callable[[], T], what: str) -> T:
-        """Run ``call`` until it succeeds, waiting out MongoDB/Kafka outages with bounded back-off.
+        """Run ``call`` until it succeeds, waiting out MongoDB/Kafka outages with bounded back-off
+        (:meth:`tensordb.infra.supervision.Supervisor.wait_out`); errors that are not outages are
+        raised to the caller. Raises :class:`Stopping` if the processor stops meanwhile."""
+        return self.supervisor.wait_out(call, what)
 
-        A producer that failed (fatally, or whose records stay unacknowledged) is recreated before
-        the next try, and the retried call publishes again; errors that are not outages are
-        raised to the caller. Raises :class:`Stopping` if the processor stops meanwhile.
-        """
-        delay, started = 0.2, time.monotonic()
-        while True:
-            if self.stopping.is_set():
-                raise Stopping(what)
-            try:
-                result = call()
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                if isinstance(exc, DeliveryError):  # fatal, or stuck (a restarted broker): a fresh producer
-                    self.publisher.recreate()
-                self.status = f"waiting since {time.monotonic() - started:.0f} s: {what}: {exc}"
-                log.warning("%s processor %s; retrying in %.1f s", self.processor, self.status, delay)
-                self.stopping.wait(delay)
-                delay = min(delay * 2, MAX_BACKOFF)
-                continue
-            if self.status != "ok":
-                log.warning("%s processor recovered after %.1f s: %s", self.processor, time.monotonic() - started, what)
-                self.status = "ok"
-            return result
+    @property
+    def status(self) -> str:
+        """What the processor is doing now ("ok", or what it waits for), for operators."""
+        return self.supervisor.status
+
+    @status.setter
+    def status(self, status: str) -> None:
+        self.supervisor.status = status
 
     def close(self) -> None:
         """Flush (5 s at most: a stop must not wait on a broker that is down) and disconnect."""
+        self.supervisor.close()
         try:
             self.runtime.close(timeout=5.0)
         except DeliveryError as exc:  # their batches' offsets were not committed: read again after a restart
@@ -201,13 +169,14 @@ def _handle(context: ProcessorContext, valid: list[Received], handler: Handler, 
     Handlers are idempotent, so a batch that failed can be retried in parts: it is halved until
     the records that fail on their own are alone, and those become dead letters with the error.
     A few bad records in a batch of n cost about 2 log2(n) calls each, not n calls (each a durable
-    write). Outages propagate, so the caller waits them out and retries the batch.
+    write). Outages propagate, so the caller waits them out and retries the batch; so does a stop
+    (the batch stays uncommitted).
     """
     try:
         handler(context, valid)
         return
     except Exception as exc:
-        if is_transient(exc):
+        if _not_the_records(exc):
             raise
         if len(valid) == 1:
             context.dead_letters.divert(valid[0], exc)  # set aside, never lost
@@ -218,3 +187,10 @@ def _handle(context: ProcessorContext, valid: list[Received], handler: Handler, 
     half = len(valid) // 2
     _handle(context, valid[:half], handler, whole=False)
     _handle(context, valid[half:], handler, whole=False)
+
+
+def _not_the_records(error: BaseException) -> bool:
+    """Whether ``error`` says nothing about the records: an outage (waited out), or a stop while the
+    handler waited (a stage that paused itself waits like one a person paused: the batch stays
+    uncommitted and is derived after ``resume``), never a reason to dead-letter them."""
+    return is_transient(error) or isinstance(error, Stopping)

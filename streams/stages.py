@@ -24,7 +24,7 @@ import orjson
 
 from streams.consumer import TopicProcessor
 from streams.ingest import ArrayBytes, Prepared, announce, sample_document, store_samples, stored_arrays
-from streams.processing import Handler, ProcessorContext, Stopping
+from streams.processing import Handler, ProcessorContext
 from tensordb.config import Settings, Topic
 from tensordb.data.loader import sample_arrays
 from tensordb.data.samples import SAMPLES, SampleOrigin, array_nbytes, dtype_name
@@ -37,6 +37,7 @@ from tensordb.errors import (
     UntrustedCodeError,
 )
 from tensordb.infra.bus import Received
+from tensordb.infra.supervision import Stopping
 from tensordb.infra.trusted import load_entry_point
 from tensordb.stages.derive import DerivedSample, derive
 from tensordb.stages.spec import parse_stage

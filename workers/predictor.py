@@ -14,8 +14,15 @@ request redelivered after a crash (or sent twice) is answered from the record of
 is marked published once it is (off the batch's path, asynchronously), so a redelivery publishes
 it again only if the first publication may not have happened; where a crash lost that mark, the
 same answer is published twice, never a different one. A batch is answered by the version that was current when it started: a promotion
-swaps the model between batches, after the new version is loaded and warmed up. Instances of the
-wrong shape get an answer with ``error`` instead of outputs; they never fail the batch.
+swaps the model between batches, after the new version is loaded and warmed up.
+
+It runs under the contract of every loop (:mod:`tensordb.infra.supervision`): a request that
+cannot be answered (instances of the wrong shape, a sample that is missing or whose stored bytes
+fail their checksum, inputs the model fails on) gets an answer with ``error`` instead of outputs,
+never fails the batch, and is never read again as a poison pill; outages of MongoDB and of the
+broker (a restart that forgets the producer's id included) are waited out with bounded back-off,
+the batch answered and its offsets committed afterwards; a consumer that fails is replaced; the
+promotion follower is restarted if it dies. Its state is on ``/ready`` and ``tensordb_loop_ok``.
 
 Several predictors of one model share the requests' partitions (one consumer group per model and
 version); requests for other models are left to their predictors.
@@ -32,22 +39,23 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from confluent_kafka import TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from tensordb import records
 from tensordb.config import Settings, Topic
 from tensordb.data.loader import sample_arrays
 from tensordb.data.samples import SAMPLES, to_array
-from tensordb.errors import BadInputError, TensorDBError
+from tensordb.errors import BadInputError, TensorDBError, describe_error
 from tensordb.infra import metrics
-from tensordb.infra.bus import Received, make_consumer, receive
+from tensordb.infra.bus import Received, close_consumer, make_consumer, receive
 from tensordb.infra.codecs import from_base64
 from tensordb.infra.store import insert_new
+from tensordb.infra.supervision import FLUSH_SECONDS, SERVER_WAIT_MS, Stopping, Supervisor, is_transient
 from tensordb.models.predictions import PREDICTIONS
 from tensordb.models.serving import array_batch, instances_batch
 from tensordb.records import Schema
 from tensordb.runtime import Runtime
-from workers.serve import ModelHolder, Serving, follow_promotions
+from workers.serve import ModelHolder, Serving, start_follower
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +94,20 @@ class Predictor:
         self.version = version
         self.max_batch = max_batch
         self.max_wait = max_wait
-        self.runtime = Runtime.open(settings)
+        self._stop = threading.Event()
+        self.supervisor = Supervisor(f"predictor-{model}", self._stop)
+        # MongoDB calls and flushes give up within seconds, so that an outage is waited out (and a
+        # stop noticed) by the supervisor rather than inside one call
+        self.runtime = self.supervisor.wait_out(
+            lambda: Runtime.open(settings, server_wait_ms=SERVER_WAIT_MS, flush_timeout=FLUSH_SECONDS), "connecting to MongoDB"
+        )
         self.store, self.publisher = self.runtime.store, self.runtime.publisher
-        self.store.ensure_indexes(PREDICTIONS)
+        self.supervisor.wait_out(lambda: self.store.ensure_indexes(PREDICTIONS), "preparing MongoDB collections")
         self.answers = self.store[PREDICTIONS]
         self.holder = ModelHolder(self.runtime.registry, model, pinned=version)
         self.answered = 0  # requests answered (stored and published) by this process
         self._marker = ThreadPoolExecutor(1, thread_name_prefix="tensordb-published")  # marks answers published
-        self._stop = threading.Event()
+        self._consumer: Consumer | None = None  # while run() runs
 
     @property
     def group(self) -> str:
@@ -105,35 +119,58 @@ class Predictor:
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Answer requests until :meth:`stop` (SIGTERM or SIGINT through the CLI)."""
-        consumer = make_consumer(self.settings, self.group, [Topic.PREDICT_REQUESTS])
-        follower = None
-        if self.version is None:
-            follower = threading.Thread(
-                target=follow_promotions, args=(self.settings, self.holder, self._stop), name="tensordb-follow", daemon=True
-            )
-            follower.start()
+        self._consumer = make_consumer(self.settings, self.group, [Topic.PREDICT_REQUESTS])
+        follower = start_follower(self.settings, self.holder, self._stop) if self.version is None else None
         try:
             self._load_first(wait=False)  # ready with the version there is, if any
             if on_ready is not None:
                 on_ready()
             self._load_first(wait=True)  # none yet: requests sent meanwhile wait in Kafka
             while not self._stop.is_set():
-                batch = self._next_batch(consumer)
+                batch = self.supervisor.wait_out(self._read, "reading predict requests", retry_failures=True)
                 if not batch:
                     continue
-                self.answer([received for received in batch if self._mine(received)])
-                # asynchronous: every answer is stored before, so a request read again is answered from the store
-                consumer.commit(
-                    offsets=[TopicPartition(r.topic, r.partition, r.offset + 1) for r in _last_per_partition(batch)],
-                    asynchronous=True,
-                )
+                mine = [received for received in batch if self._mine(received)]
+                # a bug stalls the predictor visibly (and /ready says so) rather than skipping requests
+                self.supervisor.wait_out(lambda: self.answer(mine), f"answering {len(mine)} requests", retry_failures=True)
+                self._commit(batch)
+        except Stopping:
+            pass  # the batch in hand is not committed: read again, and answered from the store
         finally:
             self._stop.set()
-            consumer.close()
+            if self._consumer is not None:
+                close_consumer(self._consumer)
             if follower is not None:
                 follower.join(timeout=5)
             self._marker.shutdown(wait=True)
-            self.runtime.close()
+            self.supervisor.close()
+            try:
+                self.runtime.close(timeout=5.0)
+            except TensorDBError as exc:  # answers not delivered are published again when their requests are read again
+                log.warning("predictor closed with undelivered answers: %s", exc)
+
+    def _read(self) -> list[Received]:
+        """The next batch of requests; a consumer that failed is replaced (it resumes from the
+        committed offsets, so no request polled by the old one is skipped)."""
+        assert self._consumer is not None, "run() reads"
+        try:
+            return self._next_batch(self._consumer)
+        except Exception:
+            close_consumer(self._consumer)
+            self._consumer = make_consumer(self.settings, self.group, [Topic.PREDICT_REQUESTS])
+            raise
+
+    def _commit(self, batch: list[Received]) -> None:
+        """Commit a batch that is answered (asynchronously: every answer is stored first, so a
+        request read again is answered from the store)."""
+        assert self._consumer is not None, "run() commits"
+        try:
+            self._consumer.commit(
+                offsets=[TopicPartition(r.topic, r.partition, r.offset + 1) for r in _last_per_partition(batch)],
+                asynchronous=True,
+            )
+        except KafkaException as exc:  # read again later and answered from the store
+            log.warning("could not commit the offsets of answered requests (%s); they will be answered again", exc)
 
     def _load_first(self, wait: bool) -> None:
         """Load the version to serve; with ``wait``, until there is one (a policy may not have
@@ -142,8 +179,8 @@ class Predictor:
         while not self._stop.is_set() and self.holder.current is None:
             try:
                 self.holder.refresh()
-            except TensorDBError as exc:
-                log.warning("cannot load a version of %s yet: %s", self.model, exc)
+            except Exception as exc:  # noqa: BLE001 - none stored yet, or MongoDB unreachable: tried again
+                log.warning("cannot load a version of %s yet: %s", self.model, describe_error(exc))
             if self.holder.current is not None or not wait:
                 return
             if not waiting:
@@ -210,18 +247,15 @@ class Predictor:
             try:
                 inputs.append(self._instances(received.valid_record, serving))
                 errors.append(None)
-            except BadInputError as exc:
-                inputs.append(None)
-                errors.append(str(exc))
-        valid = [batch for batch in inputs if batch is not None]
-        stacked = np.concatenate(valid) if valid else np.empty((0,))
-        outputs = np.concatenate([
-            np.asarray(serving.model.predict_on_batch(stacked[start : start + self.max_batch]))
-            for start in range(0, len(stacked), self.max_batch)
-        ]) if valid else stacked  # fmt: skip
+            except Exception as exc:
+                if is_transient(exc):  # an outage: the supervisor waits it out and answers the batch again
+                    raise
+                inputs.append(None)  # bad input, a sample whose bytes fail their checksum...: answered with the error
+                errors.append(describe_error(exc))
+        results = self._predict(serving, inputs, errors)
         now = datetime.now(UTC)
-        answers, offset = [], 0
-        for received, batch, error in zip(requests, inputs, errors, strict=True):
+        answers = []
+        for received, result, error in zip(requests, results, errors, strict=True):
             request = received.valid_record
             answer: dict[str, Any] = {
                 "schema": Schema.PREDICTION, "request_id": request["request_id"], "model": self.model, "version": serving.version,
@@ -230,16 +264,52 @@ class Predictor:
             }  # fmt: skip
             if "sample" in request:
                 answer["sample_id"] = request["sample"]["id"]
-            if batch is None:
+            if result is None:
                 answer["error"] = error
             else:
-                result = outputs[offset : offset + len(batch)]
-                offset += len(batch)
                 answer["outputs"] = result.tolist()
                 if result.ndim == 2 and result.shape[1] > 1:
                     answer["classes"] = result.argmax(axis=1).tolist()
             answers.append(answer)
         return answers
+
+    def _predict(self, serving: Serving, inputs: list[np.ndarray | None], errors: list[str | None]) -> list[np.ndarray | None]:
+        """Each request's outputs (None where it has no inputs), predicted in one call per
+        ``max_batch`` instances; if the model fails on the batch, request by request, so that only
+        the requests it fails on alone get an error (set in ``errors``)."""
+        valid = [batch for batch in inputs if batch is not None]
+        if not valid:
+            return [None] * len(inputs)
+        try:
+            outputs = self._run_model(serving, np.concatenate(valid))
+        except Exception as exc:  # noqa: BLE001 - isolated below
+            log.warning("the model failed on a batch of %d requests (%s: %s); predicting them one by one",
+                        len(valid), type(exc).__name__, exc)  # fmt: skip
+            return [self._predict_alone(serving, batch, errors, index) for index, batch in enumerate(inputs)]
+        results: list[np.ndarray | None] = []
+        offset = 0
+        for batch in inputs:
+            results.append(None if batch is None else outputs[offset : offset + len(batch)])
+            offset += 0 if batch is None else len(batch)
+        return results
+
+    def _predict_alone(
+        self, serving: Serving, batch: np.ndarray | None, errors: list[str | None], index: int
+    ) -> np.ndarray | None:
+        if batch is None:
+            return None
+        try:
+            return self._run_model(serving, batch)
+        except Exception as exc:  # noqa: BLE001 - this request's answer says so
+            errors[index] = f"the model {self.model} v{serving.version} failed on these inputs: {describe_error(exc)}"
+            return None
+
+    def _run_model(self, serving: Serving, stacked: np.ndarray) -> np.ndarray:
+        """The model's outputs for ``stacked`` instances, in calls of ``max_batch`` at most."""
+        return np.concatenate([
+            np.asarray(serving.model.predict_on_batch(stacked[start : start + self.max_batch]))
+            for start in range(0, len(stacked), self.max_batch)
+        ])  # fmt: skip
 
     def _instances(self, request: dict[str, Any], serving: Serving) -> np.ndarray:
         """A request's inputs as a float32 batch that fits the model, or :class:`BadInputError`."""

@@ -29,8 +29,9 @@ from pydantic import BaseModel, Field
 from tensordb.config import Settings, Topic
 from tensordb.errors import InputShapeError, TensorDBError
 from tensordb.infra import metrics
-from tensordb.infra.bus import Publisher, make_consumer, receive
+from tensordb.infra.bus import Publisher, close_consumer, make_consumer, receive
 from tensordb.infra.http_guard import CSP, Guard, check_binding, server
+from tensordb.infra.supervision import Supervisor
 from tensordb.loop.promotion import PRODUCTION
 from tensordb.models.registry import ModelRegistry
 from tensordb.models.serving import instances_batch, load_version, predictions
@@ -78,6 +79,8 @@ class ModelHolder:
         self.pinned = pinned
         self.current: Serving | None = None
         self.swaps = 0
+        #: the promotion follower, once started (:func:`start_follower`): its state is the server's
+        self.following: Supervisor | None = None
         self._lock = threading.Lock()  # one load at a time; readers never take it
 
     def refresh(self) -> bool:
@@ -137,7 +140,10 @@ def create_app(
     @app.get("/health")
     def health() -> dict[str, Any]:
         current = serving()
-        return {"status": "ok", "model": holder.name, "version": current.version}
+        following = holder.following.status if holder.following is not None else "ok"
+        # a follower that waits or was restarted serves on, but may miss a promotion meanwhile
+        return {"status": "ok" if following == "ok" else "degraded", "model": holder.name, "version": current.version,
+                "following": following}  # fmt: skip
 
     @app.get("/model")
     def model_info() -> dict[str, Any]:
@@ -178,8 +184,17 @@ def publish_answer(publisher: Publisher, model: str, response: dict[str, Any], s
         log.warning("could not publish an answer on the predictions topic: %s", exc)
 
 
-def follow_promotions(settings: Settings, holder: ModelHolder, stop: threading.Event) -> None:
-    """Swap on each ``promoted`` event for the served model; check the alias now and then too."""
+def start_follower(settings: Settings, holder: ModelHolder, stop: threading.Event) -> threading.Thread:
+    """Follow promotions of ``holder``'s model on a supervised thread, started again if it dies
+    (its state: ``holder.following``, ``/health``, ``/ready`` and ``tensordb_loop_ok``), until ``stop``."""
+    supervisor = Supervisor(f"follower-{holder.name}", stop)
+    holder.following = supervisor
+    return supervisor.start_thread(lambda: follow_promotions(settings, holder, supervisor), "tensordb-follow")
+
+
+def follow_promotions(settings: Settings, holder: ModelHolder, supervisor: Supervisor) -> None:
+    """Swap on each ``promoted`` event for the served model; check the alias now and then too.
+    Returns when ``supervisor`` stops; raises when the consumer fails (the supervisor restarts it)."""
     consumer = make_consumer(
         settings,
         settings.consumer_group(f"serve-{uuid.uuid4().hex[:8]}"),
@@ -187,11 +202,12 @@ def follow_promotions(settings: Settings, holder: ModelHolder, stop: threading.E
     )
     last_check = time.monotonic()
     try:
-        while not stop.is_set():
+        while not supervisor.stopping.is_set():
             promoted = any(
                 r.record and r.record["event"] == "promoted" and r.record["model_name"] == holder.name
                 for r in receive(consumer, Schema.MODEL_EVENT, timeout=0.5)
             )
+            supervisor.working()
             if promoted or time.monotonic() - last_check > ALIAS_CHECK_SECONDS:
                 last_check = time.monotonic()
                 try:
@@ -199,7 +215,7 @@ def follow_promotions(settings: Settings, holder: ModelHolder, stop: threading.E
                 except Exception:  # noqa: BLE001 - keep serving the current version; retry at the next check
                     log.exception("could not load the new version of %s", holder.name)
     finally:
-        consumer.close()
+        close_consumer(consumer)
 
 
 def run(settings: Settings, model_name: str, host: str, port: int, token: str | None = None) -> None:
@@ -218,8 +234,7 @@ def run(settings: Settings, model_name: str, host: str, port: int, token: str | 
     holder = ModelHolder(runtime.registry, model_name)
     holder.refresh()
     stop = threading.Event()
-    follower = threading.Thread(target=follow_promotions, args=(settings, holder, stop), name="tensordb-follow", daemon=True)
-    follower.start()
+    follower = start_follower(settings, holder, stop)
     try:
         app = metrics.instrument(create_app(holder, settings, token, host, port, runtime.publisher), "serve")
         # log_config=None: uvicorn logs through tensordb.infra.logging

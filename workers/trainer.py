@@ -7,6 +7,12 @@ claims while slots are free and advertises the worker in the ``workers`` collect
 (:mod:`tensordb.jobs.workers`). Each running job has a thread of its own and a heartbeat thread
 that renews its lease and watches for cancellation; a reaper thread re-queues jobs of workers that
 died.
+
+The loop runs under the contract of every loop (:mod:`tensordb.infra.supervision`): a MongoDB or
+broker outage is waited out with bounded back-off (a consumer that fails is replaced, and the
+publisher replaces a producer that a restarted broker no longer acknowledges), an unexpected
+error is logged and the pass tried again, and the loop's state is on ``/ready`` and
+``tensordb_loop_ok{loop="worker"}``; a heartbeat outlives an outage shorter than the lease.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from confluent_kafka import Consumer
 from tensordb.config import Settings, Topic
 from tensordb.errors import UntrustedCodeError
 from tensordb.infra import metrics
-from tensordb.infra.bus import make_consumer, receive
+from tensordb.infra.bus import close_consumer, make_consumer, receive
+from tensordb.infra.supervision import Stopping, Supervisor, is_transient
 from tensordb.jobs.queue import STATUSES, JobDocument, JobEvent, JobKind, JobResources, Jobs, resources_of
 from tensordb.jobs.workers import ADVERTISE_SECONDS, Workers, capacity
 from tensordb.models.registry import ModelRegistry
@@ -96,6 +103,7 @@ class Worker:
         self.workers = Workers(self.store)
         self.runners = runners()
         self._stopping = threading.Event()
+        self.supervisor = Supervisor("worker", self._stopping)
         self._started_at = datetime.now(UTC)
         # The jobs running now. Added to by the loop (before a job's thread starts, so its slots are
         # busy at once), removed from by the job's thread when it is done. Single dict operations and
@@ -129,12 +137,8 @@ class Worker:
 
     def run(self) -> None:
         """The main loop: wait for a doorbell (briefly while jobs run), claim while slots are free,
-        advertise the worker, repeat."""
-        consumer = make_consumer(
-            self.settings,
-            self.settings.consumer_group("workers"),
-            [Topic.JOB_REQUESTS],
-        )
+        advertise the worker, repeat (each pass supervised: see the module docstring)."""
+        self._consumer = self._new_consumer()
         reaper = threading.Thread(target=self._reap_forever, name="tensordb-reaper", daemon=True)
         reaper.start()
         self._advertise()
@@ -143,20 +147,35 @@ class Worker:
             with ThreadPoolExecutor(self.slots, thread_name_prefix="tensordb-job") as self._executor:
                 try:
                     while not self._stopping.is_set():
-                        if self._doorbell_rang(consumer):
-                            consumer.commit(asynchronous=True)  # requests are doorbells; the jobs collection is the queue
-                        self._claim_while_free()
-                        self._advertise_if_due()
+                        self.supervisor.wait_out(self._pass, "waiting for and claiming jobs", retry_failures=True)
+                except Stopping:
+                    pass
                 finally:
                     self._hand_back_running()  # also after an error in the loop; the executor waits for them
         finally:
             self._stopping.set()
-            consumer.close()
+            close_consumer(self._consumer)
             reaper.join(timeout=5)
             self._withdraw()
+            self.supervisor.close()
             self.close()
 
     # -- the loop's steps ----------------------------------------------------------------------
+    def _new_consumer(self) -> Consumer:
+        return make_consumer(self.settings, self.settings.consumer_group("workers"), [Topic.JOB_REQUESTS])
+
+    def _pass(self) -> None:
+        """One pass of the loop; a consumer that failed is replaced (doorbells are hints: none is needed)."""
+        try:
+            if self._doorbell_rang(self._consumer):
+                self._consumer.commit(asynchronous=True)  # requests are doorbells; the jobs collection is the queue
+        except Exception:
+            close_consumer(self._consumer)
+            self._consumer = self._new_consumer()
+            raise
+        self._claim_while_free()
+        self._advertise_if_due()
+
     def _doorbell_rang(self, consumer: Consumer) -> bool:
         """Wait for job requests: up to ``BUSY_POLL_SECONDS`` while jobs run, ``idle_scan_seconds``
         when idle, and no longer once a job finishes (its slot is claimed for at once). A request
@@ -239,7 +258,7 @@ class Worker:
         log.info("running %s job %s (attempt %s)", job["kind"], job["_id"], job["attempts"])
         study = (job.get("labels") or {}).get("study")
         try:
-            self.jobs.event(job["_id"], JobEvent.STARTED, attempt=job["attempts"], worker=self.worker_id)
+            self.jobs.event(job["_id"], JobEvent.STARTED, attempt=job["attempts"], worker=self.worker_id, wait=True)
             result = self.runners[job["kind"]](context)
             if study:  # the trial's work is done: its successor waits in the queue while its end is recorded
                 self._fill_study(study, ending=job["_id"])
@@ -282,7 +301,14 @@ class Worker:
 
     def _heartbeat(self, context: JobContext) -> None:
         while not context.stop.wait(min(self.lease_seconds / 3, 1.0)):  # also how fast a cancel is seen
-            job = self.jobs.heartbeat(context.job_id, self.worker_id, self.lease_seconds)
+            try:
+                job = self.jobs.heartbeat(context.job_id, self.worker_id, self.lease_seconds)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                # an outage: the next beat renews the lease, or finds it lost if the outage outlasted it
+                log.warning("job %s: could not renew its lease (%s); trying again", context.job_id, exc)
+                continue
             if job is None:
                 context.request_stop("lease lost")
             elif job["cancel_requested"]:

@@ -8,6 +8,7 @@ producer is idempotent, so retries inside librdkafka never duplicate a record.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -84,10 +85,10 @@ def _connection_reason(error: KafkaError, client_errors: list[KafkaError]) -> st
 def _client_failure(error: SystemError) -> DeliveryError:
     """confluent-kafka's C extension sometimes fails with a bare ``SystemError`` (an error left set
     while serving callbacks; seen after a broker restart): the producer cannot be trusted any more,
-    so this is a delivery failure that processors answer by recreating it and publishing again."""
+    so this is a delivery failure, answered by replacing it and publishing again."""
     return DeliveryError(
-        f"the Kafka client failed while serving acknowledgements ({error}); recreate the publisher "
-        "(processors do so by themselves) and publish the records again"
+        f"the Kafka client failed while serving acknowledgements ({error}); the publisher replaced its producer: "
+        "publish the records again"
     )
 
 
@@ -101,13 +102,27 @@ def _disconnect(producer: Producer) -> None:
         pass  # a fatal or closed producer may refuse: it is dropped all the same
 
 
+#: Delivery errors of records purged from a replaced producer.
+_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
+
+
 class Publisher:
     """A validating, idempotent, asynchronous producer for TensorDB records.
 
     Use as a context manager, or call :meth:`close`, so that buffered records are flushed.
     Failed deliveries are collected and raised by :meth:`flush` as a :class:`DeliveryError`.
-    A fatal producer error (the idempotent producer's unrecoverable states) is raised as
-    :class:`FatalClientError` by every later call until :meth:`recreate` replaces the client.
+
+    A producer that failed is replaced by a fresh one, by the publisher itself, so that a
+    long-running process never needs a restart to publish again: after a fatal error (the
+    idempotent producer's unrecoverable states, raised once as :class:`FatalClientError`), a
+    failure inside the client, or a flush that found records refused or still unacknowledged (a
+    broker that restarted fences or forgets this producer's id: it refuses, or never acknowledges,
+    every later record of it). Its undelivered records are
+    dropped; every thread that had published some since its last flush gets a
+    :class:`DeliveryError` from its next :meth:`flush` (or from the call that noticed the failure),
+    so it publishes them again: a publisher shared by threads never loses one thread's records
+    silently when another thread's flush replaced the producer. Code that publishes from one
+    thread and flushes from another compares :attr:`generation` itself (the run logger does).
     """
 
     def __init__(
@@ -138,6 +153,10 @@ class Publisher:
         self.delivered = 0
         self._unserved = 0  # records published since callbacks were last served
         self._closed = False
+        self._generation = 0  # how often the producer was replaced
+        # per thread: the generation of the producer its first record since its last flush went to
+        self._marks = threading.local()
+        self._replacing = threading.Lock()
         self._producer = self._new_producer()
 
     def _new_producer(self) -> Producer:
@@ -161,29 +180,53 @@ class Publisher:
         elif error.code() != KafkaError._ALL_BROKERS_DOWN:
             self._connection_error = error.str()  # e.g. a TLS handshake or SASL failure, named by flush
 
+    @property
+    def generation(self) -> int:
+        """How often the producer was replaced: records published before a change were dropped
+        unless a flush between confirmed them."""
+        return self._generation
+
     def _check_usable(self) -> None:
-        """Refuse to go on with a closed publisher, or with a producer that failed fatally."""
+        """Refuse to go on with a closed publisher; replace a producer that failed fatally, and say so."""
         if self._closed:
             raise DeliveryError("this publisher is closed: publish through a new one (or a new TensorDB client)")
-        if self._fatal is not None:
+        fatal = self._fatal
+        if fatal is not None:
+            self._replace(self._generation)
+            self._marks.generation = None  # told now: its next flush need not say it again
             raise FatalClientError(
-                f"the Kafka producer failed fatally ({self._fatal.str()}); records queued since were not "
-                "delivered: recreate the publisher (processors do so by themselves) and publish them again"
+                f"the Kafka producer failed fatally ({fatal.str()}); records queued since were not delivered and the "
+                "publisher replaced its producer: publish them again"
             )
 
+    def _replace(self, seen: int) -> None:
+        """Replace the producer unless another thread did since generation ``seen``."""
+        with self._replacing:
+            if self._generation == seen and not self._closed:
+                _log.warning("replacing the Kafka producer (it failed, or could not get its records acknowledged)")
+                self.recreate()
+
     def recreate(self) -> None:
-        """Replace the producer (after a fatal error, or one that cannot get its records
-        acknowledged, e.g. by a broker that restarted and forgot its producer id). Records it had
-        not delivered are dropped: the caller publishes them again."""
-        _disconnect(self._producer)
+        """Replace the producer now (see the class docstring). Records it had not delivered are
+        dropped: those who published them are told by their next flush, and publish them again."""
+        old = self._producer
         self._producer = self._new_producer()
+        self._generation += 1
         self._fatal = None
         self._failures.clear()
+        try:
+            old.purge(in_queue=True, in_flight=True)
+        except (KafkaException, RuntimeError):
+            pass  # a fatal producer may refuse: it is dropped all the same
+        # not closed here: another thread may still be inside its flush or produce (its records are
+        # reported by its mark); the last reference gone, garbage collection destroys it
 
     def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
         if error is None:
             self.delivered += 1
             return
+        if error.code() in _PURGED:
+            return  # dropped with a replaced producer: the publishing thread's mark reports it
         self._failures.append(f"{message.topic()}: {error.str()}")
 
     def publish(
@@ -212,8 +255,12 @@ class Publisher:
             )
         callback = on_delivery or self._on_delivery
         deadline = time.monotonic() + self.queue_timeout
+        marks = self._marks
         while True:
             self._check_usable()
+            generation = self._generation
+            if getattr(marks, "generation", None) is None:  # before producing: a replacement after it is noticed
+                marks.generation = generation
             try:
                 self._producer.produce(topic_name, value, key=key, on_delivery=callback)
                 break
@@ -225,12 +272,14 @@ class Publisher:
                 raise
             except BufferError:  # local queue full: serve delivery reports to make room, then retry
                 if time.monotonic() > deadline:
+                    self._replace(generation)
                     raise DeliveryError(
                         f"the producer's queue stayed full for {self.queue_timeout} s: the broker at "
                         f"{self.settings.kafka_bootstrap} does not acknowledge; check that it runs"
                     ) from None
                 self._serve_callbacks(0.05)
             except SystemError as exc:
+                self._replace(generation)
                 raise _client_failure(exc) from exc
         self._unserved += 1
         if self._unserved >= SERVE_EVERY:
@@ -239,19 +288,25 @@ class Publisher:
     def _serve_callbacks(self, timeout: float) -> None:
         """Run pending delivery reports and error callbacks (``poll``)."""
         self._unserved = 0
+        generation = self._generation
         try:
             self._producer.poll(timeout)
         except SystemError as exc:
+            self._replace(generation)
             raise _client_failure(exc) from exc
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait up to ``timeout`` (default: ``flush_timeout``) until every queued record is
-        acknowledged; raise :class:`DeliveryError` if any was not."""
+        acknowledged; raise :class:`DeliveryError` if any was not, or if records this thread
+        published since its last flush were dropped with a failed producer (class docstring)."""
         timeout = self.flush_timeout if timeout is None else timeout
+        mark, self._marks.generation = getattr(self._marks, "generation", None), None
         self._check_usable()
+        generation = self._generation
         try:
             remaining = self._producer.flush(timeout)
         except SystemError as exc:
+            self._replace(generation)
             raise _client_failure(exc) from exc
         self._check_usable()
         failures = []
@@ -261,9 +316,17 @@ class Publisher:
             reason = f" (last connection error: {self._connection_error})" if self._connection_error else ""
             failures.append(f"{remaining} records still unacknowledged after {timeout} s{reason}")
         if failures:
+            # stuck, or refused (a broker that restarted fences or forgets this producer's id and
+            # refuses every later record of it): the next records go to a fresh producer
+            self._replace(generation)
             raise DeliveryError(
-                f"{len(failures)} record(s) were not delivered; check the broker at "
-                f"{self.settings.kafka_bootstrap}: " + "; ".join(failures[:5])
+                f"{len(failures)} record(s) were not delivered; check the broker at {self.settings.kafka_bootstrap}: "
+                + "; ".join(failures[:5])
+                + "; the publisher replaced its producer: publish them again"
+            )
+        if mark is not None and mark != self._generation:
+            raise DeliveryError(
+                "the producer failed and was replaced while records of this thread were queued: publish them again"
             )
 
     def close(self, timeout: float | None = None) -> None:
@@ -292,6 +355,24 @@ class Publisher:
 #: broker hop rows); Apache Kafka answers as soon as a record is there, and a short wait only makes
 #: an idle consumer's empty fetches more frequent.
 FETCH_WAIT_MS = 10
+
+
+def close_consumer(consumer: Consumer, wait: float = 5.0) -> None:
+    """Leave the group and close, waiting at most ``wait`` seconds: against a broker that is down
+    or restarted, librdkafka's close can wait for a coordinator that no longer knows the group.
+    A consumer that does not close in time is left to its threads."""
+
+    def close() -> None:
+        try:
+            consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            _log.warning("closing a Kafka consumer failed: %s", exc)
+
+    closing = threading.Thread(target=close, name="tensordb-consumer-close", daemon=True)
+    closing.start()
+    closing.join(wait)
+    if closing.is_alive():
+        _log.warning("a Kafka consumer did not close within %.0f s; going on without it", wait)
 
 
 def make_consumer(settings: Settings, group: str, topics: list[Topic], **client_options: Any) -> Consumer:

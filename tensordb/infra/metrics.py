@@ -7,8 +7,9 @@ one machine do not collide; 0 turns it off) answers
 
 - ``GET /metrics``: every metric below, plus the client library's ``process_*`` and ``python_*``;
 - ``GET /health``: 200 while the process runs (liveness);
-- ``GET /ready``: 200 when Kafka answers a metadata request and MongoDB a ping, 503 with the reason
-  otherwise (checked at most every few seconds, however often it is asked).
+- ``GET /ready``: 200 when Kafka answers a metadata request, MongoDB a ping and every supervised
+  loop of the process works (:mod:`tensordb.infra.supervision`), 503 with the reason otherwise
+  (checked at most every few seconds, however often it is asked).
 
 Bound beyond loopback it needs ``TENSORDB_METRICS_TOKEN`` (``Authorization: Bearer TOKEN``) and
 refuses to start without one; on loopback without a token, a request naming a Host other than
@@ -109,6 +110,11 @@ PREDICTION_SECONDS = Histogram(
 MODEL_VERSION = Gauge("tensordb_model_version_served", "The version of the model being served", ["model"])
 HTTP_REQUESTS = Counter("tensordb_http_requests", "HTTP requests answered, by status code", ["app", "code"])
 HTTP_SECONDS = Histogram("tensordb_http_request_seconds", "Seconds to answer an HTTP request", ["app"], buckets=_FAST)
+LOOP_OK = Gauge(
+    "tensordb_loop_ok", "1 while a supervised loop works, 0 while it waits out an outage or retries a failure", ["loop"]
+)
+#: What each supervised loop of this process waits for now (absent: it works); ``/ready`` names them.
+_loop_problems: dict[str, str] = {}
 
 
 # -- hooks -------------------------------------------------------------------------------------------
@@ -151,6 +157,30 @@ def observe_predictions(model: str, via: str, instances: int, seconds: float) ->
 
 def model_served(model: str, version: int) -> None:
     MODEL_VERSION.labels(model).set(version)
+
+
+def loop_state(loop: str, problem: str | None) -> None:
+    """Record whether supervised loop ``loop`` works (``problem`` None) or what it waits for."""
+    LOOP_OK.labels(loop).set(0 if problem else 1)
+    if problem:
+        _loop_problems[loop] = problem
+    else:
+        _loop_problems.pop(loop, None)
+
+
+def forget_loop(loop: str) -> None:
+    """Drop the state of a loop that ended (a stopped stage's consumer is no problem of the process)."""
+    _loop_problems.pop(loop, None)
+    try:
+        LOOP_OK.remove(loop)
+    except KeyError:  # never reported
+        pass
+
+
+def loop_problems() -> str | None:
+    """The loops of this process that do not work now and why, or None when every one does."""
+    problems = dict(_loop_problems)  # a copy: loops change it from their own threads
+    return "; ".join(f"{loop}: {problem}" for loop, problem in sorted(problems.items())) or None
 
 
 def lag_statistics(group: str) -> dict[str, Any]:
@@ -374,7 +404,7 @@ class MetricsServer:
         with self._ready_lock:
             if time.monotonic() - self._ready_at >= CACHE_SECONDS:
                 try:
-                    self._ready_answer = self.ready()
+                    self._ready_answer = self.ready() or loop_problems()
                 except Exception as exc:  # noqa: BLE001 - a failing probe means not ready, with the reason
                     self._ready_answer = f"{type(exc).__name__}: {exc}"
                 self._ready_at = time.monotonic()

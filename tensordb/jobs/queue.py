@@ -20,7 +20,7 @@ import socket
 import time
 import traceback as traceback_module
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Literal, TypedDict, cast
@@ -31,7 +31,7 @@ from pymongo.errors import PyMongoError
 
 from tensordb import records
 from tensordb.config import Topic, mask_text, secret_values
-from tensordb.errors import JobError, JobNotFoundError, QueryError
+from tensordb.errors import DeliveryError, JobError, JobNotFoundError, QueryError
 from tensordb.infra import metrics
 from tensordb.infra.bus import Publisher
 from tensordb.infra.store import Store
@@ -675,9 +675,12 @@ class Jobs:
             "priority": job["priority"], "max_attempts": job["max_attempts"], "resources": dict(resources_of(job)),
             "submitted_at": _now().isoformat(),
         }  # fmt: skip
-        self.publisher.publish(Topic.JOB_REQUESTS, request, key=job["_id"])
-        self.event(job["_id"], event, attempt=job["attempts"], detail=detail)
-        self.publisher.flush()
+
+        def announce() -> None:
+            self.publisher.publish(Topic.JOB_REQUESTS, request, key=job["_id"])
+            self.event(job["_id"], event, attempt=job["attempts"], detail=detail)
+
+        self._deliver(announce)
 
     def _end(self, job_id: str, worker: str, status: JobStatus, fields: dict[str, Any]) -> bool:
         job = self.collection.find_one_and_update(
@@ -688,14 +691,45 @@ class Jobs:
         if job is None:
             return False
         detail = {"error": fields["error"]["message"]} if "error" in fields else {}
-        self.event(job_id, JobEvent(status), attempt=job["attempts"], worker=worker, detail=detail)
-        self.publisher.flush()
+        self._deliver(lambda: self.event(job_id, JobEvent(status), attempt=job["attempts"], worker=worker, detail=detail))
         return True
 
+    def _deliver(self, publish: Callable[[], None]) -> None:
+        """Queue records (``publish``) and wait for their acknowledgement; publish them once more
+        if the first flush failed (the publisher then replaced its producer, dropping them: a
+        broker that restarted and forgot it), so that the event of a change already made in
+        MongoDB is not lost to one broker restart."""
+        publish()
+        try:
+            self.publisher.flush()
+        except DeliveryError:
+            publish()
+            self.publisher.flush()
+
     def event(
-        self, job_id: str, event: JobEvent, attempt: int, worker: str | None = None, detail: dict[str, Any] | None = None
+        self,
+        job_id: str,
+        event: JobEvent,
+        attempt: int,
+        worker: str | None = None,
+        detail: dict[str, Any] | None = None,
+        wait: bool = False,
     ) -> None:
-        """Publish a job event for dashboards (non-blocking)."""
+        """Publish a job event for dashboards and the processors.
+
+        Parameters
+        ----------
+        job_id, event, attempt, worker, detail
+            What the event says.
+        wait : bool
+            Return once the broker acknowledged it (publishing it again if a failed producer
+            dropped it), as a worker does before it runs a job: a producer that a restarted broker
+            no longer acknowledges is then replaced before the job's own records need it, rather
+            than failing the attempt. Otherwise it is only queued.
+        """
+        if wait:
+            self._deliver(lambda: self.event(job_id, event, attempt, worker, detail))
+            return
         record: dict[str, Any] = {
             "schema": records.Schema.JOB_EVENT,
             "job_id": job_id,

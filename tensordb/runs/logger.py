@@ -32,7 +32,7 @@ import orjson
 
 from tensordb import records
 from tensordb.config import Topic
-from tensordb.errors import BadInputError, RecordTooLargeError, UnreachableError, ValidationError
+from tensordb.errors import BadInputError, DeliveryError, RecordTooLargeError, UnreachableError, ValidationError
 
 if TYPE_CHECKING:
     from tensordb.infra.bus import Publisher
@@ -165,6 +165,10 @@ class RunLogger:
         self._buffer: deque[tuple[str, int, int | None, float, dict[str, Any]]] = deque()
         self._drain_lock = threading.Lock()  # one drainer at a time keeps a run's records in order
         self._errors: list[BaseException] = []
+        # the publisher's generation when the first record since the last flush was published: the
+        # background thread publishes, the caller flushes, so the publisher's own per-thread check
+        # cannot see that a replaced producer dropped them
+        self._generation: int | None = None
         self._wake = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"tensordb-runlog-{run_id}", daemon=True)
@@ -240,6 +244,8 @@ class RunLogger:
                 base["job_id"] = self.job_id
             if self.tags:
                 base["tags"] = self.tags
+            if buffer and self._generation is None:
+                self._generation = self.publisher.generation
             while buffer:
                 phase, step, epoch, wall_time, metrics = buffer.popleft()
                 record = {**base, "phase": phase, "step": step, "metrics": metrics, "wall_time": wall_time}
@@ -257,7 +263,14 @@ class RunLogger:
         record within ``timeout`` seconds, or the error a record failed with in the background.
         """
         self._drain()
+        with self._drain_lock:
+            generation, self._generation = self._generation, None
         self.publisher.flush(timeout)
+        if generation is not None and generation != self.publisher.generation:
+            raise DeliveryError(
+                f"run {self.run_id!r}: the Kafka producer failed and was replaced while steps were queued; "
+                "they were not delivered: log them again"
+            )
         if self._errors:
             errors, self._errors = self._errors, []
             raise errors[0]

@@ -348,7 +348,7 @@ def test_a_fatal_producer_error_is_reported_at_once_and_the_processor_recreates_
 ) -> None:
     context.publisher._on_error(KafkaError(KafkaError._FATAL, "injected fatal error", fatal=True))
     started = time.monotonic()
-    with pytest.raises(FatalClientError, match="recreate the publisher"):
+    with pytest.raises(FatalClientError, match="replaced its producer"):
         context.publisher.flush(timeout=5.0)
     assert time.monotonic() - started < 1.0
     process_batch(context, received_batch(settings, [sample("after-fatal")]), handle_samples)

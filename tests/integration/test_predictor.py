@@ -22,12 +22,12 @@ from tensordb.testing.models import small_classifier
 MODEL = "digits"
 
 
-def save_version(settings: Settings, seed: int, promote: bool = True) -> int:
+def save_version(settings: Settings, seed: int, promote: bool = True, input_shape: tuple[int, ...] = (8, 8)) -> int:
     import keras
 
     keras.utils.set_random_seed(seed)
     with Store(settings) as store, ModelRegistry(store, Publisher(settings)) as registry:
-        version = registry.save(small_classifier(units=4 + seed), MODEL)["version"]
+        version = registry.save(small_classifier(units=4 + seed, input_shape=input_shape), MODEL)["version"]
         if promote:
             registry.promote(MODEL, version)
     return int(version)
@@ -119,6 +119,54 @@ def test_every_form_of_request_is_answered_once_and_bad_input_gets_an_error(sett
     assert "each instance must have shape [8, 8]" in answered["misfit"][0]["error"] and "outputs" not in answered["misfit"][0]
     assert "sample 'nope'" in answered["missing"][0]["error"]
     assert all(record["via"] == "stream" and record["latency_ms"] >= 0 for records in answered.values() for record in records)
+
+
+def test_a_sample_whose_stored_bytes_are_corrupted_is_answered_with_an_error_not_a_crash(
+    settings, ingest, answers, tmp_path
+) -> None:
+    """A poison pill: the sample's GridFS bytes fail their checksum. Its request is answered with
+    the integrity error, the requests behind it are answered, and so after a restart."""
+    from pymongo import MongoClient
+
+    shape = [256, 300]  # 75 KiB of uint8: past INLINE_MAX_BYTES, so its bytes are a GridFS blob
+    save_version(settings, 1, input_shape=tuple(shape))
+    rng = np.random.default_rng(3)
+    ingest([
+        {"schema": "sample/1", "sample_id": name, "dataset": "d",
+         "arrays": {"x": {"dtype": "uint8", "shape": shape,
+                          "data": base64.b64encode(rng.integers(0, 255, shape, dtype=np.uint8).tobytes()).decode()}}}
+        for name in ("good", "poisoned")
+    ])  # fmt: skip
+    with MongoClient(settings.mongo_uri) as client:
+        db = client[settings.mongo_database]
+        document = db["samples"].find_one({"arrays.x.blob_id": {"$exists": True}, "_id": {"$regex": "poisoned$"}})
+        assert document is not None, "the sample's bytes are not in GridFS"
+        chunk = db["blobs.chunks"].find_one({"files_id": document["arrays"]["x"]["blob_id"], "n": 0})
+        corrupted = bytes(255 - byte for byte in chunk["data"][:64]) + chunk["data"][64:]
+        db["blobs.chunks"].update_one({"_id": chunk["_id"]}, {"$set": {"data": corrupted}})
+
+    def send(publisher: Publisher, round_: str) -> set[str]:
+        sent = [
+            request(f"{round_}-before", sample={"id": "good", "x": "x"}),
+            request(f"{round_}-poisoned", sample={"id": "poisoned", "x": "x"}),
+            request(f"{round_}-after", sample={"id": "good", "x": "x"}),
+            request(f"{round_}-after-json", instances=rng.integers(0, 255, (2, *shape)).astype(float).tolist()),
+        ]
+        for record in sent:
+            publisher.publish(Topic.PREDICT_REQUESTS, record, key="one-partition")  # in this order, one partition
+        publisher.flush()
+        return {record["request_id"] for record in sent}
+
+    with Publisher(settings) as publisher:
+        for round_ in ("first", "restarted"):
+            with predictor_process(settings, tmp_path / f"predictor-{round_}.log", MODEL) as predictor:
+                ids = send(publisher, round_)
+                answered = answers.wait_for(ids, timeout=60)
+                assert predictor.process is not None and predictor.process.poll() is None
+            poisoned = answered[f"{round_}-poisoned"][0]
+            assert "checksum mismatch" in poisoned["error"] and "outputs" not in poisoned, poisoned
+            assert all(len(answered[i][0]["outputs"]) >= 1 for i in ids - {f"{round_}-poisoned"})
+    assert_answered_once(answers.by_request(), ids)
 
 
 def test_requests_under_load_are_answered_once_across_a_promotion_and_a_sigkill(settings, answers, tmp_path) -> None:

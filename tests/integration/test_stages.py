@@ -119,6 +119,27 @@ def test_pause_stops_deriving_and_resume_derives_what_arrived_meanwhile(settings
         wait_for(lambda: count(db, dataset="halved") == 10)
 
 
+def test_a_stage_that_pauses_itself_keeps_its_events_waiting_like_a_paused_stage(settings, tmp_path) -> None:
+    """Processors that do not trust the stage's function pause it; the events in flight are not
+    dead-lettered (as "Stopping: ... a TensorDB bug") but derived once trusting processors resume it."""
+    untrusting = settings.with_changes(
+        trusted_modules=tuple(m for m in settings.trusted_modules if m != "tensordb.testing.stages")
+    )
+    with TensorDB(settings) as db:
+        with processors_process(untrusting, tmp_path / "untrusting.log"):
+            db.register_stage(name="halve", input={"filter": {"dataset": "raw"}}, function=HALVE, output={"dataset": "halved"})
+            publish(db, labelled(5, "raw"))
+            wait_for(lambda: count(db, dataset="raw") == 5)
+            stage = wait_for(lambda: (found := db.stages.get("halve"))["paused"] and found)
+            assert "tensordb.testing.stages" in stage["error"]
+            time.sleep(8.0)  # the processors' timer stops the paused stage's consumer, with the batch in hand
+        assert db.store[DEAD_LETTERS].count_documents({}) == 0, list(db.store[DEAD_LETTERS].find({}, {"reason": 1}))
+        with processors_process(settings, tmp_path / "trusting.log"):
+            db.stages.resume("halve")
+            wait_for(lambda: count(db, dataset="halved") == 5)
+        assert db.store[DEAD_LETTERS].count_documents({}) == 0
+
+
 def test_a_backfill_survives_a_processor_killed_midway_and_derives_each_sample_once(settings, processors, tmp_path) -> None:
     with TensorDB(settings) as db:
         publish(db, labelled(600, "old"))

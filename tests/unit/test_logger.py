@@ -23,6 +23,7 @@ class RecordingPublisher:
     """Stands in for the Kafka publisher where only the records matter; checks each against log/1."""
 
     settings = Settings(project="recorded")
+    generation = 0  # its producer is never replaced
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
@@ -141,3 +142,19 @@ def test_keras_callback_every_n_batches_still_logs_each_epochs_end_once() -> Non
         ("train", 6, 1, ["loss", "mae"]),
         ("validation", 6, 1, ["loss", "mae"]),
     ]
+
+
+def test_steps_published_on_a_producer_that_was_replaced_before_the_flush_are_reported() -> None:
+    """The background thread publishes, the caller flushes: the logger itself notices that the
+    publisher replaced its producer (dropping the steps queued on it) and says so."""
+    publisher = RecordingPublisher()
+    with RunLogger(publisher, run_id="replaced") as logger:  # type: ignore[arg-type]
+        logger.log(loss=1.0)
+        logger.flush()
+        logger.log(loss=0.5)
+        logger._drain()  # published, as the background thread does
+        publisher.generation += 1  # a failed producer was replaced meanwhile
+        with pytest.raises(DeliveryError, match="replaced while steps were queued"):
+            logger.flush()
+        logger.log(loss=0.25)
+        logger.flush()  # published on the new producer: nothing to report

@@ -63,3 +63,37 @@ def test_a_token_is_required_when_set() -> None:
         assert ready.status_code == 503 and ready.json()["reason"] == "MongoDB away"
     finally:
         server.close()
+
+
+def test_a_supervised_loop_that_waits_makes_the_process_not_ready_and_shows_in_the_metrics(endpoint: MetricsServer) -> None:
+    import threading
+
+    from pymongo.errors import ServerSelectionTimeoutError
+
+    from tensordb.infra.supervision import Supervisor
+    from tensordb.testing import wait_for
+
+    url = f"http://127.0.0.1:{endpoint.port}"
+    supervisor = Supervisor("unit-loop")
+    outage = threading.Event()
+    outage.set()
+
+    def step() -> None:
+        if outage.is_set():
+            raise ServerSelectionTimeoutError("no primary (injected)")
+
+    waiting = threading.Thread(target=supervisor.wait_out, args=(step, "reading the queue"))
+    waiting.start()
+    try:
+        wait_for(lambda: supervisor.status != "ok", what="the loop waiting")
+        ready = httpx.get(f"{url}/ready")
+        assert ready.status_code == 503 and "unit-loop: waiting since" in ready.json()["reason"]
+        assert "reading the queue: no primary (injected)" in ready.json()["reason"]
+        assert 'tensordb_loop_ok{loop="unit-loop"} 0.0' in httpx.get(f"{url}/metrics").text
+    finally:
+        outage.clear()
+        waiting.join(10)
+    assert supervisor.status == "ok" and metrics.loop_problems() is None
+    assert 'tensordb_loop_ok{loop="unit-loop"} 1.0' in httpx.get(f"{url}/metrics").text
+    endpoint._ready_at = float("-inf")  # the cached answer expires
+    assert httpx.get(f"{url}/ready").json() == {"status": "ready"}
