@@ -223,6 +223,20 @@ def test_blob_ids_of_another_project_cannot_be_read_deleted_or_overwritten(
     assert streamed(ingest_b.store) == [[9] * large]  # B's bytes, whole and unchanged
 
 
+def test_a_blob_id_freed_by_its_project_and_taken_by_another_is_refused_to_the_first(
+    neighbour: Settings, ingest_a: Ingest, ingest_b: Ingest
+) -> None:
+    """A store remembers the blobs it found to be its own (each is checked once): deleting one
+    forgets it, so an id another project takes afterwards is refused, not read."""
+    a, b = ingest_a.store, ingest_b.store
+    (own,) = a.write_blobs([Blob(ObjectId(), "mine", b"ours", {"kind": "sample-array"})])
+    assert a.read_blobs([own]) == {own: b"ours"} == a.read_blobs([own])  # checked, then remembered
+    a.delete_blobs([own])
+    assert b.write_blobs([Blob(own, "theirs", b"theirs", {"kind": "sample-array"})]) == {own}
+    with pytest.raises(ProjectScopeError, match=f"cannot read blob {own}"):
+        a.read_blobs([own])
+
+
 def test_a_blob_id_another_project_took_first_dead_letters_only_that_sample(
     neighbour: Settings, ingest_a: Ingest, ingest_b: Ingest
 ) -> None:
