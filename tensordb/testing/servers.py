@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from pymongo import MongoClient
 
 from tensordb.config import Settings, mask_uri
 from tensordb.infra.bus import create_topics
+from tensordb.services.tansu import Tansu
 from tensordb.testing.helpers import free_port
 
 
@@ -91,3 +93,18 @@ def fresh_project(base: Settings, prefix: str = "t") -> Iterator[Settings]:
         with client:
             client.drop_database(settings.mongo_database)
         AdminClient(settings.kafka_config()).delete_topics(list(settings.all_topics().values()))
+
+
+def kill_broker(tansu: Tansu) -> None:
+    """SIGKILL the local broker, as a crash would, and wait until it is gone: its memory engine forgets
+    topics, consumer groups and producer ids (``tansu.start()`` brings up an empty one).
+
+    Parameters
+    ----------
+    tansu:
+        The running broker.
+    """
+    pid = tansu.process.pid()
+    assert pid is not None, "the broker is not running"
+    os.kill(pid, signal.SIGKILL)
+    tansu.process.wait_exit(timeout=10)

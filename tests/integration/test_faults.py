@@ -40,6 +40,7 @@ from tensordb.runs.logger import LOGS, RunLogger, log_id
 from tensordb.services.mongod import Mongod
 from tensordb.services.tansu import Tansu
 from tensordb.testing import ChildProcess, free_port, processors_process, raw_database, wait_for
+from tensordb.testing.servers import kill_broker
 
 BUG = "TensorDB bug"  # the words of a reason that is a raw processing failure, not a clear error
 EXAMPLES = int(os.environ.get("TENSORDB_PROPERTY_EXAMPLES", "150"))  # records generated per schema
@@ -620,10 +621,7 @@ def test_records_published_after_a_memory_broker_restart_are_all_stored(
             thread.join()
         with Store(settings) as store:
             wait_for(lambda: store[SAMPLES].count_documents({}) == 1500, what="the samples before the restart")
-            pid = tansu.process.pid()
-            assert pid is not None
-            os.kill(pid, signal.SIGKILL)
-            tansu.process.wait_exit(timeout=10)
+            kill_broker(tansu)
             tansu.start()
             create_topics(settings)
             for thread in _publish_concurrently(settings, [f"b{i:04d}" for i in range(1500)]):

@@ -5,8 +5,6 @@ restarted themselves."""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from tensordb.jobs.queue import Jobs, JobStatus
 from tensordb.services.mongod import Mongod
 from tensordb.services.tansu import Tansu
 from tensordb.testing import ChildProcess, predictor_process, worker_process
+from tensordb.testing.servers import kill_broker
 from tests import TASK_SCRIPTS
 from tests.integration import test_faults
 from tests.integration.test_faults import _kill
@@ -37,10 +36,7 @@ def _alive(process: ChildProcess) -> bool:
 
 def _restart(tansu: Tansu, settings: Settings) -> None:
     """SIGKILL the broker and start it again: its memory engine forgets topics, groups and producer ids."""
-    pid = tansu.process.pid()
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    tansu.process.wait_exit(timeout=10)
+    kill_broker(tansu)
     tansu.start()
     create_topics(settings)
 
@@ -157,10 +153,7 @@ def test_the_dashboards_live_feed_is_restarted_after_a_broker_outage(own_broker:
     try:
         publish("before", 10)
         wait_for(lambda: hub.consumed == 10, what="the points before the outage")
-        pid = tansu.process.pid()
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        tansu.process.wait_exit(timeout=10)
+        kill_broker(tansu)
         time.sleep(45)  # past the feed's 30 s metadata check and its 10 s timeout
         tansu.start()
         create_topics(settings)
